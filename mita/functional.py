@@ -1,0 +1,349 @@
+"""The MiTA op: ``mita_attention(q, k, v, landmarks, topk, ...)``.
+
+Per batch element and head, with m landmarks R [m, d], k routed keys per expert and r experts per query
+(maths in README.md, "The op"):
+
+* routed experts: ``I_j = topk_i(R_j . K_i)``, expert j holds ``(K[I_j], V[I_j])``;
+* shared expert: keys ``R``, values ``V~ = softmax(s R K^T) V`` with ``s = d^-1/2``;
+* routing: query q goes to the r experts with the largest ``R_j . q``;
+* output: ONE softmax over the ``m + r*k`` logits ``[c q.R_j ; s q.K_i for i in I_e(q)]`` applied to
+  ``[V~ ; V[I_e(q)]]``, where ``c = 1/d`` (``shared_scale="official"``) or ``c = s`` (``"paper"``).
+
+Selections (top-k, routing) carry no gradient. A key picked by two experts of the same query enters
+the softmax twice. Implementations, all taking the same routing when it is passed in ``routing=``:
+
+* ``impl="reference"``: dense masked formulation (an N x N multiplicity mask), any dtype; for tests.
+* ``impl="torch"``: memory O(N (d + m + r k) + m (m + k) d) per (batch, head); queries are grouped by
+  expert into tiles of a static capacity, with offsets from cumsum, so it never syncs with the host.
+* ``impl="triton"``: the Triton kernels in ``mita.kernels`` (CUDA only).
+* ``impl="auto"``: Triton on CUDA when the kernels support the case, otherwise ``torch``.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["mita_attention", "mita_routing", "mita_attention_macs", "counting_flops"]
+
+IMPLS = ("auto", "torch", "reference", "triton")
+SHARED_SCALES = ("official", "paper")
+
+Routing = Tuple[torch.Tensor, torch.Tensor]
+
+
+def mita_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    landmarks: torch.Tensor,
+    topk: int,
+    *,
+    router_topk: int = 1,
+    shared: bool = True,
+    shared_scale: str = "official",
+    routing: Optional[Routing] = None,
+    impl: str = "auto",
+    return_routing: bool = False,
+):
+    """Mixture-of-Top-k Attention.
+
+    Args:
+        q, k, v: ``[B, H, N, d]`` queries, keys and values (floating point, same dtype and device).
+        landmarks: ``[B, H, m, d]`` landmarks R (e.g. pooled queries), 1 <= m.
+        topk: keys per routed expert, 0 <= topk <= N; 0 keeps only the shared expert.
+        router_topk: experts per query r, 1 <= r <= m.
+        shared: include the shared (compressed) expert.
+        shared_scale: ``"official"`` (shared logits ``q.R / d``, as the released code) or ``"paper"``
+            (``q.R / sqrt(d)``).
+        routing: optional ``(topk_idx [B, H, m, topk], expert_idx [B, H, N, r])`` int64 pair; when given,
+            no selection is recomputed.
+        impl: ``"auto"``, ``"torch"``, ``"reference"`` or ``"triton"``.
+        return_routing: also return the ``(topk_idx, expert_idx)`` pair used.
+
+    Returns:
+        ``out [B, H, N, d]``, or ``(out, (topk_idx, expert_idx))`` with ``return_routing``.
+    """
+    _check_inputs(q, k, v, landmarks, topk, router_topk, shared, shared_scale, impl)
+    if routing is None:
+        routing = mita_routing(q, k, landmarks, topk, router_topk)
+    else:
+        routing = _check_routing(routing, q, landmarks, topk, router_topk)
+    topk_idx, expert_idx = routing
+    scale_shared = _shared_scale(q.shape[-1], shared_scale)
+
+    if _COUNTING:
+        out = torch.ops.mita.mita_attention_counted(
+            q, k, v, landmarks, topk, router_topk, shared, shared_scale
+        )
+    elif impl == "reference":
+        out = _mita_reference(q, k, v, landmarks, topk_idx, expert_idx, shared, scale_shared)
+    elif impl == "torch":
+        out = _mita_torch(q, k, v, landmarks, topk_idx, expert_idx, shared, scale_shared)
+    else:
+        out = _dispatch_kernel(q, k, v, landmarks, topk_idx, expert_idx, shared, scale_shared, impl)
+    return (out, (topk_idx, expert_idx)) if return_routing else out
+
+
+@torch.no_grad()
+def mita_routing(
+    q: torch.Tensor, k: torch.Tensor, landmarks: torch.Tensor, topk: int, router_topk: int = 1
+) -> Routing:
+    """Hard selections of MiTA: ``(topk_idx [B, H, m, topk], expert_idx [B, H, N, router_topk])``.
+
+    ``topk_idx[b, h, j]`` are the keys with the largest unscaled scores ``R_j . K_i`` (any order);
+    ``expert_idx[b, h, n]`` the landmarks with the largest ``R_j . q_n`` (best first). No gradient.
+    """
+    B, H, N, d = q.shape
+    m = landmarks.shape[2]
+    if topk > 0:
+        key_scores = landmarks @ k.transpose(-1, -2)  # [B, H, m, N]
+        topk_idx = key_scores.topk(topk, dim=-1, sorted=False).indices
+    else:
+        topk_idx = torch.empty(B, H, m, 0, dtype=torch.long, device=q.device)
+    gate = q @ landmarks.transpose(-1, -2)  # [B, H, N, m]
+    if router_topk == 1:
+        expert_idx = gate.argmax(dim=-1, keepdim=True)
+    else:
+        expert_idx = gate.topk(router_topk, dim=-1, sorted=True).indices
+    return topk_idx.long(), expert_idx.long()
+
+
+def mita_attention_macs(
+    B: int, H: int, N: int, d: int, m: int, topk: int, router_topk: int = 1, shared: bool = True
+) -> int:
+    """Multiply-adds of one MiTA call, counted as the released code computes it.
+
+    Landmark-key scores (m N d, shared by top-k selection and the shared values), gate scores R.q
+    (m N d, only with routed experts), shared values softmax(.) V (m N d), then the logits and the
+    weighted sum over ``m + r k`` keys per query (2 N (m + r k) d).
+    """
+    per_head = 0
+    if topk > 0 or shared:
+        per_head += m * N * d
+    if topk > 0:
+        per_head += m * N * d
+    if shared:
+        per_head += m * N * d
+    per_head += 2 * N * (m * int(shared) + router_topk * topk) * d
+    return B * H * per_head
+
+
+def _shared_scale(d: int, shared_scale: str) -> float:
+    return 1.0 / d if shared_scale == "official" else d ** -0.5
+
+
+def _check_inputs(q, k, v, landmarks, topk, router_topk, shared, shared_scale, impl) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v), ("landmarks", landmarks)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D [B, H, N, d] (landmarks [B, H, m, d]), got shape {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor (float16/bfloat16/float32/float64), got {t.dtype}")
+    B, H, N, d = q.shape
+    for name, t in (("k", k), ("v", v)):
+        if t.shape != q.shape:
+            raise ValueError(f"{name} must have the shape of q {tuple(q.shape)}, got {tuple(t.shape)}")
+    if landmarks.shape[:2] != (B, H) or landmarks.shape[3] != d:
+        raise ValueError(
+            f"landmarks must be [B={B}, H={H}, m, d={d}] to match q, got {tuple(landmarks.shape)} "
+            "(check the head dim)"
+        )
+    for name, t in (("k", k), ("v", v), ("landmarks", landmarks)):
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}; all inputs must share one device")
+        if t.dtype != q.dtype:
+            raise ValueError(f"{name} has dtype {t.dtype} but q has {q.dtype}; all inputs must share one dtype")
+    m = landmarks.shape[2]
+    if N < 1 or d < 1 or m < 1:
+        raise ValueError(f"need N >= 1, d >= 1 and m >= 1 (num landmarks), got N={N}, d={d}, m={m}")
+    if isinstance(topk, bool) or not isinstance(topk, int) or not 0 <= topk <= N:
+        raise ValueError(f"topk must be an int in [0, N={N}], got {topk!r}")
+    if isinstance(router_topk, bool) or not isinstance(router_topk, int) or not 1 <= router_topk <= m:
+        raise ValueError(f"router_topk must be an int in [1, m={m}], got {router_topk!r}")
+    if topk == 0 and not shared:
+        raise ValueError("topk=0 with shared=False leaves no expert: use topk in [1, N] or shared=True")
+    if shared_scale not in SHARED_SCALES:
+        raise ValueError(f"shared_scale must be one of {SHARED_SCALES}, got {shared_scale!r}")
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+
+
+def _check_routing(routing, q, landmarks, topk, router_topk) -> Routing:
+    if not (isinstance(routing, (tuple, list)) and len(routing) == 2):
+        raise ValueError("routing must be a pair (topk_idx [B, H, m, topk], expert_idx [B, H, N, router_topk])")
+    topk_idx, expert_idx = routing
+    B, H, N, _ = q.shape
+    m = landmarks.shape[2]
+    for name, t, shape, high in (
+        ("routing[0] (topk_idx)", topk_idx, (B, H, m, topk), N),
+        ("routing[1] (expert_idx)", expert_idx, (B, H, N, router_topk), m),
+    ):
+        if not isinstance(t, torch.Tensor) or t.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"{name} must be an int64 tensor")
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
+        # A range check needs the values on the host: only where that costs no device sync.
+        if t.device.type == "cpu" and t.numel() and (int(t.min()) < 0 or int(t.max()) >= high):
+            raise ValueError(f"{name} values must lie in [0, {high - 1}]")
+    return topk_idx.long(), expert_idx.long()
+
+
+def _mita_reference(q, k, v, landmarks, topk_idx, expert_idx, shared, scale_shared):
+    """Dense masked formulation: routed keys enter through a multiplicity mask over all N keys."""
+    B, H, N, d = q.shape
+    s = d ** -0.5
+    r, kk = expert_idx.shape[-1], topk_idx.shape[-1]
+    logits, values = [], []
+    if shared:
+        logits.append((q @ landmarks.transpose(-1, -2)) * scale_shared)  # [B, H, N, m]
+        shared_v = torch.softmax((landmarks @ k.transpose(-1, -2)) * s, dim=-1) @ v  # [B, H, m, d]
+        values.append(shared_v)
+    if kk > 0:
+        # keys of every expert a query is routed to: [B, H, N, r * kk]
+        sel = topk_idx.gather(2, expert_idx.reshape(B, H, N * r, 1).expand(-1, -1, -1, kk)).reshape(B, H, N, r * kk)
+        count = torch.zeros(B, H, N, N, dtype=q.dtype, device=q.device)
+        count.scatter_add_(-1, sel, torch.ones_like(sel, dtype=q.dtype))  # multiplicity of each key
+        logits.append((q @ k.transpose(-1, -2)) * s + count.log())  # [B, H, N, N], -inf off the experts
+        values.append(v)
+    p = torch.softmax(torch.cat(logits, dim=-1), dim=-1)
+    return p @ torch.cat(values, dim=-2)
+
+
+def _mita_torch(q, k, v, landmarks, topk_idx, expert_idx, shared, scale_shared):
+    """Memory-efficient PyTorch path: queries grouped by expert into tiles of static capacity."""
+    B, H, N, d = q.shape
+    m = landmarks.shape[2]
+    r, kk = expert_idx.shape[-1], topk_idx.shape[-1]
+    G = B * H
+    s = d ** -0.5
+    # bf16/fp16 logits are formed by matmuls that accumulate in fp32; the softmax itself runs in fp32.
+    sm_dtype = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+
+    logits = []
+    if shared:
+        logits.append(((q @ landmarks.transpose(-1, -2)) * scale_shared).reshape(G, N, m))  # [G, N, m]
+        shared_v = F.scaled_dot_product_attention(landmarks, k, v, scale=s).reshape(G, m, d)  # [G, m, d]
+    if kk > 0:
+        lay = _expert_tiles(expert_idx.reshape(G, N * r), m, N, r)
+        S, T = lay["num_tiles"], lay["tile"]
+        qf = torch.cat([q.reshape(G, N, d), q.new_zeros(G, 1, d)], dim=1)  # [G, N + 1, d], row N is padding
+        q_tiles = qf.gather(1, lay["slot_token"][..., None].expand(-1, -1, d)).view(G, S, T, d)
+        key_rows = topk_idx.reshape(G, m * kk)[..., None].expand(-1, -1, d)
+        k_exp = k.reshape(G, N, d).gather(1, key_rows).view(G, m, kk, d)  # [G, m, kk, d]
+        v_exp = v.reshape(G, N, d).gather(1, key_rows).view(G, m, kk, d)
+        tile_rows = lay["tile_expert"][:, :, None, None].expand(-1, -1, kk, d)
+        k_tiles = k_exp.gather(1, tile_rows)  # [G, S, kk, d]
+        v_tiles = v_exp.gather(1, tile_rows)
+        tile_logits = (q_tiles @ k_tiles.transpose(-1, -2)) * s  # [G, S, T, kk]
+        routed = tile_logits.reshape(G, S * T, kk).gather(1, lay["slot_of"][..., None].expand(-1, -1, kk))
+        logits.append(routed.reshape(G, N, r * kk))  # [G, N, r * kk]
+
+    p = torch.softmax(torch.cat(logits, dim=-1).to(sm_dtype), dim=-1).to(v.dtype)  # [G, N, m + r kk]
+    out = None
+    if shared:
+        out = p[..., :m] @ shared_v  # [G, N, d]
+    if kk > 0:
+        p_routed = p[..., m * int(shared):].reshape(G, N * r, kk)
+        p_routed = torch.cat([p_routed, p_routed.new_zeros(G, 1, kk)], dim=1)  # row N*r is padding
+        p_tiles = p_routed.gather(1, lay["slot_source"][..., None].expand(-1, -1, kk)).view(G, S, T, kk)
+        o_tiles = (p_tiles @ v_tiles).reshape(G, S * T, d)  # [G, S*T, d]
+        o_routed = o_tiles.gather(1, lay["slot_of"][..., None].expand(-1, -1, d)).view(G, N, r, d).sum(2)
+        out = o_routed if out is None else out + o_routed
+    return out.view(B, H, N, d)
+
+
+def _expert_tiles(expert: torch.Tensor, m: int, N: int, r: int) -> dict:
+    """Group (query, slot) entries by expert into tiles of ``tile`` entries that hold one expert each.
+
+    ``expert`` [G, N*r] holds the expert of entry ``n*r + j``. Expert e fills ceil(count_e / tile) tiles;
+    with tile = ceil(N r / m) the static bound ``num_tiles = ceil((N r + m (tile - 1)) / tile)`` holds for
+    every routing, so shapes never depend on the data and nothing syncs with the host.
+    Returns index tensors (all int64):
+      slot_token  [G, S*T]  token whose query fills each tile slot (N = padding),
+      slot_source [G, S*T]  entry n*r+j that fills each slot (N*r = padding),
+      slot_of     [G, N*r]  slot that holds each entry,
+      tile_expert [G, S]    expert of each tile (0 for unused tiles).
+    """
+    G, E = expert.shape
+    device = expert.device
+    tile = max(1, -(-E // m))
+    num_tiles = -(-(E + m * (tile - 1)) // tile)
+    order = torch.argsort(expert, dim=-1, stable=True)  # [G, E]
+    sorted_expert = expert.gather(1, order)
+    counts = torch.zeros(G, m, dtype=torch.long, device=device).scatter_add_(1, expert, torch.ones_like(expert))
+    starts = counts.cumsum(1) - counts  # first sorted position of each expert
+    tiles_per_expert = (counts + tile - 1) // tile
+    tile_starts = tiles_per_expert.cumsum(1) - tiles_per_expert
+    rank = torch.arange(E, device=device).expand(G, E) - starts.gather(1, sorted_expert)  # rank within expert
+    tile_id = tile_starts.gather(1, sorted_expert) + rank // tile  # [G, E]
+    slot = tile_id * tile + rank % tile  # [G, E] slot of each sorted entry
+    num_slots = num_tiles * tile
+    slot_token = torch.full((G, num_slots), N, dtype=torch.long, device=device).scatter_(1, slot, order // r)
+    slot_source = torch.full((G, num_slots), E, dtype=torch.long, device=device).scatter_(1, slot, order)
+    slot_of = torch.empty_like(order).scatter_(1, order, slot)
+    tile_expert = torch.zeros(G, num_tiles, dtype=torch.long, device=device).scatter_(1, tile_id, sorted_expert)
+    return {
+        "tile": tile,
+        "num_tiles": num_tiles,
+        "slot_token": slot_token,
+        "slot_source": slot_source,
+        "slot_of": slot_of,
+        "tile_expert": tile_expert,
+    }
+
+
+def _dispatch_kernel(q, k, v, landmarks, topk_idx, expert_idx, shared, scale_shared, impl):
+    from mita import kernels
+
+    if impl == "triton":
+        if not kernels.available():
+            raise RuntimeError("impl='triton' needs the Triton kernels, which are not available here (mita.kernels)")
+        return kernels.mita_attention(q, k, v, landmarks, topk_idx, expert_idx, shared, scale_shared)
+    if q.is_cuda and kernels.available() and kernels.supports(q, landmarks, topk_idx.shape[-1], expert_idx.shape[-1]):
+        return kernels.mita_attention(q, k, v, landmarks, topk_idx, expert_idx, shared, scale_shared)
+    return _mita_torch(q, k, v, landmarks, topk_idx, expert_idx, shared, scale_shared)
+
+
+_COUNTING = False
+
+
+@contextlib.contextmanager
+def counting_flops():
+    """Route ``mita_attention`` through the opaque op ``torch.ops.mita.mita_attention_counted``.
+
+    FlopCounterMode then sees one op per call, whose formula ``mita_utils.flops`` registers from
+    :func:`mita_attention_macs`, instead of the padded tiles of the PyTorch path. Forward only.
+    """
+    global _COUNTING
+    previous, _COUNTING = _COUNTING, True
+    try:
+        yield
+    finally:
+        _COUNTING = previous
+
+
+@torch.library.custom_op("mita::mita_attention_counted", mutates_args=())
+def _mita_attention_counted(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    landmarks: torch.Tensor,
+    topk: int,
+    router_topk: int,
+    shared: bool,
+    shared_scale: str,
+) -> torch.Tensor:
+    topk_idx, expert_idx = mita_routing(q, k, landmarks, topk, router_topk)
+    return _mita_torch(q, k, v, landmarks, topk_idx, expert_idx, shared, _shared_scale(q.shape[-1], shared_scale))
+
+
+@_mita_attention_counted.register_fake
+def _(q, k, v, landmarks, topk, router_topk, shared, shared_scale):
+    return torch.empty_like(q)
