@@ -84,8 +84,10 @@ class AttentionBase(nn.Module):
         # Token layout, kept current by the model (mita.models) on every forward.
         self.grid_size: Optional[Tuple[int, int]] = None
         self.num_prefix_tokens: int = 1
-        # Optional rotary embedding for patch tokens (ViT-5): a tensor as timm's
-        # RotaryEmbeddingCat.get_embed() returns it, applied to q and k of patch tokens.
+        # Optional rotary embedding (ViT-5): a tensor [L, 2d] = cat(sin, cos) as timm's
+        # RotaryEmbeddingCat.get_embed() returns it, applied to q and k with timm's
+        # apply_rot_embed_cat. L = N - num_prefix_tokens rotates the patch tokens only; L = N rotates
+        # every token (ViT-5 also rotates its registers; zero angles leave a token unchanged).
         self.rope: Optional[torch.Tensor] = None
 
     # -- token layout -------------------------------------------------------------------------
@@ -122,10 +124,13 @@ class AttentionBase(nn.Module):
         if self.rope is not None:
             from timm.layers import apply_rot_embed_cat
 
-            p = int(self.num_prefix_tokens)
             rope = self.rope.to(q.dtype)
-            q = torch.cat([q[:, :, :p], apply_rot_embed_cat(q[:, :, p:], rope)], dim=2)
-            k = torch.cat([k[:, :, :p], apply_rot_embed_cat(k[:, :, p:], rope)], dim=2)
+            if rope.shape[-2] == N:
+                q, k = apply_rot_embed_cat(q, rope), apply_rot_embed_cat(k, rope)
+            else:
+                p = int(self.num_prefix_tokens)
+                q = torch.cat([q[:, :, :p], apply_rot_embed_cat(q[:, :, p:], rope)], dim=2)
+                k = torch.cat([k[:, :, :p], apply_rot_embed_cat(k[:, :, p:], rope)], dim=2)
         return q, k, v
 
     def dwc_term(self, v: torch.Tensor) -> torch.Tensor:
