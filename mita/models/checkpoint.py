@@ -1,0 +1,145 @@
+"""Load local checkpoints into the ViTs of :mod:`mita.models`, whatever attention they use.
+
+Accepted files: DeiT training checkpoints (``{"model", "model_ema", "optimizer", "args", ...}``; the
+``model`` weights are taken, ``model_ema`` only when there is no ``model``), timm/plain state dicts,
+``.safetensors``, keys prefixed by ``module.`` (DDP) or ``_orig_mod.`` (``torch.compile``), official MiTA
+checkpoints (the gate variant's fused ``attn.qkvg`` [4C, C] is split into ``attn.qkv`` and ``attn.gate``;
+ViT-5's ``gamma_1/2`` LayerScale and its RoPE frequency buffers are mapped or dropped).
+
+``.pth`` files load with ``torch.load(weights_only=True)``; ``argparse.Namespace`` (DeiT's ``args``)
+is allow-listed for that load only. Any other object is refused with an error that says how to
+allow-list it if the file is trusted: never a silent ``weights_only=False``.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import pickle
+import re
+from typing import Dict, List, Mapping, Tuple, Union
+
+import torch
+import torch.nn as nn
+
+__all__ = ["load_checkpoint", "read_state_dict"]
+
+_logger = logging.getLogger(__name__)
+
+#: globals that weights_only loading may rebuild (DeiT stores its argparse arguments in checkpoints)
+SAFE_GLOBALS = [argparse.Namespace]
+# Official ViT-5 attention modules keep their RoPE frequencies as buffers; ours recompute them.
+_ROPE_BUFFER = re.compile(r"\.attn\.rope(_reg)?\.freqs$")
+_CLASSIFIER_PREFIXES = ("head.", "head_dist.")
+
+
+def _read_file(path: Union[str, os.PathLike]):
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path!r} does not exist")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path, device="cpu")
+    with torch.serialization.safe_globals(SAFE_GLOBALS):
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as err:
+            raise ValueError(
+                f"{path!r} holds objects that weights_only loading refuses. If you trust the file, allow-list "
+                f"them with torch.serialization.add_safe_globals([...]) and load again. torch said: {err}"
+            ) from err
+
+
+def _clean_key(key: str) -> str:
+    # DDP wraps in `module.`, torch.compile in `_orig_mod.` (of the model or of any submodule).
+    key = key.replace("_orig_mod.", "")
+    while key.startswith("module."):
+        key = key[len("module."):]
+    return key
+
+
+def read_state_dict(path: Union[str, os.PathLike]) -> Dict[str, torch.Tensor]:
+    """The model weights of a checkpoint file as a flat ``{key: tensor}`` with clean keys.
+
+    Picks ``model`` (then ``state_dict``, then ``model_ema``) from training checkpoints, strips
+    ``module.``/``_orig_mod.`` and splits the official gate variant's ``qkvg`` into ``qkv`` + ``gate``.
+    """
+    obj = _read_file(path)
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"{os.fspath(path)!r} holds a {type(obj).__name__}, expected a dict of weights")
+    for key in ("model", "state_dict", "model_ema"):
+        if isinstance(obj.get(key), Mapping):
+            if key == "model_ema":
+                _logger.info("%s has no `model` weights; loading `model_ema`", os.fspath(path))
+            obj = obj[key]
+            break
+    skipped = [key for key, value in obj.items() if not isinstance(value, torch.Tensor)]
+    if len(skipped) == len(obj):
+        raise ValueError(f"{os.fspath(path)!r} holds no tensors at the top level or under `model`/`state_dict`")
+    if skipped:
+        _logger.warning("%s: ignoring entries that are not tensors: %s", os.fspath(path), skipped)
+    state_dict = {}
+    for key, value in obj.items():
+        if not isinstance(value, torch.Tensor):
+            continue
+        key = _clean_key(key)
+        if ".qkvg." in key:
+            # Official fused Linear(dim, 4 dim): rows [q; k; v; g].
+            if value.shape[0] % 4:
+                raise ValueError(f"{key} has {value.shape[0]} rows, expected 4 * dim")
+            dim = value.shape[0] // 4
+            state_dict[key.replace(".qkvg.", ".qkv.")] = value[: 3 * dim]
+            state_dict[key.replace(".qkvg.", ".gate.")] = value[3 * dim:]
+        else:
+            state_dict[key] = value
+    return state_dict
+
+
+def _adapt_to_model(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
+    """Map a clean state dict onto ``model``: timm's filter, classifier and shape checks."""
+    from timm.models import VisionTransformer
+    from timm.models.vision_transformer import checkpoint_filter_fn
+
+    state_dict = {k: v for k, v in state_dict.items() if not _ROPE_BUFFER.search(k)}
+    if isinstance(model, VisionTransformer):
+        # Resamples pos_embed to the model's grid (prefix tokens kept apart), the patch-embedding kernel
+        # to its patch size, and renames `gamma_1/2` (DeiT-3, ViT-5) to `ls1/2.gamma`.
+        state_dict = checkpoint_filter_fn(state_dict, model, adapt_layer_scale=True)
+    model_state = model.state_dict()
+    mismatched = []
+    for key in list(state_dict):
+        if key not in model_state or state_dict[key].shape == model_state[key].shape:
+            continue
+        if key.startswith(_CLASSIFIER_PREFIXES):
+            _logger.warning(
+                "dropping classifier %s from the checkpoint: shape %s, the model's is %s (different num_classes)",
+                key, tuple(state_dict[key].shape), tuple(model_state[key].shape),
+            )
+            del state_dict[key]
+        else:
+            shapes = tuple(state_dict[key].shape), tuple(model_state[key].shape)
+            mismatched.append(f"{key}: checkpoint {shapes[0]}, model {shapes[1]}")
+    if mismatched:
+        raise ValueError("checkpoint shapes do not match the model:\n  " + "\n  ".join(mismatched))
+    return state_dict
+
+
+def load_checkpoint(
+    model: nn.Module, path: Union[str, os.PathLike], strict: bool = False
+) -> Tuple[List[str], List[str]]:
+    """Load a local checkpoint into ``model``; returns ``(missing_keys, unexpected_keys)``.
+
+    A classifier of another size (``num_classes``) is dropped with a warning; position embeddings are
+    resampled when the patch grid differs (a 224 checkpoint loads into a 384 model). Loading a
+    standard-attention checkpoint into a model with another attention leaves exactly the parameters
+    that attention adds (gate, dwc, landmark extractors, agent bias, ...) missing.
+    """
+    state_dict = _adapt_to_model(read_state_dict(path), model)
+    result = model.load_state_dict(state_dict, strict=strict)
+    missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
+    if missing:
+        _logger.info("%s: keys missing from the checkpoint: %s", os.fspath(path), missing)
+    if unexpected:
+        _logger.warning("%s: checkpoint keys the model does not have: %s", os.fspath(path), unexpected)
+    return missing, unexpected
