@@ -1,10 +1,77 @@
 """Triton kernels for MiTA, installed as ``mita.kernels``.
 
-The kernels arrive with issue 3; until then ``available()`` is False and
-``mita.functional.mita_attention(impl="auto")`` uses the PyTorch path.
+``mita.functional.mita_attention(impl="triton")`` calls :func:`mita_attention` here, and ``impl="auto"``
+does on CUDA when :func:`supports` accepts the case. Triton is imported lazily, so ``import mita`` works
+without it. Maths, tiling and limits in kernels/README.md.
 """
+import os
+
+import torch
+
+__all__ = ["available", "supports", "mita_attention", "HEAD_DIMS", "DTYPES", "MAX_LANDMARKS", "MAX_TOPK"]
+
+HEAD_DIMS = (32, 64, 128)
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_LANDMARKS = 1024
+MAX_TOPK = 1024
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def available() -> bool:
-    """Whether Triton kernels are implemented and importable here."""
-    return False
+    """Whether the kernels can run here: Triton imports and CUDA is present or ``TRITON_INTERPRET=1``."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.is_available() or _interpreting()
+
+
+def _unsupported(q, landmarks, topk, router_topk):
+    """Why the kernels cannot take this case, or None."""
+    d, m = q.shape[-1], landmarks.shape[-2]
+    if d not in HEAD_DIMS:
+        return f"head dim d must be one of {HEAD_DIMS}, got {d}"
+    if q.dtype not in DTYPES:
+        return f"dtype must be one of {DTYPES}, got {q.dtype}"
+    if not 1 <= m <= MAX_LANDMARKS:
+        return f"number of landmarks m must lie in [1, {MAX_LANDMARKS}], got {m}"
+    if not 0 <= topk <= MAX_TOPK:
+        return f"topk must lie in [0, {MAX_TOPK}], got {topk}"
+    if not 1 <= router_topk <= m:
+        return f"router_topk must lie in [1, m={m}], got {router_topk}"
+    return None
+
+
+def supports(q: torch.Tensor, landmarks: torch.Tensor, topk: int, router_topk: int) -> bool:
+    """Whether the kernels handle this case: d in {32, 64, 128}, fp16/bf16/fp32, m and topk <= 1024."""
+    return _unsupported(q, landmarks, topk, router_topk) is None
+
+
+def mita_attention(q, k, v, landmarks, topk_idx, expert_idx, shared, scale_shared, *, allow_tf32=False):
+    """MiTA attention for a given routing, with Triton routed experts; differentiable in q, k, v, landmarks.
+
+    Args:
+        q, k, v: ``[B, H, N, d]``; landmarks ``[B, H, m, d]`` (same dtype and device; any strides).
+        topk_idx: int64 ``[B, H, m, topk]`` keys of each routed expert (topk may be 0: shared only).
+        expert_idx: int64 ``[B, H, N, r]`` experts of each query.
+        shared: include the shared expert; scale_shared: its logit scale (``1/d`` or ``d^-1/2``).
+        allow_tf32: let fp32 ``tl.dot`` use TF32 (faster, about 1e-3 relative error); default IEEE fp32.
+
+    Returns:
+        ``out [B, H, N, d]`` in the dtype of q.
+    """
+    if not available():
+        raise RuntimeError("mita.kernels needs Triton and a CUDA device (or TRITON_INTERPRET=1)")
+    if not (q.is_cuda or _interpreting()):
+        raise ValueError(f"q must be a CUDA tensor for the Triton kernels, got device {q.device}")
+    reason = _unsupported(q, landmarks, topk_idx.shape[-1], expert_idx.shape[-1])
+    if reason is not None:
+        raise ValueError(f"mita.kernels does not support this case: {reason}")
+    if topk_idx.shape[-1] == 0 and not shared:
+        raise ValueError("topk_idx has no keys (topk=0) and shared=False: no expert left")
+    from . import ops
+
+    return ops.mita_attention(q, k, v, landmarks, topk_idx, expert_idx, shared, scale_shared, allow_tf32)

@@ -1,0 +1,196 @@
+"""Triton kernels (mita.kernels) against the float64 reference of the op, outputs and gradients.
+
+Without CUDA the kernels run in Triton's interpreter on CPU tensors at tiny shapes (TRITON_INTERPRET must
+be set before Triton is first imported, hence at the top of this module). With CUDA the same tests
+compile the kernels for the device, and the `gpu` class adds the real sizes and dtypes.
+Both sides get the same routing (`routing=`), since rounding can flip a top-k choice.
+"""
+import itertools
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+pytest.importorskip("triton")
+
+from mita import kernels  # noqa: E402
+from mita.functional import mita_attention  # noqa: E402
+from tests.helpers import rel_err  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.skipif(not kernels.available(), reason="Triton kernels unavailable here")
+
+
+@pytest.fixture(autouse=True)
+def _poison_buffers(monkeypatch):
+    """Kernel output buffers start as NaN, so an element a kernel fails to write shows up."""
+    from mita.kernels import ops
+
+    monkeypatch.setattr(ops, "_POISON", True)
+
+
+def _inputs(B, H, N, d, m, dtype, seed=0, device=DEVICE):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(B, H, N, d, generator=g) for _ in range(3))
+    landmarks = torch.randn(B, H, m, d, generator=g)
+    return [t.to(device=device, dtype=dtype).requires_grad_() for t in (q, k, v, landmarks)]
+
+
+def _grads(out, inputs, grad_out):
+    grads = torch.autograd.grad(out, inputs, grad_out, allow_unused=True)
+    return [torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs)]
+
+
+def _compare(B, H, N, d, m, topk, r, shared, scale, dtype=torch.float32, tol=1e-5, seed=0,
+             transform=None, allow_tf32=False):
+    """Kernel vs float64 reference on the same (rounded) inputs and routing; ``transform`` e.g. makes views."""
+    inputs = _inputs(B, H, N, d, m, dtype, seed)
+    ref_inputs = [x.detach().double().requires_grad_() for x in inputs]
+    kw = dict(router_topk=r, shared=shared, shared_scale=scale)
+    ref, routing = mita_attention(*ref_inputs, topk, impl="reference", return_routing=True, **kw)
+    fed = inputs if transform is None else [transform(x) for x in inputs]
+    if allow_tf32:
+        c = 1.0 / d if scale == "official" else d ** -0.5
+        out = kernels.mita_attention(*fed, *routing, shared, c, allow_tf32=True)
+    else:
+        out = mita_attention(*fed, topk, impl="triton", routing=routing, **kw)
+    assert out.shape == (B, H, N, d) and out.dtype == dtype
+    err = rel_err(out, ref)
+    assert err <= tol, f"out: relative error {err:.2e} > {tol:.0e}"
+
+    grad_out = torch.randn(B, H, N, d, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64)
+    ref_grads = _grads(ref, ref_inputs, grad_out)
+    grads = _grads(out, inputs, grad_out.to(device=out.device, dtype=dtype))
+    scale_g = grad_out.norm().item()
+    for name, a, b in zip("q k v landmarks".split(), grads, ref_grads):
+        assert a.dtype == dtype
+        # e.g. N = 1 (all values equal v_0) or no shared expert (landmarks only select): the gradient is 0
+        if b.norm().item() <= 1e-9 * scale_g:
+            assert torch.isfinite(a).all() and a.double().norm().item() <= tol * scale_g, f"d{name} should vanish"
+        else:
+            err = rel_err(a, b)
+            assert err <= tol, f"d{name}: relative error {err:.2e} > {tol:.0e}"
+
+
+def _small_cases():
+    """N x m x topk (topk <= N); r, shared, scale and B cycled so each pair of values with r shows up."""
+    cases = []
+    for i, (N, m, topk) in enumerate(
+        c for c in itertools.product([1, 17, 50], [3, 5], [0, 1, 4, 7]) if c[2] <= c[0]
+    ):
+        r = 1 + (i // 3) % 2
+        shared = topk == 0 or i % 4 != 3  # topk = 0 keeps only the shared expert, which must be on
+        scale = ("official", "paper")[(i // 2) % 2]
+        B = 1 + (i // 5) % 2
+        cases.append((N, m, topk, r, shared, scale, B))
+    return cases
+
+
+@pytest.mark.parametrize("N,m,topk,r,shared,scale,B", _small_cases())
+def test_matches_reference(N, m, topk, r, shared, scale, B):
+    _compare(B, 2, N, 32, m, topk, r, shared, scale, seed=N + m + topk)
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_several_query_and_key_blocks(shared):
+    # 150 entries of two experts (r = 2, m = 2): tiles of 150 queries span 3 query blocks of 64,
+    # and 70 keys span 2 key blocks of 64 (online softmax across blocks, masked tail)
+    _compare(1, 1, 150, 32, 2, 70, 2, shared, "paper")
+
+
+def test_half_precision():
+    # fp16 only: Triton 3.8's interpreter computes bf16 tl.dot wrongly (the GPU class covers bf16)
+    _compare(1, 2, 50, 32, 5, 7, 2, True, "official", dtype=torch.float16, tol=1e-2)
+
+
+def test_non_contiguous_inputs():
+    def strided(x):
+        # [B, N, H, d] storage seen as [B, H, N, d], as timm's qkv reshape produces
+        y = x.transpose(1, 2).contiguous().transpose(1, 2)
+        assert not y.is_contiguous()
+        return y
+
+    _compare(2, 2, 17, 32, 3, 4, 2, True, "official", transform=strided)
+
+
+def test_empty_experts_and_duplicate_keys():
+    # all queries on expert 0 (other experts empty); experts 0 and 1 share keys, r = 2 picks both
+    B, H, N, d, m, topk = 1, 2, 17, 32, 5, 4
+    inputs = _inputs(B, H, N, d, m, torch.float32)
+    ref_inputs = [x.detach().double().requires_grad_() for x in inputs]
+    topk_idx = torch.arange(topk, device=DEVICE).expand(B, H, m, topk).contiguous()
+    expert_idx = torch.tensor([0, 1], device=DEVICE).expand(B, H, N, 2).contiguous()
+    kw = dict(router_topk=2, routing=(topk_idx, expert_idx))
+    out = mita_attention(*inputs, topk, impl="triton", **kw)
+    ref = mita_attention(*ref_inputs, topk, impl="reference", **kw)
+    assert rel_err(out, ref) <= 1e-5
+    grad_out = torch.randn_like(ref)
+    for a, b in zip(_grads(out, inputs, grad_out.float()), _grads(ref, ref_inputs, grad_out)):
+        assert rel_err(a, b) <= 1e-5
+
+
+def test_contract():
+    q = torch.zeros(1, 1, 4, 32, device=DEVICE)
+    R = torch.zeros(1, 1, 3, 32, device=DEVICE)
+    assert kernels.available()
+    assert kernels.supports(q, R, 4, 2)
+    assert kernels.supports(q.half(), R.half(), 0, 1)
+    assert not kernels.supports(q[..., :16], R[..., :16], 4, 1)
+    assert not kernels.supports(q.double(), R.double(), 4, 1)
+    assert not kernels.supports(q, R, 1025, 1)
+    assert not kernels.supports(q, torch.zeros(1, 1, 1025, 32), 4, 1)
+    idx = torch.zeros(1, 1, 3, 2, dtype=torch.long, device=DEVICE)
+    exp = torch.zeros(1, 1, 4, 1, dtype=torch.long, device=DEVICE)
+    with pytest.raises(ValueError, match="head dim"):
+        kernels.mita_attention(q[..., :16], q[..., :16], q[..., :16], R[..., :16], idx, exp, True, 1 / 16)
+    with pytest.raises(ValueError, match="shared=False"):
+        kernels.mita_attention(q, q, q, R, idx[..., :0], exp, False, 1 / 32)
+
+
+def _gpu_cases():
+    cases = []
+    for i, (N, dtype, d) in enumerate(
+        itertools.product([197, 1025, 4097], [torch.bfloat16, torch.float16, torch.float32], [32, 64, 128])
+    ):
+        m, topk = [(25, 25), (49, 49), (7, 100), (33, 13)][i % 4]
+        r = 1 + (i // 2) % 2
+        shared = i % 5 != 4
+        scale = ("official", "paper")[i % 2]
+        B, H = (2, 3) if N < 4097 else (1, 2)
+        cases.append((B, H, N, d, m, topk, r, shared, scale, dtype))
+    return cases
+
+
+@pytest.mark.gpu
+class TestGPU:
+    @pytest.mark.parametrize("B,H,N,d,m,topk,r,shared,scale,dtype", _gpu_cases())
+    def test_matches_reference(self, B, H, N, d, m, topk, r, shared, scale, dtype):
+        tol = 1e-5 if dtype == torch.float32 else 1e-2
+        _compare(B, H, N, d, m, topk, r, shared, scale, dtype=dtype, tol=tol, seed=N + d)
+
+    @pytest.mark.parametrize("d", [32, 64, 128])
+    def test_fp32_tf32(self, d):
+        _compare(2, 3, 1025, d, 49, 49, 1, True, "official", tol=2e-3, allow_tf32=True)
+
+    @pytest.mark.parametrize("N", [1, 2, 63])
+    def test_tiny_sequences(self, N):
+        _compare(2, 2, N, 64, 5, min(N, 7), 2 if N > 1 else 1, True, "official", dtype=torch.bfloat16, tol=1e-2)
+
+    @pytest.mark.slow
+    def test_64bit_offsets(self):
+        # B H N d = 512 * 16 * 4097 * 64 > 2^31: check the last head, whose rows lie past 2^31 elements
+        B, H, N, d, m, topk = 512, 16, 4097, 64, 25, 25
+        g = torch.Generator(device="cuda").manual_seed(0)
+        q, k, v = (torch.randn(B, H, N, d, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
+        R = torch.randn(B, H, m, d, device="cuda", dtype=torch.bfloat16, generator=g)
+        assert q.numel() >= 2 ** 31
+        with torch.no_grad():
+            out, routing = mita_attention(q, k, v, R, topk, shared=False, impl="triton", return_routing=True)
+            last = [t[-1:, -1:].double() for t in (q, k, v, R)]
+            ref = mita_attention(*last, topk, shared=False, impl="reference",
+                                 routing=tuple(t[-1:, -1:] for t in routing))
+        assert rel_err(out[-1:, -1:], ref) <= 1e-2
