@@ -17,9 +17,12 @@ BASELINES = ["deit_tiny_patch16_224", "deit_small_patch16_224"]
 
 
 def registered_model_names():
-    """timm names whose entrypoint lives in the mita package, sorted."""
-    return [name for name in timm.list_models()
-            if timm.models.model_entrypoint(name).__module__.startswith("mita.")]
+    """timm names whose entrypoint lives in the mita package: other backbones first, then the zoo rows
+    in the order mita.models registers them (published MiTA rows, then baselines)."""
+    mita_names = [name for name in timm.list_models()
+                  if timm.models.model_entrypoint(name).__module__.startswith("mita.")]
+    zoo = list(mita.models.ZOO_MODELS)
+    return [name for name in mita_names if name not in zoo] + [name for name in zoo if name in mita_names]
 
 
 def main(argv=None) -> int:
