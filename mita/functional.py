@@ -68,6 +68,9 @@ def mita_attention(
         ``out [B, H, N, d]``, or ``(out, (topk_idx, expert_idx))`` with ``return_routing``.
     """
     _check_inputs(q, k, v, landmarks, topk, router_topk, shared, shared_scale, impl)
+    if _COUNTING and not return_routing:
+        # One opaque op computes routing and attention, so FlopCounterMode counts each matmul once.
+        return torch.ops.mita.mita_attention_counted(q, k, v, landmarks, topk, router_topk, shared, shared_scale)
     if routing is None:
         routing = mita_routing(q, k, landmarks, topk, router_topk)
     else:
@@ -75,11 +78,7 @@ def mita_attention(
     topk_idx, expert_idx = routing
     scale_shared = _shared_scale(q.shape[-1], shared_scale)
 
-    if _COUNTING:
-        out = torch.ops.mita.mita_attention_counted(
-            q, k, v, landmarks, topk, router_topk, shared, shared_scale
-        )
-    elif impl == "reference":
+    if impl == "reference":
         out = _mita_reference(q, k, v, landmarks, topk_idx, expert_idx, shared, scale_shared)
     elif impl == "torch":
         out = _mita_torch(q, k, v, landmarks, topk_idx, expert_idx, shared, scale_shared)
@@ -319,7 +318,8 @@ def counting_flops():
     """Route ``mita_attention`` through the opaque op ``torch.ops.mita.mita_attention_counted``.
 
     FlopCounterMode then sees one op per call, whose formula ``mita_utils.flops`` registers from
-    :func:`mita_attention_macs`, instead of the padded tiles of the PyTorch path. Forward only.
+    :func:`mita_attention_macs`, instead of the padded tiles of the PyTorch path. Forward only; a call
+    with ``return_routing=True`` (a module capturing its routing) runs its usual path and is counted op by op.
     """
     global _COUNTING
     previous, _COUNTING = _COUNTING, True
