@@ -89,6 +89,12 @@ class AttentionBase(nn.Module):
         # apply_rot_embed_cat. L = N - num_prefix_tokens rotates the patch tokens only; L = N rotates
         # every token (ViT-5 also rotates its registers; zero angles leave a token unchanged).
         self.rope: Optional[torch.Tensor] = None
+        # Routing hook of the variants that make hard selections (mita, topk, moba): with
+        # capture_routing the last selection is kept in last_routing; a selection put in routing is
+        # used instead of a new one (analyses, and tests that must not see bf16 flip a choice).
+        self.capture_routing: bool = False
+        self.routing = None
+        self.last_routing = None
 
     # -- token layout -------------------------------------------------------------------------
     def token_grid(self, n_tokens: int) -> Tuple[int, int, int]:
@@ -140,6 +146,13 @@ class AttentionBase(nn.Module):
         vp = v[:, :, p:].transpose(1, 2).reshape(B, h, w, H * d).permute(0, 3, 1, 2)  # [B, C, h, w]
         out = self.dwc(vp).flatten(2).transpose(1, 2)  # [B, h*w, C]
         return F.pad(out, (0, 0, p, 0))
+
+    def route(self, select: Callable[[], object]):
+        """The variant's hard selection: ``self.routing`` if set, else ``select()``; kept when capturing."""
+        chosen = self.routing if self.routing is not None else select()
+        if self.capture_routing:
+            self.last_routing = chosen
+        return chosen
 
     def check_mask(self, attn_mask, is_causal: bool) -> None:
         if attn_mask is not None and not self.supports_attn_mask:

@@ -79,7 +79,7 @@ class MoBAAttention(AttentionBase):
 
     def attend(self, q, k, v, attn_mask=None, is_causal: bool = False) -> torch.Tensor:
         N = q.shape[2]
-        blocks = self.select_blocks(q, k)  # [B, H, N, t]
+        blocks = self.route(lambda: self.select_blocks(q, k))  # [B, H, N, t]
         impl = self.impl
         if impl == "auto":
             impl = "mask" if N <= AUTO_MASK_MAX_TOKENS else "gather"

@@ -43,7 +43,7 @@ class TopkAttention(AttentionBase):
         return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, idx, True)
 
     def attend(self, q, k, v, attn_mask=None, is_causal: bool = False) -> torch.Tensor:
-        mask = self.select(q, k)  # [B, H, N, N]
+        mask = self.route(lambda: self.select(q, k))  # [B, H, N, N]
         return F.scaled_dot_product_attention(  # [B, H, N, d]
             q, k, v, attn_mask=mask, dropout_p=self.attn_drop.p if self.training else 0.0
         )
