@@ -13,15 +13,17 @@ tile's queries all attend to the same ``topk`` keys, so one program loads them o
 
 Maths in kernels/README.md.
 """
+import torch
 import triton
 import triton.language as tl
 
 
 @triton.jit
 def _routed_fwd_kernel(
-    Q, K, V, TOPK_IDX, SLOT_TOKEN, SLOT_SOURCE, TILE_EXPERT, O, LSE,
-    N, E, M, TOPK, T, S, NUM_MB, scale,
-    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+    Q, K, V, R, VS, TOPK_IDX, SLOT_TOKEN, SLOT_SOURCE, TILE_EXPERT, O, LSE,
+    N, E, M, TOPK, T, S, NUM_MB, R_SLOTS, scale, scale_shared,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    SHARED: tl.constexpr, PRECISION: tl.constexpr,
 ):
     # one program per (batch-head g, tile t, block mb of BLOCK_M entries of that tile)
     pid = tl.program_id(0)
@@ -38,9 +40,27 @@ def _routed_fwd_kernel(
     expert = tl.load(TILE_EXPERT + g * S + t)
     q = tl.load(Q + (g * N + token)[:, None] * D + offs_d[None, :], mask=row_ok[:, None], other=0.0)
 
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    # finite start: a row whose shared block is masked out (slot > 0) must not produce exp(-inf + inf)
+    m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
+    if SHARED:
+        # the shared expert enters the softmax once per query: with the entry of slot 0
+        first_slot = (entry % R_SLOTS) == 0
+        for r0 in range(0, M, BLOCK_R):
+            offs_r = r0 + tl.arange(0, BLOCK_R)
+            r_ok = offs_r < M
+            lm_row = (g * M + offs_r) * D
+            rt = tl.load(R + lm_row[None, :] + offs_d[:, None], mask=r_ok[None, :], other=0.0)  # [D, BLOCK_R]
+            vs = tl.load(VS + lm_row[:, None] + offs_d[None, :], mask=r_ok[:, None], other=0.0)  # [BLOCK_R, D]
+            s = tl.dot(q, rt, input_precision=PRECISION) * scale_shared
+            s = tl.where(first_slot[:, None] & r_ok[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp(m_i - m_new)
+            p = tl.exp(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(vs.dtype), vs, input_precision=PRECISION)
+            m_i = m_new
     idx_base = TOPK_IDX + (g * M + expert) * TOPK
     for k0 in range(0, TOPK, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -67,9 +87,10 @@ def _routed_fwd_kernel(
 
 @triton.jit
 def _routed_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, TOPK_IDX, SLOT_TOKEN, SLOT_SOURCE, TILE_EXPERT, DQ,
-    N, E, M, TOPK, T, S, NUM_MB, scale,
-    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+    Q, K, V, R, VS, DO, LSE, DELTA, TOPK_IDX, SLOT_TOKEN, SLOT_SOURCE, TILE_EXPERT, DQ,
+    N, E, M, TOPK, T, S, NUM_MB, R_SLOTS, scale, scale_shared,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    SHARED: tl.constexpr, PRECISION: tl.constexpr,
 ):
     # same grid as the forward; dq of each entry, summed over its r slots by the caller
     pid = tl.program_id(0)
@@ -91,6 +112,20 @@ def _routed_bwd_dq_kernel(
     delta = tl.load(DELTA + g * N + token, mask=row_ok, other=0.0)
 
     dq = tl.zeros([BLOCK_M, D], tl.float32)
+    if SHARED:
+        first_slot = row_ok & ((entry % R_SLOTS) == 0)
+        for r0 in range(0, M, BLOCK_R):
+            offs_r = r0 + tl.arange(0, BLOCK_R)
+            r_ok = offs_r < M
+            lm_row = (g * M + offs_r) * D
+            rt = tl.load(R + lm_row[None, :] + offs_d[:, None], mask=r_ok[None, :], other=0.0)  # [D, BLOCK_R]
+            vst = tl.load(VS + lm_row[None, :] + offs_d[:, None], mask=r_ok[None, :], other=0.0)  # [D, BLOCK_R]
+            s = tl.dot(q, rt, input_precision=PRECISION) * scale_shared
+            p = tl.exp(s - lse[:, None])
+            p = tl.where(first_slot[:, None] & r_ok[None, :], p, 0.0)
+            dp = tl.dot(do, vst, input_precision=PRECISION)
+            ds = p * (dp - delta[:, None]) * scale_shared
+            dq += tl.dot(ds.to(rt.dtype), tl.trans(rt), input_precision=PRECISION)
     idx_base = TOPK_IDX + (g * M + expert) * TOPK
     for k0 in range(0, TOPK, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -156,6 +191,49 @@ def _routed_bwd_dkdv_kernel(
     tl.store(DV + out, dv, mask=k_ok[:, None])
 
 
+@triton.jit
+def _shared_bwd_kernel(
+    Q, R, VS, DO, LSE, DELTA, DR, DVS,
+    N, M, NUM_RB, NUM_CH, CHUNK, scale_shared,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
+):
+    # one program per (batch-head g, landmark block rb, chunk ch of queries); the landmarks play the keys
+    # of FlashAttention's dk/dv pass: dR = c sum_n dS_n q_n, dVs = sum_n P_n dO_n (partial per chunk)
+    pid = tl.program_id(0)
+    g = (pid // (NUM_RB * NUM_CH)).to(tl.int64)
+    rb = (pid // NUM_CH) % NUM_RB
+    ch = pid % NUM_CH
+    offs_r = rb * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_d = tl.arange(0, D)
+    r_ok = offs_r < M
+    lm_row = (g * M + offs_r)[:, None] * D + offs_d[None, :]
+    rb_tile = tl.load(R + lm_row, mask=r_ok[:, None], other=0.0)  # [BLOCK_R, D]
+    vs_tile = tl.load(VS + lm_row, mask=r_ok[:, None], other=0.0)
+
+    dr = tl.zeros([BLOCK_R, D], tl.float32)
+    dvs = tl.zeros([BLOCK_R, D], tl.float32)
+    start = ch * CHUNK
+    for n0 in range(start, start + CHUNK, BLOCK_M):
+        offs_n = n0 + tl.arange(0, BLOCK_M)
+        n_ok = offs_n < N
+        row = (g * N + offs_n)[:, None] * D + offs_d[None, :]
+        q = tl.load(Q + row, mask=n_ok[:, None], other=0.0)  # [BLOCK_M, D]
+        do = tl.load(DO + row, mask=n_ok[:, None], other=0.0)
+        lse = tl.load(LSE + g * N + offs_n, mask=n_ok, other=0.0)
+        delta = tl.load(DELTA + g * N + offs_n, mask=n_ok, other=0.0)
+        st = tl.dot(rb_tile, tl.trans(q), input_precision=PRECISION) * scale_shared  # [BLOCK_R, BLOCK_M]
+        pt = tl.exp(st - lse[None, :])
+        pt = tl.where(r_ok[:, None] & n_ok[None, :], pt, 0.0)
+        dvs += tl.dot(pt.to(do.dtype), do, input_precision=PRECISION)
+        dpt = tl.dot(vs_tile, tl.trans(do), input_precision=PRECISION)
+        dst = pt * (dpt - delta[None, :]) * scale_shared
+        dr += tl.dot(dst.to(q.dtype), q, input_precision=PRECISION)
+
+    out = ((g * NUM_CH + ch) * M + offs_r)[:, None] * D + offs_d[None, :]
+    tl.store(DR + out, dr, mask=r_ok[:, None])
+    tl.store(DVS + out, dvs, mask=r_ok[:, None])
+
+
 def _block(n: int, head_dim: int, itemsize: int) -> int:
     """Block of queries or keys: a power of two >= 16 (tl.dot's minimum), one operand tile <= 16 KiB."""
     cap = max(16, min(64, 16384 // (head_dim * itemsize)))
@@ -166,44 +244,55 @@ def _precision(dtype, allow_tf32: bool) -> str:
     return "tf32" if allow_tf32 or dtype.itemsize < 4 else "ieee"
 
 
-def routed_forward(q, k, v, topk_idx, lay, scale, o, lse, allow_tf32=False):
-    """Partial attention of every entry over its expert's keys: normalised ``o [G, E, d]``, ``lse [G, E]``.
+def routed_forward(q, k, v, landmarks, shared_v, topk_idx, lay, r, scale, scale_shared, o, lse, allow_tf32=False):
+    """One softmax per entry over [shared (slot 0 only) ; its expert's keys]: ``o [G, E, d]``, ``lse [G, E]``.
 
-    ``q, k, v`` ``[G, N, d]`` and ``topk_idx`` ``[G, m, topk]`` contiguous; ``lay`` from ``_expert_tiles``;
-    ``o`` and ``lse`` float32 outputs (every entry is written).
+    ``q, k, v`` ``[G, N, d]``, ``landmarks`` and ``shared_v`` ``[G, m, d]`` (``None`` without the shared
+    expert) and ``topk_idx`` ``[G, m, topk]`` contiguous; ``lay`` from ``_expert_tiles`` over ``E = N r``
+    entries; ``o`` (any float dtype) and ``lse`` (float32) are written for every entry.
     """
     G, N, D = q.shape
     M, topk = topk_idx.shape[1], topk_idx.shape[2]
     E = o.shape[1]
     S, T = lay["num_tiles"], lay["tile"]
     block_m, block_k = _block(T, D, q.element_size()), _block(topk, D, q.element_size())
+    block_r = _block(M, D, q.element_size())
+    shared = landmarks is not None
     num_mb = triton.cdiv(T, block_m)
     _routed_fwd_kernel[(G * S * num_mb,)](
-        q, k, v, topk_idx, lay["slot_token"], lay["slot_source"], lay["tile_expert"], o, lse,
-        N, E, M, topk, T, S, num_mb, scale,
-        D=D, BLOCK_M=block_m, BLOCK_K=block_k, PRECISION=_precision(q.dtype, allow_tf32),
-        num_warps=4, num_stages=2,
+        q, k, v, landmarks if shared else q, shared_v if shared else q, topk_idx,
+        lay["slot_token"], lay["slot_source"], lay["tile_expert"], o, lse,
+        N, E, M, topk, T, S, num_mb, r, scale, scale_shared,
+        D=D, BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_r, SHARED=shared,
+        PRECISION=_precision(q.dtype, allow_tf32), num_warps=4, num_stages=2,
     )
 
 
-def routed_backward(q, k, v, do, lse, delta, topk_idx, lay, scale, dq, dk, dv, allow_tf32=False):
-    """Routed gradients given the final ``lse`` and ``delta = rowsum(dO * O)`` per token ``[G, N]``.
+def routed_backward(q, k, v, landmarks, shared_v, do, lse, delta, topk_idx, lay, r, scale, scale_shared,
+                    dq, dk, dv, allow_tf32=False):
+    """Gradients given the final ``lse`` and ``delta = rowsum(dO * O)`` per token ``[G, N]``.
 
-    Writes ``dq [G, E, d]`` per entry and ``dk, dv [G, S, topk, d]`` per tile (all float32, fully written).
+    Writes ``dq [G, E, d]`` per entry (routed and shared parts) and, with ``topk > 0``, ``dk, dv
+    [G, S, topk, d]`` per tile (all float32, fully written).
     """
     G, N, D = q.shape
     M, topk = topk_idx.shape[1], topk_idx.shape[2]
     E = dq.shape[1]
     S, T = lay["num_tiles"], lay["tile"]
     block_m, block_k = _block(T, D, q.element_size()), _block(topk, D, q.element_size())
+    block_r = _block(M, D, q.element_size())
     precision = _precision(q.dtype, allow_tf32)
+    shared = landmarks is not None
     num_mb = triton.cdiv(T, block_m)
     _routed_bwd_dq_kernel[(G * S * num_mb,)](
-        q, k, v, do, lse, delta, topk_idx, lay["slot_token"], lay["slot_source"], lay["tile_expert"], dq,
-        N, E, M, topk, T, S, num_mb, scale,
-        D=D, BLOCK_M=block_m, BLOCK_K=block_k, PRECISION=precision,
+        q, k, v, landmarks if shared else q, shared_v if shared else q, do, lse, delta, topk_idx,
+        lay["slot_token"], lay["slot_source"], lay["tile_expert"], dq,
+        N, E, M, topk, T, S, num_mb, r, scale, scale_shared,
+        D=D, BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_r, SHARED=shared, PRECISION=precision,
         num_warps=4, num_stages=2,
     )
+    if topk == 0:
+        return
     num_kb = triton.cdiv(topk, block_k)
     _routed_bwd_dkdv_kernel[(G * S * num_kb,)](
         q, k, v, do, lse, delta, topk_idx, lay["slot_token"], lay["slot_source"], lay["tile_expert"], dk, dv,
@@ -211,3 +300,24 @@ def routed_backward(q, k, v, do, lse, delta, topk_idx, lay, scale, dq, dk, dv, a
         D=D, BLOCK_M=block_m, BLOCK_K=block_k, PRECISION=precision,
         num_warps=4, num_stages=2,
     )
+
+
+def shared_backward(q, landmarks, shared_v, do, lse, delta, scale_shared, allow_tf32=False):
+    """Landmark-side gradients of the shared logits: ``dR [G, m, d]`` (``c dS^T Q``) and ``dVs = P^T dO``."""
+    G, N, D = q.shape
+    M = landmarks.shape[1]
+    block_m, block_r = _block(N, D, q.element_size()), _block(M, D, q.element_size())
+    num_rb = triton.cdiv(M, block_r)
+    # enough programs to fill the GPU: split the queries into chunks, each writing a partial sum
+    num_ch = max(1, min(triton.cdiv(N, 4 * block_m), triton.cdiv(512, G * num_rb)))
+    chunk = triton.cdiv(triton.cdiv(N, num_ch), block_m) * block_m
+    num_ch = triton.cdiv(N, chunk)
+    dr = q.new_empty((G, num_ch, M, D), dtype=torch.float32)
+    dvs = q.new_empty((G, num_ch, M, D), dtype=torch.float32)
+    _shared_bwd_kernel[(G * num_rb * num_ch,)](
+        q, landmarks, shared_v, do, lse, delta, dr, dvs,
+        N, M, num_rb, num_ch, chunk, scale_shared,
+        D=D, BLOCK_M=block_m, BLOCK_R=block_r, PRECISION=_precision(q.dtype, allow_tf32),
+        num_warps=4, num_stages=2,
+    )
+    return dr.sum(1), dvs.sum(1)
