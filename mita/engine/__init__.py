@@ -1,0 +1,45 @@
+"""Training engine: loops, optimizer and schedule, checkpoints, distributed helpers and loggers.
+
+The Hydra runner (``mita.engine.runner``) is imported on its own, so this package needs no Hydra.
+"""
+from mita.engine.checkpoint import checkpoint_path, export_weights, latest_checkpoint, load_state, save_checkpoint
+from mita.engine.distributed import (
+    all_reduce_mean,
+    barrier,
+    broadcast_object,
+    cleanup,
+    get_rank,
+    get_world_size,
+    init_distributed,
+    is_main,
+)
+from mita.engine.logging import JsonlLogger, NullLogger, WandbLogger
+from mita.engine.loop import NonFiniteLossError, build_criterion, build_ema, evaluate, train_one_epoch
+from mita.engine.optim import build_optimizer, build_scheduler, unwrap_model
+
+__all__ = [
+    "JsonlLogger",
+    "NonFiniteLossError",
+    "NullLogger",
+    "WandbLogger",
+    "all_reduce_mean",
+    "barrier",
+    "broadcast_object",
+    "build_criterion",
+    "build_ema",
+    "build_optimizer",
+    "build_scheduler",
+    "checkpoint_path",
+    "cleanup",
+    "evaluate",
+    "export_weights",
+    "get_rank",
+    "get_world_size",
+    "init_distributed",
+    "is_main",
+    "latest_checkpoint",
+    "load_state",
+    "save_checkpoint",
+    "train_one_epoch",
+    "unwrap_model",
+]
