@@ -268,3 +268,18 @@ def test_mixup():
     assert targets.min() >= 0.1 / 10 - 1e-6  # label smoothing folded into the soft targets
     with pytest.raises(ValueError, match="mixup"):
         build_mixup(mixup=-1.0, cutmix=0.0, label_smoothing=0.1, num_classes=10)
+
+
+def test_randaugment_survives_zero_bit_posterize():
+    train = build_transform(True, img_size=8, in_chans=3, mean=MEAN, std=STD, auto_augment="rand-m10-inc1")
+    rand_augment = next(t for t in train.transforms if hasattr(t, "ops"))
+    posterize = next(op for op in rand_augment.ops if op.name == "PosterizeIncreasing")
+    posterize.prob = 1.0
+    image = Image.fromarray(np.full((8, 8, 3), 200, dtype=np.uint8))
+    assert np.asarray(posterize(image)).max() == 0  # 0 bits kept: black, as Pillow < 13 gave
+    import random
+
+    random.seed(0)
+    deit = build_transform(True, img_size=8, in_chans=1, mean=MEAN, std=STD, auto_augment="rand-m9-mstd0.5-inc1")
+    for _ in range(300):
+        assert deit(image).shape == (1, 8, 8)

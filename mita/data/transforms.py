@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Optional, Sequence, Tuple, Union
 
 from PIL import Image
-from timm.data import create_transform
+from timm.data import auto_augment, create_transform
 from torchvision import transforms as T
 
 __all__ = ["ConvertMode", "SMALL_IMAGE_MAX", "build_transform"]
@@ -25,6 +25,27 @@ class ConvertMode:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(mode={self.mode!r})"
+
+
+def _posterize(img: Image.Image, bits_to_keep: int, **kwargs) -> Image.Image:
+    """timm's posterize, with 0 bits giving the all-black image that Pillow < 13 returned.
+
+    timm's RandAugment asks for 0 bits at the top magnitude ("PosterizeIncreasing" at level 10, which DeiT's
+    ``mstd0.5`` noise reaches about once in 40 draws); Pillow 13 raises ``ValueError`` there instead.
+    """
+    if bits_to_keep <= 0:
+        return img.point([0] * 256 * len(img.getbands()))
+    return auto_augment.posterize(img, bits_to_keep, **kwargs)
+
+
+def _patch_posterize(transform) -> None:
+    for step in getattr(transform, "transforms", ()):
+        ops = list(getattr(step, "ops", ()))  # RandAugment, AugMix
+        for sub_policy in getattr(step, "policy", ()):  # AutoAugment (3-Augment)
+            ops.extend(sub_policy)
+        for op in ops:
+            if getattr(op, "aug_fn", None) is auto_augment.posterize:
+                op.aug_fn = _posterize
 
 
 def _stats(value: Sequence[float], in_chans: int, name: str) -> Tuple[float, ...]:
@@ -77,6 +98,7 @@ def build_transform(is_train: bool, *, img_size: Union[int, Tuple[int, int]], in
             auto_augment="3a" if three_augment else auto_augment, interpolation=interpolation, mean=mean,
             std=std, re_prob=re_prob, re_mode=re_mode, re_count=re_count,
         )
+        _patch_posterize(transform)
         if small:
             # DeiT: `transform.transforms[0] = transforms.RandomCrop(args.input_size, padding=4)`
             transform.transforms[0] = T.RandomCrop(img_size, padding=4, pad_if_needed=True)
