@@ -16,6 +16,8 @@ No ``N x m`` tensor reaches memory. Maths in kernels/README.md.
 """
 from __future__ import annotations
 
+from typing import Optional, Tuple
+
 import torch
 import torch.nn.functional as F
 
@@ -32,79 +34,132 @@ def _buffer(shape, device, dtype=torch.float32) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-class MiTAFunction(torch.autograd.Function):
-    """``out [B, H, N, d]`` of MiTA for a given routing and shared values; differentiable in q, k, v,
-    landmarks and shared values."""
+def _forward(q, k, v, landmarks, shared_v, topk_idx, expert_idx, scale_shared, allow_tf32):
+    """Launch the forward kernels: ``out [B, H, N, d]`` (dtype of q) and the per-token ``lse [B H, N]``."""
+    B, H, N, d = q.shape
+    m, topk = landmarks.shape[2], topk_idx.shape[-1]
+    shared = shared_v is not None
+    if topk == 0:  # the shared expert alone: one entry per query
+        expert_idx = expert_idx[..., :1]
+    r = expert_idx.shape[-1]
+    G = B * H
+    # reshape copies non-contiguous inputs; the kernels index rows as g * N + n
+    qf, kf, vf = (t.reshape(G, N, d).contiguous() for t in (q, k, v))  # [G, N, d]
+    rf = landmarks.reshape(G, m, d).contiguous() if shared else None  # [G, m, d]
+    vsf = shared_v.reshape(G, m, d).contiguous() if shared else None  # [G, m, d]
+    idx = topk_idx.reshape(G, m, topk).long().contiguous()  # [G, m, topk]
+    lay = _expert_tiles(expert_idx.reshape(G, N * r).long(), m, N, r)
+    scale = d ** -0.5
+    if r == 1:
+        out = _buffer((G, N, d), q.device, q.dtype)  # entries are the tokens: written in place
+        lse = _buffer((G, N), q.device)
+        routed_forward(qf, kf, vf, rf, vsf, idx, lay, r, scale, scale_shared, out, lse, allow_tf32)
+    else:
+        o_r = _buffer((G, N * r, d), q.device)  # [G, N r, d], normalised per entry
+        lse_r = _buffer((G, N * r), q.device)
+        routed_forward(qf, kf, vf, rf, vsf, idx, lay, r, scale, scale_shared, o_r, lse_r, allow_tf32)
+        lse_r = lse_r.view(G, N, r)
+        lse = torch.logsumexp(lse_r, dim=-1)  # [G, N]
+        weight = torch.exp(lse_r - lse[..., None])  # [G, N, r], each slot's share of the softmax mass
+        out = (weight[..., None] * o_r.view(G, N, r, d)).sum(2).to(q.dtype)  # [G, N, d]
+    return out.view(B, H, N, d), lse
 
-    @staticmethod
-    def forward(ctx, q, k, v, landmarks, shared_v, topk_idx, expert_idx, scale_shared, allow_tf32):
-        B, H, N, d = q.shape
-        m, topk = landmarks.shape[2], topk_idx.shape[-1]
-        shared = shared_v is not None
-        if topk == 0:  # the shared expert alone: one entry per query
-            expert_idx = expert_idx[..., :1]
-        r = expert_idx.shape[-1]
-        G = B * H
-        scale = d ** -0.5
-        # reshape copies non-contiguous inputs; the kernels index rows as g * N + n
-        qf, kf, vf = (t.reshape(G, N, d).contiguous() for t in (q, k, v))  # [G, N, d]
-        rf = landmarks.reshape(G, m, d).contiguous()  # [G, m, d]
-        vsf = shared_v.reshape(G, m, d).contiguous() if shared else None  # [G, m, d]
-        idx = topk_idx.reshape(G, m, topk).long().contiguous()  # [G, m, topk]
-        lay = _expert_tiles(expert_idx.reshape(G, N * r).long(), m, N, r)
 
-        if r == 1:
-            out = _buffer((G, N, d), q.device, q.dtype)  # entries are the tokens: written in place
-            lse = _buffer((G, N), q.device)
-            routed_forward(qf, kf, vf, rf if shared else None, vsf, idx, lay, r, scale, scale_shared,
-                           out, lse, allow_tf32)
-        else:
-            o_r = _buffer((G, N * r, d), q.device)  # [G, N r, d], normalised per entry
-            lse_r = _buffer((G, N * r), q.device)
-            routed_forward(qf, kf, vf, rf if shared else None, vsf, idx, lay, r, scale, scale_shared,
-                           o_r, lse_r, allow_tf32)
-            lse_r = lse_r.view(G, N, r)
-            lse = torch.logsumexp(lse_r, dim=-1)  # [G, N]
-            weight = torch.exp(lse_r - lse[..., None])  # [G, N, r], each slot's share of the softmax mass
-            out = (weight[..., None] * o_r.view(G, N, r, d)).sum(2).to(q.dtype)  # [G, N, d]
+def _backward(grad_out, q, k, v, landmarks, shared_v, topk_idx, expert_idx, out, lse, scale_shared, allow_tf32):
+    """Launch the backward kernels: ``dq, dk, dv`` (None for dk, dv when topk = 0) and ``dR, dV~``
+    (None without the shared expert), in the dtype of q."""
+    B, H, N, d = q.shape
+    m, topk = landmarks.shape[2], topk_idx.shape[-1]
+    shared = shared_v is not None
+    if topk == 0:
+        expert_idx = expert_idx[..., :1]
+    r = expert_idx.shape[-1]
+    G = B * H
+    scale = d ** -0.5
+    qf, kf, vf = (t.reshape(G, N, d).contiguous() for t in (q, k, v))
+    rf = landmarks.reshape(G, m, d).contiguous() if shared else None
+    vsf = shared_v.reshape(G, m, d).contiguous() if shared else None
+    idx = topk_idx.reshape(G, m, topk).long().contiguous()
+    # recomputing the layout costs a few small launches and saves keeping it alive between passes
+    lay = _expert_tiles(expert_idx.reshape(G, N * r).long(), m, N, r)
+    num_tiles = lay["num_tiles"]
+    do = grad_out.reshape(G, N, d).to(q.dtype).contiguous()  # [G, N, d]
+    delta = (do.float() * out.reshape(G, N, d).float()).sum(-1)  # [G, N]
 
-        ctx.save_for_backward(qf, kf, vf, rf, vsf, idx, out, lse,
-                              lay["slot_token"], lay["slot_source"], lay["tile_expert"])
-        ctx.meta = (B, H, N, d, m, topk, r, shared, scale_shared, allow_tf32, lay["tile"], lay["num_tiles"])
-        return out.view(B, H, N, d)
+    dq_e = _buffer((G, N * r, d), q.device)  # [G, N r, d]
+    dk_t = _buffer((G, num_tiles, topk, d), q.device)  # [G, S, topk, d]
+    dv_t = _buffer((G, num_tiles, topk, d), q.device)
+    routed_backward(qf, kf, vf, rf, vsf, do, lse, delta, idx, lay, r, scale, scale_shared,
+                    dq_e, dk_t, dv_t, allow_tf32)
+    dq = dq_e.view(G, N, r, d).sum(2) if r > 1 else dq_e
+    dk = dv = dr = dvs = None
+    if topk > 0:
+        # key of each (tile, position): the tile's expert's top-k list; a key shared by tiles adds up
+        keys = idx.gather(1, lay["tile_expert"][..., None].expand(-1, -1, topk))  # [G, S, topk]
+        keys = keys.reshape(G, num_tiles * topk, 1).expand(-1, -1, d)
+        dk = torch.zeros(G, N, d, dtype=torch.float32, device=q.device)
+        dv = torch.zeros_like(dk)
+        dk.scatter_add_(1, keys, dk_t.view(G, num_tiles * topk, d))
+        dv.scatter_add_(1, keys, dv_t.view(G, num_tiles * topk, d))
+        dk, dv = (t.view(B, H, N, d).to(q.dtype) for t in (dk, dv))
+    if shared:
+        dr, dvs = shared_backward(qf, rf, vsf, do, lse, delta, scale_shared, allow_tf32)
+        dr, dvs = (t.view(B, H, m, d).to(q.dtype) for t in (dr, dvs))
+    return dq.view(B, H, N, d).to(q.dtype), dk, dv, dr, dvs
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out):
-        qf, kf, vf, rf, vsf, idx, out, lse, slot_token, slot_source, tile_expert = ctx.saved_tensors
-        B, H, N, d, m, topk, r, shared, scale_shared, allow_tf32, tile, num_tiles = ctx.meta
-        G = B * H
-        scale = d ** -0.5
-        lay = {"tile": tile, "num_tiles": num_tiles, "slot_token": slot_token,
-               "slot_source": slot_source, "tile_expert": tile_expert}
-        do = grad_out.reshape(G, N, d).to(qf.dtype).contiguous()  # [G, N, d]
-        delta = (do.float() * out.float()).sum(-1)  # [G, N]
 
-        dq_e = _buffer((G, N * r, d), qf.device)  # [G, N r, d]
-        dk_t = _buffer((G, num_tiles, topk, d), qf.device)  # [G, S, topk, d]
-        dv_t = _buffer((G, num_tiles, topk, d), qf.device)
-        routed_backward(qf, kf, vf, rf if shared else None, vsf, do, lse, delta, idx, lay, r, scale,
-                        scale_shared, dq_e, dk_t, dv_t, allow_tf32)
-        dq = dq_e.view(G, N, r, d).sum(2) if r > 1 else dq_e
-        dk = dv = dr = dvs = None
-        if topk > 0:
-            # key of each (tile, position): the tile's expert's top-k list; a key shared by tiles adds up
-            keys = idx.gather(1, tile_expert[..., None].expand(-1, -1, topk))  # [G, S, topk]
-            keys = keys.reshape(G, num_tiles * topk, 1).expand(-1, -1, d)
-            dk = torch.zeros(G, N, d, dtype=torch.float32, device=qf.device)
-            dv = torch.zeros_like(dk)
-            dk.scatter_add_(1, keys, dk_t.view(G, num_tiles * topk, d))
-            dv.scatter_add_(1, keys, dv_t.view(G, num_tiles * topk, d))
-            dk, dv = (t.view(B, H, N, d).to(qf.dtype) for t in (dk, dv))
-        if shared:
-            dr, dvs = shared_backward(qf, rf, vsf, do, lse, delta, scale_shared, allow_tf32)
-            dr, dvs = (t.view(B, H, m, d).to(qf.dtype) for t in (dr, dvs))
-        return dq.view(B, H, N, d).to(qf.dtype), dk, dv, dr, dvs, None, None, None, None
+# The kernels run behind torch custom ops, so torch.compile treats them as single opaque ops (no graph
+# breaks) and CUDA graphs can capture them: nothing in them syncs with the host.
+@torch.library.custom_op("mita::attention_fwd", mutates_args=())
+def attention_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, landmarks: torch.Tensor, shared_v: Optional[torch.Tensor],
+    topk_idx: torch.Tensor, expert_idx: torch.Tensor, scale_shared: float, allow_tf32: bool,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    return _forward(q, k, v, landmarks, shared_v, topk_idx, expert_idx, scale_shared, allow_tf32)
+
+
+@attention_fwd.register_fake
+def _(q, k, v, landmarks, shared_v, topk_idx, expert_idx, scale_shared, allow_tf32):
+    B, H, N, d = q.shape
+    return q.new_empty(B, H, N, d), q.new_empty(B * H, N, dtype=torch.float32)
+
+
+@torch.library.custom_op("mita::attention_bwd", mutates_args=())
+def attention_bwd(
+    grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, landmarks: torch.Tensor,
+    shared_v: Optional[torch.Tensor], topk_idx: torch.Tensor, expert_idx: torch.Tensor, out: torch.Tensor,
+    lse: torch.Tensor, scale_shared: float, allow_tf32: bool,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    grads = _backward(grad_out, q, k, v, landmarks, shared_v, topk_idx, expert_idx, out, lse, scale_shared,
+                      allow_tf32)
+    # a custom op returns tensors only: an empty tensor stands for "no gradient"
+    return tuple(q.new_empty(0) if g is None else g for g in grads)
+
+
+@attention_bwd.register_fake
+def _(grad_out, q, k, v, landmarks, shared_v, topk_idx, expert_idx, out, lse, scale_shared, allow_tf32):
+    topk, shared = topk_idx.shape[-1], shared_v is not None
+    empty = q.new_empty(0)
+    return (torch.empty_like(q), torch.empty_like(k) if topk else empty, torch.empty_like(v) if topk else empty,
+            torch.empty_like(landmarks) if shared else empty, torch.empty_like(landmarks) if shared else empty)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, landmarks, shared_v, topk_idx, expert_idx, scale_shared, allow_tf32 = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, landmarks, shared_v, topk_idx, expert_idx, out, lse)
+    ctx.scale_shared, ctx.allow_tf32 = scale_shared, allow_tf32
+
+
+def _attention_backward(ctx, grad_out, grad_lse):
+    q, k, v, landmarks, shared_v, topk_idx, expert_idx, out, lse = ctx.saved_tensors
+    grads = attention_bwd(grad_out, q, k, v, landmarks, shared_v, topk_idx, expert_idx, out, lse,
+                          ctx.scale_shared, ctx.allow_tf32)
+    dq, dk, dv, dr, dvs = (None if g.numel() == 0 and g.dim() == 1 else g for g in grads)
+    return dq, dk, dv, dr, (dvs if shared_v is not None else None), None, None, None, None
+
+
+torch.library.register_autograd("mita::attention_fwd", _attention_backward, setup_context=_setup_context)
 
 
 def mita_attention(q, k, v, landmarks, topk_idx, expert_idx, shared, scale_shared, allow_tf32=False):
@@ -113,4 +168,5 @@ def mita_attention(q, k, v, landmarks, topk_idx, expert_idx, shared, scale_share
     if shared:
         # [B, H, m, d]; m queries over N keys: an SDPA call whose backward autograd handles
         shared_v = F.scaled_dot_product_attention(landmarks, k, v, scale=q.shape[-1] ** -0.5)
-    return MiTAFunction.apply(q, k, v, landmarks, shared_v, topk_idx, expert_idx, scale_shared, allow_tf32)
+    out, _ = attention_fwd(q, k, v, landmarks, shared_v, topk_idx, expert_idx, float(scale_shared), bool(allow_tf32))
+    return out

@@ -16,3 +16,4 @@ if _ilu.find_spec("mita.kernels") is None:  # pragma: no cover - depends on the 
         _mod = _ilu.module_from_spec(_spec)
         _sys.modules["mita.kernels"] = _mod
         _spec.loader.exec_module(_mod)
+        kernels = _mod

@@ -22,10 +22,13 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+
+from . import kernels
 
 __all__ = ["mita_attention", "mita_routing", "mita_attention_macs", "counting_flops"]
 
@@ -299,14 +302,17 @@ def _expert_tiles(expert: torch.Tensor, m: int, N: int, r: int) -> dict:
 
 
 def _dispatch_kernel(q, k, v, landmarks, topk_idx, expert_idx, shared, scale_shared, impl):
-    from mita import kernels
-
     if impl == "triton":
         if not kernels.available():
             raise RuntimeError("impl='triton' needs the Triton kernels, which are not available here (mita.kernels)")
         return kernels.mita_attention(q, k, v, landmarks, topk_idx, expert_idx, shared, scale_shared)
-    if q.is_cuda and kernels.available() and kernels.supports(q, landmarks, topk_idx.shape[-1], expert_idx.shape[-1]):
-        return kernels.mita_attention(q, k, v, landmarks, topk_idx, expert_idx, shared, scale_shared)
+    if q.is_cuda and kernels.available():
+        if kernels.supports(q, landmarks, topk_idx.shape[-1], expert_idx.shape[-1]):
+            return kernels.mita_attention(q, k, v, landmarks, topk_idx, expert_idx, shared, scale_shared)
+        reason = kernels._unsupported(q, landmarks, topk_idx.shape[-1], expert_idx.shape[-1])
+        # warnings shows this once per process (default filter), not on every layer and step
+        warnings.warn(f"mita_attention(impl='auto'): Triton kernels skipped ({reason}); using impl='torch'",
+                      stacklevel=3)
     return _mita_torch(q, k, v, landmarks, topk_idx, expert_idx, shared, scale_shared)
 
 

@@ -198,3 +198,63 @@ class TestGPU:
             ref = mita_attention(*last, topk, shared=False, impl="reference",
                                  routing=tuple(t[-1:, -1:] for t in routing))
         assert rel_err(out[-1:, -1:], ref) <= 1e-2
+
+
+def _op_inputs(B=1, H=2, N=23, d=32, m=4, dtype=torch.float32, device=DEVICE, seed=3):
+    return _inputs(B, H, N, d, m, dtype, seed=seed, device=device)
+
+
+def _run(fn, inputs, grad_seed=7):
+    out = fn(*inputs)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(grad_seed), dtype=out.dtype)
+    grads = torch.autograd.grad(out, inputs, grad.to(out.device), allow_unused=True)
+    # landmarks only select without the shared expert: no gradient reaches them
+    return out, [torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs)]
+
+
+@pytest.mark.parametrize("r,shared", [(1, True), (2, True), (1, False)])
+def test_custom_op_traces_under_torch_compile(r, shared):
+    """The kernels are torch custom ops: dynamo captures the op in one graph (fullgraph) with no break."""
+    inputs = _op_inputs()
+
+    def f(q, k, v, landmarks):
+        return mita_attention(q, k, v, landmarks, 5, router_topk=r, shared=shared, impl="triton")
+
+    eager_out, eager_grads = _run(f, inputs)
+    torch._dynamo.reset()
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    out, grads = _run(compiled, inputs)
+    assert rel_err(out, eager_out) <= 1e-6
+    for a, b in zip(grads, eager_grads):
+        assert rel_err(a, b) <= 1e-6
+
+
+def test_activation_checkpointing_recomputes_the_same_routing():
+    inputs = _op_inputs(N=31)
+
+    def f(q, k, v, landmarks):
+        return mita_attention(q, k, v, landmarks, 6, router_topk=2, impl="triton")
+
+    out, grads = _run(f, inputs)
+    out_ck, grads_ck = _run(lambda *x: torch.utils.checkpoint.checkpoint(f, *x, use_reentrant=False), inputs)
+    assert torch.equal(out, out_ck)
+    for a, b in zip(grads, grads_ck):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_compiled_and_cuda_graphs_match_eager_on_gpu(mode):
+    inputs = _op_inputs(B=2, H=3, N=1025, d=64, m=49, dtype=torch.bfloat16, device="cuda")
+
+    def f(q, k, v, landmarks):
+        return mita_attention(q, k, v, landmarks, 49, impl="triton")
+
+    eager_out, eager_grads = _run(f, inputs)
+    torch._dynamo.reset()
+    compiled = torch.compile(f, mode=mode, fullgraph=True)
+    for _ in range(3):  # reduce-overhead records its CUDA graph after warm-up calls
+        out, grads = _run(compiled, inputs)
+    assert rel_err(out, eager_out) <= 1e-2
+    for a, b in zip(grads, eager_grads):
+        assert rel_err(a, b) <= 1e-2
