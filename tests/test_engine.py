@@ -287,17 +287,27 @@ def test_wandb_logger_with_a_stub(tmp_path, monkeypatch):
         calls.append(("init", kwargs))
         return Run()
 
-    stub = types.SimpleNamespace(init=init, util=types.SimpleNamespace(generate_id=lambda: "abc123"))
-    monkeypatch.setitem(sys.modules, "wandb", stub)
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=init))
     with WandbLogger("mita", config={"lr": torch.tensor(0.5)}, run_dir=str(tmp_path), name="r") as logger:
         logger.log({"loss": 1.0}, step=3)
     init_kwargs = calls[0][1]
-    assert init_kwargs["mode"] == "offline" and init_kwargs["id"] == "abc123" and init_kwargs["config"] == {"lr": 0.5}
+    assert init_kwargs["mode"] == "offline" and init_kwargs["config"] == {"lr": 0.5}
     assert init_kwargs["dir"] == str(tmp_path) and init_kwargs["resume"] == "allow"
+    assert init_kwargs["id"].isalnum() and init_kwargs["id"].islower()
     assert calls[1:] == [("log", {"loss": 1.0}, 3), ("finish",)]
-    stub.util.generate_id = lambda: "other"
     WandbLogger("mita", config={}, run_dir=str(tmp_path)).close()  # a resumed run keeps its id
-    assert calls[-2][1]["id"] == "abc123"
+    assert calls[-2][1]["id"] == init_kwargs["id"]
+
+
+def test_wandb_logger_offline(tmp_path, monkeypatch):
+    wandb = pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    with WandbLogger("mita", mode="offline", config={"lr": 5e-4}, run_dir=str(tmp_path)) as logger:
+        logger.log({"loss": torch.tensor(1.0), "acc1": float("nan")}, step=0)
+        run_id = logger.run.id
+    assert (tmp_path / "wandb_id").read_text().strip() == run_id
+    assert any(run_id in name for name in os.listdir(tmp_path / "wandb"))
+    assert wandb.run is None
 
 
 def test_distributed_helpers_single_process(monkeypatch):

@@ -9,6 +9,7 @@ import logging
 import math
 import numbers
 import os
+import uuid
 from typing import Any, Dict, Mapping, Optional
 
 import torch
@@ -108,7 +109,7 @@ class WandbLogger(NullLogger):
             with open(id_path, encoding="utf-8") as handle:
                 run_id = handle.read().strip()
         else:
-            run_id = wandb.util.generate_id()
+            run_id = uuid.uuid4().hex[:12]  # W&B run ids: lowercase letters and digits
             with open(id_path, "w", encoding="utf-8") as handle:
                 handle.write(run_id + "\n")
         self.run = wandb.init(project=project, mode=mode, config=to_jsonable(dict(config or {})), dir=run_dir,
