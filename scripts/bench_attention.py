@@ -1,0 +1,667 @@
+"""Issue 3's attention benchmark: a correctness gate, then forward, backward and forward+backward times.
+
+    python3 scripts/bench_attention.py --out $OUT                  # every case, d=64 and d=128: ~5 min on an H100
+    python3 scripts/bench_attention.py --quick --out $OUT          # d=64 cases, 5 reps: ~2 min
+    python3 scripts/bench_attention.py --cases deit-s,n16k-k64 --reps 50
+    python3 scripts/bench_attention.py --cases smoke --out $OUT     # seconds: every method on two tiny shapes
+    python3 scripts/bench_attention.py --cpu-smoke --out /tmp/bench   # tiny CPU run of the whole pipeline (tests)
+
+Methods, each timed on the same inputs in the same run: SDPA with the cuDNN backend, SDPA with the flash
+backend, the plain-PyTorch MiTA of :mod:`mita.baselines` (queries sorted by expert, padded, one SDPA),
+``mita_attention(impl="torch")`` and ``mita_attention(impl="triton")``. The MiTA methods compute their
+own routing inside the timed region (``routing=None``), as a model calls them.
+
+Per case and MiTA method, a gate runs first at a reduced batch (B, H <= 2) with one routing fed to both
+sides: output and the gradients of q, k, v and the landmarks against ``impl="reference"`` in float64
+on the same (rounded) inputs, or against the exact chunked float64 formulation
+(:func:`mita.baselines.chunked_reference_attention`) where the dense N x N reference does not fit.
+A relative error ||a - b|| / ||b|| above --tol marks the method FAIL for that case, and it is not timed.
+
+Timing: CUDA events around the forward and the backward of each repetition (median over --reps after
+--warmup calls), input sets rotated when one set fits in L2, torch.cuda.synchronize before reading the
+events. A method that runs out of memory, or whose single forward+backward takes longer than
+--max-call-s, is recorded as skipped, as is everything left once --budget-s has passed. Peak memory is
+torch.cuda.max_memory_allocated over one forward+backward after a reset, counting one input set
+(q, k, v, landmarks, dO) plus everything the method allocates. Effective bandwidth = the fewest bytes
+a phase must move (forward: q, k, v, o; backward and forward+backward: q, k, v, o, dO, dq, dk, dv, each
+once) over its time, beside a device-to-device copy rate measured in the same run (bytes read +
+written). For ``impl="triton"`` one profiled forward+backward gives the time spent in mita's own
+Triton kernels (kernels.csv lists every kernel).
+
+Writes ``attention.csv``, ``kernels.csv`` and ``attention.png`` to --out, prints the forward/backward
+and bandwidth tables, then the card, versions and the main table last.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import logging
+import math
+import statistics
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+# Benchmark the checkout this script lives in, whether or not the package is installed.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mita.baselines import chunked_reference_attention, plain_mita_attention  # noqa: E402
+from mita.functional import mita_attention, mita_routing  # noqa: E402
+
+log = logging.getLogger("bench_attention")
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+METHODS = ("sdpa-cudnn", "sdpa-flash", "plain-mita", "mita-torch", "mita-triton")
+MITA_METHODS = ("plain-mita", "mita-torch", "mita-triton")
+# Dense float64 reference while its N x N tensors stay under this many elements (512 MB each).
+DENSE_REFERENCE_LIMIT = 1 << 26
+
+
+@dataclass(frozen=True)
+class Case:
+    """One benchmark shape; ``bar`` = (baseline method, least speedup of mita-triton f+b, wording)."""
+
+    name: str
+    B: int
+    H: int
+    N: int
+    d: int
+    m: int
+    k: int
+    family: str = "paper"
+    bar: Optional[Tuple[str, float, str]] = None
+
+    @property
+    def shape(self) -> str:
+        return f"B={self.B} H={self.H} N={self.N} d={self.d} m=k={self.m}" if self.m == self.k else \
+            f"B={self.B} H={self.H} N={self.N} d={self.d} m={self.m} k={self.k}"
+
+
+_D64 = [
+    Case("deit-s", 256, 6, 197, 64, 25, 25, bar=("sdpa-flash", 1 / 1.5, "<= 1.5x SDPA-flash time")),
+    Case("vit-b-512", 32, 12, 1025, 64, 49, 49, bar=("sdpa-cudnn", 1.0, "faster than SDPA-cuDNN")),
+    Case("n16k-k64", 2, 8, 16384, 64, 64, 64, bar=("sdpa-cudnn", 15.0, ">= 15x SDPA-cuDNN")),
+    Case("n64k-k128", 2, 8, 65536, 64, 128, 128, bar=("sdpa-cudnn", 40.0, ">= 40x SDPA-cuDNN")),
+    Case("n16k-k256", 2, 8, 16384, 64, 256, 256, "generous", ("sdpa-cudnn", 5.0, ">= 5x SDPA-cuDNN")),
+    Case("n64k-k512", 2, 8, 65536, 64, 512, 512, "generous", ("sdpa-cudnn", 20.0, ">= 20x SDPA-cuDNN")),
+]
+# d = 128 twins keep the model width H * d: half the heads, no bar of their own.
+CASES: Dict[str, Case] = {c.name: c for c in _D64}
+CASES.update({f"{c.name}-d128": replace(c, name=f"{c.name}-d128", H=max(1, c.H // 2), d=128, bar=None)
+              for c in _D64})
+SMOKE_CASES = [
+    Case("smoke-a", 2, 2, 40, 32, 4, 5),
+    Case("smoke-b", 1, 2, 90, 64, 6, 6, bar=("sdpa-flash", 1e-9, "smoke bar")),
+]
+EVERY_CASE_BAR = ("plain-mita", 5.0, ">= 5x plain MiTA")
+MEMORY_SLACK = 1.10
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b|| in float64; infinite when either side holds NaN or inf."""
+    a64, b64 = a.detach().double(), b.detach().double()
+    if not (torch.isfinite(a64).all() and torch.isfinite(b64).all()):
+        return float("inf")
+    denom = b64.norm().item()
+    diff = (a64 - b64).norm().item()
+    return diff / denom if denom > 0 else diff
+
+
+class Clock:
+    """CUDA events on a GPU (read after one synchronize), ``time.perf_counter`` on the CPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def mark(self):
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def ms(self, start, end) -> float:
+        return start.elapsed_time(end) if self.cuda else (end - start) * 1e3
+
+
+def environment(device: torch.device) -> Dict[str, str]:
+    """Card, library versions and date, for the printed header and the CSV."""
+    info = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "torch": torch.__version__}
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = "not installed"
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info["card"] = f"{props.name} ({props.multi_processor_count} SMs, {props.total_memory / 2**30:.0f} GiB)"
+        info["cuda"] = str(torch.version.cuda)
+        info["cudnn"] = str(torch.backends.cudnn.version())
+    else:
+        info["card"] = "CPU (smoke run: timings mean nothing)"
+    return info
+
+
+def l2_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 << 20))
+    # A CPU core's L2, so the smoke run exercises the rotation too.
+    return 1 << 20
+
+
+def copy_rate(device: torch.device, clock: Clock, nbytes: int = 1 << 30, reps: int = 20) -> float:
+    """Device-to-device copy rate in GB/s, counting bytes read plus bytes written."""
+    src = torch.rand(nbytes // 4, device=device)  # random data, never zeros
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    times = []
+    for _ in range(reps):
+        start = clock.mark()
+        dst.copy_(src)
+        end = clock.mark()
+        clock.sync()
+        times.append(clock.ms(start, end))
+    return 2 * src.numel() * 4 / (statistics.median(times) * 1e-3) / 1e9
+
+
+def make_inputs(
+    case: Case, dtype, device, seed: int, batch: Optional[Tuple[int, int]] = None
+) -> Dict[str, torch.Tensor]:
+    """q, k, v, landmarks (1-D pooled queries, as the module's ``pool="1d"``) and dO, leaves needing grad."""
+    B, H = batch or (case.B, case.H)
+    g = torch.Generator(device=device).manual_seed(seed)
+    q, k, v, do = (torch.randn(B, H, case.N, case.d, generator=g, device=device, dtype=dtype) for _ in range(4))
+    lm = F.adaptive_avg_pool1d(q.reshape(B * H, case.N, case.d).transpose(1, 2).float(), case.m)  # [B H, d, m]
+    lm = lm.transpose(1, 2).reshape(B, H, case.m, case.d).to(dtype)  # [B, H, m, d]
+    out = {"q": q, "k": k, "v": v, "lm": lm}
+    for t in out.values():
+        t.requires_grad_()
+    out["do"] = do
+    return out
+
+
+def method_fn(name: str, case: Case) -> Callable:
+    """``fn(q, k, v, lm, routing=None) -> out [B, H, N, d]`` for a method name."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backends = {"sdpa-cudnn": SDPBackend.CUDNN_ATTENTION, "sdpa-flash": SDPBackend.FLASH_ATTENTION}
+    if name in backends:
+        def sdpa(q, k, v, lm, routing=None):
+            with sdpa_kernel(backends[name]):
+                return F.scaled_dot_product_attention(q, k, v)
+        return sdpa
+    if name == "plain-mita":
+        return lambda q, k, v, lm, routing=None: plain_mita_attention(q, k, v, lm, case.k, routing=routing)
+    impl = {"mita-torch": "torch", "mita-triton": "triton"}[name]
+    return lambda q, k, v, lm, routing=None: mita_attention(q, k, v, lm, case.k, routing=routing, impl=impl)
+
+
+def _grads(out, inputs, do):
+    grads = torch.autograd.grad(out, inputs, do, allow_unused=True)
+    return [torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs)]
+
+
+class Gate:
+    """The float64 reference of one case at a reduced batch, computed once and shared by the MiTA methods."""
+
+    names = ("out", "dq", "dk", "dv", "dlandmarks")
+
+    def __init__(self, case: Case, dtype, device, seed: int):
+        batch = (min(case.B, 2), min(case.H, 2))
+        x = make_inputs(case, dtype, device, seed, batch)
+        self.inputs = [x[key].detach() for key in ("q", "k", "v", "lm")]
+        self.do = x["do"]
+        self.routing = mita_routing(*self.inputs[:2], self.inputs[3], case.k, 1)
+        ref_in = [t.double().requires_grad_() for t in self.inputs]
+        if batch[0] * batch[1] * case.N ** 2 <= DENSE_REFERENCE_LIMIT:
+            self.kind = "dense"
+            ref = mita_attention(*ref_in, case.k, routing=self.routing, impl="reference")
+        else:
+            self.kind = "chunked"
+            ref = chunked_reference_attention(*ref_in, case.k, routing=self.routing, max_elements=1 << 25)
+        self.expected = [ref.detach()] + _grads(ref, ref_in, self.do.double())
+
+    def check(self, fn: Callable) -> Dict[str, float]:
+        inputs = [t.clone().requires_grad_() for t in self.inputs]
+        out = fn(*inputs, routing=self.routing)
+        got = [out] + _grads(out, inputs, self.do)
+        return {name: rel_err(a, b) for name, a, b in zip(self.names, got, self.expected)}
+
+
+def triton_kernel_names() -> set:
+    """Names of the Triton kernels defined in mita.kernels' modules (as the profiler shows them)."""
+    names = set()
+    for mod_name, mod in list(sys.modules.items()):
+        if mod is None or not mod_name.startswith("mita.kernels"):
+            continue
+        for obj in vars(mod).values():
+            if type(obj).__module__.startswith("triton") and hasattr(obj, "fn"):
+                names.add(getattr(obj.fn, "__name__", ""))
+    return names
+
+
+def kernel_breakdown(step: Callable[[], None]) -> List[Tuple[str, int, float]]:
+    """(kernel name, calls, total ms) of one profiled call of ``step``, longest first."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    totals: Dict[str, List[float]] = {}
+    for evt in prof.events():
+        if evt.device_type != DeviceType.CUDA:
+            continue
+        entry = totals.setdefault(evt.name, [0, 0.0])
+        entry[0] += 1
+        entry[1] += evt.time_range.elapsed_us() / 1e3
+    return sorted(((name, int(c), t) for name, (c, t) in totals.items()), key=lambda row: -row[2])
+
+
+class Runner:
+    """Times every (case, method) pair and collects CSV rows."""
+
+    def __init__(self, args, device: torch.device):
+        self.args = args
+        self.device = device
+        self.dtype = DTYPES[args.dtype]
+        self.clock = Clock(device)
+        self.deadline = time.perf_counter() + args.budget_s
+        self.rows: List[dict] = []
+        self.kernel_rows: List[dict] = []
+        self.copy_gbs = 0.0  # GB/s, set by main on a GPU
+
+    def step(self, fn: Callable, x: Dict[str, torch.Tensor]):
+        """One forward+backward; returns the three marks (before forward, between, after backward)."""
+        for key in ("q", "k", "v", "lm"):
+            x[key].grad = None
+        start = self.clock.mark()
+        out = fn(x["q"], x["k"], x["v"], x["lm"])
+        mid = self.clock.mark()
+        out.backward(x["do"])
+        end = self.clock.mark()
+        return start, mid, end
+
+    def time_method(self, fn: Callable, sets: List[Dict[str, torch.Tensor]]) -> dict:
+        args, clock = self.args, self.clock
+        self.step(fn, sets[0])  # compiles and warms caches: not judged against --max-call-s
+        clock.sync()
+        wall = time.perf_counter()
+        self.step(fn, sets[1 % len(sets)])
+        clock.sync()
+        wall = time.perf_counter() - wall
+        if wall > args.max_call_s:
+            return {"status": f"skipped (one call {wall:.1f} s > --max-call-s {args.max_call_s})"}
+        for i in range(max(0, args.warmup - 2)):
+            self.step(fn, sets[i % len(sets)])
+        clock.sync()
+
+        peak = float("nan")
+        if self.device.type == "cuda":
+            for x in sets:
+                for key in ("q", "k", "v", "lm"):
+                    x[key].grad = None
+            before = torch.cuda.memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.step(fn, sets[0])
+            clock.sync()
+            set_bytes = sum(t.numel() * t.element_size() for t in sets[0].values())
+            peak = (torch.cuda.max_memory_allocated(self.device) - before + set_bytes) / 2**20
+
+        marks = [self.step(fn, sets[i % len(sets)]) for i in range(args.reps)]
+        clock.sync()
+        fwd = [clock.ms(a, b) for a, b, _ in marks]
+        bwd = [clock.ms(b, c) for _, b, c in marks]
+        fb = [clock.ms(a, c) for a, _, c in marks]
+        q10, q90 = (statistics.quantiles(fb, n=10)[i] for i in (0, 8)) if len(fb) > 1 else (fb[0], fb[0])
+        return {"status": "ok", "fwd_ms": statistics.median(fwd), "bwd_ms": statistics.median(bwd),
+                "fb_ms": statistics.median(fb), "fb_spread": (q90 - q10) / statistics.median(fb),
+                "peak_mib": peak}
+
+    def run_case(self, case: Case) -> None:
+        args = self.args
+        torch.manual_seed(args.seed)
+        log.info("case %s: %s", case.name, case.shape)
+        first = make_inputs(case, self.dtype, self.device, args.seed)
+        set_bytes = sum(t.numel() * t.element_size() for t in first.values())
+        n_sets = 1 if set_bytes >= l2_bytes(self.device) else min(8, math.ceil(2 * l2_bytes(self.device) / set_bytes))
+        sets = [first] + [make_inputs(case, self.dtype, self.device, args.seed + i) for i in range(1, n_sets)]
+        with torch.no_grad():
+            _, expert = mita_routing(first["q"], first["k"], first["lm"], case.k, 1)
+            G = case.B * case.H
+            counts = torch.zeros(G, case.m, device=self.device)
+            counts.scatter_add_(1, expert.reshape(G, case.N), torch.ones(G, case.N, device=self.device))
+            imbalance = (counts.max() / (case.N / case.m)).item()  # largest expert group over the mean
+        gate = None
+        base = {"case": case.name, "B": case.B, "H": case.H, "N": case.N, "d": case.d, "m": case.m, "k": case.k,
+                "dtype": args.dtype, "input_sets": n_sets, "route_max_over_mean": imbalance}
+        for name in args.methods:
+            row = dict(base, method=name)
+            self.rows.append(row)
+            if time.perf_counter() > self.deadline:
+                row["status"] = "skipped (run budget --budget-s spent)"
+                continue
+            fn = method_fn(name, case)
+            try:
+                if name in MITA_METHODS:
+                    if gate is None:
+                        gate = Gate(case, self.dtype, self.device, args.seed + 100)
+                    errs = gate.check(fn)
+                    row.update({f"err_{key}": val for key, val in errs.items()})
+                    row["gate_ref"] = gate.kind
+                    row["gate_err"] = max(errs.values())
+                    if not row["gate_err"] <= args.tol:
+                        row["status"] = f"FAIL (rel err {row['gate_err']:.2e} > {args.tol:g})"
+                        log.warning("  %-12s %s %s", name, row["status"], errs)
+                        continue
+                row.update(self.time_method(fn, sets))
+                if row["status"] == "ok" and name == "mita-triton" and self.device.type == "cuda" and args.profile:
+                    self.profile(case, name, fn, first, row)
+            except torch.cuda.OutOfMemoryError:
+                row["status"] = "skipped (out of memory)"
+            except Exception as exc:  # noqa: BLE001 - one broken method must not lose the others' numbers
+                # e.g. an SDPA backend that does not take this dtype or device, or a kernel that fails to build
+                first_line = (str(exc).splitlines() or [""])[0][:120]
+                row["status"] = f"skipped ({type(exc).__name__}: {first_line})"
+                log.debug("  %s failed", name, exc_info=True)
+            for x in sets:
+                for key in ("q", "k", "v", "lm"):
+                    x[key].grad = None
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            log.info("  %-12s %s", name, _summary(row))
+        self.add_derived(case)
+
+    def profile(self, case: Case, name: str, fn: Callable, x: Dict[str, torch.Tensor], row: dict) -> None:
+        try:
+            kernels = kernel_breakdown(lambda: self.step(fn, x))
+        except Exception as exc:  # the profiler is an extra: never lose the timings over it
+            log.warning("  profiler failed: %s", exc)
+            return
+        ours = triton_kernel_names()
+        total = sum(t for _, _, t in kernels)
+        row["triton_kernels_ms"] = sum(t for kname, _, t in kernels if kname in ours)
+        row["triton_kernel_share"] = row["triton_kernels_ms"] / total if total else float("nan")
+        for kname, calls, t in kernels:
+            self.kernel_rows.append({"case": case.name, "method": name, "kernel": kname[:200], "calls": calls,
+                                     "total_ms": t, "share": t / total if total else float("nan"),
+                                     "mita_triton": kname in ours})
+
+    def add_derived(self, case: Case) -> None:
+        """Ratios against the baselines and effective bandwidth, for the rows of ``case``."""
+        rows = [r for r in self.rows if r["case"] == case.name]
+        by_method = {r["method"]: r for r in rows if r.get("status") == "ok"}
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        tensor_bytes = case.B * case.H * case.N * case.d * elem
+        phase_bytes = {"fwd": 4 * tensor_bytes, "bwd": 8 * tensor_bytes, "fb": 8 * tensor_bytes}
+        for r in rows:
+            if r.get("status") != "ok":
+                continue
+            for phase in ("fwd", "bwd", "fb"):
+                for base, short in (("sdpa-cudnn", "cudnn"), ("sdpa-flash", "flash"), ("plain-mita", "plain")):
+                    if base in by_method:
+                        r[f"x_{short}_{phase}"] = by_method[base][f"{phase}_ms"] / r[f"{phase}_ms"]
+                r[f"bw_{phase}_gbs"] = phase_bytes[phase] / (r[f"{phase}_ms"] * 1e-3) / 1e9
+            if self.copy_gbs:
+                r["bw_fb_of_copy"] = r["bw_fb_gbs"] / self.copy_gbs
+            if r.get("triton_kernels_ms"):
+                if self.copy_gbs:
+                    kernel_gbs = phase_bytes["fb"] / (r["triton_kernels_ms"] * 1e-3) / 1e9
+                    r["bw_kernels_of_copy"] = kernel_gbs / self.copy_gbs
+
+
+def _summary(row: dict) -> str:
+    if row.get("status") != "ok":
+        return row.get("status", "")
+    return (f"fwd {row['fwd_ms']:.3f} ms  bwd {row['bwd_ms']:.3f} ms  f+b {row['fb_ms']:.3f} ms  "
+            f"peak {row['peak_mib']:.0f} MiB")
+
+
+def write_csv(path: Path, rows: List[dict]) -> None:
+    keys: List[str] = []
+    for r in rows:
+        keys += [key for key in r if key not in keys]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({key: (f"{val:.6g}" if isinstance(val, float) else val) for key, val in r.items()})
+
+
+def markdown(header: List[str], body: List[List[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
+    lines += ["| " + " | ".join(row) + " |" for row in body]
+    return "\n".join(lines)
+
+
+def _ms(row: Optional[dict], key: str = "fb_ms") -> str:
+    if row is None:
+        return "-"
+    if row.get("status") != "ok":
+        status = row.get("status", "-")
+        return "FAIL" if status.startswith("FAIL") else "skipped"
+    return f"{row[key]:.3g}"
+
+
+def _x(value: Optional[float]) -> str:
+    return "-" if value is None or math.isnan(value) else f"{value:.2f}x"
+
+
+def _pct(value: Optional[float]) -> str:
+    return "-" if value is None or math.isnan(value) else f"{100 * value:.0f}%"
+
+
+def _sdpa_row(rows: Dict[str, dict]) -> Optional[dict]:
+    """The SDPA row that memory is compared with: cuDNN (PyTorch's default on Hopper), else flash."""
+    return next((rows[b] for b in ("sdpa-cudnn", "sdpa-flash") if rows.get(b, {}).get("status") == "ok"), None)
+
+
+def bar_verdict(case: Case, rows: Dict[str, dict]) -> Tuple[str, str]:
+    """(bar text, verdict) for mita-triton in one case: the case's bar, >= 5x plain MiTA, memory."""
+    tri = rows.get("mita-triton")
+    bars = ([case.bar] if case.bar else []) + ([EVERY_CASE_BAR] if case.bar else [])
+    if not bars:
+        return "-", "-"
+    texts, verdicts = [], []
+    for base, least, text in bars:
+        texts.append(text)
+        if tri is None or tri.get("status") != "ok" or rows.get(base, {}).get("status") != "ok":
+            verdicts.append("?")
+            continue
+        speedup = rows[base]["fb_ms"] / tri["fb_ms"]
+        verdicts.append("yes" if speedup >= least else f"no ({speedup:.2f}x)")
+    sdpa = _sdpa_row(rows)
+    texts.append("mem <= SDPA + 10%")
+    if tri is None or tri.get("status") != "ok" or sdpa is None or math.isnan(tri["peak_mib"]):
+        verdicts.append("?")
+    else:
+        ratio = tri["peak_mib"] / sdpa["peak_mib"]
+        verdicts.append("yes" if ratio <= MEMORY_SLACK else f"no ({ratio:.2f}x)")
+    return "; ".join(texts), "; ".join(verdicts)
+
+
+def tables(cases: List[Case], rows: List[dict], env: Dict[str, str], copy_gbs: float) -> str:
+    """Forward/backward table, bandwidth table, then the header and the main table (printed last)."""
+    grouped = {c.name: {r["method"]: r for r in rows if r["case"] == c.name} for c in cases}
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    fb_body = []
+    for c in cases:
+        for phase in ("fwd", "bwd"):
+            fb_body.append([c.name, phase] + [_ms(grouped[c.name].get(mth), f"{phase}_ms") for mth in methods])
+    out = ["Forward and backward, ms (median):", markdown(["case", "phase"] + methods, fb_body), ""]
+
+    bw_body = []
+    for c in cases:
+        for mth in ("sdpa-cudnn", "mita-torch", "mita-triton"):
+            r = grouped[c.name].get(mth)
+            if r is None or r.get("status") != "ok":
+                continue
+            bw_body.append([c.name, mth, f"{r['bw_fwd_gbs']:.4g}", f"{r['bw_bwd_gbs']:.4g}", f"{r['bw_fb_gbs']:.4g}",
+                            _pct(r.get("bw_fb_of_copy")), _pct(r.get("triton_kernel_share")),
+                            _pct(r.get("bw_kernels_of_copy"))])
+    out += [f"Effective bandwidth, GB/s (fewest bytes / time); device-to-device copy: {copy_gbs:.0f} GB/s:",
+            markdown(["case", "method", "fwd", "bwd", "f+b", "f+b of copy", "time in mita Triton kernels",
+                      "f+b bytes / Triton-kernel time, of copy"], bw_body), ""]
+
+    main_body = []
+    for c in cases:
+        g = grouped[c.name]
+        tri = g.get("mita-triton", {})
+        ok = tri.get("status") == "ok"
+        torch_row = g.get("mita-torch", {})
+        torch_vs_plain = _x(torch_row.get("x_plain_fb")) if torch_row.get("status") == "ok" else "-"
+        sdpa = _sdpa_row(g)
+        mem = "-"
+        if ok and sdpa is not None and not math.isnan(tri["peak_mib"]):
+            mem = f"{tri['peak_mib'] / sdpa['peak_mib']:.2f}"
+        bar, met = bar_verdict(c, g)
+        main_body.append([c.name, c.shape] + [_ms(g.get(mth)) for mth in METHODS]
+                         + [_x(tri.get("x_cudnn_fb")) if ok else "-", _x(tri.get("x_flash_fb")) if ok else "-",
+                            _x(tri.get("x_plain_fb")) if ok else "-", mem, torch_vs_plain, bar, met])
+    out += [f"card: {env['card']}; torch {env['torch']}; triton {env['triton']}; cuda {env.get('cuda', '-')}; "
+            f"cudnn {env.get('cudnn', '-')}; {env['date']}",
+            "Forward+backward, ms (median); speedups of mita-triton (and of mita-torch over plain MiTA); "
+            "peak memory of mita-triton over SDPA's (cuDNN, else flash); bars of mita-triton:",
+            markdown(["case", "shape", *METHODS, "triton vs cuDNN", "vs flash", "vs plain", "mem / SDPA",
+                      "torch vs plain", "bars", "met"], main_body)]
+    return "\n".join(out)
+
+
+def plot(path: Path, cases: List[Case], rows: List[dict], env: Dict[str, str]) -> None:
+    """Forward+backward time against N, log-log, one panel per head dim; dashed: the generous budgets."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dims = sorted({c.d for c in cases})
+    fig, axes = plt.subplots(1, len(dims), figsize=(6 * len(dims), 4.5), squeeze=False)
+    colors = dict(zip(METHODS, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    for ax, d in zip(axes[0], dims):
+        for mth in METHODS:
+            for family, style in (("paper", "-"), ("generous", "--")):
+                pts = sorted((r["N"], r["fb_ms"]) for r in rows
+                             if r["method"] == mth and r["d"] == d and r.get("status") == "ok"
+                             and next(c.family for c in cases if c.name == r["case"]) == family)
+                if pts:
+                    ax.plot(*zip(*pts), style, marker="o", color=colors[mth],
+                            label=mth if family == "paper" else None)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("N (tokens)")
+        ax.set_ylabel("forward+backward, ms (median)")
+        ax.set_title(f"d = {d}")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"MiTA attention, {env['card']}, torch {env['torch']}; dashed: m=k=256/512", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def select_cases(spec: str, quick: bool) -> List[Case]:
+    if spec == "smoke":
+        return list(SMOKE_CASES)
+    if spec == "all":
+        names = [c.name for c in _D64] if quick else list(CASES)
+    elif spec in ("d64", "d128"):
+        names = [c for c in CASES if c.endswith("-d128") == (spec == "d128")]
+    else:
+        names = [n.strip() for n in spec.split(",") if n.strip()]
+    unknown = [n for n in names if n not in CASES]
+    if unknown:
+        raise ValueError(f"--cases: unknown case(s) {unknown}; valid: all, d64, d128, smoke or a comma list of "
+                         f"{list(CASES)}")
+    return [CASES[n] for n in names]
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cases", default="all",
+                        help="all (default), d64, d128, smoke (two tiny shapes), or a comma list of case names")
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma list from " + ", ".join(METHODS))
+    parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
+    parser.add_argument("--reps", type=int, default=None, help="timed repetitions (default 20; --quick 5)")
+    parser.add_argument("--warmup", type=int, default=None, help="warm-up calls (default 5; --quick 3)")
+    parser.add_argument("--quick", action="store_true", help="d=64 cases only, 5 repetitions")
+    parser.add_argument("--tol", type=float, default=1e-2, help="gate: largest relative error (default 1e-2)")
+    parser.add_argument("--max-call-s", type=float, default=3.0, help="skip a method whose f+b takes longer")
+    parser.add_argument("--budget-s", type=float, default=330.0, help="skip what is left after this many seconds")
+    parser.add_argument("--no-profile", dest="profile", action="store_false", help="no profiled kernel breakdown")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="bench_out", help="folder for attention.csv, kernels.csv, attention.png")
+    parser.add_argument("--cpu-smoke", "--dry-run", dest="cpu_smoke", action="store_true",
+                        help="tiny cases on the CPU in float32, perf_counter timing: checks the pipeline only")
+    args = parser.parse_args(argv)
+    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    bad = [m for m in args.methods if m not in METHODS]
+    if bad:
+        parser.error(f"--methods: unknown {bad}; valid: {', '.join(METHODS)}")
+    if args.reps is None:
+        args.reps = 2 if args.cpu_smoke else 5 if args.quick else 20
+    if args.warmup is None:
+        args.warmup = 2 if args.cpu_smoke else 3 if args.quick else 5
+    if args.reps < 1 or args.warmup < 2:
+        parser.error("--reps must be >= 1 and --warmup >= 2 (the first call compiles, the second is judged)")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    if args.cpu_smoke:
+        device = torch.device("cpu")
+        # Tiny shapes: one thread beats several fighting over a shared CI machine.
+        torch.set_num_threads(1)
+        if args.dtype == "bf16":
+            args.dtype = "fp32"
+        cases = SMOKE_CASES
+    else:
+        if not torch.cuda.is_available():
+            log.error("no CUDA device: run on a GPU, or use --cpu-smoke to check the pipeline")
+            return 2
+        device = torch.device("cuda")
+        try:
+            cases = select_cases(args.cases, args.quick)
+        except ValueError as exc:
+            log.error("%s", exc)
+            return 2
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    env = environment(device)
+    log.info("%s", env)
+
+    runner = Runner(args, device)
+    if device.type == "cuda":
+        runner.copy_gbs = copy_rate(device, runner.clock)
+        log.info("device-to-device copy: %.0f GB/s (read + write)", runner.copy_gbs)
+    for case in cases:
+        runner.run_case(case)
+
+    for r in runner.rows:
+        r.update(card=env["card"], torch=env["torch"], triton=env["triton"], date=env["date"],
+                 copy_gbs=runner.copy_gbs)
+    write_csv(out_dir / "attention.csv", runner.rows)
+    write_csv(out_dir / "kernels.csv", runner.kernel_rows or [{"case": "", "kernel": "(no profile)"}])
+    plot(out_dir / "attention.png", cases, runner.rows, env)
+    log.info("wrote %s", ", ".join(str(out_dir / f) for f in ("attention.csv", "kernels.csv", "attention.png")))
+    sys.stdout.write(tables(cases, runner.rows, env, runner.copy_gbs) + "\n")
+    sys.stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,212 @@
+"""Benchmark pieces of issue 3: the plain-PyTorch MiTA baseline and the chunked reference against the
+op's float64 reference on the same routing, and both benchmark scripts end to end in their CPU smoke mode."""
+import csv
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mita.baselines import chunked_reference_attention, plain_mita_attention
+from mita.functional import mita_attention, mita_routing
+from tests.helpers import rel_err
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+BASELINES = [plain_mita_attention, chunked_reference_attention]
+
+
+def _load_script(name):
+    """Import scripts/<name>.py as a module (bench_throughput imports bench_attention by name)."""
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _inputs(B, H, N, d, m, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(B, H, N, d, generator=g, dtype=torch.float64) for _ in range(3))
+    landmarks = torch.randn(B, H, m, d, generator=g, dtype=torch.float64)
+    return [t.requires_grad_() for t in (q, k, v, landmarks)]
+
+
+def _out_and_grads(fn, inputs, grad_out, **kw):
+    out = fn(*inputs, **kw)
+    grads = torch.autograd.grad(out, inputs, grad_out, allow_unused=True)
+    return [out] + [torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs)]
+
+
+def _compare(fn, inputs, topk, routing, tol=1e-10, **kw):
+    grad_out = torch.randn(inputs[0].shape, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    ref = _out_and_grads(lambda *x: mita_attention(*x, topk, routing=routing, impl="reference", **kw), inputs, grad_out)
+    got = _out_and_grads(lambda *x: fn(*x, topk, routing=routing, **kw), inputs, grad_out)
+    for name, a, b in zip(("out", "dq", "dk", "dv", "dlandmarks"), got, ref):
+        # landmarks get no gradient without the shared expert: both sides must then be exactly zero
+        both_zero = b.abs().max() == 0 and a.abs().max() == 0
+        assert both_zero or rel_err(a, b) <= tol, f"{fn.__name__} {name}: {rel_err(a, b):.2e}"
+
+
+@pytest.mark.parametrize("fn", BASELINES, ids=lambda f: f.__name__)
+@pytest.mark.parametrize(
+    "B,H,N,d,m,topk,r,shared,scale",
+    [
+        (2, 3, 37, 8, 5, 4, 1, True, "official"),  # N not a multiple of m
+        (1, 2, 50, 16, 7, 6, 2, True, "paper"),  # top-2 routing: a second pass merged by lse
+        (2, 1, 33, 8, 4, 0, 1, True, "official"),  # shared expert only
+        (1, 2, 40, 8, 6, 5, 2, False, "official"),  # routed experts only
+        (1, 1, 20, 8, 20, 3, 1, True, "paper"),  # m = N
+        (1, 1, 9, 8, 3, 9, 1, True, "official"),  # topk = N
+    ],
+)
+def test_baseline_matches_reference(fn, B, H, N, d, m, topk, r, shared, scale):
+    inputs = _inputs(B, H, N, d, m)
+    routing = mita_routing(*inputs[:2], inputs[3], topk, r)
+    _compare(fn, inputs, topk, routing, router_topk=r, shared=shared, shared_scale=scale)
+
+
+@pytest.mark.parametrize("fn", BASELINES, ids=lambda f: f.__name__)
+@pytest.mark.parametrize("r", [1, 2])
+def test_baseline_empty_and_crowded_experts(fn, r):
+    """Most experts get no query and one gets nearly all: padding to the largest group must not leak."""
+    B, H, N, d, m, topk = 2, 2, 31, 8, 6, 4
+    inputs = _inputs(B, H, N, d, m, seed=1)
+    topk_idx, _ = mita_routing(*inputs[:2], inputs[3], topk, r)
+    expert_idx = torch.zeros(B, H, N, r, dtype=torch.long)
+    expert_idx[..., -1] = 3 if r == 2 else 0
+    expert_idx[0, 1, :2, 0] = 5  # a small group beside the crowded one
+    _compare(fn, inputs, topk, (topk_idx, expert_idx), router_topk=r)
+
+
+@pytest.mark.parametrize("fn", BASELINES, ids=lambda f: f.__name__)
+def test_baseline_routes_itself_like_the_op(fn):
+    inputs = _inputs(1, 2, 45, 16, 5)
+    ref = mita_attention(*inputs, 7, impl="reference")
+    assert rel_err(fn(*inputs, 7), ref) <= 1e-10
+
+
+def test_chunked_reference_chunks_and_bf16_plain():
+    """Chunks of one query give the same result; the baseline also runs in bf16 (SDPA path)."""
+    inputs = _inputs(1, 2, 30, 8, 4)
+    routing = mita_routing(*inputs[:2], inputs[3], 5, 1)
+    _compare(lambda *a, **kw: chunked_reference_attention(*a, max_elements=1, **kw), inputs, 5, routing)
+    low = [t.detach().to(torch.bfloat16) for t in inputs]
+    ref = mita_attention(*inputs, 5, routing=routing, impl="reference")
+    assert rel_err(plain_mita_attention(*low, 5, routing=routing), ref) <= 2e-2
+
+
+@pytest.mark.parametrize("kw,match", [({"topk": 31}, "topk"), ({"router_topk": 0}, "router_topk"),
+                                      ({"shared_scale": "half"}, "shared_scale")])
+def test_baseline_bad_input(kw, match):
+    q, k, v, lm = _inputs(1, 1, 30, 8, 4)
+    args = {"topk": 4, **kw}
+    topk = args.pop("topk")
+    with pytest.raises(ValueError, match=match):
+        plain_mita_attention(q, k, v, lm, topk, **args)
+
+
+def _rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _is_png(path):
+    return path.stat().st_size > 1000 and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_attention_cpu_smoke(tmp_path, capsys):
+    bench = _load_script("bench_attention")
+    rc = bench.main(["--cpu-smoke", "--out", str(tmp_path), "--methods", "sdpa-cudnn,sdpa-flash,plain-mita,mita-torch"])
+    assert rc == 0
+    rows = _rows(tmp_path / "attention.csv")
+    assert {r["case"] for r in rows} == {c.name for c in bench.SMOKE_CASES}
+    by = {(r["case"], r["method"]): r for r in rows}
+    for case in bench.SMOKE_CASES:
+        assert by[(case.name, "sdpa-cudnn")]["status"].startswith("skipped")  # no cuDNN on the CPU
+        for method in ("plain-mita", "mita-torch"):
+            row = by[(case.name, method)]
+            assert row["status"] == "ok", row["status"]
+            assert float(row["gate_err"]) <= 1e-5 and row["gate_ref"] == "dense"
+            assert float(row["fb_ms"]) > 0 and float(row["x_flash_fb"]) > 0
+        assert float(by[(case.name, "mita-torch")]["x_plain_fb"]) > 0
+    assert _is_png(tmp_path / "attention.png")
+    out = capsys.readouterr().out
+    last = out.strip().splitlines()
+    assert last[-1].startswith("| smoke-b") and any(line.startswith("card: CPU") for line in last[-6:])
+
+
+@pytest.mark.parametrize("dense_limit,kind", [(1 << 26, "dense"), (0, "chunked")])
+def test_bench_attention_gate(monkeypatch, dense_limit, kind):
+    """The gate passes the right methods and fails a wrong one, with either float64 reference."""
+    bench = _load_script("bench_attention")
+    monkeypatch.setattr(bench, "DENSE_REFERENCE_LIMIT", dense_limit)
+    case = bench.SMOKE_CASES[0]
+    gate = bench.Gate(case, torch.float32, torch.device("cpu"), seed=3)
+    assert gate.kind == kind
+    for method in ("plain-mita", "mita-torch"):
+        assert max(gate.check(bench.method_fn(method, case)).values()) <= 1e-5, method
+    bad = gate.check(lambda q, k, v, lm, routing=None: mita_attention(q, k, v, lm, case.k, shared_scale="paper",
+                                                                      routing=routing, impl="torch"))
+    assert bad["out"] > 1e-2
+
+
+def test_bench_attention_cases_and_bars():
+    bench = _load_script("bench_attention")
+    d64 = bench.select_cases("d64", quick=False)
+    assert [c.N for c in d64] == [197, 1025, 16384, 65536, 16384, 65536] and all(c.bar for c in d64)
+    d128 = bench.select_cases("d128", quick=False)
+    assert all(c.d == 128 and c.H * c.d == c64.H * c64.d for c, c64 in zip(d128, d64))
+    with pytest.raises(ValueError, match="unknown case"):
+        bench.select_cases("deit-s,nope", quick=False)
+    case = bench.CASES["n16k-k64"]
+    rows = {"sdpa-cudnn": {"status": "ok", "fb_ms": 16.0, "peak_mib": 100.0},
+            "plain-mita": {"status": "ok", "fb_ms": 4.0, "peak_mib": 100.0},
+            "mita-triton": {"status": "ok", "fb_ms": 1.0, "peak_mib": 105.0}}
+    assert bench.bar_verdict(case, rows)[1] == "yes; no (4.00x); yes"
+
+
+def test_landmark_budget():
+    bench = _load_script("bench_throughput")
+    for e in range(2, 21):
+        m, k = bench.landmark_budget(2 ** e)
+        assert m * k == 2 ** e // 4 and k == (m if e % 2 == 0 else 2 * m)
+    assert bench.landmark_budget(2 ** 20) == (512, 512)
+    with pytest.raises(ValueError):
+        bench.landmark_budget(1000)
+
+
+def test_bench_throughput_cpu_smoke(tmp_path, capsys):
+    bench = _load_script("bench_throughput")
+    assert bench.main(["--cpu-smoke", "--out", str(tmp_path)]) == 0
+    rows = _rows(tmp_path / "throughput.csv")
+    assert [(r["log2N"], r["method"]) for r in rows] == [("6", "mita"), ("6", "full"), ("7", "mita"), ("7", "full")]
+    assert all(r["status"] == "ok" and float(r["samples_s"]) > 0 for r in rows)
+    assert all(float(r["speedup"]) > 0 for r in rows if r["method"] == "mita")
+    assert _is_png(tmp_path / "throughput.png")
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("| 2^7 |")
+
+
+def test_bench_throughput_extrapolates_only_with_a_label(tmp_path, capsys):
+    """A point estimated too slow is not run; its estimate stays out of the measured columns."""
+    bench = _load_script("bench_throughput")
+    assert bench.main(["--cpu-smoke", "--log2n", "6,8", "--max-call-s", "0", "--out", str(tmp_path)]) == 0
+    rows = {(r["log2N"], r["method"]): r for r in _rows(tmp_path / "throughput.csv")}
+    skipped = rows[("8", "full")]
+    assert skipped["status"].startswith("skipped (estimated") and skipped["samples_s"] == ""
+    assert float(skipped["extrapolated_samples_s"]) > 0
+    assert "extrapolated" in capsys.readouterr().out.strip().splitlines()[-1]
+
+
+@pytest.mark.gpu
+def test_bench_scripts_on_gpu(tmp_path, capsys):
+    """A few seconds on a GPU before the real run: every method on the tiny cases, two small N."""
+    attention = _load_script("bench_attention")
+    assert attention.main(["--cases", "smoke", "--reps", "3", "--out", str(tmp_path)]) == 0
+    rows = _rows(tmp_path / "attention.csv")
+    assert all(r["status"] == "ok" for r in rows), [(r["case"], r["method"], r["status"]) for r in rows]
+    throughput = _load_script("bench_throughput")
+    assert throughput.main(["--log2n", "10,11", "--out", str(tmp_path)]) == 0
+    assert all(r["status"] == "ok" for r in _rows(tmp_path / "throughput.csv"))
