@@ -75,3 +75,14 @@ def mita_attention(q, k, v, landmarks, topk_idx, expert_idx, shared, scale_share
     from . import ops
 
     return ops.mita_attention(q, k, v, landmarks, topk_idx, expert_idx, shared, scale_shared, allow_tf32)
+
+
+def route_queries(q: torch.Tensor, landmarks: torch.Tensor, router_topk: int) -> torch.Tensor:
+    """Experts of each query, ``top-r_j (R_j . q)`` for r in {1, 2}, without forming the N x m gate matrix.
+
+    ``q [B, H, N, d]``, ``landmarks [B, H, m, d]`` -> int64 ``[B, H, N, r]``, best first; ties go to the
+    lower landmark index.
+    """
+    from .routing import route_queries as _route
+
+    return _route(q, landmarks, router_topk)

@@ -106,6 +106,10 @@ def mita_routing(
         topk_idx = key_scores.topk(topk, dim=-1, sorted=False).indices
     else:
         topk_idx = torch.empty(B, H, m, 0, dtype=torch.long, device=q.device)
+    if (q.is_cuda and router_topk <= 2 and kernels.available()
+            and kernels.supports(q, landmarks, topk, router_topk)):
+        # one Triton pass: no N x m gate matrix in memory
+        return topk_idx.long(), kernels.route_queries(q, landmarks, router_topk)
     gate = q @ landmarks.transpose(-1, -2)  # [B, H, N, m]
     if router_topk == 1:
         expert_idx = gate.argmax(dim=-1, keepdim=True)

@@ -258,3 +258,14 @@ def test_compiled_and_cuda_graphs_match_eager_on_gpu(mode):
     assert rel_err(out, eager_out) <= 1e-2
     for a, b in zip(grads, eager_grads):
         assert rel_err(a, b) <= 1e-2
+
+
+@pytest.mark.parametrize("r", [1, 2])
+@pytest.mark.parametrize("N,m,d", [(37, 5, 32), (70, 20, 32), (5, 70, 64)])
+def test_routing_kernel_matches_torch_topk(r, N, m, d):
+    g = torch.Generator().manual_seed(N + m)
+    q = torch.randn(2, 2, N, d, generator=g).to(DEVICE)
+    landmarks = torch.randn(2, 2, m, d, generator=g).to(DEVICE)
+    got = kernels.route_queries(q, landmarks, r)
+    assert got.shape == (2, 2, N, r) and got.dtype == torch.long
+    assert torch.equal(got, (q @ landmarks.transpose(-1, -2)).topk(r, dim=-1).indices)
