@@ -20,7 +20,7 @@ import triton.language as tl
 
 @triton.jit
 def _routed_fwd_kernel(
-    Q, K, V, R, VS, TOPK_IDX, SLOT_TOKEN, SLOT_SOURCE, TILE_EXPERT, O, LSE,
+    Q, K, V, R, VS, TOPK_IDX, SLOT_TOKEN, SLOT_SOURCE, TILE_EXPERT, TILE_COUNT, O, LSE,
     N, E, M, TOPK, T, S, NUM_MB, R_SLOTS, scale, scale_shared,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     SHARED: tl.constexpr, PRECISION: tl.constexpr,
@@ -30,6 +30,9 @@ def _routed_fwd_kernel(
     g = (pid // (S * NUM_MB)).to(tl.int64)
     t = ((pid // NUM_MB) % S).to(tl.int64)
     mb = pid % NUM_MB
+    # the tile count is static (worst case): unused tiles and blocks past a tile's entries do nothing
+    if mb * BLOCK_M >= tl.load(TILE_COUNT + g * S + t):
+        return
     offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)  # position inside the tile
     offs_d = tl.arange(0, D)
     in_tile = offs_m < T
@@ -87,7 +90,7 @@ def _routed_fwd_kernel(
 
 @triton.jit
 def _routed_bwd_dq_kernel(
-    Q, K, V, R, VS, DO, LSE, DELTA, TOPK_IDX, SLOT_TOKEN, SLOT_SOURCE, TILE_EXPERT, DQ,
+    Q, K, V, R, VS, DO, LSE, DELTA, TOPK_IDX, SLOT_TOKEN, SLOT_SOURCE, TILE_EXPERT, TILE_COUNT, DQ,
     N, E, M, TOPK, T, S, NUM_MB, R_SLOTS, scale, scale_shared,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     SHARED: tl.constexpr, PRECISION: tl.constexpr,
@@ -97,6 +100,9 @@ def _routed_bwd_dq_kernel(
     g = (pid // (S * NUM_MB)).to(tl.int64)
     t = ((pid // NUM_MB) % S).to(tl.int64)
     mb = pid % NUM_MB
+    # the tile count is static (worst case): unused tiles and blocks past a tile's entries do nothing
+    if mb * BLOCK_M >= tl.load(TILE_COUNT + g * S + t):
+        return
     offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
     in_tile = offs_m < T
@@ -147,7 +153,7 @@ def _routed_bwd_dq_kernel(
 
 @triton.jit
 def _routed_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, TOPK_IDX, SLOT_TOKEN, SLOT_SOURCE, TILE_EXPERT, DK, DV,
+    Q, K, V, DO, LSE, DELTA, TOPK_IDX, SLOT_TOKEN, SLOT_SOURCE, TILE_EXPERT, TILE_COUNT, DK, DV,
     N, E, M, TOPK, T, S, NUM_KB, scale,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -167,7 +173,8 @@ def _routed_bwd_dkdv_kernel(
 
     dk = tl.zeros([BLOCK_K, D], tl.float32)
     dv = tl.zeros([BLOCK_K, D], tl.float32)
-    for m0 in range(0, T, BLOCK_M):
+    count = tl.load(TILE_COUNT + g * S + t)  # entries fill the tile from its start
+    for m0 in range(0, count, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         in_tile = offs_m < T
         slot = g * S * T + t * T + offs_m
@@ -261,7 +268,7 @@ def routed_forward(q, k, v, landmarks, shared_v, topk_idx, lay, r, scale, scale_
     num_mb = triton.cdiv(T, block_m)
     _routed_fwd_kernel[(G * S * num_mb,)](
         q, k, v, landmarks if shared else q, shared_v if shared else q, topk_idx,
-        lay["slot_token"], lay["slot_source"], lay["tile_expert"], o, lse,
+        lay["slot_token"], lay["slot_source"], lay["tile_expert"], lay["tile_count"], o, lse,
         N, E, M, topk, T, S, num_mb, r, scale, scale_shared,
         D=D, BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_r, SHARED=shared,
         PRECISION=_precision(q.dtype, allow_tf32), num_warps=4, num_stages=2,
@@ -286,7 +293,7 @@ def routed_backward(q, k, v, landmarks, shared_v, do, lse, delta, topk_idx, lay,
     num_mb = triton.cdiv(T, block_m)
     _routed_bwd_dq_kernel[(G * S * num_mb,)](
         q, k, v, landmarks if shared else q, shared_v if shared else q, do, lse, delta, topk_idx,
-        lay["slot_token"], lay["slot_source"], lay["tile_expert"], dq,
+        lay["slot_token"], lay["slot_source"], lay["tile_expert"], lay["tile_count"], dq,
         N, E, M, topk, T, S, num_mb, r, scale, scale_shared,
         D=D, BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_r, SHARED=shared, PRECISION=precision,
         num_warps=4, num_stages=2,
@@ -295,7 +302,8 @@ def routed_backward(q, k, v, landmarks, shared_v, do, lse, delta, topk_idx, lay,
         return
     num_kb = triton.cdiv(topk, block_k)
     _routed_bwd_dkdv_kernel[(G * S * num_kb,)](
-        q, k, v, do, lse, delta, topk_idx, lay["slot_token"], lay["slot_source"], lay["tile_expert"], dk, dv,
+        q, k, v, do, lse, delta, topk_idx, lay["slot_token"], lay["slot_source"], lay["tile_expert"],
+        lay["tile_count"], dk, dv,
         N, E, M, topk, T, S, num_kb, scale,
         D=D, BLOCK_M=block_m, BLOCK_K=block_k, PRECISION=precision,
         num_warps=4, num_stages=2,

@@ -275,7 +275,8 @@ def _expert_tiles(expert: torch.Tensor, m: int, N: int, r: int) -> dict:
       slot_token  [G, S*T]  token whose query fills each tile slot (N = padding),
       slot_source [G, S*T]  entry n*r+j that fills each slot (N*r = padding),
       slot_of     [G, N*r]  slot that holds each entry,
-      tile_expert [G, S]    expert of each tile (0 for unused tiles).
+      tile_expert [G, S]    expert of each tile (0 for unused tiles),
+      tile_count  [G, S]    entries in each tile (slots fill from the start; 0 for unused tiles).
     """
     G, E = expert.shape
     device = expert.device
@@ -295,7 +296,11 @@ def _expert_tiles(expert: torch.Tensor, m: int, N: int, r: int) -> dict:
     slot_source = torch.full((G, num_slots), E, dtype=torch.long, device=device).scatter_(1, slot, order)
     slot_of = torch.empty_like(order).scatter_(1, order, slot)
     tile_expert = torch.zeros(G, num_tiles, dtype=torch.long, device=device).scatter_(1, tile_id, sorted_expert)
+    tile_count = torch.zeros(G, num_tiles, dtype=torch.long, device=device).scatter_add_(
+        1, tile_id, torch.ones_like(tile_id)
+    )
     return {
+        "tile_count": tile_count,
         "tile": tile,
         "num_tiles": num_tiles,
         "slot_token": slot_token,
