@@ -1,13 +1,32 @@
-"""Evaluate a checkpoint on ImageNet-1K, with the attention it was trained with or a swapped one.
+"""Evaluate a checkpoint of train.py, with its own attention or a swapped one, and print a JSON report.
 
-Will support (a later issue adds the configs and mita.engine)::
+The model is rebuilt from the config stored in the checkpoint (``configs/eval.yaml``)::
 
-    python eval.py model=mita_deit_small_patch16_224 checkpoint=/path/to/ckpt.pth data.root=/path/to/imagenet
+    python eval.py ckpt=outputs/fmnist/mita_m25_k25/seed0/checkpoint.pth
+    python eval.py ckpt=PATH attention.num_landmarks=36 attention.topk=36     # another (m, k), no retraining
+    python eval.py ckpt=PATH attention=standard                              # evaluate MiTA weights with softmax
+    python eval.py ckpt=PATH data.root=/datasets/imagenet out=report.json
+    python eval.py ckpt=PATH export=model_fp16.pth                           # weights-only fp16 copy (+ config)
 
-Not implemented yet: running it exits with status 2. See README.md.
+The report holds top-1/top-5 (%), loss, images/s, parameters and multiply-adds of one image.
 """
+import json
 import sys
+from typing import Optional
+
+import hydra
+from omegaconf import DictConfig
+
+from mita.engine.runner import CONFIG_DIR, evaluate_checkpoint
+
+
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="eval")
+def main(cfg: DictConfig) -> Optional[float]:
+    report = evaluate_checkpoint(cfg)
+    # The report is the program's output, hence stdout rather than the log.
+    sys.stdout.write(json.dumps(report) + "\n")
+    return report.get("acc1")
+
 
 if __name__ == "__main__":
-    sys.stderr.write("eval.py: not implemented yet: see README.md (Status of the entrypoints)\n")
-    sys.exit(2)
+    main()

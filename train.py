@@ -1,13 +1,43 @@
-"""Train an image classifier with any attention of the zoo (ImageNet-1K, DeiT recipe).
+"""Train a ViT with any attention of the zoo: the paper's ImageNet rows, fine-tuning, sweeps, Fashion-MNIST.
 
-Will support (a later issue adds the configs and mita.engine)::
+The config is composed by Hydra from ``configs/train.yaml`` (see the README and ``configs/``)::
 
-    python train.py experiment=mita_deit_small_patch16_224 data.root=/path/to/imagenet
+    python train.py                                          # small MiTA ViT on Fashion-MNIST, CPU, minutes
+    python train.py attention=standard                       # the same with softmax attention
+    python train.py experiment=fmnist                        # DeiT-Tiny geometry on Fashion-MNIST (one GPU)
+    torchrun --nproc_per_node 4 train.py experiment=deit_tiny_mita paths.data_dir=/datasets
+    torchrun --nproc_per_node 8 train.py experiment=vit5_small_mita paths.data_dir=/datasets
+    torchrun --nproc_per_node 4 train.py experiment=finetune model=vit_small attention=mita \\
+        model.checkpoint=/ckpt/vit_small_patch16_224.augreg_in21k.safetensors paths.data_dir=/datasets
+    python train.py -m experiment=fmnist attention.num_landmarks=9,16,25,36 attention.topk=9,16,25,36
+    python train.py -m hydra/launcher=slurm_4gpu experiment=deit_small_mita hydra.launcher.partition=gpu
+    python train.py --cfg job                                # print the composed config and exit
 
-Not implemented yet: running it exits with status 2. See README.md.
+Runs land in ``outputs/<experiment>/<attention tag>/seed<seed>`` and resume from there (``resume=auto``).
 """
+import logging
 import sys
+from typing import Optional
+
+import hydra
+from omegaconf import DictConfig
+
+from mita.engine.loop import NonFiniteLossError
+from mita.engine.runner import CONFIG_DIR, train
+
+_logger = logging.getLogger("train")
+
+
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
+def main(cfg: DictConfig) -> Optional[float]:
+    try:
+        record = train(cfg)
+    except NonFiniteLossError as err:
+        _logger.error("stopped: %s", err)
+        sys.exit(1)
+    # Returned for Hydra sweepers that optimise a value.
+    return record.get("val_acc1")
+
 
 if __name__ == "__main__":
-    sys.stderr.write("train.py: not implemented yet: see README.md (Status of the entrypoints)\n")
-    sys.exit(2)
+    main()
