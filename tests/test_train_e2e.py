@@ -1,0 +1,291 @@
+"""train.py / eval.py end to end on CPU: tiny models on synthetic data through mita.engine.runner."""
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import mita.engine.runner as runner
+from mita.engine import load_state
+from mita.engine.loop import NonFiniteLossError
+from mita.engine.runner import CONFIG_DIR, compose, evaluate_checkpoint, train
+
+REPO = CONFIG_DIR.parent
+ATTENTIONS = sorted(p.stem for p in (CONFIG_DIR / "attention").glob("*.yaml") if p.stem != "checkpoint")
+
+
+def _tiny(tmp_path, *overrides, data="synthetic"):
+    """The default experiment shrunk: 16 x 16 synthetic images (patch 2: 64 patches + cls), width 32, 2 blocks."""
+    data = ["data=synthetic", "data.img_size=16", "data.synthetic_size=32"] if data == "synthetic" else [f"data={data}"]
+    return [
+        *data,
+        "model.kwargs.embed_dim=32", "model.kwargs.depth=2", "model.kwargs.num_heads=2",
+        "trainer.global_batch_size=8", "trainer.epochs=1", "trainer.progress=false", "trainer.threads=2",
+        "sched.warmup_epochs=0", "logger=none", f"paths.output_dir={tmp_path}", *overrides,
+    ]
+
+
+def _log(run_dir):
+    return [json.loads(line) for line in (Path(run_dir) / "log.jsonl").read_text().splitlines() if line.strip()]
+
+
+def _run_dir(cfg):
+    return Path(cfg.run_dir)
+
+
+@pytest.mark.parametrize("attention", ATTENTIONS)
+def test_two_steps_with_each_attention(tmp_path, attention):
+    cfg = compose("train", _tiny(tmp_path, f"attention={attention}", "trainer.max_steps_per_epoch=2"))
+    record = train(cfg)
+    assert record["train_steps"] == 2 and record["val_n"] == 32
+    assert all(torch.isfinite(torch.tensor(record[k])) for k in ("train_loss", "val_loss", "val_acc1"))
+    run_dir = _run_dir(cfg)
+    assert run_dir.name == "seed0" and run_dir.parent.name == cfg.attention.tag
+    assert [r["epoch"] for r in _log(run_dir)] == [0]
+    state = load_state(run_dir / "checkpoint.pth")
+    assert state["epoch"] == 0 and state["config"]["attention"]["name"] == cfg.attention.name
+    assert (run_dir / "config.yaml").is_file()
+
+
+# Drop path, mixup/cutmix and random crops/flips on: resuming must replay every random draw.
+_STOCHASTIC = ["model.drop_path_rate=0.1", "data.aug.mixup=0.8", "data.aug.cutmix=1.0", "data.aug.hflip=0.5",
+               "data.aug.label_smoothing=0.1", "trainer.epochs=3", "sched.warmup_epochs=1",
+               "data.synthetic_size=16"]
+
+
+def test_killed_and_resumed_run_matches_an_uninterrupted_one(tmp_path, monkeypatch):
+    whole = compose("train", _tiny(tmp_path / "whole", *_STOCHASTIC))
+    train(whole)
+    expected = _log(_run_dir(whole))
+    assert [r["epoch"] for r in expected] == [0, 1, 2]
+
+    # Kill the second run at the start of epoch 1, after epoch 0's checkpoint is on disk.
+    import mita.engine.loop as loop
+
+    real = loop.train_one_epoch
+
+    def killed_at_epoch_1(*args, **kwargs):
+        if args[5] == 1:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    resumed = compose("train", _tiny(tmp_path / "resumed", *_STOCHASTIC))
+    monkeypatch.setattr(loop, "train_one_epoch", killed_at_epoch_1)
+    with pytest.raises(KeyboardInterrupt):
+        train(resumed)
+    assert load_state(_run_dir(resumed) / "checkpoint.pth")["epoch"] == 0
+    monkeypatch.setattr(loop, "train_one_epoch", real)
+    train(resumed)  # resume=auto
+    got = _log(_run_dir(resumed))
+    assert [r["epoch"] for r in got] == [0, 1, 2]
+    for a, b in zip(got, expected):
+        for key in ("train_loss", "train_lr", "val_loss", "val_acc1"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (a["epoch"], key)
+
+    # resume=never starts over in the same folder
+    again = train(compose("train", _tiny(tmp_path / "resumed", *_STOCHASTIC, "resume=never", "trainer.epochs=1",
+                                    "sched.warmup_epochs=0")))
+    assert again["epoch"] == 0 and [r["epoch"] for r in _log(_run_dir(resumed))] == [0]
+
+
+def _free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# Deterministic training (no mixup, no repeated augmentation, no drop path, no random crops or flips), so
+# that 2 ranks x 4 images and 1 rank x 8 images see the same global batches and compute the same steps.
+_DDP = ["data.aug.image_augment=false", "model.drop_path_rate=0.0", "trainer.epochs=2", "data.synthetic_size=24"]
+
+
+def _ddp_worker(rank, port, overrides):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    train(compose("train", overrides + ["trainer.threads=1", "trainer.device=cpu"]))
+
+
+def test_two_process_gloo_matches_one_process(tmp_path):
+    single = compose("train", _tiny(tmp_path / "one", *_DDP))
+    train(single)
+    overrides = _tiny(tmp_path / "two", *_DDP)
+    # fork: the children inherit the imported modules (spawn would re-import timm and torch in each).
+    torch.multiprocessing.start_processes(_ddp_worker, args=(_free_port(), overrides), nprocs=2, start_method="fork")
+    two = compose("train", overrides)
+    assert [p.relative_to(tmp_path / "two") for p in (tmp_path / "two").glob("*/*/seed*")] == [
+        _run_dir(two).relative_to(tmp_path / "two")]
+    one_log, two_log = _log(_run_dir(single)), _log(_run_dir(two))
+    assert len(one_log) == len(two_log) == 2  # one folder, one log, written by rank 0 only
+    for a, b in zip(one_log, two_log):
+        assert b["train_steps"] == a["train_steps"] == 3
+        for key in ("train_loss", "val_loss", "val_acc1", "val_acc5"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), key
+    weights_one = load_state(_run_dir(single) / "checkpoint.pth")["model"]
+    weights_two = load_state(_run_dir(two) / "checkpoint.pth")["model"]
+    assert load_state(_run_dir(two) / "checkpoint.pth")["run"]["world_size"] == 2
+    for key, value in weights_one.items():
+        torch.testing.assert_close(weights_two[key], value, rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_eval_rebuilds_the_model_and_swaps_the_attention(tmp_path):
+    cfg = compose("train", _tiny(tmp_path))
+    record = train(cfg)
+    path = _run_dir(cfg) / "checkpoint.pth"
+    report = evaluate_checkpoint(compose("eval", [f"ckpt={path}", f"paths.output_dir={tmp_path}"]))
+    assert report["acc1"] == pytest.approx(record["val_acc1"]) and report["loss"] == pytest.approx(record["val_loss"])
+    assert report["n"] == 32 and report["params"] == record["n_params"] and report["macs"] > 0
+    assert report["attention"]["name"] == "mita" and report["images_per_s"] > 0
+    assert report["missing_keys"] == [] and report["unexpected_keys"] == []
+
+    # another (m, k) without retraining
+    other = evaluate_checkpoint(compose("eval", [f"ckpt={path}", "attention.num_landmarks=16", "attention.topk=36"]))
+    assert (other["attention"]["num_landmarks"], other["attention"]["topk"]) == (16, 36)
+    assert other["params"] == report["params"] and other["macs"] != report["macs"]
+    # another attention: MiTA weights evaluated with softmax attention; DWC adds parameters
+    swapped = evaluate_checkpoint(compose("eval", [f"ckpt={path}", "attention=standard"]))
+    assert swapped["attention"]["name"] == "standard" and 0 <= swapped["acc1"] <= 100
+    dwc = evaluate_checkpoint(compose("eval", [f"ckpt={path}", "attention=mita_dwc"]))
+    assert dwc["missing_keys"] and all(".dwc." in key for key in dwc["missing_keys"])
+
+    # weights-only fp16 export, and evaluation from it
+    out = tmp_path / "model_fp16.pth"
+    assert evaluate_checkpoint(compose("eval", [f"ckpt={path}", f"export={out}"]))["export"] == str(out)
+    exported = load_state(out)
+    assert set(exported) == {"model", "config", "epoch"}
+    assert all(v.dtype == torch.float16 for v in exported["model"].values() if v.is_floating_point())
+    from_fp16 = evaluate_checkpoint(compose("eval", [f"ckpt={out}", f"out={tmp_path / 'r.json'}"]))
+    assert from_fp16["acc1"] == pytest.approx(report["acc1"], abs=100 / 32 + 1e-6)
+    assert json.loads((tmp_path / "r.json").read_text())["ckpt"] == str(out)
+
+    with pytest.raises(ValueError, match="no training config"):
+        torch.save({"model": exported["model"]}, tmp_path / "bare.pth")
+        evaluate_checkpoint(compose("eval", [f"ckpt={tmp_path / 'bare.pth'}"]))
+
+
+def test_non_finite_loss_stops_with_the_last_checkpoint_intact(tmp_path, monkeypatch):
+    real = runner.build_model_from_config
+    calls = {"n": 0}
+
+    def nan_after_epoch_0(*args, **kwargs):
+        model = real(*args, **kwargs)
+
+        def hook(module, inputs, output):
+            if module.training:
+                calls["n"] += 1
+                if calls["n"] > 2:  # epoch 0 has 2 steps
+                    return output * float("nan")
+            return output
+
+        model.register_forward_hook(hook)
+        return model
+
+    monkeypatch.setattr(runner, "build_model_from_config", nan_after_epoch_0)
+    cfg = compose("train", _tiny(tmp_path, "trainer.epochs=3", "trainer.max_steps_per_epoch=2"))
+    with pytest.raises(NonFiniteLossError, match="non-finite training loss"):
+        train(cfg)
+    state = load_state(_run_dir(cfg) / "checkpoint.pth")
+    assert state["epoch"] == 0 and all(torch.isfinite(v).all() for v in state["model"].values())
+    log = _log(_run_dir(cfg))
+    assert log[0]["epoch"] == 0 and "error" not in log[0]
+    assert log[-1]["epoch"] == 1 and "non-finite" in log[-1]["error"]
+
+
+def test_bad_dataset_paths_fail_at_start_naming_the_path(tmp_path):
+    missing = tmp_path / "no-imagenet"
+    cfg = compose("train", _tiny(tmp_path, f"data.root={missing}", "data.img_size=16", data="imagenet"))
+    with pytest.raises(FileNotFoundError, match=str(missing)):
+        train(cfg)
+    empty = tmp_path / "empty-fmnist"
+    empty.mkdir()
+    cfg = compose("train", _tiny(tmp_path, f"data.root={empty}", data="fashion_mnist"))
+    with pytest.raises(FileNotFoundError, match=str(empty)):
+        train(cfg)
+    with pytest.raises(FileNotFoundError, match="model.checkpoint"):
+        train(compose("train", _tiny(tmp_path, f"model.checkpoint={tmp_path / 'nope.pth'}")))
+    with pytest.raises(ValueError, match="trainer.precision"):
+        train(compose("train", _tiny(tmp_path, "trainer.precision=fp8")))
+    with pytest.raises(ValueError, match="attention=checkpoint is for eval.py"):
+        train(compose("train", _tiny(tmp_path, "attention=checkpoint")))
+
+
+def test_finetune_from_a_standard_checkpoint_with_the_attention_swapped(tmp_path):
+    """model.checkpoint: a standard-attention checkpoint loads into the MiTA model (issue 2's loader)."""
+    source = compose("train", _tiny(tmp_path / "src", "attention=standard", "trainer.max_steps_per_epoch=1"))
+    train(source)
+    ckpt = _run_dir(source) / "checkpoint.pth"
+    cfg = compose("train", _tiny(tmp_path / "ft", "attention=mita_dwc", f"model.checkpoint={ckpt}", "trainer.epochs=1",
+                                 "trainer.max_steps_per_epoch=1", "optim.lr=1e-12", "optim.weight_decay=0"))
+    train(cfg)
+    before = load_state(ckpt)["model"]
+    after = load_state(_run_dir(cfg) / "checkpoint.pth")["model"]
+    # the shared weights came from the checkpoint (a near-zero lr keeps them), the DWC is new
+    torch.testing.assert_close(after["blocks.0.attn.qkv.weight"], before["blocks.0.attn.qkv.weight"])
+    assert "blocks.0.attn.dwc.weight" in after and "blocks.0.attn.dwc.weight" not in before
+
+
+def _write_run(folder, m, k, seed, acc):
+    folder.mkdir(parents=True)
+    (folder / "config.yaml").write_text(
+        f"seed: {seed}\nattention:\n  name: mita\n  num_landmarks: {m}\n  topk: {k}\ntrainer:\n  epochs: 2\n")
+    lines = [{"epoch": 0, "val_acc1": acc - 5}, {"epoch": 1, "val_acc1": acc}]
+    (folder / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+
+
+def test_collect_sweep_table_and_heatmap(tmp_path):
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        import collect_sweep
+    finally:
+        sys.path.pop(0)
+    sweep = tmp_path / "fmnist"
+    for m in (9, 16):
+        for k in (9, 16, 25):
+            for seed in (0, 1):
+                _write_run(sweep / f"mita_m{m}_k{k}" / f"seed{seed}", m, k, seed, 80 + m / 10 + k / 100 + seed)
+    assert collect_sweep.main([str(sweep)]) == 0
+    table = (sweep / "sweep.md").read_text()
+    assert "| 9 | 81.49 ± 0.71 | 81.56 ± 0.71 | 81.65 ± 0.71 |" in table
+    assert "| mita_m16_k25/seed1 | 16 | 25 | 1 | 1/2 | 82.85 |" in table
+    assert (sweep / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+    assert collect_sweep.main([str(sweep), "--where", "seed=1", "--out", str(tmp_path / "s1")]) == 0
+    assert "82.85" in (tmp_path / "s1.md").read_text() and "±" not in (tmp_path / "s1.md").read_text().split("\n")[4]
+    assert collect_sweep.main([str(tmp_path / "fmnist" / "mita_m9_k9"), "--metric", "nope"]) == 1
+
+
+def _cli(tmp_path, script, *args, timeout=600):
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    return subprocess.run([sys.executable, str(REPO / script), *args], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_cli_sweep_eval_and_collect(tmp_path):
+    """The commands of the README: a basic-launcher m x k sweep, eval.py's JSON, the sweep table; W&B offline."""
+    tiny = _tiny(tmp_path, "trainer.max_steps_per_epoch=2", "logger=wandb")
+    tiny.remove("logger=none")
+    result = _cli(tmp_path, "train.py", "-m", *tiny, "attention.num_landmarks=4,9", "attention.topk=8,16")
+    assert result.returncode == 0, result.stderr[-3000:]
+    sweep = tmp_path / "fmnist_cpu"
+    runs = sorted(p.parent.parent.name for p in sweep.glob("*/seed0/checkpoint.pth"))
+    assert runs == ["mita_m4_k16", "mita_m4_k8", "mita_m9_k16", "mita_m9_k8"]
+    assert (sweep / "mita_m4_k8" / "seed0" / "wandb").is_dir()
+    result = _cli(tmp_path, "eval.py", f"ckpt={sweep / 'mita_m4_k8' / 'seed0' / 'checkpoint.pth'}", "attention.topk=16")
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["attention"]["topk"] == 16 and report["n"] == 32
+    result = _cli(tmp_path, "scripts/collect_sweep.py", str(sweep))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "attention.num_landmarks \\ attention.topk" in result.stdout and (sweep / "sweep.png").is_file()
+
+
+@pytest.mark.slow
+def test_cli_non_finite_loss_exits_with_status_1(tmp_path):
+    result = _cli(tmp_path, "train.py", *_tiny(tmp_path, "optim.lr=1e30", "trainer.max_steps_per_epoch=4",
+                                                "trainer.epochs=2", "sched.warmup_epochs=0"))
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "non-finite training loss" in result.stdout + result.stderr  # Hydra logs to stdout
