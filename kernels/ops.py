@@ -9,8 +9,8 @@ Per (batch, head) with ``G = B H`` flattened, the output is ONE softmax over the
   over the shared keys (slot 0 only, so they count once per query) and the expert's top-k keys;
   with ``r = 1`` that is the output, with ``r = 2`` the two entries are merged by log-sum-exp;
 * the backward recomputes probabilities from the saved per-token ``lse`` (FlashAttention's scheme,
-  ``delta = rowsum(dO * O)``): one kernel for dq, one for the routed dk/dv per tile (summed into keys
-  without atomics), one for the landmark-side gradients dR and dV~.
+  ``delta = rowsum(dO * O)``): one kernel for dq, one for the routed dk/dv per tile (added into the keys
+  with one atomic add per tile and key), one for the landmark-side gradients dR and dV~.
 
 No ``N x m`` tensor reaches memory. Maths in kernels/README.md.
 """
@@ -82,25 +82,18 @@ def _backward(grad_out, q, k, v, landmarks, shared_v, topk_idx, expert_idx, out,
     idx = topk_idx.reshape(G, m, topk).long().contiguous()
     # recomputing the layout costs a few small launches and saves keeping it alive between passes
     lay = _expert_tiles(expert_idx.reshape(G, N * r).long(), m, N, r)
-    num_tiles = lay["num_tiles"]
     do = grad_out.reshape(G, N, d).to(q.dtype).contiguous()  # [G, N, d]
     delta = (do.float() * out.reshape(G, N, d).float()).sum(-1)  # [G, N]
 
     dq_e = _buffer((G, N * r, d), q.device)  # [G, N r, d]
-    dk_t = _buffer((G, num_tiles, topk, d), q.device)  # [G, S, topk, d]
-    dv_t = _buffer((G, num_tiles, topk, d), q.device)
+    # routed dk, dv are accumulated in place by the kernel (one atomic add per tile and key)
+    dk = torch.zeros(G, N, d, dtype=torch.float32, device=q.device) if topk > 0 else None
+    dv = torch.zeros_like(dk) if topk > 0 else None
     routed_backward(qf, kf, vf, rf, vsf, do, lse, delta, idx, lay, r, scale, scale_shared,
-                    dq_e, dk_t, dv_t, allow_tf32)
+                    dq_e, dk, dv, allow_tf32)
     dq = dq_e.view(G, N, r, d).sum(2) if r > 1 else dq_e
-    dk = dv = dr = dvs = None
+    dr = dvs = None
     if topk > 0:
-        # key of each (tile, position): the tile's expert's top-k list; a key shared by tiles adds up
-        keys = idx.gather(1, lay["tile_expert"][..., None].expand(-1, -1, topk))  # [G, S, topk]
-        keys = keys.reshape(G, num_tiles * topk, 1).expand(-1, -1, d)
-        dk = torch.zeros(G, N, d, dtype=torch.float32, device=q.device)
-        dv = torch.zeros_like(dk)
-        dk.scatter_add_(1, keys, dk_t.view(G, num_tiles * topk, d))
-        dv.scatter_add_(1, keys, dv_t.view(G, num_tiles * topk, d))
         dk, dv = (t.view(B, H, N, d).to(q.dtype) for t in (dk, dv))
     if shared:
         dr, dvs = shared_backward(qf, rf, vsf, do, lse, delta, scale_shared, allow_tf32)

@@ -9,7 +9,8 @@ tile's queries all attend to the same ``topk`` keys, so one program loads them o
 * ``q, k, v, do`` ``[G, N, d]``; ``topk_idx`` ``[G, m, topk]``;
 * ``slot_token``, ``slot_source`` ``[G, S T]`` (padding: ``N`` and ``E``); ``tile_expert`` ``[G, S]``;
 * per entry: ``o``, ``dq`` ``[G, E, d]``, ``lse`` ``[G, E]``; per token: ``lse``, ``delta`` ``[G, N]``;
-* per tile: ``dk``, ``dv`` ``[G, S, topk, d]`` (summed into keys by the caller, no atomics here).
+* per key: ``dk``, ``dv`` ``[G, N, d]`` float32, zero-initialised, accumulated with one atomic add per
+  (tile, key) (a key selected by several tiles' experts gets several).
 
 Maths in kernels/README.md.
 """
@@ -162,6 +163,9 @@ def _routed_bwd_dkdv_kernel(
     g = (pid // (S * NUM_KB)).to(tl.int64)
     t = ((pid // NUM_KB) % S).to(tl.int64)
     kblk = pid % NUM_KB
+    count = tl.load(TILE_COUNT + g * S + t)  # entries fill the tile from its start
+    if count == 0:  # an unused tile (the tile count is a static worst case)
+        return
     offs_k = kblk * BLOCK_K + tl.arange(0, BLOCK_K)
     offs_d = tl.arange(0, D)
     k_ok = offs_k < TOPK
@@ -173,7 +177,6 @@ def _routed_bwd_dkdv_kernel(
 
     dk = tl.zeros([BLOCK_K, D], tl.float32)
     dv = tl.zeros([BLOCK_K, D], tl.float32)
-    count = tl.load(TILE_COUNT + g * S + t)  # entries fill the tile from its start
     for m0 in range(0, count, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         in_tile = offs_m < T
@@ -193,9 +196,10 @@ def _routed_bwd_dkdv_kernel(
         dst = pt * (dpt - delta[None, :]) * scale
         dk += tl.dot(dst.to(q.dtype), q, input_precision=PRECISION)
 
-    out = ((g * S + t) * TOPK + offs_k)[:, None] * D + offs_d[None, :]
-    tl.store(DK + out, dk, mask=k_ok[:, None])
-    tl.store(DV + out, dv, mask=k_ok[:, None])
+    # a key gets one add per tile of each expert that selected it: few, light atomics; a per-tile buffer
+    # would be (N r + m T) topk / N times larger than dk itself, mostly padding at small N
+    tl.atomic_add(DK + key_row, dk, mask=k_ok[:, None])
+    tl.atomic_add(DV + key_row, dv, mask=k_ok[:, None])
 
 
 @triton.jit
@@ -279,8 +283,8 @@ def routed_backward(q, k, v, landmarks, shared_v, do, lse, delta, topk_idx, lay,
                     dq, dk, dv, allow_tf32=False):
     """Gradients given the final ``lse`` and ``delta = rowsum(dO * O)`` per token ``[G, N]``.
 
-    Writes ``dq [G, E, d]`` per entry (routed and shared parts) and, with ``topk > 0``, ``dk, dv
-    [G, S, topk, d]`` per tile (all float32, fully written).
+    Writes ``dq [G, E, d]`` per entry (routed and shared parts) and, with ``topk > 0``, adds the routed
+    ``dk, dv`` into the zero-initialised float32 ``[G, N, d]`` buffers.
     """
     G, N, D = q.shape
     M, topk = topk_idx.shape[1], topk_idx.shape[2]
