@@ -8,7 +8,8 @@ import os
 
 import torch
 
-__all__ = ["available", "supports", "mita_attention", "HEAD_DIMS", "DTYPES", "MAX_LANDMARKS", "MAX_TOPK"]
+__all__ = ["available", "supports", "mita_attention", "supports_fused", "mita_attention_fused", "HEAD_DIMS", "DTYPES",
+           "MAX_LANDMARKS", "MAX_TOPK"]
 
 HEAD_DIMS = (32, 64, 128)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -72,9 +73,51 @@ def mita_attention(q, k, v, landmarks, topk_idx, expert_idx, shared, scale_share
         raise ValueError(f"mita.kernels does not support this case: {reason}")
     if topk_idx.shape[-1] == 0 and not shared:
         raise ValueError("topk_idx has no keys (topk=0) and shared=False: no expert left")
+    from . import small_ops
+
+    topk, router_topk = topk_idx.shape[-1], expert_idx.shape[-1]
+    if small_ops.supports(q, landmarks, topk, router_topk):
+        # short sequences: one fused forward and one fused backward launch (kernels/fused_small.py)
+        return small_ops.mita_attention_small(q, k, v, landmarks, topk, router_topk, shared, scale_shared,
+                                              routing=(topk_idx, expert_idx), allow_tf32=allow_tf32)
     from . import ops
 
     return ops.mita_attention(q, k, v, landmarks, topk_idx, expert_idx, shared, scale_shared, allow_tf32)
+
+
+def supports_fused(q: torch.Tensor, landmarks: torch.Tensor, topk: int, router_topk: int) -> bool:
+    """Whether :func:`mita_attention_fused` selects in the kernel: N <= 256, m <= 64, r <= 2 (and d, dtype
+    as :func:`supports`)."""
+    from . import small_ops
+
+    return small_ops.supports(q, landmarks, topk, router_topk)
+
+
+def mita_attention_fused(q, k, v, landmarks, topk, router_topk, shared, scale_shared, *, return_routing=False,
+                         allow_tf32=False):
+    """MiTA with routing selected inside one fused kernel, for cases :func:`supports_fused` accepts.
+
+    Landmark-key scores, top-k, gate and shared values are computed in the forward kernel, so no routing
+    tensor reaches memory unless ``return_routing``. Arguments as :func:`mita_attention`, with ``topk``
+    (0 <= topk <= N) and ``router_topk`` (1 or 2) instead of a routing; top-k and gate ties go to the lower
+    index. Returns ``out [B, H, N, d]`` or ``(out, (topk_idx [B, H, m, topk], expert_idx [B, H, N, r]))``.
+    """
+    if not available():
+        raise RuntimeError("mita.kernels needs Triton and a CUDA device (or TRITON_INTERPRET=1)")
+    if not (q.is_cuda or _interpreting()):
+        raise ValueError(f"q must be a CUDA tensor for the Triton kernels, got device {q.device}")
+    if not supports_fused(q, landmarks, topk, router_topk):
+        raise ValueError(
+            f"mita_attention_fused needs N <= 256, m <= 64, router_topk <= 2, d in {HEAD_DIMS} and a dtype in "
+            f"{DTYPES}; got N={q.shape[-2]}, m={landmarks.shape[-2]}, router_topk={router_topk}, "
+            f"d={q.shape[-1]}, {q.dtype} (use mita_attention with a routing)"
+        )
+    if topk == 0 and not shared:
+        raise ValueError("topk=0 and shared=False: no expert left")
+    from . import small_ops
+
+    return small_ops.mita_attention_small(q, k, v, landmarks, topk, router_topk, shared, scale_shared,
+                                          return_routing=return_routing, allow_tf32=allow_tf32)
 
 
 def route_queries(q: torch.Tensor, landmarks: torch.Tensor, router_topk: int) -> torch.Tensor:
