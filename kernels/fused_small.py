@@ -49,11 +49,15 @@ def _select_topk(sk, key_ok, TOPK):
         cand = thr | (1 << (30 - b))
         n_ge = tl.sum((key >= cand[:, None]).to(tl.int32), 1)
         thr = tl.where(n_ge >= TOPK, cand, thr)
-    above = key > thr[:, None]
-    need = TOPK - tl.sum(above.to(tl.int32), 1)
-    tie = (key == thr[:, None]).to(tl.int32)
-    take_tie = (tie > 0) & (tl.cumsum(tie, 1) <= need[:, None])
-    return (above | take_tie).to(tl.int32)
+    sel = key >= thr[:, None]
+    # more keys than TOPK only where several tie at the threshold: then the lowest indices among them
+    # (a prefix count, kept off the common path for its registers)
+    if tl.max(tl.sum(sel.to(tl.int32), 1), 0) > TOPK:
+        above = key > thr[:, None]
+        need = TOPK - tl.sum(above.to(tl.int32), 1)
+        tie = (key == thr[:, None]).to(tl.int32)
+        sel = above | ((tie > 0) & (tl.cumsum(tie, 1) <= need[:, None]))
+    return sel.to(tl.int32)
 
 
 @triton.jit
@@ -159,13 +163,17 @@ def _fwd_kernel(
         # below read it back in [MP, BK] slices, which registers cannot be cut into
         SELg = SEL + (g * tl.num_programs(1) + grp) * MP * NP
         tl.store(SELg + lm[:, None] * NP + keys[None, :], sel.to(tl.uint8))
+        tl.debug_barrier()
         if WRITE_TOPK:
             if grp == 0:
-                # selected keys of each row in ascending order
-                pos = tl.cumsum(sel, 1) - 1
-                tl.store(TOPK_IDX + (g * M + lm)[:, None] * TOPK + pos, keys[None, :].to(tl.int64),
-                         mask=(sel > 0) & lm_ok[:, None])
-        tl.debug_barrier()
+                # selected keys of each row in ascending order, 16 rows at a time (the scatter's
+                # pointers would otherwise take two registers per element of the whole mask)
+                for j0 in tl.static_range(0, MP, 16):
+                    lj = j0 + tl.arange(0, 16)
+                    sel_j = tl.load(SELg + lj[:, None] * NP + keys[None, :]).to(tl.int32)  # [16, NP]
+                    pos = tl.cumsum(sel_j, 1) - 1
+                    tl.store(TOPK_IDX + (g * M + lj)[:, None] * TOPK + pos, keys[None, :].to(tl.int64),
+                             mask=(sel_j > 0) & (lj < M)[:, None])
     if SHARED:
         vs, _, _ = _shared_values(r, Kh, Vh, stride_kn, stride_vn, N, NKB, scale, offs_d, MP, D, BK, PREC)
         vs = vs.to(DT)  # [MP, D]
@@ -424,12 +432,17 @@ def padded(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
-def _block(n_pad: int, head_dim: int, itemsize: int) -> int:
-    """Query or key block: at most 64 rows and 8 KiB per ``[block, d]`` tile (the fp32 accumulators of
-    such tiles already fill the registers: ptxas spills beyond), at most ``n_pad``."""
-    return min(n_pad, 64, max(16, 8192 // (head_dim * itemsize)))
+def _block(n_pad: int, head_dim: int, itemsize: int, budget: int) -> int:
+    """Query or key block: a power of two in [16, 64], at most ``n_pad``, with a ``[block, d]`` tile of about
+    ``budget`` bytes (fp16/bf16) or half that (fp32: ``input_precision="ieee"`` dots run on FMA units and
+    hold more registers)."""
+    if itemsize == 4:
+        return min(n_pad, max(16, min(64, budget // 2 // (head_dim * itemsize))))
+    return min(n_pad, max(32, min(64, budget // (head_dim * itemsize))))
 
 
+# Launch configs chosen by compiling for sm_90 (no spills at the GPU test shapes); the forward's [MP, NP]
+# selection tile and the backward's fp32 dK, dV accumulators need 8 warps from N = 64 on. Tune on the device.
 def fwd_config(num_heads: int, n_pad: int, m_pad: int, head_dim: int, itemsize: int) -> dict:
     """Forward launch: query block ``BQ``, key block ``BK``, head-dim chunk ``DC`` of the selection's
     score product, ``QB_PER_PROG`` query blocks per program, warps.
@@ -437,22 +450,20 @@ def fwd_config(num_heads: int, n_pad: int, m_pad: int, head_dim: int, itemsize: 
     Each program recomputes the selection, so with many (batch, head) pairs one program takes all the
     query blocks of its head; with few, the blocks are spread over programs for parallelism.
     """
-    block = _block(n_pad, head_dim, itemsize)
-    n_qb = triton.cdiv(n_pad, block)
+    block = _block(n_pad, head_dim, itemsize, 8192)
     return {
         "BQ": block,
         "BK": block,
         "DC": min(head_dim, max(16, 16384 // (n_pad * itemsize))),
-        "QB_PER_PROG": n_qb if num_heads >= 256 else 1,
-        # the [MP, NP] scores and selection live in registers: spread them over more threads
-        "num_warps": 8 if m_pad * n_pad >= 64 * 128 else 4,
+        "QB_PER_PROG": triton.cdiv(n_pad, block) if num_heads >= 256 else 1,
+        "num_warps": 8 if n_pad >= 64 else 4,
     }
 
 
 def bwd_config(n_pad: int, m_pad: int, head_dim: int, itemsize: int) -> dict:
     """Backward launch: query block ``BQ``, key block ``BK`` (fp32 ``[BK, d]`` accumulators), warps."""
-    block = _block(n_pad, head_dim, itemsize)
-    return {"BQ": block, "BK": block, "num_warps": 8 if head_dim * itemsize >= 256 or m_pad >= 64 else 4}
+    block = _block(n_pad, head_dim, itemsize, 4096)
+    return {"BQ": block, "BK": block, "num_warps": 8 if n_pad >= 64 else 4}
 
 
 def sel_shape(num_heads: int, n: int, m: int, head_dim: int, itemsize: int, topk: int):
