@@ -155,7 +155,7 @@ def _fwd_kernel(
                 offs_c = c * DC + tl.arange(0, DC)
                 r_c = tl.load(Rh + lm[:, None] * stride_rm + offs_c[None, :], mask=lm_ok[:, None], other=0.0)
                 kt_c = tl.load(Kh + keys[None, :] * stride_kn + offs_c[:, None], mask=key_ok[None, :], other=0.0)
-                sk += tl.dot(r_c, kt_c, input_precision=PREC)
+                sk = tl.dot(r_c, kt_c, sk, input_precision=PREC)
             sel = _select_topk(sk, key_ok, TOPK)  # [MP, NP]
         else:
             sel = _routing_mask(TOPK_IDX + g * M * TOPK, lm, lm_ok, keys, TOPK, MP, NP)
