@@ -10,14 +10,16 @@ program, so the kernels work like FlashAttention with MiTA's selection as a mult
      slices (registers cannot be sliced); the copy of group 0 is kept for the backward, and group 0
      writes ``topk_idx`` when asked;
   2. shared values ``V~ = softmax(s SK) V`` by an online softmax over key blocks;
-  3. per block of ``BQ`` queries: gate ``Q R^T``, the expert choice as a one-hot ``E [BQ, MP]`` (two-hot
-     for r = 2; the ids are written), and ONE online softmax over the shared logits ``c Q R^T`` and, key
-     block by key block, the routed logits ``s Q K^T`` weighted by the multiplicity ``C = E Sel``
-     (``tl.dot`` of small integers, exact): a key picked by both experts of a query counts twice.
+  3. per block of ``BQ`` queries: gate ``Q R^T`` and the expert ids ``e1`` (``e2`` for r = 2; written when
+     selecting), then ONE online softmax over the shared logits ``c Q R^T`` and, key block by key block,
+     the routed logits ``s Q K^T`` weighted by the multiplicity ``C[n, i] = Sel[e1(n), i] + Sel[e2(n), i]``
+     (gathered from the uint8 mask): a key picked by both experts of a query counts twice.
 * backward (one launch; FlashAttention's recomputation from ``lse`` and ``delta = rowsum(dO * O)``,
   reusing the forward's ``Sel`` and expert ids), programs ``(g, j)``: key blocks own ``dK, dV`` (routed
   pairs over all query blocks, then the path through ``V~ = A V``, ``A = softmax(s R K^T)``), query
   blocks own ``dQ``, and one program per head owns ``dR``. Each output element has one writer: no atomics.
+  The key and landmark programs work on transposed tiles (keys or landmarks as rows, as FlashAttention's
+  dK/dV loop), so no product takes a transposed register tile as its left operand.
 
 Top-k selection without a sort: scores are mapped to order-preserving int32 keys and the k-th largest key
 of each row is found bit by bit (32 counting passes, whatever k is); keys above it are selected, and ties
@@ -78,14 +80,29 @@ def _argmax_first(x, cols, WIDTH: tl.constexpr):
 
 
 @triton.jit
-def _expert_onehot(EXPh, rows, q_ok, lm, R_TOPK: tl.constexpr):
-    """``E [BQ, MP]`` fp16 from stored expert ids: 1 per chosen expert, 2 if both slots name the same one."""
-    e = tl.load(EXPh + rows * R_TOPK, mask=q_ok, other=0)
-    onehot = (lm[None, :] == e[:, None]).to(tl.float16)
+def _experts(EXPh, rows, q_ok, R_TOPK: tl.constexpr):
+    """Stored expert ids of a block of queries (padding rows: expert 0); the second equals the first for r = 1."""
+    e1 = tl.load(EXPh + rows * R_TOPK, mask=q_ok, other=0)
+    e2 = e1
     if R_TOPK == 2:
         e2 = tl.load(EXPh + rows * R_TOPK + 1, mask=q_ok, other=0)
-        onehot += (lm[None, :] == e2[:, None]).to(tl.float16)
-    return onehot
+    return e1, e2
+
+
+@triton.jit
+def _multiplicity(SELh, e1, e2, kcols, NP: tl.constexpr, R_TOPK: tl.constexpr, TRANSPOSED: tl.constexpr):
+    """How often each key of ``kcols`` is in a query's experts, ``C[n, i] = Sel[e1(n), i] + Sel[e2(n), i]``
+    (r = 2; a key in both experts counts twice), gathered from the uint8 mask: ``[BQ, BK]`` fp32, or
+    ``[BK, BQ]`` when TRANSPOSED."""
+    if TRANSPOSED:
+        cnt = tl.load(SELh + e1[None, :] * NP + kcols[:, None]).to(tl.float32)
+        if R_TOPK == 2:
+            cnt += tl.load(SELh + e2[None, :] * NP + kcols[:, None]).to(tl.float32)
+    else:
+        cnt = tl.load(SELh + e1[:, None] * NP + kcols[None, :]).to(tl.float32)
+        if R_TOPK == 2:
+            cnt += tl.load(SELh + e2[:, None] * NP + kcols[None, :]).to(tl.float32)
+    return cnt
 
 
 @triton.jit
@@ -187,10 +204,13 @@ def _fwd_kernel(
         if SELECT:
             gm = tl.where(lm_ok[None, :], gate, float("-inf"))
             e1 = _argmax_first(gm, lm, MP)
+            e2 = e1
             tl.store(EXPh + rows * R_TOPK, e1.to(tl.int64), mask=q_ok)
             if R_TOPK == 2:
                 e2 = _argmax_first(tl.where(lm[None, :] == e1[:, None], float("-inf"), gm), lm, MP)
                 tl.store(EXPh + rows * R_TOPK + 1, e2.to(tl.int64), mask=q_ok)
+        elif ROUTED:
+            e1, e2 = _experts(EXPh, rows, q_ok, R_TOPK)
         # ONE online softmax over [shared ; routed]: the shared logits first, then the key blocks
         m_i = tl.full([BQ], float("-inf"), tl.float32)
         l_i = tl.zeros([BQ], tl.float32)
@@ -202,18 +222,10 @@ def _fwd_kernel(
             l_i = tl.sum(ps, 1)
             acc = tl.dot(ps.to(DT), vs, input_precision=PREC)
         if ROUTED:
-            if SELECT:
-                onehot = (lm[None, :] == e1[:, None]).to(tl.float16)
-                if R_TOPK == 2:
-                    onehot += (lm[None, :] == e2[:, None]).to(tl.float16)
-            else:
-                onehot = _expert_onehot(EXPh, rows, q_ok, lm, R_TOPK)
             for kb in range(NKB):
                 kcols = kb * BK + tl.arange(0, BK)
                 kblk, vblk = _key_block(Kh, Vh, kcols, kcols < N, stride_kn, stride_vn, offs_d)
-                sel_blk = tl.load(SELg + lm[:, None] * NP + kcols[None, :]).to(tl.float16)  # [MP, BK]
-                # small integers, exact in fp16 with fp32 accumulation
-                cnt = tl.dot(onehot, sel_blk)  # [BQ, BK] multiplicity of each key in the query's experts
+                cnt = _multiplicity(SELg, e1, e2, kcols, NP, R_TOPK, False)  # [BQ, BK]
                 s = tl.dot(q, tl.trans(kblk), input_precision=PREC) * scale
                 s = tl.where(cnt > 0, s, float("-inf"))
                 m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -256,7 +268,11 @@ def _bwd_keys(
     D: tl.constexpr, MP: tl.constexpr, NP: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
     R_TOPK: tl.constexpr, SHARED: tl.constexpr, ROUTED: tl.constexpr, PREC: tl.constexpr,
 ):
-    """dK, dV of keys ``kb*BK ..``: routed pairs, and the path through the shared values."""
+    """dK, dV of keys ``kb*BK ..``: routed pairs, and the path through the shared values.
+
+    Works with transposed tiles (keys or landmarks as rows, as FlashAttention's dK/dV loop), so every
+    product takes its left operand as computed, never a transposed register tile.
+    """
     DT = Qh.dtype.element_ty
     offs_d = tl.arange(0, D)
     lm = tl.arange(0, MP)
@@ -265,8 +281,6 @@ def _bwd_keys(
     k_ok = kcols < N
     kblk, vblk = _key_block(Kh, Vh, kcols, k_ok, stride_kn, stride_vn, offs_d)
     r = tl.load(Rh + lm[:, None] * stride_rm + offs_d[None, :], mask=lm_ok[:, None], other=0.0)  # [MP, D]
-    if ROUTED:
-        sel = tl.load(SELh + lm[:, None] * NP + kcols[None, :]).to(tl.float16)  # [MP, BK]
     if SHARED:
         dvs = tl.zeros([MP, D], tl.float32)  # gradient of the shared values, summed over all queries
     dk = tl.zeros([BK, D], tl.float32)
@@ -276,27 +290,29 @@ def _bwd_keys(
         q_ok = rows < N
         q, do, delta, lse = _query_rows(Qh, DOh, Oh, LSEh, rows, q_ok, stride_qn, stride_don, offs_d, D)
         if ROUTED:
-            onehot = _expert_onehot(EXPh, rows, q_ok, lm, R_TOPK)
-            cnt = tl.dot(onehot, sel)  # [BQ, BK]
-            s = tl.dot(q, tl.trans(kblk), input_precision=PREC) * scale
-            p = tl.where((cnt > 0) & q_ok[:, None], cnt * tl.exp(s - lse[:, None]), 0.0)  # [BQ, BK]
-            ds = p * (tl.dot(do, tl.trans(vblk), input_precision=PREC) - delta[:, None])
-            dv += tl.dot(tl.trans(p.to(DT)), do, input_precision=PREC)
-            dk += tl.dot(tl.trans(ds.to(DT)), q, input_precision=PREC)
+            e1, e2 = _experts(EXPh, rows, q_ok, R_TOPK)
+            cnt_t = _multiplicity(SELh, e1, e2, kcols, NP, R_TOPK, True)  # [BK, BQ]
+            s_t = tl.dot(kblk, tl.trans(q), input_precision=PREC) * scale
+            p_t = tl.where((cnt_t > 0) & q_ok[None, :], cnt_t * tl.exp(s_t - lse[None, :]), 0.0)  # [BK, BQ]
+            ds_t = p_t * (tl.dot(vblk, tl.trans(do), input_precision=PREC) - delta[None, :])
+            dv += tl.dot(p_t.to(DT), do, input_precision=PREC)
+            dk += tl.dot(ds_t.to(DT), q, input_precision=PREC)
         if SHARED:
-            ps = _shared_probs(q, r, lse, q_ok, lm_ok, scale_shared, PREC)  # [BQ, MP]
-            dvs += tl.dot(tl.trans(ps.to(DT)), do, input_precision=PREC)
+            gate_t = tl.dot(r, tl.trans(q), input_precision=PREC)  # [MP, BQ]
+            ps_t = tl.where(lm_ok[:, None] & q_ok[None, :], tl.exp(gate_t * scale_shared - lse[None, :]), 0.0)
+            dvs += tl.dot(ps_t.to(DT), do, input_precision=PREC)
     dk = dk * scale
     if SHARED:
         # computed after the query loop, so that V~ does not hold registers during it
         vs, zmax, zsum = _shared_values(r, Kh, Vh, stride_kn, stride_vn, N, NKB, scale, offs_d, MP, D, BK, PREC)
         # V~ = A V with A = softmax(s R K^T): dV += A^T dV~, dL = A (dV~ V^T - rowsum(dV~ * V~)), dK += s dL^T R
-        a_blk = tl.exp(tl.dot(r, tl.trans(kblk), input_precision=PREC) * scale - zmax[:, None]) / zsum[:, None]
-        a_blk = tl.where(k_ok[None, :], a_blk, 0.0)  # [MP, BK]
+        a_t = tl.exp(tl.dot(kblk, tl.trans(r), input_precision=PREC) * scale - zmax[None, :]) / zsum[None, :]
+        a_t = tl.where(k_ok[:, None], a_t, 0.0)  # [BK, MP]
         dvs_dt = dvs.to(DT)
-        dv += tl.dot(tl.trans(a_blk.to(DT)), dvs_dt, input_precision=PREC)
-        dl = a_blk * (tl.dot(dvs_dt, tl.trans(vblk), input_precision=PREC) - tl.sum(dvs * vs, 1)[:, None])
-        dk += scale * tl.dot(tl.trans(dl.to(DT)), r, input_precision=PREC)
+        dv += tl.dot(a_t.to(DT), dvs_dt, input_precision=PREC)
+        vs_dot = tl.sum(dvs * vs, 1)  # [MP]
+        dl_t = a_t * (tl.dot(vblk, tl.trans(dvs_dt), input_precision=PREC) - vs_dot[None, :])  # [BK, MP]
+        dk += scale * tl.dot(dl_t.to(DT), r, input_precision=PREC)
     out = kcols[:, None] * D + offs_d[None, :]
     tl.store(DKh + out, dk.to(DT), mask=k_ok[:, None])
     tl.store(DVh + out, dv.to(DT), mask=k_ok[:, None])
@@ -326,13 +342,12 @@ def _bwd_queries(
         dss = ps * (tl.dot(do, tl.trans(vs.to(DT)), input_precision=PREC) - delta[:, None])
         dq += scale_shared * tl.dot(dss.to(DT), r, input_precision=PREC)
     if ROUTED:
-        onehot = _expert_onehot(EXPh, rows, q_ok, lm, R_TOPK)
+        e1, e2 = _experts(EXPh, rows, q_ok, R_TOPK)
         dq_routed = tl.zeros([BQ, D], tl.float32)
         for kb in range(NKB):
             kcols = kb * BK + tl.arange(0, BK)
             kblk, vblk = _key_block(Kh, Vh, kcols, kcols < N, stride_kn, stride_vn, offs_d)
-            sel = tl.load(SELh + lm[:, None] * NP + kcols[None, :]).to(tl.float16)  # [MP, BK]
-            cnt = tl.dot(onehot, sel)  # [BQ, BK]
+            cnt = _multiplicity(SELh, e1, e2, kcols, NP, R_TOPK, False)  # [BQ, BK]
             s = tl.dot(q, tl.trans(kblk), input_precision=PREC) * scale
             p = tl.where((cnt > 0) & q_ok[:, None], cnt * tl.exp(s - lse[:, None]), 0.0)
             ds = p * (tl.dot(do, tl.trans(vblk), input_precision=PREC) - delta[:, None])
@@ -362,10 +377,11 @@ def _bwd_landmarks(
         rows = qb * BQ + tl.arange(0, BQ)
         q_ok = rows < N
         q, do, delta, lse = _query_rows(Qh, DOh, Oh, LSEh, rows, q_ok, stride_qn, stride_don, offs_d, D)
-        ps = _shared_probs(q, r, lse, q_ok, lm_ok, scale_shared, PREC)  # [BQ, MP]
-        dvs += tl.dot(tl.trans(ps.to(DT)), do, input_precision=PREC)
-        dss = ps * (tl.dot(do, tl.trans(vs_dt), input_precision=PREC) - delta[:, None])
-        dr += tl.dot(tl.trans(dss.to(DT)), q, input_precision=PREC)
+        gate_t = tl.dot(r, tl.trans(q), input_precision=PREC)  # [MP, BQ]
+        ps_t = tl.where(lm_ok[:, None] & q_ok[None, :], tl.exp(gate_t * scale_shared - lse[None, :]), 0.0)
+        dvs += tl.dot(ps_t.to(DT), do, input_precision=PREC)
+        dss_t = ps_t * (tl.dot(vs_dt, tl.trans(do), input_precision=PREC) - delta[None, :])  # [MP, BQ]
+        dr += tl.dot(dss_t.to(DT), q, input_precision=PREC)
     dr = dr * scale_shared
     dvs_dt = dvs.to(DT)
     vs_dot = tl.sum(dvs * vs, 1)  # [MP]
