@@ -402,11 +402,12 @@ def train(cfg: DictConfig) -> Dict[str, Any]:
         barrier()
 
         jsonl, wandb_logger = _build_loggers(cfg, run_dir, dict(config, run=run_info))
-        _logger.info(
-            "training %s with %s attention: %.2fM parameters, %d ranks x %d images (global %d), lr %.3g, "
-            "epochs %d-%d, run folder %s", cfg.model.arch, cfg.attention.name, n_params / 1e6, world_size,
-            batch_size, global_batch, lr, start_epoch, epochs - 1, run_dir,
-        )
+        if is_main():
+            _logger.info(
+                "training %s with %s attention: %.2fM parameters, %d ranks x %d images (global %d), lr %.3g, "
+                "epochs %d-%d, run folder %s", cfg.model.arch, cfg.attention.name, n_params / 1e6, world_size,
+                batch_size, global_batch, lr, start_epoch, epochs - 1, run_dir,
+            )
         record = last_record or {}
         try:
             for epoch in range(start_epoch, epochs):
@@ -453,8 +454,9 @@ def train(cfg: DictConfig) -> Dict[str, Any]:
                 barrier()
                 jsonl.log(record)
                 wandb_logger.log(record, step=epoch)
-                _logger.info("epoch %d: %s", epoch, json.dumps({k: round(v, 4) if isinstance(v, float) else v
-                                                                 for k, v in record.items()}))
+                if is_main():
+                    _logger.info("epoch %d: %s", epoch, json.dumps(
+                        {k: round(v, 4) if isinstance(v, float) else v for k, v in record.items()}))
         finally:
             wandb_logger.close()
         if trainer.get("export_fp16") and is_main():
