@@ -13,9 +13,18 @@ import mita.engine.runner as runner
 from mita.engine import load_state
 from mita.engine.loop import NonFiniteLossError
 from mita.engine.runner import CONFIG_DIR, compose, evaluate_checkpoint, train
+from tests.helpers import rel_err
 
 REPO = CONFIG_DIR.parent
 ATTENTIONS = sorted(p.stem for p in (CONFIG_DIR / "attention").glob("*.yaml") if p.stem != "checkpoint")
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    """The runner applies trainer.threads process-wide (the default run uses 1); give the next test its own."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
 
 
 def _tiny(tmp_path, *overrides, data="synthetic"):
@@ -24,7 +33,7 @@ def _tiny(tmp_path, *overrides, data="synthetic"):
     return [
         *data,
         "model.kwargs.embed_dim=32", "model.kwargs.depth=2", "model.kwargs.num_heads=2",
-        "trainer.global_batch_size=8", "trainer.epochs=1", "trainer.progress=false", "trainer.threads=2",
+        "trainer.global_batch_size=8", "trainer.epochs=1", "trainer.progress=false",
         "sched.warmup_epochs=0", "logger=none", f"paths.output_dir={tmp_path}", *overrides,
     ]
 
@@ -52,8 +61,8 @@ def test_two_steps_with_each_attention(tmp_path, attention):
 
 
 # Drop path, mixup/cutmix and random crops/flips on: resuming must replay every random draw.
-_STOCHASTIC = ["model.drop_path_rate=0.1", "data.aug.mixup=0.8", "data.aug.cutmix=1.0", "data.aug.hflip=0.5",
-               "data.aug.label_smoothing=0.1", "trainer.epochs=3", "sched.warmup_epochs=1",
+_STOCHASTIC = ["data.aug.image_augment=true", "data.aug.hflip=0.5", "model.drop_path_rate=0.1", "data.aug.mixup=0.8",
+               "data.aug.cutmix=1.0", "data.aug.label_smoothing=0.1", "trainer.epochs=3", "sched.warmup_epochs=1",
                "data.synthetic_size=16"]
 
 
@@ -128,8 +137,10 @@ def test_two_process_gloo_matches_one_process(tmp_path):
     weights_one = load_state(_run_dir(single) / "checkpoint.pth")["model"]
     weights_two = load_state(_run_dir(two) / "checkpoint.pth")["model"]
     assert load_state(_run_dir(two) / "checkpoint.pth")["run"]["world_size"] == 2
+    # Adam divides by sqrt(v): a near-zero gradient summed in another order may move one weight by up to
+    # ~lr, so compare whole tensors (relative Frobenius error) rather than element by element.
     for key, value in weights_one.items():
-        torch.testing.assert_close(weights_two[key], value, rtol=1e-4, atol=1e-5, msg=key)
+        assert rel_err(weights_two[key], value) < 1e-4, key
 
 
 def test_eval_rebuilds_the_model_and_swaps_the_attention(tmp_path):
