@@ -60,6 +60,20 @@ def test_two_steps_with_each_attention(tmp_path, attention):
     assert (run_dir / "config.yaml").is_file()
 
 
+def test_training_options_bf16_clipping_ema_export(tmp_path):
+    cfg = compose("train", _tiny(tmp_path, "trainer.precision=bf16", "trainer.clip_grad=1.0", "trainer.ema.enabled=true",
+                                 "trainer.ema.eval=true", "trainer.export_fp16=true", "trainer.keep_every=1",
+                                 "trainer.max_steps_per_epoch=2"))
+    record = train(cfg)
+    assert {"ema_acc1", "ema_loss", "val_acc1", "train_images_per_s"} <= set(record)
+    run_dir = _run_dir(cfg)
+    assert {"checkpoint.pth", "checkpoint_0000.pth", "model_fp16.pth", "config.yaml", "log.jsonl"} <= {
+        p.name for p in run_dir.iterdir()}
+    state = load_state(run_dir / "checkpoint.pth")
+    assert state["model_ema"] is not None and state["scaler"] is None  # bf16 needs no GradScaler
+    assert state["run"]["global_batch_size"] == 8 and state["config"]["trainer"]["precision"] == "bf16"
+
+
 # Drop path, mixup/cutmix and random crops/flips on: resuming must replay every random draw.
 _STOCHASTIC = ["data.aug.image_augment=true", "data.aug.hflip=0.5", "model.drop_path_rate=0.1", "data.aug.mixup=0.8",
                "data.aug.cutmix=1.0", "data.aug.label_smoothing=0.1", "trainer.epochs=3", "sched.warmup_epochs=1",
