@@ -261,3 +261,5 @@ def test_local_example_is_committable():
     assert "configs/local/*" in gitignore and "!configs/local/example.yaml" in gitignore
     text = (CONFIG_DIR / "local" / "example.yaml").read_text()
     assert text.startswith("# @package _global_")
+    cfg = _resolved(compose("train", ["local=example", "experiment=deit_tiny_mita"]))
+    assert cfg["data"]["root"] == "/datasets/imagenet"  # machine paths reach the dataset through paths.data_dir
