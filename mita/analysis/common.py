@@ -1,0 +1,345 @@
+"""Shared plumbing of the analyses: checkpoint -> model, evaluation data, routing capture, output files.
+
+A checkpoint here is one written by ``train.py`` (or its fp16 export): it stores the resolved training config,
+so the model is rebuilt exactly as ``eval.py`` rebuilds it (:func:`mita.engine.runner.build_model_from_config`,
+then :func:`mita.models.load_checkpoint`). Overrides follow ``eval.py``'s rules: ``data.KEY=VALUE`` updates the
+stored data config (``data.root=PATH`` on another machine); ``attention.KEY=VALUE`` updates the stored
+attention, and ``attention.name=NAME`` replaces it (another attention's own keys then come from the overrides).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+
+__all__ = [
+    "Checkpoint",
+    "EvalData",
+    "LayerRouting",
+    "OVERRIDE_GROUPS",
+    "build_model",
+    "capture_routing",
+    "evaluate_model",
+    "iter_routing",
+    "load_eval_data",
+    "parse_overrides",
+    "read_checkpoint",
+    "resolve_attention",
+    "resolve_device",
+    "routing_layers",
+    "to_jsonable",
+    "unnormalize",
+    "write_csv",
+    "write_json",
+]
+
+_logger = logging.getLogger(__name__)
+
+#: config groups that ``KEY=VALUE`` overrides may address
+OVERRIDE_GROUPS = ("data", "attention")
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def parse_overrides(items: Sequence[str], groups: Sequence[str] = OVERRIDE_GROUPS) -> Dict[str, Dict[str, Any]]:
+    """``["data.root=/x", "attention.topk=36"]`` -> ``{"data": {"root": "/x"}, "attention": {"topk": 36}}``.
+
+    Values are read as YAML (``36`` an int, ``true`` a bool, ``null`` None, ``[7, 7]`` a list), as Hydra does.
+    """
+    import yaml
+
+    out: Dict[str, Dict[str, Any]] = {group: {} for group in groups}
+    for item in items:
+        key, sep, value = item.partition("=")
+        group, dot, name = key.partition(".")
+        if not sep or not dot or not name or group not in groups:
+            raise ValueError(
+                f"override {item!r} must look like GROUP.KEY=VALUE with GROUP one of {list(groups)} "
+                "(e.g. data.root=/path/to/fashion-mnist)"
+            )
+        try:
+            parsed = yaml.safe_load(value) if value != "" else None
+        except yaml.YAMLError as err:
+            raise ValueError(f"override {item!r}: {value!r} is not a YAML value ({err})") from err
+        out[group][name] = tuple(parsed) if isinstance(parsed, list) else parsed
+    return out
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU."""
+    if device not in DEVICES:
+        raise ValueError(f"device={device!r} must be one of {list(DEVICES)}")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' but no CUDA device is visible; use device=auto or cpu")
+    return torch.device(device)
+
+
+@dataclass
+class Checkpoint:
+    """A train.py checkpoint and the training config stored in it."""
+
+    path: str
+    config: Dict[str, Any]
+    epoch: Optional[int] = None
+    record: Dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def attention(self) -> Dict[str, Any]:
+        return dict(self.config["attention"])
+
+    @property
+    def seed(self) -> int:
+        return int(self.config.get("seed", 0) or 0)
+
+    @property
+    def label(self) -> str:
+        """A short name: the attention's tag (``mita_m25_k25``), else its name."""
+        attention = self.config["attention"]
+        return str(attention.get("tag") or attention.get("name"))
+
+
+def read_checkpoint(path: str, arg: str = "ckpt") -> Checkpoint:
+    """Load the config stored in a train.py checkpoint; ``arg`` names the argument in errors."""
+    from mita.engine.checkpoint import load_state
+
+    path = os.path.expanduser(str(path))
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{arg}={path!r}: no such file (a checkpoint.pth written by train.py)")
+    state = load_state(path)
+    config = state.get("config") if isinstance(state, Mapping) else None
+    if not isinstance(config, Mapping) or not all(key in config for key in ("model", "attention", "data")):
+        raise ValueError(
+            f"{arg}={path!r} holds no training config; pass a checkpoint written by train.py (checkpoint.pth) "
+            "or its fp16 export (model_fp16.pth)"
+        )
+    return Checkpoint(path=path, config=dict(config), epoch=state.get("epoch"), record=dict(state.get("record") or {}))
+
+
+def resolve_attention(stored: Mapping[str, Any], override: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
+    """The attention config to build, by eval.py's rule: ``override`` with a ``name`` replaces ``stored``,
+    otherwise its keys update it. Keys set to None in an update are dropped (the constructor's default)."""
+    override = dict(override or {})
+    if override.get("name") is not None:
+        return {k: v for k, v in override.items() if v is not None}
+    attention = dict(stored)
+    for key, value in override.items():
+        if value is None:
+            attention.pop(key, None)
+        else:
+            attention[key] = value
+    return attention
+
+
+def build_model(ckpt: Checkpoint, attention: Optional[Mapping[str, Any]] = None, *,
+                data: Optional[Mapping[str, Any]] = None, device: torch.device = torch.device("cpu"),
+                arg: str = "attention") -> Tuple[nn.Module, Dict[str, Any]]:
+    """Rebuild ``ckpt``'s model with ``attention`` (default: the stored one) and load its weights, in eval mode.
+
+    Returns ``(model, info)`` with ``info`` holding the attention config used and the missing/unexpected
+    keys of the load (a swapped-in attention with parameters of its own lists them as missing).
+    """
+    from mita.engine.runner import build_model_from_config
+    from mita.models import load_checkpoint
+
+    attention = dict(ckpt.attention if attention is None else attention)
+    model_cfg = dict(ckpt.config["model"])
+    # As eval.py: the model is built for the evaluation resolution, position embeddings are resampled.
+    model_cfg["img_size"] = (data or ckpt.config["data"])["img_size"]
+    # Parameters that the checkpoint lacks (a swapped-in attention's own) start from a seeded init.
+    torch.manual_seed(ckpt.seed)
+    try:
+        model = build_model_from_config(model_cfg, attention, load_pretrained=False)
+    except TypeError as err:
+        raise ValueError(f"{arg}: {attention} does not build ({err})") from err
+    missing, unexpected = load_checkpoint(model, ckpt.path)
+    model.to(device).eval()
+    return model, {"attention": attention, "missing_keys": list(missing), "unexpected_keys": list(unexpected)}
+
+
+@dataclass
+class EvalData:
+    """An evaluation split ready to iterate: the dataset, its loader and the data config it came from."""
+
+    dataset: Any
+    loader: Any
+    config: Dict[str, Any]
+
+
+def load_eval_data(ckpt: Checkpoint, overrides: Optional[Mapping[str, Any]] = None, *, split: str = "val",
+                   max_images: Optional[int] = None, batch_size: int = 256, num_workers: int = 0,
+                   pin_memory: bool = False) -> EvalData:
+    """The evaluation data eval.py would use for ``ckpt`` (its stored data config updated by ``overrides``).
+
+    ``max_images`` keeps a fixed random subset (seeded by the checkpoint's seed, as eval.py's
+    ``data.max_samples``); None keeps the whole split.
+    """
+    from mita.data import build_loader
+    # The runner's own dataset builder, so that the numbers are eval.py's.
+    from mita.engine.runner import _datasets
+
+    if max_images is not None and (isinstance(max_images, bool) or int(max_images) < 1):
+        raise ValueError(f"max_images must be a positive int or None (the whole split), got {max_images!r}")
+    if isinstance(batch_size, bool) or int(batch_size) < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if split not in ("train", "val"):
+        raise ValueError(f"split={split!r} must be 'train' or 'val'")
+    data = dict(ckpt.config["data"])
+    data.update({k: v for k, v in (overrides or {}).items()})
+    _, dataset = _datasets(dict(data, max_val_samples=max_images), ckpt.seed, train=False, split=split)
+    loader = build_loader(dataset, batch_size=int(batch_size), train=False, num_workers=int(num_workers),
+                          pin_memory=pin_memory)
+    return EvalData(dataset=dataset, loader=loader, config=data)
+
+
+def evaluate_model(model: nn.Module, data: EvalData, device: torch.device, precision: str = "fp32",
+                   progress: bool = False) -> Dict[str, float]:
+    """Top-1/top-5 (in %) and loss over ``data``, by the training loop's own ``evaluate``."""
+    from mita.engine.loop import evaluate
+
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r} must be one of {list(PRECISIONS)}")
+    amp = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    return evaluate(model, data.loader, device, amp_dtype=amp, progress=progress)
+
+
+def unnormalize(images: torch.Tensor, data_config: Mapping[str, Any]) -> torch.Tensor:
+    """Normalized images [B, C, H, W] -> [B, H, W, C] in [0, 1] for drawing."""
+    mean = torch.tensor(data_config["mean"], dtype=images.dtype).view(1, -1, 1, 1)
+    std = torch.tensor(data_config["std"], dtype=images.dtype).view(1, -1, 1, 1)
+    return (images.cpu() * std + mean).clamp(0, 1).permute(0, 2, 3, 1)
+
+
+def routing_layers(model: nn.Module, arg: str = "ckpt") -> List[Tuple[int, str, nn.Module]]:
+    """``(block index, module name, MiTA module)`` of every MiTA attention in ``model``, in order.
+
+    Raises ValueError naming ``arg`` when there is none: routing analyses need MiTA's landmarks and experts
+    (the top-k and MoBA attentions select too, but have no experts to analyse).
+    """
+    from mita.attention.mita import MiTAAttention
+
+    layers = [(i, name, mod) for i, (name, mod) in enumerate(
+        (n, m) for n, m in model.named_modules() if isinstance(m, MiTAAttention))]
+    if not layers:
+        raise ValueError(
+            f"{arg}: the model has no MiTA attention to analyse; pass a MiTA checkpoint or evaluate this one "
+            "with attention.name=mita (plus attention.num_landmarks and attention.topk)"
+        )
+    return layers
+
+
+@dataclass
+class LayerRouting:
+    """One MiTA layer's routing for one batch, read from the module's routing hook after a forward.
+
+    ``topk_idx`` [B, H, m, k]: token indices (prefix tokens included) of each expert's keys; ``expert_idx``
+    [B, H, N, r]: the experts each query is routed to. ``prefix`` (cls, registers) and ``grid`` (h, w)
+    give the token layout: token ``prefix + i * w + j`` is patch (i, j).
+    """
+
+    layer: int
+    name: str
+    topk_idx: torch.Tensor
+    expert_idx: torch.Tensor
+    prefix: int
+    grid: Tuple[int, int]
+    pool: str
+    num_landmarks: int
+    landmark_grid: Optional[Tuple[int, int]]
+
+    @property
+    def n_tokens(self) -> int:
+        return self.expert_idx.shape[2]
+
+
+@contextmanager
+def capture_routing(model: nn.Module, arg: str = "ckpt") -> Iterator[List[Tuple[int, str, nn.Module]]]:
+    """Turn on the routing hook (``capture_routing``) of every MiTA module for the ``with`` block.
+
+    Each forward then stores ``module.last_routing = (topk_idx, expert_idx)``; the hook is switched off
+    (and the stored tensors dropped) on exit.
+    """
+    layers = routing_layers(model, arg)
+    for _, _, module in layers:
+        module.capture_routing = True
+    try:
+        yield layers
+    finally:
+        for _, _, module in layers:
+            module.capture_routing = False
+            module.last_routing = None
+            module.last_landmarks = None
+
+
+def _read_hook(layer: int, name: str, module: nn.Module) -> LayerRouting:
+    if module.last_routing is None:
+        raise RuntimeError(f"{name}: the routing hook stored nothing; was the module called?")
+    topk_idx, expert_idx = module.last_routing
+    p, h, w = module.token_grid(expert_idx.shape[2])
+    extractor = module.landmarks
+    grid = getattr(extractor, "grid", None)
+    return LayerRouting(
+        layer=layer, name=name, topk_idx=topk_idx.long(), expert_idx=expert_idx.long(), prefix=p, grid=(h, w),
+        pool=module.pool, num_landmarks=module.num_landmarks, landmark_grid=tuple(grid) if grid else None,
+    )
+
+
+@torch.no_grad()
+def iter_routing(model: nn.Module, data: EvalData, device: torch.device, *, desc: str = "routing",
+                 progress: bool = True, arg: str = "ckpt"):
+    """Yield ``(images [B, C, H, W] on CPU, targets [B], logits [B, classes], [LayerRouting per MiTA layer])``
+    for every batch of ``data`` (routing tensors on ``device``)."""
+    from tqdm import tqdm
+
+    model.eval()
+    with capture_routing(model, arg) as layers:
+        for images, targets in tqdm(data.loader, desc=desc, disable=not progress, leave=False, dynamic_ncols=True):
+            logits = model(images.to(device, non_blocking=True))
+            yield images, targets, logits, [_read_hook(*layer) for layer in layers]
+
+
+def to_jsonable(value: Any) -> Any:
+    """Tensors, numpy scalars and tuples as JSON values; NaN/inf as None."""
+    if isinstance(value, torch.Tensor):
+        value = value.tolist()
+    if hasattr(value, "item") and not isinstance(value, (list, tuple, dict)):
+        value = value.item()
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_jsonable(v) for v in value]
+    return value
+
+
+def write_json(path: str, payload: Any) -> str:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as handle:
+        json.dump(to_jsonable(payload), handle, indent=2, allow_nan=False)
+        handle.write("\n")
+    os.replace(tmp, path)
+    return path
+
+
+def write_csv(path: str, rows: Sequence[Mapping[str, Any]]) -> str:
+    """Rows of dicts as CSV; the columns are the first row's keys."""
+    import csv
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", encoding="utf-8", newline="") as handle:
+        if rows:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            writer.writeheader()
+            for row in rows:
+                writer.writerow({k: to_jsonable(v) for k, v in row.items()})
+    return path
