@@ -3,7 +3,7 @@
     python scripts/analysis_experts.py outputs/fmnist/mita_m25_k25/seed0/checkpoint.pth --out results/experts
     python scripts/analysis_experts.py CKPT data.root=/path/to/fashion-mnist --image 7 --layers 0,11 --experts 0,12
 
-For one image (--image, a dataset index) and each chosen layer (--layers, default first, middle and last)
+For one image (--image: an index into the whole split) and each chosen layer (--layers, default first, middle and last)
 and landmark (--experts, default a corner, the centre and the opposite corner of the landmark grid): three
 heatmaps over the patch grid, averaged over heads: the landmark's pooling window, the fraction of heads
 whose expert keeps each patch among its top-k keys, and the fraction of heads that route each patch's

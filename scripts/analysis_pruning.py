@@ -4,7 +4,7 @@
     python scripts/analysis_pruning.py CKPT data.root=/path/to/fashion-mnist --images 0,7,42 --layers 0,5,11
     python scripts/analysis_pruning.py CKPT attention.topk=36 --max-images 2000
 
-For a few images (--images, dataset indices), each layer's panel shades in red the patches that no routed
+For a few images (--images: indices into the whole split, whatever --max-images), each layer's panel shades in red the patches that no routed
 expert of any head selected among its top-k keys. Over the split (or --max-images of it), per layer: the
 fraction of tokens no expert selected, the fraction not kept by an expert that receives a query, the
 per-head fraction and how often the cls token is selected. Writes pruning.png, pruning.json and

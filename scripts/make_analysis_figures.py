@@ -61,12 +61,15 @@ class Driver:
         self.start = time.perf_counter()
         self.summary: Dict[str, Any] = {"stages": {}, "runs": {}, "analyses": {}}
         self.epoch_s: Optional[float] = None
+        #: train.py overrides added to every run (--set)
+        self.extra: List[str] = []
 
     def left(self) -> float:
         return self.budget_s - (time.perf_counter() - self.start)
 
-    def stage(self, name: str, fn: Callable[[], Any], estimate_s: float = 0.0) -> Any:
-        if estimate_s > self.left():
+    def stage(self, name: str, fn: Callable[[], Any], estimate_s: Optional[float] = None) -> Any:
+        """Run ``fn`` unless ``estimate_s`` exceeds the time left (no estimate: always run)."""
+        if estimate_s is not None and estimate_s > self.left():
             _logger.warning("stage %s skipped: about %.0f s needed, %.0f s left of --budget-s", name, estimate_s,
                             self.left())
             self.summary["stages"][name] = {"status": "skipped", "estimate_s": estimate_s, "left_s": self.left()}
@@ -92,6 +95,12 @@ class Driver:
         write_json(os.path.join(self.out, "summary.json"), self.summary)
 
 
+def _last_wins(overrides: Sequence[str]) -> List[str]:
+    """Hydra refuses two overrides of one key: keep the last of each (the command line's --set come last)."""
+    keys = [item.split("=", 1)[0] for item in overrides]
+    return [item for i, item in enumerate(overrides) if keys[i] not in keys[i + 1:]]
+
+
 def _train(driver: Driver, name: str, overrides: Sequence[str], folder: str = "runs") -> str:
     """Train one run into WORK/<folder>/<name>; returns its checkpoint path."""
     import torch
@@ -101,13 +110,19 @@ def _train(driver: Driver, name: str, overrides: Sequence[str], folder: str = "r
     run_dir = os.path.join(driver.work, folder, name)
     threads = torch.get_num_threads()
     began = time.perf_counter()
+    overrides = _last_wins([*overrides, f"run_dir={run_dir}", "logger=none", "trainer.progress=false", *driver.extra])
     try:
-        record = train(compose("train", [*overrides, f"run_dir={run_dir}", "logger=none", "trainer.progress=false"]))
+        record = train(compose("train", overrides))
     finally:
         torch.set_num_threads(threads)  # trainer.threads applies process-wide
     seconds = time.perf_counter() - began
     driver.summary["runs"][name] = {"run_dir": run_dir, "seconds": seconds, "record": record}
     return os.path.join(run_dir, "checkpoint.pth")
+
+
+def _epochs(epochs: int, smoke: bool) -> List[str]:
+    """trainer.epochs, with experiment=fmnist's 2 warm-up epochs cut to fit short runs."""
+    return [f"trainer.epochs={epochs}"] + ([] if smoke else [f"sched.warmup_epochs={min(2, epochs - 1)}"])
 
 
 def _analysis(driver: Driver, name: str, fn: Callable[[str], Dict[str, Any]]) -> Dict[str, Any]:
@@ -147,30 +162,53 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--grid-m", type=int_list, default=[9, 16, 25, 36, 49], help="m values of the grid")
     parser.add_argument("--grid-k", type=int_list, default=[9, 16, 25, 36, 49], help="k values of the grid")
     parser.add_argument("--max-images", type=int, default=None, help="images of the analyses (default the split)")
-    parser.add_argument("--budget-s", type=float, default=540.0,
-                        help="skip stages that would end after this many seconds (default 540)")
+    parser.add_argument("--budget-s", type=float, default=510.0,
+                        help="skip stages that would end after this many seconds (default 510)")
+    parser.add_argument("--eval-precision", default=None, choices=("fp32", "bf16", "fp16"),
+                        help="autocast of the grid and swap evaluations (default bf16 as training, fp32 with --smoke)")
     parser.add_argument("--smoke", action="store_true", help="tiny synthetic setting (CPU check of the pipeline)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="extra",
+                        help="train.py override added to every run, last (repeatable), e.g. model.kwargs.depth=6")
     args = parser.parse_args(argv)
     for key in ("epochs", "baseline_epochs"):
         if getattr(args, key) < 1:
             parser.error(f"argument --{key.replace('_', '-')}: must be >= 1, got {getattr(args, key)}")
     if args.ablation_epochs < 0 or args.ablation_images < 1:
         parser.error("arguments --ablation-epochs >= 0 and --ablation-images >= 1 expected")
+    bad = [item for item in args.extra if "=" not in item or item.startswith("=")]
+    if bad:
+        parser.error(f"argument --set: {bad} are not KEY=VALUE")
     if args.data_root is not None and not args.smoke and not os.path.isdir(args.data_root):
         parser.error(f"argument --data-root: {args.data_root!r} is not a folder")
 
     os.makedirs(args.out, exist_ok=True)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
-                        handlers=[logging.StreamHandler(sys.stderr),
-                                  logging.FileHandler(os.path.join(args.out, "driver.log"), mode="w")])
+    fmt = "%(asctime)s %(name)s: %(message)s"
+    logging.basicConfig(level=logging.INFO, format=fmt)
+    # driver.log gets every record too, also when the process already had logging set up (tests).
+    root = logging.getLogger()
+    log_file = logging.FileHandler(os.path.join(args.out, "driver.log"), mode="w")
+    log_file.setFormatter(logging.Formatter(fmt))
+    root.addHandler(log_file)
+    level = root.level
+    root.setLevel(min(level, logging.INFO))
+    try:
+        return _run(args)
+    finally:
+        root.removeHandler(log_file)
+        root.setLevel(level)
+        log_file.close()
+
+
+def _run(args: argparse.Namespace) -> int:
     work = args.work or tempfile.mkdtemp(prefix="mita_analysis_")
     os.makedirs(work, exist_ok=True)
     driver = Driver(args.out, work, args.budget_s)
+    driver.extra = list(args.extra)
 
     import torch
 
     driver.summary["setup"] = {
-        "argv": list(sys.argv[1:] if argv is None else argv),
+        "args": vars(args),
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
         "torch": torch.__version__,
         "work": work,
@@ -194,9 +232,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from mita import analysis
 
     mita_ckpt = driver.stage("train_mita", lambda: _train(
-        driver, "mita", [*common, "attention=mita", *mita_k, f"trainer.epochs={args.epochs}"]))
+        driver, "mita", [*common, "attention=mita", *mita_k, *_epochs(args.epochs, args.smoke)]))
     if mita_ckpt:
         driver.epoch_s = driver.summary["runs"]["mita"]["seconds"] / args.epochs
+    eval_precision = args.eval_precision or ("fp32" if args.smoke else "bf16")
+    if mita_ckpt:
         driver.stage("pruning", lambda: _analysis(driver, "pruning", lambda out: analysis.token_pruning(
             mita_ckpt, out, **analysis_kw)), estimate_s=0.3 * driver.epoch_s)
         driver.stage("experts", lambda: _analysis(driver, "experts", lambda out: analysis.expert_maps(
@@ -204,19 +244,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         driver.stage("overlap", lambda: _analysis(driver, "overlap", lambda out: analysis.routing_overlap(
             mita_ckpt, out, **analysis_kw)), estimate_s=0.3 * driver.epoch_s)
         driver.stage("mk_grid", lambda: _analysis(driver, "mk_grid", lambda out: analysis.mk_grid(
-            mita_ckpt, out, num_landmarks=grid_m, topk=grid_k, precision="bf16" if not args.smoke else "fp32",
+            mita_ckpt, out, num_landmarks=grid_m, topk=grid_k, precision=eval_precision,
             **analysis_kw)), estimate_s=0.1 * driver.epoch_s * len(grid_m) * len(grid_k))
     epoch_s = driver.epoch_s or 20.0
     swap_ckpts = [mita_ckpt] if mita_ckpt else []
     for name, att in (("standard", ["attention=standard"]), ("agent", ["attention=agent", *agent])):
         ckpt = driver.stage(f"train_{name}", lambda: _train(
-            driver, name, [*common, *att, f"trainer.epochs={args.baseline_epochs}"]),
+            driver, name, [*common, *att, *_epochs(args.baseline_epochs, args.smoke)]),
             estimate_s=epoch_s * args.baseline_epochs + 10)
         if ckpt:
             swap_ckpts.append(ckpt)
     if len(swap_ckpts) >= 2:
         driver.stage("swap", lambda: _analysis(driver, "swap", lambda out: analysis.swap_matrix(
-            swap_ckpts, out, precision="bf16" if not args.smoke else "fp32", **analysis_kw)),
+            swap_ckpts, out, precision=eval_precision, **analysis_kw)),
             estimate_s=0.1 * epoch_s * len(swap_ckpts) ** 2)
 
     if args.ablation_epochs:

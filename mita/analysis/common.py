@@ -36,6 +36,7 @@ __all__ = [
     "routing_layers",
     "to_jsonable",
     "unnormalize",
+    "whole_split",
     "write_csv",
     "write_json",
 ]
@@ -198,6 +199,17 @@ def load_eval_data(ckpt: Checkpoint, overrides: Optional[Mapping[str, Any]] = No
     loader = build_loader(dataset, batch_size=int(batch_size), train=False, num_workers=int(num_workers),
                           pin_memory=pin_memory)
     return EvalData(dataset=dataset, loader=loader, config=data)
+
+
+def whole_split(data: EvalData):
+    """The whole split behind ``data`` (``max_images`` draws a subset): drawn images index this one, so an
+    index names the same image whatever the subset."""
+    import torch.utils.data
+
+    dataset = data.dataset
+    while isinstance(dataset, torch.utils.data.Subset):
+        dataset = dataset.dataset
+    return dataset
 
 
 def evaluate_model(model: nn.Module, data: EvalData, device: torch.device, precision: str = "fp32",

@@ -61,8 +61,9 @@ def expert_maps(ckpt_path: str, out: str, *, overrides: Sequence[str] = (), imag
         raise ValueError(f"layers={layers}: MiTA layer indices must be in [0, {n_layers - 1}]")
     data = common.load_eval_data(ckpt, ov["data"], split=split, max_images=max_images, batch_size=batch_size,
                                  num_workers=num_workers, pin_memory=dev.type == "cuda")
-    if not 0 <= int(image) < len(data.dataset):
-        raise ValueError(f"image={image}: the image index must be in [0, {len(data.dataset) - 1}]")
+    split_set = common.whole_split(data)
+    if not 0 <= int(image) < len(split_set):
+        raise ValueError(f"image={image}: the image index must be in [0, {len(split_set) - 1}]")
 
     # Dataset statistics: keys outside the landmark's window, per layer.
     sums = torch.zeros(n_layers, 3, dtype=torch.float64)  # outside sum, chance sum, experts counted
@@ -89,7 +90,7 @@ def expert_maps(ckpt_path: str, out: str, *, overrides: Sequence[str] = (), imag
         })
 
     # The drawn image.
-    picture_t, _ = data.dataset[int(image)]
+    picture_t, _ = split_set[int(image)]
     drawn = common.EvalData(dataset=None, loader=[(picture_t[None], torch.zeros(1, dtype=torch.long))],
                             config=data.config)
     _, _, _, routing = next(common.iter_routing(model, drawn, dev, progress=False))
@@ -159,6 +160,7 @@ def expert_maps(ckpt_path: str, out: str, *, overrides: Sequence[str] = (), imag
             "prefix_query_rate": queries[:p].mean().item() if p else None,
         })
     fig.suptitle(f"Experts of {ckpt.label}, image #{image} (mean over heads; cyan: pooling window)", fontsize=9)
+    fig.tight_layout()
 
     payload = {
         "analysis": "experts",

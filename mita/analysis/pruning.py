@@ -50,7 +50,8 @@ def token_pruning(ckpt_path: str, out: str, *, overrides: Sequence[str] = (), im
     layers = _check_indices(layers, n_layers, "layers", "MiTA layer indices") or list(range(n_layers))
     data = common.load_eval_data(ckpt, ov["data"], split=split, max_images=max_images, batch_size=batch_size,
                                  num_workers=num_workers, pin_memory=dev.type == "cuda")
-    images = _check_indices(images, len(data.dataset), "images", "image indices")
+    split_set = common.whole_split(data)
+    images = _check_indices(images, len(split_set), "images", "image indices")
 
     # Dataset statistics: token counts per layer (float64 sums, exact for any dataset size).
     sums = torch.zeros(n_layers, 6, dtype=torch.float64)
@@ -85,7 +86,7 @@ def token_pruning(ckpt_path: str, out: str, *, overrides: Sequence[str] = (), im
         })
 
     # The drawn images: one batch through the model with the hook on.
-    batch = torch.stack([data.dataset[i][0] for i in images])
+    batch = torch.stack([split_set[i][0] for i in images])
     drawn = common.EvalData(dataset=None, loader=[(batch, torch.zeros(len(images), dtype=torch.long))],
                             config=data.config)
     _, _, _, routing = next(common.iter_routing(model, drawn, dev, progress=False))
