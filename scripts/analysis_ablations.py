@@ -1,6 +1,7 @@
 """The paper's ablation tables from sweep folders: landmark extractors, routed vs shared experts, top-1 vs top-2.
 
-    python train.py -m experiment=fmnist attention.pool=grid,1d,random,learned,conv,dwconv,tome
+    for p in grid 1d random learned conv dwconv tome; do
+        python train.py experiment=fmnist attention.pool=$p attention.tag=mita_$p; done
     python train.py -m experiment=fmnist attention=mita,mita_route_only,mita_compress_only,mita_top2
     python scripts/analysis_ablations.py outputs/fmnist --out results/ablations
     python scripts/analysis_ablations.py outputs/fmnist outputs/fmnist_more --metric best_acc1 --where trainer.epochs=30
