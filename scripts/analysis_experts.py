@@ -30,7 +30,8 @@ def main(argv=None) -> int:
     parser = analysis_parser(__doc__)
     parser.add_argument("--image", type=int, default=0, help="dataset index of the drawn image (default 0)")
     parser.add_argument("--layers", type=int_list, default=None, help="MiTA layers (default first, middle, last)")
-    parser.add_argument("--experts", type=int_list, default=None, help="landmark indices (default corner, centre, corner)")
+    parser.add_argument("--experts", type=int_list, default=None,
+                        help="landmark indices (default a corner, the centre, the opposite corner)")
     return run_cli(parser, argv, lambda a: expert_maps(
         a.ckpts[0], a.out, overrides=a.overrides, image=a.image, layers=a.layers, experts=a.experts,
         max_images=a.max_images, split=a.split, batch_size=a.batch_size, num_workers=a.num_workers,

@@ -4,11 +4,11 @@
     python scripts/analysis_pruning.py CKPT data.root=/path/to/fashion-mnist --images 0,7,42 --layers 0,5,11
     python scripts/analysis_pruning.py CKPT attention.topk=36 --max-images 2000
 
-For a few images (--images: indices into the whole split, whatever --max-images), each layer's panel shades in red the patches that no routed
-expert of any head selected among its top-k keys. Over the split (or --max-images of it), per layer: the
-fraction of tokens no expert selected, the fraction not kept by an expert that receives a query, the
-per-head fraction and how often the cls token is selected. Writes pruning.png, pruning.json and
-pruning.csv to --out (default: CKPT's folder/analysis).
+For a few images (--images: indices into the whole split, whatever --max-images), each layer's panel
+shades in red the patches that no routed expert of any head selected among its top-k keys. Over the split
+(or --max-images of it), per layer: the fraction of tokens no expert selected, the fraction not kept by an
+expert that receives a query, the per-head fraction and how often the cls token is selected. Writes
+pruning.png, pruning.json and pruning.csv to --out (default: CKPT's folder/analysis).
 
 The routing is read through the MiTA modules' routing hook (``capture_routing``/``last_routing``, see
 mita/analysis/__init__.py); the model is rebuilt from the config stored in the checkpoint, as eval.py does,
@@ -28,7 +28,8 @@ def main(argv=None) -> int:
     from mita.analysis.pruning import token_pruning
 
     parser = analysis_parser(__doc__)
-    parser.add_argument("--images", type=int_list, default=[0, 1, 2, 3], help="dataset indices to draw (default 0,1,2,3)")
+    parser.add_argument("--images", type=int_list, default=[0, 1, 2, 3],
+                        help="dataset indices to draw (default 0,1,2,3)")
     parser.add_argument("--layers", type=int_list, default=None, help="MiTA layers to draw (default all)")
     return run_cli(parser, argv, lambda a: token_pruning(
         a.ckpts[0], a.out, overrides=a.overrides, images=a.images, layers=a.layers, max_images=a.max_images,

@@ -1,6 +1,6 @@
 """Checkpoint-swap matrix (paper Fig. 8): each checkpoint's weights evaluated with every checkpoint's attention.
 
-    python scripts/analysis_swap.py outputs/fmnist/{mita_m25_k25,standard,agent49}/seed0/checkpoint.pth --out results/swap
+    python scripts/analysis_swap.py outputs/fmnist/{mita_m25_k25,standard,agent49}/seed0/checkpoint.pth --out swap
     python scripts/analysis_swap.py MITA_CKPT STANDARD_CKPT data.root=/path/to/fashion-mnist --labels MiTA,full
 
 Rows: the weights (trained with); columns: the attention config of each checkpoint (evaluated with), as

@@ -26,7 +26,6 @@ analysis scripts accept, for redrawing on a CPU).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import shutil

@@ -72,8 +72,8 @@ def split_inputs(parser: argparse.ArgumentParser, args: argparse.Namespace, many
         parser.error(f"argument --num-workers: must be >= 0, got {args.num_workers}")
 
 
-def run_cli(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]], body: Callable[[argparse.Namespace], object],
-            *, many: bool = False) -> int:
+def run_cli(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]],
+            body: Callable[[argparse.Namespace], object], *, many: bool = False) -> int:
     """Parse ``argv``, run ``body(args)``; bad input (ValueError, missing files) exits 2 with the message."""
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s", stream=sys.stderr)

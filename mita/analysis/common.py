@@ -18,6 +18,7 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
+import torch.utils.data
 
 __all__ = [
     "Checkpoint",
@@ -27,6 +28,7 @@ __all__ = [
     "build_model",
     "capture_routing",
     "evaluate_model",
+    "in_memory",
     "iter_routing",
     "load_eval_data",
     "parse_overrides",
@@ -201,11 +203,28 @@ def load_eval_data(ckpt: Checkpoint, overrides: Optional[Mapping[str, Any]] = No
     return EvalData(dataset=dataset, loader=loader, config=data)
 
 
+def in_memory(data: EvalData, max_bytes: int = 2 << 30) -> EvalData:
+    """``data`` with its transformed images held in memory, when they fit in ``max_bytes``: analyses that
+    evaluate many models on one split (the m x k grid, the swap matrix) decode and transform it once.
+    The batches are the same (the evaluation transforms are deterministic, the order sequential)."""
+    from mita.data import build_loader
+
+    batches = []
+    for images, targets in data.loader:
+        batches.append((images, targets))
+        if images.element_size() * images.numel() * len(data.loader) > max_bytes:
+            return data
+    images = torch.cat([b[0] for b in batches])  # [n, C, H, W]
+    targets = torch.cat([b[1] for b in batches])  # [n]
+    dataset = torch.utils.data.TensorDataset(images, targets)
+    loader = build_loader(dataset, batch_size=data.loader.batch_size, train=False,
+                          pin_memory=bool(getattr(data.loader, "pin_memory", False)))
+    return EvalData(dataset=data.dataset, loader=loader, config=data.config)
+
+
 def whole_split(data: EvalData):
     """The whole split behind ``data`` (``max_images`` draws a subset): drawn images index this one, so an
     index names the same image whatever the subset."""
-    import torch.utils.data
-
     dataset = data.dataset
     while isinstance(dataset, torch.utils.data.Subset):
         dataset = dataset.dataset

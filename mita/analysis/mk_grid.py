@@ -32,9 +32,10 @@ def _check_values(values: Sequence[int], arg: str, minimum: int) -> list:
     return sorted(set(values))
 
 
-def mk_grid(ckpt_path: str, out: str, *, overrides: Sequence[str] = (), num_landmarks: Sequence[int] = DEFAULT_LANDMARKS,
-            topk: Sequence[int] = DEFAULT_TOPK, max_images=None, split: str = "val", batch_size: int = 256,
-            num_workers: int = 0, device: str = "auto", precision: str = "fp32", progress: bool = True) -> Dict[str, Any]:
+def mk_grid(ckpt_path: str, out: str, *, overrides: Sequence[str] = (),
+            num_landmarks: Sequence[int] = DEFAULT_LANDMARKS, topk: Sequence[int] = DEFAULT_TOPK, max_images=None,
+            split: str = "val", batch_size: int = 256, num_workers: int = 0, device: str = "auto",
+            precision: str = "fp32", progress: bool = True) -> Dict[str, Any]:
     """Write ``mk_grid.png``, ``mk_grid.json`` and ``mk_grid.csv`` to ``out``; returns the JSON payload."""
     from tqdm import tqdm
 
@@ -54,8 +55,9 @@ def mk_grid(ckpt_path: str, out: str, *, overrides: Sequence[str] = (), num_land
         _logger.info("adding the training point m=%d, k=%d to the grid", train_m, train_k)
         ms, ks = sorted(set(ms) | {train_m}), sorted(set(ks) | {train_k})
     dev = common.resolve_device(device)
-    data = common.load_eval_data(ckpt, ov["data"], split=split, max_images=max_images, batch_size=batch_size,
-                                 num_workers=num_workers, pin_memory=dev.type == "cuda")
+    data = common.in_memory(common.load_eval_data(ckpt, ov["data"], split=split, max_images=max_images,
+                                                  batch_size=batch_size, num_workers=num_workers,
+                                                  pin_memory=dev.type == "cuda"))
 
     points = []
     for m, k in tqdm([(m, k) for m in ms for k in ks], desc="m x k grid", disable=not progress, dynamic_ncols=True):

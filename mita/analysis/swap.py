@@ -58,9 +58,9 @@ def swap_matrix(ckpt_paths: Sequence[str], out: str, *, overrides: Sequence[str]
         weights, attention_of = ckpts[i], ckpts[j]
         data_key = json.dumps(dict(weights.config["data"], **ov["data"]), sort_keys=True, default=str)
         if data_key not in datasets:
-            datasets[data_key] = common.load_eval_data(
+            datasets[data_key] = common.in_memory(common.load_eval_data(
                 weights, ov["data"], split=split, max_images=max_images, batch_size=batch_size,
-                num_workers=num_workers, pin_memory=dev.type == "cuda")
+                num_workers=num_workers, pin_memory=dev.type == "cuda"))
         data = datasets[data_key]
         cell: Dict[str, Any] = {"weights": labels[i], "attention": labels[j], "row": i, "col": j}
         try:
