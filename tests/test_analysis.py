@@ -222,6 +222,7 @@ def test_ablation_tables(tmp_path, capsys):
     (analysis_experts, ["{mita}", "--experts", "4"], "experts=[4]"),
     (analysis_mk_grid, ["{mita}", "--num-landmarks", "5"], "not perfect squares"),
     (analysis_mk_grid, ["{standard}"], "pass a MiTA checkpoint"),
+    (analysis_mk_grid, ["{standard}", "attention.name=mita"], "pass attention.num_landmarks"),
     (analysis_mk_grid, ["{mita}", "--topk", "a,b"], "--topk"),
     (analysis_swap, ["{mita}"], "two or more checkpoints"),
     (analysis_swap, ["{mita}", "{standard}", "attention.topk=4"], "GROUP.KEY=VALUE with GROUP one of ['data']"),

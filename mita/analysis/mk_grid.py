@@ -44,6 +44,9 @@ def mk_grid(ckpt_path: str, out: str, *, overrides: Sequence[str] = (),
     base = common.resolve_attention(ckpt.attention, ov["attention"])
     if base.get("name") != "mita":
         raise ValueError(f"ckpt={ckpt.path!r}: attention {base.get('name')!r} has no (m, k); pass a MiTA checkpoint")
+    if base.get("num_landmarks") is None or base.get("topk") is None:
+        raise ValueError("attention: the (m, k) to start from is unknown; pass attention.num_landmarks and "
+                         "attention.topk with attention.name=mita")
     ms = _check_values(num_landmarks, "num_landmarks", 1)
     ks = _check_values(topk, "topk", 0)
     # Another m gets a square landmark grid (a stored landmark_grid fits the training m only).
