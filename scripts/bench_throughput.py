@@ -8,7 +8,8 @@ Model: three timm ``Block``s (pre-norm, MLP ratio 4, qkv bias) of width 128 with
 head width the kernels and SDPA serve best; ``--heads 4`` gives d = 32), then a LayerNorm; the input is
 a random sequence [B, N, 128] (no embedding). Each block's ``attn`` is ``MiTAAttention`` (1-D pooled
 landmarks, ``impl="auto"``: the Triton kernels on CUDA) or ``StandardAttention`` (SDPA, PyTorch's
-default backend choice). m * k = N / 4: m = k = sqrt(N) / 2 for even powers of two, k = 2 m for odd ones.
+default backend choice), or nothing (``none``: an identity, the ceiling no attention can beat, since
+the MLPs, norms and projections remain). m * k = N / 4: m = k = sqrt(N) / 2 for even powers of two, k = 2 m for odd ones.
 
 Inference only: ``torch.no_grad()``, weights and activations in bf16 (the whole model cast, no autocast).
 Batch per (method, N): one forward at batch 1 measures the peak memory per sample; the batch is the largest
@@ -47,7 +48,9 @@ from mita.attention import create_attention, set_token_layout  # noqa: E402
 log = logging.getLogger("bench_throughput")
 
 PAPER_SPEEDUP = {14: 4.7, 16: 19.0, 18: 56.0, 20: 160.0}  # RTX 4090, MiTA over full attention
-METHODS = ("mita", "full")
+# "none": the same model with its attention removed (an identity), whose speed no attention can beat; its
+# samples/s over full attention's is the ceiling of any attention's speedup in this model.
+METHODS = ("mita", "full", "none")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -58,6 +61,14 @@ def landmark_budget(n_tokens: int) -> Tuple[int, int]:
         raise ValueError(f"N must be a power of two >= 4, got {n_tokens}")
     m = 2 ** ((e - 2) // 2)
     return m, n_tokens // (4 * m)
+
+
+class _NoAttention(nn.Module):
+    """The identity in place of a block's attention (timm's Block passes ``attn_mask`` and ``is_causal``)."""
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
+                is_causal: bool = False) -> torch.Tensor:
+        return x
 
 
 def build_model(method: str, n_tokens: int, args, device, dtype) -> nn.Module:
@@ -71,8 +82,10 @@ def build_model(method: str, n_tokens: int, args, device, dtype) -> nn.Module:
         if method == "mita":
             blk.attn = create_attention("mita", dim=args.width, num_heads=args.heads, qkv_bias=True,
                                         num_landmarks=m, topk=k, pool="1d", impl=args.impl)
-        else:
+        elif method == "full":
             blk.attn = create_attention("standard", dim=args.width, num_heads=args.heads, qkv_bias=True)
+        else:
+            blk.attn = _NoAttention()
         blocks.append(blk)
     model = nn.Sequential(*blocks, nn.LayerNorm(args.width))
     # A 1-D sequence: one row of N tokens, no prefix tokens (the 1-D landmark pool ignores the grid).
@@ -166,7 +179,8 @@ def estimate_s(prev: Optional[Tuple[int, float]], method: str, n_tokens: int) ->
     if prev is None:
         return None
     n_prev, s_prev = prev
-    power = 2.0 if method == "full" else 1.5  # full: N^2 d; MiTA: N (m + k) d with m, k ~ sqrt(N)
+    # full: N^2 d; MiTA: N (m + k) d with m, k ~ sqrt(N); no attention: linear in N
+    power = {"full": 2.0, "mita": 1.5}.get(method, 1.0)
     return s_prev * (n_tokens / n_prev) ** power
 
 
@@ -180,7 +194,7 @@ def run(args, device) -> List[dict]:
         m, k = landmark_budget(n_tokens)
         for method in METHODS:
             row = {"N": n_tokens, "log2N": e, "m": m, "k": k, "method": method,
-                   "impl": resolved_impl(args, device) if method == "mita" else "sdpa"}
+                   "impl": {"mita": resolved_impl(args, device), "full": "sdpa"}.get(method, "-")}
             rows.append(row)
             est = estimate_s(prev.get(method), method, n_tokens)
             if est is not None and est > args.max_call_s:
@@ -214,7 +228,9 @@ def run(args, device) -> List[dict]:
 def add_speedup(rows: List[dict]) -> None:
     """MiTA samples/s over full attention's at one N; 'extrapolated' where full attention was not run."""
     by = {r["method"]: r for r in rows}
-    mita, full = by.get("mita", {}), by.get("full", {})
+    mita, full, none = by.get("mita", {}), by.get("full", {}), by.get("none", {})
+    if full.get("status") == "ok" and none.get("status") == "ok":
+        mita["ceiling"] = none["samples_s"] / full["samples_s"]
     paper = PAPER_SPEEDUP.get(mita.get("log2N"))
     if paper is not None:
         mita["paper_speedup_rtx4090"] = paper
@@ -254,12 +270,13 @@ def table(rows: List[dict]) -> str:
             speedup = f"~x{mita['extrapolated_speedup']:.3g} (extrapolated)"
         else:
             speedup = "-"
+        ceiling = f"x{mita['ceiling']:.3g}" if "ceiling" in mita else "-"
         paper = mita.get("paper_speedup_rtx4090")
         beats = "-" if paper is None or "beats_paper" not in mita else ("yes" if mita["beats_paper"] else "no")
         body.append([f"2^{e}", str(mita.get("m", "")), str(mita.get("k", ""))] + cells(mita) + cells(full)
-                    + [speedup, "-" if paper is None else f"x{paper:g}", beats])
+                    + [speedup, ceiling, "-" if paper is None else f"x{paper:g}", beats])
     return markdown(["N", "m", "k", "MiTA batch", "MiTA samples/s", "full batch", "full samples/s",
-                     "speedup", "paper (RTX 4090)", "beats paper"], body)
+                     "speedup", "ceiling (no attention)", "paper (RTX 4090)", "beats paper"], body)
 
 
 def plot(path: Path, rows: List[dict], env: Dict[str, str], args) -> None:
@@ -270,7 +287,8 @@ def plot(path: Path, rows: List[dict], env: Dict[str, str], args) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.5))
-    for method, label in (("mita", f"MiTA (impl {args.impl})"), ("full", "full attention (SDPA)")):
+    for method, label in (("mita", f"MiTA (impl {args.impl})"), ("full", "full attention (SDPA)"),
+                          ("none", "no attention (ceiling)")):
         pts = [(r["N"], r["samples_s"]) for r in rows if r["method"] == method and r.get("status") == "ok"]
         if pts:
             ax1.plot(*zip(*pts), "-o", label=label)
@@ -282,6 +300,9 @@ def plot(path: Path, rows: List[dict], env: Dict[str, str], args) -> None:
     pts = [(r["N"], r["speedup"]) for r in rows if "speedup" in r]
     if pts:
         ax2.plot(*zip(*pts), "-o", label="measured here")
+    pts = [(r["N"], r["ceiling"]) for r in rows if "ceiling" in r]
+    if pts:
+        ax2.plot(*zip(*pts), ":", color="grey", label="ceiling: no attention over full")
     ext = [(r["N"], r["extrapolated_speedup"]) for r in rows if "extrapolated_speedup" in r]
     if ext:
         ax2.plot(*zip(*ext), "x", label="extrapolated (full attention not run)")

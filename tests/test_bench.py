@@ -182,9 +182,10 @@ def test_bench_throughput_cpu_smoke(tmp_path, capsys):
     bench = _load_script("bench_throughput")
     assert bench.main(["--cpu-smoke", "--out", str(tmp_path)]) == 0
     rows = _rows(tmp_path / "throughput.csv")
-    assert [(r["log2N"], r["method"]) for r in rows] == [("6", "mita"), ("6", "full"), ("7", "mita"), ("7", "full")]
+    assert [(r["log2N"], r["method"]) for r in rows] == [
+        (e, method) for e in ("6", "7") for method in ("mita", "full", "none")]
     assert all(r["status"] == "ok" and float(r["samples_s"]) > 0 for r in rows)
-    assert all(float(r["speedup"]) > 0 for r in rows if r["method"] == "mita")
+    assert all(float(r["speedup"]) > 0 and float(r["ceiling"]) > 0 for r in rows if r["method"] == "mita")
     assert _is_png(tmp_path / "throughput.png")
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith("| 2^7 |")
 
