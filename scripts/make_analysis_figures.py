@@ -167,7 +167,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="autocast of the grid and swap evaluations (default bf16 as training, fp32 with --smoke)")
     parser.add_argument("--smoke", action="store_true", help="tiny synthetic setting (CPU check of the pipeline)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="extra",
-                        help="train.py override added to every run, last (repeatable), e.g. model.kwargs.depth=6")
+                        help="train.py override added to every run, last (repeatable), e.g. data.num_workers=2")
     args = parser.parse_args(argv)
     for key in ("epochs", "baseline_epochs"):
         if getattr(args, key) < 1:
