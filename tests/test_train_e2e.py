@@ -115,6 +115,25 @@ def test_killed_and_resumed_run_matches_an_uninterrupted_one(tmp_path, monkeypat
     assert again["epoch"] == 0 and [r["epoch"] for r in _log(_run_dir(resumed))] == [0]
 
 
+def test_resume_refuses_a_checkpoint_of_another_configuration(tmp_path):
+    # attention.pool is not in the default run-folder name: a second run with another extractor lands in
+    # the same folder and must not silently continue the first one's checkpoint
+    first = compose("train", _tiny(tmp_path, "trainer.max_steps_per_epoch=1"))
+    train(first)
+    config_before = (_run_dir(first) / "config.yaml").read_text()
+    other = compose("train", _tiny(tmp_path, "trainer.max_steps_per_epoch=1", "attention.pool=1d"))
+    assert _run_dir(other) == _run_dir(first)
+    with pytest.raises(ValueError, match=r"attention\.pool: 'grid' in the checkpoint, '1d' now"):
+        train(other)
+    assert (_run_dir(first) / "config.yaml").read_text() == config_before
+    # a longer run of the same configuration resumes; its own tag gives the other one a folder
+    longer = train(compose("train", _tiny(tmp_path, "trainer.max_steps_per_epoch=1", "trainer.epochs=2")))
+    assert longer["epoch"] == 1
+    own = compose("train", _tiny(tmp_path, "trainer.max_steps_per_epoch=1", "attention.pool=1d",
+                                 "attention.tag=mita_1d"))
+    assert train(own)["epoch"] == 0 and _run_dir(own) != _run_dir(first)
+
+
 def _free_port():
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

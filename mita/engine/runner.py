@@ -235,6 +235,26 @@ def _resume_path(resume: Any, run_dir: str) -> Optional[str]:
     return path
 
 
+def _check_same_experiment(stored: Optional[dict], config: dict, path: str) -> None:
+    """A resumed checkpoint must come from the same model, attention and data: runs that differ only in
+    a setting the run folder's name leaves out (e.g. ``attention.pool``) would otherwise resume each
+    other silently. Training length, logging and paths may change between the two."""
+    if not stored:
+        return
+    differ = []
+    for section in ("model", "attention", "data"):
+        old, new = stored.get(section) or {}, config.get(section) or {}
+        for key in sorted(set(old) | set(new)):
+            if key not in ("root", "num_workers", "pin_memory") and old.get(key) != new.get(key):
+                differ.append(f"{section}.{key}: {old.get(key)!r} in the checkpoint, {new.get(key)!r} now")
+    if differ:
+        raise ValueError(
+            f"resume: the checkpoint {path} was trained with another configuration ("
+            + "; ".join(differ) + "). Give this run its own folder (e.g. attention.tag=NAME or run_dir=PATH) "
+            "or start afresh with resume=never."
+        )
+
+
 def _export_submitit_env() -> None:
     """Inside a multi-task submitit (SLURM) job, expose the job as torchrun's environment variables."""
     if "RANK" in os.environ or not os.environ.get("SUBMITIT_EXECUTOR"):
@@ -327,9 +347,12 @@ def train(cfg: DictConfig) -> Dict[str, Any]:
         config = OmegaConf.to_container(cfg, resolve=True)
         run_info = dict(world_size=world_size, batch_size=batch_size, global_batch_size=global_batch, lr=lr,
                         run_dir=run_dir)
+        resume_from = _resume_path(cfg.resume, run_dir)
+        state = ckpt.load_state(resume_from) if resume_from is not None else None
+        if state is not None:
+            _check_same_experiment(state.get("config"), config, resume_from)
         if is_main():
             OmegaConf.save(OmegaConf.create(config), os.path.join(run_dir, "config.yaml"))
-        resume_from = _resume_path(cfg.resume, run_dir)
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True
 
@@ -383,8 +406,7 @@ def train(cfg: DictConfig) -> Dict[str, Any]:
         scaler = torch.amp.GradScaler(device.type) if amp_dtype is torch.float16 else None
 
         start_epoch, best_acc1, last_record = 0, 0.0, None
-        if resume_from is not None:
-            state = ckpt.load_state(resume_from)
+        if state is not None:
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
@@ -396,6 +418,7 @@ def train(cfg: DictConfig) -> Dict[str, Any]:
             best_acc1 = float(state.get("best_acc1", 0.0))
             last_record = state.get("record")
             _logger.info("resumed from %s at epoch %d", resume_from, start_epoch)
+            state = None  # the optimizer state is in place now: free the loaded copy
         log_path = os.path.join(run_dir, "log.jsonl")
         if is_main():
             _rewrite_log(log_path, start_epoch, last_record)
