@@ -168,6 +168,17 @@ def build_model(ckpt: Checkpoint, attention: Optional[Mapping[str, Any]] = None,
     return model, {"attention": attention, "missing_keys": list(missing), "unexpected_keys": list(unexpected)}
 
 
+def open_checkpoint(ckpt_path: str, overrides: Sequence[str], device: str):
+    """What every single-checkpoint analysis starts from: ``(ckpt, overrides by group, device, model, info,
+    number of routing layers)``, the model rebuilt with the overridden attention and data."""
+    ckpt = read_checkpoint(ckpt_path)
+    ov = parse_overrides(overrides)
+    dev = resolve_device(device)
+    model, info = build_model(ckpt, resolve_attention(ckpt.attention, ov["attention"]),
+                              data=dict(ckpt.config["data"], **ov["data"]), device=dev)
+    return ckpt, ov, dev, model, info, len(routing_layers(model))
+
+
 @dataclass
 class EvalData:
     """An evaluation split ready to iterate: the dataset, its loader and the data config it came from."""

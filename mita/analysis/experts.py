@@ -48,12 +48,7 @@ def expert_maps(ckpt_path: str, out: str, *, overrides: Sequence[str] = (), imag
     ``image``: dataset index of the drawn image; ``layers``: MiTA layers (default first, middle, last);
     ``experts``: landmark indices (default a corner, the centre and the opposite corner of the landmark grid).
     """
-    ckpt = common.read_checkpoint(ckpt_path)
-    ov = common.parse_overrides(overrides)
-    dev = common.resolve_device(device)
-    model, info = common.build_model(ckpt, common.resolve_attention(ckpt.attention, ov["attention"]),
-                                     data=dict(ckpt.config["data"], **ov["data"]), device=dev)
-    n_layers = len(common.routing_layers(model))
+    ckpt, ov, dev, model, info, n_layers = common.open_checkpoint(ckpt_path, overrides, device)
     if layers is None:
         layers = sorted({0, n_layers // 2, n_layers - 1})
     layers = [int(v) for v in layers]

@@ -26,12 +26,7 @@ def routing_overlap(ckpt_path: str, out: str, *, overrides: Sequence[str] = (), 
                     split: str = "val", batch_size: int = 256, num_workers: int = 0, device: str = "auto",
                     progress: bool = True) -> Dict[str, Any]:
     """Write ``overlap.png``, ``overlap.json`` and ``overlap.csv`` to ``out``; returns the JSON payload."""
-    ckpt = common.read_checkpoint(ckpt_path)
-    ov = common.parse_overrides(overrides)
-    dev = common.resolve_device(device)
-    model, info = common.build_model(ckpt, common.resolve_attention(ckpt.attention, ov["attention"]),
-                                     data=dict(ckpt.config["data"], **ov["data"]), device=dev)
-    n_layers = len(common.routing_layers(model))
+    ckpt, ov, dev, model, info, n_layers = common.open_checkpoint(ckpt_path, overrides, device)
     data = common.load_eval_data(ckpt, ov["data"], split=split, max_images=max_images, batch_size=batch_size,
                                  num_workers=num_workers, pin_memory=dev.type == "cuda")
 

@@ -41,12 +41,7 @@ def token_pruning(ckpt_path: str, out: str, *, overrides: Sequence[str] = (), im
     ``images``: dataset indices to draw; ``layers``: MiTA layers (0-based) to draw (default all; the
     dataset numbers cover every layer); ``max_images``: images of the dataset statistics (default all).
     """
-    ckpt = common.read_checkpoint(ckpt_path)
-    ov = common.parse_overrides(overrides)
-    dev = common.resolve_device(device)
-    model, info = common.build_model(ckpt, common.resolve_attention(ckpt.attention, ov["attention"]),
-                                     data=dict(ckpt.config["data"], **ov["data"]), device=dev)
-    n_layers = len(common.routing_layers(model))
+    ckpt, ov, dev, model, info, n_layers = common.open_checkpoint(ckpt_path, overrides, device)
     layers = _check_indices(layers, n_layers, "layers", "MiTA layer indices") or list(range(n_layers))
     data = common.load_eval_data(ckpt, ov["data"], split=split, max_images=max_images, batch_size=batch_size,
                                  num_workers=num_workers, pin_memory=dev.type == "cuda")
