@@ -1,0 +1,165 @@
+"""Issue 7's driver (scripts/reproduce_fmnist.py) and plan (scripts/reproduce_fmnist_plan.py), on CPU.
+
+The end-to-end test runs the ``smoke`` group as 2 worker processes ("GPUs") on tiny synthetic data; the
+analysis and long-run groups, which take a minute on 2 cores, carry the ``slow`` marker.
+"""
+import json
+import sys
+import tarfile
+
+import pytest
+
+from mita.engine.runner import CONFIG_DIR, build_model_from_config, compose
+
+sys.path.insert(0, str(CONFIG_DIR.parent / "scripts"))
+import reproduce_fmnist  # noqa: E402
+import reproduce_fmnist_plan as plan  # noqa: E402
+
+sys.path.pop(0)
+
+REAL_GROUPS = [name for name in plan.GROUPS if not name.startswith("smoke")]
+TRAIN_RUNS = [(g, r) for g in REAL_GROUPS for r in plan.GROUPS[g] if r.kind in ("train", "fit", "finetune")]
+
+
+@pytest.mark.parametrize("group,run", TRAIN_RUNS, ids=[f"{g}-{r.name}" for g, r in TRAIN_RUNS])
+def test_every_planned_run_composes(group, run, tmp_path):
+    spec = {"overrides": run.overrides, "seed": run.seed, "epochs": run.epochs, "run_dir": str(tmp_path),
+            "data_root": str(tmp_path)}
+    cfg = compose("train", reproduce_fmnist.run_overrides(spec))
+    assert cfg.trainer.epochs == run.epochs and cfg.seed == run.seed and cfg.data.root == str(tmp_path)
+    assert cfg.attention.name in ("standard", "agent", "moba", "topk", "linear", "mita")
+    if run.kind == "fit":
+        assert cfg.data.img_size == 112 and cfg.model.kwargs.patch_size == 2
+    else:
+        assert cfg.experiment_name == "fmnist_repro" and cfg.data.img_size == 28
+
+
+def test_recipe_values():
+    cfg = compose("train", ["experiment=fmnist_repro"])
+    assert cfg.trainer.epochs == plan.EPOCHS == 16 and cfg.trainer.eval_every == plan.EVAL_EVERY
+    assert cfg.model.arch == "deit_tiny_patch16_224" and cfg.model.kwargs.patch_size == 2
+    assert (cfg.attention.num_landmarks, cfg.attention.topk, cfg.data.img_size) == (25, 25, 28)
+    assert cfg.trainer.precision == "bf16" and cfg.logger.name == "none"
+
+
+@pytest.mark.parametrize("overrides,tokens", [([], 197), (["attention.num_landmarks=100", "attention.topk=100"], 3137)])
+def test_long_recipe_builds(overrides, tokens):
+    import torch
+
+    name = "fmnist_repro_long" if tokens > 197 else "fmnist_repro"
+    cfg = compose("train", [f"experiment={name}", "attention=mita", *overrides])
+    model = build_model_from_config(cfg.model, cfg.attention)
+    assert model.patch_embed.num_patches + 1 == tokens
+    with torch.no_grad():
+        assert model(torch.randn(1, 1, cfg.data.img_size, cfg.data.img_size)).shape == (1, 10)
+
+
+def test_plan_groups_fit_one_call():
+    names = [r.name for g in REAL_GROUPS for r in plan.GROUPS[g]]
+    assert len(names) == len(set(names))  # run folders never collide across calls
+    for group in REAL_GROUPS:
+        runs = plan.GROUPS[group]
+        assert len(runs) <= 2 * plan.GPUS
+        if all(r.kind != "fit" for r in runs):
+            assert plan.makespan(runs, plan.GPUS) <= plan.BUDGET_S, group
+    # each call of the plan names existing groups, and every real group is in one call
+    called = [g for calls, _ in plan.CALLS for g in calls.split(",")]
+    assert sorted(called) == sorted(REAL_GROUPS)
+    # the main table: 9 attentions x 2 seeds; the m x k grid: 15 runs + main1's MiTA seed 0
+    main = [r for g in ("main1", "main2") for r in plan.GROUPS[g] if r.name.endswith(("_s0", "_s1"))]
+    assert len(main) == 18
+    assert len([r for g in REAL_GROUPS for r in plan.GROUPS[g] if r.name.startswith("mk_m")]) == 15
+    assert {r.name for r in plan.GROUPS["main1"] if r.export} == {f"{n}_s0" for n in plan.EXPORTS}
+
+
+def test_shard_splits_and_rejects():
+    runs = plan.runs_of("main1")
+    parts = [plan.shard(runs, f"{i}/2") for i in (1, 2)]
+    assert sorted(r.name for p in parts for r in p) == sorted(r.name for r in runs)
+    assert all(plan.makespan(p, 4) <= plan.BUDGET_S for p in parts)
+    for bad in ("0/2", "3/2", "x"):
+        with pytest.raises(ValueError, match="--shard"):
+            plan.shard(runs, bad)
+    with pytest.raises(ValueError, match="unknown group"):
+        plan.runs_of("main9")
+
+
+def test_driver_rejects_bad_arguments(tmp_path, capsys):
+    for argv in (["--plan", "nope", "--out", str(tmp_path), "--smoke"],
+                 ["--plan", "main1", "--out", str(tmp_path), "--data-root", str(tmp_path / "missing")],
+                 ["--plan", "smoke", "--out", str(tmp_path), "--smoke", "--gpus", "0"]):
+        with pytest.raises(SystemExit) as err:
+            reproduce_fmnist.main(argv)
+        assert err.value.code == 2
+
+
+def _summary(out):
+    return json.loads((out / "summary.json").read_text())
+
+
+def test_driver_smoke_end_to_end(tmp_path):
+    out = tmp_path / "out"
+    argv = ["--plan", "smoke", "--out", str(out), "--work", str(tmp_path / "work"), "--smoke", "--gpus", "2",
+            "--budget-s", "300"]
+    assert reproduce_fmnist.main(argv) == 1  # smoke_too_long is skipped, which the exit status says
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["summary.json", "driver.log", "runs.tar.gz", "smoke_mita_fp16.pth", "smoke_standard_fp16.pth"])
+    summary = _summary(out)
+    runs = summary["runs"]
+    assert runs["smoke_too_long"]["status"] == "skipped" and "left" in runs["smoke_too_long"]["reason"]
+    assert summary["not_ok"] == ["smoke_too_long"]
+    for name, seed in (("smoke_mita", 0), ("smoke_standard", 1)):
+        run = runs[name]
+        assert run["status"] == "ok" and run["seed"] == seed and run["epochs"] == 1 and run["card"] == "cpu"
+        assert run["train_command"].startswith("python train.py experiment=fmnist_repro")
+        assert f"seed={seed}" in run["train_command"] and run["eval_command"].startswith("python eval.py")
+        for key in ("top1", "params", "macs", "train_images_per_s", "infer_images_per_s", "wall_s"):
+            assert run[key] is not None and run[key] >= 0, key
+    # the two ran at the same time, one per "GPU"
+    assert {runs["smoke_mita"]["gpu"], runs["smoke_standard"]["gpu"]} == {0, 1}
+    with tarfile.open(out / "runs.tar.gz") as tar:
+        names = set(tar.getnames())
+    assert {"runs/smoke_mita/log.jsonl", "runs/smoke_mita/config.yaml", "runs/smoke_mita/result.json",
+            "runs/smoke_standard/eval.json"} <= names
+    assert not any(n.endswith(".pth") for n in names)
+
+
+def test_driver_stops_a_run_at_the_budget(tmp_path):
+    """A run still going when the budget ends is stopped and reported as killed; nothing else starts."""
+    out = tmp_path / "out"
+    argv = ["--plan", "smoke", "--out", str(out), "--work", str(tmp_path / "work"), "--smoke", "--gpus", "1",
+            "--budget-s", "3"]
+    assert reproduce_fmnist.main(argv) == 1
+    runs = _summary(out)["runs"]
+    statuses = sorted(r["status"] for r in runs.values())
+    assert statuses == ["killed", "skipped", "skipped"], runs
+    assert (out / "runs.tar.gz").is_file() and not list(out.glob("*.pth"))
+
+
+@pytest.mark.slow
+def test_driver_analysis_and_long_groups(tmp_path):
+    first = tmp_path / "first"
+    assert reproduce_fmnist.main(["--plan", "smoke", "--out", str(first), "--work", str(tmp_path / "w1"),
+                                  "--smoke", "--gpus", "2", "--budget-s", "300"]) == 1
+    out = tmp_path / "out"
+    argv = ["--plan", "smoke_analysis,smoke_long", "--out", str(out), "--work", str(tmp_path / "w2"), "--smoke",
+            "--gpus", "4", "--budget-s", "300", "--ckpt-dir", str(first)]
+    assert reproduce_fmnist.main(argv) == 0
+    summary = _summary(out)
+    assert all(r["status"] == "ok" for r in summary["runs"].values()), summary["runs"]
+    assert summary["fit"]["train_images"] >= 8 and set(summary["probes"]) == {"smoke_fit_a_probe", "smoke_fit_b_probe"}
+    assert summary["runs"]["smoke_finetune"]["zero_shot_top1"] is not None
+    assert len(summary["runs"]["smoke_swap"]["swap"]["labels"]) == 2
+    with tarfile.open(out / "runs.tar.gz") as tar:
+        names = set(tar.getnames())
+    assert {"runs/smoke_figures/analysis/pruning.png", "runs/smoke_mk_grid/analysis/mk_grid.json",
+            "runs/smoke_swap/analysis/swap.csv", "runs/smoke_finetune/zero_shot.json"} <= names
+
+
+def test_generalisation_needs_its_checkpoints(tmp_path):
+    out = tmp_path / "out"
+    argv = ["--plan", "smoke_analysis", "--out", str(out), "--work", str(tmp_path / "w"), "--smoke",
+            "--gpus", "1", "--budget-s", "60", "--ckpt-dir", str(tmp_path)]
+    assert reproduce_fmnist.main(argv) == 1
+    runs = _summary(out)["runs"]
+    assert all(r["status"] == "failed" and "lacks" in r["error"] for r in runs.values())
