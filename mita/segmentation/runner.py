@@ -327,7 +327,10 @@ def build_mmseg_config(cfg: Mapping[str, Any]) -> Config:
         if not os.path.isfile(str(resume)):
             raise FileNotFoundError(f"resume={resume!r}: no such checkpoint (use auto, never or a .pth path)")
         mm.resume, mm.load_from = True, str(resume)
-    return mm
+    # the Runner dumps the config under this file's name into the run folder (not under mmseg's base name)
+    base = cfg["mmseg_config"]
+    return Config(mm.to_dict(), cfg_text=f"# mmseg's {base}, changed by mita.segmentation.runner\n",
+                  filename=os.path.join(mm.work_dir, "mmseg_config.py"))
 
 
 def _last_checkpoint(work_dir: str) -> str:
