@@ -47,7 +47,7 @@ def test_long_recipe_builds(overrides, tokens):
     import torch
 
     name = "fmnist_repro_long" if tokens > 197 else "fmnist_repro"
-    cfg = compose("train", [f"experiment={name}", "attention=mita", *overrides])
+    cfg = compose("train", [f"experiment={name}", "attention=mita", "++model.kwargs.depth=1", *overrides])
     model = build_model_from_config(cfg.model, cfg.attention)
     assert model.patch_embed.num_patches + 1 == tokens
     with torch.no_grad():
