@@ -45,7 +45,7 @@ def _attention_settings(model):
 
 
 def test_experiment_list_covers_the_published_rows():
-    expected = set(ZOO_ROWS) | {"finetune", "fmnist", "fmnist_cpu"}
+    expected = set(ZOO_ROWS) | {"finetune", "fmnist", "fmnist_cpu", "fmnist_repro", "fmnist_repro_long"}
     expected |= {f"finetune_vit_{s}_{a}" for s in ("tiny", "small", "base", "large")
                  for a in ("full", "linear", "agent49", "agent64", "mita")}
     assert set(EXPERIMENTS) == expected
