@@ -242,6 +242,17 @@ def test_resume_then_test_single_and_multi_scale(tmp_path, monkeypatch):
 
 
 @needs_mmseg
+def test_flops_mode_needs_no_data(tmp_path):
+    from mita.segmentation import run
+
+    common = _overrides(tmp_path, tmp_path / "no_data", "mode=flops", attention="standard")
+    standard = run(compose("segment", common))
+    mita = run(compose("segment", [*common, "attention=mita", "attention.num_landmarks=4", "attention.topk=4"]))
+    assert standard["gmacs_backbone"] > 0 and standard["gmacs_head"] == pytest.approx(mita["gmacs_head"])
+    assert (Path(compose("segment", common).run_dir) / "flops.json").is_file()
+
+
+@needs_mmseg
 def test_missing_data_root_is_named(tmp_path):
     from mita.segmentation import run
 

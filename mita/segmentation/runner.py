@@ -357,11 +357,13 @@ def model_flops(model: torch.nn.Module, crop: Tuple[int, int]) -> Dict[str, int]
 
 def _flops_only(plain: Dict[str, Any]) -> Dict[str, Any]:
     """``mode=flops``: build the model alone (no data, no checkpoint loading) and record its FLOPs."""
+    from mmengine.registry import init_default_scope
     from mmseg.registry import MODELS
 
     from mita.utils.flops import count_params
 
     mm = build_mmseg_config(plain)
+    init_default_scope(mm.get("default_scope", "mmseg"))
     model = MODELS.build(mm.model)
     crop = tuple(mm.crop_size)
     flops = model_flops(model, crop)
