@@ -1,0 +1,283 @@
+"""Merge the summary.json files of issue 7's driver calls into the tables RESULTS.md needs.
+
+    python scripts/collect_repro.py results/issue7_main1/summary.json results/issue7_main2/summary.json \\
+        results/issue7_ablations/summary.json results/issue7_mk1/summary.json results/issue7_mk2/summary.json \\
+        results/issue7_generalisation/summary.json --out results/issue7_tables
+
+Each summary.json is what ``scripts/reproduce_fmnist.py`` writes (``runs.NAME`` with status, seed, card,
+wall_s, top1, params, macs, train/inference images/s, epoch time, peak memory). Run names are the plan's
+(``scripts/reproduce_fmnist_plan.py``), so a run means the same thing whichever call brought it. A run found in
+several summaries (a rerun) keeps its ``ok`` entry; between entries of the same standing the later file wins.
+
+Writes to ``--out``: ``main.md`` (per attention: seeds, mean ± std of top-1 over the ok seeds, params,
+GMACs, training and inference images/s, cards and wall times), ``ablations.md`` (experts, routing, landmark
+extractors), ``mk_grid.md`` and ``mk_grid.png`` (through ``collect_sweep.py``), ``long.md`` (top-1, s/epoch,
+images/s, peak memory) and ``rows.json`` (every merged run, with the file it came from). Only numbers found in
+the summaries are written: a skipped, killed or failed run shows its status, never a number, and a run no
+summary holds is left out with a line naming it and its group.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import collect_sweep  # noqa: E402
+import reproduce_fmnist_plan as plan_mod  # noqa: E402
+
+_logger = logging.getLogger("collect_repro")
+
+#: the fields of a run copied into rows.json (as the driver wrote them; absent ones stay None)
+FIELDS = ("status", "seed", "epochs", "epochs_done", "card", "gpu", "wall_s", "top1", "top5", "params", "macs",
+          "train_images_per_s", "infer_images_per_s", "epoch_time_s", "peak_mem_gib", "reason", "error",
+          "train_command", "eval_command")
+#: the group of each planned run (for the lines naming what no summary holds)
+GROUP_OF = {run.name: group for group, runs in plan_mod.GROUPS.items() for run in runs}
+PLANNED_SEED = {run.name: run.seed for runs in plan_mod.GROUPS.values() for run in runs}
+MAIN_LABELS = {"standard": "standard", "agent49": "Agent (49)", "moba": "MoBA", "topk50": "top-k (50)",
+               "linear": "linear", "mita": "MiTA (25 + 25)", "mita_dwc": "MiTA + DWC",
+               "mita_dwc_gate": "MiTA + DWC + Gate", "standard_dwc": "standard + DWC"}
+EXPERTS = [("both (m = k = 25)", "mita_s0"), ("route-only", "route_only"), ("compress-only", "compress_only")]
+ROUTING = [("top-1 (k = 25)", "mita_s0"), ("top-2", "top2")]
+EXTRACTORS = [("2-D pool (grid, default)", "mita_s0"), ("1-D pool", "pool_1d"), ("random", "pool_random"),
+              ("learned", "pool_learned"), ("conv", "pool_conv"), ("depthwise conv", "pool_dwconv"),
+              ("token merging (tome)", "pool_tome")]
+LONG = [("standard", "long_standard"), ("MiTA m = k = 100", "long_mita_m100"), ("MiTA m = k = 25", "long_mita_m25")]
+#: the training point of the main table's MiTA, which is the grid's 25 x 25
+MK_CENTRE = ("mita_s0", 25, 25)
+_RANK = {"ok": 0, "killed": 1, "failed": 2, "skipped": 3}
+
+
+def load_summaries(paths: Sequence[str]) -> Tuple[Dict[str, Dict[str, Any]], List[Dict[str, Any]]]:
+    """(run name -> merged row, one dict per summary file: path, plan, fit)."""
+    rows: Dict[str, Dict[str, Any]] = {}
+    sources = []
+    for path in paths:
+        with open(path, encoding="utf-8") as handle:
+            summary = json.load(handle)
+        if not isinstance(summary, dict) or not isinstance(summary.get("runs"), dict):
+            raise ValueError(f"SUMMARY_JSON {path!r}: not a driver summary (no 'runs' object)")
+        setup = summary.get("setup") or {}
+        sources.append({"path": path, "plan": setup.get("plan"), "shard": setup.get("shard"),
+                        "fit": summary.get("fit"), "elapsed_s": summary.get("elapsed_s")})
+        for name, entry in summary["runs"].items():
+            row = {"name": name, "group": GROUP_OF.get(name), "source": path, "plan": setup.get("plan"),
+                   **{key: entry.get(key) for key in FIELDS}}
+            if row["seed"] is None and name in PLANNED_SEED:
+                # a killed or skipped run has no result.json, hence no seed: the plan's run name fixes it
+                row["seed"] = PLANNED_SEED[name]
+            if row["status"] not in _RANK:
+                row["status"] = "failed"
+            old = rows.get(name)
+            if old is not None:
+                _logger.warning("%s is in %s and %s; keeping the %s entry", name, old["source"], path,
+                                "earlier" if _RANK[old["status"]] < _RANK[row["status"]] else "later")
+                if _RANK[old["status"]] < _RANK[row["status"]]:
+                    old.setdefault("also_in", []).append(path)
+                    continue
+                row["also_in"] = [*old.get("also_in", []), old["source"]]
+            rows[name] = row
+    return rows, sources
+
+
+def _num(value: Optional[float], fmt: str) -> str:
+    return "—" if value is None else format(value, fmt)
+
+
+def _status(row: Dict[str, Any]) -> str:
+    """The cell of a run that gave no number: its status and, briefly, why."""
+    status = row["status"]
+    if status == "skipped" and row.get("reason"):
+        return f"skipped ({row['reason']})"
+    if status == "killed":
+        return "killed at the budget"
+    if status == "failed" and row.get("error"):
+        return "failed (" + str(row["error"]).replace("|", "/")[:80] + ")"
+    return status
+
+
+def _wall(row: Dict[str, Any]) -> str:
+    return "—" if row.get("wall_s") is None else f"{row['wall_s']:.0f} s"
+
+
+def _missing_line(names: Sequence[str]) -> List[str]:
+    if not names:
+        return []
+    named = ", ".join(f"`{n}` ({GROUP_OF.get(n) or 'no group'})" for n in names)
+    return ["", f"Not in any summary (left out): {named}."]
+
+
+def _mean(values: Sequence[float]) -> Optional[float]:
+    return sum(values) / len(values) if values else None
+
+
+def main_table(rows: Dict[str, Dict[str, Any]]) -> str:
+    """Per attention of the plan's main table: its seeds' runs merged; a run not ok is named, never averaged."""
+    lines = ["# Main table", "",
+             "top-1: mean ± sample std over the seeds whose run is ok (eval.py on the last checkpoint); params, "
+             "GMACs (multiply-adds of one image) and images/s: mean over the same runs.", "",
+             "| attention | seeds ok | top-1 | params (M) | GMACs | train img/s | infer img/s | not ok | card | wall |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    missing = []
+    for name, _, _ in plan_mod.MAIN:
+        planned = sorted(r.name for g in ("main1", "main2") for r in plan_mod.GROUPS[g]
+                         if r.name.startswith(name + "_s") and r.name[len(name) + 2:].isdigit())
+        found = [rows[n] for n in planned if n in rows]
+        missing += [n for n in planned if n not in rows]
+        if not found:
+            continue
+        ok = sorted((r for r in found if r["status"] == "ok" and r.get("top1") is not None),
+                    key=lambda r: r["seed"])
+        sweep_runs = [{"row": name, "col": "top1", "value": float(r["top1"])} for r in ok]
+        top1 = "no ok run"
+        if ok:
+            mean, std, count = collect_sweep.aggregate(sweep_runs)[2][(name, "top1")]
+            top1 = f"{mean:.2f} ± {std:.2f}" if count > 1 else f"{mean:.2f}"
+        not_ok = "; ".join(f"seed {r['seed']}: {_status(r)}" if r.get("seed") is not None
+                           else f"{r['name']}: {_status(r)}" for r in found if r not in ok)
+        params = _mean([r["params"] for r in ok if r.get("params") is not None])
+        macs = _mean([r["macs"] for r in ok if r.get("macs") is not None])
+        train = _mean([r["train_images_per_s"] for r in ok if r.get("train_images_per_s") is not None])
+        infer = _mean([r["infer_images_per_s"] for r in ok if r.get("infer_images_per_s") is not None])
+        cards = ", ".join(sorted({str(r["card"]) for r in found if r.get("card")})) or "—"
+        walls = ", ".join(f"s{r['seed']} {_wall(r)}" for r in found)
+        seeds = f"{len(ok)} ({', '.join(str(r['seed']) for r in ok)})" if ok else "0"
+        lines.append(f"| {MAIN_LABELS[name]} | {seeds} | {top1} | "
+                     f"{_num(None if params is None else params / 1e6, '.2f')} | "
+                     f"{_num(None if macs is None else macs / 1e9, '.3f')} | {_num(train, ',.0f')} | "
+                     f"{_num(infer, ',.0f')} | {not_ok or '—'} | {cards} | {walls} |")
+    return "\n".join(lines + _missing_line(missing)) + "\n"
+
+
+def _single_table(title: str, header: str, spec: Sequence[Tuple[str, str]],
+                  rows: Dict[str, Dict[str, Any]]) -> List[str]:
+    lines = [f"## {title}", "", f"| {header} | run | top-1 | card | wall | source |", "| --- | --- | --- | --- | --- | --- |"]
+    missing = []
+    for label, name in spec:
+        row = rows.get(name)
+        if row is None:
+            missing.append(name)
+            continue
+        top1 = f"{row['top1']:.2f}" if row["status"] == "ok" and row.get("top1") is not None else _status(row)
+        lines.append(f"| {label} | `{name}` | {top1} | {row.get('card') or '—'} | {_wall(row)} | {row['source']} |")
+    return lines + _missing_line(missing)
+
+
+def ablation_tables(rows: Dict[str, Dict[str, Any]]) -> str:
+    lines = ["# Ablations", "", "One run each (seed 0); \"both\", \"top-1\" and the 2-D pool are the main table's "
+             "MiTA seed 0.", ""]
+    lines += _single_table("Experts", "experts", EXPERTS, rows) + [""]
+    lines += _single_table("Routing", "routing", ROUTING, rows) + [""]
+    lines += _single_table("Landmark extractor", "landmark extractor", EXTRACTORS, rows)
+    return "\n".join(lines) + "\n"
+
+
+def mk_points() -> List[Tuple[str, int, int]]:
+    """(run name, m, k) of every point of the training grid, the main table's MiTA seed 0 included."""
+    points = [MK_CENTRE]
+    for m in plan_mod.MK_VALUES:
+        for k in plan_mod.MK_VALUES:
+            if (m, k) != MK_CENTRE[1:]:
+                points.append((f"mk_m{m}_k{k}", m, k))
+    return points
+
+
+def mk_runs(rows: Dict[str, Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """The ok grid runs as collect_sweep's run dicts (value = top-1 of eval.py on the last checkpoint)."""
+    runs = []
+    for name, m, k in mk_points():
+        row = rows.get(name)
+        if row is not None and row["status"] == "ok" and row.get("top1") is not None:
+            runs.append({"folder": name, "row": m, "col": k, "seed": row.get("seed"),
+                         "epoch": row.get("epochs_done"), "epochs": row.get("epochs"),
+                         "value": float(row["top1"])})
+    return runs
+
+
+def mk_table(rows: Dict[str, Dict[str, Any]], runs: Sequence[Dict[str, Any]]) -> str:
+    lines = ["# m x k training grid", "",
+             "top1 = eval.py's top-1 of the last checkpoint (the table below is collect_sweep.py's; '—' = no ok run).",
+             ""]
+    lines.append(collect_sweep.markdown(runs, "top1", "m", "k") if runs else "No grid point has an ok run.\n")
+    lines += ["| run | m | k | status | card | wall | source |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    missing = []
+    for name, m, k in mk_points():
+        row = rows.get(name)
+        if row is None:
+            missing.append(name)
+            continue
+        lines.append(f"| `{name}` | {m} | {k} | {_status(row)} | {row.get('card') or '—'} | {_wall(row)} | "
+                     f"{row['source']} |")
+    return "\n".join(lines + _missing_line(missing)) + "\n"
+
+
+def long_table(rows: Dict[str, Dict[str, Any]], sources: Sequence[Dict[str, Any]]) -> str:
+    lines = ["# Long sequences (112 x 112, 3,137 tokens)", ""]
+    for source in sources:
+        fit = source.get("fit")
+        if fit:
+            lines.append(f"Training subset from {source['path']}: {fit.get('train_images')} images x "
+                         f"{fit.get('epochs')} epochs (slowest probe {_num(fit.get('slowest_images_per_s'), ',.0f')}"
+                         " images/s).")
+    lines += ["", "| attention | run | top-1 | s / epoch | train img/s | peak memory (GiB) | card | wall |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    missing = []
+    for label, name in LONG:
+        row = rows.get(name)
+        if row is None:
+            missing.append(name)
+            continue
+        if row["status"] == "ok":
+            cells = [_num(row.get("top1"), ".2f"), _num(row.get("epoch_time_s"), ".1f"),
+                     _num(row.get("train_images_per_s"), ",.0f"), _num(row.get("peak_mem_gib"), ".2f")]
+        else:
+            cells = [_status(row)] * 4
+        lines.append(f"| {label} | `{name}` | {' | '.join(cells)} | {row.get('card') or '—'} | {_wall(row)} |")
+    return "\n".join(lines + _missing_line(missing)) + "\n"
+
+
+def collect(paths: Sequence[str], out: str, png: bool = True) -> Dict[str, str]:
+    """Write every table to ``out``; returns {table name: path}."""
+    rows, sources = load_summaries(paths)
+    os.makedirs(out, exist_ok=True)
+    runs = mk_runs(rows)
+    texts = {"main": main_table(rows), "ablations": ablation_tables(rows), "mk_grid": mk_table(rows, runs),
+             "long": long_table(rows, sources)}
+    written = {}
+    for name, text in texts.items():
+        written[name] = os.path.join(out, f"{name}.md")
+        with open(written[name], "w", encoding="utf-8") as handle:
+            handle.write(text)
+    if png and runs:
+        written["mk_grid_png"] = collect_sweep.heatmap(runs, "top1", "m", "k", os.path.join(out, "mk_grid.png"))
+    written["rows"] = os.path.join(out, "rows.json")
+    with open(written["rows"], "w", encoding="utf-8") as handle:
+        json.dump({"sources": sources, "rows": [rows[n] for n in sorted(rows)]}, handle, indent=2)
+    return written
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("summaries", nargs="+", metavar="SUMMARY_JSON", help="summary.json of a driver call")
+    parser.add_argument("--out", required=True, help="folder for the Markdown tables and rows.json")
+    parser.add_argument("--no-png", action="store_true", help="skip the m x k heatmap")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    bad = [p for p in args.summaries if not os.path.isfile(p)]
+    if bad:
+        parser.error(f"argument SUMMARY_JSON: {bad} are not files")
+    try:
+        written = collect(args.summaries, args.out, png=not args.no_png)
+    except (ValueError, json.JSONDecodeError) as err:
+        parser.error(str(err))
+    _logger.info("wrote %s", ", ".join(sorted(written.values())))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

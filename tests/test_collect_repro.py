@@ -1,0 +1,139 @@
+"""scripts/collect_repro.py on synthetic summary.json files written in the driver's format (reproduce_fmnist.py)."""
+import json
+import sys
+
+import pytest
+
+from mita.engine.runner import CONFIG_DIR
+
+sys.path.insert(0, str(CONFIG_DIR.parent / "scripts"))
+import collect_repro  # noqa: E402
+
+sys.path.pop(0)
+
+
+def _ok(name, seed, top1, card="NVIDIA H100 80GB HBM3", wall=400.0, **extra):
+    """A run entry as Driver.finish records it: the worker's result.json plus status, estimate, gpu, wall_s."""
+    entry = {"status": "ok", "estimate_s": 471.0, "name": name, "kind": "train", "seed": seed, "epochs": 16,
+             "probe": False, "card": card, "torch": "2.11.0", "train_command": f"python train.py seed={seed}",
+             "train_s": wall - 20, "peak_mem_gib": 3.5, "last_record": {}, "epochs_done": 16,
+             "train_images_per_s": 3000.0, "epoch_time_s": 20.0, "last_val_acc1": top1, "best_acc1": top1,
+             "eval_command": "python eval.py", "top1": top1, "top5": 99.0, "params": 5_500_000,
+             "macs": 1_100_000_000, "eval_images_per_s": 6000.0, "infer_images_per_s": 9000.0,
+             "infer_batch": 256, "infer_precision": "bf16", "wall_s": wall, "gpu": 0}
+    entry.update(extra)
+    return entry
+
+
+def _write(path, plan, runs, fit=None):
+    summary = {"runs": runs, "fit": fit, "elapsed_s": 555.0,
+               "setup": {"argv": [], "plan": plan, "shard": None, "gpus": 8, "budget_s": 560.0,
+                         "recipe": ["experiment=fmnist_repro"], "epochs": 16, "runs": sorted(runs)},
+               "exports": {}, "not_ok": sorted(n for n, r in runs.items() if r["status"] != "ok")}
+    path.write_text(json.dumps(summary))
+    return str(path)
+
+
+@pytest.fixture
+def summaries(tmp_path):
+    main1 = _write(tmp_path / "main1.json", "main1", {
+        "mita_s0": _ok("mita_s0", 0, 90.0),
+        "mita_s1": _ok("mita_s1", 1, 91.0, wall=410.0),
+        "standard_s0": _ok("standard_s0", 0, 92.5),
+        # killed at the budget: the driver adds the log's stats, which must never reach a table
+        "mita_dwc_s0": {"status": "killed", "estimate_s": 480.0, "epochs_done": 9, "train_images_per_s": 2100.0,
+                        "epoch_time_s": 28.0, "last_val_acc1": 77.7, "best_acc1": 77.7, "gpu": 3, "wall_s": 560.2},
+        "mita_dwc_s1": _ok("mita_dwc_s1", 1, 93.25),
+        "linear_s0": {"status": "skipped", "estimate_s": 243.0, "reason": "estimated 243 s, 12 s left"},
+    })
+    ablations = _write(tmp_path / "ablations.json", "ablations", {
+        "top2": _ok("top2", 0, 88.8),
+        "pool_random": {"status": "skipped", "estimate_s": 471.0, "reason": "the budget ran out before it could start"},
+        "mk_m9_k9": _ok("mk_m9_k9", 0, 85.5),
+    })
+    mk1 = _write(tmp_path / "mk1.json", "mk1", {"mk_m9_k16": _ok("mk_m9_k16", 0, 86.0, card="NVIDIA H200")})
+    long = _write(tmp_path / "long.json", "generalisation,long", {
+        "long_standard": _ok("long_standard", 0, 80.0, kind="fit", peak_mem_gib=30.25, epoch_time_s=100.0),
+        "long_mita_m25": {"status": "failed", "estimate_s": 300.0, "error": "RuntimeError: CUDA out of memory",
+                          "wall_s": 12.0, "card": "NVIDIA H100 80GB HBM3", "seed": 0},
+    }, fit={"slowest_images_per_s": 400.0, "val_images_per_s": 3000.0, "epochs": 4, "train_images": 41000,
+            "left_s": 450.0})
+    return [main1, ablations, mk1, long]
+
+
+def _read(out, name):
+    return (out / f"{name}.md").read_text()
+
+
+def _line(text, start):
+    hits = [line for line in text.splitlines() if line.startswith(start)]
+    assert len(hits) == 1, (start, text)
+    return hits[0]
+
+
+def test_main_table(summaries, tmp_path):
+    out = tmp_path / "out"
+    assert collect_repro.main([*summaries, "--out", str(out), "--no-png"]) == 0
+    text = _read(out, "main")
+    mita = _line(text, "| MiTA (25 + 25) |")
+    assert "| 2 (0, 1) | 90.50 ± 0.71 |" in mita and "| 5.50 | 1.100 | 3,000 | 9,000 |" in mita
+    assert "s0 400 s, s1 410 s" in mita and "NVIDIA H100 80GB HBM3" in mita
+    # one seed ok, the other killed: the killed one is named, its log's 77.7 appears nowhere
+    dwc = _line(text, "| MiTA + DWC |")
+    assert "| 1 (1) | 93.25 |" in dwc and "seed 0: killed at the budget" in dwc and "s0 560 s" in dwc
+    assert "77.7" not in text and "2,100" not in text
+    linear = _line(text, "| linear |")
+    assert "| 0 | no ok run |" in linear and "skipped (estimated 243 s, 12 s left)" in linear
+    assert "| — | — | — | — |" in linear
+    # main2 never ran: its attentions have no row, and a line names the missing runs with their group
+    assert "| MoBA |" not in text and "| top-k (50) |" not in text
+    missing = _line(text, "Not in any summary")
+    assert "`moba_s0` (main2)" in missing and "`standard_s1` (main2)" in missing and "mita_s0" not in missing
+
+
+def test_ablations_mk_long_and_rows(summaries, tmp_path):
+    out = tmp_path / "out"
+    written = collect_repro.collect(summaries, str(out), png=False)
+    assert set(written) == {"main", "ablations", "mk_grid", "long", "rows"}
+    text = _read(out, "ablations")
+    assert "| both (m = k = 25) | `mita_s0` | 90.00 |" in text and "| top-2 | `top2` | 88.80 |" in text
+    assert "| random | `pool_random` | skipped (the budget ran out before it could start) | — | — |" in text
+    assert "`route_only` (main2)" in text and "`pool_tome` (ablations)" in text
+
+    grid = _read(out, "mk_grid")
+    # collect_sweep's table: only the columns some ok run has (k = 36 has none yet)
+    assert "| 9 | 85.50 | 86.00 | — |" in grid and "| 25 | — | — | 90.00 |" in grid and "| 36 |" not in grid
+    assert "NVIDIA H200" in _line(grid, "| `mk_m9_k16` |")
+    assert "`mk_m36_k36` (mk2)" in grid and "`mk_m9_k25` (mk1)" in grid
+
+    long = _read(out, "long")
+    assert "41000 images x 4 epochs" in long
+    assert "| standard | `long_standard` | 80.00 | 100.0 | 3,000 | 30.25 |" in long
+    assert _line(long, "| MiTA m = k = 25 |").count("failed (RuntimeError: CUDA out of memory)") == 4
+    assert "`long_mita_m100` (long)" in long
+
+    rows = {r["name"]: r for r in json.loads((out / "rows.json").read_text())["rows"]}
+    assert rows["mita_dwc_s0"]["status"] == "killed" and rows["mita_dwc_s0"]["top1"] is None
+    assert rows["mk_m9_k16"]["source"] == summaries[2] and rows["mita_s0"]["group"] == "main1"
+
+
+def test_rerun_keeps_the_ok_entry_and_png(summaries, tmp_path):
+    rerun = _write(tmp_path / "rerun.json", "main1", {
+        "linear_s0": _ok("linear_s0", 0, 89.0, card="NVIDIA H200"),
+        "mita_s0": {"status": "skipped", "estimate_s": 471.0, "reason": "x"}})
+    out = tmp_path / "out"
+    written = collect_repro.collect([*summaries, rerun], str(out))
+    text = _read(out, "main")
+    assert "| 1 (0) | 89.00 |" in _line(text, "| linear |") and "| 2 (0, 1) | 90.50 ± 0.71 |" in text
+    rows = {r["name"]: r for r in json.loads((out / "rows.json").read_text())["rows"]}
+    assert rows["linear_s0"]["also_in"] == [summaries[0]] and rows["mita_s0"]["also_in"] == [rerun]
+    assert (out / "mk_grid.png").stat().st_size > 0 and written["mk_grid_png"].endswith("mk_grid.png")
+
+
+def test_rejects_bad_input(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"setup": {}}))
+    for argv in ([str(tmp_path / "missing.json"), "--out", str(tmp_path)], [str(bad), "--out", str(tmp_path)]):
+        with pytest.raises(SystemExit) as err:
+            collect_repro.main(argv)
+        assert err.value.code == 2
