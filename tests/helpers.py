@@ -15,3 +15,18 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 def assert_close(a: torch.Tensor, b: torch.Tensor, tol: float, name: str = "tensor") -> None:
     err = rel_err(a, b)
     assert err <= tol, f"{name}: relative error {err:.3e} > {tol:.1e}"
+
+
+def attention_inputs(B, H, N, d, m, dtype, seed=0, device="cpu"):
+    """q, k, v [B, H, N, d] and landmarks [B, H, m, d], drawn in float32 from ``seed``, cast to ``dtype`` on
+    ``device``, each a leaf that requires grad."""
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(B, H, N, d, generator=g) for _ in range(3))
+    landmarks = torch.randn(B, H, m, d, generator=g)
+    return [t.to(device=device, dtype=dtype).requires_grad_() for t in (q, k, v, landmarks)]
+
+
+def input_grads(out, inputs, grad_out):
+    """Gradients of ``out`` for each input given ``grad_out``; zeros for an input ``out`` does not use."""
+    grads = torch.autograd.grad(out, inputs, grad_out, allow_unused=True)
+    return [torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs)]

@@ -6,7 +6,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from mita.functional import mita_attention, mita_attention_macs, mita_routing
-from tests.helpers import assert_close, rel_err
+from tests.helpers import assert_close, input_grads as _grads, rel_err
 
 # (N, description): DeiT 14x14+1, ViT-B/512 32x32+1, a non-square 10x15+1 grid, 63 tokens without prefix
 TOKEN_CASES = [197, 1025, 151, 63]
@@ -19,11 +19,6 @@ def _inputs(B, H, N, d, m, dtype=torch.float64, seed=0):
     q, k, v = (torch.randn(B, H, N, d, generator=g, dtype=dtype) for _ in range(3))
     landmarks = torch.randn(B, H, m, d, generator=g, dtype=dtype)
     return [t.requires_grad_() for t in (q, k, v, landmarks)]
-
-
-def _grads(out, inputs, grad_out):
-    grads = torch.autograd.grad(out, inputs, grad_out, allow_unused=True)
-    return [torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs)]
 
 
 def _compare(B, H, N, d, m, topk, r, shared, scale, tol=1e-10, seed=0, routing=None):

@@ -20,7 +20,7 @@ pytest.importorskip("triton")
 from mita import kernels  # noqa: E402
 from mita.kernels import small_ops  # noqa: E402
 from mita.functional import mita_attention, mita_routing  # noqa: E402
-from tests.helpers import rel_err  # noqa: E402
+from tests.helpers import attention_inputs, input_grads as _grads, rel_err  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="Triton kernels unavailable here")
@@ -55,15 +55,7 @@ def small_blocks(monkeypatch):
 
 
 def _inputs(B, H, N, d, m, dtype, seed=0, device=DEVICE):
-    g = torch.Generator().manual_seed(seed)
-    q, k, v = (torch.randn(B, H, N, d, generator=g) for _ in range(3))
-    landmarks = torch.randn(B, H, m, d, generator=g)
-    return [t.to(device=device, dtype=dtype).requires_grad_() for t in (q, k, v, landmarks)]
-
-
-def _grads(out, inputs, grad_out):
-    grads = torch.autograd.grad(out, inputs, grad_out, allow_unused=True)
-    return [torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs)]
+    return attention_inputs(B, H, N, d, m, dtype, seed, device)
 
 
 def _shared_scale(d, scale):
