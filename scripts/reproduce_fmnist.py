@@ -55,6 +55,8 @@ _logger = logging.getLogger("reproduce_fmnist")
 PROBE_STEPS, PROBE_VAL = 20, 512
 #: files of a run folder that go into runs.tar.gz
 PACKED = (".json", ".jsonl", ".yaml", ".log", ".csv", ".md", ".png")
+#: what a training run does after its last epoch: evaluation (as eval.py, with FLOPs), inference timing, export
+FINAL_S = 15.0
 #: inference timing: batch, warm-up and timed forwards
 INFER_BATCH, INFER_WARMUP, INFER_REPS = 256, 5, 20
 
@@ -255,10 +257,11 @@ def worker(spec_path: str) -> int:
 
 
 class Job:
-    def __init__(self, run: plan_mod.Run, probe: bool = False, estimate: Optional[float] = None) -> None:
+    def __init__(self, run: plan_mod.Run, probe: bool = False, estimate: Optional[float] = None,
+                 slowdown: float = 1.0) -> None:
         self.run, self.probe = run, probe
         self.name = f"{run.name}_probe" if probe else run.name
-        self.estimate = estimate if estimate is not None else run.estimate()
+        self.estimate = estimate if estimate is not None else run.estimate() * slowdown
         self.extra: List[str] = []
         self.proc: Optional[subprocess.Popen] = None
         self.gpu: Optional[int] = None
@@ -271,6 +274,8 @@ class Driver:
         self.work = args.work or tempfile.mkdtemp(prefix="mita_repro_")
         self.start = time.perf_counter()
         self.summary: Dict[str, Any] = {"runs": {}, "fit": None}
+        # each run's estimate is for a GPU of its own: with several runs on one GPU, each is this much slower
+        self.slowdown = args.slowdown if args.slowdown is not None else plan_mod.slowdown(args.slots)
 
     def left(self) -> float:
         return self.args.budget_s - (time.perf_counter() - self.start)
@@ -323,7 +328,7 @@ class Driver:
         job.gpu, job.started = gpu, time.perf_counter()
         _logger.info("started %s on GPU %d (estimate %.0f s, %.0f s left)", job.name, gpu, job.estimate, self.left())
 
-    def finish(self, job: Job, killed: bool = False) -> Dict[str, Any]:
+    def finish(self, job: Job, killed: bool = False, reason: Optional[str] = None) -> Dict[str, Any]:
         path = os.path.join(self.work, "runs", job.name, "result.json")
         result = json.load(open(path, encoding="utf-8")) if os.path.isfile(path) else {}
         wall = time.perf_counter() - job.started
@@ -334,6 +339,8 @@ class Driver:
             status = result.get("status", "failed")
         info = {k: v for k, v in result.items() if k != "status"}
         info.update(gpu=job.gpu, wall_s=round(wall, 1))
+        if reason:
+            info["reason"] = reason
         self.record(job, status, **info)
         _logger.info("%s %s after %.0f s%s", job.name, status, wall,
                      f": top-1 {result['top1']:.2f}" if result.get("top1") is not None else "")
@@ -343,12 +350,20 @@ class Driver:
         """Longest first on the GPU that frees first; fit runs after their probes have sized them."""
         fit = [r for r in self.runs if r.kind == "fit"]
         queue = [Job(r, probe=True, estimate=60.0 if not self.args.smoke else 1.0) for r in fit]
-        queue += sorted((Job(r) for r in self.runs if r.kind != "fit"), key=lambda j: -j.estimate)
+        queue += sorted((Job(r, slowdown=self.slowdown) for r in self.runs if r.kind != "fit"),
+                        key=lambda j: -j.estimate)
         probes_left = {r.name for r in fit}
         probe_results: Dict[str, Dict[str, Any]] = {}
-        free = list(range(self.args.gpus))
+        # --slots runs at a time on each GPU, spread over the GPUs first
+        free = [gpu for _ in range(self.args.slots) for gpu in range(self.args.gpus)]
         running: List[Job] = []
+        checked = time.perf_counter()
         while queue or running:
+            if time.perf_counter() - checked >= (0.5 if self.args.smoke else 10.0):
+                checked = time.perf_counter()
+                for job in [j for j in running if self._overruns(j)]:
+                    running.remove(job)
+                    free.append(job.gpu)
             for job in list(running):
                 if job.proc.poll() is not None:
                     running.remove(job)
@@ -383,6 +398,28 @@ class Driver:
                 else:
                     running.append(job)
             time.sleep(0.2 if self.args.smoke else 1.0)
+
+    def _overruns(self, job: Job) -> bool:
+        """Stop ``job`` now if its logged epochs say it cannot end inside the budget (frees its GPU share)."""
+        if job.probe or job.run.kind not in ("train", "finetune", "fit"):
+            return False
+        stats = _log_stats(os.path.join(self.work, "runs", job.name))
+        done = stats.get("epochs_done", 0)
+        if done < 2 or done >= job.run.epochs:
+            return False
+        elapsed = time.perf_counter() - job.started
+        rest = (job.run.epochs - done) * stats["epoch_time_s"]
+        # the epochs left at the median epoch time (evaluations included) and the final evaluation, inference
+        # timing and export (the start-up, Triton's compilation among it, is behind it and not counted again)
+        projected = elapsed + rest + FINAL_S
+        if projected <= elapsed + self.left():
+            return False
+        reason = (f"stopped after {done} of {job.run.epochs} epochs: projected to need {projected:.0f} s, "
+                  f"{elapsed + self.left():.0f} s were left at its start")
+        _logger.warning("%s %s", job.name, reason)
+        _stop(job.proc)
+        self.finish(job, killed=True, reason=reason)
+        return True
 
     def _sized(self, fit: Sequence[plan_mod.Run], probes: Dict[str, Dict[str, Any]]) -> List[Job]:
         """One training subset for every fit run: the largest the slowest probed run finishes in the time left."""
@@ -463,9 +500,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--out", help="folder for summary.json, driver.log, runs.tar.gz and the fp16 exports")
     parser.add_argument("--data-root", default=None, help="Fashion-MNIST folder (the four *-ubyte.gz files)")
     parser.add_argument("--gpus", type=int, default=None, help="GPUs to use, one run each (default: all visible)")
+    parser.add_argument("--slots", type=int, default=1,
+                        help="runs at a time on each GPU (default 1; see reproduce_fmnist_plan.SLOWDOWN)")
+    parser.add_argument("--slowdown", type=float, default=None,
+                        help="how much slower each run is with --slots runs on a GPU (default: the plan's)")
     parser.add_argument("--budget-s", type=float, default=plan_mod.BUDGET_S,
                         help=f"start no run that would end later, stop runs at it (default {plan_mod.BUDGET_S:.0f})")
     parser.add_argument("--shard", default=None, metavar="I/N", help="run the I-th of N balanced parts of the plan")
+    parser.add_argument("--only", default=None, metavar="RUN,RUN",
+                        help="run only these runs of the plan (comma-separated names)")
     parser.add_argument("--ckpt-dir", default=None, help="folder with the exported NAME_fp16.pth (generalisation)")
     parser.add_argument("--work", default=None, help="folder for run folders and checkpoints (default: temporary)")
     parser.add_argument("--smoke", action="store_true", help="tiny synthetic runs on CPU (tests of this driver)")
@@ -479,12 +522,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error("--plan and --out are required")
     try:
         runs = plan_mod.shard(plan_mod.runs_of(args.plan), args.shard)
+        if args.only:
+            wanted = [n for n in args.only.split(",") if n]
+            unknown = sorted(set(wanted) - {r.name for r in runs})
+            if unknown or not wanted:
+                raise ValueError(f"argument --only: {unknown or args.only!r} not in --plan {args.plan}"
+                                 + (f" --shard {args.shard}" if args.shard else "")
+                                 + f"; valid: {[r.name for r in runs]}")
+            runs = [r for r in runs if r.name in wanted]
     except ValueError as err:
         parser.error(str(err))
     if args.gpus is None:
         args.gpus = _gpus()
     if args.gpus < 1:
         parser.error(f"argument --gpus: must be >= 1, got {args.gpus}")
+    if args.slots < 1:
+        parser.error(f"argument --slots: must be >= 1, got {args.slots}")
+    if args.slowdown is not None and args.slowdown <= 0:
+        parser.error(f"argument --slowdown: must be > 0, got {args.slowdown}")
     if args.budget_s <= 0:
         parser.error(f"argument --budget-s: must be > 0, got {args.budget_s}")
     if not args.smoke and (args.data_root is None or not os.path.isdir(args.data_root)):
@@ -510,7 +565,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     driver = Driver(args, runs)
     try:
         driver.summary["setup"] = {"argv": list(sys.argv if argv is None else argv), "plan": args.plan,
-                                   "shard": args.shard, "gpus": args.gpus, "budget_s": args.budget_s,
+                                   "shard": args.shard, "gpus": args.gpus, "slots": args.slots,
+                                   "slowdown": driver.slowdown, "budget_s": args.budget_s,
                                    "recipe": plan_mod.RECIPE, "epochs": plan_mod.EPOCHS,
                                    "runs": [r.name for r in runs]}
         driver.save()

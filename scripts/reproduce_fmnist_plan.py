@@ -69,6 +69,10 @@ VAL_SPEED = 6000.0
 CROWDING = 1.1
 #: process start, data, model, first-step compilation, final evaluation, FLOPs, inference timing, export
 OVERHEAD_S = 25.0
+#: with S runs at a time on one GPU (the driver's --slots), each run is this much slower than alone; S = 1 is
+#: alone by definition; other counts are measured by scripts/bench_models.py --concurrent (see SLOWDOWN_NOTE)
+SLOWDOWN: Dict[int, float] = {1: 1.0}
+SLOWDOWN_NOTE = "not measured yet: S runs on one GPU are assumed S times slower each (no gain from sharing)"
 #: what the driver gets of a 600 s call (the rest: installing the wheels, packing, copying back)
 BUDGET_S = 560.0
 GPUS = 8
@@ -187,6 +191,17 @@ CALLS: List[Tuple[str, str]] = [
     ("main1", ""), ("main2", ""), ("ablations", ""), ("mk1", ""), ("mk2", ""),
     ("generalisation,long", "main1's three *_fp16.pth in --ckpt-dir"),
 ]
+
+
+def slowdown(slots: int) -> float:
+    """How much slower each of ``slots`` runs sharing one GPU is than one run alone (:data:`SLOWDOWN`)."""
+    if slots < 1:
+        raise ValueError(f"slots must be >= 1, got {slots}")
+    if slots in SLOWDOWN:
+        return SLOWDOWN[slots]
+    # between measured counts, the next smaller one's per-run slowdown scaled by the extra runs (no gain)
+    known = max(s for s in SLOWDOWN if s <= slots)
+    return SLOWDOWN[known] * slots / known
 
 
 def runs_of(plan: str) -> List[Run]:

@@ -2,6 +2,7 @@
 op's float64 reference on the same routing, and both benchmark scripts end to end in their CPU smoke mode."""
 import csv
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -211,3 +212,27 @@ def test_bench_scripts_on_gpu(tmp_path, capsys):
     throughput = _load_script("bench_throughput")
     assert throughput.main(["--log2n", "10,11", "--out", str(tmp_path)]) == 0
     assert all(r["status"] == "ok" for r in _rows(tmp_path / "throughput.csv"))
+
+
+def test_bench_models_cpu_smoke(tmp_path, capsys):
+    bench = _load_script("bench_models")
+    assert bench.main(["--cpu-smoke", "--attentions", "standard,mita", "--concurrent", "2", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "models.json").read_text())
+    rows = {r["attention"]: r for r in report["rows"]}
+    assert set(rows) == {"standard", "mita"} and not report["failed"]
+    for row in rows.values():
+        assert row["params"] > 0 and row["gmacs"] > 0 and row["train_images_per_s"] > 0
+        assert row["infer_images_per_s"] > 0
+    assert rows["standard"]["train_vs_standard"] == pytest.approx(1.0)
+    sharing = json.loads((tmp_path / "sharing.json").read_text())["rows"]
+    assert [(s["attention"], s["copies"], len(s["train_images_per_s_each"])) for s in sharing] == [
+        ("standard", 2, 2), ("mita", 2, 2)]
+    assert "| attention | params (M)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv", [["--attentions", "nope"], ["--concurrent", "0"], ["--steps", "0"]])
+def test_bench_models_rejects_bad_arguments(tmp_path, argv):
+    bench = _load_script("bench_models")
+    with pytest.raises(SystemExit) as err:
+        bench.main([*argv, "--cpu-smoke", "--out", str(tmp_path)])
+    assert err.value.code == 2

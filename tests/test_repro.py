@@ -163,3 +163,60 @@ def test_generalisation_needs_its_checkpoints(tmp_path):
     assert reproduce_fmnist.main(argv) == 1
     runs = _summary(out)["runs"]
     assert all(r["status"] == "failed" and "lacks" in r["error"] for r in runs.values())
+
+
+def test_slowdown_of_shared_gpus():
+    assert plan.slowdown(1) == 1.0
+    # between measured counts: the largest measured count's slowdown, scaled by the extra runs
+    known = max(plan.SLOWDOWN)
+    assert plan.slowdown(known + 1) == pytest.approx(plan.SLOWDOWN[known] * (known + 1) / known)
+    with pytest.raises(ValueError, match="slots"):
+        plan.slowdown(0)
+
+
+def test_driver_slots_share_one_gpu_and_only_selects(tmp_path):
+    out = tmp_path / "out"
+    argv = ["--plan", "smoke", "--only", "smoke_mita,smoke_standard", "--out", str(out), "--work",
+            str(tmp_path / "work"), "--smoke", "--gpus", "1", "--slots", "2", "--budget-s", "300"]
+    assert reproduce_fmnist.main(argv) == 0
+    summary = _summary(out)
+    assert set(summary["runs"]) == {"smoke_mita", "smoke_standard"}
+    assert summary["setup"]["slots"] == 2 and summary["setup"]["slowdown"] == plan.slowdown(2)
+    assert all(r["status"] == "ok" and r["gpu"] == 0 for r in summary["runs"].values())
+
+
+@pytest.mark.parametrize("extra", [["--only", "nope"], ["--slots", "0"], ["--slowdown", "0"]])
+def test_driver_rejects_bad_slots_and_selections(tmp_path, extra):
+    with pytest.raises(SystemExit) as err:
+        reproduce_fmnist.main(["--plan", "smoke", "--out", str(tmp_path), "--smoke", *extra])
+    assert err.value.code == 2
+
+
+def _job_with_log(tmp_path, epochs_done, epoch_s, epochs=10):
+    import argparse
+
+    args = argparse.Namespace(budget_s=100.0, slots=1, slowdown=None, work=str(tmp_path), smoke=True, out=str(tmp_path))
+    driver = reproduce_fmnist.Driver(args, [])
+    job = reproduce_fmnist.Job(plan.Run("r", epochs=epochs, estimate_s=1.0))
+    job.started, job.gpu = driver.start, 0
+    run_dir = tmp_path / "runs" / "r"
+    run_dir.mkdir(parents=True)
+    lines = [json.dumps({"epoch": i, "train_images_per_s": 1.0, "epoch_time_s": epoch_s}) for i in range(epochs_done)]
+    (run_dir / "log.jsonl").write_text("\n".join(lines) + "\n")
+    return driver, job
+
+
+def test_driver_stops_early_a_run_projected_past_the_budget(tmp_path, monkeypatch):
+    stopped = []
+    monkeypatch.setattr(reproduce_fmnist, "_stop", stopped.append)
+    # 2 of 10 epochs at 30 s: 240 s more do not fit the 100 s budget -> stopped now, with the projection
+    driver, job = _job_with_log(tmp_path / "a", 2, 30.0)
+    assert driver._overruns(job) and stopped == [job.proc]
+    entry = driver.summary["runs"]["r"]
+    assert entry["status"] == "killed" and "projected" in entry["reason"] and entry["epochs_done"] == 2
+    # 2 of 10 epochs at 5 s: 40 s + the final evaluation fit -> left running
+    driver, job = _job_with_log(tmp_path / "b", 2, 5.0)
+    assert not driver._overruns(job)
+    # one epoch logged (it holds the start-up and compilation): no projection yet
+    driver, job = _job_with_log(tmp_path / "c", 1, 500.0)
+    assert not driver._overruns(job)

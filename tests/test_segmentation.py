@@ -234,6 +234,10 @@ def test_resume_then_test_single_and_multi_scale(tmp_path, monkeypatch):
     assert [e["iter"] for e in second["evaluations"]] == [3]
     lines = [json.loads(line) for line in (Path(cfg.run_dir) / "metrics.jsonl").read_text().splitlines()]
     assert [line["iter"] for line in lines] == [2, 3]
+    # the same command again: the run is finished, nothing trains, and its weights are validated, not
+    # reported with empty metrics
+    again = run(cfg)
+    assert [e["iter"] for e in again["evaluations"]] == [3] and again["mIoU"] == pytest.approx(second["mIoU"])
     single = run(compose("segment", _overrides(tmp_path, data_root, "mode=test", "trainer.max_iters=3")))
     assert single["evaluations"][-1]["split"] == "test" and 0.0 <= single["mIoU"] <= 100.0
     multi = run(compose("segment", _overrides(tmp_path, data_root, "mode=test", "tta=true",

@@ -423,7 +423,12 @@ def run(cfg: Mapping[str, Any]) -> Dict[str, Any]:
     recorder = next(h for h in runner.hooks if isinstance(h, SegRecordHook))
     start = time.perf_counter()
     if plain.get("mode", "train") == "train":
+        evaluated = len(recorder.records)
         runner.train()
+        if len(recorder.records) == evaluated:
+            # no validation during this call: it resumed a finished run (or val_interval > max_iters), so
+            # the weights it ends with are validated now rather than reported without metrics
+            runner.val()
     else:
         runner.test()
     metrics = recorder.records[-1] if recorder.records else {}
