@@ -2,6 +2,7 @@
 
     python3 scripts/bench_models.py --out $OUT                          # the main table's nine attentions
     python3 scripts/bench_models.py --attentions mita,standard --concurrent 1,2,4 --out $OUT   # GPU sharing
+    python3 scripts/bench_models.py --attentions mita,standard --compile --warmup 20 --out $OUT   # torch.compile
     python3 scripts/bench_models.py --cpu-smoke --out /tmp/bm           # tiny CPU run of the pipeline (tests)
 
 Each model is built from train.py's config (``experiment=fmnist_repro`` + the attention's overrides, exactly as
@@ -63,7 +64,7 @@ def build(name: str, smoke: bool) -> torch.nn.Module:
     return build_model_from_config(cfg.model, cfg.attention, load_pretrained=False)
 
 
-def measure(name: str, *, batch: int, steps: int, warmup: int, smoke: bool) -> Dict[str, Any]:
+def measure(name: str, *, batch: int, steps: int, warmup: int, smoke: bool, use_compile: bool = False) -> Dict[str, Any]:
     """Training and inference images/s, params and MACs of one attention's model (see the module docstring)."""
     from mita.utils.flops import count_flops
 
@@ -76,6 +77,10 @@ def measure(name: str, *, batch: int, steps: int, warmup: int, smoke: bool) -> D
     params = sum(p.numel() for p in model.parameters())
     macs = count_flops(model.eval(), x[:1])
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    raw = model
+    if use_compile:
+        # the warm-up steps hold the compilation; train and eval modes compile once each
+        model = torch.compile(model)
     amp = dict(device_type=device.type, dtype=torch.bfloat16)
     clock = Clock(device)
 
@@ -83,7 +88,7 @@ def measure(name: str, *, batch: int, steps: int, warmup: int, smoke: bool) -> D
     with torch.autocast(**amp):
         loss = torch.nn.functional.cross_entropy(model(x), y)
     loss.backward()
-    grad = torch.stack([p.grad.float().norm() for p in model.parameters() if p.grad is not None]).norm()
+    grad = torch.stack([p.grad.float().norm() for p in raw.parameters() if p.grad is not None]).norm()
     if not (torch.isfinite(loss) and torch.isfinite(grad)):
         raise RuntimeError(f"{name}: non-finite loss {loss.item()} or gradient norm {grad.item()}")
     opt.zero_grad(set_to_none=True)
@@ -118,13 +123,15 @@ def measure(name: str, *, batch: int, steps: int, warmup: int, smoke: bool) -> D
     infer_ms = timed(infer_step)
     return {"attention": name, "overrides": " ".join(MAIN_ROWS[name]), "batch": batch, "params": params,
             "gmacs": macs / 1e9, "train_ms": train_ms, "train_images_per_s": batch / train_ms * 1e3,
-            "infer_ms": infer_ms, "infer_images_per_s": batch / infer_ms * 1e3, "train_peak_mem_gib": peak}
+            "infer_ms": infer_ms, "infer_images_per_s": batch / infer_ms * 1e3, "train_peak_mem_gib": peak,
+            "compiled": use_compile}
 
 
 def sharing(name: str, copies: int, args: argparse.Namespace) -> Dict[str, Any]:
     """``copies`` workers timing ``name``'s training at once on the same GPU: the sum of their images/s."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name, "--batch", str(args.batch),
-           "--steps", str(args.steps), "--warmup", str(args.warmup)] + (["--cpu-smoke"] if args.cpu_smoke else [])
+           "--steps", str(args.steps), "--warmup", str(args.warmup)] + (["--cpu-smoke"] if args.cpu_smoke else []) \
+        + (["--compile"] if args.compile else [])
     began = time.perf_counter()
     procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) for _ in range(copies)]
     rows = []
@@ -165,6 +172,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--concurrent", type=_counts, default=None, metavar="N,N,...",
                         help="also time N copies of each attention's training at once on the GPU")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile each model (train.py's trainer.compile=true); warm-up holds the compilation")
     parser.add_argument("--out", default=None, help="folder for models.json / models.csv / sharing.json")
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny models on the CPU (tests)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -177,7 +186,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.cpu_smoke:
         args.batch, args.steps, args.warmup = min(args.batch, 4), min(args.steps, 2), min(args.warmup, 1)
     if args.worker:
-        row = measure(args.worker, batch=args.batch, steps=args.steps, warmup=args.warmup, smoke=args.cpu_smoke)
+        row = measure(args.worker, batch=args.batch, steps=args.steps, warmup=args.warmup, smoke=args.cpu_smoke,
+                      use_compile=args.compile)
         print(json.dumps(row))
         return 0
     if not args.out:
@@ -192,7 +202,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     rows, failed = [], []
     for name in args.attentions:
         try:
-            rows.append(measure(name, batch=args.batch, steps=args.steps, warmup=args.warmup, smoke=args.cpu_smoke))
+            rows.append(measure(name, batch=args.batch, steps=args.steps, warmup=args.warmup, smoke=args.cpu_smoke,
+                                use_compile=args.compile))
         except Exception as err:  # one broken attention must not hide the others' numbers
             failed.append({"attention": name, "error": f"{type(err).__name__}: {err}"})
         if device.type == "cuda":

@@ -266,6 +266,8 @@ class Job:
         self.proc: Optional[subprocess.Popen] = None
         self.gpu: Optional[int] = None
         self.started = 0.0
+        # epochs it had logged when a run last started or ended on its GPU (its speed changed then)
+        self.epochs_at_change = 0
 
 
 class Driver:
@@ -361,13 +363,15 @@ class Driver:
         while queue or running:
             if time.perf_counter() - checked >= (0.5 if self.args.smoke else 10.0):
                 checked = time.perf_counter()
-                for job in [j for j in running if self._overruns(j)]:
+                for job in self._stop_overrunning(running):
                     running.remove(job)
                     free.append(job.gpu)
+                    self._occupancy_changed(job.gpu, running)
             for job in list(running):
                 if job.proc.poll() is not None:
                     running.remove(job)
                     free.append(job.gpu)
+                    self._occupancy_changed(job.gpu, running)
                     result = self.finish(job)
                     if job.probe:
                         probe_results[job.run.name] = result
@@ -396,30 +400,55 @@ class Driver:
                 if job.proc is None:
                     free.insert(0, gpu)
                 else:
+                    self._occupancy_changed(gpu, running)
                     running.append(job)
             time.sleep(0.2 if self.args.smoke else 1.0)
 
-    def _overruns(self, job: Job) -> bool:
-        """Stop ``job`` now if its logged epochs say it cannot end inside the budget (frees its GPU share)."""
+    def _projection(self, job: Job) -> Optional[float]:
+        """Seconds past the budget at which ``job`` would end (> 0: it cannot finish), or None (no estimate yet).
+
+        The epochs left are timed at the median of the epochs logged since its GPU's occupancy last changed
+        (a run started or ended there, which changes every co-runner's speed), once at least one such epoch
+        exists and two in all (the first holds the start-up and the kernels' compilation).
+        """
         if job.probe or job.run.kind not in ("train", "finetune", "fit"):
-            return False
-        stats = _log_stats(os.path.join(self.work, "runs", job.name))
-        done = stats.get("epochs_done", 0)
-        if done < 2 or done >= job.run.epochs:
-            return False
+            return None
+        records = [r for r in _read_log(os.path.join(self.work, "runs", job.name, "log.jsonl"))
+                   if "epoch_time_s" in r]
+        done = len(records)
+        recent = records[max(1, job.epochs_at_change):]
+        if done < 2 or done >= job.run.epochs or not recent:
+            return None
+        epoch_s = statistics.median(r["epoch_time_s"] for r in recent)
         elapsed = time.perf_counter() - job.started
-        rest = (job.run.epochs - done) * stats["epoch_time_s"]
-        # the epochs left at the median epoch time (evaluations included) and the final evaluation, inference
-        # timing and export (the start-up, Triton's compilation among it, is behind it and not counted again)
-        projected = elapsed + rest + FINAL_S
-        if projected <= elapsed + self.left():
-            return False
-        reason = (f"stopped after {done} of {job.run.epochs} epochs: projected to need {projected:.0f} s, "
-                  f"{elapsed + self.left():.0f} s were left at its start")
-        _logger.warning("%s %s", job.name, reason)
-        _stop(job.proc)
-        self.finish(job, killed=True, reason=reason)
-        return True
+        # the epochs left and the final evaluation, inference timing and export; the start-up is behind it
+        projected = elapsed + (job.run.epochs - done) * epoch_s + FINAL_S
+        return projected - (elapsed + self.left())
+
+    def _stop_overrunning(self, running: List[Job]) -> List[Job]:
+        """On each GPU, stop the running job projected furthest past the budget, if any (one at a time: the
+        others speed up once it is gone, so they are judged again on their next epochs)."""
+        stopped = []
+        for gpu in sorted({j.gpu for j in running}):
+            over = [(p, j) for j in running if j.gpu == gpu for p in [self._projection(j)] if p is not None and p > 0]
+            if not over:
+                continue
+            past, job = max(over, key=lambda item: item[0])
+            done = len([r for r in _read_log(os.path.join(self.work, "runs", job.name, "log.jsonl"))
+                        if "epoch_time_s" in r])
+            reason = (f"stopped after {done} of {job.run.epochs} epochs: projected to end {past:.0f} s after "
+                      f"the budget ({self.args.budget_s:.0f} s)")
+            _logger.warning("%s %s", job.name, reason)
+            _stop(job.proc)
+            self.finish(job, killed=True, reason=reason)
+            stopped.append(job)
+        return stopped
+
+    def _occupancy_changed(self, gpu: Optional[int], running: Sequence[Job]) -> None:
+        for job in running:
+            if job.gpu == gpu:
+                job.epochs_at_change = len([r for r in _read_log(os.path.join(self.work, "runs", job.name,
+                                                                                "log.jsonl")) if "epoch_time_s" in r])
 
     def _sized(self, fit: Sequence[plan_mod.Run], probes: Dict[str, Dict[str, Any]]) -> List[Job]:
         """One training subset for every fit run: the largest the slowest probed run finishes in the time left."""

@@ -6,6 +6,7 @@ analysis and long-run groups, which take a minute on 2 cores, carry the ``slow``
 import json
 import sys
 import tarfile
+from pathlib import Path
 
 import pytest
 
@@ -192,31 +193,39 @@ def test_driver_rejects_bad_slots_and_selections(tmp_path, extra):
     assert err.value.code == 2
 
 
-def _job_with_log(tmp_path, epochs_done, epoch_s, epochs=10):
+def _driver(tmp_path, budget_s=100.0):
     import argparse
 
-    args = argparse.Namespace(budget_s=100.0, slots=1, slowdown=None, work=str(tmp_path), smoke=True, out=str(tmp_path))
-    driver = reproduce_fmnist.Driver(args, [])
-    job = reproduce_fmnist.Job(plan.Run("r", epochs=epochs, estimate_s=1.0))
-    job.started, job.gpu = driver.start, 0
-    run_dir = tmp_path / "runs" / "r"
+    args = argparse.Namespace(budget_s=budget_s, slots=2, slowdown=None, work=str(tmp_path), smoke=True,
+                              out=str(tmp_path))
+    return reproduce_fmnist.Driver(args, [])
+
+
+def _job(driver, name, epoch_times, epochs=10, gpu=0):
+    job = reproduce_fmnist.Job(plan.Run(name, epochs=epochs, estimate_s=1.0))
+    job.started, job.gpu = driver.start, gpu
+    run_dir = Path(driver.work) / "runs" / name
     run_dir.mkdir(parents=True)
-    lines = [json.dumps({"epoch": i, "train_images_per_s": 1.0, "epoch_time_s": epoch_s}) for i in range(epochs_done)]
-    (run_dir / "log.jsonl").write_text("\n".join(lines) + "\n")
-    return driver, job
+    lines = [json.dumps({"epoch": i, "train_images_per_s": 1.0, "epoch_time_s": t}) for i, t in enumerate(epoch_times)]
+    (run_dir / "log.jsonl").write_text("".join(line + "\n" for line in lines))
+    return job
 
 
-def test_driver_stops_early_a_run_projected_past_the_budget(tmp_path, monkeypatch):
+def test_driver_stops_early_one_run_projected_past_the_budget(tmp_path, monkeypatch):
     stopped = []
     monkeypatch.setattr(reproduce_fmnist, "_stop", stopped.append)
-    # 2 of 10 epochs at 30 s: 240 s more do not fit the 100 s budget -> stopped now, with the projection
-    driver, job = _job_with_log(tmp_path / "a", 2, 30.0)
-    assert driver._overruns(job) and stopped == [job.proc]
-    entry = driver.summary["runs"]["r"]
-    assert entry["status"] == "killed" and "projected" in entry["reason"] and entry["epochs_done"] == 2
-    # 2 of 10 epochs at 5 s: 40 s + the final evaluation fit -> left running
-    driver, job = _job_with_log(tmp_path / "b", 2, 5.0)
-    assert not driver._overruns(job)
-    # one epoch logged (it holds the start-up and compilation): no projection yet
-    driver, job = _job_with_log(tmp_path / "c", 1, 500.0)
-    assert not driver._overruns(job)
+    driver = _driver(tmp_path)
+    # 2 of 10 epochs at 30 s: 240 s more do not fit the 100 s budget; 20 s epochs do not either, but only the
+    # run furthest past is stopped on a GPU in one check; the one-epoch run has no estimate yet
+    slow, slower = _job(driver, "slow", [50.0, 20.0]), _job(driver, "slower", [50.0, 30.0])
+    fresh, fits = _job(driver, "fresh", [500.0]), _job(driver, "fits", [30.0, 5.0], gpu=1)
+    assert driver._projection(fresh) is None and driver._projection(fits) < 0
+    assert driver._stop_overrunning([slow, slower, fresh, fits]) == [slower] and stopped == [slower.proc]
+    entry = driver.summary["runs"]["slower"]
+    assert entry["status"] == "killed" and "projected to end" in entry["reason"] and entry["epochs_done"] == 2
+    # once the GPU's occupancy changed, only epochs logged after it count: none yet, so no estimate
+    driver._occupancy_changed(0, [slow, fresh])
+    assert slow.epochs_at_change == 2 and driver._projection(slow) is None
+    (Path(driver.work) / "runs" / "slow" / "log.jsonl").open("a").write(
+        json.dumps({"epoch": 2, "train_images_per_s": 1.0, "epoch_time_s": 4.0}) + "\n")
+    assert driver._projection(slow) < 0  # 7 epochs at 4 s fit
