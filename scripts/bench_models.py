@@ -12,7 +12,9 @@ timed on random batches on the GPU, so the numbers measure the model and not the
 - training: forward + backward + AdamW step under bf16 autocast, batch 256 (the recipe's), CUDA events around
   each step after ``--warmup`` steps, median of ``--steps``;
 - inference: forward under ``torch.no_grad()`` and bf16 autocast, batch 256, median of ``--steps``;
-- params and multiply-adds of one image (``mita.utils.flops``, as eval.py reports them).
+- params and multiply-adds of one image (``mita.utils.flops``, as eval.py reports them);
+- ``--rounds`` passes over the attentions in alternating order (the first attention timed is otherwise favoured
+  or penalised by the card's warm-up), each figure the median over rounds.
 
 Every attention runs in this one process on the same card, so the ratios to ``standard`` are fair; the
 training runs of the reproduction share their GPU and host, so their logged images/s are not. Before timing,
@@ -170,6 +172,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--steps", type=int, default=30, help="timed steps (median)")
     parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="passes over the attentions, in alternating order (median over rounds)")
     parser.add_argument("--concurrent", type=_counts, default=None, metavar="N,N,...",
                         help="also time N copies of each attention's training at once on the GPU")
     parser.add_argument("--compile", action="store_true",
@@ -178,7 +182,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny models on the CPU (tests)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    for key in ("batch", "steps"):
+    for key in ("batch", "steps", "rounds"):
         if getattr(args, key) < 1:
             parser.error(f"argument --{key}: must be >= 1, got {getattr(args, key)}")
     if args.warmup < 0:
@@ -199,15 +203,33 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     device = torch.device("cpu" if args.cpu_smoke else "cuda")
     env = environment(device)
 
-    rows, failed = [], []
+    # rounds in alternating order, so that no attention always runs first (clocks, caches, allocator warm-up);
+    # each attention's figures are the median over rounds of its per-round medians
+    rounds: Dict[str, List[Dict[str, Any]]] = {n: [] for n in args.attentions}
+    failed = []
+    for i in range(args.rounds):
+        for name in (args.attentions if i % 2 == 0 else args.attentions[::-1]):
+            if name in {f["attention"] for f in failed}:
+                continue
+            try:
+                rounds[name].append(measure(name, batch=args.batch, steps=args.steps, warmup=args.warmup,
+                                            smoke=args.cpu_smoke, use_compile=args.compile))
+            except Exception as err:  # one broken attention must not hide the others' numbers
+                failed.append({"attention": name, "error": f"{type(err).__name__}: {err}"})
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    rows = []
     for name in args.attentions:
-        try:
-            rows.append(measure(name, batch=args.batch, steps=args.steps, warmup=args.warmup, smoke=args.cpu_smoke,
-                                use_compile=args.compile))
-        except Exception as err:  # one broken attention must not hide the others' numbers
-            failed.append({"attention": name, "error": f"{type(err).__name__}: {err}"})
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        if not rounds[name] or name in {f["attention"] for f in failed}:
+            continue
+        row = dict(rounds[name][0])
+        for key in ("train_ms", "infer_ms"):
+            row[key] = statistics.median(r[key] for r in rounds[name])
+            row[f"{key}_rounds"] = [r[key] for r in rounds[name]]
+        row["train_images_per_s"] = args.batch / row["train_ms"] * 1e3
+        row["infer_images_per_s"] = args.batch / row["infer_ms"] * 1e3
+        row["train_peak_mem_gib"] = max((r["train_peak_mem_gib"] or 0.0) for r in rounds[name]) or None
+        rows.append(row)
     base = next((r for r in rows if r["attention"] == "standard"), None)
     for r in rows:
         r.update(env)

@@ -258,10 +258,10 @@ def worker(spec_path: str) -> int:
 
 class Job:
     def __init__(self, run: plan_mod.Run, probe: bool = False, estimate: Optional[float] = None,
-                 slowdown: float = 1.0) -> None:
+                 slowdown: float = 1.0, card: str = "h100") -> None:
         self.run, self.probe = run, probe
         self.name = f"{run.name}_probe" if probe else run.name
-        self.estimate = estimate if estimate is not None else run.estimate() * slowdown
+        self.estimate = estimate if estimate is not None else run.estimate(card) * slowdown
         self.extra: List[str] = []
         self.proc: Optional[subprocess.Popen] = None
         self.gpu: Optional[int] = None
@@ -352,7 +352,7 @@ class Driver:
         """Longest first on the GPU that frees first; fit runs after their probes have sized them."""
         fit = [r for r in self.runs if r.kind == "fit"]
         queue = [Job(r, probe=True, estimate=60.0 if not self.args.smoke else 1.0) for r in fit]
-        queue += sorted((Job(r, slowdown=self.slowdown) for r in self.runs if r.kind != "fit"),
+        queue += sorted((Job(r, slowdown=self.slowdown, card=self.args.card) for r in self.runs if r.kind != "fit"),
                         key=lambda j: -j.estimate)
         probes_left = {r.name for r in fit}
         probe_results: Dict[str, Dict[str, Any]] = {}
@@ -513,6 +513,14 @@ def _stop(proc: subprocess.Popen) -> None:
         pass
 
 
+def _repo_relative(path: str) -> str:
+    full = Path(path).resolve()
+    try:
+        return str(full.relative_to(REPO))
+    except ValueError:
+        return str(full)
+
+
 def _gpus() -> int:
     try:
         import torch
@@ -533,6 +541,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="runs at a time on each GPU (default 1; see reproduce_fmnist_plan.SLOWDOWN)")
     parser.add_argument("--slowdown", type=float, default=None,
                         help="how much slower each run is with --slots runs on a GPU (default: the plan's)")
+    parser.add_argument("--card", choices=("h100", "h200"), default="h100",
+                        help="whose measured speeds estimate each run (reproduce_fmnist_plan.SPEED / SPEED_H200)")
     parser.add_argument("--budget-s", type=float, default=plan_mod.BUDGET_S,
                         help=f"start no run that would end later, stop runs at it (default {plan_mod.BUDGET_S:.0f})")
     parser.add_argument("--shard", default=None, metavar="I/N", help="run the I-th of N balanced parts of the plan")
@@ -574,7 +584,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not args.smoke and (args.data_root is None or not os.path.isdir(args.data_root)):
         parser.error(f"argument --data-root: {args.data_root!r} is not a folder")
     if args.data_root:
-        args.data_root = os.path.abspath(args.data_root)
+        # workers run in the repository: a folder inside it is kept relative, so the recorded commands hold
+        # no machine path
+        args.data_root = _repo_relative(args.data_root)
     if args.ckpt_dir:
         args.ckpt_dir = os.path.abspath(args.ckpt_dir)
     bad = [item for item in args.extra if "=" not in item or item.startswith("=")]
@@ -594,7 +606,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     driver = Driver(args, runs)
     try:
         driver.summary["setup"] = {"argv": list(sys.argv if argv is None else argv), "plan": args.plan,
-                                   "shard": args.shard, "gpus": args.gpus, "slots": args.slots,
+                                   "shard": args.shard, "gpus": args.gpus, "slots": args.slots, "card": args.card,
                                    "slowdown": driver.slowdown, "budget_s": args.budget_s,
                                    "recipe": plan_mod.RECIPE, "epochs": plan_mod.EPOCHS,
                                    "runs": [r.name for r in runs]}

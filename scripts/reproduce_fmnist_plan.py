@@ -1,7 +1,10 @@
-"""The plan of issue 7 (small-scale reproduction on Fashion-MNIST): named groups of runs, each group one device call.
+"""The plan of issue 7 (small-scale reproduction on Fashion-MNIST): named groups of runs, and the device calls.
 
-    python3 scripts/reproduce_fmnist_plan.py            # the groups, their runs, estimates and the call list
+    python3 scripts/reproduce_fmnist_plan.py            # the groups, their runs, estimates and the 8-GPU call list
+    python3 scripts/reproduce_fmnist_plan.py --single-gpu --done results/issue7_*/summary.json   # one H200 a call
     python3 scripts/reproduce_fmnist.py --plan main1 --out $OUT --data-root .data/fashion-mnist --gpus 8
+    python3 scripts/reproduce_fmnist.py --plan main1 --only mita_s1,route_only --slots 2 --card h200 \
+        --budget-s 570 --out $OUT --data-root .data/fashion-mnist              # one call of the single-GPU plan
 
 The recipe (``configs/experiment/fmnist_repro.yaml``): ``experiment=fmnist`` (DeiT-Tiny width and depth on 28 x 28
 images, patch 2 -> 197 tokens, batch 256, AdamW 1e-3, 2 warm-up epochs, cosine, bf16) for **16 epochs**,
@@ -44,7 +47,16 @@ group              runs
 ``long``           112 x 112: standard, MiTA m = k = 100, MiTA m = k = 25 (runs with ``generalisation``)
 =================  ==========================================================================================
 
-The whole issue takes **6 calls of nvidia-h100-x8** (main1, main2, ablations, mk1, mk2,
+Single-GPU plan (:func:`single_gpu_calls`, what is lent now: one H200 a call, 30 minutes of device time a
+session). On one H200, MiTA's training loop runs at 2,700 images/s alone, 16 epochs in about 390 s; two runs
+share the GPU at 1.25x the time each (:data:`SLOWDOWN`, measured), so a call of :data:`BUDGET_1GPU_S` holds two
+MiTA-speed runs, or one MiTA + DWC (+ Gate) run alone. Packed longest first, the training runs take 21 calls;
+the runs whose fp16 weights the generalisation group reads (:data:`EXPORT_RUNS`) and that group take 3 calls of
+one session (the weights live only as long as the session); the long-sequence runs one more: 25 calls, about 3
+a session when each call follows the last while the machine is still warm. ``--done`` leaves out runs that
+earlier calls' summaries hold as ok.
+
+The 8-GPU plan: the whole issue takes **6 calls of nvidia-h100-x8** (main1, main2, ablations, mk1, mk2,
 generalisation+long), about 10.5 minutes of device time each with the machine's start; 12 calls of
 nvidia-h100-x4 with ``--shard``. RESULTS.md lists them with their commands and carry lists.
 """
@@ -64,15 +76,27 @@ VAL_IMAGES = 10000
 #: training images/s on one H100 (the slowest measured; unmeasured attentions at MiTA's)
 SPEED = {"standard": 5000.0, "standard_dwc": 4700.0, "linear": 5000.0, "agent": 4200.0, "mita": 2400.0,
          "mita_dwc": 2300.0, "mita_dwc_gate": 2200.0, "moba": 2400.0, "topk": 2400.0}
+#: training images/s of one run alone on one H200 (the single-GPU plan, :func:`single_gpu_calls`). MiTA's is
+#: train.py's own loop, measured (results/issue7_h200_1201b: 2,701 images/s over its second epoch); the others
+#: scale it by each model's training speed relative to MiTA's in scripts/bench_models.py on the same card
+#: (results/issue7_bench/models_h200.json), less 10% for the loader, except linear attention, whose loop ran
+#: at 2,530 images/s beside a standard run (results/issue7_h200_1201a): estimates for scheduling, not results.
+SPEED_H200 = {"mita": 2700.0, "mita_dwc": 2100.0, "mita_dwc_gate": 1800.0, "standard": 4850.0,
+              "standard_dwc": 4950.0, "agent": 4100.0, "moba": 4100.0, "topk": 3400.0, "linear": 3100.0}
 VAL_SPEED = 6000.0
 #: 8 runs share one host (CPU, PCIe): this much slower than alone
 CROWDING = 1.1
 #: process start, data, model, first-step compilation, final evaluation, FLOPs, inference timing, export
 OVERHEAD_S = 25.0
-#: with S runs at a time on one GPU (the driver's --slots), each run is this much slower than alone; S = 1 is
-#: alone by definition; other counts are measured by scripts/bench_models.py --concurrent (see SLOWDOWN_NOTE)
-SLOWDOWN: Dict[int, float] = {1: 1.0}
-SLOWDOWN_NOTE = "not measured yet: S runs on one GPU are assumed S times slower each (no gain from sharing)"
+#: with S runs at a time on one GPU (the driver's --slots), each run is this much slower than alone. Measured
+#: on an H200 by scripts/bench_models.py --concurrent 2,4 for MiTA (results/issue7_bench/sharing_h200.json:
+#: 2,711 images/s alone, 2,140 and 2,239 each of 2, 1,123-2,066 each of 4), and borne out by train.py's loop
+#: (22.2 s an epoch alone, 27.2 s beside a standard run: 1.23x). Counts between are scaled (:func:`slowdown`).
+SLOWDOWN: Dict[int, float] = {1: 1.0, 2: 1.25, 4: 1.8}
+#: what the driver gets of a 600 s call on a single-GPU machine (wheels, packing and copying back take the rest)
+BUDGET_1GPU_S = 570.0
+#: runs at a time on the one GPU of the single-GPU plan
+SLOTS_1GPU = 2
 #: what the driver gets of a 600 s call (the rest: installing the wheels, packing, copying back)
 BUDGET_S = 560.0
 GPUS = 8
@@ -99,11 +123,14 @@ class Run:
     ckpts: Tuple[str, ...] = ()
     estimate_s: Optional[float] = None
 
-    def estimate(self) -> float:
-        """Seconds on one H100 with 8 runs on the host (see the module docstring)."""
+    def estimate(self, card: str = "h100") -> float:
+        """Seconds alone on one GPU: an H100 with 8 runs on its host (the module docstring), or an H200."""
         if self.estimate_s is not None:
             return self.estimate_s
-        epoch = TRAIN_IMAGES / SPEED[self.speed_key] * CROWDING
+        if card not in ("h100", "h200"):
+            raise ValueError(f"card must be 'h100' or 'h200', got {card!r}")
+        epoch = TRAIN_IMAGES / SPEED[self.speed_key] * CROWDING if card == "h100" else \
+            TRAIN_IMAGES / SPEED_H200[self.speed_key]
         evals = math.ceil(self.epochs / EVAL_EVERY) * VAL_IMAGES / VAL_SPEED
         return OVERHEAD_S + self.epochs * epoch + evals
 
@@ -122,15 +149,17 @@ MAIN = [
     ("mita_dwc_gate", ["attention=mita_dwc_gate"], "mita_dwc_gate"),
     ("standard_dwc", ["attention=standard", "attention.dwc=true", "attention.tag=standard_dwc"], "standard_dwc"),
 ]
-#: the checkpoints main1 exports (fp16, weights only) for the generalisation group
-EXPORTS = ("mita", "standard", "agent49")
+#: the runs whose fp16 weights (weights only) the generalisation group reads, as ``<attention>_fp16.pth``;
+#: standard's seed 1, since the seed-0 run was made before this list and its export did not outlive its session
+EXPORT_RUNS = ("mita_s0", "agent49_s0", "standard_s1")
+EXPORTS = tuple(name.rsplit("_s", 1)[0] for name in EXPORT_RUNS)
 MK_VALUES = (9, 16, 25, 36)
 POOLS = ("1d", "random", "learned", "conv", "dwconv", "tome")
 
 
 def _main(name: str, seed: int) -> Run:
     row = {n: (o, s) for n, o, s in MAIN}[name]
-    return Run(f"{name}_s{seed}", list(row[0]), seed=seed, speed_key=row[1], export=seed == 0 and name in EXPORTS)
+    return Run(f"{name}_s{seed}", list(row[0]), seed=seed, speed_key=row[1], export=f"{name}_s{seed}" in EXPORT_RUNS)
 
 
 def _mk(m: int, k: int) -> Run:
@@ -204,6 +233,65 @@ def slowdown(slots: int) -> float:
     return SLOWDOWN[known] * slots / known
 
 
+@dataclasses.dataclass
+class Call:
+    """One device call of the single-GPU plan: these runs, ``slots`` at a time, inside :data:`BUDGET_1GPU_S`."""
+
+    runs: List[Run]
+    slots: int
+
+    def span(self) -> float:
+        """Estimated end of its last run on one H200 (the driver's longest-first order, shared-GPU slowdown)."""
+        return makespan(self.runs, self.slots, card="h200") * slowdown(self.slots)
+
+    def command(self) -> str:
+        groups = sorted({g for g, runs in GROUPS.items() for r in runs if r in self.runs and not g.startswith("smoke")},
+                        key=list(GROUPS).index)
+        return (f"--plan {','.join(groups)} --only {','.join(r.name for r in self.runs)} --slots {self.slots} "
+                f"--card h200 --budget-s {BUDGET_1GPU_S:.0f}")
+
+
+#: the groups the single-GPU plan packs freely; ``generalisation`` and ``long`` get calls of their own
+PACKED_GROUPS = ("main1", "main2", "ablations", "mk1", "mk2")
+
+
+def single_gpu_calls(done: Sequence[str] = (), slots: int = SLOTS_1GPU,
+                     budget_s: float = BUDGET_1GPU_S) -> List[Tuple[str, List[Call]]]:
+    """The plan for machines of one H200: ``(stage, calls)`` in order, leaving out the runs named in ``done``.
+
+    ``train``: every training run of :data:`PACKED_GROUPS` but the exporting ones, packed longest first into the
+    first call whose estimated span stays inside ``budget_s`` (a run too long to share the GPU gets a call of
+    its own). ``exports then generalisation``: the runs of :data:`EXPORT_RUNS`, then the generalisation group
+    on their fp16 weights (``--ckpt-dir``), in ONE session, since the weights do not outlive it. ``long``: the
+    three long-sequence runs in one call (probed, then sized to the budget).
+    """
+    done = set(done)
+    runs = [r for g in PACKED_GROUPS for r in GROUPS[g] if r.name not in done and r.name not in EXPORT_RUNS]
+    exports = [r for g in PACKED_GROUPS for r in GROUPS[g] if r.name in EXPORT_RUNS]
+
+    def pack(items: Sequence[Run]) -> List[Call]:
+        calls: List[Call] = []
+        for run in sorted(items, key=lambda r: -r.estimate("h200")):
+            for call in calls:
+                if Call([*call.runs, run], call.slots).span() <= budget_s:
+                    call.runs.append(run)
+                    break
+            else:
+                call = Call([run], slots)
+                if call.span() > budget_s:
+                    call = Call([run], 1)
+                if call.span() > budget_s:
+                    raise ValueError(f"{run.name}: estimated {call.span():.0f} s alone on one H200, over the "
+                                     f"{budget_s:.0f} s of a call")
+                calls.append(call)
+        return calls
+
+    stages = [("train", pack(runs))]
+    stages.append(("exports then generalisation", pack(exports) + [Call(list(GROUPS["generalisation"]), slots)]))
+    stages.append(("long", [Call(list(GROUPS["long"]), 3)]))
+    return [(name, calls) for name, calls in stages if calls]
+
+
 def runs_of(plan: str) -> List[Run]:
     """The runs of ``plan``: one group name or several joined by commas (one call)."""
     runs: List[Run] = []
@@ -233,12 +321,12 @@ def shard(runs: Sequence[Run], spec: Optional[str]) -> List[Run]:
     return parts[i - 1]
 
 
-def makespan(runs: Sequence[Run], gpus: int) -> float:
+def makespan(runs: Sequence[Run], gpus: int, card: str = "h100") -> float:
     """Estimated end of the last run when each GPU takes the longest waiting run as it frees (the driver's order)."""
     free = [0.0] * gpus
-    for run in sorted(runs, key=lambda r: -r.estimate()):
+    for run in sorted(runs, key=lambda r: -r.estimate(card)):
         j = min(range(gpus), key=free.__getitem__)
-        free[j] += run.estimate()
+        free[j] += run.estimate(card)
     return max(free) if runs else 0.0
 
 
@@ -257,5 +345,40 @@ def describe() -> str:
     return "\n".join(lines)
 
 
+def done_runs(paths: Sequence[str]) -> List[str]:
+    """Names of the runs with status ok in the driver's summary.json files at ``paths``."""
+    import json
+
+    names = set()
+    for path in paths:
+        with open(path, encoding="utf-8") as handle:
+            runs = json.load(handle).get("runs", {})
+        names |= {name for name, entry in runs.items() if entry.get("status") == "ok"}
+    return sorted(names)
+
+
+def describe_single_gpu(done: Sequence[str] = ()) -> str:
+    stages = single_gpu_calls(done)
+    total = sum(len(calls) for _, calls in stages)
+    lines = [f"single-GPU plan (nvidia-h200): {total} calls of at most {BUDGET_1GPU_S:.0f} s of driver, "
+             f"{SLOTS_1GPU} runs at a time (slowdown {slowdown(SLOTS_1GPU):.2f}x each); done: "
+             f"{', '.join(done) if done else 'none'}"]
+    number = 0
+    for stage, calls in stages:
+        lines.append(f"{stage}:")
+        for call in calls:
+            number += 1
+            span = "probed" if any(r.kind == "fit" for r in call.runs) else f"~{call.span():.0f} s"
+            lines.append(f"  call {number} ({span}): {call.command()}")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
-    sys.stdout.write(describe() + "\n")
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Print the plan of issue 7's device calls.")
+    parser.add_argument("--single-gpu", action="store_true", help="the plan for one H200 a call (nvidia-h200)")
+    parser.add_argument("--done", nargs="*", default=[], metavar="SUMMARY",
+                        help="summary.json files of earlier calls: their ok runs are left out")
+    cli = parser.parse_args()
+    sys.stdout.write((describe_single_gpu(done_runs(cli.done)) if cli.single_gpu else describe()) + "\n")

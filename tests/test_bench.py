@@ -222,7 +222,7 @@ def test_bench_models_cpu_smoke(tmp_path, capsys):
     assert set(rows) == {"standard", "mita"} and not report["failed"]
     for row in rows.values():
         assert row["params"] > 0 and row["gmacs"] > 0 and row["train_images_per_s"] > 0
-        assert row["infer_images_per_s"] > 0
+        assert row["infer_images_per_s"] > 0 and len(row["train_ms_rounds"]) == 2  # two rounds by default
     assert rows["standard"]["train_vs_standard"] == pytest.approx(1.0)
     sharing = json.loads((tmp_path / "sharing.json").read_text())["rows"]
     assert [(s["attention"], s["copies"], len(s["train_images_per_s_each"])) for s in sharing] == [

@@ -70,7 +70,8 @@ def test_plan_groups_fit_one_call():
     main = [r for g in ("main1", "main2") for r in plan.GROUPS[g] if r.name.endswith(("_s0", "_s1"))]
     assert len(main) == 18
     assert len([r for g in REAL_GROUPS for r in plan.GROUPS[g] if r.name.startswith("mk_m")]) == 15
-    assert {r.name for r in plan.GROUPS["main1"] if r.export} == {f"{n}_s0" for n in plan.EXPORTS}
+    exported = {r.name for g in ("main1", "main2") for r in plan.GROUPS[g] if r.export}
+    assert exported == set(plan.EXPORT_RUNS) and set(plan.EXPORTS) == {"mita", "agent49", "standard"}
 
 
 def test_shard_splits_and_rejects():
@@ -229,3 +230,35 @@ def test_driver_stops_early_one_run_projected_past_the_budget(tmp_path, monkeypa
     (Path(driver.work) / "runs" / "slow" / "log.jsonl").open("a").write(
         json.dumps({"epoch": 2, "train_images_per_s": 1.0, "epoch_time_s": 4.0}) + "\n")
     assert driver._projection(slow) < 0  # 7 epochs at 4 s fit
+
+
+def test_single_gpu_plan_covers_every_run_inside_the_budget(tmp_path):
+    stages = plan.single_gpu_calls()
+    assert [name for name, _ in stages] == ["train", "exports then generalisation", "long"]
+    planned = [r.name for _, calls in stages for call in calls for r in call.runs]
+    every = [r.name for g in REAL_GROUPS for r in plan.GROUPS[g]]
+    assert sorted(planned) == sorted(every)  # each run once
+    for _, calls in stages:
+        for call in calls:
+            assert 1 <= call.slots <= 3 and "--only" in call.command() and "--card h200" in call.command()
+            if all(r.kind == "train" for r in call.runs):
+                assert call.span() <= plan.BUDGET_1GPU_S, call.command()
+    # the exports are made in the stage that ends with the generalisation call that reads them
+    exports, generalisation = stages[1][1][:-1], stages[1][1][-1]
+    assert {r.name for c in exports for r in c.runs} == set(plan.EXPORT_RUNS)
+    assert {r.name for r in generalisation.runs} == {r.name for r in plan.GROUPS["generalisation"]}
+    # runs already done are left out, except the exporting ones, whose weights must be made again
+    summary = tmp_path / "summary.json"
+    summary.write_text(json.dumps({"runs": {"mita_s1": {"status": "ok"}, "mita_s0": {"status": "ok"},
+                                            "pool_1d": {"status": "killed"}}}))
+    done = plan.done_runs([str(summary)])
+    assert done == ["mita_s0", "mita_s1"]
+    left = [r.name for _, calls in plan.single_gpu_calls(done) for c in calls for r in c.runs]
+    assert "mita_s1" not in left and "mita_s0" in left and "pool_1d" in left
+
+
+def test_h200_estimates():
+    run = plan.GROUPS["main1"][0]
+    assert run.estimate("h200") < run.estimate("h100")  # measured faster on the H200 than the H100's slowest
+    with pytest.raises(ValueError, match="card"):
+        run.estimate("a100")
