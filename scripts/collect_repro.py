@@ -95,6 +95,9 @@ def _status(row: Dict[str, Any]) -> str:
     if status == "skipped" and row.get("reason"):
         return f"skipped ({row['reason']})"
     if status == "killed":
+        # an early stop says when it was stopped and why; a stop at the budget carries no reason
+        if row.get("reason"):
+            return "stopped early (" + str(row["reason"]).replace("|", "/") + ")"
         return "killed at the budget"
     if status == "failed" and row.get("error"):
         return "failed (" + str(row["error"]).replace("|", "/")[:80] + ")"

@@ -137,3 +137,9 @@ def test_rejects_bad_input(tmp_path):
         with pytest.raises(SystemExit) as err:
             collect_repro.main(argv)
         assert err.value.code == 2
+
+
+def test_early_stop_shows_its_reason():
+    row = {"status": "killed", "reason": "stopped after 2 of 16 epochs: projected to end 39 s after the budget"}
+    assert collect_repro._status(row) == f"stopped early ({row['reason']})"
+    assert collect_repro._status({"status": "killed"}) == "killed at the budget"
