@@ -137,9 +137,12 @@ def attention_bwd(
 @attention_bwd.register_fake
 def _(grad_out, q, k, v, landmarks, shared_v, topk_idx, expert_idx, out, lse, scale_shared, allow_tf32):
     topk, shared = topk_idx.shape[-1], shared_v is not None
-    empty = q.new_empty(0)
-    return (torch.empty_like(q), torch.empty_like(k) if topk else empty, torch.empty_like(v) if topk else empty,
-            torch.empty_like(landmarks) if shared else empty, torch.empty_like(landmarks) if shared else empty)
+    # contiguous, as the kernels write them, whatever the inputs' strides: empty_like would copy the strides of
+    # q, k, v, which in a ViT are views of one qkv projection, and inductor checks them against the real op's;
+    # and one new empty tensor per missing gradient, as the real op returns (outputs must not alias each other)
+    shapes = (q.shape, k.shape if topk else (0,), v.shape if topk else (0,), landmarks.shape if shared else (0,),
+              landmarks.shape if shared else (0,))
+    return tuple(q.new_empty(shape) for shape in shapes)
 
 
 def _setup_context(ctx, inputs, output):

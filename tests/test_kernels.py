@@ -29,7 +29,7 @@ pytestmark = pytest.mark.skipif(not kernels.available(), reason="Triton kernels 
 def _poison_buffers(monkeypatch):
     """Kernel output buffers start as NaN, so an element a kernel fails to write shows up; the general
     kernels take every case here (tests/test_kernels_small.py covers the fused short-sequence path)."""
-    from mita.kernels import ops
+    from mita.kernels import ops, routing
 
     monkeypatch.setattr(ops, "_POISON", True)
     monkeypatch.setattr(kernels, "FUSED_SMALL", False)
@@ -220,6 +220,39 @@ def test_custom_op_traces_under_torch_compile(r, shared):
     assert rel_err(out, eager_out) <= 1e-6
     for a, b in zip(grads, eager_grads):
         assert rel_err(a, b) <= 1e-6
+
+
+def _strided_qkv(B=1, H=2, N=23, d=32, m=4, seed=5):
+    """q, k, v as a ViT makes them: views of one [B, N, 3 H d] projection (non-contiguous), pooled landmarks."""
+    g = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(B, N, 3, H, d, generator=g).to(DEVICE).permute(2, 0, 3, 1, 4)  # [3, B, H, N, d]
+    q, k, v = (t.requires_grad_() for t in qkv.clone().unbind(0))
+    assert not q.is_contiguous()
+    landmarks = q.detach()[:, :, :m * (N // m)].reshape(B, H, m, N // m, d).mean(3).requires_grad_()
+    return q, k, v, landmarks
+
+
+@pytest.mark.parametrize("topk,shared", [(5, True), (0, True), (5, False)])
+def test_custom_ops_fake_kernels_match_the_real_ops_on_strided_inputs(topk, shared):
+    """torch.library.opcheck: the fake (meta) kernels give the real ops' shapes, dtypes and strides, also for
+    non-contiguous q, k, v (inductor asserts them; the backward's once copied q's strides, see ops.py)."""
+    from mita.kernels import ops, routing
+
+    q, k, v, landmarks = _strided_qkv()
+    B, H, N, d = q.shape
+    _, (topk_idx, expert_idx) = mita_attention(q, k, v, landmarks, topk, shared=shared, impl="reference",
+                                               return_routing=True)
+    shared_v = torch.nn.functional.scaled_dot_product_attention(landmarks, k, v).detach() if shared else None
+    fwd_args = (q.detach(), k.detach(), v.detach(), landmarks.detach(), shared_v, topk_idx, expert_idx, 1.0 / d,
+                False)
+    torch.library.opcheck(ops.attention_fwd, fwd_args, test_utils=("test_schema", "test_faketensor"))
+    out, lse = ops.attention_fwd(*fwd_args)
+    grad = torch.randn(B, H, N, d, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    bwd_args = (grad, *fwd_args[:7], out, lse, 1.0 / d, False)
+    torch.library.opcheck(ops.attention_bwd, bwd_args, test_utils=("test_schema", "test_faketensor"))
+    for r in (1, 2):
+        torch.library.opcheck(routing.route_queries, (q.detach(), landmarks.detach(), r),
+                              test_utils=("test_schema", "test_faketensor"))
 
 
 def test_activation_checkpointing_recomputes_the_same_routing():
