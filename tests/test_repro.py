@@ -245,8 +245,10 @@ def test_single_gpu_plan_covers_every_run_inside_the_budget(tmp_path):
                 assert call.span() <= plan.BUDGET_1GPU_S, call.command()
     # the exports are made in the stage that ends with the generalisation call that reads them
     exports, generalisation = stages[1][1][:-1], stages[1][1][-1]
-    assert {r.name for c in exports for r in c.runs} == set(plan.EXPORT_RUNS)
+    assert set(plan.EXPORT_RUNS) <= {r.name for c in exports for r in c.runs}
+    assert all(any(r.name in plan.EXPORT_RUNS for r in c.runs) for c in exports)
     assert {r.name for r in generalisation.runs} == {r.name for r in plan.GROUPS["generalisation"]}
+    assert generalisation.command().endswith("--ckpt-dir .ckpt/issue7")
     # runs already done are left out, except the exporting ones, whose weights must be made again
     summary = tmp_path / "summary.json"
     summary.write_text(json.dumps({"runs": {"mita_s1": {"status": "ok"}, "mita_s0": {"status": "ok"},
