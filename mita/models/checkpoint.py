@@ -96,8 +96,10 @@ def read_state_dict(path: Union[str, os.PathLike]) -> Dict[str, torch.Tensor]:
     return state_dict
 
 
-def _adapt_to_model(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
-    """Map a clean state dict onto ``model``: timm's filter, classifier and shape checks."""
+def adapt_state_dict(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
+    """Map a clean state dict (:func:`read_state_dict`) onto ``model``: timm's filter (position embeddings and
+    patch kernel resampled), a classifier of another size dropped, other shape mismatches raised as ValueError.
+    :func:`load_checkpoint` and the segmentation backbone load through it."""
     from timm.models import VisionTransformer
     from timm.models.vision_transformer import checkpoint_filter_fn
 
@@ -135,7 +137,7 @@ def load_checkpoint(
     standard-attention checkpoint into a model with another attention leaves exactly the parameters
     that attention adds (gate, dwc, landmark extractors, agent bias, ...) missing.
     """
-    state_dict = _adapt_to_model(read_state_dict(path), model)
+    state_dict = adapt_state_dict(read_state_dict(path), model)
     result = model.load_state_dict(state_dict, strict=strict)
     missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
     if missing:

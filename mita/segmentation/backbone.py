@@ -21,7 +21,7 @@ from mmengine.model import BaseModule
 from mmseg.registry import MODELS
 
 from mita.models import build_model, read_state_dict
-from mita.models.checkpoint import _adapt_to_model
+from mita.models.checkpoint import adapt_state_dict
 
 __all__ = ["MiTAViT", "CLASSIFIER_PREFIXES", "load_backbone_checkpoint"]
 
@@ -48,7 +48,7 @@ def load_backbone_checkpoint(vit: nn.Module, path: Union[str, os.PathLike]) -> T
                       for k, v in state_dict.items()}
     state_dict = {k: v for k, v in state_dict.items() if not k.startswith(CLASSIFIER_PREFIXES)}
     # the same mapping as mita.models.load_checkpoint: pos_embed and patch kernel resampled, shapes checked
-    state_dict = _adapt_to_model(state_dict, vit)
+    state_dict = adapt_state_dict(state_dict, vit)
     result = vit.load_state_dict(state_dict, strict=False)
     missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
     if missing:
