@@ -100,6 +100,11 @@ def _read_log(path: str) -> List[Dict[str, Any]]:
     return records
 
 
+def _epochs(run_dir: str) -> List[Dict[str, Any]]:
+    """The epoch records of a run's log.jsonl (those with an epoch time)."""
+    return [r for r in _read_log(os.path.join(run_dir, "log.jsonl")) if "epoch_time_s" in r]
+
+
 def _log_stats(run_dir: str) -> Dict[str, Any]:
     """Training speed (median over epochs after the first, which compiles the kernels) and the last top-1."""
     records = [r for r in _read_log(os.path.join(run_dir, "log.jsonl")) if "train_images_per_s" in r]
@@ -413,8 +418,7 @@ class Driver:
         """
         if job.probe or job.run.kind not in ("train", "finetune", "fit"):
             return None
-        records = [r for r in _read_log(os.path.join(self.work, "runs", job.name, "log.jsonl"))
-                   if "epoch_time_s" in r]
+        records = _epochs(self._run_dir(job))
         done = len(records)
         recent = records[max(1, job.epochs_at_change):]
         if done < 2 or done >= job.run.epochs or not recent:
@@ -434,8 +438,7 @@ class Driver:
             if not over:
                 continue
             past, job = max(over, key=lambda item: item[0])
-            done = len([r for r in _read_log(os.path.join(self.work, "runs", job.name, "log.jsonl"))
-                        if "epoch_time_s" in r])
+            done = len(_epochs(self._run_dir(job)))
             reason = (f"stopped after {done} of {job.run.epochs} epochs: projected to end {past:.0f} s after "
                       f"the budget ({self.args.budget_s:.0f} s)")
             _logger.warning("%s %s", job.name, reason)
@@ -447,8 +450,10 @@ class Driver:
     def _occupancy_changed(self, gpu: Optional[int], running: Sequence[Job]) -> None:
         for job in running:
             if job.gpu == gpu:
-                job.epochs_at_change = len([r for r in _read_log(os.path.join(self.work, "runs", job.name,
-                                                                                "log.jsonl")) if "epoch_time_s" in r])
+                job.epochs_at_change = len(_epochs(self._run_dir(job)))
+
+    def _run_dir(self, job: Job) -> str:
+        return os.path.join(self.work, "runs", job.name)
 
     def _sized(self, fit: Sequence[plan_mod.Run], probes: Dict[str, Dict[str, Any]]) -> List[Job]:
         """One training subset for every fit run: the largest the slowest probed run finishes in the time left."""

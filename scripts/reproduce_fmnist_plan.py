@@ -237,10 +237,11 @@ def slowdown(slots: int) -> float:
 
 @dataclasses.dataclass
 class Call:
-    """One device call of the single-GPU plan: these runs, ``slots`` at a time, inside :data:`BUDGET_1GPU_S`."""
+    """One device call of the single-GPU plan: these runs, ``slots`` at a time, inside ``budget_s``."""
 
     runs: List[Run]
     slots: int
+    budget_s: float = BUDGET_1GPU_S
 
     def span(self) -> float:
         """Estimated end of its last run on one H200 (the driver's longest-first order, shared-GPU slowdown)."""
@@ -251,7 +252,7 @@ class Call:
                         key=list(GROUPS).index)
         ckpts = " --ckpt-dir .ckpt/issue7" if any(r.ckpts for r in self.runs) else ""
         return (f"--plan {','.join(groups)} --only {','.join(r.name for r in self.runs)} --slots {self.slots} "
-                f"--card h200 --budget-s {BUDGET_1GPU_S:.0f}{ckpts}")
+                f"--card h200 --budget-s {self.budget_s:.0f}{ckpts}")
 
 
 #: the groups the single-GPU plan packs freely; ``generalisation`` and ``long`` get calls of their own
@@ -276,13 +277,13 @@ def single_gpu_calls(done: Sequence[str] = (), slots: int = SLOTS_1GPU,
         for run in sorted(items, key=lambda r: -r.estimate("h200")):
             for call in calls:
                 # shared calls keep 5% of the budget in hand: the estimates are estimates
-                if Call([*call.runs, run], call.slots).span() <= SHARED_MARGIN * budget_s:
+                if Call([*call.runs, run], call.slots, budget_s).span() <= SHARED_MARGIN * budget_s:
                     call.runs.append(run)
                     break
             else:
-                call = Call([run], slots)
+                call = Call([run], slots, budget_s)
                 if call.span() > SHARED_MARGIN * budget_s:
-                    call = Call([run], 1)
+                    call = Call([run], 1, budget_s)
                 if call.span() > budget_s:
                     raise ValueError(f"{run.name}: estimated {call.span():.0f} s alone on one H200, over the "
                                      f"{budget_s:.0f} s of a call")
@@ -293,8 +294,9 @@ def single_gpu_calls(done: Sequence[str] = (), slots: int = SLOTS_1GPU,
     export_calls = pack(exports, [])
     train_calls = pack(runs, list(export_calls))[len(export_calls):]
     stages = [("train", train_calls)]
-    stages.append(("exports then generalisation", export_calls + [Call(list(GROUPS["generalisation"]), slots)]))
-    stages.append(("long", [Call(list(GROUPS["long"]), 3)]))
+    generalisation = Call(list(GROUPS["generalisation"]), slots, budget_s)
+    stages.append(("exports then generalisation", export_calls + [generalisation]))
+    stages.append(("long", [Call(list(GROUPS["long"]), 3, budget_s)]))
     return [(name, calls) for name, calls in stages if calls]
 
 
