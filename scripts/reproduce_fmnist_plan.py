@@ -50,9 +50,10 @@ group              runs
 Single-GPU plan (:func:`single_gpu_calls`, what is lent now: one H200 a call, 30 minutes of device time a
 session). On one H200, MiTA's training loop runs at 2,700 images/s alone, 16 epochs in about 390 s; two runs
 share the GPU at 1.25x the time each (:data:`SLOWDOWN`, measured), so a call of :data:`BUDGET_1GPU_S` holds two
-MiTA-speed runs, or one MiTA + DWC (+ Gate) run alone. Packed longest first, the training runs take 21 calls;
-the runs whose fp16 weights the generalisation group reads (:data:`EXPORT_RUNS`) and that group take 3 calls of
-one session (the weights live only as long as the session); the long-sequence runs one more: 25 calls, about 3
+MiTA-speed runs (MiTA + DWC + Gate took 404 s alone). Packed longest first, with the 5 runs done by the end of
+2026-12-01 the training runs take 17 more calls; the runs whose fp16 weights the generalisation group reads
+(:data:`EXPORT_RUNS`) and that group take 3 calls of one session (the weights live only as long as the
+session); the long-sequence runs one more: 21 calls, about 3
 a session when each call follows the last while the machine is still warm. ``--done`` leaves out runs that
 earlier calls' summaries hold as ok.
 
@@ -76,13 +77,15 @@ VAL_IMAGES = 10000
 #: training images/s on one H100 (the slowest measured; unmeasured attentions at MiTA's)
 SPEED = {"standard": 5000.0, "standard_dwc": 4700.0, "linear": 5000.0, "agent": 4200.0, "mita": 2400.0,
          "mita_dwc": 2300.0, "mita_dwc_gate": 2200.0, "moba": 2400.0, "topk": 2400.0}
-#: training images/s of one run alone on one H200 (the single-GPU plan, :func:`single_gpu_calls`). MiTA's is
-#: train.py's own loop, measured (results/issue7_h200_1201b: 2,701 images/s over its second epoch); the others
-#: scale it by each model's training speed relative to MiTA's in scripts/bench_models.py on the same card
-#: (results/issue7_bench/models_h200.json), less 10% for the loader, except linear attention, whose loop ran
-#: at 2,530 images/s beside a standard run (results/issue7_h200_1201a): estimates for scheduling, not results.
-SPEED_H200 = {"mita": 2700.0, "mita_dwc": 2100.0, "mita_dwc_gate": 1800.0, "standard": 4850.0,
-              "standard_dwc": 4950.0, "agent": 4100.0, "moba": 4100.0, "topk": 3400.0, "linear": 3100.0}
+#: training images/s of one run alone on one H200 (the single-GPU plan, :func:`single_gpu_calls`): train.py's own
+#: loop where a run measured it, else scaled from a measured attention by scripts/bench_models.py's training
+#: speeds on the same card (results/issue7_bench/models_h200_rounds.json). Measured: MiTA 2,701 images/s alone
+#: (results/issue7_h200_1201b, second epoch); MiTA + DWC + Gate 2,600 alone (median epoch of 1201e and 1201f,
+#: 404 s and 392 s for 16 epochs); Agent 3,770 and standard + DWC 3,350 beside each other (1201d), times
+#: SLOWDOWN[2]; linear 2,530 beside standard (1201a). MiTA + DWC trains as fast as + Gate in the benchmark
+#: (2,800 images/s each), so it takes that figure. Estimates for scheduling, not results.
+SPEED_H200 = {"mita": 2700.0, "mita_dwc": 2600.0, "mita_dwc_gate": 2600.0, "standard": 4850.0,
+              "standard_dwc": 4200.0, "agent": 4700.0, "moba": 4100.0, "topk": 3400.0, "linear": 3100.0}
 VAL_SPEED = 6000.0
 #: 8 runs share one host (CPU, PCIe): this much slower than alone
 CROWDING = 1.1
