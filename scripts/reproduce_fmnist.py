@@ -221,6 +221,39 @@ def _analysis(spec: Dict[str, Any], result: Dict[str, Any]) -> None:
                                    + f" --labels {','.join(spec['ckpts'])} --precision bf16 --out OUT"]}[kind]
 
 
+def portable(value: Any, work: Optional[str]) -> Any:
+    """``value`` with the driver's work folder taken out of every string: the recorded commands then name the run
+    folders as ``runs/NAME``, as runs.tar.gz holds them, rather than a temporary folder of the machine they ran on."""
+    if not work:
+        return value
+    prefix = os.path.join(os.path.abspath(work), "")
+    if isinstance(value, str):
+        return value.replace(prefix, "")
+    if isinstance(value, dict):
+        return {k: portable(v, work) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(portable(v, work) for v in value)
+    return value
+
+
+def _portable_argv(argv: Sequence[str]) -> List[str]:
+    """The driver's arguments with the output and work folders as ``$OUT`` and ``$WORK``: they are folders of the
+    machine it ran on, which a reader of summary.json neither has nor needs."""
+    out, hidden = [], {"--out": "$OUT", "--work": "$WORK"}
+    it = iter(argv)
+    for item in it:
+        flag, eq, _ = item.partition("=")
+        if flag in hidden and eq:
+            out.append(f"{flag}={hidden[flag]}")
+        elif item in hidden:
+            out.append(item)
+            if next(it, None) is not None:
+                out.append(hidden[item])
+        else:
+            out.append(item)
+    return out
+
+
 def worker(spec_path: str) -> int:
     """One job on the GPU CUDA_VISIBLE_DEVICES names: writes RUN_DIR/result.json, exit status 0 if ok."""
     with open(spec_path, encoding="utf-8") as handle:
@@ -257,7 +290,7 @@ def worker(spec_path: str) -> int:
     result["wall_s"] = time.perf_counter() - began
     from mita.analysis.common import write_json
 
-    write_json(os.path.join(spec["run_dir"], "result.json"), result)
+    write_json(os.path.join(spec["run_dir"], "result.json"), portable(result, spec.get("work")))
     return status
 
 
@@ -278,7 +311,7 @@ class Job:
 class Driver:
     def __init__(self, args: argparse.Namespace, runs: Sequence[plan_mod.Run]) -> None:
         self.args, self.runs = args, list(runs)
-        self.work = args.work or tempfile.mkdtemp(prefix="mita_repro_")
+        self.work = os.path.abspath(args.work or tempfile.mkdtemp(prefix="mita_repro_"))
         self.start = time.perf_counter()
         self.summary: Dict[str, Any] = {"runs": {}, "fit": None}
         # each run's estimate is for a GPU of its own: with several runs on one GPU, each is this much slower
@@ -297,7 +330,7 @@ class Driver:
                 "epochs": run.epochs, "run_dir": run_dir, "data_root": args.data_root, "smoke": args.smoke,
                 "export": run.export and not job.probe, "probe": job.probe, "extra": [*args.extra, *job.extra],
                 "ckpts": list(run.ckpts), "ckpt_paths": [self._ckpt(c) for c in run.ckpts],
-                "precision": "fp32" if args.smoke else "bf16"}
+                "precision": "fp32" if args.smoke else "bf16", "work": self.work}
 
     def _ckpt(self, name: str) -> str:
         return os.path.join(self.args.ckpt_dir or "", f"{name}_fp16.pth")
@@ -610,7 +643,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     root.setLevel(min(level, logging.INFO))
     driver = Driver(args, runs)
     try:
-        driver.summary["setup"] = {"argv": list(sys.argv if argv is None else argv), "plan": args.plan,
+        driver.summary["setup"] = {"argv": _portable_argv(sys.argv if argv is None else argv), "plan": args.plan,
                                    "shard": args.shard, "gpus": args.gpus, "slots": args.slots, "card": args.card,
                                    "slowdown": driver.slowdown, "budget_s": args.budget_s,
                                    "recipe": plan_mod.RECIPE, "epochs": plan_mod.EPOCHS,

@@ -115,8 +115,12 @@ def test_driver_smoke_end_to_end(tmp_path):
         assert run["status"] == "ok" and run["seed"] == seed and run["epochs"] == 1 and run["card"] == "cpu"
         assert run["train_command"].startswith("python train.py experiment=fmnist_repro")
         assert f"seed={seed}" in run["train_command"] and run["eval_command"].startswith("python eval.py")
+        # the commands name the run folder as runs.tar.gz holds it, not the machine's work folder
+        assert f"run_dir=runs/{name}" in run["train_command"]
+        assert f"ckpt=runs/{name}/checkpoint.pth" in run["eval_command"]
         for key in ("top1", "params", "macs", "train_images_per_s", "infer_images_per_s", "wall_s"):
             assert run[key] is not None and run[key] >= 0, key
+    assert str(tmp_path) not in json.dumps(summary)
     # the two ran at the same time, one per "GPU"
     assert {runs["smoke_mita"]["gpu"], runs["smoke_standard"]["gpu"]} == {0, 1}
     with tarfile.open(out / "runs.tar.gz") as tar:
