@@ -53,8 +53,8 @@ share the GPU at 1.25x the time each (:data:`SLOWDOWN`, measured), so a call of 
 MiTA-speed runs (MiTA + DWC + Gate took 404 s alone). Packed longest first, with the 5 runs done by the end of
 2026-12-01 the training runs take 17 more calls; the runs whose fp16 weights the generalisation group reads
 (:data:`EXPORT_RUNS`) and that group take 3 calls of one session (the weights live only as long as the
-session); the long-sequence runs one more: 21 calls, about 3
-a session when each call follows the last while the machine is still warm. ``--done`` leaves out runs that
+session); the long-sequence runs one more: 21 calls, which :func:`sessions` groups into sessions of 30 minutes
+of device time (7), each call following the last while the machine is still warm. ``--done`` leaves out runs that
 earlier calls' summaries hold as ok.
 
 The 8-GPU plan: the whole issue takes **6 calls of nvidia-h100-x8** (main1, main2, ablations, mk1, mk2,
@@ -368,19 +368,72 @@ def done_runs(paths: Sequence[str]) -> List[str]:
     return sorted(names)
 
 
+#: a developer session's device time, a machine's start, and what a call holds the machine beyond its driver's
+#: span (wheels, transfers); measured 2026-12-01: a call of 518 s held 557 s with the start, the next 424 s for 412
+SESSION_DEVICE_S = 1800.0
+START_S = 60.0
+CALL_OVERHEAD_S = 15.0
+
+
+def _device_s(call: Call) -> float:
+    """Device seconds a call holds the machine: a probed (long-sequence) call uses its whole budget."""
+    span = call.budget_s if any(r.kind == "fit" for r in call.runs) else call.span()
+    return span + CALL_OVERHEAD_S
+
+
+def sessions(stages: Sequence[Tuple[str, List[Call]]],
+             session_s: float = SESSION_DEVICE_S) -> List[List[Tuple[int, str, Call]]]:
+    """The calls of ``stages`` in sessions of ``session_s`` device seconds, each beginning with a machine's start
+    and sending its calls back to back while the machine is warm; calls numbered from 1 in the order to send them.
+
+    A stage named ``exports ...`` is kept whole in one session (its weights do not outlive it); where it does not
+    fit in what is left of a session, the calls after it that do fit go first. Sessions are packed to
+    :data:`SHARED_MARGIN` of ``session_s``: the estimates are estimates, and a session's device time ends hard.
+    """
+    limit = SHARED_MARGIN * session_s
+    units: List[List[Tuple[str, Call]]] = []
+    for stage, calls in stages:
+        if stage.startswith("exports"):
+            units.append([(stage, c) for c in calls])
+        else:
+            units.extend([[(stage, c)] for c in calls])
+    cost = [sum(_device_s(c) for _, c in unit) for unit in units]
+    for i, unit in enumerate(units):
+        if START_S + cost[i] > limit:
+            raise ValueError(f"{unit[0][1].command()}: about {START_S + cost[i]:.0f} s of device time, over the "
+                             f"{limit:.0f} s a session is packed to")
+    out: List[List[Tuple[int, str, Call]]] = []
+    used, number, pending = limit, 0, list(range(len(units)))
+    while pending:
+        pick = next((i for i in pending if used + cost[i] <= limit), None)
+        if pick is None or (pick != pending[0] and len(units[pending[0]]) == 1):
+            # only an atomic stage may be overtaken; a plain call that does not fit starts a new session
+            pick = pick if pick is not None and pick == pending[0] else None
+        if pick is None:
+            out.append([])
+            used = START_S
+            continue
+        pending.remove(pick)
+        for stage, call in units[pick]:
+            number += 1
+            out[-1].append((number, stage, call))
+        used += cost[pick]
+    return out
+
+
 def describe_single_gpu(done: Sequence[str] = ()) -> str:
     stages = single_gpu_calls(done)
     total = sum(len(calls) for _, calls in stages)
+    grouped = sessions(stages)
     lines = [f"single-GPU plan (nvidia-h200): {total} calls of at most {BUDGET_1GPU_S:.0f} s of driver, "
-             f"{SLOTS_1GPU} runs at a time (slowdown {slowdown(SLOTS_1GPU):.2f}x each); done: "
-             f"{', '.join(done) if done else 'none'}"]
-    number = 0
-    for stage, calls in stages:
-        lines.append(f"{stage}:")
-        for call in calls:
-            number += 1
+             f"{SLOTS_1GPU} runs at a time (slowdown {slowdown(SLOTS_1GPU):.2f}x each), in {len(grouped)} sessions "
+             f"of {SESSION_DEVICE_S / 60:.0f} minutes of device time; done: {', '.join(done) if done else 'none'}"]
+    for index, session in enumerate(grouped, 1):
+        held = START_S + sum(_device_s(c) for _, _, c in session)
+        lines.append(f"session {index} (~{held:.0f} s of device time):")
+        for number, stage, call in session:
             span = "probed" if any(r.kind == "fit" for r in call.runs) else f"~{call.span():.0f} s"
-            lines.append(f"  call {number} ({span}): {call.command()}")
+            lines.append(f"  call {number} [{stage}] ({span}): {call.command()}")
     return "\n".join(lines)
 
 

@@ -268,3 +268,23 @@ def test_h200_estimates():
     assert run.estimate("h200") < run.estimate("h100")  # measured faster on the H200 than the H100's slowest
     with pytest.raises(ValueError, match="card"):
         run.estimate("a100")
+
+
+def test_single_gpu_sessions_fit_the_device_time():
+    stages = plan.single_gpu_calls()
+    grouped = plan.sessions(stages)
+    numbers = [n for session in grouped for n, _, _ in session]
+    assert numbers == list(range(1, len(numbers) + 1))  # numbered in the order they are sent
+    sent = sorted(id(c) for session in grouped for _, _, c in session)
+    assert sent == sorted(id(c) for _, calls in stages for c in calls)  # every call once
+    for session in grouped:
+        held = plan.START_S + sum(plan._device_s(c) for _, _, c in session)
+        assert session and held <= plan.SHARED_MARGIN * plan.SESSION_DEVICE_S
+    # the exports and the generalisation call that reads them share one session
+    where = {stage: {i for i, s in enumerate(grouped) for _, st, _ in s if st == stage} for stage, _ in stages}
+    assert len(where["exports then generalisation"]) == 1
+    # the plan's text names the sessions
+    text = plan.describe_single_gpu()
+    assert text.count("\nsession ") == len(grouped) and "call 1 [train]" in text
+    with pytest.raises(ValueError, match="device time"):
+        plan.sessions(stages, session_s=300.0)
