@@ -227,13 +227,17 @@ def portable(value: Any, work: Optional[str]) -> Any:
     if not work:
         return value
     prefix = os.path.join(os.path.abspath(work), "")
-    if isinstance(value, str):
-        return value.replace(prefix, "")
-    if isinstance(value, dict):
-        return {k: portable(v, work) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(portable(v, work) for v in value)
-    return value
+
+    def strip(item: Any) -> Any:
+        if isinstance(item, str):
+            return item.replace(prefix, "")
+        if isinstance(item, dict):
+            return {k: strip(v) for k, v in item.items()}
+        if isinstance(item, (list, tuple)):
+            return type(item)(strip(v) for v in item)
+        return item
+
+    return strip(value)
 
 
 def _portable_argv(argv: Sequence[str]) -> List[str]:

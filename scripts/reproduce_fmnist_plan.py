@@ -250,6 +250,10 @@ class Call:
         """Estimated end of its last run on one H200 (the driver's longest-first order, shared-GPU slowdown)."""
         return makespan(self.runs, self.slots, card="h200") * slowdown(self.slots)
 
+    def probed(self) -> bool:
+        """Whether the call holds a long-sequence (``fit``) run, which the driver probes and sizes to the budget."""
+        return any(r.kind == "fit" for r in self.runs)
+
     def command(self) -> str:
         groups = sorted({g for g, runs in GROUPS.items() for r in runs if r in self.runs and not g.startswith("smoke")},
                         key=list(GROUPS).index)
@@ -258,6 +262,8 @@ class Call:
                 f"--card h200 --budget-s {self.budget_s:.0f}{ckpts}")
 
 
+#: the stage of the single-GPU plan that makes the exports and reads them: one session holds all of it
+EXPORT_STAGE = "exports then generalisation"
 #: the groups the single-GPU plan packs freely; ``generalisation`` and ``long`` get calls of their own
 PACKED_GROUPS = ("main1", "main2", "ablations", "mk1", "mk2")
 
@@ -298,7 +304,7 @@ def single_gpu_calls(done: Sequence[str] = (), slots: int = SLOTS_1GPU,
     train_calls = pack(runs, list(export_calls))[len(export_calls):]
     stages = [("train", train_calls)]
     generalisation = Call(list(GROUPS["generalisation"]), slots, budget_s)
-    stages.append(("exports then generalisation", export_calls + [generalisation]))
+    stages.append((EXPORT_STAGE, export_calls + [generalisation]))
     stages.append(("long", [Call(list(GROUPS["long"]), 3, budget_s)]))
     return [(name, calls) for name, calls in stages if calls]
 
@@ -377,7 +383,7 @@ CALL_OVERHEAD_S = 15.0
 
 def _device_s(call: Call) -> float:
     """Device seconds a call holds the machine: a probed (long-sequence) call uses its whole budget."""
-    span = call.budget_s if any(r.kind == "fit" for r in call.runs) else call.span()
+    span = call.budget_s if call.probed() else call.span()
     return span + CALL_OVERHEAD_S
 
 
@@ -386,14 +392,14 @@ def sessions(stages: Sequence[Tuple[str, List[Call]]],
     """The calls of ``stages`` in sessions of ``session_s`` device seconds, each beginning with a machine's start
     and sending its calls back to back while the machine is warm; calls numbered from 1 in the order to send them.
 
-    A stage named ``exports ...`` is kept whole in one session (its weights do not outlive it); where it does not
+    :data:`EXPORT_STAGE` is kept whole in one session (its weights do not outlive it); where it does not
     fit in what is left of a session, the calls after it that do fit go first. Sessions are packed to
     :data:`SHARED_MARGIN` of ``session_s``: the estimates are estimates, and a session's device time ends hard.
     """
     limit = SHARED_MARGIN * session_s
     units: List[List[Tuple[str, Call]]] = []
     for stage, calls in stages:
-        if stage.startswith("exports"):
+        if stage == EXPORT_STAGE:
             units.append([(stage, c) for c in calls])
         else:
             units.extend([[(stage, c)] for c in calls])
@@ -405,10 +411,9 @@ def sessions(stages: Sequence[Tuple[str, List[Call]]],
     out: List[List[Tuple[int, str, Call]]] = []
     used, number, pending = limit, 0, list(range(len(units)))
     while pending:
-        pick = next((i for i in pending if used + cost[i] <= limit), None)
-        if pick is None or (pick != pending[0] and len(units[pending[0]]) == 1):
-            # only an atomic stage may be overtaken; a plain call that does not fit starts a new session
-            pick = pick if pick is not None and pick == pending[0] else None
+        # only a stage kept whole may be overtaken; a plain call that does not fit starts a new session
+        candidates = pending if len(units[pending[0]]) > 1 else pending[:1]
+        pick = next((i for i in candidates if used + cost[i] <= limit), None)
         if pick is None:
             out.append([])
             used = START_S
@@ -432,7 +437,7 @@ def describe_single_gpu(done: Sequence[str] = ()) -> str:
         held = START_S + sum(_device_s(c) for _, _, c in session)
         lines.append(f"session {index} (~{held:.0f} s of device time):")
         for number, stage, call in session:
-            span = "probed" if any(r.kind == "fit" for r in call.runs) else f"~{call.span():.0f} s"
+            span = "probed" if call.probed() else f"~{call.span():.0f} s"
             lines.append(f"  call {number} [{stage}] ({span}): {call.command()}")
     return "\n".join(lines)
 
