@@ -327,7 +327,7 @@ class Driver:
     def spec(self, job: Job) -> Dict[str, Any]:
         run, args = job.run, self.args
         run_dir = os.path.join(self.work, "runs", job.name)
-        missing = [c for c in run.ckpts if not args.ckpt_dir or not os.path.isfile(self._ckpt(c))]
+        missing = [c for c in run.ckpts if not args.ckpt_dir or not os.path.isfile(REPO / self._ckpt(c))]
         if missing:
             raise FileNotFoundError(f"--ckpt-dir {args.ckpt_dir!r} lacks {[c + '_fp16.pth' for c in missing]}")
         return {"name": job.name, "kind": run.kind, "overrides": run.overrides, "seed": run.seed,
@@ -625,12 +625,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error(f"argument --budget-s: must be > 0, got {args.budget_s}")
     if not args.smoke and (args.data_root is None or not os.path.isdir(args.data_root)):
         parser.error(f"argument --data-root: {args.data_root!r} is not a folder")
+    # workers run in the repository: a folder inside it is kept relative, so the recorded commands and the
+    # analyses' JSON hold no machine path
     if args.data_root:
-        # workers run in the repository: a folder inside it is kept relative, so the recorded commands hold
-        # no machine path
         args.data_root = _repo_relative(args.data_root)
     if args.ckpt_dir:
-        args.ckpt_dir = os.path.abspath(args.ckpt_dir)
+        args.ckpt_dir = _repo_relative(args.ckpt_dir)
     bad = [item for item in args.extra if "=" not in item or item.startswith("=")]
     if bad:
         parser.error(f"argument --set: {bad} are not KEY=VALUE")

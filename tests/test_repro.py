@@ -171,6 +171,17 @@ def test_generalisation_needs_its_checkpoints(tmp_path):
     assert all(r["status"] == "failed" and "lacks" in r["error"] for r in runs.values())
 
 
+def test_checkpoint_folder_inside_the_repo_is_recorded_relative(tmp_path):
+    # the analyses write their checkpoint's path into their JSON: a folder of the repository stays relative
+    out = tmp_path / "out"
+    inside = reproduce_fmnist.REPO / ".ckpt" / "no-such-exports"
+    argv = ["--plan", "smoke_analysis", "--only", "smoke_figures", "--out", str(out), "--work", str(tmp_path / "w"),
+            "--smoke", "--gpus", "1", "--budget-s", "60", "--ckpt-dir", str(inside)]
+    assert reproduce_fmnist.main(argv) == 1
+    error = _summary(out)["runs"]["smoke_figures"]["error"]
+    assert "'.ckpt/no-such-exports'" in error and str(reproduce_fmnist.REPO) not in error
+
+
 def test_slowdown_of_shared_gpus():
     assert plan.slowdown(1) == 1.0
     # between measured counts: the largest measured count's slowdown, scaled by the extra runs
