@@ -1,8 +1,6 @@
 """Merge the summary.json files of issue 7's driver calls into the tables RESULTS.md needs.
 
-    python scripts/collect_repro.py results/issue7_main1/summary.json results/issue7_main2/summary.json \\
-        results/issue7_ablations/summary.json results/issue7_mk1/summary.json results/issue7_mk2/summary.json \\
-        results/issue7_generalisation/summary.json --out results/issue7_tables
+    python scripts/collect_repro.py results/issue7_*/summary.json --out results/issue7_tables
 
 Each summary.json is what ``scripts/reproduce_fmnist.py`` writes (``runs.NAME`` with status, seed, card,
 wall_s, top1, params, macs, train/inference images/s, epoch time, peak memory). Run names are the plan's
@@ -12,7 +10,9 @@ several summaries (a rerun) keeps its ``ok`` entry; between entries of the same 
 Writes to ``--out``: ``main.md`` (per attention: seeds, mean ± std of top-1 over the ok seeds, params,
 GMACs, training and inference images/s, cards and wall times), ``ablations.md`` (experts, routing, landmark
 extractors), ``mk_grid.md`` and ``mk_grid.png`` (through ``collect_sweep.py``), ``long.md`` (top-1, s/epoch,
-images/s, peak memory) and ``rows.json`` (every merged run, with the file it came from). Only numbers found in
+images/s, peak memory), ``generalisation.md`` (the inference-time (m, k) grid, the checkpoint-swap matrix, the
+fine-tuning rows and the figures' per-layer numbers, from the analyses the driver put in its summary) and
+``rows.json`` (every merged run, with the file it came from). Only numbers found in
 the summaries are written: a skipped, killed or failed run shows its status, never a number, and a run no
 summary holds is left out with a line naming it and its group.
 """
@@ -33,9 +33,9 @@ import reproduce_fmnist_plan as plan_mod  # noqa: E402
 _logger = logging.getLogger("collect_repro")
 
 #: the fields of a run copied into rows.json (as the driver wrote them; absent ones stay None)
-FIELDS = ("status", "seed", "epochs", "epochs_done", "card", "gpu", "wall_s", "top1", "top5", "params", "macs",
+FIELDS = ("status", "kind", "seed", "epochs", "epochs_done", "card", "gpu", "wall_s", "top1", "top5", "params", "macs",
           "train_images_per_s", "infer_images_per_s", "epoch_time_s", "peak_mem_gib", "reason", "error",
-          "train_command", "eval_command")
+          "train_command", "eval_command", "zero_shot_top1", "zero_shot_command")
 #: the group of each planned run (for the lines naming what no summary holds)
 GROUP_OF = {run.name: group for group, runs in plan_mod.GROUPS.items() for run in runs}
 PLANNED_SEED = {run.name: run.seed for runs in plan_mod.GROUPS.values() for run in runs}
@@ -243,6 +243,112 @@ def long_table(rows: Dict[str, Dict[str, Any]], sources: Sequence[Dict[str, Any]
         lines.append(f"| {label} | `{name}` | {' | '.join(cells)} | {row.get('card') or '—'} | {_wall(row)} |")
     return "\n".join(lines + _missing_line(missing)) + "\n"
 
+#: the generalisation group's analysis jobs and the keys of their summary entries that hold the analysis
+ANALYSES = {"mk_grid": ("mk_grid",), "swap": ("swap",), "figures": ("pruning", "experts", "overlap")}
+FINETUNE = [("standard checkpoint, MiTA swapped in", "finetune_std_to_mita"),
+            ("standard checkpoint, standard kept (control)", "finetune_std_to_std")]
+
+
+def load_analyses(rows: Dict[str, Dict[str, Any]]) -> Dict[str, Dict[str, Any]]:
+    """{job name: {key: analysis dict}} for the ok analysis jobs, read from the summary their row was kept from."""
+    found: Dict[str, Dict[str, Any]] = {}
+    for name, keys in ANALYSES.items():
+        row = rows.get(name)
+        if row is None or row["status"] != "ok":
+            continue
+        with open(row["source"], encoding="utf-8") as handle:
+            entry = json.load(handle)["runs"][name]
+        found[name] = {key: entry[key] for key in keys if isinstance(entry.get(key), dict)}
+    return found
+
+
+def _job_line(rows: Dict[str, Dict[str, Any]], name: str) -> str:
+    row = rows[name]
+    return f"Job `{name}`: {row.get('card') or '—'}, {_wall(row)}, {row['source']}."
+
+
+def _grid_table(analysis: Dict[str, Any]) -> List[str]:
+    points = analysis.get("points") or []
+    ms = sorted({p["num_landmarks"] for p in points})
+    ks = sorted({p["topk"] for p in points})
+    acc = {(p["num_landmarks"], p["topk"]): p for p in points}
+    lines = ["| m \\ k | " + " | ".join(str(k) for k in ks) + " |", "| --- |" + " ---: |" * len(ks)]
+    for m in ms:
+        cells = []
+        for k in ks:
+            point = acc.get((m, k))
+            if point is None or point.get("acc1") is None:
+                cells.append("—")
+            else:
+                cell = f"{point['acc1']:.2f}"
+                cells.append(f"**{cell}**" if point.get("training_point") else cell)
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def generalisation_tables(rows: Dict[str, Dict[str, Any]], analyses: Dict[str, Dict[str, Any]]) -> str:
+    """The generalisation group: numbers only from the ok jobs' analyses; a job not ok shows its status."""
+    lines = ["# Generalisation", ""]
+    missing = [n for n in [*ANALYSES, *(name for _, name in FINETUNE)] if n not in rows]
+
+    lines += ["## Inference-time (m, k) grid", ""]
+    grid = analyses.get("mk_grid", {}).get("mk_grid")
+    if grid:
+        trained = grid.get("attention") or {}
+        lines += [f"top-1 of `{grid.get('ckpt')}` (trained at m = {trained.get('num_landmarks')}, k = "
+                  f"{trained.get('topk')}, in bold) evaluated with other (m, k), {grid.get('precision')}, "
+                  f"{grid.get('n_images')} images. {_job_line(rows, 'mk_grid')}", ""] + _grid_table(grid)
+    elif "mk_grid" in rows:
+        lines.append(f"`mk_grid`: {_status(rows['mk_grid'])}.")
+    lines += ["", "## Checkpoint swap", ""]
+    swap = analyses.get("swap", {}).get("swap")
+    if swap:
+        labels = swap["labels"]
+        lines += [f"top-1, rows: the weights' training attention, columns: the attention evaluated with "
+                  f"({swap.get('precision')}). {_job_line(rows, 'swap')}", "",
+                  "| weights \\ evaluated with | " + " | ".join(labels) + " |", "| --- |" + " ---: |" * len(labels)]
+        for label, values in zip(labels, swap["acc1"]):
+            lines.append(f"| {label} | " + " | ".join(_num(v, ".2f") for v in values) + " |")
+    elif "swap" in rows:
+        lines.append(f"`swap`: {_status(rows['swap'])}.")
+    lines += ["", "## Fine-tuning a standard checkpoint", "",
+              "| run | zero-shot top-1 | epochs | top-1 after | card | wall |", "| --- | --- | --- | --- | --- | --- |"]
+    for label, name in FINETUNE:
+        row = rows.get(name)
+        if row is None:
+            continue
+        if row["status"] == "ok":
+            cells = [_num(row.get("zero_shot_top1"), ".2f"), str(row.get("epochs_done") or row.get("epochs")),
+                     _num(row.get("top1"), ".2f")]
+        else:
+            cells = [_status(row), str(row.get("epochs")), "—"]
+        lines.append(f"| {label} (`{name}`) | {' | '.join(cells)} | {row.get('card') or '—'} | {_wall(row)} |")
+    scratch = rows.get(MK_CENTRE[0])
+    if scratch is not None and scratch["status"] == "ok":
+        lines.append(f"| MiTA from scratch (`{MK_CENTRE[0]}`) | — | {scratch.get('epochs_done')} | "
+                     f"{_num(scratch.get('top1'), '.2f')} | {scratch.get('card') or '—'} | {_wall(scratch)} |")
+    lines += ["", "## Figures (per layer)", ""]
+    figures = analyses.get("figures", {})
+    if figures:
+        pruning, experts, overlap = (figures.get(k, {}).get("layers") or [] for k in ANALYSES["figures"])
+        layers = max(len(pruning), len(experts), len(overlap))
+
+        def cell(items: List[Dict[str, Any]], i: int, key: str) -> str:
+            return _num(items[i].get(key), ".3f") if i < len(items) else "—"
+
+        lines += ["pruned: share of tokens no routed expert of any head keeps (left to the shared expert); outside "
+                  "window: share of an expert's top-k keys outside its pooling window (chance: the share of tokens "
+                  "outside it); IoU: an expert's keys against the queries routed to it (chance: random sets of the "
+                  f"same sizes). {_job_line(rows, 'figures')}", "",
+                  "| layer | pruned | outside window | (chance) | IoU | (chance) |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
+        for i in range(layers):
+            lines.append(f"| {i} | {cell(pruning, i, 'pruned_fraction')} | {cell(experts, i, 'outside_window_fraction')}"
+                         f" | {cell(experts, i, 'chance')} | {cell(overlap, i, 'mean_iou')} | "
+                         f"{cell(overlap, i, 'chance_iou')} |")
+    elif "figures" in rows:
+        lines.append(f"`figures`: {_status(rows['figures'])}.")
+    return "\n".join(lines + _missing_line(missing)) + "\n"
+
 
 def collect(paths: Sequence[str], out: str, png: bool = True) -> Dict[str, str]:
     """Write every table to ``out``; returns {table name: path}."""
@@ -250,7 +356,7 @@ def collect(paths: Sequence[str], out: str, png: bool = True) -> Dict[str, str]:
     os.makedirs(out, exist_ok=True)
     runs = mk_runs(rows)
     texts = {"main": main_table(rows), "ablations": ablation_tables(rows), "mk_grid": mk_table(rows, runs),
-             "long": long_table(rows, sources)}
+             "long": long_table(rows, sources), "generalisation": generalisation_tables(rows, load_analyses(rows))}
     written = {}
     for name, text in texts.items():
         written[name] = os.path.join(out, f"{name}.md")

@@ -94,7 +94,7 @@ def test_main_table(summaries, tmp_path):
 def test_ablations_mk_long_and_rows(summaries, tmp_path):
     out = tmp_path / "out"
     written = collect_repro.collect(summaries, str(out), png=False)
-    assert set(written) == {"main", "ablations", "mk_grid", "long", "rows"}
+    assert set(written) == {"main", "ablations", "mk_grid", "long", "generalisation", "rows"}
     text = _read(out, "ablations")
     assert "| both (m = k = 25) | `mita_s0` | 90.00 |" in text and "| top-2 | `top2` | 88.80 |" in text
     assert "| random | `pool_random` | skipped (the budget ran out before it could start) | — | — |" in text
@@ -143,3 +143,45 @@ def test_early_stop_shows_its_reason():
     row = {"status": "killed", "reason": "stopped after 2 of 16 epochs: projected to end 39 s after the budget"}
     assert collect_repro._status(row) == f"stopped early ({row['reason']})"
     assert collect_repro._status({"status": "killed"}) == "killed at the budget"
+
+
+def test_generalisation_tables(summaries, tmp_path):
+    mita = {"name": "mita", "num_landmarks": 25, "topk": 25}
+    points = [{"num_landmarks": m, "topk": k, "training_point": (m, k) == (25, 25), "acc1": 80.0 + m / 10 + k / 100}
+              for m in (16, 25) for k in (16, 25, 36)]
+    points[-1]["acc1"] = None  # a point whose evaluation failed shows a dash, never a number
+    analysis = {"kind": "mk_grid", "mk_grid": {"analysis": "mk_grid", "ckpt": ".ckpt/issue7/mita_fp16.pth",
+                                               "attention": mita, "precision": "bf16", "n_images": 10000,
+                                               "points": points}}
+    swap = {"kind": "swap", "swap": {"labels": ["mita", "standard"], "precision": "bf16",
+                                     "acc1": [[86.5, 62.25], [80.0, 87.75]]}}
+    layers = [{"layer": i, "pruned_fraction": 0.25 + i / 100} for i in range(2)]
+    figures = {"kind": "figures", "pruning": {"layers": layers},
+               "experts": {"layers": [{"layer": 0, "outside_window_fraction": 0.875, "chance": 0.934}]},
+               "overlap": {"layers": [{"layer": i, "mean_iou": 0.03, "chance_iou": 0.014} for i in range(2)]}}
+    gen = _write(tmp_path / "gen.json", "generalisation", {
+        "mk_grid": _ok("mk_grid", 0, None, **analysis), "swap": _ok("swap", 0, None, **swap),
+        "figures": _ok("figures", 0, None, **figures),
+        "finetune_std_to_mita": _ok("finetune_std_to_mita", 0, 87.25, kind="finetune", epochs=3, epochs_done=3,
+                                    zero_shot_top1=80.5),
+        "finetune_std_to_std": {"status": "killed", "estimate_s": 80.0, "epochs": 3, "wall_s": 50.0},
+    })
+    out = tmp_path / "out"
+    written = collect_repro.collect([*summaries, gen], str(out), png=False)
+    text = (out / "generalisation.md").read_text()
+    assert written["generalisation"] == str(out / "generalisation.md")
+    assert "trained at m = 25, k = 25" in text
+    assert _line(text, "| 25 |") == "| 25 | 82.66 | **82.75** | — |"
+    assert _line(text, "| mita |") == "| mita | 86.50 | 62.25 |"
+    assert _line(text, "| standard checkpoint, MiTA").split(" | ")[1:4] == ["80.50", "3", "87.25"]
+    assert "killed at the budget" in _line(text, "| standard checkpoint, standard kept")
+    assert _line(text, "| MiTA from scratch").split(" | ")[3] == "90.00"
+    # a layer one analysis lacks shows a dash
+    assert _line(text, "| 1 |") == "| 1 | 0.260 | — | — | 0.030 | 0.014 |"
+
+
+def test_generalisation_absent(summaries, tmp_path):
+    out = tmp_path / "out"
+    collect_repro.collect(summaries, str(out), png=False)
+    text = (out / "generalisation.md").read_text()
+    assert "86." not in text and "Not in any summary (left out): `mk_grid` (generalisation)" in text
