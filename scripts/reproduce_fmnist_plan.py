@@ -50,12 +50,13 @@ group              runs
 Single-GPU plan (:func:`single_gpu_calls`, what is lent now: one H200 a call, 30 minutes of device time a
 session). On one H200, MiTA's training loop runs at 2,700 images/s alone, 16 epochs in about 390 s; two runs
 share the GPU at 1.25x the time each (:data:`SLOWDOWN`, measured), so a call of :data:`BUDGET_1GPU_S` holds two
-MiTA-speed runs (MiTA + DWC + Gate took 404 s alone). Packed longest first, with the 5 runs done by the end of
-2026-12-01 the training runs take 17 more calls; the runs whose fp16 weights the generalisation group reads
-(:data:`EXPORT_RUNS`) and that group take 3 calls of one session (the weights live only as long as the
-session); the long-sequence runs one more: 21 calls, which :func:`sessions` groups into sessions of 30 minutes
-of device time (7), each call following the last while the machine is still warm. ``--done`` leaves out runs that
-earlier calls' summaries hold as ok.
+MiTA-speed runs (MiTA + DWC + Gate took 404 s alone). The long-sequence runs come first (one probed call),
+then the training runs, main table first, other ablations next, the m x k grid last (:func:`_tier`), longest
+first within each; while a generalisation job is not done, the runs whose fp16 weights it reads
+(:data:`EXPORT_RUNS`) and the group take calls of one session (the weights live only as long as the session).
+:func:`sessions` groups the calls into sessions of 30 minutes of device time, each call following the last while
+the machine is still warm. ``--done`` leaves out runs that earlier calls' summaries hold as ok: after
+2026-12-02's calls (the exports and the generalisation group done), 17 calls in 6 sessions.
 
 The 8-GPU plan: the whole issue takes **6 calls of nvidia-h100-x8** (main1, main2, ablations, mk1, mk2,
 generalisation+long), about 10.5 minutes of device time each with the machine's start; 12 calls of
@@ -268,22 +269,37 @@ EXPORT_STAGE = "exports then generalisation"
 PACKED_GROUPS = ("main1", "main2", "ablations", "mk1", "mk2")
 
 
+#: the order in which the single-GPU plan packs the training runs: the main table's seeds, then the other
+#: ablations, then the m x k grid (each tier may fill the room the one before left in its calls)
+def _tier(run: "Run") -> int:
+    if run.name.rsplit("_s", 1)[0] in {name for name, _, _ in MAIN}:
+        return 0
+    return 2 if run.name.startswith("mk_") else 1
+
+
 def single_gpu_calls(done: Sequence[str] = (), slots: int = SLOTS_1GPU,
                      budget_s: float = BUDGET_1GPU_S) -> List[Tuple[str, List[Call]]]:
     """The plan for machines of one H200: ``(stage, calls)`` in order, leaving out the runs named in ``done``.
 
-    ``train``: every training run of :data:`PACKED_GROUPS` but the exporting ones, packed longest first into the
-    first call whose estimated span stays inside ``budget_s`` (a run too long to share the GPU gets a call of
-    its own). ``exports then generalisation``: the runs of :data:`EXPORT_RUNS`, then the generalisation group
-    on their fp16 weights (``--ckpt-dir``), in ONE session, since the weights do not outlive it. ``long``: the
-    three long-sequence runs in one call (probed, then sized to the budget).
+    ``long``: the long-sequence runs not done, in one call (probed, then sized to the budget); first, as the
+    only item of the issue that no call has measured yet. ``train``: every training run of
+    :data:`PACKED_GROUPS` not done and not made by the exports stage, packed by :func:`_tier` (main table, other
+    ablations, m x k grid), longest first within a tier, into the first call whose estimated span stays inside
+    ``budget_s`` (a run too long to share the GPU gets a call of its own). ``exports then generalisation``,
+    while a generalisation job is not done: the runs of :data:`EXPORT_RUNS` whose fp16 weights those jobs read
+    (made again even if done: the weights do not outlive a session), then those jobs on them
+    (``--ckpt-dir``), in ONE session.
     """
     done = set(done)
-    runs = [r for g in PACKED_GROUPS for r in GROUPS[g] if r.name not in done and r.name not in EXPORT_RUNS]
-    exports = [r for g in PACKED_GROUPS for r in GROUPS[g] if r.name in EXPORT_RUNS]
+    generalisation = [r for r in GROUPS["generalisation"] if r.name not in done]
+    needed = {c for r in generalisation for c in r.ckpts}
+    exports = [r for g in PACKED_GROUPS for r in GROUPS[g]
+               if r.name in EXPORT_RUNS and r.name.rsplit("_s", 1)[0] in needed]
+    made = {r.name for r in exports}
+    runs = [r for g in PACKED_GROUPS for r in GROUPS[g] if r.name not in done and r.name not in made]
 
     def pack(items: Sequence[Run], calls: List[Call]) -> List[Call]:
-        for run in sorted(items, key=lambda r: -r.estimate("h200")):
+        for run in sorted(items, key=lambda r: (_tier(r), -r.estimate("h200"))):
             for call in calls:
                 # shared calls keep 5% of the budget in hand: the estimates are estimates
                 if Call([*call.runs, run], call.slots, budget_s).span() <= SHARED_MARGIN * budget_s:
@@ -302,10 +318,10 @@ def single_gpu_calls(done: Sequence[str] = (), slots: int = SLOTS_1GPU,
     # the exporting calls first, then the other runs, which fill what room those calls leave before new calls
     export_calls = pack(exports, [])
     train_calls = pack(runs, list(export_calls))[len(export_calls):]
-    stages = [("train", train_calls)]
-    generalisation = Call(list(GROUPS["generalisation"]), slots, budget_s)
-    stages.append((EXPORT_STAGE, export_calls + [generalisation]))
-    stages.append(("long", [Call(list(GROUPS["long"]), 3, budget_s)]))
+    long = [r for r in GROUPS["long"] if r.name not in done]
+    stages = [("long", [Call(long, 3, budget_s)] if long else []), ("train", train_calls)]
+    if generalisation:
+        stages.append((EXPORT_STAGE, export_calls + [Call(generalisation, slots, budget_s)]))
     return [(name, calls) for name, calls in stages if calls]
 
 

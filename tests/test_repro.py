@@ -249,7 +249,7 @@ def test_driver_stops_early_one_run_projected_past_the_budget(tmp_path, monkeypa
 
 def test_single_gpu_plan_covers_every_run_inside_the_budget(tmp_path):
     stages = plan.single_gpu_calls()
-    assert [name for name, _ in stages] == ["train", "exports then generalisation", "long"]
+    assert [name for name, _ in stages] == ["long", "train", "exports then generalisation"]
     planned = [r.name for _, calls in stages for call in calls for r in call.runs]
     every = [r.name for g in REAL_GROUPS for r in plan.GROUPS[g]]
     assert sorted(planned) == sorted(every)  # each run once
@@ -259,7 +259,7 @@ def test_single_gpu_plan_covers_every_run_inside_the_budget(tmp_path):
             if all(r.kind == "train" for r in call.runs):
                 assert call.span() <= plan.BUDGET_1GPU_S, call.command()
     # the exports are made in the stage that ends with the generalisation call that reads them
-    exports, generalisation = stages[1][1][:-1], stages[1][1][-1]
+    exports, generalisation = stages[2][1][:-1], stages[2][1][-1]
     assert set(plan.EXPORT_RUNS) <= {r.name for c in exports for r in c.runs}
     assert all(any(r.name in plan.EXPORT_RUNS for r in c.runs) for c in exports)
     assert {r.name for r in generalisation.runs} == {r.name for r in plan.GROUPS["generalisation"]}
@@ -272,6 +272,26 @@ def test_single_gpu_plan_covers_every_run_inside_the_budget(tmp_path):
     assert done == ["mita_s0", "mita_s1"]
     left = [r.name for _, calls in plan.single_gpu_calls(done) for c in calls for r in c.runs]
     assert "mita_s1" not in left and "mita_s0" in left and "pool_1d" in left
+
+
+def test_single_gpu_plan_order_and_what_is_done():
+    stages = dict(plan.single_gpu_calls())
+    # the main table's runs are packed before the other ablations, and those before the m x k grid
+    lowest = [min(plan._tier(r) for r in c.runs) for c in stages["train"]]
+    assert lowest == sorted(lowest) and lowest[0] == 0 and lowest[-1] == 2
+    gen = [r.name for r in plan.GROUPS["generalisation"]]
+    # with the generalisation group done, no exports stage: the exporting runs, done, are left out too
+    done = [*gen, *plan.EXPORT_RUNS, *(r.name for r in plan.GROUPS["long"])]
+    stages = dict(plan.single_gpu_calls(done))
+    assert set(stages) == {"train"}
+    assert not {r.name for c in stages["train"] for r in c.runs} & set(plan.EXPORT_RUNS)
+    # only the fine-tuning jobs left: only the standard checkpoint is made again
+    left = [n for n in gen if not n.startswith("finetune")]
+    stages = dict(plan.single_gpu_calls([*left, *plan.EXPORT_RUNS]))
+    exports, generalisation = stages["exports then generalisation"][:-1], stages["exports then generalisation"][-1]
+    assert {r.name for c in exports for r in c.runs if r.export} == {"standard_s1"}
+    assert all(r.name.startswith("finetune") for r in generalisation.runs)
+    assert not {"mita_s0", "agent49_s0"} & {r.name for c in stages["train"] for r in c.runs}
 
 
 def test_h200_estimates():
@@ -296,6 +316,6 @@ def test_single_gpu_sessions_fit_the_device_time():
     assert len(where["exports then generalisation"]) == 1
     # the plan's text names the sessions
     text = plan.describe_single_gpu()
-    assert text.count("\nsession ") == len(grouped) and "call 1 [train]" in text
+    assert text.count("\nsession ") == len(grouped) and "call 1 [long]" in text
     with pytest.raises(ValueError, match="device time"):
         plan.sessions(stages, session_s=300.0)
