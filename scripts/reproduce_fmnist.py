@@ -26,6 +26,7 @@ fp16, about 11 MB each: the generalisation call reads them from ``--ckpt-dir``).
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import logging
 import math
@@ -540,7 +541,23 @@ class Driver:
                 for file in sorted(files):
                     if file.endswith(PACKED):
                         path = os.path.join(root, file)
-                        tar.add(path, arcname=os.path.relpath(path, self.work))
+                        _add_portable(tar, path, os.path.relpath(path, self.work), self.work)
+
+
+def _add_portable(tar: tarfile.TarFile, path: str, arcname: str, work: str) -> None:
+    """Add ``path`` to ``tar``; a text file with the work folder and the repository taken out of it, as
+    :func:`portable` does for the JSON the driver writes: the raw logs and configs then hold no machine path."""
+    if path.endswith(".png"):
+        tar.add(path, arcname=arcname)
+        return
+    with open(path, "rb") as handle:
+        data = handle.read()
+    for folder in (os.path.abspath(work), str(REPO)):
+        # a path inside the folder becomes relative to it; the folder itself, "."
+        data = data.replace(os.path.join(folder, "").encode(), b"").replace(folder.encode(), b".")
+    info = tar.gettarinfo(path, arcname=arcname)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
 
 
 def _stop(proc: subprocess.Popen) -> None:

@@ -125,9 +125,14 @@ def test_driver_smoke_end_to_end(tmp_path):
     assert {runs["smoke_mita"]["gpu"], runs["smoke_standard"]["gpu"]} == {0, 1}
     with tarfile.open(out / "runs.tar.gz") as tar:
         names = set(tar.getnames())
+        texts = {m.name: tar.extractfile(m).read().decode() for m in tar.getmembers()
+                 if m.isfile() and not m.name.endswith(".png")}
     assert {"runs/smoke_mita/log.jsonl", "runs/smoke_mita/config.yaml", "runs/smoke_mita/result.json",
             "runs/smoke_standard/eval.json"} <= names
     assert not any(n.endswith(".pth") for n in names)
+    # the raw files (config, spec, worker log) hold the run folders as runs/NAME too, no machine path
+    assert "run_dir: runs/smoke_mita" in texts["runs/smoke_mita/config.yaml"]
+    assert not [n for n, text in texts.items() if str(tmp_path) in text or str(reproduce_fmnist.REPO) in text]
 
 
 def test_driver_stops_a_run_at_the_budget(tmp_path):
