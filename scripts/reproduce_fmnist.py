@@ -31,7 +31,6 @@ import json
 import logging
 import math
 import os
-import re
 import shutil
 import signal
 import statistics
@@ -531,7 +530,7 @@ class Driver:
         for run in self.runs:
             src = os.path.join(self.work, "runs", run.name, "model_fp16.pth")
             if run.export and os.path.isfile(src):
-                dst = os.path.join(self.args.out, f"{re.sub(r'_s[0-9]+$', '', run.name)}_fp16.pth")
+                dst = os.path.join(self.args.out, f"{plan_mod.unseeded(run.name)}_fp16.pth")
                 shutil.copyfile(src, dst)
                 exports[run.name] = os.path.basename(dst)
         self.summary["exports"] = exports

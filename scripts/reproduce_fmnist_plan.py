@@ -66,6 +66,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import sys
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -158,7 +159,14 @@ MAIN = [
 #: the runs whose fp16 weights (weights only) the generalisation group reads, as ``<attention>_fp16.pth``;
 #: standard's seed 1, since the seed-0 run was made before this list and its export did not outlive its session
 EXPORT_RUNS = ("mita_s0", "agent49_s0", "standard_s1")
-EXPORTS = tuple(name.rsplit("_s", 1)[0] for name in EXPORT_RUNS)
+
+
+def unseeded(name: str) -> str:
+    """A run's name without its ``_sN`` seed suffix: ``mita_dwc_s1`` -> ``mita_dwc``; other names unchanged."""
+    return re.sub(r"_s[0-9]+$", "", name)
+
+
+EXPORTS = tuple(unseeded(name) for name in EXPORT_RUNS)
 MK_VALUES = (9, 16, 25, 36)
 POOLS = ("1d", "random", "learned", "conv", "dwconv", "tome")
 
@@ -269,10 +277,13 @@ EXPORT_STAGE = "exports then generalisation"
 PACKED_GROUPS = ("main1", "main2", "ablations", "mk1", "mk2")
 
 
-#: the order in which the single-GPU plan packs the training runs: the main table's seeds, then the other
-#: ablations, then the m x k grid (each tier may fill the room the one before left in its calls)
+MAIN_NAMES = frozenset(name for name, _, _ in MAIN)
+
+
 def _tier(run: "Run") -> int:
-    if run.name.rsplit("_s", 1)[0] in {name for name, _, _ in MAIN}:
+    """The order in which the single-GPU plan packs the training runs: the main table's seeds, then the other
+    ablations, then the m x k grid (each tier may fill the room the one before left in its calls)."""
+    if unseeded(run.name) in MAIN_NAMES:
         return 0
     return 2 if run.name.startswith("mk_") else 1
 
@@ -294,7 +305,7 @@ def single_gpu_calls(done: Sequence[str] = (), slots: int = SLOTS_1GPU,
     generalisation = [r for r in GROUPS["generalisation"] if r.name not in done]
     needed = {c for r in generalisation for c in r.ckpts}
     exports = [r for g in PACKED_GROUPS for r in GROUPS[g]
-               if r.name in EXPORT_RUNS and r.name.rsplit("_s", 1)[0] in needed]
+               if r.name in EXPORT_RUNS and unseeded(r.name) in needed]
     made = {r.name for r in exports}
     runs = [r for g in PACKED_GROUPS for r in GROUPS[g] if r.name not in done and r.name not in made]
 
