@@ -31,6 +31,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import signal
 import statistics
@@ -221,16 +222,24 @@ def _analysis(spec: Dict[str, Any], result: Dict[str, Any]) -> None:
                                    + f" --labels {','.join(spec['ckpts'])} --precision bf16 --out OUT"]}[kind]
 
 
+def _strip_paths(text: str, work: str) -> str:
+    """``text`` with the driver's work folder and the repository taken out: a path inside either becomes relative
+    to it, the folder itself "." (not a longer name it begins: ``/x/work2`` stays); the run folders then read
+    ``runs/NAME``, as runs.tar.gz holds them, rather than a temporary folder of the machine they ran on."""
+    for folder in (os.path.abspath(work), str(REPO)):
+        text = text.replace(os.path.join(folder, ""), "")
+        text = re.sub(re.escape(folder) + r"(?![\w.-])", ".", text)
+    return text
+
+
 def portable(value: Any, work: Optional[str]) -> Any:
-    """``value`` with the driver's work folder taken out of every string: the recorded commands then name the run
-    folders as ``runs/NAME``, as runs.tar.gz holds them, rather than a temporary folder of the machine they ran on."""
+    """``value`` with :func:`_strip_paths` applied to every string in it (the JSON the driver writes)."""
     if not work:
         return value
-    prefix = os.path.join(os.path.abspath(work), "")
 
     def strip(item: Any) -> Any:
         if isinstance(item, str):
-            return item.replace(prefix, "")
+            return _strip_paths(item, work)
         if isinstance(item, dict):
             return {k: strip(v) for k, v in item.items()}
         if isinstance(item, (list, tuple)):
@@ -544,16 +553,13 @@ class Driver:
 
 
 def _add_portable(tar: tarfile.TarFile, path: str, arcname: str, work: str) -> None:
-    """Add ``path`` to ``tar``; a text file with the work folder and the repository taken out of it, as
-    :func:`portable` does for the JSON the driver writes: the raw logs and configs then hold no machine path."""
+    """Add ``path`` to ``tar``; a text file through :func:`_strip_paths`, so the raw logs and configs hold no
+    machine path either."""
     if path.endswith(".png"):
         tar.add(path, arcname=arcname)
         return
-    with open(path, "rb") as handle:
-        data = handle.read()
-    for folder in (os.path.abspath(work), str(REPO)):
-        # a path inside the folder becomes relative to it; the folder itself, "."
-        data = data.replace(os.path.join(folder, "").encode(), b"").replace(folder.encode(), b".")
+    with open(path, encoding="utf-8", errors="surrogateescape") as handle:
+        data = _strip_paths(handle.read(), work).encode("utf-8", errors="surrogateescape")
     info = tar.gettarinfo(path, arcname=arcname)
     info.size = len(data)
     tar.addfile(info, io.BytesIO(data))

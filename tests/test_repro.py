@@ -324,3 +324,9 @@ def test_single_gpu_sessions_fit_the_device_time():
     assert text.count("\nsession ") == len(grouped) and "call 1 [long]" in text
     with pytest.raises(ValueError, match="device time"):
         plan.sessions(stages, session_s=300.0)
+
+
+def test_strip_paths_leaves_longer_names_alone(tmp_path):
+    work = str(tmp_path / "w")
+    text = f"{work}/runs/a {work} {work}2/x {reproduce_fmnist.REPO}/.ckpt/a.pth"
+    assert reproduce_fmnist._strip_paths(text, work) == f"runs/a . {work}2/x .ckpt/a.pth"
