@@ -53,9 +53,12 @@ MK_CENTRE = ("mita_s0", 25, 25)
 _RANK = {"ok": 0, "killed": 1, "failed": 2, "skipped": 3}
 
 
-def load_summaries(paths: Sequence[str]) -> Tuple[Dict[str, Dict[str, Any]], List[Dict[str, Any]]]:
-    """(run name -> merged row, one dict per summary file: path, plan, fit)."""
+def load_summaries(paths: Sequence[str]) -> Tuple[Dict[str, Dict[str, Any]], List[Dict[str, Any]],
+                                                  Dict[str, Dict[str, Any]]]:
+    """(run name -> merged row, one dict per summary file: path, plan, fit, run name -> the driver's whole entry
+    of the row kept)."""
     rows: Dict[str, Dict[str, Any]] = {}
+    entries: Dict[str, Dict[str, Any]] = {}
     sources = []
     for path in paths:
         with open(path, encoding="utf-8") as handle:
@@ -81,8 +84,8 @@ def load_summaries(paths: Sequence[str]) -> Tuple[Dict[str, Dict[str, Any]], Lis
                     old.setdefault("also_in", []).append(path)
                     continue
                 row["also_in"] = [*old.get("also_in", []), old["source"]]
-            rows[name] = row
-    return rows, sources
+            rows[name], entries[name] = row, entry
+    return rows, sources, entries
 
 
 def _num(value: Optional[float], fmt: str) -> str:
@@ -249,16 +252,13 @@ FINETUNE = [("standard checkpoint, MiTA swapped in", "finetune_std_to_mita"),
             ("standard checkpoint, standard kept (control)", "finetune_std_to_std")]
 
 
-def load_analyses(rows: Dict[str, Dict[str, Any]]) -> Dict[str, Dict[str, Any]]:
-    """{job name: {key: analysis dict}} for the ok analysis jobs, read from the summary their row was kept from."""
+def load_analyses(rows: Dict[str, Dict[str, Any]], entries: Dict[str, Dict[str, Any]]) -> Dict[str, Dict[str, Any]]:
+    """{job name: {key: analysis dict}} for the ok analysis jobs, from the driver's entries of the rows kept."""
     found: Dict[str, Dict[str, Any]] = {}
     for name, keys in ANALYSES.items():
-        row = rows.get(name)
-        if row is None or row["status"] != "ok":
-            continue
-        with open(row["source"], encoding="utf-8") as handle:
-            entry = json.load(handle)["runs"][name]
-        found[name] = {key: entry[key] for key in keys if isinstance(entry.get(key), dict)}
+        if name in rows and rows[name]["status"] == "ok":
+            entry = entries[name]
+            found[name] = {key: entry[key] for key in keys if isinstance(entry.get(key), dict)}
     return found
 
 
@@ -340,11 +340,12 @@ def generalisation_tables(rows: Dict[str, Dict[str, Any]], analyses: Dict[str, D
                   "window: share of an expert's top-k keys outside its pooling window (chance: the share of tokens "
                   "outside it); IoU: an expert's keys against the queries routed to it (chance: random sets of the "
                   f"same sizes). {_job_line(rows, 'figures')}", "",
-                  "| layer | pruned | outside window | (chance) | IoU | (chance) |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
+                  "| layer | pruned | outside window | (chance) | IoU | (chance) |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: |"]
+        columns = [(pruning, "pruned_fraction"), (experts, "outside_window_fraction"), (experts, "chance"),
+                   (overlap, "mean_iou"), (overlap, "chance_iou")]
         for i in range(layers):
-            lines.append(f"| {i} | {cell(pruning, i, 'pruned_fraction')} | {cell(experts, i, 'outside_window_fraction')}"
-                         f" | {cell(experts, i, 'chance')} | {cell(overlap, i, 'mean_iou')} | "
-                         f"{cell(overlap, i, 'chance_iou')} |")
+            lines.append(f"| {i} | " + " | ".join(cell(items, i, key) for items, key in columns) + " |")
     elif "figures" in rows:
         lines.append(f"`figures`: {_status(rows['figures'])}.")
     return "\n".join(lines + _missing_line(missing)) + "\n"
@@ -352,11 +353,12 @@ def generalisation_tables(rows: Dict[str, Dict[str, Any]], analyses: Dict[str, D
 
 def collect(paths: Sequence[str], out: str, png: bool = True) -> Dict[str, str]:
     """Write every table to ``out``; returns {table name: path}."""
-    rows, sources = load_summaries(paths)
+    rows, sources, entries = load_summaries(paths)
     os.makedirs(out, exist_ok=True)
     runs = mk_runs(rows)
     texts = {"main": main_table(rows), "ablations": ablation_tables(rows), "mk_grid": mk_table(rows, runs),
-             "long": long_table(rows, sources), "generalisation": generalisation_tables(rows, load_analyses(rows))}
+             "long": long_table(rows, sources),
+             "generalisation": generalisation_tables(rows, load_analyses(rows, entries))}
     written = {}
     for name, text in texts.items():
         written[name] = os.path.join(out, f"{name}.md")
