@@ -15,7 +15,8 @@ and records the peak GPU memory; analysis jobs call ``mita.analysis`` on the wei
 Runs start longest first, each on the GPU that frees first; a run whose estimate would end after
 ``--budget-s`` is not started and is reported as skipped, and a run still going at the budget is stopped
 and reported as killed (its log.jsonl lines stay). Long-sequence runs (kind ``fit``) are first probed for
-2 x 20 steps; then all of them get the same training subset, the largest the slowest can finish on.
+2 x 20 steps, each alone on its GPU; then all of them get the same training subset, the largest with which
+the runs sharing a GPU end inside the budget when each takes its own probed time (see ``Driver._sized``).
 
 --out receives at most 8 files: summary.json (per run: status, the equivalent train.py/eval.py commands,
 seed, epochs, card, wall time, training and inference images/s, params, FLOPs, top-1, peak memory),
@@ -53,7 +54,8 @@ from make_analysis_figures import SMOKE, _last_wins  # noqa: E402
 _logger = logging.getLogger("reproduce_fmnist")
 
 #: probe of a long run: this many steps in each of 2 epochs (the second is timed), this many test images
-PROBE_STEPS, PROBE_VAL = 20, 512
+#: (enough that the test loader's start-up does not dominate the test speed the evaluations are sized by)
+PROBE_STEPS, PROBE_VAL = 20, 2048
 #: files of a run folder that go into runs.tar.gz
 PACKED = (".json", ".jsonl", ".yaml", ".log", ".csv", ".md", ".png")
 #: what a training run does after its last epoch: evaluation (as eval.py, with FLOPs), inference timing, export
@@ -307,6 +309,18 @@ def worker(spec_path: str) -> int:
     return status
 
 
+def _pick_gpu(job: "Job", free: Sequence[int], running: Sequence["Job"]) -> Optional[int]:
+    """The GPU ``job`` starts on: the first free slot's, but a probe only on a GPU where nothing runs and
+    nothing beside a probe; None: wait."""
+    probing = {j.gpu for j in running if j.probe}
+    busy = {j.gpu for j in running}
+    for gpu in free:
+        if gpu in probing or (job.probe and gpu in busy):
+            continue
+        return gpu
+    return None
+
+
 class Job:
     def __init__(self, run: plan_mod.Run, probe: bool = False, estimate: Optional[float] = None,
                  slowdown: float = 1.0, card: str = "h100") -> None:
@@ -400,7 +414,8 @@ class Driver:
         return result
 
     def schedule(self) -> None:
-        """Longest first on the GPU that frees first; fit runs after their probes have sized them."""
+        """Longest first on the GPU that frees first; fit runs after their probes have sized them, each probe
+        alone on its GPU (a probe timed beside others that end sooner reads a speed no shared run gets)."""
         fit = [r for r in self.runs if r.kind == "fit"]
         queue = [Job(r, probe=True, estimate=60.0 if not self.args.smoke else 1.0) for r in fit]
         queue += sorted((Job(r, slowdown=self.slowdown, card=self.args.card) for r in self.runs if r.kind != "fit"),
@@ -440,13 +455,16 @@ class Driver:
                 queue = []
                 break
             while free and queue:
+                gpu = _pick_gpu(queue[0], free, running)
+                if gpu is None:
+                    break
                 job = queue.pop(0)
                 if job.estimate > self.left():
                     _logger.warning("%s not started: about %.0f s needed, %.0f s left", job.name, job.estimate,
                                     self.left())
                     self.record(job, "skipped", reason=f"estimated {job.estimate:.0f} s, {self.left():.0f} s left")
                     continue
-                gpu = free.pop(0)
+                free.remove(gpu)
                 self.launch(job, gpu)
                 if job.proc is None:
                     free.insert(0, gpu)
@@ -502,7 +520,18 @@ class Driver:
         return os.path.join(self.work, "runs", job.name)
 
     def _sized(self, fit: Sequence[plan_mod.Run], probes: Dict[str, Dict[str, Any]]) -> List[Job]:
-        """One training subset for every fit run: the largest the slowest probed run finishes in the time left."""
+        """One training subset for every fit run: the largest with which the fit runs that share a GPU end in
+        the time left.
+
+        Each probe ran alone, so it gives its run's own speed (training and test images/s). At 3,137 tokens
+        the kernels fill the GPU, which then time-slices between the processes: runs sharing a GPU take the
+        sum of their own times (any gain from running side by side is margin). A GPU with ``n`` of them ends
+        after ``epochs x images x sum(1 / rate)`` of training and the sum of their evaluations (each
+        ``EVAL_EVERY``-th epoch's and the last, the final evaluation of the checkpoint, the inference timing).
+        With several GPUs the worst placement counts: the ``ceil(n / gpus)`` slowest runs on one GPU.
+        (Three long runs on one H200 sized by the slowest probe, timed beside probes that ended sooner, each
+        ran at 160 images/s against the 214 planned, and all three were stopped halfway.)
+        """
         ok = [probes[r.name] for r in fit if probes.get(r.name, {}).get("status") == "ok"]
         jobs = []
         if len(ok) < len(fit):
@@ -512,20 +541,33 @@ class Driver:
             fit = [r for r in fit if probes.get(r.name, {}).get("status") == "ok"]
         if not fit:
             return jobs
-        rate = min(p["train_images_per_s"] for p in ok)
-        val_rate = min(p["last_record"].get("val_images_per_s") or plan_mod.VAL_SPEED for p in ok)
         epochs = fit[0].epochs
-        evals = math.ceil(epochs / plan_mod.EVAL_EVERY) * plan_mod.VAL_IMAGES / val_rate
+        passes = math.ceil(epochs / plan_mod.EVAL_EVERY) + 1  # the training's evaluations and the final one
+        infer = (INFER_WARMUP + INFER_REPS) * INFER_BATCH
+        per_image, evals = [], []
+        for p in ok:
+            val_rate = p["last_record"].get("val_images_per_s") or plan_mod.VAL_SPEED
+            per_image.append(epochs / p["train_images_per_s"])
+            evals.append((passes * plan_mod.VAL_IMAGES + infer) / val_rate + FINAL_S)
+        share = math.ceil(len(ok) / max(1, self.args.gpus))
+        worst = sorted(range(len(ok)), key=lambda i: -(per_image[i]))[:share]
+        cost = sum(per_image[i] for i in worst)  # seconds per training image of the subset, on the worst GPU
+        eval_s = sum(sorted(evals, reverse=True)[:share])
         overhead = 2.0 if self.args.smoke else plan_mod.OVERHEAD_S
-        usable = self.left() - overhead - evals - (0 if self.args.smoke else 20.0)
+        usable = self.left() - overhead - eval_s - (0 if self.args.smoke else 20.0)
         unit, cap = (8, 32) if self.args.smoke else (1000, plan_mod.TRAIN_IMAGES)
-        images = min(cap, int(usable * rate / epochs // unit * unit))
-        self.summary["fit"] = {"slowest_images_per_s": rate, "val_images_per_s": val_rate, "epochs": epochs,
-                               "train_images": images, "left_s": self.left()}
-        _logger.info("long runs: %d training images x %d epochs (slowest probe %.0f images/s)", images, epochs, rate)
+        images = max(0, min(cap, int(usable / cost // unit * unit)))
+        span = overhead + images * cost + eval_s
+        self.summary["fit"] = {
+            "train_images_per_s": {p["name"]: p["train_images_per_s"] for p in ok},
+            "val_images_per_s": {p["name"]: p["last_record"].get("val_images_per_s") for p in ok},
+            "epochs": epochs, "train_images": images, "left_s": self.left(), "runs_per_gpu": share,
+            "estimate_s": span, "model": "runs sharing a GPU take the sum of their own (probed) times"}
+        _logger.info("long runs: %d training images x %d epochs, %d to a GPU, all done in about %.0f s "
+                     "(probed alone: %s images/s)", images, epochs, share, span,
+                     ", ".join(f"{p['name']} {p['train_images_per_s']:.0f}" for p in ok))
         for run in fit:
-            estimate = overhead + epochs * images / rate + evals
-            job = Job(run, estimate=estimate)
+            job = Job(run, estimate=span)
             if images < unit:
                 self.record(job, "skipped", reason=f"not even {unit} training images fit the time left")
                 continue

@@ -26,9 +26,9 @@ they are budgeted at MiTA's speed. The estimates (:data:`SPEED`) decide which ru
 starts a run only if its estimate ends inside the budget and stops any run still going at the budget.
 
 Long sequences (``configs/experiment/fmnist_repro_long.yaml``): 112 x 112 (3,137 tokens), batch 64,
-4 epochs; no speed is known at that length, so the driver first probes each long run for 2 x 20 steps
-(images/s and peak memory), then gives all of them the same training subset, the largest that lets the
-slowest finish inside the budget (at most 60,000 images).
+4 epochs; no speed is known at that length, so the driver first probes each long run alone for 2 x 20
+steps (images/s and peak memory), then gives all of them the same training subset, the largest with which
+the runs sharing a GPU, each taking its own probed time, end inside the budget (at most 60,000 images).
 
 Groups (8 GPUs each; ``--shard 1/2`` and ``2/2`` split one over two calls of 4 GPUs):
 

@@ -214,11 +214,11 @@ def test_driver_rejects_bad_slots_and_selections(tmp_path, extra):
     assert err.value.code == 2
 
 
-def _driver(tmp_path, budget_s=100.0):
+def _driver(tmp_path, budget_s=100.0, gpus=1, smoke=True):
     import argparse
 
-    args = argparse.Namespace(budget_s=budget_s, slots=2, slowdown=None, work=str(tmp_path), smoke=True,
-                              out=str(tmp_path))
+    args = argparse.Namespace(budget_s=budget_s, slots=2, slowdown=None, work=str(tmp_path), smoke=smoke,
+                              out=str(tmp_path), gpus=gpus)
     return reproduce_fmnist.Driver(args, [])
 
 
@@ -330,3 +330,47 @@ def test_strip_paths_leaves_longer_names_alone(tmp_path):
     work = str(tmp_path / "w")
     text = f"{work}/runs/a {work} {work}2/x {reproduce_fmnist.REPO}/.ckpt/a.pth"
     assert reproduce_fmnist._strip_paths(text, work) == f"runs/a . {work}2/x .ckpt/a.pth"
+
+
+def test_probes_run_alone_on_their_gpu():
+    def job(name, gpu=None, probe=False):
+        j = reproduce_fmnist.Job(plan.Run(name, estimate_s=1.0), probe=probe)
+        j.gpu = gpu
+        return j
+
+    probe, train = job("a", probe=True), job("b")
+    # a probe waits for a GPU where nothing runs; beside a probe nothing starts
+    assert reproduce_fmnist._pick_gpu(probe, [0, 1], [job("x", gpu=0)]) == 1
+    assert reproduce_fmnist._pick_gpu(probe, [0], [job("x", gpu=0)]) is None
+    assert reproduce_fmnist._pick_gpu(train, [0, 0], [job("p", gpu=0, probe=True)]) is None
+    assert reproduce_fmnist._pick_gpu(train, [0, 1], [job("p", gpu=0, probe=True)]) == 1
+    assert reproduce_fmnist._pick_gpu(train, [0], [job("x", gpu=0)]) == 0
+
+
+def _probe(name, rate, val_rate):
+    return {"name": f"{name}_probe", "status": "ok", "train_images_per_s": rate,
+            "last_record": {"val_images_per_s": val_rate}}
+
+
+@pytest.mark.parametrize("gpus", [1, 3])
+def test_long_runs_sized_by_the_sum_of_their_probed_times(tmp_path, gpus):
+    driver = _driver(tmp_path, budget_s=600.0, gpus=gpus, smoke=False)
+    runs = [plan.Run(n, kind="fit", epochs=4) for n in ("fast", "slow", "slower")]
+    probes = {"fast": _probe("fast", 500.0, 2000.0), "slow": _probe("slow", 250.0, 1000.0),
+              "slower": _probe("slower", 200.0, 1000.0)}
+    jobs = driver._sized(runs, probes)
+    fit = driver.summary["fit"]
+    images = fit["train_images"]
+    assert [j.run.name for j in jobs] == ["fast", "slow", "slower"] and images % 1000 == 0
+    assert all(j.extra == [f"data.max_train_samples={images}"] for j in jobs)
+    # one GPU: the three runs one after another; three: the slowest alone
+    per_image = 4 / 500 + 4 / 250 + 4 / 200 if gpus == 1 else 4 / 200
+    val = (2 * plan.VAL_IMAGES + 25 * 256) / 1000 + reproduce_fmnist.FINAL_S
+    evals = val + (2 * plan.VAL_IMAGES + 25 * 256) / 2000 + reproduce_fmnist.FINAL_S + val if gpus == 1 else val
+    usable = fit["left_s"] - plan.OVERHEAD_S - evals - 20.0
+    assert images == min(plan.TRAIN_IMAGES, int(usable / per_image // 1000 * 1000))
+    assert fit["estimate_s"] <= fit["left_s"] - 20.0 and fit["runs_per_gpu"] == (3 if gpus == 1 else 1)
+    # a probe that failed: its run is skipped, the others still sized
+    probes["slow"] = {"status": "failed"}
+    assert [j.run.name for j in driver._sized(runs, probes)] == ["fast", "slower"]
+    assert driver.summary["runs"]["slow"]["status"] == "skipped"
