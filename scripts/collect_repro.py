@@ -227,9 +227,16 @@ def long_table(rows: Dict[str, Dict[str, Any]], sources: Sequence[Dict[str, Any]
     for source in sources:
         fit = source.get("fit")
         if fit:
+            if isinstance(fit.get("train_images_per_s"), dict):  # probes alone, runs sized by the sum of times
+                rates = ", ".join(f"{name.removesuffix('_probe')} {rate:,.0f}"
+                                  for name, rate in fit["train_images_per_s"].items())
+                share = fit.get("runs_per_gpu")
+                how = (f"{share} run{'' if share == 1 else 's'} to a GPU, estimated {_num(fit.get('estimate_s'), '.0f')} s; "
+                       f"probed alone: {rates} images/s")
+            else:  # the first sizing: the slowest of probes run side by side
+                how = f"slowest probe {_num(fit.get('slowest_images_per_s'), ',.0f')} images/s, probes side by side"
             lines.append(f"Training subset from {source['path']}: {fit.get('train_images')} images x "
-                         f"{fit.get('epochs')} epochs (slowest probe {_num(fit.get('slowest_images_per_s'), ',.0f')}"
-                         " images/s).")
+                         f"{fit.get('epochs')} epochs ({how}).")
     lines += ["", "| attention | run | top-1 | s / epoch | train img/s | peak memory (GiB) | card | wall |",
               "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     missing = []
@@ -241,8 +248,12 @@ def long_table(rows: Dict[str, Dict[str, Any]], sources: Sequence[Dict[str, Any]
         if row["status"] == "ok":
             cells = [_num(row.get("top1"), ".2f"), _num(row.get("epoch_time_s"), ".1f"),
                      _num(row.get("train_images_per_s"), ",.0f"), _num(row.get("peak_mem_gib"), ".2f")]
-        else:
-            cells = [_status(row)] * 4
+        else:  # what a run stopped early measured before it stopped
+            status = _status(row)
+            if row.get("epochs_done") is not None and "epochs" not in status:
+                status += f", {row['epochs_done']} epochs done"
+            cells = [status, _num(row.get("epoch_time_s"), ".1f"),
+                     _num(row.get("train_images_per_s"), ",.0f"), _num(row.get("peak_mem_gib"), ".2f")]
         lines.append(f"| {label} | `{name}` | {' | '.join(cells)} | {row.get('card') or '—'} | {_wall(row)} |")
     return "\n".join(lines + _missing_line(missing)) + "\n"
 

@@ -56,8 +56,13 @@ def summaries(tmp_path):
         "long_standard": _ok("long_standard", 0, 80.0, kind="fit", peak_mem_gib=30.25, epoch_time_s=100.0),
         "long_mita_m25": {"status": "failed", "estimate_s": 300.0, "error": "RuntimeError: CUDA out of memory",
                           "wall_s": 12.0, "card": "NVIDIA H100 80GB HBM3", "seed": 0},
-    }, fit={"slowest_images_per_s": 400.0, "val_images_per_s": 3000.0, "epochs": 4, "train_images": 41000,
-            "left_s": 450.0})
+        # stopped by the driver's projection: what it measured before shows, its last test accuracy does not
+        "long_mita_m100": {"status": "killed", "estimate_s": 400.0, "epochs_done": 2, "train_images_per_s": 171.2,
+                           "epoch_time_s": 134.2, "last_val_acc1": 55.5, "wall_s": 342.0,
+                           "reason": "stopped after 2 of 4 epochs: projected to end 94 s after the budget (570 s)"},
+    }, fit={"train_images_per_s": {"long_standard_probe": 600.0, "long_mita_m25_probe": 450.0},
+            "val_images_per_s": {"long_standard_probe": 3000.0, "long_mita_m25_probe": 2500.0}, "epochs": 4,
+            "train_images": 41000, "left_s": 450.0, "runs_per_gpu": 1, "estimate_s": 430.0})
     return [main1, ablations, mk1, long]
 
 
@@ -107,10 +112,13 @@ def test_ablations_mk_long_and_rows(summaries, tmp_path):
     assert "`mk_m36_k36` (mk2)" in grid and "`mk_m9_k25` (mk1)" in grid
 
     long = _read(out, "long")
-    assert "41000 images x 4 epochs" in long
+    assert "41000 images x 4 epochs (1 run to a GPU, estimated 430 s; probed alone: long_standard 600, " \
+           "long_mita_m25 450 images/s)" in long
     assert "| standard | `long_standard` | 80.00 | 100.0 | 3,000 | 30.25 |" in long
-    assert _line(long, "| MiTA m = k = 25 |").count("failed (RuntimeError: CUDA out of memory)") == 4
-    assert "`long_mita_m100` (long)" in long
+    assert "| MiTA m = k = 25 | `long_mita_m25` | failed (RuntimeError: CUDA out of memory) | — | — | — |" in long
+    killed = _line(long, "| MiTA m = k = 100 |")
+    assert "stopped early (stopped after 2 of 4 epochs" in killed and "| 134.2 | 171 | — |" in killed
+    assert "55.5" not in killed and "epochs done" not in killed
 
     rows = {r["name"]: r for r in json.loads((out / "rows.json").read_text())["rows"]}
     assert rows["mita_dwc_s0"]["status"] == "killed" and rows["mita_dwc_s0"]["top1"] is None
