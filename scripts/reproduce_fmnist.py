@@ -523,9 +523,10 @@ class Driver:
         """One training subset for every fit run: the largest with which the fit runs that share a GPU end in
         the time left.
 
-        Each probe ran alone, so it gives its run's own speed (training and test images/s). At 3,137 tokens
-        the kernels fill the GPU, which then time-slices between the processes: runs sharing a GPU take the
-        sum of their own times (any gain from running side by side is margin). A GPU with ``n`` of them ends
+        Each probe ran alone, so it gives its run's own speed (training and test images/s). Runs sharing a
+        GPU take the sum of their own times: one after another (``--slots 1``, the single-GPU plan's long
+        call, where each run's measured speed is then its own too), or side by side, where at 3,137 tokens
+        the kernels fill the GPU and it time-slices between the processes (any gain is margin). A GPU with ``n`` of them ends
         after ``epochs x images x sum(1 / rate)`` of training and the sum of their evaluations (each
         ``EVAL_EVERY``-th epoch's and the last, the final evaluation of the checkpoint, the inference timing).
         With several GPUs the worst placement counts: the ``ceil(n / gpus)`` slowest runs on one GPU.
@@ -558,6 +559,7 @@ class Driver:
         unit, cap = (8, 32) if self.args.smoke else (1000, plan_mod.TRAIN_IMAGES)
         images = max(0, min(cap, int(usable / cost // unit * unit)))
         span = overhead + images * cost + eval_s
+        own_s = [overhead + images * t + e for t, e in zip(per_image, evals)]  # each run's time alone
         self.summary["fit"] = {
             "train_images_per_s": {p["name"]: p["train_images_per_s"] for p in ok},
             "val_images_per_s": {p["name"]: p["last_record"].get("val_images_per_s") for p in ok},
@@ -566,8 +568,8 @@ class Driver:
         _logger.info("long runs: %d training images x %d epochs, %d to a GPU, all done in about %.0f s "
                      "(probed alone: %s images/s)", images, epochs, share, span,
                      ", ".join(f"{p['name']} {p['train_images_per_s']:.0f}" for p in ok))
-        for run in fit:
-            job = Job(run, estimate=span)
+        for run, own in zip(fit, own_s):
+            job = Job(run, estimate=own)
             if images < unit:
                 self.record(job, "skipped", reason=f"not even {unit} training images fit the time left")
                 continue

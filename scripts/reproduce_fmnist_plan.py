@@ -292,8 +292,9 @@ def single_gpu_calls(done: Sequence[str] = (), slots: int = SLOTS_1GPU,
                      budget_s: float = BUDGET_1GPU_S) -> List[Tuple[str, List[Call]]]:
     """The plan for machines of one H200: ``(stage, calls)`` in order, leaving out the runs named in ``done``.
 
-    ``long``: the long-sequence runs not done, in one call (probed, then sized to the budget); first, as the
-    only item of the issue that no call has measured yet. ``train``: every training run of
+    ``long``: the long-sequence runs not done, in one call, one run at a time (probed, then sized to the
+    budget; alone, each run's s / epoch and images/s are its own, and the probes' speeds hold); first, as
+    the only item of the issue that no call has measured yet. ``train``: every training run of
     :data:`PACKED_GROUPS` not done and not made by the exports stage, packed by :func:`_tier` (main table, other
     ablations, m x k grid), longest first within a tier, into the first call whose estimated span stays inside
     ``budget_s`` (a run too long to share the GPU gets a call of its own). ``exports then generalisation``,
@@ -330,7 +331,7 @@ def single_gpu_calls(done: Sequence[str] = (), slots: int = SLOTS_1GPU,
     export_calls = pack(exports, [])
     train_calls = pack(runs, list(export_calls))[len(export_calls):]
     long = [r for r in GROUPS["long"] if r.name not in done]
-    stages = [("long", [Call(long, 3, budget_s)] if long else []), ("train", train_calls)]
+    stages = [("long", [Call(long, 1, budget_s)] if long else []), ("train", train_calls)]
     if generalisation:
         stages.append((EXPORT_STAGE, export_calls + [Call(generalisation, slots, budget_s)]))
     return [(name, calls) for name, calls in stages if calls]
