@@ -527,8 +527,9 @@ class Driver:
         GPU take the sum of their own times: one after another (``--slots 1``, the single-GPU plan's long
         call, where each run's measured speed is then its own too), or side by side, where at 3,137 tokens
         the kernels fill the GPU and it time-slices between the processes (any gain is margin). A GPU with ``n`` of them ends
-        after ``epochs x images x sum(1 / rate)`` of training and the sum of their evaluations (each
-        ``EVAL_EVERY``-th epoch's and the last, the final evaluation of the checkpoint, the inference timing).
+        after ``epochs x images x sum(1 / rate)`` of training, the sum of their evaluations (each
+        ``EVAL_EVERY``-th epoch's and the last, the final evaluation of the checkpoint, the inference timing)
+        and their start-ups (``OVERHEAD_S`` each).
         With several GPUs the worst placement counts: the ``ceil(n / gpus)`` slowest runs on one GPU.
         (Three long runs on one H200 sized by the slowest probe, timed beside probes that ended sooner, each
         ran at 160 images/s against the 214 planned, and all three were stopped halfway.)
@@ -549,25 +550,26 @@ class Driver:
         for p in ok:
             val_rate = p["last_record"].get("val_images_per_s") or plan_mod.VAL_SPEED
             per_image.append(epochs / p["train_images_per_s"])
-            evals.append((passes * plan_mod.VAL_IMAGES + infer) / val_rate + FINAL_S)
+            # start-up, the final evaluation's model build and FLOPs, the export: the overhead, once per run
+            evals.append((passes * plan_mod.VAL_IMAGES + infer) / val_rate)
         share = math.ceil(len(ok) / max(1, self.args.gpus))
         worst = sorted(range(len(ok)), key=lambda i: -(per_image[i]))[:share]
         cost = sum(per_image[i] for i in worst)  # seconds per training image of the subset, on the worst GPU
-        eval_s = sum(sorted(evals, reverse=True)[:share])
         overhead = 2.0 if self.args.smoke else plan_mod.OVERHEAD_S
-        usable = self.left() - overhead - eval_s - (0 if self.args.smoke else 20.0)
+        eval_s = sum(sorted(evals, reverse=True)[:share]) + share * overhead
+        usable = self.left() - eval_s - (0 if self.args.smoke else 20.0)
         unit, cap = (8, 32) if self.args.smoke else (1000, plan_mod.TRAIN_IMAGES)
         images = max(0, min(cap, int(usable / cost // unit * unit)))
-        span = overhead + images * cost + eval_s
+        span = images * cost + eval_s
         own_s = [overhead + images * t + e for t, e in zip(per_image, evals)]  # each run's time alone
         self.summary["fit"] = {
             "train_images_per_s": {p["name"]: p["train_images_per_s"] for p in ok},
             "val_images_per_s": {p["name"]: p["last_record"].get("val_images_per_s") for p in ok},
             "epochs": epochs, "train_images": images, "left_s": self.left(), "runs_per_gpu": share,
             "estimate_s": span, "model": "runs sharing a GPU take the sum of their own (probed) times"}
-        _logger.info("long runs: %d training images x %d epochs, %d to a GPU, all done in about %.0f s "
-                     "(probed alone: %s images/s)", images, epochs, share, span,
-                     ", ".join(f"{p['name']} {p['train_images_per_s']:.0f}" for p in ok))
+        _logger.info("long runs: %d training images x %d epochs, %d to a GPU, all done in about %.0f s of %.0f "
+                     "(probed alone: %s images/s)", images, epochs, share, span, self.left(),
+                     ", ".join(f"{p['name'].removesuffix('_probe')} {p['train_images_per_s']:.0f}" for p in ok))
         for run, own in zip(fit, own_s):
             job = Job(run, estimate=own)
             if images < unit:

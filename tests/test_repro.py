@@ -367,9 +367,9 @@ def test_long_runs_sized_by_the_sum_of_their_probed_times(tmp_path, gpus):
     assert all(j.extra == [f"data.max_train_samples={images}"] for j in jobs)
     # one GPU: the three runs one after another; three: the slowest alone
     per_image = 4 / 500 + 4 / 250 + 4 / 200 if gpus == 1 else 4 / 200
-    val = (2 * plan.VAL_IMAGES + 25 * 256) / 1000 + reproduce_fmnist.FINAL_S
-    evals = val + (2 * plan.VAL_IMAGES + 25 * 256) / 2000 + reproduce_fmnist.FINAL_S + val if gpus == 1 else val
-    usable = fit["left_s"] - plan.OVERHEAD_S - evals - 20.0
+    val = (2 * plan.VAL_IMAGES + 25 * 256) / 1000
+    evals = val + (2 * plan.VAL_IMAGES + 25 * 256) / 2000 + val if gpus == 1 else val
+    usable = fit["left_s"] - (3 if gpus == 1 else 1) * plan.OVERHEAD_S - evals - 20.0
     assert images == min(plan.TRAIN_IMAGES, int(usable / per_image // 1000 * 1000))
     assert fit["estimate_s"] <= fit["left_s"] - 20.0 and fit["runs_per_gpu"] == (3 if gpus == 1 else 1)
     # a probe that failed: its run is skipped, the others still sized
