@@ -577,7 +577,8 @@ class Driver:
                 continue
             job.extra = [f"data.max_train_samples={images}"]
             jobs.append(job)
-        return sorted(jobs, key=lambda j: -j.estimate)
+        return jobs  # the group's order (its baseline first), not the longest first: one at a time, a run that
+        # cannot start at the end is then one of the others
 
     def pack(self) -> None:
         """runs.tar.gz (small files of every run folder) and the fp16 exports beside it."""
