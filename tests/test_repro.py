@@ -167,6 +167,21 @@ def test_driver_analysis_and_long_groups(tmp_path):
             "runs/smoke_swap/analysis/swap.csv", "runs/smoke_finetune/zero_shot.json"} <= names
 
 
+@pytest.mark.slow
+def test_long_probes_take_one_gpu_in_turn(tmp_path):
+    out = tmp_path / "out"
+    argv = ["--plan", "smoke_long", "--out", str(out), "--work", str(tmp_path / "w"), "--smoke", "--gpus", "1",
+            "--slots", "2", "--budget-s", "300"]
+    assert reproduce_fmnist.main(argv) == 0
+    log = (out / "driver.log").read_text()
+    # the second probe starts once the first has ended; the sized runs then share the GPU
+    assert log.index("smoke_fit_a_probe ok") < log.index("started smoke_fit_b_probe")
+    summary = _summary(out)
+    assert summary["fit"]["runs_per_gpu"] == 2 and set(summary["fit"]["train_images_per_s"]) == {
+        "smoke_fit_a_probe", "smoke_fit_b_probe"}
+    assert all(r["status"] == "ok" for r in summary["runs"].values())
+
+
 def test_generalisation_needs_its_checkpoints(tmp_path):
     out = tmp_path / "out"
     argv = ["--plan", "smoke_analysis", "--out", str(out), "--work", str(tmp_path / "w"), "--smoke",
