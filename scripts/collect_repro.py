@@ -231,8 +231,8 @@ def long_table(rows: Dict[str, Dict[str, Any]], sources: Sequence[Dict[str, Any]
                 rates = ", ".join(f"{name.removesuffix('_probe')} {rate:,.0f}"
                                   for name, rate in fit["train_images_per_s"].items())
                 share = fit.get("runs_per_gpu")
-                how = (f"{share} run{'' if share == 1 else 's'} to a GPU, estimated {_num(fit.get('estimate_s'), '.0f')} s; "
-                       f"probed alone: {rates} images/s")
+                how = (f"{share} run{'' if share == 1 else 's'} to a GPU, estimated "
+                       f"{_num(fit.get('estimate_s'), '.0f')} s; probed alone: {rates} images/s")
             else:  # the first sizing: the slowest of probes run side by side
                 how = f"slowest probe {_num(fit.get('slowest_images_per_s'), ',.0f')} images/s, probes side by side"
             lines.append(f"Training subset from {source['path']}: {fit.get('train_images')} images x "

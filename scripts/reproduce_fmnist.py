@@ -12,9 +12,9 @@ pinned to one GPU by CUDA_VISIBLE_DEVICES. A training run composes ``train.py``'
 (``experiment=fmnist_repro`` + the run's overrides), trains through ``mita.engine.runner.train``, evaluates the
 last checkpoint as ``eval.py`` does (bf16, with FLOPs), times inference on random batches (CUDA events, median)
 and records the peak GPU memory; analysis jobs call ``mita.analysis`` on the weights in ``--ckpt-dir``.
-Runs start longest first, each on the GPU that frees first; a run whose estimate would end after
-``--budget-s`` is not started and is reported as skipped, and a run still going at the budget is stopped
-and reported as killed (its log.jsonl lines stay). Long-sequence runs (kind ``fit``) are first probed for
+Runs start longest first (long-sequence runs in the group's order), each on the GPU that frees first; a run
+whose estimate would end after ``--budget-s`` is not started and is reported as skipped, and a run still
+going at the budget is stopped and reported as killed (its log.jsonl lines stay). Long-sequence runs (kind ``fit``) are first probed for
 2 x 20 steps, each alone on its GPU; then all of them get the same training subset, the largest with which
 the runs sharing a GPU end inside the budget when each takes its own probed time (see ``Driver._sized``).
 
@@ -526,13 +526,14 @@ class Driver:
         Each probe ran alone, so it gives its run's own speed (training and test images/s). Runs sharing a
         GPU take the sum of their own times: one after another (``--slots 1``, the single-GPU plan's long
         call, where each run's measured speed is then its own too), or side by side, where at 3,137 tokens
-        the kernels fill the GPU and it time-slices between the processes (any gain is margin). A GPU with ``n`` of them ends
-        after ``epochs x images x sum(1 / rate)`` of training, the sum of their evaluations (each
-        ``EVAL_EVERY``-th epoch's and the last, the final evaluation of the checkpoint, the inference timing)
-        and their start-ups (``OVERHEAD_S`` each).
-        With several GPUs the worst placement counts: the ``ceil(n / gpus)`` slowest runs on one GPU.
-        (Three long runs on one H200 sized by the slowest probe, timed beside probes that ended sooner, each
-        ran at 160 images/s against the 214 planned, and all three were stopped halfway.)
+        the kernels fill the GPU and it time-slices between the processes (any gain is margin; probes timed
+        side by side had read speeds that three shared runs never reached, RESULTS.md's long sequences).
+        A GPU with ``n`` of them ends after ``epochs x images x sum(1 / rate)`` of training, the sum of their
+        evaluations (each ``EVAL_EVERY``-th epoch's and the last, the final evaluation of the checkpoint, the
+        inference timing) and their start-ups (``OVERHEAD_S`` each, with the final evaluation's model build,
+        FLOPs and export). With several GPUs the worst placement counts: the ``ceil(n / gpus)`` slowest runs
+        on one GPU. The jobs keep the group's order (its baseline first), not the longest first: one at a
+        time, a run that cannot start at the end is then not the baseline.
         """
         ok = [probes[r.name] for r in fit if probes.get(r.name, {}).get("status") == "ok"]
         jobs = []
@@ -550,11 +551,9 @@ class Driver:
         for p in ok:
             val_rate = p["last_record"].get("val_images_per_s") or plan_mod.VAL_SPEED
             per_image.append(epochs / p["train_images_per_s"])
-            # start-up, the final evaluation's model build and FLOPs, the export: the overhead, once per run
             evals.append((passes * plan_mod.VAL_IMAGES + infer) / val_rate)
         share = math.ceil(len(ok) / max(1, self.args.gpus))
-        worst = sorted(range(len(ok)), key=lambda i: -(per_image[i]))[:share]
-        cost = sum(per_image[i] for i in worst)  # seconds per training image of the subset, on the worst GPU
+        cost = sum(sorted(per_image, reverse=True)[:share])  # s per training image of the subset, worst GPU
         overhead = 2.0 if self.args.smoke else plan_mod.OVERHEAD_S
         eval_s = sum(sorted(evals, reverse=True)[:share]) + share * overhead
         usable = self.left() - eval_s - (0 if self.args.smoke else 20.0)
@@ -577,8 +576,7 @@ class Driver:
                 continue
             job.extra = [f"data.max_train_samples={images}"]
             jobs.append(job)
-        return jobs  # the group's order (its baseline first), not the longest first: one at a time, a run that
-        # cannot start at the end is then one of the others
+        return jobs
 
     def pack(self) -> None:
         """runs.tar.gz (small files of every run folder) and the fp16 exports beside it."""
