@@ -237,8 +237,8 @@ def long_table(rows: Dict[str, Dict[str, Any]], sources: Sequence[Dict[str, Any]
                 how = f"slowest probe {_num(fit.get('slowest_images_per_s'), ',.0f')} images/s, probes side by side"
             lines.append(f"Training subset from {source['path']}: {fit.get('train_images')} images x "
                          f"{fit.get('epochs')} epochs ({how}).")
-    lines += ["", "| attention | run | top-1 | s / epoch | train img/s | peak memory (GiB) | card | wall |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines += ["", "| attention | run | top-1 | s / epoch | train img/s | infer img/s | GMACs | peak memory (GiB) | card "
+              "| wall |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     missing = []
     for label, name in LONG:
         row = rows.get(name)
@@ -246,14 +246,14 @@ def long_table(rows: Dict[str, Dict[str, Any]], sources: Sequence[Dict[str, Any]
             missing.append(name)
             continue
         if row["status"] == "ok":
-            cells = [_num(row.get("top1"), ".2f"), _num(row.get("epoch_time_s"), ".1f"),
-                     _num(row.get("train_images_per_s"), ",.0f"), _num(row.get("peak_mem_gib"), ".2f")]
+            first = _num(row.get("top1"), ".2f")
         else:  # what a run stopped early measured before it stopped
-            status = _status(row)
-            if row.get("epochs_done") is not None and "epochs" not in status:
-                status += f", {row['epochs_done']} epochs done"
-            cells = [status, _num(row.get("epoch_time_s"), ".1f"),
-                     _num(row.get("train_images_per_s"), ",.0f"), _num(row.get("peak_mem_gib"), ".2f")]
+            first = _status(row)
+            if row.get("epochs_done") is not None and "epochs" not in first:
+                first += f", {row['epochs_done']} epochs done"
+        macs = None if row.get("macs") is None else row["macs"] / 1e9
+        cells = [first, _num(row.get("epoch_time_s"), ".1f"), _num(row.get("train_images_per_s"), ",.0f"),
+                 _num(row.get("infer_images_per_s"), ",.0f"), _num(macs, ".2f"), _num(row.get("peak_mem_gib"), ".2f")]
         lines.append(f"| {label} | `{name}` | {' | '.join(cells)} | {row.get('card') or '—'} | {_wall(row)} |")
     return "\n".join(lines + _missing_line(missing)) + "\n"
 

@@ -53,7 +53,8 @@ def summaries(tmp_path):
     })
     mk1 = _write(tmp_path / "mk1.json", "mk1", {"mk_m9_k16": _ok("mk_m9_k16", 0, 86.0, card="NVIDIA H200")})
     long = _write(tmp_path / "long.json", "generalisation,long", {
-        "long_standard": _ok("long_standard", 0, 80.0, kind="fit", peak_mem_gib=30.25, epoch_time_s=100.0),
+        "long_standard": _ok("long_standard", 0, 80.0, kind="fit", peak_mem_gib=30.25, epoch_time_s=100.0,
+                             macs=30_500_000_000),
         "long_mita_m25": {"status": "failed", "estimate_s": 300.0, "error": "RuntimeError: CUDA out of memory",
                           "wall_s": 12.0, "card": "NVIDIA H100 80GB HBM3", "seed": 0},
         # stopped by the driver's projection: what it measured before shows, its last test accuracy does not
@@ -114,10 +115,10 @@ def test_ablations_mk_long_and_rows(summaries, tmp_path):
     long = _read(out, "long")
     assert "41000 images x 4 epochs (1 run to a GPU, estimated 430 s; probed alone: long_standard 600, " \
            "long_mita_m25 450 images/s)" in long
-    assert "| standard | `long_standard` | 80.00 | 100.0 | 3,000 | 30.25 |" in long
-    assert "| MiTA m = k = 25 | `long_mita_m25` | failed (RuntimeError: CUDA out of memory) | — | — | — |" in long
+    assert "| standard | `long_standard` | 80.00 | 100.0 | 3,000 | 9,000 | 30.50 | 30.25 |" in long
+    assert "| `long_mita_m25` | failed (RuntimeError: CUDA out of memory) | — | — | — | — | — |" in long
     killed = _line(long, "| MiTA m = k = 100 |")
-    assert "stopped early (stopped after 2 of 4 epochs" in killed and "| 134.2 | 171 | — |" in killed
+    assert "stopped early (stopped after 2 of 4 epochs" in killed and "| 134.2 | 171 | — | — | — |" in killed
     assert "55.5" not in killed and "epochs done" not in killed
 
     rows = {r["name"]: r for r in json.loads((out / "rows.json").read_text())["rows"]}
