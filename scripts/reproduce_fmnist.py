@@ -14,9 +14,10 @@ last checkpoint as ``eval.py`` does (bf16, with FLOPs), times inference on rando
 and records the peak GPU memory; analysis jobs call ``mita.analysis`` on the weights in ``--ckpt-dir``.
 Runs start longest first (long-sequence runs in the group's order), each on the GPU that frees first; a run
 whose estimate would end after ``--budget-s`` is not started and is reported as skipped, and a run still
-going at the budget is stopped and reported as killed (its log.jsonl lines stay). Long-sequence runs (kind ``fit``) are first probed for
-2 x 20 steps, each alone on its GPU; then all of them get the same training subset, the largest with which
-the runs sharing a GPU end inside the budget when each takes its own probed time (see ``Driver._sized``).
+going at the budget is stopped and reported as killed (its log.jsonl lines stay). Long-sequence runs (kind
+``fit``) are first probed for 2 x 20 steps, each alone on its GPU; then all of them get the same training
+subset, the largest with which the runs sharing a GPU end inside the budget when each takes its own probed
+time (see ``Driver._sized``).
 
 --out receives at most 8 files: summary.json (per run: status, the equivalent train.py/eval.py commands,
 seed, epochs, card, wall time, training and inference images/s, params, FLOPs, top-1, peak memory),
@@ -547,27 +548,26 @@ class Driver:
         epochs = fit[0].epochs
         passes = math.ceil(epochs / plan_mod.EVAL_EVERY) + 1  # the training's evaluations and the final one
         infer = (INFER_WARMUP + INFER_REPS) * INFER_BATCH
-        per_image, evals = [], []
-        for p in ok:
-            val_rate = p["last_record"].get("val_images_per_s") or plan_mod.VAL_SPEED
-            per_image.append(epochs / p["train_images_per_s"])
-            evals.append((passes * plan_mod.VAL_IMAGES + infer) / val_rate)
+        per_image = [epochs / p["train_images_per_s"] for p in ok]
+        val_rates = {p["name"]: p["last_record"].get("val_images_per_s") for p in ok}
+        evals = [(passes * plan_mod.VAL_IMAGES + infer) / (rate or plan_mod.VAL_SPEED) for rate in val_rates.values()]
         share = math.ceil(len(ok) / max(1, self.args.gpus))
         cost = sum(sorted(per_image, reverse=True)[:share])  # s per training image of the subset, worst GPU
         overhead = 2.0 if self.args.smoke else plan_mod.OVERHEAD_S
         eval_s = sum(sorted(evals, reverse=True)[:share]) + share * overhead
-        usable = self.left() - eval_s - (0 if self.args.smoke else 20.0)
+        left = self.left()
+        usable = left - eval_s - (0 if self.args.smoke else 20.0)
         unit, cap = (8, 32) if self.args.smoke else (1000, plan_mod.TRAIN_IMAGES)
         images = max(0, min(cap, int(usable / cost // unit * unit)))
         span = images * cost + eval_s
         own_s = [overhead + images * t + e for t, e in zip(per_image, evals)]  # each run's time alone
         self.summary["fit"] = {
             "train_images_per_s": {p["name"]: p["train_images_per_s"] for p in ok},
-            "val_images_per_s": {p["name"]: p["last_record"].get("val_images_per_s") for p in ok},
-            "epochs": epochs, "train_images": images, "left_s": self.left(), "runs_per_gpu": share,
+            "val_images_per_s": val_rates,
+            "epochs": epochs, "train_images": images, "left_s": left, "runs_per_gpu": share,
             "estimate_s": span, "model": "runs sharing a GPU take the sum of their own (probed) times"}
         _logger.info("long runs: %d training images x %d epochs, %d to a GPU, all done in about %.0f s of %.0f "
-                     "(probed alone: %s images/s)", images, epochs, share, span, self.left(),
+                     "(probed alone: %s images/s)", images, epochs, share, span, left,
                      ", ".join(f"{p['name'].removesuffix('_probe')} {p['train_images_per_s']:.0f}" for p in ok))
         for run, own in zip(fit, own_s):
             job = Job(run, estimate=own)
