@@ -235,8 +235,12 @@ def long_table(rows: Dict[str, Dict[str, Any]], sources: Sequence[Dict[str, Any]
                        f"{_num(fit.get('estimate_s'), '.0f')} s; probed alone: {rates} images/s")
             else:  # the first sizing: the slowest of probes run side by side
                 how = f"slowest probe {_num(fit.get('slowest_images_per_s'), ',.0f')} images/s, probes side by side"
-            lines.append(f"Training subset from {source['path']}: {fit.get('train_images')} images x "
-                         f"{fit.get('epochs')} epochs ({how}).")
+            if fit.get("train_images"):
+                lines.append(f"Training subset from {source['path']}: {fit.get('train_images')} images x "
+                             f"{fit.get('epochs')} epochs ({how}).")
+            else:  # the probes left too little time for the smallest subset: the runs were skipped
+                lines.append(f"Probes only in {source['path']}: no training subset fitted the time left, the runs "
+                             f"were skipped ({how}).")
     lines += ["", "| attention | run | top-1 | s / epoch | train img/s | infer img/s | GMACs | peak memory (GiB) | card "
               "| wall |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     missing = []

@@ -139,6 +139,18 @@ def test_rerun_keeps_the_ok_entry_and_png(summaries, tmp_path):
     assert (out / "mk_grid.png").stat().st_size > 0 and written["mk_grid_png"].endswith("mk_grid.png")
 
 
+def test_probes_only_call_says_its_runs_were_skipped(summaries, tmp_path):
+    probes = _write(tmp_path / "probes.json", "long", {
+        "long_standard": {"status": "skipped", "estimate_s": 0.0, "reason": "no training subset fits 90 s"}},
+        fit={"train_images_per_s": {"long_standard_probe": 500.0}, "epochs": 4, "train_images": 0,
+             "runs_per_gpu": 3, "estimate_s": 146.0})
+    out = tmp_path / "out"
+    collect_repro.collect([*summaries, probes], str(out), png=False)
+    long = _read(out, "long")
+    assert f"Probes only in {probes}: no training subset fitted the time left, the runs were skipped" in long
+    assert ": 0 images" not in long and "| 80.00 |" in _line(long, "| standard |")
+
+
 def test_rejects_bad_input(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"setup": {}}))
