@@ -56,7 +56,8 @@ first within each; while a generalisation job is not done, the runs whose fp16 w
 (:data:`EXPORT_RUNS`) and the group take calls of one session (the weights live only as long as the session).
 :func:`sessions` groups the calls into sessions of 30 minutes of device time, each call following the last while
 the machine is still warm. ``--done`` leaves out runs that earlier calls' summaries hold as ok: after
-2026-12-02's calls (the exports and the generalisation group done), 17 calls in 6 sessions.
+2026-12-02's calls (the main table, the generalisation and long groups done), 11 calls in 4 sessions; where a
+session's calls leave time, the next session's longest run may go alone (:func:`spare_run`).
 
 The 8-GPU plan: the whole issue takes **6 calls of nvidia-h100-x8** (main1, main2, ablations, mk1, mk2,
 generalisation+long), about 10.5 minutes of device time each with the machine's start; 12 calls of
@@ -454,6 +455,29 @@ def sessions(stages: Sequence[Tuple[str, List[Call]]],
     return out
 
 
+#: what a run sent alone into a session's spare time keeps in hand: its ``--budget-s`` is the device time left
+#: less this (the wheels, packing and copying back), and the driver starts it only if its estimate fits the budget
+SPARE_MARGIN_S = 45.0
+
+
+def spare_run(session: List[Tuple[int, str, Call]], following: List[Tuple[int, str, Call]]
+              ) -> Optional[Tuple[float, Run]]:
+    """The run of the next session's first call that may go alone at the end of ``session`` when the calls
+    ran faster than estimated, and the device seconds that must be left for it: ``(needed_s, run)``.
+
+    Machines differ by about 17% between sessions, and the estimates are conservative: a session that
+    left 477 s after its calls ran compress-only alone in 279 s (2026-12-02). None when that call is not a
+    plain training call (the long call sizes itself to its budget, the exports stage must stay whole).
+    """
+    if not session or not following:
+        return None
+    _, stage, call = following[0]
+    if stage != "train":
+        return None
+    run = max(call.runs, key=lambda r: r.estimate("h200"))
+    return Call([run], 1).span() + SPARE_MARGIN_S, run
+
+
 def describe_single_gpu(done: Sequence[str] = ()) -> str:
     stages = single_gpu_calls(done)
     total = sum(len(calls) for _, calls in stages)
@@ -467,6 +491,12 @@ def describe_single_gpu(done: Sequence[str] = ()) -> str:
         for number, stage, call in session:
             span = "probed" if call.probed() else f"~{call.span():.0f} s"
             lines.append(f"  call {number} [{stage}] ({span}): {call.command()}")
+        spare = spare_run(session, grouped[index] if index < len(grouped) else [])
+        if spare is not None:
+            needed, run = spare
+            alone = Call([run], 1, budget_s=0.0).command().replace(" --budget-s 0", " --budget-s LEFT")
+            lines.append(f"  then, if at least {needed:.0f} s of device time are left (lease.budget_left_s), "
+                         f"the next session's longest run alone, LEFT = that less {SPARE_MARGIN_S:.0f}: {alone}")
     return "\n".join(lines)
 
 
