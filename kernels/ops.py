@@ -39,8 +39,16 @@ def _buffer(shape, device, dtype=torch.float32) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
+def _token_major(out: torch.Tensor) -> torch.Tensor:
+    """``[B, H, N, d]`` laid out as ``[B, N, H, d]`` in memory, as SDPA's fused kernels return theirs: the
+    module's ``out.transpose(1, 2).reshape(B, N, C)`` is then a view, so the output projection saves the very
+    tensor this op saves for its backward instead of a second copy (one ``[B, N, C]`` activation a layer)."""
+    return out.transpose(1, 2).contiguous().transpose(1, 2)
+
+
 def _forward(q, k, v, landmarks, shared_v, topk_idx, expert_idx, scale_shared, allow_tf32):
-    """Launch the forward kernels: ``out [B, H, N, d]`` (dtype of q) and the per-token ``lse [B H, N]``."""
+    """Launch the forward kernels: ``out [B, H, N, d]`` (dtype of q, token-major memory: :func:`_token_major`)
+    and the per-token ``lse [B H, N]``."""
     B, H, N, d = q.shape
     m, topk = landmarks.shape[2], topk_idx.shape[-1]
     shared = shared_v is not None
@@ -67,7 +75,7 @@ def _forward(q, k, v, landmarks, shared_v, topk_idx, expert_idx, scale_shared, a
         lse = torch.logsumexp(lse_r, dim=-1)  # [G, N]
         weight = torch.exp(lse_r - lse[..., None])  # [G, N, r], each slot's share of the softmax mass
         out = (weight[..., None] * o_r.view(G, N, r, d)).sum(2).to(q.dtype)  # [G, N, d]
-    return out.view(B, H, N, d), lse
+    return _token_major(out.view(B, H, N, d)), lse
 
 
 def _backward(grad_out, q, k, v, landmarks, shared_v, topk_idx, expert_idx, out, lse, scale_shared, allow_tf32):
@@ -119,7 +127,7 @@ def attention_fwd(
 @attention_fwd.register_fake
 def _(q, k, v, landmarks, shared_v, topk_idx, expert_idx, scale_shared, allow_tf32):
     B, H, N, d = q.shape
-    return q.new_empty(B, H, N, d), q.new_empty(B * H, N, dtype=torch.float32)
+    return q.new_empty(B, N, H, d).transpose(1, 2), q.new_empty(B * H, N, dtype=torch.float32)
 
 
 @torch.library.custom_op("mita::attention_bwd", mutates_args=())

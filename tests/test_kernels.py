@@ -295,3 +295,46 @@ def test_routing_kernel_matches_torch_topk(r, N, m, d):
     got = kernels.route_queries(q, landmarks, r)
     assert got.shape == (2, 2, N, r) and got.dtype == torch.long
     assert torch.equal(got, (q @ landmarks.transpose(-1, -2)).topk(r, dim=-1).indices)
+
+
+def _saved_activations(module, x):
+    """Bytes of each storage that autograd saves for the backward in ``module(x)``, parameters left out."""
+    params = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    saved = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        module(x)
+    return saved
+
+
+@pytest.mark.parametrize("r,pool", [(1, "grid"), (2, "grid"), (1, "official")])
+def test_mita_layer_keeps_no_activation_that_standard_attention_does_not(r, pool):
+    """What a MiTA layer keeps for its backward beyond softmax attention's (torch SDPA) is landmark-sized:
+    no [B, N, C] copy of q for the landmark pooling, no second copy of the output for the projection (at
+    3,137 tokens, batch 64, the two cost 1.8 GiB over a 12-layer model: RESULTS.md, long sequences)."""
+    from mita.attention.mita import MiTAAttention
+    from mita.attention.standard import StandardAttention
+
+    B, N, C = 2, 37, 64  # 6 x 6 patches and a class token
+    x = torch.randn(B, N, C, generator=torch.Generator().manual_seed(0)).to(DEVICE).requires_grad_()
+    standard = _saved_activations(StandardAttention(C, 2).to(DEVICE), x)
+    mita = _saved_activations(MiTAAttention(C, 2, num_landmarks=4, topk=4, router_topk=r, pool=pool,
+                                            impl="triton").to(DEVICE), x)
+    token_sized = B * N * C * x.element_size() // 2
+    big = lambda saved: sorted(n for n in saved.values() if n >= token_sized)  # noqa: E731
+    assert big(mita) == big(standard), "MiTA keeps a token-sized activation that standard attention does not"
+    # the op's output is token-major in memory, as SDPA's, so that [B, N, C] is a view of it
+    q, k, v, landmarks = _strided_qkv()
+    _, (topk_idx, expert_idx) = mita_attention(q, k, v, landmarks, 5, impl="reference", return_routing=True)
+    from mita.kernels import ops
+
+    shared_v = torch.nn.functional.scaled_dot_product_attention(landmarks, k, v).detach()
+    out, _ = ops.attention_fwd(q.detach(), k.detach(), v.detach(), landmarks.detach(), shared_v, topk_idx,
+                               expert_idx, 1.0 / q.shape[-1], False)
+    assert out.transpose(1, 2).is_contiguous()

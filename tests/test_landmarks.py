@@ -199,3 +199,38 @@ def test_grid_must_fit_the_patch_grid():
     with pytest.raises(ValueError, match="5x5"):
         build("grid")(q, k, 1, 3, 12)
     assert build("grid", m=24, landmark_grid=(3, 8))(q, k, 1, 3, 12).shape[2] == 24
+
+
+@pytest.mark.parametrize("p,h,w,out_hw", [(1, 5, 7, (2, 3)), (0, 4, 4, (4, 4)), (2, 3, 5, (3, 2))])
+def test_patch_pooling_same_for_both_layouts_and_keeps_no_copy(p, h, w, out_hw):
+    """pool_patch_queries gives the same landmarks and gradients whether q is a view of a ViT's qkv
+    projection (heads as channels) or contiguous (heads as batch), against a float64 loop over the
+    windows, and what it saves for the backward is q's own storage, never a copy of it."""
+    from mita.attention._pooling import pool_patch_queries
+
+    B, H, d = 2, 3, 4
+    N = p + h * w
+    g = torch.Generator().manual_seed(3)
+    qkv = torch.randn(B, N, 3, H, d, generator=g, dtype=torch.float64)
+    strided = qkv.permute(2, 0, 3, 1, 4)[0].requires_grad_()  # [B, H, N, d], not contiguous
+    contiguous = strided.detach().contiguous().requires_grad_()
+    ph, pw = out_hw
+    ref = torch.stack([
+        torch.stack([strided.detach()[:, :, p:].reshape(B, H, h, w, d)[
+            :, :, (i * h) // ph:-(-(i + 1) * h // ph), (j * w) // pw:-(-(j + 1) * w // pw)].mean((2, 3))
+            for j in range(pw)], 2) for i in range(ph)], 2).reshape(B, H, ph * pw, d)
+    grad = torch.randn(B, H, ph * pw, d, generator=g, dtype=torch.float64)
+    for q in (strided, contiguous):
+        storages = []
+
+        def pack(t):
+            storages.append(t.untyped_storage().data_ptr())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = pool_patch_queries(q, p, h, w, out_hw)
+        assert_close(out, ref, 1e-12, name="landmarks")
+        assert set(storages) <= {q.untyped_storage().data_ptr()}
+        (out * grad).sum().backward()
+    assert_close(strided.grad, contiguous.grad, 1e-12, name="dq")
+    assert not strided.grad[:, :, :p].any()  # the prefix tokens are not pooled

@@ -37,6 +37,13 @@ def pool_patch_queries(q: torch.Tensor, p: int, h: int, w: int, out_hw: Sequence
     ph, pw = (int(s) for s in out_hw)
     if ph < 1 or pw < 1:
         raise ValueError(f"out_hw must hold two positive ints, got {tuple(out_hw)}")
-    grid = q[:, :, p:].reshape(B * H, h, w, d).permute(0, 3, 1, 2)  # [B*H, d, h, w]
-    pooled = F.adaptive_avg_pool2d(grid, (ph, pw))  # [B*H, d, ph, pw]
-    return pooled.flatten(2).transpose(1, 2).reshape(B, H, ph * pw, d)
+    # The pooling saves its input for the backward, so it must be a view of q, never a copy: a copy would keep a
+    # second [B, N, C] activation alive per layer until the backward. q as a ViT makes it (a view of the
+    # [B, N, 3, H, d] projection) is viewed with its heads as channels, a contiguous q with its heads as batch
+    # (the strides decide, not a failed view caught: torch.compile traces this).
+    if H == 1 or q.stride(1) == d * q.stride(3):  # heads and head dims adjacent in memory: [B, N, H*d] is a view
+        grid = q.transpose(1, 2)[:, p:].reshape(B, h, w, H * d).permute(0, 3, 1, 2)  # [B, H*d, h, w]
+    else:  # e.g. a contiguous [B, H, N, d] q, whose batch and heads merge into a view
+        grid = q[:, :, p:].reshape(B * H, h, w, d).permute(0, 3, 1, 2)  # [B*H, d, h, w]
+    pooled = F.adaptive_avg_pool2d(grid, (ph, pw))  # [B*H, d, ph, pw] or [B, H*d, ph, pw]
+    return pooled.reshape(B, H, d, ph * pw).transpose(2, 3).contiguous()  # [B, H, m, d], small
