@@ -264,12 +264,13 @@ class Call:
         """Whether the call holds a long-sequence (``fit``) run, which the driver probes and sizes to the budget."""
         return any(r.kind == "fit" for r in self.runs)
 
-    def command(self) -> str:
+    def command(self, budget: Optional[str] = None) -> str:
+        """The driver's arguments for this call; ``budget`` stands in for ``--budget-s``'s value if given."""
         groups = sorted({g for g, runs in GROUPS.items() for r in runs if r in self.runs and not g.startswith("smoke")},
                         key=list(GROUPS).index)
         ckpts = " --ckpt-dir .ckpt/issue7" if any(r.ckpts for r in self.runs) else ""
         return (f"--plan {','.join(groups)} --only {','.join(r.name for r in self.runs)} --slots {self.slots} "
-                f"--card h200 --budget-s {self.budget_s:.0f}{ckpts}")
+                f"--card h200 --budget-s {budget or f'{self.budget_s:.0f}'}{ckpts}")
 
 
 #: the stage of the single-GPU plan that makes the exports and reads them: one session holds all of it
@@ -460,16 +461,15 @@ def sessions(stages: Sequence[Tuple[str, List[Call]]],
 SPARE_MARGIN_S = 45.0
 
 
-def spare_run(session: List[Tuple[int, str, Call]], following: List[Tuple[int, str, Call]]
-              ) -> Optional[Tuple[float, Run]]:
-    """The run of the next session's first call that may go alone at the end of ``session`` when the calls
-    ran faster than estimated, and the device seconds that must be left for it: ``(needed_s, run)``.
+def spare_run(following: List[Tuple[int, str, Call]]) -> Optional[Tuple[float, Run]]:
+    """The run of the first call of ``following`` (the next session) that may go alone at the end of a session
+    whose calls ran faster than estimated, and the device seconds that must be left for it: ``(needed_s, run)``.
 
     Machines differ by about 17% between sessions, and the estimates are conservative: a session that
     left 477 s after its calls ran compress-only alone in 279 s (2026-12-02). None when that call is not a
     plain training call (the long call sizes itself to its budget, the exports stage must stay whole).
     """
-    if not session or not following:
+    if not following:
         return None
     _, stage, call = following[0]
     if stage != "train":
@@ -491,10 +491,10 @@ def describe_single_gpu(done: Sequence[str] = ()) -> str:
         for number, stage, call in session:
             span = "probed" if call.probed() else f"~{call.span():.0f} s"
             lines.append(f"  call {number} [{stage}] ({span}): {call.command()}")
-        spare = spare_run(session, grouped[index] if index < len(grouped) else [])
+        spare = spare_run(grouped[index] if index < len(grouped) else [])
         if spare is not None:
             needed, run = spare
-            alone = Call([run], 1, budget_s=0.0).command().replace(" --budget-s 0", " --budget-s LEFT")
+            alone = Call([run], 1).command(budget="LEFT")
             lines.append(f"  then, if at least {needed:.0f} s of device time are left (lease.budget_left_s), "
                          f"the next session's longest run alone, LEFT = that less {SPARE_MARGIN_S:.0f}: {alone}")
     return "\n".join(lines)

@@ -2,6 +2,23 @@
 import torch
 
 
+def saved_storages(fn, *args, exclude=()):
+    """``(fn(*args), {storage address: bytes})`` of every storage autograd saves for the backward in the call,
+    the storages of the tensors in ``exclude`` (e.g. a module's parameters) left out."""
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+    saved = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in skip:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn(*args)
+    return out, saved
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """Relative error ||a - b|| / ||b|| in float64; infinite when either side holds NaN or inf."""
     a64, b64 = a.detach().double(), b.detach().double()

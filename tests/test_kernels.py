@@ -19,7 +19,7 @@ pytest.importorskip("triton")
 
 from mita import kernels  # noqa: E402
 from mita.functional import mita_attention  # noqa: E402
-from tests.helpers import attention_inputs, input_grads as _grads, rel_err  # noqa: E402
+from tests.helpers import attention_inputs, input_grads as _grads, rel_err, saved_storages  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="Triton kernels unavailable here")
@@ -232,26 +232,32 @@ def _strided_qkv(B=1, H=2, N=23, d=32, m=4, seed=5):
     return q, k, v, landmarks
 
 
+def _attention_fwd_args(topk=5, shared=True):
+    """``ops.attention_fwd``'s arguments on :func:`_strided_qkv`'s inputs (detached), routed by the reference."""
+    q, k, v, landmarks = _strided_qkv()
+    _, (topk_idx, expert_idx) = mita_attention(q, k, v, landmarks, topk, shared=shared, impl="reference",
+                                               return_routing=True)
+    shared_v = torch.nn.functional.scaled_dot_product_attention(landmarks, k, v).detach() if shared else None
+    return (q.detach(), k.detach(), v.detach(), landmarks.detach(), shared_v, topk_idx, expert_idx,
+            1.0 / q.shape[-1], False)
+
+
 @pytest.mark.parametrize("topk,shared", [(5, True), (0, True), (5, False)])
 def test_custom_ops_fake_kernels_match_the_real_ops_on_strided_inputs(topk, shared):
     """torch.library.opcheck: the fake (meta) kernels give the real ops' shapes, dtypes and strides, also for
     non-contiguous q, k, v (inductor asserts them; the backward's once copied q's strides, see ops.py)."""
     from mita.kernels import ops, routing
 
-    q, k, v, landmarks = _strided_qkv()
+    fwd_args = _attention_fwd_args(topk, shared)
+    q, landmarks = fwd_args[0], fwd_args[3]
     B, H, N, d = q.shape
-    _, (topk_idx, expert_idx) = mita_attention(q, k, v, landmarks, topk, shared=shared, impl="reference",
-                                               return_routing=True)
-    shared_v = torch.nn.functional.scaled_dot_product_attention(landmarks, k, v).detach() if shared else None
-    fwd_args = (q.detach(), k.detach(), v.detach(), landmarks.detach(), shared_v, topk_idx, expert_idx, 1.0 / d,
-                False)
     torch.library.opcheck(ops.attention_fwd, fwd_args, test_utils=("test_schema", "test_faketensor"))
     out, lse = ops.attention_fwd(*fwd_args)
     grad = torch.randn(B, H, N, d, generator=torch.Generator().manual_seed(1)).to(DEVICE)
     bwd_args = (grad, *fwd_args[:7], out, lse, 1.0 / d, False)
     torch.library.opcheck(ops.attention_bwd, bwd_args, test_utils=("test_schema", "test_faketensor"))
     for r in (1, 2):
-        torch.library.opcheck(routing.route_queries, (q.detach(), landmarks.detach(), r),
+        torch.library.opcheck(routing.route_queries, (q, landmarks, r),
                               test_utils=("test_schema", "test_faketensor"))
 
 
@@ -297,22 +303,6 @@ def test_routing_kernel_matches_torch_topk(r, N, m, d):
     assert torch.equal(got, (q @ landmarks.transpose(-1, -2)).topk(r, dim=-1).indices)
 
 
-def _saved_activations(module, x):
-    """Bytes of each storage that autograd saves for the backward in ``module(x)``, parameters left out."""
-    params = {p.untyped_storage().data_ptr() for p in module.parameters()}
-    saved = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in params:
-            saved[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        module(x)
-    return saved
-
-
 @pytest.mark.parametrize("r,pool", [(1, "grid"), (2, "grid"), (1, "official")])
 def test_mita_layer_keeps_no_activation_that_standard_attention_does_not(r, pool):
     """What a MiTA layer keeps for its backward beyond softmax attention's (torch SDPA) is landmark-sized:
@@ -323,18 +313,17 @@ def test_mita_layer_keeps_no_activation_that_standard_attention_does_not(r, pool
 
     B, N, C = 2, 37, 64  # 6 x 6 patches and a class token
     x = torch.randn(B, N, C, generator=torch.Generator().manual_seed(0)).to(DEVICE).requires_grad_()
-    standard = _saved_activations(StandardAttention(C, 2).to(DEVICE), x)
-    mita = _saved_activations(MiTAAttention(C, 2, num_landmarks=4, topk=4, router_topk=r, pool=pool,
-                                            impl="triton").to(DEVICE), x)
+    standard = StandardAttention(C, 2).to(DEVICE)
+    mita = MiTAAttention(C, 2, num_landmarks=4, topk=4, router_topk=r, pool=pool, impl="triton").to(DEVICE)
     token_sized = B * N * C * x.element_size() // 2
-    big = lambda saved: sorted(n for n in saved.values() if n >= token_sized)  # noqa: E731
+
+    def big(module):
+        _, saved = saved_storages(module, x, exclude=module.parameters())
+        return sorted(n for n in saved.values() if n >= token_sized)
+
     assert big(mita) == big(standard), "MiTA keeps a token-sized activation that standard attention does not"
     # the op's output is token-major in memory, as SDPA's, so that [B, N, C] is a view of it
-    q, k, v, landmarks = _strided_qkv()
-    _, (topk_idx, expert_idx) = mita_attention(q, k, v, landmarks, 5, impl="reference", return_routing=True)
     from mita.kernels import ops
 
-    shared_v = torch.nn.functional.scaled_dot_product_attention(landmarks, k, v).detach()
-    out, _ = ops.attention_fwd(q.detach(), k.detach(), v.detach(), landmarks.detach(), shared_v, topk_idx,
-                               expert_idx, 1.0 / q.shape[-1], False)
+    out, _ = ops.attention_fwd(*_attention_fwd_args())
     assert out.transpose(1, 2).is_contiguous()

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from mita.landmarks import POOLS, build_landmark_extractor
-from tests.helpers import assert_close
+from tests.helpers import assert_close, saved_storages
 
 HEADS, HEAD_DIM = 2, 4
 DIM = HEADS * HEAD_DIM
@@ -221,16 +221,9 @@ def test_patch_pooling_same_for_both_layouts_and_keeps_no_copy(p, h, w, out_hw):
             for j in range(pw)], 2) for i in range(ph)], 2).reshape(B, H, ph * pw, d)
     grad = torch.randn(B, H, ph * pw, d, generator=g, dtype=torch.float64)
     for q in (strided, contiguous):
-        storages = []
-
-        def pack(t):
-            storages.append(t.untyped_storage().data_ptr())
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            out = pool_patch_queries(q, p, h, w, out_hw)
+        out, saved = saved_storages(pool_patch_queries, q, p, h, w, out_hw)
         assert_close(out, ref, 1e-12, name="landmarks")
-        assert set(storages) <= {q.untyped_storage().data_ptr()}
+        assert set(saved) <= {q.untyped_storage().data_ptr()}
         (out * grad).sum().backward()
     assert_close(strided.grad, contiguous.grad, 1e-12, name="dq")
     assert not strided.grad[:, :, :p].any()  # the prefix tokens are not pooled

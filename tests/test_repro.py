@@ -345,15 +345,15 @@ def test_spare_time_names_the_next_sessions_longest_run_alone():
     grouped = plan.sessions(plan.single_gpu_calls())
     trains = [i for i in range(len(grouped) - 1) if grouped[i + 1][0][1] == "train"]
     assert trains, "the full plan has sessions followed by training calls"
-    needed, run = plan.spare_run(grouped[trains[0]], grouped[trains[0] + 1])
+    needed, run = plan.spare_run(grouped[trains[0] + 1])
     first = grouped[trains[0] + 1][0][2]
     assert run in first.runs and run.estimate("h200") == max(r.estimate("h200") for r in first.runs)
     assert needed == pytest.approx(plan.Call([run], 1).span() + plan.SPARE_MARGIN_S)
     assert needed < plan.Call(first.runs, first.slots).span()  # alone it takes less than its pair
     # nothing after the last session; the long call and the exports stage never lend a run
-    assert plan.spare_run(grouped[-1], []) is None
+    assert plan.spare_run([]) is None
     long = [(1, "long", plan.Call(list(plan.GROUPS["long"]), 1))]
-    assert plan.spare_run(grouped[0], long) is None
+    assert plan.spare_run(long) is None
     text = plan.describe_single_gpu()
     line = next(x for x in text.splitlines() if x.startswith("  then, if at least"))
     assert f"--only {run.name} --slots 1 --card h200 --budget-s LEFT" in text and f"LEFT = that less {plan.SPARE_MARGIN_S:.0f}" in line
