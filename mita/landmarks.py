@@ -191,7 +191,12 @@ class LearnedLandmarks(LandmarkExtractor):
     def forward(self, q, k, p: int, h: int, w: int) -> torch.Tensor:
         self.check_layout(q, p, h, w)
         # Cast so autocast runs see one dtype; the cast keeps the gradient to the parameter.
-        return self.weight.to(q.dtype).unsqueeze(0).expand(q.shape[0], -1, -1, -1)  # [B, H, m, d]
+        weight = self.weight.to(q.dtype)
+        if not torch.is_grad_enabled():
+            # Under no_grad a view of the parameter still requires grad but has no grad_fn, which
+            # breaks module hooks that register gradient hooks on outputs (FlopCounterMode's tracker).
+            weight = weight.detach()
+        return weight.unsqueeze(0).expand(q.shape[0], -1, -1, -1)  # [B, H, m, d]
 
 
 class ConvLandmarks(GridLandmarks):

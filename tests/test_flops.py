@@ -8,6 +8,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import mita.functional as functional
 from mita.attention import create_attention, set_token_layout
 from mita.functional import mita_attention, mita_attention_macs
+from mita.landmarks import POOLS
 from mita.utils.flops import count_flops, count_params, flop_formulas, flops_table, format_flops_table
 
 
@@ -101,6 +102,17 @@ def test_mita_attention_module_macs():
     set_token_layout(attn, (h, w), 1)
     expected = _linear_macs(N, C) + mita_attention_macs(1, H, N, C // H, m, k)
     assert count_flops(attn, torch.randn(1, N, C)) == expected
+
+
+@pytest.mark.parametrize("pool", POOLS)
+def test_mita_attention_macs_count_with_every_landmark_extractor(pool):
+    # The learned extractor returns a view of its parameter; under no_grad that view requires grad
+    # without a grad_fn, which FlopCounterMode's module tracker rejects unless the extractor detaches it.
+    C, H, h, w, m, k = 32, 4, 14, 14, 4, 5  # the conv extractors' windows assume DeiT's 14 x 14 grid
+    N = h * w + 1
+    attn = create_attention("mita", dim=C, num_heads=H, qkv_bias=True, num_landmarks=m, topk=k, pool=pool)
+    set_token_layout(attn, (h, w), 1)
+    assert count_flops(attn, torch.randn(1, N, C)) >= _linear_macs(N, C) + mita_attention_macs(1, H, N, C // H, m, k)
 
 
 def test_count_params_counts_shared_tensors_once():
