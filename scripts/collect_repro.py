@@ -67,7 +67,8 @@ def load_summaries(paths: Sequence[str]) -> Tuple[Dict[str, Dict[str, Any]], Lis
             raise ValueError(f"SUMMARY_JSON {path!r}: not a driver summary (no 'runs' object)")
         setup = summary.get("setup") or {}
         sources.append({"path": path, "plan": setup.get("plan"), "shard": setup.get("shard"),
-                        "fit": summary.get("fit"), "elapsed_s": summary.get("elapsed_s")})
+                        "fit": summary.get("fit"), "elapsed_s": summary.get("elapsed_s"),
+                        "probes": summary.get("probes") or {}})
         for name, entry in summary["runs"].items():
             row = {"name": name, "group": GROUP_OF.get(name), "source": path, "plan": setup.get("plan"),
                    **{key: entry.get(key) for key in FIELDS}}
@@ -222,17 +223,23 @@ def mk_table(rows: Dict[str, Dict[str, Any]], runs: Sequence[Dict[str, Any]]) ->
     return "\n".join(lines + _missing_line(missing)) + "\n"
 
 
+def _probe_memory(source: Dict[str, Any], name: str) -> str:
+    """The probe's peak memory as " at X GiB", or "" when its summary entry has none."""
+    peak = (source["probes"].get(name) or {}).get("peak_mem_gib")
+    return "" if peak is None else f" at {peak:.2f} GiB"
+
+
 def long_table(rows: Dict[str, Dict[str, Any]], sources: Sequence[Dict[str, Any]]) -> str:
     lines = ["# Long sequences (112 x 112, 3,137 tokens)", ""]
     for source in sources:
         fit = source.get("fit")
         if fit:
             if isinstance(fit.get("train_images_per_s"), dict):  # probes alone, runs sized by the sum of times
-                rates = ", ".join(f"{name.removesuffix('_probe')} {rate:,.0f}"
+                rates = ", ".join(f"{name.removesuffix('_probe')} {rate:,.0f} images/s{_probe_memory(source, name)}"
                                   for name, rate in fit["train_images_per_s"].items())
                 share = fit.get("runs_per_gpu")
                 how = (f"{share} run{'' if share == 1 else 's'} to a GPU, estimated "
-                       f"{_num(fit.get('estimate_s'), '.0f')} s; probed alone: {rates} images/s")
+                       f"{_num(fit.get('estimate_s'), '.0f')} s; probed alone: {rates}")
             else:  # the first sizing: the slowest of probes run side by side
                 how = f"slowest probe {_num(fit.get('slowest_images_per_s'), ',.0f')} images/s, probes side by side"
             if fit.get("train_images"):

@@ -25,8 +25,8 @@ def _ok(name, seed, top1, card="NVIDIA H100 80GB HBM3", wall=400.0, **extra):
     return entry
 
 
-def _write(path, plan, runs, fit=None):
-    summary = {"runs": runs, "fit": fit, "elapsed_s": 555.0,
+def _write(path, plan, runs, fit=None, probes=None):
+    summary = {"runs": runs, "fit": fit, "elapsed_s": 555.0, "probes": probes or {},
                "setup": {"argv": [], "plan": plan, "shard": None, "gpus": 8, "budget_s": 560.0,
                          "recipe": ["experiment=fmnist_repro"], "epochs": 16, "runs": sorted(runs)},
                "exports": {}, "not_ok": sorted(n for n, r in runs.items() if r["status"] != "ok")}
@@ -63,7 +63,9 @@ def summaries(tmp_path):
                            "reason": "stopped after 2 of 4 epochs: projected to end 94 s after the budget (570 s)"},
     }, fit={"train_images_per_s": {"long_standard_probe": 600.0, "long_mita_m25_probe": 450.0},
             "val_images_per_s": {"long_standard_probe": 3000.0, "long_mita_m25_probe": 2500.0}, "epochs": 4,
-            "train_images": 41000, "left_s": 450.0, "runs_per_gpu": 1, "estimate_s": 430.0})
+            "train_images": 41000, "left_s": 450.0, "runs_per_gpu": 1, "estimate_s": 430.0},
+        probes={"long_standard_probe": {"status": "ok", "peak_mem_gib": 12.5, "train_images_per_s": 600.0},
+                "long_mita_m25_probe": {"status": "ok", "train_images_per_s": 450.0}})
     return [main1, ablations, mk1, long]
 
 
@@ -113,8 +115,9 @@ def test_ablations_mk_long_and_rows(summaries, tmp_path):
     assert "`mk_m36_k36` (mk2)" in grid and "`mk_m9_k25` (mk1)" in grid
 
     long = _read(out, "long")
-    assert "41000 images x 4 epochs (1 run to a GPU, estimated 430 s; probed alone: long_standard 600, " \
-           "long_mita_m25 450 images/s)" in long
+    # the probe's peak memory where its entry has one (long_mita_m25's has none)
+    assert "41000 images x 4 epochs (1 run to a GPU, estimated 430 s; probed alone: long_standard 600 images/s " \
+           "at 12.50 GiB, long_mita_m25 450 images/s)" in long
     assert "| standard | `long_standard` | 80.00 | 100.0 | 3,000 | 9,000 | 30.50 | 30.25 |" in long
     assert "| `long_mita_m25` | failed (RuntimeError: CUDA out of memory) | — | — | — | — | — |" in long
     killed = _line(long, "| MiTA m = k = 100 |")
