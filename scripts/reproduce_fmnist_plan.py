@@ -56,8 +56,9 @@ first within each; while a generalisation job is not done, the runs whose fp16 w
 (:data:`EXPORT_RUNS`) and the group take calls of one session (the weights live only as long as the session).
 :func:`sessions` groups the calls into sessions of 30 minutes of device time, each call following the last while
 the machine is still warm. ``--done`` leaves out runs that earlier calls' summaries hold as ok: after
-2026-12-02's calls (the main table, the generalisation and long groups done), 11 calls in 4 sessions; where a
-session's calls leave time, the next session's longest run may go alone (:func:`spare_run`).
+2026-12-02's calls (the main table, the generalisation and long groups, top-2 and three landmark extractors
+done), 9 calls in 3 sessions; where a session's calls leave time, the next session's longest run may go alone
+(:func:`spare_run`).
 
 The 8-GPU plan: the whole issue takes **6 calls of nvidia-h100-x8** (main1, main2, ablations, mk1, mk2,
 generalisation+long), about 10.5 minutes of device time each with the machine's start; 12 calls of
