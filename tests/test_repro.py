@@ -35,6 +35,31 @@ def test_every_planned_run_composes(group, run, tmp_path):
         assert cfg.experiment_name == "fmnist_repro" and cfg.data.img_size == 28
 
 
+@pytest.mark.parametrize("group,run", TRAIN_RUNS, ids=[f"{g}-{r.name}" for g, r in TRAIN_RUNS])
+def test_every_planned_model_trains_and_goes_through_the_evaluation(group, run, tmp_path):
+    """What each run's GPU call does to its model, at depth 1 on CPU, before device time is spent on it: one
+    training step, the evaluation's FLOP count (count_flops under no_grad, with FlopCounterMode's module
+    tracker) and the no_grad bf16 forward of the inference timing. The learned landmarks once trained 16
+    epochs on the GPU and then failed in the FLOP count."""
+    import torch
+
+    from mita.utils.flops import count_flops
+
+    spec = {"overrides": run.overrides, "seed": run.seed, "epochs": run.epochs, "run_dir": str(tmp_path),
+            "data_root": str(tmp_path)}
+    cfg = compose("train", [*reproduce_fmnist.run_overrides(spec), "++model.kwargs.depth=1"])
+    model = build_model_from_config(cfg.model, cfg.attention, load_pretrained=False)
+    size = int(cfg.data.img_size)
+    x = torch.randn(2, int(cfg.model.in_chans), size, size)  # [B, C, H, W]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(x).float().logsumexp(-1).mean()
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    assert count_flops(model, x[:1]) > 0
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model.eval()(x).shape == (2, 10)
+
+
 def test_recipe_values():
     cfg = compose("train", ["experiment=fmnist_repro"])
     assert cfg.trainer.epochs == plan.EPOCHS == 16 and cfg.trainer.eval_every == plan.EVAL_EVERY
