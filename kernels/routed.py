@@ -284,7 +284,8 @@ def routed_forward(q, k, v, landmarks, shared_v, topk_idx, lay, r, scale, scale_
         lay["slot_token"], lay["slot_source"], lay["tile_expert"], lay["tile_count"], o, lse,
         N, E, M, topk, T, S, num_mb, r, scale, scale_shared,
         D=D, BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_r, SHARED=shared,
-        PRECISION=_precision(q.dtype, allow_tf32), SPREC=_score_precision(q.dtype, allow_tf32), num_warps=4, num_stages=2,
+        PRECISION=_precision(q.dtype, allow_tf32), SPREC=_score_precision(q.dtype, allow_tf32),
+        num_warps=4, num_stages=2,
     )
 
 
@@ -339,7 +340,8 @@ def shared_backward(q, landmarks, shared_v, do, lse, delta, scale_shared, allow_
     _shared_bwd_kernel[(G * num_rb * num_ch,)](
         q, landmarks, shared_v, do, lse, delta, dr, dvs,
         N, M, num_rb, num_ch, chunk, scale_shared,
-        D=D, BLOCK_M=block_m, BLOCK_R=block_r, PRECISION=_precision(q.dtype, allow_tf32), SPREC=_score_precision(q.dtype, allow_tf32),
+        D=D, BLOCK_M=block_m, BLOCK_R=block_r,
+        PRECISION=_precision(q.dtype, allow_tf32), SPREC=_score_precision(q.dtype, allow_tf32),
         num_warps=4, num_stages=2,
     )
     return dr.sum(1), dvs.sum(1)

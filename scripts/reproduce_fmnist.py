@@ -68,8 +68,9 @@ INFER_BATCH, INFER_WARMUP, INFER_REPS = 256, 5, 20
 def _smoke_overrides(overrides: Sequence[str]) -> List[str]:
     """The tiny synthetic setting of make_analysis_figures, with MiTA budgets that fit 8 x 8 patches."""
     # fmnist_repro's model (fmnist_deit_tiny) sets no width: add the keys rather than override them
-    extra = [("++" + o if o.startswith("model.kwargs.") else o) for o in SMOKE] + ["trainer.precision=fp32", "trainer.threads=1", "data.num_workers=0",
-                           "trainer.eval_every=1", "data.max_train_samples=null"]
+    extra = [("++" + o if o.startswith("model.kwargs.") else o) for o in SMOKE]
+    extra += ["trainer.precision=fp32", "trainer.threads=1", "data.num_workers=0", "trainer.eval_every=1",
+              "data.max_train_samples=null"]
     if any(o.startswith("attention=mita") for o in overrides):
         extra += ["attention.num_landmarks=4", "attention.topk=8"]
     return extra

@@ -381,7 +381,8 @@ def test_spare_time_names_the_next_sessions_longest_run_alone():
     assert plan.spare_run(long) is None
     text = plan.describe_single_gpu()
     line = next(x for x in text.splitlines() if x.startswith("  then, if at least"))
-    assert f"--only {run.name} --slots 1 --card h200 --budget-s LEFT" in text and f"LEFT = that less {plan.SPARE_MARGIN_S:.0f}" in line
+    assert f"--only {run.name} --slots 1 --card h200 --budget-s LEFT" in text
+    assert f"LEFT = that less {plan.SPARE_MARGIN_S:.0f}" in line
 
 
 def test_strip_paths_leaves_longer_names_alone(tmp_path):
