@@ -1,6 +1,7 @@
 """Merge the summary.json files of issue 7's driver calls into the tables RESULTS.md needs.
 
-    python scripts/collect_repro.py results/issue7_*/summary.json --out results/issue7_tables
+    python scripts/collect_repro.py results/issue7_*/summary.json --out results/issue7_tables \
+        --bench results/issue7_bench/models_h200_rounds.json
 
 Each summary.json is what ``scripts/reproduce_fmnist.py`` writes (``runs.NAME`` with status, seed, card,
 wall_s, top1, params, macs, train/inference images/s, epoch time, peak memory). Run names are the plan's
@@ -12,7 +13,8 @@ GMACs, training and inference images/s, cards and wall times), ``ablations.md`` 
 extractors), ``mk_grid.md`` and ``mk_grid.png`` (through ``collect_sweep.py``), ``long.md`` (top-1, s/epoch,
 images/s, peak memory), ``generalisation.md`` (the inference-time (m, k) grid, the checkpoint-swap matrix, the
 fine-tuning rows and the figures' per-layer numbers, from the analyses the driver put in its summary) and
-``rows.json`` (every merged run, with the file it came from). Only numbers found in
+``rows.json`` (every merged run, with the file it came from), and the figures ``main.png`` (top-1 against
+training images/s) and ``ablations.png`` (one bar per ablation run beside MiTA's seed band). Only numbers found in
 the summaries are written: a skipped, killed or failed run shows its status, never a number, and a run no
 summary holds is left out with a line naming it and its group.
 """
@@ -373,8 +375,138 @@ def generalisation_tables(rows: Dict[str, Dict[str, Any]], analyses: Dict[str, D
     return "\n".join(lines + _missing_line(missing)) + "\n"
 
 
-def collect(paths: Sequence[str], out: str, png: bool = True) -> Dict[str, str]:
-    """Write every table to ``out``; returns {table name: path}."""
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _ok_top1(row: Optional[Dict[str, Any]]) -> Optional[float]:
+    return float(row["top1"]) if row and row["status"] == "ok" and row.get("top1") is not None else None
+
+
+def _seed_top1(rows: Dict[str, Dict[str, Any]], name: str) -> List[Tuple[Dict[str, Any], float]]:
+    """The ok seeds of a main-table attention as (row, top-1), as main_table finds them."""
+    found = []
+    for group in ("main1", "main2"):
+        for run in plan_mod.GROUPS[group]:
+            if run.name.startswith(name + "_s") and run.name[len(name) + 2:].isdigit():
+                top1 = _ok_top1(rows.get(run.name))
+                if top1 is not None:
+                    found.append((rows[run.name], top1))
+    return found
+
+
+def load_bench(path: str) -> Tuple[Dict[str, float], str]:
+    """({attention: training images/s}, card) from a ``bench_models.py`` JSON (its ``rows``)."""
+    with open(path, encoding="utf-8") as handle:
+        bench = json.load(handle)
+    if not isinstance(bench, dict) or not isinstance(bench.get("rows"), list):
+        raise ValueError(f"--bench {path!r}: not a bench_models.py JSON (no 'rows' list)")
+    speeds = {row["attention"]: float(row["train_images_per_s"]) for row in bench["rows"]
+              if row.get("train_images_per_s") is not None}
+    cards = sorted({str(row.get("card")) for row in bench["rows"] if row.get("card")})
+    return speeds, ", ".join(cards) or "unknown card"
+
+
+def _mean_std(values: Sequence[float]) -> Tuple[float, float]:
+    mean = sum(values) / len(values)
+    return mean, (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
+
+
+def main_points(rows: Dict[str, Dict[str, Any]], bench: Optional[Tuple[Dict[str, float], str]] = None
+                ) -> List[Tuple[str, float, List[float], float, float]]:
+    """(label, training images/s, the ok seeds' top-1, their mean, their sample std) per attention of the main
+    table with an ok seed and a speed. The speeds are the benchmark's (``bench``: every model alone, in one
+    process) where given, else the mean of the runs' own, which may have shared their GPU with another run."""
+    points = []
+    for name, _, _ in plan_mod.MAIN:
+        found = _seed_top1(rows, name)
+        if bench is not None:
+            speeds = [bench[0][name]] if name in bench[0] else []
+        else:
+            speeds = [r["train_images_per_s"] for r, _ in found if r.get("train_images_per_s") is not None]
+        if found and speeds:
+            values = [v for _, v in found]
+            points.append((MAIN_LABELS[name], sum(speeds) / len(speeds), values, *_mean_std(values)))
+    return points
+
+
+def main_figure(rows: Dict[str, Dict[str, Any]], path: str,
+                bench: Optional[Tuple[Dict[str, float], str]] = None) -> Optional[str]:
+    """Top-1 against training images/s, one point per attention of :func:`main_points` (the mean, each seed a
+    small dot, the bar the sample std); None when there is no point."""
+    points = main_points(rows, bench)
+    if not points:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8.5, 4.8))
+    colors = plt.get_cmap("tab10").colors
+    for i, (label, speed, values, mean, std) in enumerate(points):
+        color = colors[i % len(colors)]
+        ax.scatter([speed] * len(values), values, s=12, color=color, alpha=0.4)
+        ax.errorbar(speed, mean, yerr=std, fmt="o" if label.startswith("MiTA") else "s", color=color, capsize=3,
+                    label=f"{label}: {mean:.2f}" + (f" ± {std:.2f}" if len(values) > 1 else ""))
+    ax.set_xlabel(f"training images/s (bench_models.py, each model alone on {bench[1].split(' (')[0]})" if bench
+                  is not None else "training images/s of the runs (mean over seeds; some shared their GPU)")
+    ax.set_ylabel("top-1 on the 10,000 test images (%)")
+    ax.set_title("Main table: accuracy against training speed (circles: MiTA)")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def ablation_bars(rows: Dict[str, Dict[str, Any]]
+                  ) -> Tuple[List[Tuple[str, float]], Optional[Tuple[float, float, int]]]:
+    """([(label, top-1)] of the ok ablation runs, MiTA seed 0 first; (mean, std, count) of the main table's ok
+    MiTA seeds, or None with fewer than 2). No bars when no ablation run other than MiTA seed 0 is ok."""
+    sections = [("experts", EXPERTS[1:]), ("routing", ROUTING[1:]), ("landmarks", EXTRACTORS[1:])]
+    bars = [(f"{title}: {label}", top1) for title, spec in sections for label, name in spec
+            if (top1 := _ok_top1(rows.get(name))) is not None]
+    centre = _ok_top1(rows.get(MK_CENTRE[0]))
+    if bars and centre is not None:
+        bars.insert(0, ("MiTA (both experts, top-1, 2-D pool; seed 0)", centre))
+    seeds = [v for _, v in _seed_top1(rows, "mita")]
+    return bars, (*_mean_std(seeds), len(seeds)) if len(seeds) > 1 else None
+
+
+def ablation_figure(rows: Dict[str, Dict[str, Any]], path: str) -> Optional[str]:
+    """One horizontal bar per ok ablation run (:func:`ablation_bars`), beside the band of the main table's MiTA
+    seeds (mean ± std), the noise a one-seed difference should be read against; None when there is no bar."""
+    bars, band = ablation_bars(rows)
+    if not bars:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 0.38 * len(bars) + 1.6))
+    labels, values = zip(*reversed(bars))
+    ax.barh(range(len(values)), values, color="tab:red", alpha=0.75)
+    ax.set_yticks(range(len(values)), labels, fontsize=8)
+    for i, value in enumerate(values):
+        ax.text(value, i, f" {value:.2f}", va="center", fontsize=8)
+    if band is not None:
+        mean, std, count = band
+        ax.axvspan(mean - std, mean + std, color="grey", alpha=0.25,
+                   label=f"MiTA over {count} seeds: {mean:.2f} ± {std:.2f}")
+        ax.legend(loc="lower right", fontsize=8)
+    low, high = min(values), max(values)
+    ax.set_xlim(low - 2.0, high + 1.0)
+    ax.set_xlabel("top-1 (%), one seed each")
+    ax.set_title("Ablations")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def collect(paths: Sequence[str], out: str, png: bool = True, bench: Optional[str] = None) -> Dict[str, str]:
+    """Write every table to ``out``; returns {table name: path}. ``bench``: a ``bench_models.py`` JSON whose
+    training speeds the main figure plots."""
     rows, sources, entries = load_summaries(paths)
     os.makedirs(out, exist_ok=True)
     runs = mk_runs(rows)
@@ -388,6 +520,10 @@ def collect(paths: Sequence[str], out: str, png: bool = True) -> Dict[str, str]:
             handle.write(text)
     if png and runs:
         written["mk_grid_png"] = collect_sweep.heatmap(runs, "top1", "m", "k", os.path.join(out, "mk_grid.png"))
+    if png:
+        drawn = {"main_png": main_figure(rows, os.path.join(out, "main.png"), load_bench(bench) if bench else None),
+                 "ablations_png": ablation_figure(rows, os.path.join(out, "ablations.png"))}
+        written.update({name: path for name, path in drawn.items() if path})
     written["rows"] = os.path.join(out, "rows.json")
     with open(written["rows"], "w", encoding="utf-8") as handle:
         json.dump({"sources": sources, "rows": [rows[n] for n in sorted(rows)]}, handle, indent=2)
@@ -398,14 +534,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("summaries", nargs="+", metavar="SUMMARY_JSON", help="summary.json of a driver call")
     parser.add_argument("--out", required=True, help="folder for the Markdown tables and rows.json")
-    parser.add_argument("--no-png", action="store_true", help="skip the m x k heatmap")
+    parser.add_argument("--no-png", action="store_true", help="skip the figures (m x k heatmap, main, ablations)")
+    parser.add_argument("--bench", metavar="BENCH_JSON",
+                        help="bench_models.py JSON whose training images/s main.png plots (default: the runs' own)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     bad = [p for p in args.summaries if not os.path.isfile(p)]
     if bad:
         parser.error(f"argument SUMMARY_JSON: {bad} are not files")
+    if args.bench and not os.path.isfile(args.bench):
+        parser.error(f"argument --bench: {args.bench!r} is not a file")
     try:
-        written = collect(args.summaries, args.out, png=not args.no_png)
+        written = collect(args.summaries, args.out, png=not args.no_png, bench=args.bench)
     except (ValueError, json.JSONDecodeError) as err:
         parser.error(str(err))
     _logger.info("wrote %s", ", ".join(sorted(written.values())))

@@ -204,6 +204,40 @@ def test_generalisation_tables(summaries, tmp_path):
     assert _line(text, "| 1 |") == "| 1 | 0.260 | — | — | 0.030 | 0.014 |"
 
 
+def test_figures_plot_the_ok_runs_and_the_benchmark_speeds(summaries, tmp_path):
+    rows = collect_repro.load_summaries(summaries)[0]
+    # runs' own speeds by default; MiTA + DWC has only its ok seed 1, linear (skipped) no point
+    points = {label: rest for label, *rest in collect_repro.main_points(rows)}
+    assert set(points) == {"standard", "MiTA (25 + 25)", "MiTA + DWC"}
+    speed, values, mean, std = points["MiTA (25 + 25)"]
+    assert speed == pytest.approx(3000.0) and values == [90.0, 91.0] and mean == pytest.approx(90.5)
+    assert std == pytest.approx(0.7071, abs=1e-4) and points["MiTA + DWC"][1:] == [[93.25], 93.25, 0.0]
+    bench = tmp_path / "bench.json"
+    bench.write_text(json.dumps({"rows": [{"attention": "mita", "train_images_per_s": 3595.0, "card": "NVIDIA H200"},
+                                          {"attention": "standard", "train_images_per_s": 7734.0}]}))
+    speeds = collect_repro.load_bench(str(bench))
+    assert speeds == ({"mita": 3595.0, "standard": 7734.0}, "NVIDIA H200")
+    points = {label: rest for label, *rest in collect_repro.main_points(rows, speeds)}
+    assert set(points) == {"standard", "MiTA (25 + 25)"} and points["standard"][0] == 7734.0  # no bench row: no point
+    # ablation bars: the ok runs only (pool_random was skipped), MiTA seed 0 first, its two seeds' band
+    bars, band = collect_repro.ablation_bars(rows)
+    assert bars == [("MiTA (both experts, top-1, 2-D pool; seed 0)", 90.0), ("routing: top-2", 88.8)]
+    assert band[0] == pytest.approx(90.5) and band[2] == 2
+    out = tmp_path / "out"
+    written = collect_repro.collect(summaries, str(out), bench=str(bench))
+    for name in ("main", "ablations"):
+        assert (out / f"{name}.png").stat().st_size > 0 and written[f"{name}_png"].endswith(f"{name}.png")
+    # nothing ok to plot: no figure, and no empty file
+    assert collect_repro.ablation_bars({})[0] == [] and collect_repro.main_points({}) == []
+    assert collect_repro.main_figure({}, str(tmp_path / "none.png")) is None and not (tmp_path / "none.png").exists()
+    bad = tmp_path / "bad.json"
+    bad.write_text("[]")
+    with pytest.raises(ValueError, match="--bench"):
+        collect_repro.load_bench(str(bad))
+    with pytest.raises(SystemExit):
+        collect_repro.main([*summaries, "--out", str(out), "--bench", str(tmp_path / "missing.json")])
+
+
 def test_generalisation_absent(summaries, tmp_path):
     out = tmp_path / "out"
     collect_repro.collect(summaries, str(out), png=False)
