@@ -236,3 +236,23 @@ def test_bench_models_rejects_bad_arguments(tmp_path, argv):
     with pytest.raises(SystemExit) as err:
         bench.main([*argv, "--cpu-smoke", "--out", str(tmp_path)])
     assert err.value.code == 2
+
+
+def test_bench_pooling_cpu_smoke(tmp_path, capsys):
+    bench = _load_script("bench_pooling")
+    assert bench.main(["--cpu-smoke", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "pooling.json").read_text())["rows"]
+    assert [r["method"] for r in rows] == ["view", "copy"] and all(r["ok"] and r["ms"] > 0 for r in rows)
+    assert rows[0]["vs_view"] == 1.0 and "| smoke-6x5 | copy |" in capsys.readouterr().out
+    # the two methods pool the same values (the copy only changes the memory q is read from)
+    qkv = torch.randn(2, 31, 3, 2, 8, dtype=torch.float64)
+    assert torch.equal(bench.pool("view", qkv, 1, 6, 5, (2, 3)), bench.pool("copy", qkv, 1, 6, 5, (2, 3)))
+    with pytest.raises(ValueError, match="method must be one of"):
+        bench.pool("nope", qkv, 1, 6, 5, (2, 3))
+
+
+@pytest.mark.parametrize("argv", [["--reps", "0"], ["--warmup", "-1"], ["--tol", "0"]])
+def test_bench_pooling_rejects_bad_arguments(tmp_path, argv):
+    bench = _load_script("bench_pooling")
+    with pytest.raises(SystemExit):
+        bench.main(["--cpu-smoke", "--out", str(tmp_path), *argv])
