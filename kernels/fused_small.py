@@ -26,7 +26,8 @@ of each row is found bit by bit (32 counting passes, whatever k is); keys above 
 at it go to the smallest indices (a prefix count), so every row selects exactly k keys.
 
 Layouts (``G = B H``): q, k, v, dO ``[B, H, N, d]`` and landmarks ``[B, H, m, d]`` with any strides but a
-unit last one; out, dq, dk, dv, dR contiguous in the input dtype; ``lse [G, N]`` fp32; ``Sel
+unit last one; out ``[B, H, N, d]`` token-major (``[B, N, H, d]`` memory, as SDPA's), any strides with a unit
+last one when read back by the backward; dq, dk, dv, dR contiguous in the input dtype; ``lse [G, N]`` fp32; ``Sel
 [G, P, MP, NP]`` uint8 (P programs per head along the queries); ``topk_idx [G, m, topk]`` and
 ``expert_idx [G, N, r]`` int64. ``MP``, ``NP`` are m and N padded to powers of two >= 16 (``tl.dot``'s
 minimum). All dots accumulate in fp32; fp32 inputs use ``input_precision="ieee"`` unless TF32 is allowed.
@@ -140,7 +141,7 @@ def _shared_values(r, Kh, Vh, stride_kn, stride_vn, N, NKB, scale, offs_d,
 def _fwd_kernel(
     Q, K, V, R, O, LSE, SEL, TOPK_IDX, EXPERT_IDX,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
-    stride_vb, stride_vh, stride_vn, stride_rb, stride_rh, stride_rm,
+    stride_vb, stride_vh, stride_vn, stride_rb, stride_rh, stride_rm, stride_ob, stride_oh, stride_on,
     H, N, M, TOPK, NKB, scale, scale_shared,
     D: tl.constexpr, MP: tl.constexpr, NP: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
     DC: tl.constexpr, QB_PER_PROG: tl.constexpr, R_TOPK: tl.constexpr, SHARED: tl.constexpr,
@@ -238,16 +239,17 @@ def _fwd_kernel(
                 acc = acc * alpha[:, None] + tl.dot(p.to(DT), vblk, input_precision=PREC)
                 m_i = m_new
         out = acc / l_i[:, None]
-        tl.store(O + (g * N + rows)[:, None] * D + offs_d[None, :], out.to(DT), mask=q_ok[:, None])
+        Oh = O + b * stride_ob + h * stride_oh
+        tl.store(Oh + rows[:, None] * stride_on + offs_d[None, :], out.to(DT), mask=q_ok[:, None])
         tl.store(LSE + g * N + rows, m_i + tl.log(l_i), mask=q_ok)
 
 
 @triton.jit
-def _query_rows(Qh, DOh, Oh, LSEh, rows, q_ok, stride_qn, stride_don, offs_d, D: tl.constexpr):
+def _query_rows(Qh, DOh, Oh, LSEh, rows, q_ok, stride_qn, stride_don, stride_on, offs_d, D: tl.constexpr):
     """Queries, output gradients, lse and ``delta = rowsum(dO * O)`` of a block of rows."""
     q = tl.load(Qh + rows[:, None] * stride_qn + offs_d[None, :], mask=q_ok[:, None], other=0.0)  # [BQ, D]
     do = tl.load(DOh + rows[:, None] * stride_don + offs_d[None, :], mask=q_ok[:, None], other=0.0)
-    o = tl.load(Oh + rows[:, None] * D + offs_d[None, :], mask=q_ok[:, None], other=0.0)
+    o = tl.load(Oh + rows[:, None] * stride_on + offs_d[None, :], mask=q_ok[:, None], other=0.0)
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)  # [BQ]
     lse = tl.load(LSEh + rows, mask=q_ok, other=0.0)
     return q, do, delta, lse
@@ -263,7 +265,7 @@ def _shared_probs(q, r, lse, q_ok, lm_ok, scale_shared, PREC: tl.constexpr):
 @triton.jit
 def _bwd_keys(
     Qh, Kh, Vh, Rh, Oh, DOh, LSEh, SELh, EXPh, DKh, DVh,
-    stride_qn, stride_kn, stride_vn, stride_rm, stride_don,
+    stride_qn, stride_kn, stride_vn, stride_rm, stride_don, stride_on,
     kb, N, M, NQB, NKB, scale, scale_shared,
     D: tl.constexpr, MP: tl.constexpr, NP: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
     R_TOPK: tl.constexpr, SHARED: tl.constexpr, ROUTED: tl.constexpr, PREC: tl.constexpr,
@@ -288,7 +290,7 @@ def _bwd_keys(
     for qb in range(NQB):
         rows = qb * BQ + tl.arange(0, BQ)
         q_ok = rows < N
-        q, do, delta, lse = _query_rows(Qh, DOh, Oh, LSEh, rows, q_ok, stride_qn, stride_don, offs_d, D)
+        q, do, delta, lse = _query_rows(Qh, DOh, Oh, LSEh, rows, q_ok, stride_qn, stride_don, stride_on, offs_d, D)
         if ROUTED:
             e1, e2 = _experts(EXPh, rows, q_ok, R_TOPK)
             cnt_t = _multiplicity(SELh, e1, e2, kcols, NP, R_TOPK, True)  # [BK, BQ]
@@ -321,7 +323,7 @@ def _bwd_keys(
 @triton.jit
 def _bwd_queries(
     Qh, Kh, Vh, Rh, Oh, DOh, LSEh, SELh, EXPh, DQh,
-    stride_qn, stride_kn, stride_vn, stride_rm, stride_don,
+    stride_qn, stride_kn, stride_vn, stride_rm, stride_don, stride_on,
     qb, N, M, NKB, scale, scale_shared,
     D: tl.constexpr, MP: tl.constexpr, NP: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
     R_TOPK: tl.constexpr, SHARED: tl.constexpr, ROUTED: tl.constexpr, PREC: tl.constexpr,
@@ -333,7 +335,7 @@ def _bwd_queries(
     lm_ok = lm < M
     rows = qb * BQ + tl.arange(0, BQ)
     q_ok = rows < N
-    q, do, delta, lse = _query_rows(Qh, DOh, Oh, LSEh, rows, q_ok, stride_qn, stride_don, offs_d, D)
+    q, do, delta, lse = _query_rows(Qh, DOh, Oh, LSEh, rows, q_ok, stride_qn, stride_don, stride_on, offs_d, D)
     dq = tl.zeros([BQ, D], tl.float32)
     if SHARED:
         r = tl.load(Rh + lm[:, None] * stride_rm + offs_d[None, :], mask=lm_ok[:, None], other=0.0)  # [MP, D]
@@ -359,7 +361,7 @@ def _bwd_queries(
 @triton.jit
 def _bwd_landmarks(
     Qh, Kh, Vh, Rh, Oh, DOh, LSEh, DRh,
-    stride_qn, stride_kn, stride_vn, stride_rm, stride_don,
+    stride_qn, stride_kn, stride_vn, stride_rm, stride_don, stride_on,
     N, M, NQB, NKB, scale, scale_shared,
     D: tl.constexpr, MP: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
 ):
@@ -376,7 +378,7 @@ def _bwd_landmarks(
     for qb in range(NQB):
         rows = qb * BQ + tl.arange(0, BQ)
         q_ok = rows < N
-        q, do, delta, lse = _query_rows(Qh, DOh, Oh, LSEh, rows, q_ok, stride_qn, stride_don, offs_d, D)
+        q, do, delta, lse = _query_rows(Qh, DOh, Oh, LSEh, rows, q_ok, stride_qn, stride_don, stride_on, offs_d, D)
         gate_t = tl.dot(r, tl.trans(q), input_precision=PREC)  # [MP, BQ]
         ps_t = tl.where(lm_ok[:, None] & q_ok[None, :], tl.exp(gate_t * scale_shared - lse[None, :]), 0.0)
         dvs += tl.dot(ps_t.to(DT), do, input_precision=PREC)
@@ -401,7 +403,7 @@ def _bwd_kernel(
     Q, K, V, R, O, DO, LSE, SEL, EXPERT_IDX, DQ, DK, DV, DR,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn, stride_rb, stride_rh, stride_rm,
-    stride_dob, stride_doh, stride_don, stride_selg,
+    stride_dob, stride_doh, stride_don, stride_ob, stride_oh, stride_on, stride_selg,
     H, N, M, NQB, NKB, scale, scale_shared,
     D: tl.constexpr, MP: tl.constexpr, NP: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
     R_TOPK: tl.constexpr, SHARED: tl.constexpr, ROUTED: tl.constexpr, PREC: tl.constexpr,
@@ -416,28 +418,28 @@ def _bwd_kernel(
     Vh = V + b * stride_vb + h * stride_vh
     Rh = R + b * stride_rb + h * stride_rh
     DOh = DO + b * stride_dob + h * stride_doh
-    Oh = O + g * N * D
+    Oh = O + b * stride_ob + h * stride_oh
     LSEh = LSE + g * N
     SELh = SEL + g * stride_selg
     EXPh = EXPERT_IDX + g * N * R_TOPK
     if j < NKB:
         _bwd_keys(
             Qh, Kh, Vh, Rh, Oh, DOh, LSEh, SELh, EXPh, DK + g * N * D, DV + g * N * D,
-            stride_qn, stride_kn, stride_vn, stride_rm, stride_don,
+            stride_qn, stride_kn, stride_vn, stride_rm, stride_don, stride_on,
             j, N, M, NQB, NKB, scale, scale_shared,
             D, MP, NP, BQ, BK, R_TOPK, SHARED, ROUTED, PREC,
         )
     elif j < NKB + NQB:
         _bwd_queries(
             Qh, Kh, Vh, Rh, Oh, DOh, LSEh, SELh, EXPh, DQ + g * N * D,
-            stride_qn, stride_kn, stride_vn, stride_rm, stride_don,
+            stride_qn, stride_kn, stride_vn, stride_rm, stride_don, stride_on,
             j - NKB, N, M, NKB, scale, scale_shared,
             D, MP, NP, BQ, BK, R_TOPK, SHARED, ROUTED, PREC,
         )
     else:
         _bwd_landmarks(
             Qh, Kh, Vh, Rh, Oh, DOh, LSEh, DR + g * M * D,
-            stride_qn, stride_kn, stride_vn, stride_rm, stride_don,
+            stride_qn, stride_kn, stride_vn, stride_rm, stride_don, stride_on,
             N, M, NQB, NKB, scale, scale_shared,
             D, MP, BQ, BK, PREC,
         )
@@ -509,7 +511,7 @@ def forward(q, k, v, landmarks, topk, router_topk, shared, scale_shared, *, topk
     With ``topk_idx [G, m, topk]`` and ``expert_idx [G, N, r]`` (int64, contiguous) the routing is
     taken from them; otherwise it is selected in the kernel, ``expert_idx`` always written and
     ``topk_idx`` written when ``write_topk``. ``alloc(shape, dtype=, device=)`` allocates the outputs
-    (tests pass a poisoning one). Returns ``out [B, H, N, d]``, ``lse [G, N]``, the selection mask
+    (tests pass a poisoning one). Returns ``out [B, H, N, d]`` (token-major memory), ``lse [G, N]``, the selection mask
     ``sel [G, P, MP, NP]`` (uint8, one copy per program along the queries; empty when topk = 0),
     ``topk_idx`` and ``expert_idx``.
     """
@@ -520,7 +522,9 @@ def forward(q, k, v, landmarks, topk, router_topk, shared, scale_shared, *, topk
     select = expert_idx is None
     routed = topk > 0
     shape, cfg = sel_shape(G, N, M, D, q.element_size(), topk)
-    out = alloc((B, H, N, D), dtype=q.dtype, device=dev)
+    # token-major memory ([B, N, H, d] viewed as [B, H, N, d]), as SDPA returns its output: the layer's
+    # out.transpose(1, 2).reshape(B, N, C) is then a view, and the projection saves this very tensor
+    out = alloc((B, N, H, D), dtype=q.dtype, device=dev).transpose(1, 2)
     lse = alloc((G, N), dtype=torch.float32, device=dev)
     sel = alloc(shape, dtype=torch.uint8, device=dev)
     if select:
@@ -529,7 +533,7 @@ def forward(q, k, v, landmarks, topk, router_topk, shared, scale_shared, *, topk
     groups = triton.cdiv(triton.cdiv(N, cfg["BQ"]), cfg["QB_PER_PROG"])
     _fwd_kernel[(G, groups)](
         q, k, v, landmarks, out, lse, sel, topk_idx, expert_idx,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(landmarks),
+        *_strides(q), *_strides(k), *_strides(v), *_strides(landmarks), *_strides(out),
         H, N, M, topk, triton.cdiv(N, cfg["BK"]), D ** -0.5, scale_shared,
         D=D, MP=padded(M), NP=padded(N), BQ=cfg["BQ"], BK=cfg["BK"], DC=cfg["DC"], QB_PER_PROG=cfg["QB_PER_PROG"],
         R_TOPK=router_topk, SHARED=shared, ROUTED=routed, SELECT=select,
@@ -554,7 +558,7 @@ def backward(q, k, v, landmarks, out, grad_out, lse, sel, expert_idx, topk, shar
     n_qb, n_kb = triton.cdiv(N, cfg["BQ"]), triton.cdiv(N, cfg["BK"])
     _bwd_kernel[(G, n_kb + n_qb + int(shared))](
         q, k, v, landmarks, out, grad_out, lse, sel, expert_idx, dq, dk, dv, dr,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(landmarks), *_strides(grad_out),
+        *_strides(q), *_strides(k), *_strides(v), *_strides(landmarks), *_strides(grad_out), *_strides(out),
         sel.stride(0) if sel.dim() == 4 else 0,
         H, N, M, n_qb, n_kb, D ** -0.5, scale_shared,
         D=D, MP=m_pad, NP=n_pad, BQ=cfg["BQ"], BK=cfg["BK"], R_TOPK=expert_idx.shape[-1],

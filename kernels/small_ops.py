@@ -85,12 +85,15 @@ def _(q, k, v, landmarks, topk_idx, expert_idx, topk, router_topk, shared, scale
     B, H, N, d = q.shape
     m = landmarks.shape[2]
     sel_shape, _ = fused_small.sel_shape(B * H, N, m, d, q.element_size(), topk)
-    empty = q.new_empty(0, dtype=torch.int64)
+    def empty():  # one new tensor each: outputs that alias one another would not match the real op
+        return q.new_empty(0, dtype=torch.int64)
+
     select = expert_idx is None
     return (
-        q.new_empty(B, H, N, d), q.new_empty(B * H, N, dtype=torch.float32), q.new_empty(sel_shape, dtype=torch.uint8),
-        q.new_empty(B * H, m, topk, dtype=torch.int64) if select and write_topk else empty,
-        q.new_empty(B * H, N, router_topk, dtype=torch.int64) if select else empty,
+        q.new_empty(B, N, H, d).transpose(1, 2),  # out, token-major as the kernel writes it
+        q.new_empty(B * H, N, dtype=torch.float32), q.new_empty(sel_shape, dtype=torch.uint8),
+        q.new_empty(B * H, m, topk, dtype=torch.int64) if select and write_topk else empty(),
+        q.new_empty(B * H, N, router_topk, dtype=torch.int64) if select else empty(),
     )
 
 

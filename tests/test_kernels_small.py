@@ -262,6 +262,30 @@ def test_custom_op_traces_under_torch_compile(small_blocks):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("routed", [False, True])
+def test_output_token_major_and_fake_kernels_match(small_blocks, routed):
+    """The fused op returns its output token-major, as SDPA and the main op do, so the layer's [B, N, C] is a
+    view of the saved output; torch.library.opcheck checks the fake kernels give the real ops' strides."""
+    B, H, N, d, m, topk = 2, 2, 20, 32, 4, 5
+    qkv = torch.randn(B, N, 3, H, d, generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4)  # [B, H, N, d] each, strided as a ViT's projection makes them
+    landmarks = q[:, :, 1:1 + m].contiguous()
+    topk_idx, expert_idx = mita_routing(q, k, landmarks, topk, 2)
+    idx = topk_idx.reshape(B * H, m, topk).contiguous() if routed else None
+    exp = expert_idx.reshape(B * H, N, 2).contiguous() if routed else None
+    fwd_args = (q, k, v, landmarks, idx, exp, topk, 2, True, 1.0 / d, False, False)
+    out, lse, sel, _, expert_out = small_ops.small_fwd(*fwd_args)
+    assert out.shape == (B, H, N, d) and out.transpose(1, 2).is_contiguous()
+    torch.library.opcheck(small_ops.small_fwd, fwd_args, test_utils=("test_schema", "test_faketensor"))
+    grad = torch.randn(B, H, N, d, generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    bwd_args = (grad, q, k, v, landmarks, out, lse, sel, exp if routed else expert_out, topk, True, 1.0 / d, False)
+    torch.library.opcheck(small_ops.small_bwd, bwd_args, test_utils=("test_schema", "test_faketensor"))
+    # the same backward from a head-major copy of the output: the kernel reads the output by its strides
+    grads = small_ops.small_bwd(*bwd_args)
+    for a, b in zip(grads, small_ops.small_bwd(grad, q, k, v, landmarks, out.contiguous(), *bwd_args[6:])):
+        assert torch.equal(a, b)
+
+
 def _gpu_cases():
     cases = []
     for i, (N, dtype, d) in enumerate(
