@@ -37,7 +37,7 @@ _logger = logging.getLogger("collect_repro")
 #: the fields of a run copied into rows.json (as the driver wrote them; absent ones stay None)
 FIELDS = ("status", "kind", "seed", "epochs", "epochs_done", "card", "gpu", "wall_s", "top1", "top5", "params", "macs",
           "train_images_per_s", "infer_images_per_s", "epoch_time_s", "peak_mem_gib", "reason", "error",
-          "train_command", "eval_command", "zero_shot_top1", "zero_shot_command")
+          "train_command", "eval_command", "zero_shot_top1", "zero_shot_command", "macs_error")
 #: the group of each planned run (for the lines naming what no summary holds)
 GROUP_OF = {run.name: group for group, runs in plan_mod.GROUPS.items() for run in runs}
 PLANNED_SEED = {run.name: run.seed for runs in plan_mod.GROUPS.values() for run in runs}

@@ -176,7 +176,7 @@ def test_two_process_gloo_matches_one_process(tmp_path):
         assert rel_err(weights_two[key], value) < 1e-4, key
 
 
-def test_eval_rebuilds_the_model_and_swaps_the_attention(tmp_path):
+def test_eval_rebuilds_the_model_and_swaps_the_attention(tmp_path, monkeypatch):
     cfg = compose("train", _tiny(tmp_path))
     record = train(cfg)
     path = _run_dir(cfg) / "checkpoint.pth"
@@ -195,6 +195,17 @@ def test_eval_rebuilds_the_model_and_swaps_the_attention(tmp_path):
     assert swapped["attention"]["name"] == "standard" and 0 <= swapped["acc1"] <= 100
     dwc = evaluate_checkpoint(compose("eval", [f"ckpt={path}", "attention=mita_dwc"]))
     assert dwc["missing_keys"] and all(".dwc." in key for key in dwc["missing_keys"])
+    # a FLOP-count failure keeps the accuracy and names the error (a trained run's top-1 is not lost to it)
+    import mita.utils.flops
+
+    def fail(*_):
+        raise AssertionError("Expected gradient function to be set")
+
+    monkeypatch.setattr(mita.utils.flops, "count_flops", fail)
+    counted = evaluate_checkpoint(compose("eval", [f"ckpt={path}"]))
+    assert counted["acc1"] == pytest.approx(report["acc1"]) and counted["macs"] is None
+    assert counted["macs_error"] == "AssertionError: Expected gradient function to be set"
+    monkeypatch.undo()
 
     # weights-only fp16 export, and evaluation from it
     out = tmp_path / "model_fp16.pth"
