@@ -39,6 +39,11 @@ def _buffer(shape, device, dtype=torch.float32) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
+def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
+    """The kernels take any batch, head and row strides but need a unit last one."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
 def _token_major(out: torch.Tensor) -> torch.Tensor:
     """``[B, H, N, d]`` laid out as ``[B, N, H, d]`` in memory, as SDPA's fused kernels return theirs: the
     module's ``out.transpose(1, 2).reshape(B, N, C)`` is then a view, so the output projection saves the very
@@ -56,25 +61,26 @@ def _forward(q, k, v, landmarks, shared_v, topk_idx, expert_idx, scale_shared, a
         expert_idx = expert_idx[..., :1]
     r = expert_idx.shape[-1]
     G = B * H
-    # reshape copies non-contiguous inputs; the kernels index rows as g * N + n
-    qf, kf, vf = (t.reshape(G, N, d).contiguous() for t in (q, k, v))  # [G, N, d]
+    # the kernels read q, k, v by their strides (a ViT's qkv views in place), so nothing is copied here
+    qf, kf, vf = (_unit_last_stride(t) for t in (q, k, v))  # [B, H, N, d]
     rf = landmarks.reshape(G, m, d).contiguous() if shared else None  # [G, m, d]
     vsf = shared_v.reshape(G, m, d).contiguous() if shared else None  # [G, m, d]
     idx = topk_idx.reshape(G, m, topk).long().contiguous()  # [G, m, topk]
     lay = _expert_tiles(expert_idx.reshape(G, N * r).long(), m, N, r)
     scale = d ** -0.5
     if r == 1:
-        out = _buffer((G, N, d), q.device, q.dtype)  # entries are the tokens: written in place
+        # entries are the tokens: written in place, token-major ([B, N, H, d] memory) as SDPA returns it
+        out = _buffer((B, N, H, d), q.device, q.dtype).transpose(1, 2)  # [B, H, N, d]
         lse = _buffer((G, N), q.device)
         routed_forward(qf, kf, vf, rf, vsf, idx, lay, r, scale, scale_shared, out, lse, allow_tf32)
-    else:
-        o_r = _buffer((G, N * r, d), q.device)  # [G, N r, d], normalised per entry
-        lse_r = _buffer((G, N * r), q.device)
-        routed_forward(qf, kf, vf, rf, vsf, idx, lay, r, scale, scale_shared, o_r, lse_r, allow_tf32)
-        lse_r = lse_r.view(G, N, r)
-        lse = torch.logsumexp(lse_r, dim=-1)  # [G, N]
-        weight = torch.exp(lse_r - lse[..., None])  # [G, N, r], each slot's share of the softmax mass
-        out = (weight[..., None] * o_r.view(G, N, r, d)).sum(2).to(q.dtype)  # [G, N, d]
+        return out, lse
+    o_r = _buffer((B, H, N * r, d), q.device)  # normalised per entry
+    lse_r = _buffer((G, N * r), q.device)
+    routed_forward(qf, kf, vf, rf, vsf, idx, lay, r, scale, scale_shared, o_r, lse_r, allow_tf32)
+    lse_r = lse_r.view(G, N, r)
+    lse = torch.logsumexp(lse_r, dim=-1)  # [G, N]
+    weight = torch.exp(lse_r - lse[..., None])  # [G, N, r], each slot's share of the softmax mass
+    out = (weight[..., None] * o_r.view(G, N, r, d)).sum(2).to(q.dtype)  # [G, N, d]
     return _token_major(out.view(B, H, N, d)), lse
 
 
@@ -89,14 +95,14 @@ def _backward(grad_out, q, k, v, landmarks, shared_v, topk_idx, expert_idx, out,
     r = expert_idx.shape[-1]
     G = B * H
     scale = d ** -0.5
-    qf, kf, vf = (t.reshape(G, N, d).contiguous() for t in (q, k, v))
+    qf, kf, vf = (_unit_last_stride(t) for t in (q, k, v))  # [B, H, N, d], read by their strides
     rf = landmarks.reshape(G, m, d).contiguous() if shared else None
     vsf = shared_v.reshape(G, m, d).contiguous() if shared else None
     idx = topk_idx.reshape(G, m, topk).long().contiguous()
     # recomputing the layout costs a few small launches and saves keeping it alive between passes
     lay = _expert_tiles(expert_idx.reshape(G, N * r).long(), m, N, r)
-    do = grad_out.reshape(G, N, d).to(q.dtype).contiguous()  # [G, N, d]
-    delta = (do.float() * out.reshape(G, N, d).float()).sum(-1)  # [G, N]
+    do = _unit_last_stride(grad_out.to(q.dtype))  # [B, H, N, d], any strides
+    delta = (do.float() * out.float()).sum(-1).reshape(G, N)  # [G, N]
 
     dq_e = _buffer((G, N * r, d), q.device)  # [G, N r, d]
     # routed dk, dv are accumulated in place by the kernel (one atomic add per tile and key)

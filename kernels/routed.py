@@ -4,11 +4,13 @@ The tile layout is the one of ``mita.functional._expert_tiles``: the ``E = N r``
 one (batch, head) are sorted by expert into ``S`` tiles of ``T`` entries that hold one expert each. A
 tile's queries all attend to the same ``topk`` keys, so one program loads them once for up to
 ``BLOCK_M`` queries. All index tensors are int64 and every row offset is formed in int64, so
-``B H N d >= 2^31`` does not overflow. Flattened layouts (``G = B H``):
+``B H N d >= 2^31`` does not overflow. Layouts (``G = B H``):
 
-* ``q, k, v, do`` ``[G, N, d]``; ``topk_idx`` ``[G, m, topk]``;
+* ``q, k, v, do`` ``[B, H, N, d]`` with any batch, head and row strides and a unit last one (a ViT's views
+  of its qkv projection are read in place, not copied); ``topk_idx`` ``[G, m, topk]``;
 * ``slot_token``, ``slot_source`` ``[G, S T]`` (padding: ``N`` and ``E``); ``tile_expert`` ``[G, S]``;
-* per entry: ``o``, ``dq`` ``[G, E, d]``, ``lse`` ``[G, E]``; per token: ``lse``, ``delta`` ``[G, N]``;
+* per entry: ``o`` ``[B, H, E, d]`` (any strides, unit last), ``dq`` ``[G, E, d]``, ``lse`` ``[G, E]``;
+  per token: ``lse``, ``delta`` ``[G, N]``;
 * per key: ``dk``, ``dv`` ``[G, N, d]`` float32, zero-initialised, accumulated with one atomic add per
   (tile, key) (a key selected by several tiles' experts gets several).
 
@@ -22,6 +24,7 @@ import triton.language as tl
 @triton.jit
 def _routed_fwd_kernel(
     Q, K, V, R, VS, TOPK_IDX, SLOT_TOKEN, SLOT_SOURCE, TILE_EXPERT, TILE_COUNT, O, LSE,
+    H, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, soe,
     N, E, M, TOPK, T, S, NUM_MB, R_SLOTS, scale, scale_shared,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     SHARED: tl.constexpr, PRECISION: tl.constexpr, SPREC: tl.constexpr,
@@ -42,7 +45,10 @@ def _routed_fwd_kernel(
     entry = tl.load(SLOT_SOURCE + slot, mask=in_tile, other=E)
     row_ok = entry < E
     expert = tl.load(TILE_EXPERT + g * S + t)
-    q = tl.load(Q + (g * N + token)[:, None] * D + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    b, h = g // H, g % H
+    Kg, Vg = K + b * skb + h * skh, V + b * svb + h * svh
+    q = tl.load(Q + b * sqb + h * sqh + token.to(tl.int64)[:, None] * sqn + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0)
 
     # finite start: a row whose shared block is masked out (slot > 0) must not produce exp(-inf + inf)
     m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
@@ -69,10 +75,9 @@ def _routed_fwd_kernel(
     for k0 in range(0, TOPK, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_ok = offs_k < TOPK
-        key = tl.load(idx_base + offs_k, mask=k_ok, other=0)
-        key_row = (g * N + key) * D
-        kt = tl.load(K + key_row[None, :] + offs_d[:, None], mask=k_ok[None, :], other=0.0)  # [D, BLOCK_K]
-        vb = tl.load(V + key_row[:, None] + offs_d[None, :], mask=k_ok[:, None], other=0.0)  # [BLOCK_K, D]
+        key = tl.load(idx_base + offs_k, mask=k_ok, other=0).to(tl.int64)
+        kt = tl.load(Kg + (key * skn)[None, :] + offs_d[:, None], mask=k_ok[None, :], other=0.0)  # [D, BLOCK_K]
+        vb = tl.load(Vg + (key * svn)[:, None] + offs_d[None, :], mask=k_ok[:, None], other=0.0)  # [BLOCK_K, D]
         s = tl.dot(q, kt, input_precision=SPREC) * scale
         # every block holds at least one valid key, so m_new stays finite
         s = tl.where(k_ok[None, :], s, float("-inf"))
@@ -85,13 +90,14 @@ def _routed_fwd_kernel(
 
     o = acc / l_i[:, None]
     lse = m_i + tl.log(l_i)
-    tl.store(O + (g * E + entry)[:, None] * D + offs_d[None, :], o, mask=row_ok[:, None])
+    tl.store(O + b * sob + h * soh + entry.to(tl.int64)[:, None] * soe + offs_d[None, :], o, mask=row_ok[:, None])
     tl.store(LSE + g * E + entry, lse, mask=row_ok)
 
 
 @triton.jit
 def _routed_bwd_dq_kernel(
     Q, K, V, R, VS, DO, LSE, DELTA, TOPK_IDX, SLOT_TOKEN, SLOT_SOURCE, TILE_EXPERT, TILE_COUNT, DQ,
+    H, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn,
     N, E, M, TOPK, T, S, NUM_MB, R_SLOTS, scale, scale_shared,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     SHARED: tl.constexpr, PRECISION: tl.constexpr, SPREC: tl.constexpr,
@@ -112,9 +118,11 @@ def _routed_bwd_dq_kernel(
     entry = tl.load(SLOT_SOURCE + slot, mask=in_tile, other=E)
     row_ok = entry < E
     expert = tl.load(TILE_EXPERT + g * S + t)
-    row = (g * N + token)[:, None] * D + offs_d[None, :]
-    q = tl.load(Q + row, mask=row_ok[:, None], other=0.0)
-    do = tl.load(DO + row, mask=row_ok[:, None], other=0.0)
+    b, h = g // H, g % H
+    Kg, Vg = K + b * skb + h * skh, V + b * svb + h * svh
+    tok = token.to(tl.int64)[:, None]
+    q = tl.load(Q + b * sqb + h * sqh + tok * sqn + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    do = tl.load(DO + b * sdb + h * sdh + tok * sdn + offs_d[None, :], mask=row_ok[:, None], other=0.0)
     lse = tl.load(LSE + g * N + token, mask=row_ok, other=0.0)
     delta = tl.load(DELTA + g * N + token, mask=row_ok, other=0.0)
 
@@ -137,10 +145,9 @@ def _routed_bwd_dq_kernel(
     for k0 in range(0, TOPK, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_ok = offs_k < TOPK
-        key = tl.load(idx_base + offs_k, mask=k_ok, other=0)
-        key_row = (g * N + key) * D
-        kt = tl.load(K + key_row[None, :] + offs_d[:, None], mask=k_ok[None, :], other=0.0)  # [D, BLOCK_K]
-        vt = tl.load(V + key_row[None, :] + offs_d[:, None], mask=k_ok[None, :], other=0.0)  # [D, BLOCK_K]
+        key = tl.load(idx_base + offs_k, mask=k_ok, other=0).to(tl.int64)
+        kt = tl.load(Kg + (key * skn)[None, :] + offs_d[:, None], mask=k_ok[None, :], other=0.0)  # [D, BLOCK_K]
+        vt = tl.load(Vg + (key * svn)[None, :] + offs_d[:, None], mask=k_ok[None, :], other=0.0)  # [D, BLOCK_K]
         s = tl.dot(q, kt, input_precision=SPREC) * scale
         # probabilities of the ONE softmax over [shared ; all routed slots], via the query's final lse
         p = tl.exp(s - lse[:, None])
@@ -155,6 +162,7 @@ def _routed_bwd_dq_kernel(
 @triton.jit
 def _routed_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, TOPK_IDX, SLOT_TOKEN, SLOT_SOURCE, TILE_EXPERT, TILE_COUNT, DK, DV,
+    H, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn,
     N, E, M, TOPK, T, S, NUM_KB, scale,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, SPREC: tl.constexpr,
 ):
@@ -170,10 +178,13 @@ def _routed_bwd_dkdv_kernel(
     offs_d = tl.arange(0, D)
     k_ok = offs_k < TOPK
     expert = tl.load(TILE_EXPERT + g * S + t)
-    key = tl.load(TOPK_IDX + (g * M + expert) * TOPK + offs_k, mask=k_ok, other=0)
-    key_row = (g * N + key)[:, None] * D + offs_d[None, :]
-    kblock = tl.load(K + key_row, mask=k_ok[:, None], other=0.0)  # [BLOCK_K, D]
-    vb = tl.load(V + key_row, mask=k_ok[:, None], other=0.0)
+    key = tl.load(TOPK_IDX + (g * M + expert) * TOPK + offs_k, mask=k_ok, other=0).to(tl.int64)
+    b, h = g // H, g % H
+    Qg, DOg = Q + b * sqb + h * sqh, DO + b * sdb + h * sdh
+    kblock = tl.load(K + b * skb + h * skh + (key * skn)[:, None] + offs_d[None, :], mask=k_ok[:, None],
+                     other=0.0)  # [BLOCK_K, D]
+    vb = tl.load(V + b * svb + h * svh + (key * svn)[:, None] + offs_d[None, :], mask=k_ok[:, None], other=0.0)
+    key_row = (g * N + key)[:, None] * D + offs_d[None, :]  # of the contiguous float32 dk, dv buffers
 
     dk = tl.zeros([BLOCK_K, D], tl.float32)
     dv = tl.zeros([BLOCK_K, D], tl.float32)
@@ -183,9 +194,9 @@ def _routed_bwd_dkdv_kernel(
         slot = g * S * T + t * T + offs_m
         token = tl.load(SLOT_TOKEN + slot, mask=in_tile, other=N)
         row_ok = token < N
-        row = (g * N + token)[:, None] * D + offs_d[None, :]
-        q = tl.load(Q + row, mask=row_ok[:, None], other=0.0)  # [BLOCK_M, D]
-        do = tl.load(DO + row, mask=row_ok[:, None], other=0.0)
+        tok = token.to(tl.int64)[:, None]
+        q = tl.load(Qg + tok * sqn + offs_d[None, :], mask=row_ok[:, None], other=0.0)  # [BLOCK_M, D]
+        do = tl.load(DOg + tok * sdn + offs_d[None, :], mask=row_ok[:, None], other=0.0)
         lse = tl.load(LSE + g * N + token, mask=row_ok, other=0.0)
         delta = tl.load(DELTA + g * N + token, mask=row_ok, other=0.0)
         st = tl.dot(kblock, tl.trans(q), input_precision=SPREC) * scale  # [BLOCK_K, BLOCK_M]
@@ -205,6 +216,7 @@ def _routed_bwd_dkdv_kernel(
 @triton.jit
 def _shared_bwd_kernel(
     Q, R, VS, DO, LSE, DELTA, DR, DVS,
+    H, sqb, sqh, sqn, sdb, sdh, sdn,
     N, M, NUM_RB, NUM_CH, CHUNK, scale_shared,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr, SPREC: tl.constexpr,
 ):
@@ -223,13 +235,15 @@ def _shared_bwd_kernel(
 
     dr = tl.zeros([BLOCK_R, D], tl.float32)
     dvs = tl.zeros([BLOCK_R, D], tl.float32)
+    b, h = g // H, g % H
+    Qg, DOg = Q + b * sqb + h * sqh, DO + b * sdb + h * sdh
     start = ch * CHUNK
     for n0 in range(start, start + CHUNK, BLOCK_M):
         offs_n = n0 + tl.arange(0, BLOCK_M)
         n_ok = offs_n < N
-        row = (g * N + offs_n)[:, None] * D + offs_d[None, :]
-        q = tl.load(Q + row, mask=n_ok[:, None], other=0.0)  # [BLOCK_M, D]
-        do = tl.load(DO + row, mask=n_ok[:, None], other=0.0)
+        tok = offs_n.to(tl.int64)[:, None]
+        q = tl.load(Qg + tok * sqn + offs_d[None, :], mask=n_ok[:, None], other=0.0)  # [BLOCK_M, D]
+        do = tl.load(DOg + tok * sdn + offs_d[None, :], mask=n_ok[:, None], other=0.0)
         lse = tl.load(LSE + g * N + offs_n, mask=n_ok, other=0.0)
         delta = tl.load(DELTA + g * N + offs_n, mask=n_ok, other=0.0)
         st = tl.dot(rb_tile, tl.trans(q), input_precision=SPREC) * scale_shared  # [BLOCK_R, BLOCK_M]
@@ -264,16 +278,27 @@ def _score_precision(dtype, allow_tf32: bool) -> str:
     return "tf32x3" if allow_tf32 else "ieee"
 
 
-def routed_forward(q, k, v, landmarks, shared_v, topk_idx, lay, r, scale, scale_shared, o, lse, allow_tf32=False):
-    """One softmax per entry over [shared (slot 0 only) ; its expert's keys]: ``o [G, E, d]``, ``lse [G, E]``.
+def _bhn(t: torch.Tensor):
+    """Batch, head and row strides of a ``[B, H, rows, d]`` tensor (its last stride must be 1)."""
+    if t.dim() != 4 or t.stride(3) != 1:
+        raise ValueError(f"expected a [B, H, rows, d] tensor with unit last stride, got shape {tuple(t.shape)} "
+                         f"strides {t.stride()}")
+    return t.stride(0), t.stride(1), t.stride(2)
 
-    ``q, k, v`` ``[G, N, d]``, ``landmarks`` and ``shared_v`` ``[G, m, d]`` (``None`` without the shared
-    expert) and ``topk_idx`` ``[G, m, topk]`` contiguous; ``lay`` from ``_expert_tiles`` over ``E = N r``
-    entries; ``o`` (any float dtype) and ``lse`` (float32) are written for every entry.
+
+def routed_forward(q, k, v, landmarks, shared_v, topk_idx, lay, r, scale, scale_shared, o, lse, allow_tf32=False):
+    """One softmax per entry over [shared (slot 0 only) ; its expert's keys]: ``o [B, H, E, d]``, ``lse [G, E]``.
+
+    ``q, k, v`` ``[B, H, N, d]`` with any batch, head and row strides and a unit last one (a ViT's qkv views
+    are read in place); ``landmarks`` and ``shared_v`` ``[G, m, d]`` (``None`` without the shared expert) and
+    ``topk_idx`` ``[G, m, topk]`` contiguous; ``lay`` from ``_expert_tiles`` over ``E = N r`` entries; ``o``
+    (any float dtype, any strides with a unit last one) and ``lse`` (float32, contiguous) are written for
+    every entry.
     """
-    G, N, D = q.shape
+    B, H, N, D = q.shape
+    G = B * H
     M, topk = topk_idx.shape[1], topk_idx.shape[2]
-    E = o.shape[1]
+    E = o.shape[2]
     S, T = lay["num_tiles"], lay["tile"]
     block_m, block_k = _block(T, D, q.element_size()), _block(topk, D, q.element_size())
     block_r = _block(M, D, q.element_size())
@@ -282,6 +307,7 @@ def routed_forward(q, k, v, landmarks, shared_v, topk_idx, lay, r, scale, scale_
     _routed_fwd_kernel[(G * S * num_mb,)](
         q, k, v, landmarks if shared else q, shared_v if shared else q, topk_idx,
         lay["slot_token"], lay["slot_source"], lay["tile_expert"], lay["tile_count"], o, lse,
+        H, *_bhn(q), *_bhn(k), *_bhn(v), *_bhn(o),
         N, E, M, topk, T, S, num_mb, r, scale, scale_shared,
         D=D, BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_r, SHARED=shared,
         PRECISION=_precision(q.dtype, allow_tf32), SPREC=_score_precision(q.dtype, allow_tf32),
@@ -293,10 +319,12 @@ def routed_backward(q, k, v, landmarks, shared_v, do, lse, delta, topk_idx, lay,
                     dq, dk, dv, allow_tf32=False):
     """Gradients given the final ``lse`` and ``delta = rowsum(dO * O)`` per token ``[G, N]``.
 
-    Writes ``dq [G, E, d]`` per entry (routed and shared parts) and, with ``topk > 0``, adds the routed
-    ``dk, dv`` into the zero-initialised float32 ``[G, N, d]`` buffers.
+    ``q, k, v, do`` ``[B, H, N, d]``, any strides with a unit last one. Writes ``dq [G, E, d]`` per entry
+    (routed and shared parts) and, with ``topk > 0``, adds the routed ``dk, dv`` into the zero-initialised
+    float32 ``[G, N, d]`` buffers.
     """
-    G, N, D = q.shape
+    B, H, N, D = q.shape
+    G = B * H
     M, topk = topk_idx.shape[1], topk_idx.shape[2]
     E = dq.shape[1]
     S, T = lay["num_tiles"], lay["tile"]
@@ -309,6 +337,7 @@ def routed_backward(q, k, v, landmarks, shared_v, do, lse, delta, topk_idx, lay,
     _routed_bwd_dq_kernel[(G * S * num_mb,)](
         q, k, v, landmarks if shared else q, shared_v if shared else q, do, lse, delta, topk_idx,
         lay["slot_token"], lay["slot_source"], lay["tile_expert"], lay["tile_count"], dq,
+        H, *_bhn(q), *_bhn(k), *_bhn(v), *_bhn(do),
         N, E, M, topk, T, S, num_mb, r, scale, scale_shared,
         D=D, BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_r, SHARED=shared, PRECISION=precision, SPREC=sprec,
         num_warps=4, num_stages=2,
@@ -319,6 +348,7 @@ def routed_backward(q, k, v, landmarks, shared_v, do, lse, delta, topk_idx, lay,
     _routed_bwd_dkdv_kernel[(G * S * num_kb,)](
         q, k, v, do, lse, delta, topk_idx, lay["slot_token"], lay["slot_source"], lay["tile_expert"],
         lay["tile_count"], dk, dv,
+        H, *_bhn(q), *_bhn(k), *_bhn(v), *_bhn(do),
         N, E, M, topk, T, S, num_kb, scale,
         D=D, BLOCK_M=block_m, BLOCK_K=block_k, PRECISION=precision, SPREC=sprec,
         num_warps=4, num_stages=2,
@@ -326,8 +356,10 @@ def routed_backward(q, k, v, landmarks, shared_v, do, lse, delta, topk_idx, lay,
 
 
 def shared_backward(q, landmarks, shared_v, do, lse, delta, scale_shared, allow_tf32=False):
-    """Landmark-side gradients of the shared logits: ``dR [G, m, d]`` (``c dS^T Q``) and ``dVs = P^T dO``."""
-    G, N, D = q.shape
+    """Landmark-side gradients of the shared logits: ``dR [G, m, d]`` (``c dS^T Q``) and ``dVs = P^T dO``;
+    ``q, do`` ``[B, H, N, d]``, any strides with a unit last one."""
+    B, H, N, D = q.shape
+    G = B * H
     M = landmarks.shape[1]
     block_m, block_r = _block(N, D, q.element_size()), _block(M, D, q.element_size())
     num_rb = triton.cdiv(M, block_r)
@@ -339,6 +371,7 @@ def shared_backward(q, landmarks, shared_v, do, lse, delta, scale_shared, allow_
     dvs = q.new_empty((G, num_ch, M, D), dtype=torch.float32)
     _shared_bwd_kernel[(G * num_rb * num_ch,)](
         q, landmarks, shared_v, do, lse, delta, dr, dvs,
+        H, *_bhn(q), *_bhn(do),
         N, M, num_rb, num_ch, chunk, scale_shared,
         D=D, BLOCK_M=block_m, BLOCK_R=block_r,
         PRECISION=_precision(q.dtype, allow_tf32), SPREC=_score_precision(q.dtype, allow_tf32),

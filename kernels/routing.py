@@ -2,8 +2,9 @@
 
 One program per (batch-head g, block of queries) loads its queries once, streams the landmarks in blocks,
 and keeps the best (and, for ``r = 2``, second best) landmark per query in registers. Ties go to the
-lower landmark index, as ``torch.argmax``. Layouts: ``q`` ``[G, N, d]``, ``landmarks`` ``[G, m, d]``
-(contiguous), ``expert_idx`` int64 ``[G, N, r]``.
+lower landmark index, as ``torch.argmax``. Layouts: ``q`` ``[B, H, N, d]`` with any batch, head and row
+strides and a unit last one (read in place), ``landmarks`` ``[G, m, d]`` (contiguous), ``expert_idx`` int64
+``[G, N, r]``.
 """
 import torch
 import triton
@@ -12,7 +13,7 @@ import triton.language as tl
 
 @triton.jit
 def _route_kernel(
-    Q, R, OUT, N, M, NUM_NB,
+    Q, R, OUT, H, sqb, sqh, sqn, N, M, NUM_NB,
     D: tl.constexpr, R_SLOTS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
@@ -22,7 +23,9 @@ def _route_kernel(
     offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D)
     n_ok = offs_n < N
-    q = tl.load(Q + (g * N + offs_n)[:, None] * D + offs_d[None, :], mask=n_ok[:, None], other=0.0)
+    b, h = g // H, g % H
+    q = tl.load(Q + b * sqb + h * sqh + offs_n.to(tl.int64)[:, None] * sqn + offs_d[None, :],
+                mask=n_ok[:, None], other=0.0)
 
     best_v = tl.full([BLOCK_N], float("-inf"), tl.float32)
     best_i = tl.zeros([BLOCK_N], tl.int32)
@@ -72,14 +75,14 @@ def route_queries(q: torch.Tensor, landmarks: torch.Tensor, router_topk: int) ->
     B, H, N, d = q.shape
     m = landmarks.shape[2]
     G = B * H
-    qf = q.reshape(G, N, d).contiguous()
+    qf = q if q.stride(-1) == 1 else q.contiguous()  # read by its strides: no copy of a ViT's q view
     rf = landmarks.reshape(G, m, d).contiguous()
     out = torch.empty(B, H, N, router_topk, dtype=torch.long, device=q.device)
     block_n = 64 if d <= 64 else 32
     block_r = max(16, min(64, triton.next_power_of_2(m)))
     num_nb = triton.cdiv(N, block_n)
     _route_kernel[(G * num_nb,)](
-        qf, rf, out, N, m, num_nb,
+        qf, rf, out, H, qf.stride(0), qf.stride(1), qf.stride(2), N, m, num_nb,
         D=d, R_SLOTS=router_topk, BLOCK_N=block_n, BLOCK_R=block_r,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4,
     )

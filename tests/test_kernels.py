@@ -112,6 +112,32 @@ def test_non_contiguous_inputs():
     _compare(2, 2, 17, 32, 3, 4, 2, True, "official", transform=strided)
 
 
+@pytest.mark.parametrize("topk,r,shared", [(4, 1, True), (4, 2, True), (5, 2, False), (0, 1, True)])
+def test_reads_a_vits_interleaved_qkv_views_in_place(topk, r, shared):
+    """q, k, v as views of one [B, N, 3, H, d] projection (batch 2, so the batch and head strides both matter)
+    and a token-major output gradient, as a ViT's projection passes it back: the kernels read them by their
+    strides without copying; values and gradients against the float64 reference on the same routing."""
+    B, H, N, d, m = 2, 2, 23, 32, 4
+    g = torch.Generator().manual_seed(11 + topk + r)
+    qkv = torch.randn(B, N, 3, H, d, generator=g, dtype=torch.float64)
+    landmarks = qkv[:, 1:1 + m, 0].transpose(1, 2).contiguous()  # [B, H, m, d]
+    kw = dict(router_topk=r, shared=shared, shared_scale="official")
+    ref_qkv, ref_lm = qkv.clone().requires_grad_(), landmarks.clone().requires_grad_()
+    ref, routing = mita_attention(*ref_qkv.permute(2, 0, 3, 1, 4), ref_lm, topk, impl="reference",
+                                  return_routing=True, **kw)
+    x, lm = qkv.float().to(DEVICE).requires_grad_(), landmarks.float().to(DEVICE).requires_grad_()
+    q, k, v = x.permute(2, 0, 3, 1, 4)  # [B, H, N, d] each, strided
+    assert not q.is_contiguous() and q.stride(1) == d and q.stride(2) == 3 * H * d
+    out = mita_attention(q, k, v, lm, topk, impl="triton", routing=routing, **kw)
+    assert out.transpose(1, 2).is_contiguous() and rel_err(out, ref) <= 1e-5
+    grad = torch.randn(B, N, H, d, generator=g, dtype=torch.float64)  # the projection's layout
+    ref.backward(grad.transpose(1, 2))
+    out.backward(grad.float().to(DEVICE).transpose(1, 2))
+    assert rel_err(x.grad, ref_qkv.grad) <= 1e-5
+    if shared:
+        assert rel_err(lm.grad, ref_lm.grad) <= 1e-5
+
+
 def test_empty_experts_and_duplicate_keys():
     # all queries on expert 0 (other experts empty); experts 0 and 1 share keys, r = 2 picks both
     B, H, N, d, m, topk = 1, 2, 17, 32, 5, 4
@@ -301,6 +327,9 @@ def test_routing_kernel_matches_torch_topk(r, N, m, d):
     got = kernels.route_queries(q, landmarks, r)
     assert got.shape == (2, 2, N, r) and got.dtype == torch.long
     assert torch.equal(got, (q @ landmarks.transpose(-1, -2)).topk(r, dim=-1).indices)
+    # the same queries as a strided view ([B, N, H, d] memory, as a ViT's q): read in place, same routing
+    strided = q.transpose(1, 2).contiguous().transpose(1, 2)
+    assert not strided.is_contiguous() and torch.equal(kernels.route_queries(strided, landmarks, r), got)
 
 
 @pytest.mark.parametrize("r,pool", [(1, "grid"), (2, "grid"), (1, "official")])
