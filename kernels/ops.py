@@ -24,6 +24,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..functional import _expert_tiles
 from .routed import routed_backward, routed_forward, shared_backward
+from .small_ops import _unit_last_stride  # the kernels take any batch, head and row strides, a unit last one
 
 # Backends for the shared values, in order of preference (flash takes fp16/bf16, the rest any dtype).
 _SHARED_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION,
@@ -37,11 +38,6 @@ def _buffer(shape, device, dtype=torch.float32) -> torch.Tensor:
     if _POISON:
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
     return torch.empty(shape, dtype=dtype, device=device)
-
-
-def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
-    """The kernels take any batch, head and row strides but need a unit last one."""
-    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 def _token_major(out: torch.Tensor) -> torch.Tensor:
@@ -102,7 +98,7 @@ def _backward(grad_out, q, k, v, landmarks, shared_v, topk_idx, expert_idx, out,
     # recomputing the layout costs a few small launches and saves keeping it alive between passes
     lay = _expert_tiles(expert_idx.reshape(G, N * r).long(), m, N, r)
     do = _unit_last_stride(grad_out.to(q.dtype))  # [B, H, N, d], any strides
-    delta = (do.float() * out.float()).sum(-1).reshape(G, N)  # [G, N]
+    delta = (do.float() * out.float()).sum(-1).reshape(G, N).contiguous()  # [G, N], as the kernels index it
 
     dq_e = _buffer((G, N * r, d), q.device)  # [G, N r, d]
     # routed dk, dv are accumulated in place by the kernel (one atomic add per tile and key)
