@@ -70,7 +70,9 @@ def load_summaries(paths: Sequence[str]) -> Tuple[Dict[str, Dict[str, Any]], Lis
         setup = summary.get("setup") or {}
         sources.append({"path": path, "plan": setup.get("plan"), "shard": setup.get("shard"),
                         "fit": summary.get("fit"), "elapsed_s": summary.get("elapsed_s"),
-                        "probes": summary.get("probes") or {}})
+                        # each probe's speed and peak memory only (the summaries hold their whole records)
+                        "probes": {name: {key: (probe or {}).get(key) for key in ("peak_mem_gib", "train_images_per_s")}
+                                   for name, probe in (summary.get("probes") or {}).items()}})
         for name, entry in summary["runs"].items():
             row = {"name": name, "group": GROUP_OF.get(name), "source": path, "plan": setup.get("plan"),
                    **{key: entry.get(key) for key in FIELDS}}
