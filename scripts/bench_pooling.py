@@ -1,7 +1,7 @@
 """Landmark pooling of a strided q: pooled as a view (what the layer does) against pooled after a copy.
 
     python3 scripts/bench_pooling.py --out $OUT          # GPU: the 197- and 3,137-token shapes, ~20 s
-    python3 scripts/bench_pooling.py --cpu-smoke --out /tmp/pool   # tiny CPU run of the whole script (tests)
+    python3 scripts/bench_pooling.py --cpu-smoke --out pool_smoke   # tiny CPU run of the whole script (tests)
 
 A ViT layer's q is a strided view of its qkv projection ([B, N, 3, H, d] permuted to [B, H, N, d]).
 ``mita.attention._pooling.pool_patch_queries`` pools it as a view, heads as channels, so that the pooling keeps
