@@ -10,6 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .routed import _bhn
+
 
 @triton.jit
 def _route_kernel(
@@ -82,7 +84,7 @@ def route_queries(q: torch.Tensor, landmarks: torch.Tensor, router_topk: int) ->
     block_r = max(16, min(64, triton.next_power_of_2(m)))
     num_nb = triton.cdiv(N, block_n)
     _route_kernel[(G * num_nb,)](
-        qf, rf, out, H, qf.stride(0), qf.stride(1), qf.stride(2), N, m, num_nb,
+        qf, rf, out, H, *_bhn(qf), N, m, num_nb,
         D=d, R_SLOTS=router_topk, BLOCK_N=block_n, BLOCK_R=block_r,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4,
     )

@@ -127,6 +127,17 @@ def _mean(values: Sequence[float]) -> Optional[float]:
     return sum(values) / len(values) if values else None
 
 
+def _planned_seeds(name: str) -> List[str]:
+    """The plan's run names of a main-table attention's seeds (``NAME_s0``, ``NAME_s1``, ...)."""
+    return sorted(r.name for g in ("main1", "main2") for r in plan_mod.GROUPS[g]
+                  if r.name.startswith(name + "_s") and r.name[len(name) + 2:].isdigit())
+
+
+def _ok_top1(row: Optional[Dict[str, Any]]) -> Optional[float]:
+    """A run's top-1 if it is ok and has one, else None."""
+    return float(row["top1"]) if row and row["status"] == "ok" and row.get("top1") is not None else None
+
+
 def main_table(rows: Dict[str, Dict[str, Any]]) -> str:
     """Per attention of the plan's main table: its seeds' runs merged; a run not ok is named, never averaged."""
     lines = ["# Main table", "",
@@ -136,13 +147,12 @@ def main_table(rows: Dict[str, Dict[str, Any]]) -> str:
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     missing = []
     for name, _, _ in plan_mod.MAIN:
-        planned = sorted(r.name for g in ("main1", "main2") for r in plan_mod.GROUPS[g]
-                         if r.name.startswith(name + "_s") and r.name[len(name) + 2:].isdigit())
+        planned = _planned_seeds(name)
         found = [rows[n] for n in planned if n in rows]
         missing += [n for n in planned if n not in rows]
         if not found:
             continue
-        ok = sorted((r for r in found if r["status"] == "ok" and r.get("top1") is not None),
+        ok = sorted((r for r in found if _ok_top1(r) is not None),
                     key=lambda r: r["seed"])
         sweep_runs = [{"row": name, "col": "top1", "value": float(r["top1"])} for r in ok]
         top1 = "no ok run"
@@ -174,7 +184,7 @@ def _single_table(title: str, header: str, spec: Sequence[Tuple[str, str]],
         if row is None:
             missing.append(name)
             continue
-        top1 = f"{row['top1']:.2f}" if row["status"] == "ok" and row.get("top1") is not None else _status(row)
+        top1 = f"{_ok_top1(row):.2f}" if _ok_top1(row) is not None else _status(row)
         lines.append(f"| {label} | `{name}` | {top1} | {row.get('card') or '—'} | {_wall(row)} | {row['source']} |")
     return lines + _missing_line(missing)
 
@@ -386,20 +396,9 @@ def _pyplot():
     return plt
 
 
-def _ok_top1(row: Optional[Dict[str, Any]]) -> Optional[float]:
-    return float(row["top1"]) if row and row["status"] == "ok" and row.get("top1") is not None else None
-
-
 def _seed_top1(rows: Dict[str, Dict[str, Any]], name: str) -> List[Tuple[Dict[str, Any], float]]:
     """The ok seeds of a main-table attention as (row, top-1), as main_table finds them."""
-    found = []
-    for group in ("main1", "main2"):
-        for run in plan_mod.GROUPS[group]:
-            if run.name.startswith(name + "_s") and run.name[len(name) + 2:].isdigit():
-                top1 = _ok_top1(rows.get(run.name))
-                if top1 is not None:
-                    found.append((rows[run.name], top1))
-    return found
+    return [(rows[n], top1) for n in _planned_seeds(name) if (top1 := _ok_top1(rows.get(n))) is not None]
 
 
 def load_bench(path: str) -> Tuple[Dict[str, float], str]:
@@ -412,11 +411,6 @@ def load_bench(path: str) -> Tuple[Dict[str, float], str]:
               if row.get("train_images_per_s") is not None}
     cards = sorted({str(row.get("card")) for row in bench["rows"] if row.get("card")})
     return speeds, ", ".join(cards) or "unknown card"
-
-
-def _mean_std(values: Sequence[float]) -> Tuple[float, float]:
-    mean = sum(values) / len(values)
-    return mean, (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
 
 
 def main_points(rows: Dict[str, Dict[str, Any]], bench: Optional[Tuple[Dict[str, float], str]] = None
@@ -433,7 +427,7 @@ def main_points(rows: Dict[str, Dict[str, Any]], bench: Optional[Tuple[Dict[str,
             speeds = [r["train_images_per_s"] for r, _ in found if r.get("train_images_per_s") is not None]
         if found and speeds:
             values = [v for _, v in found]
-            points.append((MAIN_LABELS[name], sum(speeds) / len(speeds), values, *_mean_std(values)))
+            points.append((MAIN_LABELS[name], sum(speeds) / len(speeds), values, *collect_sweep.mean_std(values)))
     return points
 
 
@@ -475,7 +469,7 @@ def ablation_bars(rows: Dict[str, Dict[str, Any]]
     if bars and centre is not None:
         bars.insert(0, ("MiTA (both experts, top-1, 2-D pool; seed 0)", centre))
     seeds = [v for _, v in _seed_top1(rows, "mita")]
-    return bars, (*_mean_std(seeds), len(seeds)) if len(seeds) > 1 else None
+    return bars, (*collect_sweep.mean_std(seeds), len(seeds)) if len(seeds) > 1 else None
 
 
 def ablation_figure(rows: Dict[str, Dict[str, Any]], path: str) -> Optional[str]:

@@ -87,6 +87,12 @@ def _sort_key(value: Any) -> Tuple[int, Any]:
     return (0, value) if isinstance(value, (int, float)) else (1, str(value))
 
 
+def mean_std(values: Sequence[float]) -> Tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    mean = sum(values) / len(values)
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+
+
 def aggregate(runs: Sequence[Dict[str, Any]]):
     """(row values, column values, {(row, col): (mean, std, count)})."""
     cells: Dict[Tuple[Any, Any], List[float]] = defaultdict(list)
@@ -96,9 +102,7 @@ def aggregate(runs: Sequence[Dict[str, Any]]):
     col_values = sorted({c for _, c in cells}, key=_sort_key)
     stats = {}
     for key, values in cells.items():
-        mean = sum(values) / len(values)
-        std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
-        stats[key] = (mean, std, len(values))
+        stats[key] = (*mean_std(values), len(values))
     return row_values, col_values, stats
 
 

@@ -22,11 +22,16 @@ REAL_GROUPS = [name for name in plan.GROUPS if not name.startswith("smoke")]
 TRAIN_RUNS = [(g, r) for g in REAL_GROUPS for r in plan.GROUPS[g] if r.kind in ("train", "fit", "finetune")]
 
 
-@pytest.mark.parametrize("group,run", TRAIN_RUNS, ids=[f"{g}-{r.name}" for g, r in TRAIN_RUNS])
-def test_every_planned_run_composes(group, run, tmp_path):
+def _compose_run(run, tmp_path, *extra):
+    """train.py's config of a planned run, as the driver composes it (run folder and data root in tmp_path)."""
     spec = {"overrides": run.overrides, "seed": run.seed, "epochs": run.epochs, "run_dir": str(tmp_path),
             "data_root": str(tmp_path)}
-    cfg = compose("train", reproduce_fmnist.run_overrides(spec))
+    return compose("train", [*reproduce_fmnist.run_overrides(spec), *extra])
+
+
+@pytest.mark.parametrize("group,run", TRAIN_RUNS, ids=[f"{g}-{r.name}" for g, r in TRAIN_RUNS])
+def test_every_planned_run_composes(group, run, tmp_path):
+    cfg = _compose_run(run, tmp_path)
     assert cfg.trainer.epochs == run.epochs and cfg.seed == run.seed and cfg.data.root == str(tmp_path)
     assert cfg.attention.name in ("standard", "agent", "moba", "topk", "linear", "mita")
     if run.kind == "fit":
@@ -45,9 +50,7 @@ def test_every_planned_model_trains_and_goes_through_the_evaluation(group, run, 
 
     from mita.utils.flops import count_flops
 
-    spec = {"overrides": run.overrides, "seed": run.seed, "epochs": run.epochs, "run_dir": str(tmp_path),
-            "data_root": str(tmp_path)}
-    cfg = compose("train", [*reproduce_fmnist.run_overrides(spec), "++model.kwargs.depth=1"])
+    cfg = _compose_run(run, tmp_path, "++model.kwargs.depth=1")
     model = build_model_from_config(cfg.model, cfg.attention, load_pretrained=False)
     size = int(cfg.data.img_size)
     x = torch.randn(2, int(cfg.model.in_chans), size, size)  # [B, C, H, W]
