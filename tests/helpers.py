@@ -21,7 +21,7 @@ def saved_storages(fn, *args, exclude=()):
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """Relative error ||a - b|| / ||b|| in float64; infinite when either side holds NaN or inf."""
-    a64, b64 = a.detach().double(), b.detach().double()
+    a64, b64 = a.detach().double().to(b.device), b.detach().double()
     if not (torch.isfinite(a64).all() and torch.isfinite(b64).all()):
         return float("inf")
     denom = b64.norm().item()

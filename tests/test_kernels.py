@@ -125,6 +125,7 @@ def test_reads_a_vits_interleaved_qkv_views_in_place(topk, r, shared):
     ref_qkv, ref_lm = qkv.clone().requires_grad_(), landmarks.clone().requires_grad_()
     ref, routing = mita_attention(*ref_qkv.permute(2, 0, 3, 1, 4), ref_lm, topk, impl="reference",
                                   return_routing=True, **kw)
+    routing = tuple(t.to(DEVICE) for t in routing)
     x, lm = qkv.float().to(DEVICE).requires_grad_(), landmarks.float().to(DEVICE).requires_grad_()
     q, k, v = x.permute(2, 0, 3, 1, 4)  # [B, H, N, d] each, strided
     assert not q.is_contiguous() and q.stride(1) == d and q.stride(2) == 3 * H * d
@@ -296,8 +297,11 @@ def test_activation_checkpointing_recomputes_the_same_routing():
     out, grads = _run(f, inputs)
     out_ck, grads_ck = _run(lambda *x: torch.utils.checkpoint.checkpoint(f, *x, use_reentrant=False), inputs)
     assert torch.equal(out, out_ck)
+    # on a GPU the routed backward sums dk and dv with atomic adds, whose order varies between passes: two
+    # backward passes agree to float32 rounding, not bitwise. A recomputed routing that differed (another
+    # key or expert for some query) would move the gradients by orders of magnitude more.
     for a, b in zip(grads, grads_ck):
-        assert torch.equal(a, b)
+        assert rel_err(a, b) <= 1e-6
 
 
 @pytest.mark.gpu
