@@ -80,16 +80,19 @@ TRAIN_IMAGES = 60000
 VAL_IMAGES = 10000
 #: training images/s on one H100 (the slowest measured; unmeasured attentions at MiTA's)
 SPEED = {"standard": 5000.0, "standard_dwc": 4700.0, "linear": 5000.0, "agent": 4200.0, "mita": 2400.0,
-         "mita_dwc": 2300.0, "mita_dwc_gate": 2200.0, "moba": 2400.0, "topk": 2400.0}
+         "mita_dwc": 2300.0, "mita_dwc_gate": 2200.0, "moba": 2400.0, "topk": 2400.0, "mita_tome": 2100.0}
 #: training images/s of one run alone on one H200 (the single-GPU plan, :func:`single_gpu_calls`): train.py's own
 #: loop where a run measured it, else scaled from a measured attention by scripts/bench_models.py's training
 #: speeds on the same card (results/issue7_bench/models_h200_rounds.json). Measured: MiTA 2,701 images/s alone
 #: (results/issue7_h200_1201b, second epoch); MiTA + DWC + Gate 2,600 alone (median epoch of 1201e and 1201f,
 #: 404 s and 392 s for 16 epochs); Agent 3,770 and standard + DWC 3,350 beside each other (1201d), times
 #: SLOWDOWN[2]; linear 2,530 beside standard (1201a). MiTA + DWC trains as fast as + Gate in the benchmark
-#: (2,800 images/s each), so it takes that figure. Estimates for scheduling, not results.
+#: (2,800 images/s each), so it takes that figure. MiTA with token-merging landmarks (``mita_tome``) trained
+#: 31.2 s an epoch beside another MiTA run where the conv extractor took 27.1 (results/issue7_h200_1202r and
+#: 1202q): 0.87x MiTA's speed, on both cards. Estimates for scheduling, not results.
 SPEED_H200 = {"mita": 2700.0, "mita_dwc": 2600.0, "mita_dwc_gate": 2600.0, "standard": 4850.0,
-              "standard_dwc": 4200.0, "agent": 4700.0, "moba": 4100.0, "topk": 3400.0, "linear": 3100.0}
+              "standard_dwc": 4200.0, "agent": 4700.0, "moba": 4100.0, "topk": 3400.0, "linear": 3100.0,
+              "mita_tome": 2350.0}
 VAL_SPEED = 6000.0
 #: 8 runs share one host (CPU, PCIe): this much slower than alone
 CROWDING = 1.1
@@ -192,7 +195,8 @@ def _groups() -> Dict[str, List[Run]]:
         + [Run("route_only", ["attention=mita_route_only"]),
            Run("compress_only", ["attention=mita_compress_only"])],
         "ablations": [Run("top2", ["attention=mita_top2"])]
-        + [Run(f"pool_{p}", ["attention=mita", f"attention.pool={p}", f"attention.tag=mita_{p}"]) for p in POOLS]
+        + [Run(f"pool_{p}", ["attention=mita", f"attention.pool={p}", f"attention.tag=mita_{p}"],
+               speed_key="mita_tome" if p == "tome" else "mita") for p in POOLS]
         + [_mk(*mk_points[0])],
         "mk1": [_mk(*p) for p in mk_points[1:9]],
         "mk2": [_mk(*p) for p in mk_points[9:]],

@@ -347,6 +347,13 @@ def test_h200_estimates():
     assert run.estimate("h200") < run.estimate("h100")  # measured faster on the H200 than the H100's slowest
     with pytest.raises(ValueError, match="card"):
         run.estimate("a100")
+    # token-merging landmarks train slower than the other extractors (measured beside another run): the
+    # single-GPU plan gives pool_tome a call of its own rather than a pair that would overrun the budget
+    pools = {r.name: r for r in plan.GROUPS["ablations"] if r.name.startswith("pool_")}
+    for card in ("h100", "h200"):
+        assert pools["pool_tome"].estimate(card) > pools["pool_conv"].estimate(card)
+    calls = [c for _, cs in plan.single_gpu_calls() for c in cs]
+    assert [len(c.runs) for c in calls if "pool_tome" in {r.name for r in c.runs}] == [1]
 
 
 def test_single_gpu_sessions_fit_the_device_time():
