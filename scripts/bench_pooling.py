@@ -7,6 +7,9 @@ A ViT layer's q is a strided view of its qkv projection ([B, N, 3, H, d] permute
 ``mita.attention._pooling.pool_patch_queries`` pools it as a view, heads as channels, so that the pooling keeps
 no [B, N, C] copy for its backward. Before that change the pooling reshaped the strided q, which copied it; the
 ``copy`` method here reproduces that (``q.contiguous()`` inside the timed region, then the head-as-batch pooling).
+``matmul`` is a candidate replacement: adaptive average pooling is a fixed linear map over the patches, so the
+pooled cells are ``P @ q`` with ``P`` the ``[m, h*w]`` matrix of the pooling windows' weights (built once per
+shape, outside the timed region, as a layer would cache it) and q viewed as ``[B, h*w, H*d]``, no copy.
 
 Per shape, both methods first go through a correctness gate against a float64 pooling of the same inputs
 (output and the gradient to the qkv projection, relative error <= --tol), then are timed: CUDA events around
@@ -33,7 +36,7 @@ from mita.attention._pooling import pool_patch_queries  # noqa: E402
 SHAPES = [("n197-m25", 256, 1, 14, 14, 3, 64, (5, 5)), ("n3137-m25", 64, 1, 56, 56, 3, 64, (5, 5)),
           ("n3137-m100", 64, 1, 56, 56, 3, 64, (10, 10))]
 SMOKE_SHAPES = [("smoke-6x5", 2, 1, 6, 5, 2, 8, (2, 3))]
-METHODS = ("view", "copy")
+METHODS = ("view", "copy", "matmul")
 
 
 def _q_of(qkv: torch.Tensor) -> torch.Tensor:
@@ -41,8 +44,30 @@ def _q_of(qkv: torch.Tensor) -> torch.Tensor:
     return qkv.permute(2, 0, 3, 1, 4)[0]
 
 
+def pool_matrix(h: int, w: int, grid, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``[ph*pw, h*w]``: row ``i*pw + j`` averages adaptive_avg_pool2d's window ``(i, j)`` of the raster grid."""
+    def axis(n: int, out: int) -> torch.Tensor:
+        m = torch.zeros(out, n, dtype=torch.float64)
+        for i in range(out):  # adaptive pooling's window: [floor(i n / out), ceil((i + 1) n / out))
+            lo, hi = (i * n) // out, -((-(i + 1) * n) // out)
+            m[i, lo:hi] = 1.0 / (hi - lo)
+        return m
+    rows, cols = axis(h, int(grid[0])), axis(w, int(grid[1]))
+    return torch.einsum("ir,jc->ijrc", rows, cols).reshape(rows.shape[0] * cols.shape[0], h * w).to(device, dtype)
+
+
+_MATRICES: Dict[Any, torch.Tensor] = {}
+
+
 def pool(method: str, qkv: torch.Tensor, p: int, h: int, w: int, grid) -> torch.Tensor:
     q = _q_of(qkv)
+    if method == "matmul":
+        key = (h, w, tuple(grid), q.dtype, q.device)
+        if key not in _MATRICES:
+            _MATRICES[key] = pool_matrix(h, w, grid, q.dtype, q.device)
+        B, H, _, d = q.shape
+        patches = q.transpose(1, 2)[:, p:].reshape(B, h * w, H * d)  # a view of the projection: [B, h*w, H*d]
+        return (_MATRICES[key] @ patches).reshape(B, -1, H, d).transpose(1, 2).contiguous()  # [B, H, m, d]
     if method == "copy":
         q = q.contiguous()
     elif method != "view":

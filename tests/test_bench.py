@@ -242,13 +242,29 @@ def test_bench_pooling_cpu_smoke(tmp_path, capsys):
     bench = _load_script("bench_pooling")
     assert bench.main(["--cpu-smoke", "--out", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "pooling.json").read_text())["rows"]
-    assert [r["method"] for r in rows] == ["view", "copy"] and all(r["ok"] and r["ms"] > 0 for r in rows)
-    assert rows[0]["vs_view"] == 1.0 and "| smoke-6x5 | copy |" in capsys.readouterr().out
-    # the two methods pool the same values (the copy only changes the memory q is read from)
+    assert [r["method"] for r in rows] == ["view", "copy", "matmul"] and all(r["ok"] and r["ms"] > 0 for r in rows)
+    out = capsys.readouterr().out
+    assert rows[0]["vs_view"] == 1.0 and "| smoke-6x5 | copy |" in out and "| smoke-6x5 | matmul |" in out
+    # the view and the copy pool the same values (the copy only changes the memory q is read from)
     qkv = torch.randn(2, 31, 3, 2, 8, dtype=torch.float64)
     assert torch.equal(bench.pool("view", qkv, 1, 6, 5, (2, 3)), bench.pool("copy", qkv, 1, 6, 5, (2, 3)))
     with pytest.raises(ValueError, match="method must be one of"):
         bench.pool("nope", qkv, 1, 6, 5, (2, 3))
+
+
+@pytest.mark.parametrize("p,h,w,grid", [(1, 6, 5, (2, 3)), (1, 14, 14, (5, 5)), (0, 7, 5, (3, 2)), (2, 3, 4, (3, 4)),
+                                        (1, 5, 9, (1, 1))])
+def test_bench_pooling_matmul_is_adaptive_avg_pool(p, h, w, grid):
+    """The pooling matrix reproduces adaptive_avg_pool2d's windows (overlapping ones included), values and grads."""
+    bench = _load_script("bench_pooling")
+    qkv = torch.randn(2, p + h * w, 3, 2, 8, dtype=torch.float64)
+    a, b = qkv.clone().requires_grad_(True), qkv.clone().requires_grad_(True)
+    ref, out = bench.pool("view", a, p, h, w, grid), bench.pool("matmul", b, p, h, w, grid)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(ref)
+    ref.backward(g)
+    out.backward(g)
+    torch.testing.assert_close(b.grad, a.grad, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("argv", [["--reps", "0"], ["--warmup", "-1"], ["--tol", "0"]])
