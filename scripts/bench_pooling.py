@@ -19,13 +19,15 @@ backward after a reset, beyond the inputs. Writes ``pooling.json`` to --out and 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
 import sys
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -44,30 +46,19 @@ def _q_of(qkv: torch.Tensor) -> torch.Tensor:
     return qkv.permute(2, 0, 3, 1, 4)[0]
 
 
-def pool_matrix(h: int, w: int, grid, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """``[ph*pw, h*w]``: row ``i*pw + j`` averages adaptive_avg_pool2d's window ``(i, j)`` of the raster grid."""
-    def axis(n: int, out: int) -> torch.Tensor:
-        m = torch.zeros(out, n, dtype=torch.float64)
-        for i in range(out):  # adaptive pooling's window: [floor(i n / out), ceil((i + 1) n / out))
-            lo, hi = (i * n) // out, -((-(i + 1) * n) // out)
-            m[i, lo:hi] = 1.0 / (hi - lo)
-        return m
-    rows, cols = axis(h, int(grid[0])), axis(w, int(grid[1]))
-    return torch.einsum("ir,jc->ijrc", rows, cols).reshape(rows.shape[0] * cols.shape[0], h * w).to(device, dtype)
-
-
-_MATRICES: Dict[Any, torch.Tensor] = {}
+@functools.lru_cache(maxsize=None)
+def pool_matrix(h: int, w: int, grid: Tuple[int, int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``[ph*pw, h*w]``: adaptive_avg_pool2d's weights, read off by pooling the identity (one patch per image)."""
+    eye = torch.eye(h * w, dtype=torch.float64).reshape(h * w, 1, h, w)
+    return F.adaptive_avg_pool2d(eye, grid).reshape(h * w, -1).t().to(device, dtype)
 
 
 def pool(method: str, qkv: torch.Tensor, p: int, h: int, w: int, grid) -> torch.Tensor:
     q = _q_of(qkv)
     if method == "matmul":
-        key = (h, w, tuple(grid), q.dtype, q.device)
-        if key not in _MATRICES:
-            _MATRICES[key] = pool_matrix(h, w, grid, q.dtype, q.device)
         B, H, _, d = q.shape
         patches = q.transpose(1, 2)[:, p:].reshape(B, h * w, H * d)  # a view of the projection: [B, h*w, H*d]
-        return (_MATRICES[key] @ patches).reshape(B, -1, H, d).transpose(1, 2).contiguous()  # [B, H, m, d]
+        return (pool_matrix(h, w, tuple(grid), q.dtype, q.device) @ patches).reshape(B, -1, H, d).transpose(1, 2).contiguous()  # [B, H, m, d]
     if method == "copy":
         q = q.contiguous()
     elif method != "view":
