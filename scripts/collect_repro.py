@@ -199,13 +199,14 @@ def ablation_tables(rows: Dict[str, Dict[str, Any]]) -> str:
 
 
 def mk_points() -> List[Tuple[str, int, int]]:
-    """(run name, m, k) of every point of the training grid, the main table's MiTA seed 0 included."""
+    """(run name, m, k) of every run of the training grid: the main table's MiTA seed 0 included, and the points
+    run again with seed 1 (the plan's ``MK_SEED1``) last, which collect_sweep averages with their seed 0."""
     points = [MK_CENTRE]
     for m in plan_mod.MK_VALUES:
         for k in plan_mod.MK_VALUES:
             if (m, k) != MK_CENTRE[1:]:
                 points.append((f"mk_m{m}_k{k}", m, k))
-    return points
+    return points + [(f"mk_m{m}_k{k}_s1", m, k) for m, k in plan_mod.MK_SEED1]
 
 
 def mk_runs(rows: Dict[str, Dict[str, Any]]) -> List[Dict[str, Any]]:

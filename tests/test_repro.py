@@ -94,10 +94,11 @@ def test_plan_groups_fit_one_call():
     # each call of the plan names existing groups, and every real group is in one call
     called = [g for calls, _ in plan.CALLS for g in calls.split(",")]
     assert sorted(called) == sorted(REAL_GROUPS)
-    # the main table: 9 attentions x 2 seeds; the m x k grid: 15 runs + main1's MiTA seed 0
+    # the main table: 9 attentions x 2 seeds; the m x k grid: 15 runs + main1's MiTA seed 0, and 36 x 36's seed 1
     main = [r for g in ("main1", "main2") for r in plan.GROUPS[g] if r.name.endswith(("_s0", "_s1"))]
     assert len(main) == 18
-    assert len([r for g in REAL_GROUPS for r in plan.GROUPS[g] if r.name.startswith("mk_m")]) == 15
+    assert len([r for g in REAL_GROUPS for r in plan.GROUPS[g] if r.name.startswith("mk_m")]) == 16
+    assert {(r.name, r.seed) for r in plan.GROUPS["mk2"] if r.seed} == {("mk_m36_k36_s1", 1)}
     exported = {r.name for g in ("main1", "main2") for r in plan.GROUPS[g] if r.export}
     assert exported == set(plan.EXPORT_RUNS) and set(plan.EXPORTS) == {"mita", "agent49", "standard"}
 
