@@ -243,3 +243,14 @@ def test_generalisation_absent(summaries, tmp_path):
     collect_repro.collect(summaries, str(out), png=False)
     text = (out / "generalisation.md").read_text()
     assert "86." not in text and "Not in any summary (left out): `mk_grid` (generalisation)" in text
+
+
+def test_mk_grid_averages_the_seed1_point(summaries, tmp_path):
+    # 36 x 36 with seed 1 (the plan's MK_SEED1) is averaged with its seed 0; its own row names its seed
+    seeds = _write(tmp_path / "mk2.json", "mk2", {"mk_m36_k36": _ok("mk_m36_k36", 0, 88.0),
+                                                  "mk_m36_k36_s1": _ok("mk_m36_k36_s1", 1, 87.0)})
+    out = tmp_path / "out"
+    collect_repro.collect([*summaries, seeds], str(out), png=False)
+    grid = _read(out, "mk_grid")
+    assert "mean ± std over up to 2 seeds" in grid and "87.50 ± 0.71" in _line(grid, "| 36 |")
+    assert "| mk_m36_k36_s1 | 36 | 36 | 1 |" in grid and "`mk_m36_k36_s1` | 36 | 36 | ok |" in grid
