@@ -205,8 +205,8 @@ def mk_points() -> List[Tuple[str, int, int]]:
     for m in plan_mod.MK_VALUES:
         for k in plan_mod.MK_VALUES:
             if (m, k) != MK_CENTRE[1:]:
-                points.append((f"mk_m{m}_k{k}", m, k))
-    return points + [(f"mk_m{m}_k{k}_s1", m, k) for m, k in plan_mod.MK_SEED1]
+                points.append((plan_mod.mk_name(m, k), m, k))
+    return points + [(plan_mod.mk_name(m, k, seed=1), m, k) for m, k in plan_mod.MK_SEED1]
 
 
 def mk_runs(rows: Dict[str, Dict[str, Any]]) -> List[Dict[str, Any]]:

@@ -185,9 +185,13 @@ def _main(name: str, seed: int) -> Run:
     return Run(f"{name}_s{seed}", list(row[0]), seed=seed, speed_key=row[1], export=f"{name}_s{seed}" in EXPORT_RUNS)
 
 
+def mk_name(m: int, k: int, seed: int = 0) -> str:
+    """The run name of m x k grid point (m, k): ``mk_m36_k36``, with ``_sN`` for a seed other than 0."""
+    return f"mk_m{m}_k{k}" + (f"_s{seed}" if seed else "")
+
+
 def _mk(m: int, k: int, seed: int = 0) -> Run:
-    suffix = f"_s{seed}" if seed else ""
-    return Run(f"mk_m{m}_k{k}{suffix}", ["attention=mita", f"attention.num_landmarks={m}", f"attention.topk={k}"],
+    return Run(mk_name(m, k, seed), ["attention=mita", f"attention.num_landmarks={m}", f"attention.topk={k}"],
                seed=seed)
 
 
