@@ -1,0 +1,260 @@
+"""Streamed exact top-k of the landmark-key scores: ``topk_idx[g, j] = top-k_i (R_j . K_i)`` without the
+``m x N`` score matrix.
+
+Two passes over the keys recompute the scores ``S = R K^T`` tile by tile (a block of ``BLOCK_M`` landmarks
+times a block of ``BLOCK_N`` keys, fp32 accumulation); neither writes them:
+
+1. group maxima (``_group_max_kernel``): the keys of a row are split into ``P`` interleaved groups
+   (key i in group ``i mod P``) and each program keeps the running elementwise maximum of its score tiles,
+   which is the maximum of each of its ``BLOCK_N`` groups. The k-th largest of the P group maxima, ``tau``,
+   is a lower bound of the k-th largest score (k distinct groups each hold a score >= tau), so at least k
+   scores are >= tau, and with ``P >= 4 k`` groups only a few more than k on unstructured data (interleaving
+   keeps monotone trends from piling the best keys into one group). The softmax statistics of ``s R K^T``
+   (row max, row sum of exp) come out of this pass when asked.
+2. collection (``_collect_kernel``): the same tiles again; every score ``>= tau`` is appended to its row's
+   candidate buffer (an atomic counter per row gives the slot) as one int64 key
+   ``(order-preserving int32 of the score) << 32 | (2^31 - 1 - i)``, so larger keys mean larger scores and,
+   among equal scores, lower indices: no two keys tie.
+
+A ``torch.topk`` over each row's candidates (a few more than k) then picks the k largest keys: exact with
+respect to the fp32 scores the kernel computes, ties broken by the lowest index. ``tau`` comes from one
+``torch.kthvalue`` over the ``[G, m, P]`` group maxima. Rows whose candidates overflow the buffer (only on
+adversarial inputs) are collected again with a buffer as large as the largest count, which costs one
+host sync for the check.
+
+Layouts (``G = B H``): keys ``[B, H, N, d]`` and landmarks ``[B, H, m, d]`` with any batch, head and row
+strides and a unit last one (read in place); program ids put the landmark block fastest, so the programs
+that share a key tile run together and read it from L2 once.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+HEAD_DIMS = (32, 64, 128)
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_LANDMARKS = 1024
+MAX_TOPK = 1024
+_LOW31 = 0x7FFFFFFF
+
+
+@triton.jit
+def _score_tile(r, Kg, skn, t, N, offs_d, BLOCK_N: tl.constexpr, PREC: tl.constexpr):
+    """Unscaled fp32 scores ``[BLOCK_M, BLOCK_N]`` of the landmark block ``r`` against key tile t, the
+    key indices and their validity. Both passes call this with the same shapes, so they compute the same
+    scores."""
+    keys = t * BLOCK_N + tl.arange(0, BLOCK_N)
+    k_ok = keys < N
+    kt = tl.load(Kg + keys.to(tl.int64)[:, None] * skn + offs_d[None, :], mask=k_ok[:, None], other=0.0)
+    s = tl.dot(r, tl.trans(kt), input_precision=PREC)  # [BLOCK_M, BLOCK_N]
+    return s, keys, k_ok
+
+
+@triton.jit
+def _landmark_block(R, g, H, srb, srh, srm, M, mb, offs_d, BLOCK_M: tl.constexpr):
+    rows = mb * BLOCK_M + tl.arange(0, BLOCK_M)
+    r_ok = rows < M
+    b, h = g // H, g % H
+    r = tl.load(R + b * srb + h * srh + rows.to(tl.int64)[:, None] * srm + offs_d[None, :],
+                mask=r_ok[:, None], other=0.0)  # [BLOCK_M, D]
+    return r, rows, r_ok
+
+
+@triton.jit
+def _group_max_kernel(
+    K, R, GMAX, ROW_MAX, ROW_SUM, H, skb, skh, skn, srb, srh, srm, N, M, N_TILES, CHUNKS, N_MB, scale,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr, STATS: tl.constexpr,
+):
+    """Program (g, chunk c, landmark block): the maxima of groups ``c BLOCK_N + [0, BLOCK_N)`` of its rows
+    over key tiles c, c + CHUNKS, ... -> ``GMAX [G, M, CHUNKS BLOCK_N]``; with STATS, the row max and sum
+    of ``exp(scale s - max)`` over those tiles -> ``ROW_MAX, ROW_SUM [G, M, CHUNKS]``."""
+    pid = tl.program_id(0)
+    mb = pid % N_MB
+    c = (pid // N_MB) % CHUNKS
+    g = (pid // (N_MB * CHUNKS)).to(tl.int64)
+    offs_d = tl.arange(0, D)
+    r, rows, r_ok = _landmark_block(R, g, H, srb, srh, srm, M, mb, offs_d, BLOCK_M)
+    Kg = K + (g // H) * skb + (g % H) * skh
+
+    gmax = tl.full([BLOCK_M, BLOCK_N], float("-inf"), tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    for t in range(c, N_TILES, CHUNKS):
+        s, keys, k_ok = _score_tile(r, Kg, skn, t, N, offs_d, BLOCK_N, PREC)
+        s = tl.where(k_ok[None, :], s, float("-inf"))
+        gmax = tl.maximum(gmax, s)
+        if STATS:
+            # online softmax statistics; every tile holds a valid key, so m_new is finite
+            z = s * scale
+            m_new = tl.maximum(m_i, tl.max(z, 1))
+            l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(z - m_new[:, None]), 1)
+            m_i = m_new
+
+    row_off = g * M + rows  # [BLOCK_M]
+    groups = c * BLOCK_N + tl.arange(0, BLOCK_N)
+    tl.store(GMAX + row_off.to(tl.int64)[:, None] * (CHUNKS * BLOCK_N) + groups[None, :], gmax,
+             mask=r_ok[:, None])
+    if STATS:
+        tl.store(ROW_MAX + row_off * CHUNKS + c, m_i, mask=r_ok)
+        tl.store(ROW_SUM + row_off * CHUNKS + c, l_i, mask=r_ok)
+
+
+@triton.jit
+def _collect_kernel(
+    K, R, TAU, CNT, BUF, H, skb, skh, skn, srb, srh, srm, N, M, N_TILES, CHUNKS, N_MB, CAP,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
+):
+    """Program (g, chunk c, landmark block): appends every score ``>= TAU[g, row]`` of key tiles
+    c, c + CHUNKS, ... to ``BUF [G, M, CAP]`` (int64 keys, slot from the atomic counter ``CNT [G, M]``;
+    slots past CAP are counted, not written)."""
+    pid = tl.program_id(0)
+    mb = pid % N_MB
+    c = (pid // N_MB) % CHUNKS
+    g = (pid // (N_MB * CHUNKS)).to(tl.int64)
+    offs_d = tl.arange(0, D)
+    r, rows, r_ok = _landmark_block(R, g, H, srb, srh, srm, M, mb, offs_d, BLOCK_M)
+    Kg = K + (g // H) * skb + (g % H) * skh
+    row_off = g * M + rows  # [BLOCK_M]
+    tau = tl.load(TAU + row_off, mask=r_ok, other=float("inf"))
+    buf_row = BUF + row_off.to(tl.int64)[:, None] * CAP
+
+    for t in range(c, N_TILES, CHUNKS):
+        s, keys, k_ok = _score_tile(r, Kg, skn, t, N, offs_d, BLOCK_N, PREC)
+        sel = (s >= tau[:, None]) & k_ok[None, :]
+        # most tiles hold no candidate once tau is close to the k-th score: one reduction, no stores
+        if tl.sum(sel.to(tl.int32)) > 0:
+            sel_i = sel.to(tl.int32)
+            n_row = tl.sum(sel_i, 1)  # [BLOCK_M]
+            # one atomic per row reserves the row's slots; the tile's candidates fill them in key order
+            base = tl.atomic_add(CNT + row_off, n_row, mask=n_row > 0, sem="relaxed")
+            slot = base[:, None] + tl.cumsum(sel_i, 1) - sel_i
+            # -0.0 + 0.0 = +0.0, so equal scores get equal keys
+            bits = (s + 0.0).to(tl.int32, bitcast=True)
+            # flipping the magnitude bits of negative floats makes int32 order equal float order
+            ordered = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+            key = (ordered.to(tl.int64) << 32) | (0x7FFFFFFF - keys).to(tl.int64)[None, :]
+            tl.store(buf_row + slot, key, mask=sel & (slot < CAP))
+
+
+def launch_config(N: int, m: int, d: int, G: int, topk: int, device: torch.device) -> dict:
+    """Blocks, warps and chunking of both passes (they must match: the passes recompute the same scores).
+
+    * ``block_m`` landmarks per program: m padded to a power of two >= 16 (``tl.dot``'s minimum), at most
+      128: K is read once per landmark block (``ceil(m / block_m) N d`` elements per head, shared in L2 by
+      the programs of one key tile, which run together), and the scores cost ``m N d`` multiply-adds.
+    * ``block_n = 64`` keys per tile; ``num_warps`` 4, 8 at ``block_m = 128``; ``num_stages = 3``.
+    * ``chunks`` programs along N (tile t goes to program ``t mod chunks``): enough for ``P = chunks
+      block_n >= 4 topk`` groups and for >= 4 programs per SM, at most one per tile.
+    * ``capacity`` candidate slots per row: ``2 topk + 128`` (random keys leave about ``1.1 topk``).
+
+    sm_90 (Triton 3.8, ptxas ``--gpu-name sm_90a``), d = 64, bf16, block_n = 64, num_stages = 3:
+
+    | block_m | warps | group-max pass (stats) | collect pass |
+    | --- | --- | --- | --- |
+    | 16 | 4 | 64 regs, 0 spills, 18 KiB smem (64 regs) | 72 regs, 0 spills, 18 KiB |
+    | 32 | 4 | 72 regs, 0 spills, 20 KiB (80 regs) | 88 regs, 0 spills, 20 KiB |
+    | 64 | 4 | 96 regs, 0 spills, 24 KiB (112 regs) | 128 regs, 0 spills, 24 KiB |
+    | 128 | 8 | 96 regs, 0 spills, 40 KiB (112 regs) | 128 regs, 0 spills, 40 KiB |
+    """
+    block_m = min(128, max(16, triton.next_power_of_2(m)))
+    block_n = 64
+    n_tiles = triton.cdiv(N, block_n)
+    n_mb = triton.cdiv(m, block_m)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+    chunks = min(n_tiles, max(triton.cdiv(4 * topk, block_n), triton.cdiv(4 * sms, G * n_mb)))
+    return dict(block_m=block_m, block_n=block_n, chunks=chunks, capacity=2 * topk + 128,
+                num_warps=8 if block_m >= 128 else 4, num_stages=3)
+
+
+def _bhn(t: torch.Tensor):
+    """The tensor (copied only for a non-unit last stride) and its batch, head and row strides."""
+    if t.stride(3) != 1:
+        t = t.contiguous()
+    return t, (t.stride(0), t.stride(1), t.stride(2))
+
+
+def _check(k_keys: torch.Tensor, landmarks: torch.Tensor, topk: int) -> None:
+    for name, t in (("k_keys", k_keys), ("landmarks", landmarks)):
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D ([B, H, N, d] / [B, H, m, d]), got shape {tuple(t.shape)}")
+        if t.dtype not in DTYPES:
+            raise ValueError(f"{name} dtype must be one of {DTYPES}, got {t.dtype}")
+    B, H, N, d = k_keys.shape
+    if landmarks.dtype != k_keys.dtype:
+        raise ValueError(f"landmarks dtype {landmarks.dtype} must equal k_keys dtype {k_keys.dtype}")
+    if landmarks.shape[:2] != (B, H) or landmarks.shape[3] != d:
+        raise ValueError(f"landmarks must be [B={B}, H={H}, m, d={d}], got shape {tuple(landmarks.shape)}")
+    if d not in HEAD_DIMS:
+        raise ValueError(f"head dim d must be one of {HEAD_DIMS}, got {d}")
+    m = landmarks.shape[2]
+    if not 1 <= m <= MAX_LANDMARKS:
+        raise ValueError(f"number of landmarks m must lie in [1, {MAX_LANDMARKS}], got {m}")
+    if not 1 <= topk <= min(N, MAX_TOPK):
+        raise ValueError(f"topk must lie in [1, min(N={N}, {MAX_TOPK})], got {topk}")
+
+
+def topk_stream(k_keys: torch.Tensor, landmarks: torch.Tensor, topk: int, *, return_stats: bool = False,
+                scale: Optional[float] = None, config: Optional[dict] = None):
+    """Indices ``[B, H, m, topk]`` (int64) of the ``topk`` largest unscaled scores ``landmarks_j . k_i``.
+
+    ``k_keys [B, H, N, d]``, ``landmarks [B, H, m, d]``: same dtype (fp16, bf16 or fp32; fp32 products in
+    IEEE precision), d in {32, 64, 128}, any batch/head/row strides with a unit last one, finite values.
+    Each row is ordered by score, largest first; equal scores by ascending index (the lowest indices win
+    ties at the k-th place). With ``return_stats``, also returns ``(row_max, row_sum) [B, H, m]`` fp32: the
+    softmax statistics of ``scale R K^T`` (``scale`` defaults to ``d^-1/2``), i.e.
+    ``logsumexp = row_max + log(row_sum)``. ``config`` overrides :func:`launch_config` (tests use small
+    blocks). No ``m x N`` tensor is allocated; one host sync checks the candidate buffers for overflow.
+    """
+    _check(k_keys, landmarks, topk)
+    B, H, N, d = k_keys.shape
+    m = landmarks.shape[2]
+    G = B * H
+    dev = k_keys.device
+    cfg = launch_config(N, m, d, G, topk, dev)
+    cfg.update(config or {})
+    bm, bn, chunks = cfg["block_m"], cfg["block_n"], cfg["chunks"]
+    kf, ks = _bhn(k_keys)
+    rf, rs = _bhn(landmarks)
+    n_tiles = triton.cdiv(N, bn)
+    n_mb = triton.cdiv(m, bm)
+    if not 1 <= chunks <= n_tiles or chunks * bn < topk:
+        raise ValueError(f"chunks must lie in [ceil(topk / block_n), {n_tiles}], got {chunks}")
+    grid = (G * chunks * n_mb,)
+    prec = "ieee" if k_keys.dtype == torch.float32 else "tf32"
+    common = dict(D=d, BLOCK_M=bm, BLOCK_N=bn, PREC=prec, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+
+    gmax = torch.empty(G, m, chunks * bn, dtype=torch.float32, device=dev)  # [G, m, P] group maxima
+    # per (row, chunk) softmax statistics, merged below; without them the kernel gets gmax as a placeholder
+    row_max, row_sum = (torch.empty(G, m, chunks, dtype=torch.float32, device=dev) if return_stats else gmax
+                        for _ in range(2))
+    _group_max_kernel[grid](
+        kf, rf, gmax, row_max, row_sum, H, *ks, *rs, N, m, n_tiles, chunks, n_mb,
+        d ** -0.5 if scale is None else scale, STATS=return_stats, **common,
+    )
+    # k distinct groups hold a score >= tau: a lower bound of each row's k-th score, lowered by 2^-20
+    # (relative) so that a product rounded differently by the second pass cannot drop a candidate
+    tau = torch.kthvalue(gmax, gmax.shape[-1] - topk + 1, dim=-1).values  # [G, m]
+    tau = (tau - tau.abs() * 2.0 ** -20).contiguous()
+    del gmax
+
+    cap = cfg["capacity"]
+    while True:
+        cnt = torch.zeros(G, m, dtype=torch.int32, device=dev)
+        buf = torch.empty(G, m, cap, dtype=torch.int64, device=dev)  # [G, m, cap] candidate keys
+        _collect_kernel[grid](kf, rf, tau, cnt, buf, H, *ks, *rs, N, m, n_tiles, chunks, n_mb, cap, **common)
+        need = int(cnt.max())
+        if need <= cap:
+            break
+        cap = need  # adversarial inputs only: collect again with room for every row's candidates
+    empty = torch.arange(cap, device=dev) >= cnt[..., None].long()
+    keys = buf.masked_fill_(empty, torch.iinfo(torch.int64).min)
+    best = keys.topk(topk, dim=-1, sorted=True).values  # [G, m, topk], unique keys: no ties
+    idx = (_LOW31 - (best & _LOW31)).view(B, H, m, topk)
+    if not return_stats:
+        return idx
+    big_m = row_max.amax(-1, keepdim=True)  # [G, m, 1]
+    total = (row_sum * torch.exp(row_max - big_m)).sum(-1)
+    return idx, (big_m.squeeze(-1).view(B, H, m), total.view(B, H, m))

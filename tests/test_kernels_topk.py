@@ -1,0 +1,227 @@
+"""Streamed exact top-k of the landmark-key scores (kernels/topk_stream.py) against torch.topk in float64.
+
+Without CUDA the kernel runs in Triton's interpreter on CPU (TRITON_INTERPRET must be set before Triton is
+first imported, hence at the top of this module) with 16 x 16 tiles, so small N spans several tiles,
+chunks and landmark blocks. The `gpu` class runs the default launch configuration at real sizes, bf16
+included (Triton 3.8's interpreter computes bf16 `tl.dot` wrongly).
+"""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+pytest.importorskip("triton")
+
+from mita import kernels  # noqa: E402
+from mita.kernels.topk_stream import launch_config, topk_stream  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.skipif(not kernels.available(), reason="Triton kernels unavailable here")
+SMALL = dict(block_m=16, block_n=16, num_warps=4, num_stages=1)
+
+
+def _small_config(N, topk, chunks=3):
+    """16 x 16 tiles and a few chunks (at least topk / 16, so that there are >= topk groups)."""
+    n_tiles = -(-N // 16)
+    return dict(SMALL, chunks=max(-(-topk // 16), min(n_tiles, chunks)))
+
+
+def _scores64(k_keys, landmarks):
+    return landmarks.double() @ k_keys.double().transpose(-1, -2)  # [B, H, m, N]
+
+
+def _assert_topk_sets(idx, k_keys, landmarks, topk, rtol=1e-5):
+    """The selected index SETS equal torch.topk's on float64 scores of the same inputs; a row may differ only
+    where its k-th and (k+1)-th float64 scores lie within rounding (rtol of the row's largest |score|)."""
+    B, H, m, _ = landmarks.shape
+    assert idx.shape == (B, H, m, topk) and idx.dtype == torch.int64
+    s = _scores64(k_keys, landmarks).cpu()
+    idx = idx.cpu()
+    assert (idx >= 0).all() and (idx < k_keys.shape[2]).all()
+    assert (idx.sort(-1).values.diff(dim=-1) > 0).all(), "an index is selected twice"
+    ref = s.topk(topk, dim=-1).indices
+    same = (idx.sort(-1).values == ref.sort(-1).values).all(-1)  # [B, H, m]
+    if topk < s.shape[-1]:
+        top2 = s.topk(topk + 1, dim=-1).values
+        gap = top2[..., topk - 1] - top2[..., topk]
+        near_tie = gap <= rtol * s.abs().amax(-1)
+        assert (same | near_tie).all(), f"{(~same).sum().item()} rows select another set"
+        # where sets differ, the kernel's k-th score is still within rounding of the true k-th score
+        got_min = s.gather(-1, idx).amin(-1)
+        assert (top2[..., topk - 1] - got_min <= rtol * s.abs().amax(-1)).all()
+    else:
+        assert same.all()
+
+
+def _expected_exact(k_keys, landmarks, topk):
+    """Exact order of integer-valued inputs: score descending, equal scores by ascending index."""
+    s = _scores64(k_keys, landmarks).cpu()
+    N = s.shape[-1]
+    # scores are integers far below 2^40, so score * 2^21 - index orders by score then lowest index
+    key = s * 2.0 ** 21 - torch.arange(N, dtype=torch.float64)
+    return key.topk(topk, dim=-1).indices
+
+
+def _randn(*shape, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g).to(device=DEVICE, dtype=dtype)
+
+
+@pytest.mark.parametrize(
+    "N,m,topk",
+    [(1, 1, 1), (2, 3, 1), (2, 3, 2), (17, 1, 1), (17, 3, 5), (17, 25, 17), (197, 25, 1), (197, 3, 49),
+     (197, 25, 100), (197, 1, 197), (1000, 3, 7), (1000, 1, 1000), (1000, 25, 64)],
+)
+def test_sets_match_float64_topk(N, m, topk):
+    d = 32
+    k_keys = _randn(1, 2, N, d, seed=N + topk)
+    landmarks = _randn(1, 2, m, d, seed=m)
+    idx = topk_stream(k_keys, landmarks, topk, config=_small_config(N, topk))
+    _assert_topk_sets(idx, k_keys, landmarks, topk)
+
+
+def test_default_launch_config():
+    """The launch configuration the GPU uses, here in the interpreter (one 64-key tile per chunk)."""
+    N, m, topk = 300, 20, 30
+    k_keys, landmarks = _randn(1, 1, N, 32, seed=3), _randn(1, 1, m, 32, seed=4)
+    cfg = launch_config(N, m, 32, 1, topk, k_keys.device)
+    assert cfg["block_m"] == 32 and cfg["chunks"] == 5  # one program per tile: there are only 5
+    _assert_topk_sets(topk_stream(k_keys, landmarks, topk), k_keys, landmarks, topk)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("d", [32, 64, 128])
+def test_dtypes_and_head_dims(dtype, d):
+    N, m, topk = 70, 5, 9
+    k_keys = _randn(1, 1, N, d, dtype=dtype, seed=d)
+    landmarks = _randn(1, 1, m, d, dtype=dtype, seed=d + 1)
+    idx = topk_stream(k_keys, landmarks, topk, config=_small_config(N, topk))
+    _assert_topk_sets(idx, k_keys, landmarks, topk)
+
+
+def test_strided_views_of_qkv():
+    """k and the landmarks read in place from a ViT's fused qkv projection ([B, N, 3, H, d] memory)."""
+    B, H, N, d, m, topk = 2, 3, 50, 32, 7, 6
+    qkv = _randn(B, N, 3, H, d, seed=5)
+    k_keys = qkv[:, :, 1].transpose(1, 2)  # [B, H, N, d], row stride 3 H d
+    landmarks = _randn(B, m, 2, H, d, seed=6)[:, :, 0].transpose(1, 2)  # [B, H, m, d], not contiguous
+    assert not k_keys.is_contiguous() and not landmarks.is_contiguous()
+    idx = topk_stream(k_keys, landmarks, topk, config=_small_config(N, topk))
+    _assert_topk_sets(idx, k_keys, landmarks, topk)
+    assert torch.equal(idx, topk_stream(k_keys.contiguous(), landmarks.contiguous(), topk,
+                                        config=_small_config(N, topk)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_ties_go_to_the_lowest_index_and_rows_are_ordered(dtype):
+    """Duplicate keys (5 distinct, small integers: exact scores, many equal ones): the k-th place goes to the
+    lowest indices and each row lists its keys by score, then by index."""
+    N, m, d, topk = 90, 3, 32, 23
+    g = torch.Generator().manual_seed(0)
+    base = torch.randint(-2, 3, (5, d), generator=g).float()
+    k_keys = base[torch.arange(N) % 5].view(1, 1, N, d).to(DEVICE, dtype)
+    landmarks = torch.randint(-2, 3, (1, 1, m, d), generator=g).float().to(DEVICE, dtype)
+    idx = topk_stream(k_keys, landmarks, topk, config=_small_config(N, topk))
+    assert torch.equal(idx.cpu(), _expected_exact(k_keys, landmarks, topk))
+
+
+def test_all_scores_equal_overflow_the_buffer():
+    """Identical keys: every score ties, so every key is a candidate and the first collection overflows its
+    buffer; the second has room, and the lowest indices win."""
+    N, m, d, topk = 60, 2, 32, 4
+    k_keys = torch.ones(1, 1, N, d, device=DEVICE)
+    landmarks = _randn(1, 1, m, d, seed=1)
+    cfg = dict(_small_config(N, topk), capacity=8)
+    idx = topk_stream(k_keys, landmarks, topk, config=cfg)
+    assert torch.equal(idx.cpu(), torch.arange(topk).expand(1, 1, m, topk))
+
+
+def test_increasing_scores_stay_within_capacity():
+    """A monotone trend along N (interleaved groups keep tau at the k-th score): correct either way."""
+    N, m, d, topk = 200, 2, 32, 10
+    k_keys = (torch.linspace(0.1, 1.0, N)[:, None] * torch.ones(d)).view(1, 1, N, d).to(DEVICE)
+    landmarks = torch.ones(1, 1, m, d, device=DEVICE)
+    idx = topk_stream(k_keys, landmarks, topk, config=dict(_small_config(N, topk), capacity=topk))
+    assert torch.equal(idx.cpu(), torch.arange(N - 1, N - 1 - topk, -1).expand(1, 1, m, topk))
+
+
+def test_softmax_statistics():
+    """Row max and sum of exp of ``scale R K^T`` from the first pass, against float64."""
+    N, m, d, topk = 150, 25, 64, 12
+    k_keys, landmarks = _randn(2, 1, N, d, seed=7), _randn(2, 1, m, d, seed=8)
+    idx, (row_max, row_sum) = topk_stream(k_keys, landmarks, topk, return_stats=True, scale=0.125,
+                                          config=_small_config(N, topk))
+    _assert_topk_sets(idx, k_keys, landmarks, topk)
+    z = _scores64(k_keys, landmarks) * 0.125
+    assert row_max.shape == row_sum.shape == (2, 1, m) and row_max.dtype == torch.float32
+    torch.testing.assert_close(row_max.double(), z.amax(-1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close((row_max.double() + row_sum.double().log()), z.logsumexp(-1), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [(dict(d=48), "head dim"), (dict(topk=0), "topk"), (dict(topk=21), "topk"), (dict(m=0), "landmarks"),
+     (dict(dtype=torch.float64), "dtype")],
+)
+def test_rejects_unsupported_inputs(kwargs, match):
+    p = dict(N=20, m=3, d=32, topk=4, dtype=torch.float32)
+    p.update(kwargs)
+    k_keys = torch.zeros(1, 1, p["N"], p["d"], dtype=p["dtype"])
+    landmarks = torch.zeros(1, 1, p["m"], p["d"], dtype=p["dtype"])
+    with pytest.raises(ValueError, match=match):
+        topk_stream(k_keys, landmarks, p["topk"])
+
+
+def test_bench_script_smoke():
+    """scripts/bench_topk.py end to end in its CPU smoke mode (interpreter)."""
+    script = Path(__file__).resolve().parents[1] / "scripts" / "bench_topk.py"
+    env = dict(os.environ, TRITON_INTERPRET=os.environ.get("TRITON_INTERPRET", "0"))
+    out = subprocess.run([sys.executable, str(script), "--smoke"], capture_output=True, text=True, env=env,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "topk_stream" in out.stdout and "ok" in out.stdout
+
+
+@pytest.mark.gpu
+class TestGPU:
+    """Default launch configuration on CUDA: real sizes, all dtypes, strided views, ties."""
+
+    @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+    @pytest.mark.parametrize(
+        "B,H,N,d,m,topk",
+        [(2, 3, 197, 64, 25, 25), (1, 2, 1025, 32, 49, 49), (1, 2, 4097, 128, 64, 64),
+         (1, 2, 16384, 64, 256, 256), (1, 1, 65536, 64, 512, 512), (1, 1, 3000, 64, 1024, 1024),
+         (1, 1, 777, 32, 3, 777)],
+    )
+    def test_sets(self, dtype, B, H, N, d, m, topk):
+        k_keys = _randn(B, H, N, d, dtype=dtype, seed=N)
+        landmarks = _randn(B, H, m, d, dtype=dtype, seed=m)
+        idx = topk_stream(k_keys, landmarks, topk)
+        _assert_topk_sets(idx, k_keys, landmarks, topk)
+
+    @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+    def test_strided_and_ties(self, dtype):
+        B, H, N, d, m, topk = 2, 4, 3001, 64, 49, 49
+        qkv = _randn(B, N, 3, H, d, dtype=dtype, seed=1)
+        k_keys = qkv[:, :, 1].transpose(1, 2)
+        landmarks = _randn(B, H, m, d, dtype=dtype, seed=2)
+        _assert_topk_sets(topk_stream(k_keys, landmarks, topk), k_keys, landmarks, topk)
+        g = torch.Generator().manual_seed(3)
+        base = torch.randint(-2, 3, (7, d), generator=g).float()
+        k_int = base[torch.arange(N) % 7].expand(B, H, N, d).to(DEVICE, dtype)
+        r_int = torch.randint(-2, 3, (B, H, m, d), generator=g).float().to(DEVICE, dtype)
+        assert torch.equal(topk_stream(k_int, r_int, topk).cpu(), _expected_exact(k_int, r_int, topk))
+
+    def test_softmax_statistics(self):
+        k_keys, landmarks = _randn(2, 2, 5000, 64, seed=4), _randn(2, 2, 128, 64, seed=5)
+        _, (row_max, row_sum) = topk_stream(k_keys, landmarks, 128, return_stats=True)
+        z = _scores64(k_keys, landmarks) * 64 ** -0.5
+        torch.testing.assert_close(row_max.double(), z.amax(-1), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(row_max.double() + row_sum.double().log(), z.logsumexp(-1), rtol=1e-5, atol=1e-5)
