@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_attention import Clock, environment, markdown, write_csv  # noqa: E402
-import reproduce_fmnist_plan as plan_mod  # noqa: E402
+from mita.analysis import reproduction as plan_mod  # noqa: E402
 
 #: the main table's attentions, by the plan's names
 MAIN_ROWS = {name: overrides for name, overrides, _ in plan_mod.MAIN}

@@ -1,7 +1,6 @@
-"""The analyses (mita.analysis, scripts/analysis_*.py, scripts/make_analysis_figures.py) on tiny checkpoints."""
+"""The analyses (mita.analysis, scripts/analysis_*.py) on tiny checkpoints."""
 import json
 import sys
-import tarfile
 
 import pytest
 import torch
@@ -19,7 +18,6 @@ import analysis_mk_grid  # noqa: E402
 import analysis_overlap  # noqa: E402
 import analysis_pruning  # noqa: E402
 import analysis_swap  # noqa: E402
-import make_analysis_figures  # noqa: E402
 
 sys.path.pop(0)
 
@@ -235,25 +233,10 @@ def test_bad_input_names_the_argument(ckpts, tmp_path, capsys, script, argv, nee
     assert needle in capsys.readouterr().err
 
 
-def test_driver_smoke_end_to_end(tmp_path):
-    out, work = tmp_path / "out", tmp_path / "work"
-    argv = ["--out", str(out), "--work", str(work), "--smoke", "--epochs", "1", "--baseline-epochs", "1",
-            "--ablation-epochs", "1"]
-    assert make_analysis_figures.main(argv) == 0
-    # At most 8 files come back from a device call.
-    assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["analysis.tar.gz", "driver.log", "summary.json"] + [f"{n}.png" for n in make_analysis_figures.FIGURES])
-    for name in make_analysis_figures.FIGURES:
-        _png(out / f"{name}.png")
-    summary = json.loads((out / "summary.json").read_text())
-    assert all(stage["status"] == "ok" for stage in summary["stages"].values()), summary["stages"]
-    assert summary["missing_figures"] == [] and set(summary["analyses"]) == set(make_analysis_figures.FIGURES)
-    assert len(summary["analyses"]["swap"]["labels"]) == 3
-    assert "route-only" in summary["ablations_md"] and "top-2" in summary["ablations_md"]
-    with tarfile.open(out / "analysis.tar.gz") as tar:
-        names = tar.getnames()
-    assert {"runs/mita/model_fp16.pth", "analysis/ablations.md", "analysis/mk_grid.json"} <= set(names)
-    assert not any(n.endswith("checkpoint.pth") for n in names)
-    # The fp16 export in the archive is an analysable checkpoint.
-    fp16 = work / "runs" / "mita" / "model_fp16.pth"
+def test_fp16_export_is_an_analysable_checkpoint(ckpts, tmp_path):
+    """eval.py's weights-only fp16 export (export=PATH) is read by the analyses like the checkpoint itself."""
+    fp16 = tmp_path / "model_fp16.pth"
+    evaluate_checkpoint(compose("eval", [f"ckpt={ckpts['mita']}", f"export={fp16}"]))
+    assert fp16.is_file()
     assert analysis_overlap.main([str(fp16), "--out", str(tmp_path / "again"), "--no-progress"]) == 0
+    _png(tmp_path / "again" / "overlap.png")

@@ -1,22 +1,26 @@
-"""Merge the summary.json files of issue 7's driver calls into the tables RESULTS.md needs.
+"""The small-scale reproduction on Fashion-MNIST: its runs, and the tables and figures built from their folders.
 
-    python scripts/collect_repro.py results/issue7_*/summary.json --out results/issue7_tables \
-        --bench results/issue7_bench/models_h200_rounds.json
+The runs are Hydra experiments (``configs/experiment/fmnist_repro/``, one command per table, RESULTS.md); each
+writes train.py's run folder under ``outputs/fmnist_repro/``::
 
-Each summary.json is what ``scripts/reproduce_fmnist.py`` writes (``runs.NAME`` with status, seed, card,
-wall_s, top1, params, macs, train/inference images/s, epoch time, peak memory). Run names are the plan's
-(``scripts/reproduce_fmnist_plan.py``), so a run means the same thing whichever call brought it. A run found in
-several summaries (a rerun) keeps its ``ok`` entry; between entries of the same standing the later file wins.
+    python train.py -m experiment=fmnist_repro/main                # main table, seeds 0 and 1
+    python scripts/collect_repro.py outputs/fmnist_repro --out outputs/fmnist_repro/tables
 
-Writes to ``--out``: ``main.md`` (per attention: seeds, mean ± std of top-1 over the ok seeds, params,
-GMACs, training and inference images/s, cards and wall times), ``ablations.md`` (experts, routing, landmark
-extractors), ``mk_grid.md`` and ``mk_grid.png`` (through ``collect_sweep.py``), ``long.md`` (top-1, s/epoch,
-images/s, peak memory), ``generalisation.md`` (the inference-time (m, k) grid, the checkpoint-swap matrix, the
-fine-tuning rows and the figures' per-layer numbers, from the analyses the driver put in its summary) and
-``rows.json`` (every merged run, with the file it came from), and the figures ``main.png`` (top-1 against
-training images/s) and ``ablations.png`` (one bar per ablation run beside MiTA's seed band). Only numbers found in
-the summaries are written: a skipped, killed or failed run shows its status, never a number, and a run no
-summary holds is left out with a line naming it and its group.
+A run is named by its folder under the root: ``<attention.tag>/seed<seed>`` for the 16-epoch recipe,
+``long/...`` for the 3,137-token runs, ``finetune/...`` for the fine-tuning runs; ``analysis/<job>/`` holds the
+analyses' JSON (``mk_grid``, ``swap``, ``figures``). A run folder holds train.py's ``config.yaml`` and
+``log.jsonl`` (top-1 of the last evaluation, parameters, training speed), and may hold ``eval.py``'s
+``eval.json`` (multiply-adds), ``zero_shot.json`` (eval.py of the checkpoint a fine-tuning run starts from)
+and ``result.json``: what was measured beside the run (card, wall time, inference images/s on random batches,
+peak GPU memory), whose values win. ``results/fmnist_repro/`` holds the runs RESULTS.md reports.
+
+Writes to ``--out``: ``main.md`` (per attention: seeds, mean ± std of top-1, params, GMACs, training and
+inference images/s), ``ablations.md`` (experts, routing, landmark extractors), ``mk_grid.md`` and
+``mk_grid.png`` (through :mod:`mita.analysis.sweep`), ``long.md``, ``generalisation.md`` (the inference-time
+(m, k) grid, the checkpoint-swap matrix, fine-tuning, the figures' per-layer numbers), ``rows.json`` (every
+run read) and the figures ``main.png`` (top-1 against training images/s) and ``ablations.png``. Only numbers
+found in the folders are written: an unfinished or failed run shows its status, never a number, and a run
+of a table that no folder holds is named in a line below it.
 """
 from __future__ import annotations
 
@@ -24,73 +28,120 @@ import argparse
 import json
 import logging
 import os
+import statistics
 import sys
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import yaml
 
-import collect_sweep  # noqa: E402
-import reproduce_fmnist_plan as plan_mod  # noqa: E402
+from mita.analysis import sweep as collect_sweep
 
-_logger = logging.getLogger("collect_repro")
+_logger = logging.getLogger(__name__)
 
-#: the fields of a run copied into rows.json (as the driver wrote them; absent ones stay None)
-FIELDS = ("status", "kind", "seed", "epochs", "epochs_done", "card", "gpu", "wall_s", "top1", "top5", "params", "macs",
-          "train_images_per_s", "infer_images_per_s", "epoch_time_s", "peak_mem_gib", "reason", "error",
-          "train_command", "eval_command", "zero_shot_top1", "zero_shot_command", "macs_error")
-#: the group of each planned run (for the lines naming what no summary holds)
-GROUP_OF = {run.name: group for group, runs in plan_mod.GROUPS.items() for run in runs}
-PLANNED_SEED = {run.name: run.seed for runs in plan_mod.GROUPS.values() for run in runs}
-MAIN_LABELS = {"standard": "standard", "agent49": "Agent (49)", "moba": "MoBA", "topk50": "top-k (50)",
-               "linear": "linear", "mita": "MiTA (25 + 25)", "mita_dwc": "MiTA + DWC",
-               "mita_dwc_gate": "MiTA + DWC + Gate", "standard_dwc": "standard + DWC"}
-EXPERTS = [("both (m = k = 25)", "mita_s0"), ("route-only", "route_only"), ("compress-only", "compress_only")]
-ROUTING = [("top-1 (k = 25)", "mita_s0"), ("top-2", "top2")]
-EXTRACTORS = [("2-D pool (grid, default)", "mita_s0"), ("1-D pool", "pool_1d"), ("random", "pool_random"),
-              ("learned", "pool_learned"), ("conv", "pool_conv"), ("depthwise conv", "pool_dwconv"),
-              ("token merging (tome)", "pool_tome")]
-LONG = [("standard", "long_standard"), ("MiTA m = k = 100", "long_mita_m100"), ("MiTA m = k = 25", "long_mita_m25")]
-#: the training point of the main table's MiTA, which is the grid's 25 x 25
-MK_CENTRE = ("mita_s0", 25, 25)
-_RANK = {"ok": 0, "killed": 1, "failed": 2, "skipped": 3}
+#: train.py overrides every run of the 16-epoch recipe starts from
+RECIPE = ["experiment=fmnist_repro"]
+#: the main table's attentions: (name, train.py overrides after RECIPE, label)
+MAIN = [
+    ("standard", ["attention=standard"], "standard"),
+    ("agent49", ["attention=agent"], "Agent (49)"),
+    ("moba", ["attention=moba"], "MoBA"),
+    ("topk50", ["attention=topk"], "top-k (50)"),
+    ("linear", ["attention=linear"], "linear"),
+    ("mita", ["attention=mita"], "MiTA (25 + 25)"),
+    ("mita_dwc", ["attention=mita_dwc"], "MiTA + DWC"),
+    ("mita_dwc_gate", ["attention=mita_dwc_gate"], "MiTA + DWC + Gate"),
+    ("standard_dwc", ["attention=standard", "attention.dwc=true", "attention.tag=standard_dwc"], "standard + DWC"),
+]
+#: the run folder (``attention.tag``) of each main-table attention
+MAIN_TAGS = {"standard": "standard", "agent49": "agent49", "moba": "moba_b25_s2", "topk50": "topk50",
+             "linear": "linear", "mita": "mita_m25_k25", "mita_dwc": "mita_dwc_m25_k25",
+             "mita_dwc_gate": "mita_dwc_gate_m25_k25", "standard_dwc": "standard_dwc"}
+MAIN_LABELS = {name: label for name, _, label in MAIN}
+MAIN_SEEDS = (0, 1)
+#: the main table's MiTA seed 0: the ablations' "both", "top-1" and "2-D pool", and the grid's 25 x 25
+CENTRE = "mita_m25_k25/seed0"
+EXPERTS = [("both (m = k = 25)", CENTRE), ("route-only", "mita_route_only_m25_k50/seed0"),
+           ("compress-only", "mita_compress_only_m25/seed0")]
+ROUTING = [("top-1 (k = 25)", CENTRE), ("top-2", "mita_top2_m25_k12/seed0")]
+POOLS = ("1d", "random", "learned", "conv", "dwconv", "tome")
+EXTRACTORS = [("2-D pool (grid, default)", CENTRE), ("1-D pool", "mita_1d/seed0"), ("random", "mita_random/seed0"),
+              ("learned", "mita_learned/seed0"), ("conv", "mita_conv/seed0"), ("depthwise conv", "mita_dwconv/seed0"),
+              ("token merging (tome)", "mita_tome/seed0")]
+LONG = [("standard", "long/standard/seed0"), ("MiTA m = k = 100", "long/mita_m100_k100/seed0"),
+        ("MiTA m = k = 25", "long/mita_m25_k25/seed0")]
+MK_VALUES = (9, 16, 25, 36)
+#: grid points trained again with another seed, averaged with seed 0 (36 x 36, the grid's best point)
+MK_MORE_SEEDS = ((36, 36, 1),)
+FINETUNE = [("standard checkpoint, MiTA swapped in", "finetune/mita_m25_k25/seed0"),
+            ("standard checkpoint, standard kept (control)", "finetune/standard/seed0")]
+#: the analysis jobs under ``analysis/`` and the JSON files each writes
+ANALYSES = {"mk_grid": ("mk_grid",), "swap": ("swap",), "figures": ("pruning", "experts", "overlap")}
+#: the table each named run belongs to (for the lines naming what no folder holds)
+TABLE_OF = {**{f"{tag}/seed{s}": "main" for tag in MAIN_TAGS.values() for s in MAIN_SEEDS},
+            **{name: "ablations" for _, name in EXPERTS + ROUTING + EXTRACTORS if name != CENTRE},
+            **{name: "long" for _, name in LONG}, **{name: "generalisation" for _, name in FINETUNE}}
+
+#: the fields of a run written to rows.json
+FIELDS = ("status", "seed", "epochs", "epochs_done", "card", "wall_s", "top1", "top5", "params", "macs",
+          "train_images_per_s", "infer_images_per_s", "epoch_time_s", "peak_mem_gib", "error",
+          "train_command", "eval_command", "zero_shot_top1", "zero_shot_command", "train_images")
 
 
-def load_summaries(paths: Sequence[str]) -> Tuple[Dict[str, Dict[str, Any]], List[Dict[str, Any]],
-                                                  Dict[str, Dict[str, Any]]]:
-    """(run name -> merged row, one dict per summary file: path, plan, fit, run name -> the driver's whole entry
-    of the row kept)."""
-    rows: Dict[str, Dict[str, Any]] = {}
-    entries: Dict[str, Dict[str, Any]] = {}
-    sources = []
-    for path in paths:
-        with open(path, encoding="utf-8") as handle:
-            summary = json.load(handle)
-        if not isinstance(summary, dict) or not isinstance(summary.get("runs"), dict):
-            raise ValueError(f"SUMMARY_JSON {path!r}: not a driver summary (no 'runs' object)")
-        setup = summary.get("setup") or {}
-        sources.append({"path": path, "plan": setup.get("plan"), "shard": setup.get("shard"),
-                        "fit": summary.get("fit"), "elapsed_s": summary.get("elapsed_s"),
-                        # each probe's speed and peak memory only (the summaries hold their whole records)
-                        "probes": {name: {key: (probe or {}).get(key) for key in ("peak_mem_gib", "train_images_per_s")}
-                                   for name, probe in (summary.get("probes") or {}).items()}})
-        for name, entry in summary["runs"].items():
-            row = {"name": name, "group": GROUP_OF.get(name), "source": path, "plan": setup.get("plan"),
-                   **{key: entry.get(key) for key in FIELDS}}
-            if row["seed"] is None and name in PLANNED_SEED:
-                # a killed or skipped run has no result.json, hence no seed: the plan's run name fixes it
-                row["seed"] = PLANNED_SEED[name]
-            if row["status"] not in _RANK:
-                row["status"] = "failed"
-            old = rows.get(name)
-            if old is not None:
-                _logger.warning("%s is in %s and %s; keeping the %s entry", name, old["source"], path,
-                                "earlier" if _RANK[old["status"]] < _RANK[row["status"]] else "later")
-                if _RANK[old["status"]] < _RANK[row["status"]]:
-                    old.setdefault("also_in", []).append(path)
-                    continue
-                row["also_in"] = [*old.get("also_in", []), old["source"]]
-            rows[name], entries[name] = row, entry
-    return rows, sources, entries
+def mk_name(m: int, k: int, seed: int = 0) -> str:
+    """The run of m x k grid point (m, k): ``mita_m36_k36/seed0``."""
+    return f"mita_m{m}_k{k}/seed{seed}"
+
+
+def _read_json(path: str) -> Optional[Dict[str, Any]]:
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def read_run(folder: str) -> Dict[str, Any]:
+    """One run folder as a row: train.py's config.yaml and log.jsonl, then eval.json, zero_shot.json and
+    result.json where present (result.json's values win: it holds what was measured beside the run)."""
+    with open(os.path.join(folder, "config.yaml"), encoding="utf-8") as handle:
+        config = yaml.safe_load(handle) or {}
+    records = collect_sweep._read_log(os.path.join(folder, "log.jsonl"))
+    epochs = [r for r in records if "epoch_time_s" in r]
+    errors = [r["error"] for r in records if r.get("error")]
+    planned = collect_sweep._lookup(config, "trainer.epochs")
+    last = epochs[-1] if epochs else {}
+    done = len(epochs) == planned and last.get("val_acc1") is not None
+    warm = epochs[1:] or epochs
+    row: Dict[str, Any] = {key: None for key in FIELDS}
+    row.update({
+        "status": "failed" if errors else ("ok" if done else "unfinished"),
+        "error": errors[-1] if errors else None,
+        "seed": config.get("seed"), "epochs": planned, "epochs_done": len(epochs),
+        "top1": last.get("val_acc1") if done else None, "top5": last.get("val_acc5") if done else None,
+        "params": last.get("n_params"),
+        "train_images": collect_sweep._lookup(config, "data.max_train_samples"),
+        # the first epoch compiles the kernels: speeds are medians over the epochs after it
+        "train_images_per_s": statistics.median(r["train_images_per_s"] for r in warm) if warm else None,
+        "epoch_time_s": statistics.median(r["epoch_time_s"] for r in warm) if warm else None,
+    })
+    evaluation = _read_json(os.path.join(folder, "eval.json"))
+    if evaluation:
+        row.update({"top1": evaluation.get("acc1", row["top1"]), "top5": evaluation.get("acc5", row["top5"]),
+                    "params": evaluation.get("params", row["params"]), "macs": evaluation.get("macs")})
+    zero_shot = _read_json(os.path.join(folder, "zero_shot.json"))
+    if zero_shot:
+        row["zero_shot_top1"] = zero_shot.get("acc1")
+    record = _read_json(os.path.join(folder, "result.json")) or {}
+    row.update({key: record[key] for key in FIELDS if record.get(key) is not None})
+    return row
+
+
+def load_runs(root: str) -> Dict[str, Dict[str, Any]]:
+    """{run name: row} for every run folder under ``root`` (config.yaml and log.jsonl), named by its path."""
+    rows = {}
+    for folder in collect_sweep.find_runs(root):
+        name = os.path.relpath(folder, root).replace(os.sep, "/")
+        rows[name] = {"name": name, "table": TABLE_OF.get(name), "source": folder, **read_run(folder)}
+    return rows
 
 
 def _num(value: Optional[float], fmt: str) -> str:
@@ -100,13 +151,8 @@ def _num(value: Optional[float], fmt: str) -> str:
 def _status(row: Dict[str, Any]) -> str:
     """The cell of a run that gave no number: its status and, briefly, why."""
     status = row["status"]
-    if status == "skipped" and row.get("reason"):
-        return f"skipped ({row['reason']})"
-    if status == "killed":
-        # an early stop says when it was stopped and why; a stop at the budget carries no reason
-        if row.get("reason"):
-            return "stopped early (" + str(row["reason"]).replace("|", "/") + ")"
-        return "killed at the budget"
+    if status == "unfinished":
+        return f"unfinished ({row.get('epochs_done')} of {row.get('epochs')} epochs)"
     if status == "failed" and row.get("error"):
         return "failed (" + str(row["error"]).replace("|", "/")[:80] + ")"
     return status
@@ -119,8 +165,8 @@ def _wall(row: Dict[str, Any]) -> str:
 def _missing_line(names: Sequence[str]) -> List[str]:
     if not names:
         return []
-    named = ", ".join(f"`{n}` ({GROUP_OF.get(n) or 'no group'})" for n in names)
-    return ["", f"Not in any summary (left out): {named}."]
+    named = ", ".join(f"`{n}` ({TABLE_OF.get(n) or 'no table'})" for n in names)
+    return ["", f"Not in any run folder (left out): {named}."]
 
 
 def _mean(values: Sequence[float]) -> Optional[float]:
@@ -128,9 +174,8 @@ def _mean(values: Sequence[float]) -> Optional[float]:
 
 
 def _planned_seeds(name: str) -> List[str]:
-    """The plan's run names of a main-table attention's seeds (``NAME_s0``, ``NAME_s1``, ...)."""
-    return sorted(r.name for g in ("main1", "main2") for r in plan_mod.GROUPS[g]
-                  if r.name.startswith(name + "_s") and r.name[len(name) + 2:].isdigit())
+    """The runs of a main-table attention's seeds (``TAG/seed0``, ``TAG/seed1``)."""
+    return [f"{MAIN_TAGS[name]}/seed{seed}" for seed in MAIN_SEEDS]
 
 
 def _ok_top1(row: Optional[Dict[str, Any]]) -> Optional[float]:
@@ -146,7 +191,7 @@ def main_table(rows: Dict[str, Dict[str, Any]]) -> str:
              "| attention | seeds ok | top-1 | params (M) | GMACs | train img/s | infer img/s | not ok | card | wall |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     missing = []
-    for name, _, _ in plan_mod.MAIN:
+    for name, _, _ in MAIN:
         planned = _planned_seeds(name)
         found = [rows[n] for n in planned if n in rows]
         missing += [n for n in planned if n not in rows]
@@ -199,14 +244,10 @@ def ablation_tables(rows: Dict[str, Dict[str, Any]]) -> str:
 
 
 def mk_points() -> List[Tuple[str, int, int]]:
-    """(run name, m, k) of every run of the training grid: the main table's MiTA seed 0 included, and the points
-    run again with seed 1 (the plan's ``MK_SEED1``) last, which collect_sweep averages with their seed 0."""
-    points = [MK_CENTRE]
-    for m in plan_mod.MK_VALUES:
-        for k in plan_mod.MK_VALUES:
-            if (m, k) != MK_CENTRE[1:]:
-                points.append((plan_mod.mk_name(m, k), m, k))
-    return points + [(plan_mod.mk_name(m, k, seed=1), m, k) for m, k in plan_mod.MK_SEED1]
+    """(run name, m, k) of every run of the training grid, seed 0 (25 x 25 is the main table's MiTA seed 0), then
+    the points trained again with another seed (:data:`MK_MORE_SEEDS`), which collect_sweep averages with seed 0."""
+    points = [(mk_name(m, k), m, k) for m in MK_VALUES for k in MK_VALUES]
+    return points + [(mk_name(m, k, seed), m, k) for m, k, seed in MK_MORE_SEEDS]
 
 
 def mk_runs(rows: Dict[str, Dict[str, Any]]) -> List[Dict[str, Any]]:
@@ -223,7 +264,7 @@ def mk_runs(rows: Dict[str, Dict[str, Any]]) -> List[Dict[str, Any]]:
 
 def mk_table(rows: Dict[str, Dict[str, Any]], runs: Sequence[Dict[str, Any]]) -> str:
     lines = ["# m x k training grid", "",
-             "top1 = eval.py's top-1 of the last checkpoint (the table below is collect_sweep.py's; '—' = no ok run).",
+             "top1 = top-1 of the last checkpoint (the table below is mita.analysis.sweep's; '—' = no ok run).",
              ""]
     lines.append(collect_sweep.markdown(runs, "top1", "m", "k") if runs else "No grid point has an ok run.\n")
     lines += ["| run | m | k | status | card | wall | source |", "| --- | --- | --- | --- | --- | --- | --- |"]
@@ -238,31 +279,13 @@ def mk_table(rows: Dict[str, Dict[str, Any]], runs: Sequence[Dict[str, Any]]) ->
     return "\n".join(lines + _missing_line(missing)) + "\n"
 
 
-def _probe_memory(source: Dict[str, Any], name: str) -> str:
-    """The probe's peak memory as " at X GiB", or "" when its summary entry has none."""
-    peak = (source["probes"].get(name) or {}).get("peak_mem_gib")
-    return "" if peak is None else f" at {peak:.2f} GiB"
-
-
-def long_table(rows: Dict[str, Dict[str, Any]], sources: Sequence[Dict[str, Any]]) -> str:
+def long_table(rows: Dict[str, Dict[str, Any]]) -> str:
     lines = ["# Long sequences (112 x 112, 3,137 tokens)", ""]
-    for source in sources:
-        fit = source.get("fit")
-        if fit:
-            if isinstance(fit.get("train_images_per_s"), dict):  # probes alone, runs sized by the sum of times
-                rates = ", ".join(f"{name.removesuffix('_probe')} {rate:,.0f} images/s{_probe_memory(source, name)}"
-                                  for name, rate in fit["train_images_per_s"].items())
-                share = fit.get("runs_per_gpu")
-                how = (f"{share} run{'' if share == 1 else 's'} to a GPU, estimated "
-                       f"{_num(fit.get('estimate_s'), '.0f')} s; probed alone: {rates}")
-            else:  # the first sizing: the slowest of probes run side by side
-                how = f"slowest probe {_num(fit.get('slowest_images_per_s'), ',.0f')} images/s, probes side by side"
-            if fit.get("train_images"):
-                lines.append(f"Training subset from {source['path']}: {fit.get('train_images')} images x "
-                             f"{fit.get('epochs')} epochs ({how}).")
-            else:  # the probes left too little time for the smallest subset: the runs were skipped
-                lines.append(f"Probes only in {source['path']}: no training subset fitted the time left, the runs "
-                             f"were skipped ({how}).")
+    subsets = sorted({(r.get("train_images"), r.get("epochs")) for _, name in LONG if (r := rows.get(name))},
+                     key=str)
+    for images, epochs in subsets:
+        lines.append(f"Training subset: {images if images is not None else 'all'} images x {epochs} epochs "
+                     "(data.max_train_samples, the same fixed subset for every run).")
     lines += ["", "| attention | run | top-1 | s / epoch | train img/s | infer img/s | GMACs | peak memory (GiB) | card "
               "| wall |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     missing = []
@@ -275,7 +298,7 @@ def long_table(rows: Dict[str, Dict[str, Any]], sources: Sequence[Dict[str, Any]
             first = _num(row.get("top1"), ".2f")
         else:  # what a run stopped early measured before it stopped
             first = _status(row)
-            if row.get("epochs_done") is not None and "epochs" not in first:
+            if row.get("epochs_done") and "epochs" not in first:
                 first += f", {row['epochs_done']} epochs done"
         macs = None if row.get("macs") is None else row["macs"] / 1e9
         cells = [first, _num(row.get("epoch_time_s"), ".1f"), _num(row.get("train_images_per_s"), ",.0f"),
@@ -283,25 +306,24 @@ def long_table(rows: Dict[str, Dict[str, Any]], sources: Sequence[Dict[str, Any]
         lines.append(f"| {label} | `{name}` | {' | '.join(cells)} | {row.get('card') or '—'} | {_wall(row)} |")
     return "\n".join(lines + _missing_line(missing)) + "\n"
 
-#: the generalisation group's analysis jobs and the keys of their summary entries that hold the analysis
-ANALYSES = {"mk_grid": ("mk_grid",), "swap": ("swap",), "figures": ("pruning", "experts", "overlap")}
-FINETUNE = [("standard checkpoint, MiTA swapped in", "finetune_std_to_mita"),
-            ("standard checkpoint, standard kept (control)", "finetune_std_to_std")]
 
-
-def load_analyses(rows: Dict[str, Dict[str, Any]], entries: Dict[str, Dict[str, Any]]) -> Dict[str, Dict[str, Any]]:
-    """{job name: {key: analysis dict}} for the ok analysis jobs, from the driver's entries of the rows kept."""
+def load_analyses(root: str) -> Dict[str, Dict[str, Any]]:
+    """{job: {"record": its result.json or {}, "folder": path, key: analysis JSON}} for every analysis job under
+    ``root/analysis/`` with at least one of its JSON files."""
     found: Dict[str, Dict[str, Any]] = {}
     for name, keys in ANALYSES.items():
-        if name in rows and rows[name]["status"] == "ok":
-            entry = entries[name]
-            found[name] = {key: entry[key] for key in keys if isinstance(entry.get(key), dict)}
+        folder = os.path.join(root, "analysis", name)
+        payloads = {key: data for key in keys if isinstance(data := _read_json(os.path.join(folder, f"{key}.json")),
+                                                            dict)}
+        if payloads:
+            found[name] = {"record": _read_json(os.path.join(folder, "result.json")) or {}, "folder": folder,
+                           **payloads}
     return found
 
 
-def _job_line(rows: Dict[str, Dict[str, Any]], name: str) -> str:
-    row = rows[name]
-    return f"Job `{name}`: {row.get('card') or '—'}, {_wall(row)}, {row['source']}."
+def _job_line(analyses: Dict[str, Dict[str, Any]], name: str) -> str:
+    job = analyses[name]
+    return f"Job `{name}`: {job['record'].get('card') or '—'}, {_wall(job['record'])}, {job['folder']}."
 
 
 def _grid_table(analysis: Dict[str, Any]) -> List[str]:
@@ -324,9 +346,9 @@ def _grid_table(analysis: Dict[str, Any]) -> List[str]:
 
 
 def generalisation_tables(rows: Dict[str, Dict[str, Any]], analyses: Dict[str, Dict[str, Any]]) -> str:
-    """The generalisation group: numbers only from the ok jobs' analyses; a job not ok shows its status."""
+    """The generalisation group: the analyses' JSON files and the fine-tuning runs; what is absent is named."""
     lines = ["# Generalisation", ""]
-    missing = [n for n in [*ANALYSES, *(name for _, name in FINETUNE)] if n not in rows]
+    missing = [name for _, name in FINETUNE if name not in rows]
 
     lines += ["## Inference-time (m, k) grid", ""]
     grid = analyses.get("mk_grid", {}).get("mk_grid")
@@ -334,20 +356,20 @@ def generalisation_tables(rows: Dict[str, Dict[str, Any]], analyses: Dict[str, D
         trained = grid.get("attention") or {}
         lines += [f"top-1 of `{grid.get('ckpt')}` (trained at m = {trained.get('num_landmarks')}, k = "
                   f"{trained.get('topk')}, in bold) evaluated with other (m, k), {grid.get('precision')}, "
-                  f"{grid.get('n_images')} images. {_job_line(rows, 'mk_grid')}", ""] + _grid_table(grid)
-    elif "mk_grid" in rows:
-        lines.append(f"`mk_grid`: {_status(rows['mk_grid'])}.")
+                  f"{grid.get('n_images')} images. {_job_line(analyses, 'mk_grid')}", ""] + _grid_table(grid)
+    else:
+        lines.append("`analysis/mk_grid/mk_grid.json`: not found.")
     lines += ["", "## Checkpoint swap", ""]
     swap = analyses.get("swap", {}).get("swap")
     if swap:
         labels = swap["labels"]
         lines += [f"top-1, rows: the weights' training attention, columns: the attention evaluated with "
-                  f"({swap.get('precision')}). {_job_line(rows, 'swap')}", "",
+                  f"({swap.get('precision')}). {_job_line(analyses, 'swap')}", "",
                   "| weights \\ evaluated with | " + " | ".join(labels) + " |", "| --- |" + " ---: |" * len(labels)]
         for label, values in zip(labels, swap["acc1"]):
             lines.append(f"| {label} | " + " | ".join(_num(v, ".2f") for v in values) + " |")
-    elif "swap" in rows:
-        lines.append(f"`swap`: {_status(rows['swap'])}.")
+    else:
+        lines.append("`analysis/swap/swap.json`: not found.")
     lines += ["", "## Fine-tuning a standard checkpoint", "",
               "| run | zero-shot top-1 | epochs | top-1 after | card | wall |", "| --- | --- | --- | --- | --- | --- |"]
     for label, name in FINETUNE:
@@ -360,13 +382,13 @@ def generalisation_tables(rows: Dict[str, Dict[str, Any]], analyses: Dict[str, D
         else:
             cells = [_status(row), str(row.get("epochs")), "—"]
         lines.append(f"| {label} (`{name}`) | {' | '.join(cells)} | {row.get('card') or '—'} | {_wall(row)} |")
-    scratch = rows.get(MK_CENTRE[0])
+    scratch = rows.get(CENTRE)
     if scratch is not None and scratch["status"] == "ok":
-        lines.append(f"| MiTA from scratch (`{MK_CENTRE[0]}`) | — | {scratch.get('epochs_done')} | "
+        lines.append(f"| MiTA from scratch (`{CENTRE}`) | — | {scratch.get('epochs_done')} | "
                      f"{_num(scratch.get('top1'), '.2f')} | {scratch.get('card') or '—'} | {_wall(scratch)} |")
     lines += ["", "## Figures (per layer)", ""]
     figures = analyses.get("figures", {})
-    if figures:
+    if any(key in figures for key in ANALYSES["figures"]):
         pruning, experts, overlap = (figures.get(k, {}).get("layers") or [] for k in ANALYSES["figures"])
         layers = max(len(pruning), len(experts), len(overlap))
 
@@ -376,15 +398,15 @@ def generalisation_tables(rows: Dict[str, Dict[str, Any]], analyses: Dict[str, D
         lines += ["pruned: share of tokens no routed expert of any head keeps (left to the shared expert); outside "
                   "window: share of an expert's top-k keys outside its pooling window (chance: the share of tokens "
                   "outside it); IoU: an expert's keys against the queries routed to it (chance: random sets of the "
-                  f"same sizes). {_job_line(rows, 'figures')}", "",
+                  f"same sizes). {_job_line(analyses, 'figures')}", "",
                   "| layer | pruned | outside window | (chance) | IoU | (chance) |",
                   "| --- | ---: | ---: | ---: | ---: | ---: |"]
         columns = [(pruning, "pruned_fraction"), (experts, "outside_window_fraction"), (experts, "chance"),
                    (overlap, "mean_iou"), (overlap, "chance_iou")]
         for i in range(layers):
             lines.append(f"| {i} | " + " | ".join(cell(items, i, key) for items, key in columns) + " |")
-    elif "figures" in rows:
-        lines.append(f"`figures`: {_status(rows['figures'])}.")
+    else:
+        lines.append("`analysis/figures/`: not found.")
     return "\n".join(lines + _missing_line(missing)) + "\n"
 
 
@@ -420,7 +442,7 @@ def main_points(rows: Dict[str, Dict[str, Any]], bench: Optional[Tuple[Dict[str,
     table with an ok seed and a speed. The speeds are the benchmark's (``bench``: every model alone, in one
     process) where given, else the mean of the runs' own, which may have shared their GPU with another run."""
     points = []
-    for name, _, _ in plan_mod.MAIN:
+    for name, _, _ in MAIN:
         found = _seed_top1(rows, name)
         if bench is not None:
             speeds = [bench[0][name]] if name in bench[0] else []
@@ -466,7 +488,7 @@ def ablation_bars(rows: Dict[str, Dict[str, Any]]
     sections = [("experts", EXPERTS[1:]), ("routing", ROUTING[1:]), ("landmarks", EXTRACTORS[1:])]
     bars = [(f"{title}: {label}", top1) for title, spec in sections for label, name in spec
             if (top1 := _ok_top1(rows.get(name))) is not None]
-    centre = _ok_top1(rows.get(MK_CENTRE[0]))
+    centre = _ok_top1(rows.get(CENTRE))
     if bars and centre is not None:
         bars.insert(0, ("MiTA (both experts, top-1, 2-D pool; seed 0)", centre))
     seeds = [v for _, v in _seed_top1(rows, "mita")]
@@ -501,15 +523,14 @@ def ablation_figure(rows: Dict[str, Dict[str, Any]], path: str) -> Optional[str]
     return path
 
 
-def collect(paths: Sequence[str], out: str, png: bool = True, bench: Optional[str] = None) -> Dict[str, str]:
-    """Write every table to ``out``; returns {table name: path}. ``bench``: a ``bench_models.py`` JSON whose
-    training speeds the main figure plots."""
-    rows, sources, entries = load_summaries(paths)
+def collect(root: str, out: str, png: bool = True, bench: Optional[str] = None) -> Dict[str, str]:
+    """Write every table of the run folders under ``root`` to ``out``; returns {table name: path}. ``bench``: a
+    ``bench_models.py`` JSON whose training speeds the main figure plots."""
+    rows = load_runs(root)
     os.makedirs(out, exist_ok=True)
     runs = mk_runs(rows)
     texts = {"main": main_table(rows), "ablations": ablation_tables(rows), "mk_grid": mk_table(rows, runs),
-             "long": long_table(rows, sources),
-             "generalisation": generalisation_tables(rows, load_analyses(rows, entries))}
+             "long": long_table(rows), "generalisation": generalisation_tables(rows, load_analyses(root))}
     written = {}
     for name, text in texts.items():
         written[name] = os.path.join(out, f"{name}.md")
@@ -523,31 +544,28 @@ def collect(paths: Sequence[str], out: str, png: bool = True, bench: Optional[st
         written.update({name: path for name, path in drawn.items() if path})
     written["rows"] = os.path.join(out, "rows.json")
     with open(written["rows"], "w", encoding="utf-8") as handle:
-        json.dump({"sources": sources, "rows": [rows[n] for n in sorted(rows)]}, handle, indent=2)
+        json.dump({"root": root, "rows": [rows[n] for n in sorted(rows)]}, handle, indent=2)
+        handle.write("\n")
     return written
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("summaries", nargs="+", metavar="SUMMARY_JSON", help="summary.json of a driver call")
-    parser.add_argument("--out", required=True, help="folder for the Markdown tables and rows.json")
+    parser = argparse.ArgumentParser(description="Build the reproduction's tables and figures from its run folders.")
+    parser.add_argument("root", metavar="RUNS_DIR", help="the runs' folder (outputs/fmnist_repro, results/fmnist_repro)")
+    parser.add_argument("--out", default=None, help="folder for the tables and figures (default RUNS_DIR/tables)")
     parser.add_argument("--no-png", action="store_true", help="skip the figures (m x k heatmap, main, ablations)")
     parser.add_argument("--bench", metavar="BENCH_JSON",
                         help="bench_models.py JSON whose training images/s main.png plots (default: the runs' own)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    bad = [p for p in args.summaries if not os.path.isfile(p)]
-    if bad:
-        parser.error(f"argument SUMMARY_JSON: {bad} are not files")
+    if not os.path.isdir(args.root):
+        parser.error(f"argument RUNS_DIR: {args.root!r} is not a folder")
     if args.bench and not os.path.isfile(args.bench):
         parser.error(f"argument --bench: {args.bench!r} is not a file")
     try:
-        written = collect(args.summaries, args.out, png=not args.no_png, bench=args.bench)
+        written = collect(args.root, args.out or os.path.join(args.root, "tables"), png=not args.no_png,
+                          bench=args.bench)
     except (ValueError, json.JSONDecodeError) as err:
         parser.error(str(err))
     _logger.info("wrote %s", ", ".join(sorted(written.values())))
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,11 +1,11 @@
-"""Collect a sweep of train.py runs into a Markdown table and a heatmap (m x k by default).
+"""A sweep of train.py runs as a Markdown table and a heatmap (m x k by default).
 
 Every folder under SWEEP_DIR holding ``config.yaml`` and ``log.jsonl`` (what train.py writes) is one run;
-runs that differ only in their seed are averaged::
+runs that differ only in their seed are averaged. ``scripts/collect_sweep.py`` is its command line::
 
     python train.py -m experiment=fmnist attention.num_landmarks=9,16,25,36 attention.topk=9,16,25,36
     python scripts/collect_sweep.py outputs/fmnist
-    python scripts/collect_sweep.py outputs/fmnist --metric best_acc1 --out results/fmnist_mk
+    python scripts/collect_sweep.py outputs/fmnist --metric best_acc1 --out outputs/fmnist_mk
 
 Writes ``<out>.md`` (the table, also printed) and ``<out>.png`` (the heatmap); ``--out`` defaults to
 ``SWEEP_DIR/sweep``. ``--rows``/``--cols`` pick other config keys (dotted paths) for the two axes and
@@ -24,7 +24,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import yaml
 
-_logger = logging.getLogger("collect_sweep")
+_logger = logging.getLogger(__name__)
 
 
 def _lookup(config: Dict[str, Any], dotted: str) -> Any:
@@ -200,7 +200,3 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     sys.stdout.write(table)
     _logger.info("wrote %s.md and %s.png (%d runs)", prefix, prefix, len(runs))
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
