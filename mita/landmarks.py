@@ -35,7 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mita.attention._pooling import pool_patch_queries
+from mita.attention import pool_patch_queries
 
 __all__ = ["POOLS", "LANDMARK_KWARGS", "build_landmark_extractor", "landmark_grid_shape"]
 
@@ -255,7 +255,7 @@ class ToMeLandmarks(LandmarkExtractor):
         cluster = torch.arange(n, device=k.device).expand(B, H, n)  # [B, H, n]
         c = n
         while c > self.num_landmarks:
-            n_a, n_b = (c + 1) // 2, c // 2
+            n_a = (c + 1) // 2  # tokens at even positions (set a); the c // 2 at odd ones are set b (n_b)
             r = min(c - self.num_landmarks, n_a)
             unit = F.normalize(keys, dim=-1)
             scores = unit[:, :, 0::2] @ unit[:, :, 1::2].transpose(-1, -2)  # [B, H, n_a, n_b]

@@ -3,11 +3,11 @@
     for p in grid 1d random learned conv dwconv tome; do
         python train.py experiment=fmnist attention.pool=$p attention.tag=mita_$p; done
     python train.py -m experiment=fmnist attention=mita,mita_route_only,mita_compress_only,mita_top2
-    python scripts/analysis_ablations.py outputs/fmnist --out results/ablations
+    python scripts/analysis_ablations.py outputs/fmnist --out outputs/ablations
     python scripts/analysis_ablations.py outputs/fmnist outputs/fmnist_more --metric best_acc1 --where trainer.epochs=30
 
 Every run folder under the SWEEP_DIRs (config.yaml + log.jsonl, what train.py writes) is read with
-scripts/collect_sweep.py; runs that differ only in their seed are averaged (mean ± std). Three tables, each
+mita.analysis.sweep (scripts/collect_sweep.py); runs that differ only in their seed are averaged (mean ± std). Three tables, each
 over the MiTA runs it concerns (runs with dwc or gate are left out; --where filters further):
 
 - landmark extractors: rows attention.pool, columns (m, k); runs with both experts and top-1 routing;
@@ -24,15 +24,10 @@ import argparse
 import logging
 import os
 import sys
-from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import collect_sweep  # noqa: E402
-
-from mita.analysis.common import write_json  # noqa: E402
+from mita.analysis import sweep as collect_sweep
+from mita.analysis.common import write_json
 
 _logger = logging.getLogger("analysis_ablations")
 

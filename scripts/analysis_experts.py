@@ -1,6 +1,6 @@
 """Deformable experts (paper Fig. 3): a landmark's pooling window, its top-k keys and its routed queries.
 
-    python scripts/analysis_experts.py outputs/fmnist/mita_m25_k25/seed0/checkpoint.pth --out results/experts
+    python scripts/analysis_experts.py outputs/fmnist/mita_m25_k25/seed0/checkpoint.pth --out outputs/analysis
     python scripts/analysis_experts.py CKPT data.root=/path/to/fashion-mnist --image 7 --layers 0,11 --experts 0,12
 
 For one image (--image: an index into the whole split) and each chosen layer (--layers, default first, middle and last)
@@ -17,11 +17,8 @@ mita/analysis/__init__.py); windows exist for pool=grid and pool=official only.
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from mita.analysis.cli import analysis_parser, int_list, run_cli  # noqa: E402
+from mita.analysis.cli import analysis_parser, int_list, run_cli
 
 
 def main(argv=None) -> int:

@@ -1,6 +1,6 @@
 """Inference-time (m, k) grid (paper Fig. 7): one MiTA checkpoint evaluated at other (num_landmarks, topk).
 
-    python scripts/analysis_mk_grid.py outputs/fmnist/mita_m25_k25/seed0/checkpoint.pth --out results/mk_grid
+    python scripts/analysis_mk_grid.py outputs/fmnist/mita_m25_k25/seed0/checkpoint.pth --out outputs/analysis
     python scripts/analysis_mk_grid.py CKPT data.root=/path/to/fashion-mnist --num-landmarks 16,25,36 --topk 16,25,36,49
     python scripts/analysis_mk_grid.py CKPT --precision bf16 --max-images 5000
 
@@ -13,11 +13,8 @@ above N) stay blank with their error in the JSON. Writes mk_grid.png, mk_grid.js
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from mita.analysis.cli import analysis_parser, int_list, run_cli  # noqa: E402
+from mita.analysis.cli import analysis_parser, int_list, run_cli
 
 
 def main(argv=None) -> int:

@@ -1,6 +1,6 @@
 """Routing overlap (paper Fig. 5): IoU between an expert's top-k key positions and its routed queries' positions.
 
-    python scripts/analysis_overlap.py outputs/fmnist/mita_m25_k25/seed0/checkpoint.pth --out results/overlap
+    python scripts/analysis_overlap.py outputs/fmnist/mita_m25_k25/seed0/checkpoint.pth --out outputs/analysis
     python scripts/analysis_overlap.py CKPT data.root=/path/to/fashion-mnist --max-images 2000
 
 Per layer: the mean IoU over experts, heads and images, a band from the smallest to the largest per-image
@@ -14,11 +14,8 @@ mita/analysis/__init__.py).
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from mita.analysis.cli import analysis_parser, run_cli  # noqa: E402
+from mita.analysis.cli import analysis_parser, run_cli
 
 
 def main(argv=None) -> int:

@@ -1,6 +1,6 @@
 """Token pruning (paper Fig. 4): per layer, the key/value positions no routed expert keeps.
 
-    python scripts/analysis_pruning.py outputs/fmnist/mita_m25_k25/seed0/checkpoint.pth --out results/pruning
+    python scripts/analysis_pruning.py outputs/fmnist/mita_m25_k25/seed0/checkpoint.pth --out outputs/analysis
     python scripts/analysis_pruning.py CKPT data.root=/path/to/fashion-mnist --images 0,7,42 --layers 0,5,11
     python scripts/analysis_pruning.py CKPT attention.topk=36 --max-images 2000
 
@@ -17,11 +17,8 @@ and data.KEY=VALUE / attention.KEY=VALUE override it the same way.
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from mita.analysis.cli import analysis_parser, int_list, run_cli  # noqa: E402
+from mita.analysis.cli import analysis_parser, int_list, run_cli
 
 
 def main(argv=None) -> int:

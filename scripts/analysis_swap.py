@@ -11,11 +11,8 @@ checkpoint's folder/analysis).
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from mita.analysis.cli import analysis_parser, run_cli  # noqa: E402
+from mita.analysis.cli import analysis_parser, run_cli
 
 
 def main(argv=None) -> int:

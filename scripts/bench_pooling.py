@@ -1,10 +1,10 @@
 """Landmark pooling of a strided q: pooled as a view (what the layer does) against pooled after a copy.
 
-    python3 scripts/bench_pooling.py --out $OUT          # GPU: the 197- and 3,137-token shapes, ~20 s
-    python3 scripts/bench_pooling.py --cpu-smoke --out pool_smoke   # tiny CPU run of the whole script (tests)
+    python scripts/bench_pooling.py --out outputs/bench   # GPU: the 197- and 3,137-token shapes, ~20 s
+    python scripts/bench_pooling.py --cpu-smoke --out outputs/pool_smoke   # tiny CPU run of the whole script (tests)
 
 A ViT layer's q is a strided view of its qkv projection ([B, N, 3, H, d] permuted to [B, H, N, d]).
-``mita.attention._pooling.pool_patch_queries`` pools it as a view, heads as channels, so that the pooling keeps
+``mita.attention.pool_patch_queries`` pools it as a view, heads as channels, so that the pooling keeps
 no [B, N, C] copy for its backward. Before that change the pooling reshaped the strided q, which copied it; the
 ``copy`` method here reproduces that (``q.contiguous()`` inside the timed region, then the head-as-batch pooling).
 ``matmul`` is a candidate replacement: adaptive average pooling is a fixed linear map over the patches, so the
@@ -32,7 +32,8 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_attention import Clock, environment  # noqa: E402
-from mita.attention._pooling import pool_patch_queries  # noqa: E402
+
+from mita.attention import pool_patch_queries  # noqa: E402
 
 #: (name, B, prefix tokens, h, w, heads, head dim, landmark grid): DeiT-Tiny width, the reproduction's shapes
 SHAPES = [("n197-m25", 256, 1, 14, 14, 3, 64, (5, 5)), ("n3137-m25", 64, 1, 56, 56, 3, 64, (5, 5)),

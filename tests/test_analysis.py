@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mita.analysis.routing import expert_iou, key_masks, landmark_windows, query_masks, token_selection
-from mita.attention._pooling import pool_patch_queries
+from mita.attention import pool_patch_queries
 from mita.engine.runner import CONFIG_DIR, compose, evaluate_checkpoint, train
 from mita.landmarks import build_landmark_extractor
 

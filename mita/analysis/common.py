@@ -196,8 +196,8 @@ def load_eval_data(ckpt: Checkpoint, overrides: Optional[Mapping[str, Any]] = No
     ``max_images`` keeps a fixed random subset (seeded by the checkpoint's seed, as eval.py's
     ``data.max_samples``); None keeps the whole split.
     """
-    from mita.data import build_loader
     # The runner's own dataset builder, so that the numbers are eval.py's.
+    from mita.data import build_loader
     from mita.engine.runner import _datasets
 
     if max_images is not None and (isinstance(max_images, bool) or int(max_images) < 1):

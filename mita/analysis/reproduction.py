@@ -29,7 +29,6 @@ import json
 import logging
 import os
 import statistics
-import sys
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import yaml
