@@ -9,7 +9,7 @@
 # source only; mmcv-lite cannot import mmseg's models (mmseg.utils imports mmcv.ops). So mmcv 2.1.0 is built here,
 # once, with its C++ ops for the CPU, and the wheel is cached outside the repository under
 # ${MITA_CACHE:-~/.cache/mita}/wheels/<python>-torch<version>/ (a wheel only loads with the torch it was built
-# against). The build takes about 10 minutes on 2 cores (MAX_JOBS, default 2). Two patches to the sdist's setup.py:
+# against). The build takes about 16 minutes on 2 cores (MAX_JOBS, default 2). Two patches to the sdist's setup.py:
 # its hard-coded `-std=c++17` is dropped so that torch's own cpp_extension picks the standard its headers need
 # (C++17 up to torch 2.12, C++20 after), and the build runs with setuptools < 81, which still has pkg_resources.
 # CUDA is hidden during the build and the ops are compiled without optimisation or debug information
@@ -43,7 +43,7 @@ if ! ls "$wheel_dir"/mmcv-$MMCV_VERSION-*.whl >/dev/null 2>&1; then
     src="$work/mmcv-$MMCV_VERSION"
     sed -i "s/extra_compile_args\['cxx'\] = \['-std=c++17'\]/extra_compile_args['cxx'] = []/" "$src/setup.py"
     grep -q "extra_compile_args\['cxx'\] = \[\]" "$src/setup.py"
-    echo "setup_seg: building mmcv $MMCV_VERSION for $tag (MAX_JOBS=${MAX_JOBS:-2}); this takes minutes" >&2
+    echo "setup_seg: building mmcv $MMCV_VERSION for $tag (MAX_JOBS=${MAX_JOBS:-2}); about 16 minutes on 2 cores" >&2
     start=$(date +%s)
     PATH="$work/tools/bin:$PATH" PYTHONPATH="$work/tools" MMCV_WITH_OPS=1 MAX_JOBS=${MAX_JOBS:-2} \
         CUDA_VISIBLE_DEVICES="" FORCE_CUDA=0 CFLAGS="${MMCV_CFLAGS:--O0 -g0}" \

@@ -13,8 +13,9 @@ function                          script                          paper
 :func:`~.swap.swap_matrix`        ``scripts/analysis_swap.py``     Fig. 8: weights x attention matrix
 ================================  ==============================  =========================================
 
-(``scripts/analysis_ablations.py`` turns sweep folders into the ablation tables, through
-``scripts/collect_sweep.py``.)
+Run folders become tables through :mod:`~.sweep` (an m x k sweep, ``scripts/collect_sweep.py``; the ablation
+tables of ``scripts/analysis_ablations.py``) and :mod:`~.reproduction` (the small-scale reproduction's tables
+and figures, ``scripts/collect_repro.py``).
 
 Routing decisions are read through the routing hook of the attention modules, never by re-implementing
 the attention: ``module.capture_routing = True`` makes each forward of a
