@@ -28,6 +28,7 @@ that share a key tile run together and read it from L2 once.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -39,18 +40,26 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_LANDMARKS = 1024
 MAX_TOPK = 1024
 _LOW31 = 0x7FFFFFFF
+# the candidates of a row are ranked by one in-register sort (``_select_kernel``) up to this many slots, by
+# torch.topk beyond (and on CPU, where the interpreter sorts slowly)
+_SORT_MAX = 4096
 
 
 @triton.jit
-def _score_tile(r, Kg, skn, t, N, offs_d, BLOCK_N: tl.constexpr, PREC: tl.constexpr):
-    """Unscaled fp32 scores ``[BLOCK_M, BLOCK_N]`` of the landmark block ``r`` against key tile t, the
-    key indices and their validity. Both passes call this with the same shapes, so they compute the same
-    scores."""
+def _score_tile(r, Kg, skn, t, N, offs_d, BLOCK_N: tl.constexpr, PREC: tl.constexpr, LAST: tl.constexpr):
+    """Unscaled fp32 scores ``[BLOCK_M, BLOCK_N]`` of the landmark block ``r`` against key tile t (-inf
+    past N; only the LAST tile is masked). Both passes call this with the same shapes, so they compute
+    the same scores."""
     keys = t * BLOCK_N + tl.arange(0, BLOCK_N)
-    k_ok = keys < N
-    kt = tl.load(Kg + keys.to(tl.int64)[:, None] * skn + offs_d[None, :], mask=k_ok[:, None], other=0.0)
+    ptrs = Kg + keys.to(tl.int64)[:, None] * skn + offs_d[None, :]
+    if LAST:
+        kt = tl.load(ptrs, mask=(keys < N)[:, None], other=0.0)
+    else:
+        kt = tl.load(ptrs)
     s = tl.dot(r, tl.trans(kt), input_precision=PREC)  # [BLOCK_M, BLOCK_N]
-    return s, keys, k_ok
+    if LAST:
+        s = tl.where((keys < N)[None, :], s, float("-inf"))
+    return s
 
 
 @triton.jit
@@ -61,6 +70,18 @@ def _landmark_block(R, g, H, srb, srh, srm, M, mb, offs_d, BLOCK_M: tl.constexpr
     r = tl.load(R + b * srb + h * srh + rows.to(tl.int64)[:, None] * srm + offs_d[None, :],
                 mask=r_ok[:, None], other=0.0)  # [BLOCK_M, D]
     return r, rows, r_ok
+
+
+@triton.jit
+def _group_max_tile(s, gmax, m_i, l_i, scale, STATS: tl.constexpr):
+    gmax = tl.maximum(gmax, s)
+    if STATS:
+        # online softmax statistics; every tile holds a valid key, so m_new is finite
+        z = s * scale
+        m_new = tl.maximum(m_i, tl.max(z, 1))
+        l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(z - m_new[:, None]), 1)
+        m_i = m_new
+    return gmax, m_i, l_i
 
 
 @triton.jit
@@ -82,16 +103,13 @@ def _group_max_kernel(
     gmax = tl.full([BLOCK_M, BLOCK_N], float("-inf"), tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
-    for t in range(c, N_TILES, CHUNKS):
-        s, keys, k_ok = _score_tile(r, Kg, skn, t, N, offs_d, BLOCK_N, PREC)
-        s = tl.where(k_ok[None, :], s, float("-inf"))
-        gmax = tl.maximum(gmax, s)
-        if STATS:
-            # online softmax statistics; every tile holds a valid key, so m_new is finite
-            z = s * scale
-            m_new = tl.maximum(m_i, tl.max(z, 1))
-            l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(z - m_new[:, None]), 1)
-            m_i = m_new
+    # full tiles without masks, then the last tile (its program only)
+    for t in range(c, N_TILES - 1, CHUNKS):
+        s = _score_tile(r, Kg, skn, t, N, offs_d, BLOCK_N, PREC, False)
+        gmax, m_i, l_i = _group_max_tile(s, gmax, m_i, l_i, scale, STATS)
+    if (N_TILES - 1) % CHUNKS == c:
+        s = _score_tile(r, Kg, skn, N_TILES - 1, N, offs_d, BLOCK_N, PREC, True)
+        gmax, m_i, l_i = _group_max_tile(s, gmax, m_i, l_i, scale, STATS)
 
     row_off = g * M + rows  # [BLOCK_M]
     groups = c * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -103,13 +121,70 @@ def _group_max_kernel(
 
 
 @triton.jit
+def _ordered(x):
+    """int32 keys whose signed order is the float order of ``x`` (-0.0 and +0.0 get the same key)."""
+    bits = (x + 0.0).to(tl.int32, bitcast=True)
+    # flipping the magnitude bits of negative floats makes int32 order equal float order
+    return tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+
+
+@triton.jit
+def _threshold_kernel(GMAX, TAU, ROWS, P, TOPK, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr):
+    """``TAU[row]`` = the TOPK-th largest of the P group maxima of each row of ``GMAX [ROWS, P]``, lowered
+    by 2^-20 (relative). Bit by bit on order-preserving int32 keys: the sign, then 31 bits from the top,
+    each kept when at least TOPK keys reach it (32 counting passes over the row, L1-resident)."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    r_ok = rows < ROWS
+    base = GMAX + rows.to(tl.int64)[:, None] * P
+    thr = tl.full([BLOCK_R], -2147483648, tl.int32)
+    for b in tl.static_range(32):
+        # first whether the k-th key is non-negative, then bits 30 .. 0
+        if b == 0:
+            cand = tl.zeros([BLOCK_R], tl.int32)
+        else:
+            cand = thr | (1 << (31 - b))
+        n_ge = tl.zeros([BLOCK_R], tl.int32)
+        for p0 in range(0, P, BLOCK_P):
+            cols = p0 + tl.arange(0, BLOCK_P)
+            x = tl.load(base + cols[None, :], mask=r_ok[:, None] & (cols < P)[None, :], other=float("-inf"))
+            n_ge += tl.sum((_ordered(x) >= cand[:, None]).to(tl.int32), 1)
+        thr = tl.where(n_ge >= TOPK, cand, thr)
+    bits = tl.where(thr < 0, thr ^ 0x7FFFFFFF, thr)
+    tau = bits.to(tl.float32, bitcast=True)
+    # a guard: a product rounded differently by the collection pass cannot drop a candidate
+    tl.store(TAU + rows, tau - tl.abs(tau) * 9.5367431640625e-07, mask=r_ok)
+
+
+@triton.jit
+def _collect_tile(s, t, tau, out, n, CAP, BLOCK_N: tl.constexpr):
+    """Appends the scores ``>= tau`` of tile t to the rows' slots ``out + n`` as int64 keys; returns n."""
+    # each row's best score in the tile, lowest index among equals: with tau near the k-th score most
+    # rows have no candidate in a tile and few have more than one, so candidates leave one per row and
+    # round, as [BLOCK_M] vectors
+    best, col = tl.max(s, 1, return_indices=True, return_indices_tie_break_left=True)
+    if tl.max((best >= tau).to(tl.int32), 0) > 0:
+        todo = tl.sum((s >= tau[:, None]).to(tl.int32), 1)  # [BLOCK_M] candidates per row
+        rounds = tl.max(todo, 0)
+        cols = tl.arange(0, BLOCK_N)
+        for i in range(rounds):
+            hit = i < todo
+            key = (_ordered(best).to(tl.int64) << 32) | (0x7FFFFFFF - (t * BLOCK_N + col)).to(tl.int64)
+            tl.store(out + n, key, mask=hit & (n < CAP))
+            n += hit.to(tl.int32)
+            if i + 1 < rounds:
+                s = tl.where(cols[None, :] == col[:, None], float("-inf"), s)
+                best, col = tl.max(s, 1, return_indices=True, return_indices_tie_break_left=True)
+    return n
+
+
+@triton.jit
 def _collect_kernel(
     K, R, TAU, CNT, BUF, H, skb, skh, skn, srb, srh, srm, N, M, N_TILES, CHUNKS, N_MB, CAP,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
 ):
-    """Program (g, chunk c, landmark block): appends every score ``>= TAU[g, row]`` of key tiles
-    c, c + CHUNKS, ... to ``BUF [G, M, CAP]`` (int64 keys, slot from the atomic counter ``CNT [G, M]``;
-    slots past CAP are counted, not written)."""
+    """Program (g, chunk c, landmark block): writes every score ``>= TAU[g, row]`` of key tiles
+    c, c + CHUNKS, ... as an int64 key to its own slots ``BUF [G, M, CHUNKS, CAP]`` in key order, and their
+    number to ``CNT [G, M, CHUNKS]`` (keys past CAP are counted, not written)."""
     pid = tl.program_id(0)
     mb = pid % N_MB
     c = (pid // N_MB) % CHUNKS
@@ -119,24 +194,30 @@ def _collect_kernel(
     Kg = K + (g // H) * skb + (g % H) * skh
     row_off = g * M + rows  # [BLOCK_M]
     tau = tl.load(TAU + row_off, mask=r_ok, other=float("inf"))
-    buf_row = BUF + row_off.to(tl.int64)[:, None] * CAP
+    out = BUF + (row_off * CHUNKS + c).to(tl.int64) * CAP  # [BLOCK_M] pointers to the rows' slots
+    n = tl.zeros([BLOCK_M], tl.int32)
 
-    for t in range(c, N_TILES, CHUNKS):
-        s, keys, k_ok = _score_tile(r, Kg, skn, t, N, offs_d, BLOCK_N, PREC)
-        sel = (s >= tau[:, None]) & k_ok[None, :]
-        # most tiles hold no candidate once tau is close to the k-th score: one reduction, no stores
-        if tl.sum(sel.to(tl.int32)) > 0:
-            sel_i = sel.to(tl.int32)
-            n_row = tl.sum(sel_i, 1)  # [BLOCK_M]
-            # one atomic per row reserves the row's slots; the tile's candidates fill them in key order
-            base = tl.atomic_add(CNT + row_off, n_row, mask=n_row > 0, sem="relaxed")
-            slot = base[:, None] + tl.cumsum(sel_i, 1) - sel_i
-            # -0.0 + 0.0 = +0.0, so equal scores get equal keys
-            bits = (s + 0.0).to(tl.int32, bitcast=True)
-            # flipping the magnitude bits of negative floats makes int32 order equal float order
-            ordered = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
-            key = (ordered.to(tl.int64) << 32) | (0x7FFFFFFF - keys).to(tl.int64)[None, :]
-            tl.store(buf_row + slot, key, mask=sel & (slot < CAP))
+    for t in range(c, N_TILES - 1, CHUNKS):
+        s = _score_tile(r, Kg, skn, t, N, offs_d, BLOCK_N, PREC, False)
+        n = _collect_tile(s, t, tau, out, n, CAP, BLOCK_N)
+    if (N_TILES - 1) % CHUNKS == c:
+        s = _score_tile(r, Kg, skn, N_TILES - 1, N, offs_d, BLOCK_N, PREC, True)
+        n = _collect_tile(s, N_TILES - 1, tau, out, n, CAP, BLOCK_N)
+    tl.store(CNT + row_off * CHUNKS + c, n, mask=r_ok)
+
+
+@triton.jit
+def _select_kernel(BUF, CNT, OUT, CHUNKS, CAP, TOPK, BLOCK: tl.constexpr):
+    """Row ``pid``: the TOPK largest candidate keys of ``BUF [rows, CHUNKS, CAP]`` (the first ``CNT`` slots of
+    each chunk hold keys), largest first, decoded to indices ``OUT [rows, TOPK]``."""
+    row = tl.program_id(0).to(tl.int64)
+    i = tl.arange(0, BLOCK)
+    chunk = i // CAP
+    ok = i < CHUNKS * CAP
+    n = tl.load(CNT + row * CHUNKS + chunk, mask=ok, other=0)
+    key = tl.load(BUF + row * CHUNKS * CAP + i, mask=ok & (i - chunk * CAP < n), other=-9223372036854775808)
+    key = tl.sort(key, descending=True)
+    tl.store(OUT + row * TOPK + i, 0x7FFFFFFF - (key & 0x7FFFFFFF), mask=i < TOPK)
 
 
 def launch_config(N: int, m: int, d: int, G: int, topk: int, device: torch.device) -> dict:
@@ -145,10 +226,11 @@ def launch_config(N: int, m: int, d: int, G: int, topk: int, device: torch.devic
     * ``block_m`` landmarks per program: m padded to a power of two >= 16 (``tl.dot``'s minimum), at most
       128: K is read once per landmark block (``ceil(m / block_m) N d`` elements per head, shared in L2 by
       the programs of one key tile, which run together), and the scores cost ``m N d`` multiply-adds.
-    * ``block_n = 64`` keys per tile; ``num_warps`` 4, 8 at ``block_m = 128``; ``num_stages = 3``.
+    * ``block_n = 64`` keys per tile; ``num_warps`` 4, 8 at ``block_m >= 64``; ``num_stages = 3``.
     * ``chunks`` programs along N (tile t goes to program ``t mod chunks``): enough for ``P = chunks
       block_n >= 4 topk`` groups and for >= 4 programs per SM, at most one per tile.
-    * ``capacity`` candidate slots per row: ``2 topk + 128`` (random keys leave about ``1.1 topk``).
+    * ``capacity`` candidate slots per (row, chunk): twice the mean (about ``1.25 topk / chunks`` on random
+      keys) plus six standard deviations of a Poisson count, so that a second collection is rare.
 
     sm_90 (Triton 3.8, ptxas ``--gpu-name sm_90a``), d = 64, bf16, block_n = 64, num_stages = 3:
 
@@ -165,8 +247,11 @@ def launch_config(N: int, m: int, d: int, G: int, topk: int, device: torch.devic
     n_mb = triton.cdiv(m, block_m)
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
     chunks = min(n_tiles, max(triton.cdiv(4 * topk, block_n), triton.cdiv(4 * sms, G * n_mb)))
-    return dict(block_m=block_m, block_n=block_n, chunks=chunks, capacity=2 * topk + 128,
-                num_warps=8 if block_m >= 128 else 4, num_stages=3)
+    # candidates of one (row, chunk): about 1.25 topk / chunks on unstructured keys, with room for its
+    # fluctuation (and twice that) before a second collection is needed
+    mean = 1.25 * topk / chunks + 1
+    return dict(block_m=block_m, block_n=block_n, chunks=chunks, capacity=math.ceil(2 * mean + 6 * math.sqrt(mean) + 8),
+                num_warps=8 if block_m >= 64 else 4, num_stages=3)
 
 
 def _bhn(t: torch.Tensor):
@@ -234,25 +319,31 @@ def topk_stream(k_keys: torch.Tensor, landmarks: torch.Tensor, topk: int, *, ret
         kf, rf, gmax, row_max, row_sum, H, *ks, *rs, N, m, n_tiles, chunks, n_mb,
         d ** -0.5 if scale is None else scale, STATS=return_stats, **common,
     )
-    # k distinct groups hold a score >= tau: a lower bound of each row's k-th score, lowered by 2^-20
-    # (relative) so that a product rounded differently by the second pass cannot drop a candidate
-    tau = torch.kthvalue(gmax, gmax.shape[-1] - topk + 1, dim=-1).values  # [G, m]
-    tau = (tau - tau.abs() * 2.0 ** -20).contiguous()
+    # k distinct groups hold a score >= tau: a lower bound of each row's k-th score
+    tau = torch.empty(G, m, dtype=torch.float32, device=dev)
+    P = chunks * bn
+    _threshold_kernel[(triton.cdiv(G * m, 4),)](gmax, tau, G * m, P, topk, BLOCK_R=4,
+                                                BLOCK_P=min(1024, triton.next_power_of_2(P)), num_warps=4)
     del gmax
 
     cap = cfg["capacity"]
     while True:
-        cnt = torch.zeros(G, m, dtype=torch.int32, device=dev)
-        buf = torch.empty(G, m, cap, dtype=torch.int64, device=dev)  # [G, m, cap] candidate keys
+        cnt = torch.empty(G, m, chunks, dtype=torch.int32, device=dev)
+        buf = torch.empty(G, m, chunks, cap, dtype=torch.int64, device=dev)  # candidate keys per chunk
         _collect_kernel[grid](kf, rf, tau, cnt, buf, H, *ks, *rs, N, m, n_tiles, chunks, n_mb, cap, **common)
         need = int(cnt.max())
         if need <= cap:
             break
-        cap = need  # adversarial inputs only: collect again with room for every row's candidates
-    empty = torch.arange(cap, device=dev) >= cnt[..., None].long()
-    keys = buf.masked_fill_(empty, torch.iinfo(torch.int64).min)
-    best = keys.topk(topk, dim=-1, sorted=True).values  # [G, m, topk], unique keys: no ties
-    idx = (_LOW31 - (best & _LOW31)).view(B, H, m, topk)
+        cap = need  # adversarial inputs only: collect again with room for every chunk's candidates
+    idx = torch.empty(B, H, m, topk, dtype=torch.int64, device=dev)
+    block = triton.next_power_of_2(chunks * cap)
+    if cfg.get("final", "sort" if k_keys.is_cuda else "topk") == "sort" and block <= _SORT_MAX:
+        _select_kernel[(G * m,)](buf, cnt, idx, chunks, cap, topk, BLOCK=block, num_warps=4 if block <= 1024 else 8)
+    else:
+        empty = torch.arange(cap, device=dev) >= cnt[..., None]
+        keys = buf.masked_fill_(empty, torch.iinfo(torch.int64).min).view(G, m, chunks * cap)
+        best = keys.topk(topk, dim=-1, sorted=True).values  # [G, m, topk], unique keys: no ties
+        idx.copy_((_LOW31 - (best & _LOW31)).view(B, H, m, topk))
     if not return_stats:
         return idx
     big_m = row_max.amax(-1, keepdim=True)  # [G, m, 1]

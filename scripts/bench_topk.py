@@ -3,6 +3,7 @@
     python3 scripts/bench_topk.py                      # every case, bf16, d = 64: about a minute on an H200
     python3 scripts/bench_topk.py --cases 2 --reps 20  # only the third case (0-based), fewer reps
     python3 scripts/bench_topk.py --smoke              # CPU: Triton's interpreter, two tiny cases (tests)
+    python3 scripts/bench_topk.py --config block_m=64,num_warps=8   # override the launch configuration
 
 Per case (B, H, N, m = k), d = 64: a gate first checks the kernel's index sets against ``torch.topk`` of
 fp32 scores of the same inputs (IEEE products, per head), allowing a different choice only where the
@@ -56,10 +57,10 @@ def baseline(k_keys, landmarks, topk):
     return (landmarks @ k_keys.transpose(-1, -2)).topk(topk, dim=-1, sorted=False).indices
 
 
-def gate(k_keys, landmarks, topk, rtol=1e-5):
+def gate(k_keys, landmarks, topk, config, rtol=1e-5):
     """Whether the kernel's index sets match torch.topk on fp32 scores (up to rounding ties); checked per head
     so that the fp32 score matrix stays one head large."""
-    idx = topk_stream(k_keys, landmarks, topk)
+    idx = topk_stream(k_keys, landmarks, topk, config=config)
     B, H = k_keys.shape[:2]
     for b in range(B):
         for h in range(H):
@@ -118,7 +119,9 @@ def main():
     p.add_argument("--reps", type=int, default=50)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--sets", type=int, default=3, help="input sets rotated between calls")
+    p.add_argument("--config", default="", help="launch_config overrides, e.g. block_m=64,num_warps=8")
     args = p.parse_args()
+    overrides = {kv.split("=")[0]: int(kv.split("=")[1]) for kv in args.config.split(",") if kv}
     cuda = torch.cuda.is_available() and not args.smoke
     dev = torch.device("cuda" if cuda else "cpu")
     cases = SMOKE_CASES if args.smoke else CASES
@@ -131,19 +134,21 @@ def main():
     import triton
 
     print(f"# {card}, torch {torch.__version__}, triton {triton.__version__}, {str(dtype)[6:]}, d = {d}, "
-          f"median of {reps} calls, {args.sets} input sets")
+          f"median of {reps} calls, {args.sets} input sets" + (f", config {overrides}" if overrides else ""))
     print("| B | H | N | m = k | gate | method | ms | peak MiB | eff. GB/s | speed-up |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for B, H, N, mk in cases:
         g = torch.Generator(device=dev).manual_seed(N)
         sets = [(torch.randn(B, H, N, d, device=dev, dtype=dtype, generator=g),
                  torch.randn(B, H, mk, d, device=dev, dtype=dtype, generator=g)) for _ in range(args.sets)]
-        ok = gate(*sets[0], mk)
         cfg = launch_config(N, mk, d, B * H, mk, dev)
+        cfg.update(overrides)
+        ok = gate(*sets[0], mk, cfg)
+        kernel = lambda k_, r_, t_: topk_stream(k_, r_, t_, config=cfg)  # noqa: E731
         nbytes = B * H * math.ceil(mk / cfg["block_m"]) * N * d * sets[0][0].element_size()
         rows = []
         if ok:
-            for name, fn in (("topk_stream", topk_stream), ("matmul+topk", baseline)):
+            for name, fn in (("topk_stream", kernel), ("matmul+topk", baseline)):
                 ms = time_ms(lambda k_, r_: fn(k_, r_, mk), sets, reps, warmup, cuda)
                 rows.append((name, ms, peak_mib(lambda k_, r_: fn(k_, r_, mk), sets[0], cuda)))
         else:

@@ -87,6 +87,18 @@ def test_sets_match_float64_topk(N, m, topk):
     _assert_topk_sets(idx, k_keys, landmarks, topk)
 
 
+@pytest.mark.parametrize("final", ["sort", "topk"])
+def test_final_ranking_by_sort_kernel_and_by_torch(final):
+    """The candidates are ranked by the in-register sort kernel (CUDA's default) or by torch.topk (CPU's):
+    the same indices in the same order."""
+    N, m, topk = 120, 3, 11
+    k_keys, landmarks = _randn(1, 1, N, 32, seed=11), _randn(1, 1, m, 32, seed=12)
+    idx = topk_stream(k_keys, landmarks, topk, config=dict(_small_config(N, topk), final=final))
+    _assert_topk_sets(idx, k_keys, landmarks, topk)
+    scores = _scores64(k_keys, landmarks).gather(-1, idx.cpu())
+    assert (scores.diff(dim=-1) <= 0).all(), "rows are not ordered by score"
+
+
 def test_default_launch_config():
     """The launch configuration the GPU uses, here in the interpreter (one 64-key tile per chunk)."""
     N, m, topk = 300, 20, 30
