@@ -1,25 +1,28 @@
-"""The analyses (mita.analysis, scripts/analysis_*.py) on tiny checkpoints."""
+"""The analyses (mita.analysis, ``python -m mita.analysis NAME``) on tiny checkpoints."""
 import json
+import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
 
+from mita.analysis import cli
 from mita.analysis.routing import expert_iou, key_masks, landmark_windows, query_masks, token_selection
 from mita.attention import pool_patch_queries
 from mita.engine.runner import CONFIG_DIR, compose, evaluate_checkpoint, train
 from mita.landmarks import build_landmark_extractor
 
 REPO = CONFIG_DIR.parent
-sys.path.insert(0, str(REPO / "scripts"))
-import analysis_ablations  # noqa: E402
-import analysis_experts  # noqa: E402
-import analysis_mk_grid  # noqa: E402
-import analysis_overlap  # noqa: E402
-import analysis_pruning  # noqa: E402
-import analysis_swap  # noqa: E402
 
-sys.path.pop(0)
+
+def _command(name):
+    """``python -m mita.analysis NAME`` as a callable: ``.main(argv)`` runs ``cli.main([NAME, *argv])``."""
+    return SimpleNamespace(main=lambda argv=None: cli.main([name, *(argv or [])]))
+
+
+analysis_ablations, analysis_experts, analysis_mk_grid, analysis_overlap, analysis_pruning, analysis_swap = (
+    _command(name) for name in ("ablations", "experts", "mk_grid", "overlap", "pruning", "swap"))
 
 # 16 x 16 synthetic images, patch 2: 8 x 8 patches + cls = 65 tokens; width 32, 2 blocks, 2 heads, 2 steps.
 TINY = ["data=synthetic", "data.img_size=16", "data.synthetic_size=32", "model.kwargs.embed_dim=32",
@@ -240,3 +243,16 @@ def test_fp16_export_is_an_analysable_checkpoint(ckpts, tmp_path):
     assert fp16.is_file()
     assert analysis_overlap.main([str(fp16), "--out", str(tmp_path / "again"), "--no-progress"]) == 0
     _png(tmp_path / "again" / "overlap.png")
+
+
+def test_python_m_mita_analysis(ckpts, tmp_path):
+    """The module's command line: its commands listed, an unknown one refused, one run end to end."""
+    run = [sys.executable, "-m", "mita.analysis"]
+    result = subprocess.run(run + ["--help"], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0 and all(name in result.stdout for name in cli.COMMANDS)
+    result = subprocess.run(run + ["nope"], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 2 and "unknown NAME 'nope'" in result.stderr
+    result = subprocess.run(run + ["overlap", ckpts["mita"], "--out", str(tmp_path), "--max-images", "8",
+                                   "--no-progress"], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    _png(tmp_path / "overlap.png")

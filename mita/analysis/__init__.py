@@ -1,20 +1,20 @@
 """The paper's analyses of a trained checkpoint: token pruning, experts, routing overlap, (m, k) grid, swaps.
 
 Each analysis is a function that takes a ``train.py`` checkpoint, writes a PNG plus its numbers (JSON and
-CSV) to an output folder and returns the JSON payload; ``scripts/analysis_*.py`` are their command lines:
+CSV) to an output folder and returns the JSON payload; ``python -m mita.analysis NAME`` (:mod:`.cli`) runs them:
 
-================================  ==============================  =========================================
-function                          script                          paper
-================================  ==============================  =========================================
-:func:`~.pruning.token_pruning`   ``scripts/analysis_pruning.py``  Fig. 4: tokens no routed expert keeps
-:func:`~.experts.expert_maps`     ``scripts/analysis_experts.py``  Fig. 3: window, top-k keys, routed queries
-:func:`~.overlap.routing_overlap` ``scripts/analysis_overlap.py``  Fig. 5: IoU of keys and routed queries
-:func:`~.mk_grid.mk_grid`         ``scripts/analysis_mk_grid.py``  Fig. 7: other (m, k) at inference
-:func:`~.swap.swap_matrix`        ``scripts/analysis_swap.py``     Fig. 8: weights x attention matrix
-================================  ==============================  =========================================
+=================================  ===========  ============================================
+function                           command      paper
+=================================  ===========  ============================================
+:func:`~.pruning.token_pruning`    ``pruning``  Fig. 4: tokens no routed expert keeps
+:func:`~.experts.expert_maps`      ``experts``  Fig. 3: window, top-k keys, routed queries
+:func:`~.overlap.routing_overlap`  ``overlap``  Fig. 5: IoU of keys and routed queries
+:func:`~.mk_grid.mk_grid`          ``mk_grid``  Fig. 7: other (m, k) at inference
+:func:`~.swap.swap_matrix`         ``swap``     Fig. 8: weights x attention matrix
+=================================  ===========  ============================================
 
 Run folders become tables through :mod:`~.sweep` (an m x k sweep, ``scripts/collect_sweep.py``; the ablation
-tables of ``scripts/analysis_ablations.py``) and :mod:`~.reproduction` (the small-scale reproduction's tables
+tables of ``python -m mita.analysis ablations``) and :mod:`~.reproduction` (the small-scale reproduction's tables
 and figures, ``scripts/collect_repro.py``).
 
 Routing decisions are read through the routing hook of the attention modules, never by re-implementing

@@ -1,13 +1,12 @@
 """The paper's ablation tables from sweep folders: landmark extractors, routed vs shared experts, top-1 vs top-2.
 
-    for p in grid 1d random learned conv dwconv tome; do
-        python train.py experiment=fmnist attention.pool=$p attention.tag=mita_$p; done
+    python train.py -m experiment=fmnist attention.pool=grid,1d,random 'attention.tag=mita_${attention.pool}'
     python train.py -m experiment=fmnist attention=mita,mita_route_only,mita_compress_only,mita_top2
-    python scripts/analysis_ablations.py outputs/fmnist --out outputs/ablations
-    python scripts/analysis_ablations.py outputs/fmnist outputs/fmnist_more --metric best_acc1 --where trainer.epochs=30
+    python -m mita.analysis ablations outputs/fmnist --out outputs/ablations
+    python -m mita.analysis ablations outputs/fmnist outputs/fmnist_more --metric best_acc1 --where trainer.epochs=30
 
 Every run folder under the SWEEP_DIRs (config.yaml + log.jsonl, what train.py writes) is read with
-mita.analysis.sweep (scripts/collect_sweep.py); runs that differ only in their seed are averaged (mean ± std). Three tables, each
+mita.analysis.sweep; runs that differ only in their seed are averaged (mean ± std). Three tables, each
 over the MiTA runs it concerns (runs with dwc or gate are left out; --where filters further):
 
 - landmark extractors: rows attention.pool, columns (m, k); runs with both experts and top-1 routing;
@@ -29,7 +28,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 from mita.analysis import sweep as collect_sweep
 from mita.analysis.common import write_json
 
-_logger = logging.getLogger("analysis_ablations")
+_logger = logging.getLogger(__name__)
 
 
 def _is_true(value: Any) -> bool:
@@ -103,7 +102,8 @@ def tables(runs: Sequence[Dict[str, Any]], metric: str) -> Tuple[str, Dict[str, 
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m mita.analysis ablations", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sweep_dirs", nargs="+", help="folders holding train.py runs (searched recursively)")
     parser.add_argument("--metric", default="val_acc1", help="log.jsonl key (default val_acc1)")
     parser.add_argument("--where", action="append", default=[], metavar="KEY=VALUE",
@@ -138,7 +138,3 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     sys.stdout.write(header + text)
     _logger.info("wrote %s.md and %s.json (%d MiTA runs)", prefix, prefix, len(runs))
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
