@@ -12,11 +12,10 @@ __all__ = ["available", "supports", "mita_attention", "supports_fused", "mita_at
            "MAX_LANDMARKS", "MAX_TOPK"]
 
 HEAD_DIMS = (32, 64, 128)
-# Whether kernels.mita_attention routes short sequences (N <= 256, m <= 64, r <= 2) through the fused
-# kernels of kernels/fused_small.py (one forward and one backward launch). They pass every GPU test but
-# are slower than the general kernels as they stand (H100, DeiT-S shape, bf16, forward+backward: 6.66
-# against 3.92 ms), so they are opt-in until tuned.
-FUSED_SMALL = False
+# Whether short sequences (N <= 256, m <= 64, r <= 2) take the fused kernels of kernels/fused_small.py (one
+# forward and one backward launch, routing selected in the kernel): mita.functional.mita_attention and
+# kernels.mita_attention send every case they support there. Off, they use the general kernels.
+FUSED_SMALL = True
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_LANDMARKS = 1024
 MAX_TOPK = 1024

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from ..functional import _expert_tiles
+from .layout import expert_tiles as _expert_tiles
 from .routed import routed_backward, routed_forward, shared_backward
 from .small_ops import _unit_last_stride  # the kernels take any batch, head and row strides, a unit last one
 

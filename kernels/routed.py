@@ -1,6 +1,6 @@
 """Triton kernels for the routed experts of MiTA: queries grouped by expert into tiles.
 
-The tile layout is the one of ``mita.functional._expert_tiles``: the ``E = N r`` (query, slot) entries of
+The tile layout is the one of ``layout.expert_tiles``: the ``E = N r`` (query, slot) entries of
 one (batch, head) are sorted by expert into ``S`` tiles of ``T`` entries that hold one expert each. A
 tile's queries all attend to the same ``topk`` keys, so one program loads them once for up to
 ``BLOCK_M`` queries. All index tensors are int64 and every row offset is formed in int64, so
@@ -291,7 +291,7 @@ def routed_forward(q, k, v, landmarks, shared_v, topk_idx, lay, r, scale, scale_
 
     ``q, k, v`` ``[B, H, N, d]`` with any batch, head and row strides and a unit last one (a ViT's qkv views
     are read in place); ``landmarks`` and ``shared_v`` ``[G, m, d]`` (``None`` without the shared expert) and
-    ``topk_idx`` ``[G, m, topk]`` contiguous; ``lay`` from ``_expert_tiles`` over ``E = N r`` entries; ``o``
+    ``topk_idx`` ``[G, m, topk]`` contiguous; ``lay`` from ``layout.expert_tiles`` over ``E = N r`` entries; ``o``
     (any float dtype, any strides with a unit last one) and ``lse`` (float32, contiguous) are written for
     every entry.
     """

@@ -3,7 +3,7 @@
 One forward launch computes routing (landmark scores, top-k, gate), the shared expert and the attention;
 one backward launch produces dq, dk, dv and the landmark gradient. The routing is either selected in the
 forward kernel or passed in (``routing=``); the backward always reuses the forward's selection (saved as
-a uint8 mask and the expert ids), so it never selects again.
+a uint8 multiplicity mask and int32 expert ids), so it never selects again.
 
 Both passes are torch custom ops (``mita::small_fwd``, ``mita::small_bwd``) with an autograd formula, as
 the general kernels in ``ops.py``: ``torch.compile`` captures them whole and CUDA graphs can record them
@@ -19,8 +19,8 @@ from . import fused_small
 
 __all__ = ["SMALL_MAX_N", "SMALL_MAX_LANDMARKS", "supports", "mita_attention_small"]
 
-# Largest sequence the fused kernels take: the forward holds the [m, N] landmark-key scores of a head in
-# registers for the top-k selection (N padded to a power of two); 256 covers ViT/DeiT's 197 tokens.
+# Largest sequence the fused kernels take: a program holds whole rows of a head on chip (N padded to a
+# power of two); 256 covers ViT/DeiT's 197 tokens.
 SMALL_MAX_N = 256
 # Largest number of landmarks (experts), for the same reason.
 SMALL_MAX_LANDMARKS = 64
@@ -34,7 +34,7 @@ def _alloc(shape, dtype, device):
         return torch.empty(shape, dtype=dtype, device=device)
     if dtype.is_floating_point:
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    # uint8 selection mask: 255 would count a key 255 times; int64 ids: -1 is no key or expert
+    # uint8 selection mask: 255 would count a key 255 times; int ids: -1 is no key or expert
     return torch.full(shape, 255 if dtype == torch.uint8 else -1, dtype=dtype, device=device)
 
 
@@ -60,83 +60,115 @@ def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def _empty(q: torch.Tensor, dtype=torch.int32) -> torch.Tensor:
+    return q.new_empty(0, dtype=dtype)
+
+
 @torch.library.custom_op("mita::small_fwd", mutates_args=())
 def small_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, landmarks: torch.Tensor,
-    topk_idx: Optional[torch.Tensor], expert_idx: Optional[torch.Tensor], topk: int, router_topk: int,
-    shared: bool, scale_shared: float, write_topk: bool, allow_tf32: bool,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(out [B, H, N, d], lse [G, N], sel, topk_idx [G, m, topk], expert_idx [G, N, r])``; with a given
-    routing (``topk_idx [G, m, topk]``, ``expert_idx [G, N, r]``, int64 contiguous) the last two are empty,
-    and so is ``topk_idx`` unless ``write_topk``."""
+    sel: Optional[torch.Tensor], expert: Optional[torch.Tensor], topk: int, router_topk: int,
+    shared: bool, scale_shared: float, allow_tf32: bool,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(out [B, H, N, d], lse [G, N], sel [G, MP, NP], expert [G, N, r], vs [G, MP, d], lse_sh [G, MP])``.
+
+    With a given routing (``sel`` uint8, ``expert`` int32, as :func:`routing_tensors` builds them) the
+    returned ``sel`` and ``expert`` are empty (outputs may not alias inputs; the caller keeps its own).
+    """
     q, k, v, landmarks = (_unit_last_stride(t) for t in (q, k, v, landmarks))
-    out, lse, sel, topk_out, expert_out = fused_small.forward(
-        q, k, v, landmarks, topk, router_topk, shared, scale_shared, topk_idx=topk_idx, expert_idx=expert_idx,
-        write_topk=write_topk, allow_tf32=allow_tf32, alloc=_alloc,
+    out, lse, sel_out, exp_out, vs, lsh = fused_small.forward(
+        q, k, v, landmarks, topk, router_topk, shared, scale_shared, sel=sel, expert=expert,
+        allow_tf32=allow_tf32, alloc=_alloc,
     )
-    if expert_idx is not None:
-        # custom-op outputs may not alias inputs: the caller keeps the routing it passed
-        return out, lse, sel, q.new_empty(0, dtype=torch.int64), q.new_empty(0, dtype=torch.int64)
-    return out, lse, sel, (topk_out if write_topk else q.new_empty(0, dtype=torch.int64)), expert_out
+    if expert is not None:
+        return out, lse, _empty(q, torch.uint8), _empty(q), vs, lsh
+    return out, lse, sel_out, exp_out, vs, lsh
 
 
 @small_fwd.register_fake
-def _(q, k, v, landmarks, topk_idx, expert_idx, topk, router_topk, shared, scale_shared, write_topk, allow_tf32):
+def _(q, k, v, landmarks, sel, expert, topk, router_topk, shared, scale_shared, allow_tf32):
     B, H, N, d = q.shape
     m = landmarks.shape[2]
-    sel_shape, _ = fused_small.sel_shape(B * H, N, m, d, q.element_size(), topk)
-    def empty():  # one new tensor each: outputs that alias one another would not match the real op
-        return q.new_empty(0, dtype=torch.int64)
-
-    select = expert_idx is None
+    sel_shape, exp_shape, vs_shape, lsh_shape = fused_small.saved_shapes(B, H, N, m, d, router_topk, topk, shared)
+    select = expert is None
     return (
         q.new_empty(B, N, H, d).transpose(1, 2),  # out, token-major as the kernel writes it
-        q.new_empty(B * H, N, dtype=torch.float32), q.new_empty(sel_shape, dtype=torch.uint8),
-        q.new_empty(B * H, m, topk, dtype=torch.int64) if select and write_topk else empty(),
-        q.new_empty(B * H, N, router_topk, dtype=torch.int64) if select else empty(),
+        q.new_empty(B * H, N, dtype=torch.float32),
+        q.new_empty(sel_shape, dtype=torch.uint8) if select else _empty(q, torch.uint8),
+        q.new_empty(exp_shape, dtype=torch.int32) if select else _empty(q),
+        q.new_empty(vs_shape),
+        q.new_empty(lsh_shape, dtype=torch.float32),
     )
 
 
 @torch.library.custom_op("mita::small_bwd", mutates_args=())
 def small_bwd(
     grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, landmarks: torch.Tensor,
-    out: torch.Tensor, lse: torch.Tensor, sel: torch.Tensor, expert_idx: torch.Tensor, topk: int, shared: bool,
-    scale_shared: float, allow_tf32: bool,
+    out: torch.Tensor, lse: torch.Tensor, sel: torch.Tensor, expert: torch.Tensor, vs: torch.Tensor,
+    lse_sh: torch.Tensor, topk: int, shared: bool, scale_shared: float, multi: bool, allow_tf32: bool,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(dq, dk, dv, dR)`` in the dtype of q; ``dR`` empty without the shared expert."""
+    """``(dq, dk, dv, dR)`` in the dtype of q; ``dR`` empty without the shared expert. ``multi``: the mask
+    may count a key twice for one query (r = 2 or a routing passed in)."""
     q, k, v, landmarks = (_unit_last_stride(t) for t in (q, k, v, landmarks))
     grad_out = _unit_last_stride(grad_out.to(q.dtype))
     dq, dk, dv, dr = fused_small.backward(
-        q, k, v, landmarks, out, grad_out, lse, sel, expert_idx, topk, shared, scale_shared,
+        q, k, v, landmarks, out, grad_out, lse, sel, expert, vs, lse_sh, topk, shared, scale_shared, multi,
         allow_tf32=allow_tf32, alloc=_alloc,
     )
     return dq, dk, dv, (q.new_empty(0) if dr is None else dr)
 
 
 @small_bwd.register_fake
-def _(grad_out, q, k, v, landmarks, out, lse, sel, expert_idx, topk, shared, scale_shared, allow_tf32):
+def _(grad_out, q, k, v, landmarks, out, lse, sel, expert, vs, lse_sh, topk, shared, scale_shared, multi,
+      allow_tf32):
     return (q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape),
             q.new_empty(landmarks.shape) if shared else q.new_empty(0))
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, landmarks, topk_idx, expert_idx, topk, router_topk, shared, scale_shared, write_topk, allow_tf32 = inputs
-    out, lse, sel, _, expert_out = output
-    # the backward reuses the forward's selection: the mask, and the expert ids passed in or chosen
-    ctx.save_for_backward(q, k, v, landmarks, out, lse, sel, expert_out if expert_idx is None else expert_idx)
-    ctx.meta = (topk, shared, scale_shared, allow_tf32)
+    q, k, v, landmarks, sel, expert, topk, router_topk, shared, scale_shared, allow_tf32 = inputs
+    out, lse, sel_out, exp_out, vs, lsh = output
+    # the backward reuses the forward's selection: the mask and the expert ids, chosen or passed in
+    multi = expert is not None or router_topk == 2
+    if expert is None:
+        sel, expert = sel_out, exp_out
+    ctx.save_for_backward(q, k, v, landmarks, out, lse, sel, expert, vs, lsh)
+    ctx.meta = (topk, shared, scale_shared, multi, allow_tf32)
 
 
 def _backward(ctx, grad_out, *_):
-    q, k, v, landmarks, out, lse, sel, expert_idx = ctx.saved_tensors
-    topk, shared, scale_shared, allow_tf32 = ctx.meta
-    dq, dk, dv, dr = small_bwd(grad_out, q, k, v, landmarks, out, lse, sel, expert_idx, topk, shared,
-                               scale_shared, allow_tf32)
+    q, k, v, landmarks, out, lse, sel, expert, vs, lsh = ctx.saved_tensors
+    topk, shared, scale_shared, multi, allow_tf32 = ctx.meta
+    dq, dk, dv, dr = small_bwd(grad_out, q, k, v, landmarks, out, lse, sel, expert, vs, lsh, topk, shared,
+                               scale_shared, multi, allow_tf32)
     # without the shared expert the landmarks only select, which carries no gradient
-    return dq, dk, dv, (dr if shared else None), None, None, None, None, None, None, None, None
+    return dq, dk, dv, (dr if shared else None), None, None, None, None, None, None, None
 
 
 torch.library.register_autograd("mita::small_fwd", _backward, setup_context=_setup_context)
+
+
+def routing_tensors(topk_idx: torch.Tensor, expert_idx: torch.Tensor, N: int, m: int):
+    """The kernels' form of a routing ``(topk_idx [B, H, m, topk], expert_idx [B, H, N, r])``: the uint8
+    multiplicity mask ``[G, MP, NP]`` (a key listed twice by one expert counts twice) and int32 expert ids
+    ``[G, N, r]``."""
+    B, H = topk_idx.shape[:2]
+    G, topk = B * H, topk_idx.shape[-1]
+    sel = torch.zeros(G, fused_small.padded(m), fused_small.padded(N), dtype=torch.uint8, device=topk_idx.device)
+    if topk > 0:
+        idx = topk_idx.reshape(G, m, topk).long()
+        sel[:, :m].scatter_add_(2, idx, torch.ones_like(idx, dtype=torch.uint8))
+    return sel, expert_idx.reshape(G, N, -1).to(torch.int32).contiguous()
+
+
+def selected_keys(sel: torch.Tensor, B: int, H: int, N: int, m: int, topk: int) -> torch.Tensor:
+    """``topk_idx [B, H, m, topk]`` (int64, ascending) from the kernel's own 0/1 selection mask."""
+    if topk == 0:
+        return torch.empty(B, H, m, 0, dtype=torch.long, device=sel.device)
+    mask = sel[:, :m, :N].to(torch.int16)  # [G, m, N]
+    # a stable descending sort puts the selected keys first, in ascending order
+    order = torch.argsort(mask, dim=-1, descending=True, stable=True)[..., :topk]
+    return order.view(B, H, m, topk)
 
 
 def mita_attention_small(q, k, v, landmarks, topk, router_topk, shared, scale_shared, *, routing=None,
@@ -157,15 +189,20 @@ def mita_attention_small(q, k, v, landmarks, topk, router_topk, shared, scale_sh
     """
     B, H, N, _ = q.shape
     m = landmarks.shape[2]
-    args = (topk, router_topk, bool(shared), float(scale_shared))
-    if routing is not None:
-        topk_idx, expert_idx = routing
-        idx = topk_idx.reshape(B * H, m, topk).long().contiguous()  # [G, m, topk]
-        exp = expert_idx.reshape(B * H, N, router_topk).long().contiguous()  # [G, N, r]
-        out = small_fwd(q, k, v, landmarks, idx, exp, *args, False, bool(allow_tf32))[0]
-        return (out, (topk_idx, expert_idx)) if return_routing else out
-    out, _, _, topk_idx, expert_idx = small_fwd(q, k, v, landmarks, None, None, *args, bool(return_routing),
-                                                bool(allow_tf32))
-    if not return_routing:
-        return out
-    return out, (topk_idx.view(B, H, m, topk), expert_idx.view(B, H, N, router_topk))
+    args = (topk, router_topk, bool(shared), float(scale_shared), bool(allow_tf32))
+    if routing is None and topk > 0:
+        out, _, sel, expert, _, _ = small_fwd(q, k, v, landmarks, None, None, *args)
+        if not return_routing:
+            return out
+        return out, (selected_keys(sel, B, H, N, m, topk), expert.view(B, H, N, router_topk).long())
+    if routing is None:
+        # shared expert only: nothing to select for the attention; the experts only when asked for
+        sel, expert = _empty(q, torch.uint8), _empty(q)
+        if return_routing:
+            from .routing import route_queries
+
+            routing = (q.new_empty(B, H, m, 0, dtype=torch.long), route_queries(q, landmarks, router_topk))
+    else:
+        sel, expert = routing_tensors(*routing, N, m)
+    out = small_fwd(q, k, v, landmarks, sel, expert, *args)[0]
+    return (out, tuple(routing)) if return_routing else out

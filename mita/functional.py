@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from . import kernels
+from .kernels.layout import expert_tiles as _expert_tiles
 
 __all__ = ["mita_attention", "mita_routing", "mita_attention_macs", "counting_flops"]
 
@@ -74,6 +75,10 @@ def mita_attention(
     if _COUNTING and not return_routing:
         # One opaque op computes routing and attention, so FlopCounterMode counts each matmul once.
         return torch.ops.mita.mita_attention_counted(q, k, v, landmarks, topk, router_topk, shared, shared_scale)
+    if routing is None and impl in ("auto", "triton") and _short_kernel(q, landmarks, topk, router_topk, impl):
+        # ViT lengths: selection, shared expert and attention in one fused launch (no routing in memory)
+        return kernels.mita_attention_fused(q, k, v, landmarks, topk, router_topk, shared,
+                                            _shared_scale(q.shape[-1], shared_scale), return_routing=return_routing)
     if routing is None:
         routing = mita_routing(q, k, landmarks, topk, router_topk)
     else:
@@ -265,49 +270,12 @@ def _mita_torch(q, k, v, landmarks, topk_idx, expert_idx, shared, scale_shared):
     return out.view(B, H, N, d)
 
 
-def _expert_tiles(expert: torch.Tensor, m: int, N: int, r: int) -> dict:
-    """Group (query, slot) entries by expert into tiles of ``tile`` entries that hold one expert each.
-
-    ``expert`` [G, N*r] holds the expert of entry ``n*r + j``. Expert e fills ceil(count_e / tile) tiles;
-    with tile = ceil(N r / m) the static bound ``num_tiles = ceil((N r + m (tile - 1)) / tile)`` holds for
-    every routing, so shapes never depend on the data and nothing syncs with the host.
-    Returns index tensors (all int64):
-      slot_token  [G, S*T]  token whose query fills each tile slot (N = padding),
-      slot_source [G, S*T]  entry n*r+j that fills each slot (N*r = padding),
-      slot_of     [G, N*r]  slot that holds each entry,
-      tile_expert [G, S]    expert of each tile (0 for unused tiles),
-      tile_count  [G, S]    entries in each tile (slots fill from the start; 0 for unused tiles).
-    """
-    G, E = expert.shape
-    device = expert.device
-    tile = max(1, -(-E // m))
-    num_tiles = -(-(E + m * (tile - 1)) // tile)
-    order = torch.argsort(expert, dim=-1, stable=True)  # [G, E]
-    sorted_expert = expert.gather(1, order)
-    counts = torch.zeros(G, m, dtype=torch.long, device=device).scatter_add_(1, expert, torch.ones_like(expert))
-    starts = counts.cumsum(1) - counts  # first sorted position of each expert
-    tiles_per_expert = (counts + tile - 1) // tile
-    tile_starts = tiles_per_expert.cumsum(1) - tiles_per_expert
-    rank = torch.arange(E, device=device).expand(G, E) - starts.gather(1, sorted_expert)  # rank within expert
-    tile_id = tile_starts.gather(1, sorted_expert) + rank // tile  # [G, E]
-    slot = tile_id * tile + rank % tile  # [G, E] slot of each sorted entry
-    num_slots = num_tiles * tile
-    slot_token = torch.full((G, num_slots), N, dtype=torch.long, device=device).scatter_(1, slot, order // r)
-    slot_source = torch.full((G, num_slots), E, dtype=torch.long, device=device).scatter_(1, slot, order)
-    slot_of = torch.empty_like(order).scatter_(1, order, slot)
-    tile_expert = torch.zeros(G, num_tiles, dtype=torch.long, device=device).scatter_(1, tile_id, sorted_expert)
-    tile_count = torch.zeros(G, num_tiles, dtype=torch.long, device=device).scatter_add_(
-        1, tile_id, torch.ones_like(tile_id)
-    )
-    return {
-        "tile_count": tile_count,
-        "tile": tile,
-        "num_tiles": num_tiles,
-        "slot_token": slot_token,
-        "slot_source": slot_source,
-        "slot_of": slot_of,
-        "tile_expert": tile_expert,
-    }
+def _short_kernel(q, landmarks, topk, router_topk, impl) -> bool:
+    """Whether the fused short-sequence kernels take this call: on CUDA (``impl="triton"`` also in Triton's
+    interpreter on CPU), for the cases they support."""
+    on_device = q.is_cuda or (impl == "triton" and kernels._interpreting())
+    return (kernels.FUSED_SMALL and on_device and kernels.available()
+            and kernels.supports_fused(q, landmarks, topk, router_topk))
 
 
 def _dispatch_kernel(q, k, v, landmarks, topk_idx, expert_idx, shared, scale_shared, impl):

@@ -47,7 +47,7 @@ def small_blocks(monkeypatch):
         if DEVICE == "cuda":
             return
         monkeypatch.setattr(fused_small, "fwd_config", lambda *a: {
-            "BQ": 16, "BK": 16, "DC": 16, "QB_PER_PROG": qb_per_prog, "num_warps": 4})
+            "BQ": 16, "BK": 16, "QB_PER_PROG": qb_per_prog, "num_warps": 4})
         monkeypatch.setattr(fused_small, "bwd_config", lambda *a: {"BQ": 16, "BK": 16, "num_warps": 4})
 
     use()
@@ -271,14 +271,14 @@ def test_output_token_major_and_fake_kernels_match(small_blocks, routed):
     q, k, v = qkv.permute(2, 0, 3, 1, 4)  # [B, H, N, d] each, strided as a ViT's projection makes them
     landmarks = q[:, :, 1:1 + m].contiguous()
     topk_idx, expert_idx = mita_routing(q, k, landmarks, topk, 2)
-    idx = topk_idx.reshape(B * H, m, topk).contiguous() if routed else None
-    exp = expert_idx.reshape(B * H, N, 2).contiguous() if routed else None
-    fwd_args = (q, k, v, landmarks, idx, exp, topk, 2, True, 1.0 / d, False, False)
-    out, lse, sel, _, expert_out = small_ops.small_fwd(*fwd_args)
+    sel, exp = small_ops.routing_tensors(topk_idx, expert_idx, N, m) if routed else (None, None)
+    fwd_args = (q, k, v, landmarks, sel, exp, topk, 2, True, 1.0 / d, False)
+    out, lse, sel_out, exp_out, vs, lsh = small_ops.small_fwd(*fwd_args)
     assert out.shape == (B, H, N, d) and out.transpose(1, 2).is_contiguous()
     torch.library.opcheck(small_ops.small_fwd, fwd_args, test_utils=("test_schema", "test_faketensor"))
     grad = torch.randn(B, H, N, d, generator=torch.Generator().manual_seed(5)).to(DEVICE)
-    bwd_args = (grad, q, k, v, landmarks, out, lse, sel, exp if routed else expert_out, topk, True, 1.0 / d, False)
+    saved = (sel, exp) if routed else (sel_out, exp_out)
+    bwd_args = (grad, q, k, v, landmarks, out, lse, *saved, vs, lsh, topk, True, 1.0 / d, True, False)
     torch.library.opcheck(small_ops.small_bwd, bwd_args, test_utils=("test_schema", "test_faketensor"))
     # the same backward from a head-major copy of the output: the kernel reads the output by its strides
     grads = small_ops.small_bwd(*bwd_args)

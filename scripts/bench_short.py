@@ -1,0 +1,217 @@
+"""Short-sequence MiTA kernels against SDPA: correctness gate, then a sweep of launch configs.
+
+    python3 scripts/bench_short.py                                 # DeiT-S core shape, every config
+    python3 scripts/bench_short.py --shape 256,3,197,128,25,25     # B,H,N,d,m,k
+    python3 scripts/bench_short.py --configs fwd=8/64/64,bwd=4/64/64 --reps 50
+
+For one shape (default B=256, H=6, N=197, d=64, m=k=25, bf16): checks the fused path (own routing and a
+given routing) against ``impl="reference"`` in float64 on the same routing at B=2, then times, with CUDA
+events (median over --reps, input sets rotated), the forward and forward+backward of SDPA (cuDNN and
+flash backends), ``impl="triton"`` (general kernels) and the fused path under each launch config of the
+sweep, and prints one table with the card's name. Peak memory is one forward+backward after a reset.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import statistics
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from mita import kernels
+from mita.functional import mita_attention
+from mita.kernels import fused_small, small_ops
+
+
+def rel_err(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def inputs(B, H, N, d, m, dtype, seed, device="cuda"):
+    """A timm-shaped ``qkv [B, N, 3, H, d]`` and landmarks ``[B, H, m, d]``, both leaves needing grad."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    qkv = torch.randn(B, N, 3, H, d, generator=g, device=device, dtype=dtype).requires_grad_()
+    lm = torch.randn(B, H, m, d, generator=g, device=device, dtype=dtype).requires_grad_()
+    return qkv, lm
+
+
+def check(B, H, N, d, m, topk, r, shared, dtype, seed=0):
+    qkv, lm = inputs(B, H, N, d, m, dtype, seed)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4)  # timm's strided views
+    out, routing = small_ops.mita_attention_small(q, k, v, lm, topk, r, shared, 1 / d, return_routing=True)
+    ref_in = [x.detach().double().requires_grad_() for x in (q, k, v, lm)]
+    ref = mita_attention(*ref_in, topk, router_topk=r, shared=shared, impl="reference", routing=routing)
+    do = torch.randn_like(ref)
+    g_ref = torch.autograd.grad(ref, ref_in, do, allow_unused=True)
+    g = torch.autograd.grad(out, [qkv, lm], do.to(dtype), allow_unused=True)
+    gq, gk, gv = g[0].permute(2, 0, 3, 1, 4)
+    errs = [rel_err(out, ref)]
+    for a, b in zip((gq, gk, gv, g[1]), g_ref):
+        # a vanishing reference gradient (N = 1: every value is v_0; no shared expert: the landmarks only
+        # select) is checked against the size of dO instead
+        if b is None or b.norm() <= 1e-9 * do.norm():
+            errs.append(0.0 if a is None else (a.double().norm() / do.norm()).item())
+        else:
+            errs.append(rel_err(a, b))
+    return errs
+
+
+def _grad(out, x, do):
+    return torch.autograd.grad(out, x, do, allow_unused=True)
+
+
+def time_fn(fn, sets, reps, warmup=5, backward=True):
+    for i in range(warmup):
+        x, do = sets[i % len(sets)]
+        _grad(fn(*x), x, do)
+    torch.cuda.synchronize()
+    f_ms, fb_ms = [], []
+    for i in range(reps):
+        x, do = sets[i % len(sets)]
+        e0, e1, e2 = (torch.cuda.Event(enable_timing=True) for _ in range(3))
+        e0.record()
+        out = fn(*x)
+        e1.record()
+        if backward:
+            _grad(out, x, do)
+        e2.record()
+        torch.cuda.synchronize()
+        f_ms.append(e0.elapsed_time(e1))
+        fb_ms.append(e0.elapsed_time(e2))
+    return statistics.median(f_ms), statistics.median(fb_ms)
+
+
+def peak(fn, x, do):
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    _grad(fn(*x), x, do)
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", default="256,6,197,64,25,25", help="B,H,N,d,m,k")
+    p.add_argument("--r", type=int, default=1)
+    p.add_argument("--reps", type=int, default=30)
+    p.add_argument("--configs", default="sweep",
+                   help="'sweep' or fwd=W/BQ/BK/P/S/A,bwd=W/BQ/BK/0/S (warps, blocks, query blocks a program, stages, "
+                        "selection algorithm)")
+    p.add_argument("--no-general", action="store_true", help="skip impl='triton' (general kernels)")
+    p.add_argument("--profile", action="store_true", help="torch.profiler table of the fused path's kernels")
+    args = p.parse_args()
+    B, H, N, d, m, topk = (int(x) for x in args.shape.split(","))
+    dtype = torch.bfloat16
+    dev = torch.cuda.get_device_name()
+    print(f"card: {dev}  torch {torch.__version__}")
+
+    for case in [(2, 3, N, d, m, topk, args.r, True), (2, 3, N, d, m, topk, 2, True), (1, 2, N, d, m, topk, 1, False),
+                 (2, 2, 17, d, 5, 7, 1, True), (1, 1, 1, d, 3, 1, 1, True)]:
+        errs = check(*case, dtype)
+        ok = all(e <= 1e-2 for e in errs)
+        print("check", case, " ".join(f"{e:.1e}" for e in errs), "ok" if ok else "FAIL")
+
+    nsets = 3
+    sets = []
+    for s in range(nsets):
+        qkv, lm = inputs(B, H, N, d, m, dtype, 100 + s)
+        # the output gradient in the layout of the layer's view: [B, N, H, d] memory
+        sets.append(((qkv, lm), torch.randn(B, N, H, d, device="cuda", dtype=dtype).transpose(1, 2)))
+
+    def sdpa(backend):
+        def f(qkv, lm):
+            q, k, v = qkv.permute(2, 0, 3, 1, 4)
+            with sdpa_kernel(backend):
+                return F.scaled_dot_product_attention(q, k, v)
+        return f
+
+    def fused(qkv, lm):
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)
+        return small_ops.mita_attention_small(q, k, v, lm, topk, args.r, True, 1 / d)
+
+    def general(qkv, lm):
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)
+        return mita_attention(q, k, v, lm, topk, router_topk=args.r, impl="triton")
+
+    rows = []
+    for name, fn in [("sdpa-cudnn", sdpa(SDPBackend.CUDNN_ATTENTION)), ("sdpa-flash", sdpa(SDPBackend.FLASH_ATTENTION))]:
+        f, fb = time_fn(fn, sets, args.reps)
+        rows.append((name, f, fb, peak(fn, *sets[0])))
+    if not args.no_general:
+        f, fb = time_fn(general, sets, args.reps)
+        rows.append(("mita impl=triton", f, fb, peak(general, *sets[0])))
+
+    if args.configs == "sweep":
+        # forward: warps/BQ/BK/query blocks a program (0: all)/stages/selection algorithm;
+        # backward: warps/BQ/BK/0/stages
+        fwd_cfgs = [(4, 64, 64, 0, 1, 0), (4, 64, 64, 0, 1, 1), (8, 64, 64, 0, 1, 1), (8, 128, 64, 0, 1, 1),
+                    (8, 128, 64, 0, 1, 0)]
+        bwd_cfgs = [(4, 64, 64, 0, 1)]
+        combos = [(fc, bwd_cfgs[0]) for fc in fwd_cfgs] + [(fwd_cfgs[1], bc) for bc in bwd_cfgs[1:]]
+    else:
+        parts = dict(x.split("=") for x in args.configs.split(","))
+        combos = [(tuple(int(v) for v in parts["fwd"].split("/")), tuple(int(v) for v in parts["bwd"].split("/")))]
+    orig_f, orig_b = fused_small.fwd_config, fused_small.bwd_config
+    for (fw, fq, fk, fp, fs, fa), (bw, bq, bk, _, bs) in combos:
+        def fcfg(G, n_pad, *a, fw=fw, fq=fq, fk=fk, fp=fp, fs=fs, fa=fa):
+            bqq, bkk = min(fq, n_pad), min(fk, n_pad)
+            return {"BQ": bqq, "BK": bkk, "QB_PER_PROG": fp or triton_cdiv(n_pad, bqq), "num_warps": fw,
+                    "num_stages": fs, "select_algo": fa}
+
+        def bcfg(n_pad, *a, bw=bw, bq=bq, bk=bk, bs=bs):
+            return {"BQ": min(bq, n_pad), "BK": min(bk, n_pad), "num_warps": bw, "num_stages": bs}
+
+        fused_small.fwd_config, fused_small.bwd_config = fcfg, bcfg
+        label = f"fused f{fw}/{fq}/{fk}/{fp}/{fs}/{fa} b{bw}/{bq}/{bk}/{bs}"
+        try:
+            f, fb = time_fn(fused, sets, args.reps)
+            rows.append((label, f, fb, peak(fused, *sets[0])))
+        except Exception as e:  # noqa: BLE001 - a config that fails to compile is reported, not fatal
+            rows.append((f"{label} FAILED {type(e).__name__}", float("nan"), float("nan"), float("nan")))
+    fused_small.fwd_config, fused_small.bwd_config = orig_f, orig_b
+
+    if args.profile:
+        profile(fused, sets, given=lambda qkv, lm: fused_given(qkv, lm, topk, args.r, d))
+    cud = rows[0]
+    print(f"\n{dev}, bf16, B={B} H={H} N={N} d={d} m={m} k={topk} r={args.r}, median of {args.reps}")
+    print(f"{'method':38s} {'fwd ms':>8s} {'f+b ms':>8s} {'fwd/cuDNN':>10s} {'f+b/cuDNN':>10s} {'peak MiB':>9s}")
+    for name, f, fb, pk in rows:
+        print(f"{name:38s} {f:8.3f} {fb:8.3f} {f / cud[1]:10.2f} {fb / cud[2]:10.2f} {pk:9.1f}")
+
+
+def fused_given(qkv, lm, topk, r, d, _cache={}):
+    """The fused path with a routing passed in (no selection in the kernel): routing made once per input."""
+    q, k, v = qkv.permute(2, 0, 3, 1, 4)
+    key = id(qkv)
+    if key not in _cache:
+        from mita.functional import mita_routing
+        _cache[key] = mita_routing(q.detach(), k.detach(), lm.detach(), topk, r)
+    return small_ops.mita_attention_small(q, k, v, lm, topk, r, True, 1 / d, routing=_cache[key])
+
+
+def profile(fused, sets, given):
+    from torch.profiler import ProfilerActivity, profile as prof_ctx
+
+    for name, fn in (("own selection", fused), ("given routing", given)):
+        for x, do in sets:
+            _grad(fn(*x), x, do)
+        torch.cuda.synchronize()
+        with prof_ctx(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for i in range(10):
+                x, do = sets[i % len(sets)]
+                _grad(fn(*x), x, do)
+            torch.cuda.synchronize()
+        print(f"\nprofile, fused path, {name}, 10 forward+backward:")
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60))
+
+
+def triton_cdiv(a, b):
+    return -(-a // b)
+
+
+if __name__ == "__main__":
+    main()
