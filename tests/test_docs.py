@@ -60,7 +60,8 @@ def test_readme_test_command_is_ci():
     assert "ruff check ." in ci
     # the first set-up command runs as a user (through sudo) and as root (no sudo in a container)
     setup = next(line for line in readme.splitlines() if "apt-get install" in line)
-    assert setup.startswith("$(command -v sudo) apt-get install") and setup.endswith("python train.py")
+    assert setup.startswith("$(command -v sudo) apt-get update && $(command -v sudo) apt-get install -y ")
+    assert setup.endswith("python train.py")
 
 
 def test_no_file_schedules_device_time():
