@@ -42,7 +42,7 @@ MAX_TOPK = 1024
 _LOW31 = 0x7FFFFFFF
 # the candidates of a row are ranked by one in-register sort (``_select_kernel``) up to this many slots, by
 # torch.topk beyond (and on CPU, where the interpreter sorts slowly)
-_SORT_MAX = 4096
+_SORT_MAX = 512
 
 
 @triton.jit
@@ -129,13 +129,19 @@ def _ordered(x):
 
 
 @triton.jit
-def _threshold_kernel(GMAX, TAU, ROWS, P, TOPK, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr):
+def _threshold_kernel(GMAX, TAU, ROWS, P, TOPK, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
+                      ONE_BLOCK: tl.constexpr):
     """``TAU[row]`` = the TOPK-th largest of the P group maxima of each row of ``GMAX [ROWS, P]``, lowered
     by 2^-20 (relative). Bit by bit on order-preserving int32 keys: the sign, then 31 bits from the top,
-    each kept when at least TOPK keys reach it (32 counting passes over the row, L1-resident)."""
+    each kept when at least TOPK keys reach it (32 counting passes; rows of at most BLOCK_P maxima
+    (ONE_BLOCK) stay in registers, longer ones are read again from L1/L2 each pass)."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     r_ok = rows < ROWS
     base = GMAX + rows.to(tl.int64)[:, None] * P
+    cols = tl.arange(0, BLOCK_P)
+    if ONE_BLOCK:
+        x = _ordered(tl.load(base + cols[None, :], mask=r_ok[:, None] & (cols < P)[None, :],
+                             other=float("-inf")))
     thr = tl.full([BLOCK_R], -2147483648, tl.int32)
     for b in tl.static_range(32):
         # first whether the k-th key is non-negative, then bits 30 .. 0
@@ -143,11 +149,14 @@ def _threshold_kernel(GMAX, TAU, ROWS, P, TOPK, BLOCK_R: tl.constexpr, BLOCK_P: 
             cand = tl.zeros([BLOCK_R], tl.int32)
         else:
             cand = thr | (1 << (31 - b))
-        n_ge = tl.zeros([BLOCK_R], tl.int32)
-        for p0 in range(0, P, BLOCK_P):
-            cols = p0 + tl.arange(0, BLOCK_P)
-            x = tl.load(base + cols[None, :], mask=r_ok[:, None] & (cols < P)[None, :], other=float("-inf"))
-            n_ge += tl.sum((_ordered(x) >= cand[:, None]).to(tl.int32), 1)
+        if ONE_BLOCK:
+            n_ge = tl.sum((x >= cand[:, None]).to(tl.int32), 1)
+        else:
+            n_ge = tl.zeros([BLOCK_R], tl.int32)
+            for p0 in range(0, P, BLOCK_P):
+                ok = r_ok[:, None] & (p0 + cols < P)[None, :]
+                x = _ordered(tl.load(base + p0 + cols[None, :], mask=ok, other=float("-inf")))
+                n_ge += tl.sum((x >= cand[:, None]).to(tl.int32), 1)
         thr = tl.where(n_ge >= TOPK, cand, thr)
     bits = tl.where(thr < 0, thr ^ 0x7FFFFFFF, thr)
     tau = bits.to(tl.float32, bitcast=True)
@@ -158,22 +167,24 @@ def _threshold_kernel(GMAX, TAU, ROWS, P, TOPK, BLOCK_R: tl.constexpr, BLOCK_P: 
 @triton.jit
 def _collect_tile(s, t, tau, out, n, CAP, BLOCK_N: tl.constexpr):
     """Appends the scores ``>= tau`` of tile t to the rows' slots ``out + n`` as int64 keys; returns n."""
-    # each row's best score in the tile, lowest index among equals: with tau near the k-th score most
-    # rows have no candidate in a tile and few have more than one, so candidates leave one per row and
-    # round, as [BLOCK_M] vectors
+    # one candidate per row and round, best first (lowest index among equals), as [BLOCK_M] vectors: with
+    # tau near the k-th score most rows have no candidate in a tile and few more than one
     best, col = tl.max(s, 1, return_indices=True, return_indices_tie_break_left=True)
-    if tl.max((best >= tau).to(tl.int32), 0) > 0:
-        todo = tl.sum((s >= tau[:, None]).to(tl.int32), 1)  # [BLOCK_M] candidates per row
-        rounds = tl.max(todo, 0)
+    hit = best >= tau
+    key = (_ordered(best).to(tl.int64) << 32) | (0x7FFFFFFF - (t * BLOCK_N + col)).to(tl.int64)
+    tl.store(out + n, key, mask=hit & (n < CAP))
+    n += hit.to(tl.int32)
+    todo = tl.sum((s >= tau[:, None]).to(tl.int32), 1)  # [BLOCK_M] candidates per row
+    rounds = tl.max(todo, 0)
+    if rounds > 1:
         cols = tl.arange(0, BLOCK_N)
-        for i in range(rounds):
+        for i in range(1, rounds):
+            s = tl.where(cols[None, :] == col[:, None], float("-inf"), s)
+            best, col = tl.max(s, 1, return_indices=True, return_indices_tie_break_left=True)
             hit = i < todo
             key = (_ordered(best).to(tl.int64) << 32) | (0x7FFFFFFF - (t * BLOCK_N + col)).to(tl.int64)
             tl.store(out + n, key, mask=hit & (n < CAP))
             n += hit.to(tl.int32)
-            if i + 1 < rounds:
-                s = tl.where(cols[None, :] == col[:, None], float("-inf"), s)
-                best, col = tl.max(s, 1, return_indices=True, return_indices_tie_break_left=True)
     return n
 
 
@@ -207,51 +218,66 @@ def _collect_kernel(
 
 
 @triton.jit
-def _select_kernel(BUF, CNT, OUT, CHUNKS, CAP, TOPK, BLOCK: tl.constexpr):
-    """Row ``pid``: the TOPK largest candidate keys of ``BUF [rows, CHUNKS, CAP]`` (the first ``CNT`` slots of
-    each chunk hold keys), largest first, decoded to indices ``OUT [rows, TOPK]``."""
-    row = tl.program_id(0).to(tl.int64)
-    i = tl.arange(0, BLOCK)
+def _select_kernel(BUF, CNT, OUT, ROWS, CHUNKS, CAP, TOPK, BLOCK_R: tl.constexpr, BLOCK: tl.constexpr):
+    """BLOCK_R rows: the TOPK largest candidate keys of ``BUF [rows, CHUNKS, CAP]`` (the first ``CNT`` slots
+    of each chunk hold keys), largest first, decoded to indices ``OUT [rows, TOPK]``."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    r_ok = (rows < ROWS)[:, None]
+    rows = rows.to(tl.int64)[:, None]
+    i = tl.arange(0, BLOCK)[None, :]
     chunk = i // CAP
-    ok = i < CHUNKS * CAP
-    n = tl.load(CNT + row * CHUNKS + chunk, mask=ok, other=0)
-    key = tl.load(BUF + row * CHUNKS * CAP + i, mask=ok & (i - chunk * CAP < n), other=-9223372036854775808)
-    key = tl.sort(key, descending=True)
-    tl.store(OUT + row * TOPK + i, 0x7FFFFFFF - (key & 0x7FFFFFFF), mask=i < TOPK)
+    ok = r_ok & (i < CHUNKS * CAP)
+    n = tl.load(CNT + rows * CHUNKS + chunk, mask=ok, other=0)
+    key = tl.load(BUF + rows * CHUNKS * CAP + i, mask=ok & (i - chunk * CAP < n), other=-9223372036854775808)
+    key = tl.sort(key, dim=1, descending=True)
+    tl.store(OUT + rows * TOPK + i, 0x7FFFFFFF - (key & 0x7FFFFFFF), mask=r_ok & (i < TOPK))
 
 
 def launch_config(N: int, m: int, d: int, G: int, topk: int, device: torch.device) -> dict:
     """Blocks, warps and chunking of both passes (they must match: the passes recompute the same scores).
 
-    * ``block_m`` landmarks per program: m padded to a power of two >= 16 (``tl.dot``'s minimum), at most
-      128: K is read once per landmark block (``ceil(m / block_m) N d`` elements per head, shared in L2 by
-      the programs of one key tile, which run together), and the scores cost ``m N d`` multiply-adds.
-    * ``block_n = 64`` keys per tile; ``num_warps`` 4, 8 at ``block_m >= 64``; ``num_stages = 3``.
+    * ``block_m`` landmarks per program: m padded to a power of two >= 16 (``tl.dot``'s minimum) up to 128
+      landmarks, 64 beyond. K is read once per landmark block (``ceil(m / block_m) N d`` elements per head
+      and pass, shared in L2 by the programs of one key tile, which run together). ``num_warps`` 4, 8 at
+      ``block_m`` 64 and 128 for m <= 128; 4 at m > 128 (blocks of 64: measured faster below).
+    * ``block_n = 64`` keys per tile, ``num_stages = 3``.
     * ``chunks`` programs along N (tile t goes to program ``t mod chunks``): enough for ``P = chunks
       block_n >= 4 topk`` groups and for >= 4 programs per SM, at most one per tile.
-    * ``capacity`` candidate slots per (row, chunk): twice the mean (about ``1.25 topk / chunks`` on random
-      keys) plus six standard deviations of a Poisson count, so that a second collection is rare.
+    * ``capacity`` candidate slots per (row, chunk): the mean (about ``1.25 topk / chunks`` on random keys)
+      plus six standard deviations of a Poisson count, so that a second collection is rare, rounded up to
+      fill the power of two that the ranking sorts.
 
-    sm_90 (Triton 3.8, ptxas ``--gpu-name sm_90a``), d = 64, bf16, block_n = 64, num_stages = 3:
+    Chosen by timing on an H200 (bf16, d = 64, Triton 3.6; scripts/bench_topk.py's sizes): 128-key tiles were
+    slower in every case; at m = 256 and 512, blocks of 64 landmarks with 4 warps beat 128 with 8 by 5-17%,
+    at m = 128 they lost by 40%.
 
-    | block_m | warps | group-max pass (stats) | collect pass |
+    sm_90 compiles (Triton 3.8, ptxas ``--gpu-name sm_90a -v``), d = 64, bf16, block_n = 64, num_stages = 3;
+    registers per thread, spills, shared memory from the compile's metadata:
+
+    | block_m | warps | group-max pass (with stats) | collect pass |
     | --- | --- | --- | --- |
-    | 16 | 4 | 64 regs, 0 spills, 18 KiB smem (64 regs) | 72 regs, 0 spills, 18 KiB |
-    | 32 | 4 | 72 regs, 0 spills, 20 KiB (80 regs) | 88 regs, 0 spills, 20 KiB |
-    | 64 | 4 | 96 regs, 0 spills, 24 KiB (112 regs) | 128 regs, 0 spills, 24 KiB |
-    | 128 | 8 | 96 regs, 0 spills, 40 KiB (112 regs) | 128 regs, 0 spills, 40 KiB |
+    | 16 | 4 | 64 (80) regs, 0 spills, 18 KiB | 92 regs, 0 spills, 18.5 KiB |
+    | 32 | 4 | 94 (125) regs, 0 spills, 20 KiB | 128 regs, 0 spills, 21 KiB |
+    | 64 | 4 | 98 (126) regs, 0 spills, 32 KiB | 111 regs, 0 spills, 32.5 KiB |
+    | 64 | 8 | 56 (64) regs, 0 spills, 32 KiB | 78 regs, 0 spills, 33 KiB |
+    | 128 | 8 | 95 (126) regs, 0 spills, 40 KiB | 110 regs, 0 spills, 41 KiB |
+
+    Threshold kernel (4 warps, 4096 maxima a program): 54 regs, 0 spills; ranking sort (4 warps, 2048 keys a
+    program): 96 regs, 0 spills, 4 KiB. 128-key tiles at block_m = 128 and 8 warps: 166 / 167 regs.
     """
-    block_m = min(128, max(16, triton.next_power_of_2(m)))
+    block_m = min(128, max(16, triton.next_power_of_2(m))) if m <= 128 else 64
     block_n = 64
+    num_warps = 8 if 64 <= block_m and m <= 128 else 4
     n_tiles = triton.cdiv(N, block_n)
     n_mb = triton.cdiv(m, block_m)
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
     chunks = min(n_tiles, max(triton.cdiv(4 * topk, block_n), triton.cdiv(4 * sms, G * n_mb)))
-    # candidates of one (row, chunk): about 1.25 topk / chunks on unstructured keys, with room for its
-    # fluctuation (and twice that) before a second collection is needed
+    # candidates of one (row, chunk): about 1.25 topk / chunks on unstructured keys; room for six standard
+    # deviations of a Poisson count, rounded up to fill the power of two the ranking sorts
     mean = 1.25 * topk / chunks + 1
-    return dict(block_m=block_m, block_n=block_n, chunks=chunks, capacity=math.ceil(2 * mean + 6 * math.sqrt(mean) + 8),
-                num_warps=8 if block_m >= 64 else 4, num_stages=3)
+    cap = math.ceil(mean + 6 * math.sqrt(mean) + 8)
+    cap = triton.next_power_of_2(chunks * cap) // chunks
+    return dict(block_m=block_m, block_n=block_n, chunks=chunks, capacity=cap, num_warps=num_warps, num_stages=3)
 
 
 def _bhn(t: torch.Tensor):
@@ -322,8 +348,10 @@ def topk_stream(k_keys: torch.Tensor, landmarks: torch.Tensor, topk: int, *, ret
     # k distinct groups hold a score >= tau: a lower bound of each row's k-th score
     tau = torch.empty(G, m, dtype=torch.float32, device=dev)
     P = chunks * bn
-    _threshold_kernel[(triton.cdiv(G * m, 4),)](gmax, tau, G * m, P, topk, BLOCK_R=4,
-                                                BLOCK_P=min(1024, triton.next_power_of_2(P)), num_warps=4)
+    block_p = min(2048, triton.next_power_of_2(P))
+    block_r = max(1, 4096 // block_p)  # 4096 maxima per program: 32 registers a thread
+    _threshold_kernel[(triton.cdiv(G * m, block_r),)](gmax, tau, G * m, P, topk, BLOCK_R=block_r, BLOCK_P=block_p,
+                                                      ONE_BLOCK=P <= block_p, num_warps=4)
     del gmax
 
     cap = cfg["capacity"]
@@ -338,7 +366,9 @@ def topk_stream(k_keys: torch.Tensor, landmarks: torch.Tensor, topk: int, *, ret
     idx = torch.empty(B, H, m, topk, dtype=torch.int64, device=dev)
     block = triton.next_power_of_2(chunks * cap)
     if cfg.get("final", "sort" if k_keys.is_cuda else "topk") == "sort" and block <= _SORT_MAX:
-        _select_kernel[(G * m,)](buf, cnt, idx, chunks, cap, topk, BLOCK=block, num_warps=4 if block <= 1024 else 8)
+        rows_per = max(1, 2048 // block)
+        _select_kernel[(triton.cdiv(G * m, rows_per),)](buf, cnt, idx, G * m, chunks, cap, topk, BLOCK_R=rows_per,
+                                                        BLOCK=block, num_warps=4)
     else:
         empty = torch.arange(cap, device=dev) >= cnt[..., None]
         keys = buf.masked_fill_(empty, torch.iinfo(torch.int64).min).view(G, m, chunks * cap)

@@ -99,6 +99,14 @@ def test_final_ranking_by_sort_kernel_and_by_torch(final):
     assert (scores.diff(dim=-1) <= 0).all(), "rows are not ordered by score"
 
 
+def test_many_groups_threshold_in_blocks():
+    """More than 2048 groups per row (132 chunks of 16 keys): the threshold kernel reads them in blocks."""
+    N, m, topk = 2100, 1, 3
+    k_keys, landmarks = _randn(1, 1, N, 32, seed=13), _randn(1, 1, m, 32, seed=14)
+    idx = topk_stream(k_keys, landmarks, topk, config=dict(SMALL, chunks=132))
+    _assert_topk_sets(idx, k_keys, landmarks, topk)
+
+
 def test_default_launch_config():
     """The launch configuration the GPU uses, here in the interpreter (one 64-key tile per chunk)."""
     N, m, topk = 300, 20, 30
