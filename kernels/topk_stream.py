@@ -11,16 +11,20 @@ times a block of ``BLOCK_N`` keys, fp32 accumulation); neither writes them:
    scores are >= tau, and with ``P >= 4 k`` groups only a few more than k on unstructured data (interleaving
    keeps monotone trends from piling the best keys into one group). The softmax statistics of ``s R K^T``
    (row max, row sum of exp) come out of this pass when asked.
-2. collection (``_collect_kernel``): the same tiles again; every score ``>= tau`` is appended to its row's
-   candidate buffer (an atomic counter per row gives the slot) as one int64 key
-   ``(order-preserving int32 of the score) << 32 | (2^31 - 1 - i)``, so larger keys mean larger scores and,
-   among equal scores, lower indices: no two keys tie.
+2. threshold (``_threshold_kernel``): ``tau`` = the k-th largest of each row's P group maxima, found bit by
+   bit on order-preserving int32 keys (32 counting passes over P values, in registers).
+3. collection (``_collect_kernel``): the same score tiles again; each program writes the scores ``>= tau``
+   of its rows to its own slots (``[G, m, chunks, capacity]``, no atomics), one candidate per row and
+   round (the row's best in the tile, by a max with indices), as one int64 key
+   ``(order-preserving int32 of the score) << 32 | (2^31 - 1 - i)``: larger keys mean larger scores and,
+   among equal scores, lower indices, so no two keys tie.
+4. ranking: the k largest candidate keys of each row (a few more than k candidates), largest first, by
+   one in-register sort per row (``_select_kernel``, rows of at most 512 slots) or ``torch.topk``.
 
-A ``torch.topk`` over each row's candidates (a few more than k) then picks the k largest keys: exact with
-respect to the fp32 scores the kernel computes, ties broken by the lowest index. ``tau`` comes from one
-``torch.kthvalue`` over the ``[G, m, P]`` group maxima. Rows whose candidates overflow the buffer (only on
-adversarial inputs) are collected again with a buffer as large as the largest count, which costs one
-host sync for the check.
+The result is exact with respect to the fp32 scores the kernel computes, ties broken by the lowest index.
+A (row, chunk) whose candidates overflow its slots (adversarial inputs only: massive ties, or the best
+keys concentrated in one residue class) makes the collection run again with room for the largest count,
+which costs one host sync for the check.
 
 Layouts (``G = B H``): keys ``[B, H, N, d]`` and landmarks ``[B, H, m, d]`` with any batch, head and row
 strides and a unit last one (read in place); program ids put the landmark block fastest, so the programs

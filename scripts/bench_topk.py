@@ -1,5 +1,7 @@
 """Streamed exact top-k of the landmark-key scores (kernels/topk_stream.py) against ``R K^T`` + ``torch.topk``.
 
+Needs the package installed (``pip install -e .``: ``mita.kernels`` is the checkout's kernels/).
+
     python3 scripts/bench_topk.py                      # every case, bf16, d = 64: about a minute on an H200
     python3 scripts/bench_topk.py --cases 2 --reps 20  # only the third case (0-based), fewer reps
     python3 scripts/bench_topk.py --smoke              # CPU: Triton's interpreter, two tiny cases (tests)
@@ -28,15 +30,11 @@ import os
 import statistics
 import sys
 import time
-from pathlib import Path
 
 if "--smoke" in sys.argv:
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # read when Triton is first imported
+    os.environ["TRITON_INTERPRET"] = "1"  # CPU tensors; read when Triton is first imported
 
 import torch  # noqa: E402
-
-# Benchmark the checkout this script lives in, whether or not the package is installed.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mita.kernels.topk_stream import launch_config, topk_stream  # noqa: E402
 
