@@ -12,6 +12,7 @@ from timm.layers import resample_abs_pos_embed
 import mita.models  # noqa: F401  (registers the zoo names)
 from mita.attention import ATTENTIONS
 from mita.models import ZOO_MODELS, build_model, load_checkpoint, read_state_dict
+from mita.models.checkpoint import CheckpointError
 
 DEIT_TINY = dict(depth=2)
 
@@ -66,6 +67,21 @@ def test_untrusted_objects_are_refused(tmp_path, deit_state):
     torch.save(dict(model=deit_state, extra=logging.getLogger("x").__class__), path)
     with pytest.raises(ValueError, match="add_safe_globals"):
         read_state_dict(path)
+
+
+def test_unreadable_files_name_the_file_and_the_cause(tmp_path, deit_state):
+    model = build_model("deit_tiny_patch16_224", **DEIT_TINY)
+    good = tmp_path / "deit.safetensors"
+    save_file({k: v.contiguous() for k, v in deit_state.items()}, str(good))
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(good.read_bytes()[:1000])
+    (tmp_path / "empty.safetensors").write_bytes(b"")
+    torch.save(deit_state, tmp_path / "deit.pth")
+    (tmp_path / "cut.pth").write_bytes((tmp_path / "deit.pth").read_bytes()[:5000])
+    for name, cause in (("cut.safetensors", "not a valid safetensors file"), ("empty.safetensors", "the file is empty"),
+                        ("cut.pth", "the file is truncated or corrupted")):
+        with pytest.raises(CheckpointError, match=rf"^checkpoint {tmp_path / name} is unreadable: {cause}"):
+            load_checkpoint(model, tmp_path / name)
 
 
 def test_safetensors_and_prefixes(tmp_path, deit_state):

@@ -2,33 +2,47 @@
 
 Names in a run folder: ``checkpoint.pth`` (the rolling latest, rewritten every epoch) and optionally
 ``checkpoint_<epoch>.pth`` (kept copies); :func:`checkpoint_path` builds them, :func:`latest_checkpoint`
-finds them.
+finds them, :func:`load_resume_state` loads the newest readable one. A write in progress is a hidden
+``.<name>.<random>.tmp`` beside its target; one left by a killed run is removed by :func:`remove_orphans`.
 """
 from __future__ import annotations
 
+import logging
 import os
-import pickle
 import re
 import tempfile
-from typing import Any, Dict, Iterable, Mapping, Optional, Union
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
 import torch
 
-from mita.models.checkpoint import SAFE_GLOBALS
+from mita.models.checkpoint import CheckpointError, torch_load
 
 __all__ = [
+    "FORMAT",
     "LATEST_NAME",
+    "CheckpointError",
+    "check_training_state",
     "checkpoint_path",
     "export_weights",
     "latest_checkpoint",
+    "load_resume_state",
     "load_state",
+    "remove_orphans",
     "save_checkpoint",
 ]
+
+_logger = logging.getLogger(__name__)
 
 PathLike = Union[str, os.PathLike]
 
 LATEST_NAME = "checkpoint.pth"
+#: version of the training checkpoint's layout (``state["format"]``); a newer one is refused on resume
+FORMAT = 1
+#: entries a training checkpoint of train.py must hold to be resumed
+TRAINING_KEYS = ("model", "optimizer", "epoch")
 _EPOCH_NAME = re.compile(r"^checkpoint_(\d+)\.pth$")
+# save_checkpoint's temporary files (mkstemp: "." + target name + "." + random + ".tmp") and _rewrite_log's
+_ORPHAN_NAME = re.compile(r"^(\..+\.pth\.[A-Za-z0-9_]+\.tmp|log\.jsonl\.tmp)$")
 #: entries of a training checkpoint that export_weights keeps besides the model weights
 _EXPORT_KEYS = ("config", "epoch")
 
@@ -88,26 +102,93 @@ def load_state(path: PathLike, *, map_location: Union[str, torch.device] = "cpu"
     """Load a checkpoint with ``torch.load(weights_only=True)``.
 
     ``argparse.Namespace`` (DeiT checkpoints) and ``extra_safe_globals`` are allow-listed; any other pickled
-    object raises ``ValueError`` naming it (never a silent ``weights_only=False``).
+    object raises ``ValueError`` naming it (never a silent ``weights_only=False``). A file that cannot be
+    read raises :class:`CheckpointError` naming it and the cause (empty, truncated, not a checkpoint,
+    another torch version).
     """
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path!r} does not exist")
-    with torch.serialization.safe_globals(list(SAFE_GLOBALS) + list(extra_safe_globals)):
-        try:
-            state = torch.load(path, map_location=map_location, weights_only=True)
-        except pickle.UnpicklingError as err:
-            try:
-                unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-            except Exception:  # the file may be no zip archive at all; torch's own message then says why
-                unsafe = []
-            raise ValueError(
-                f"{path!r} holds objects that weights_only loading refuses{f' ({unsafe})' if unsafe else ''}. "
-                f"If you trust the file, pass them in extra_safe_globals. torch said: {err}"
-            ) from err
+    state = torch_load(path, map_location=map_location, safe_globals=extra_safe_globals)
     if not isinstance(state, dict):
-        raise ValueError(f"{path!r} holds a {type(state).__name__}, expected a dict")
+        raise CheckpointError(path, f"it holds a {type(state).__name__}, expected a dict")
     return state
+
+
+def check_training_state(state: Mapping[str, Any], path: PathLike) -> None:
+    """Raise :class:`CheckpointError` unless ``state`` is a training checkpoint this version can resume."""
+    missing = [key for key in TRAINING_KEYS if key not in state]
+    if missing:
+        raise CheckpointError(path, f"not a training checkpoint of train.py (no {', '.join(missing)}): written "
+                                    "by another program or version; evaluate or fine-tune from it instead")
+    version = state.get("format", FORMAT)
+    if not isinstance(version, int) or version > FORMAT:
+        raise CheckpointError(path, f"written by a newer version of mita (checkpoint format {version!r}, this "
+                                    f"version reads up to {FORMAT})")
+
+
+def _kept_checkpoints(run_dir: str) -> List[Tuple[int, str]]:
+    """``(epoch, path)`` of the run folder's ``checkpoint_<epoch>.pth``, newest first."""
+    kept = []
+    for name in os.listdir(run_dir):
+        match = _EPOCH_NAME.match(name)
+        if match and os.path.isfile(os.path.join(run_dir, name)):
+            kept.append((int(match.group(1)), os.path.join(run_dir, name)))
+    return sorted(kept, reverse=True)
+
+
+def load_resume_state(path: PathLike, *, fallback: bool = True) -> Tuple[str, Dict[str, Any]]:
+    """``(path, state)`` of the checkpoint to resume from: ``path``, or, when it cannot be read and
+    ``fallback``, the newest readable ``checkpoint_<epoch>.pth`` of its folder (with a warning).
+
+    Raises :class:`CheckpointError` naming every unreadable file when none can be resumed.
+    """
+    path = os.fspath(path)
+    try:
+        state = load_state(path)
+        check_training_state(state, path)
+        return path, state
+    except CheckpointError as err:
+        if not fallback:
+            raise
+        first = err
+    failures = [str(first)]
+    folder = os.path.dirname(os.path.abspath(path))
+    for _, candidate in _kept_checkpoints(folder):
+        if os.path.abspath(candidate) == os.path.abspath(path):
+            continue
+        try:
+            state = load_state(candidate)
+            check_training_state(state, candidate)
+        except CheckpointError as err:
+            failures.append(str(err))
+            continue
+        _logger.warning("%s; resuming from %s (epoch %s) instead", "; ".join(failures), candidate,
+                        state.get("epoch"))
+        return candidate, state
+    raise CheckpointError(
+        path, f"{first.cause}, and no readable checkpoint_<epoch>.pth to fall back to"
+        + (f" ({'; '.join(failures[1:])})" if len(failures) > 1 else "")
+        + "; remove it to start afresh, or pass resume=never (overwrites) or resume=PATH"
+    )
+
+
+def remove_orphans(run_dir: PathLike) -> List[str]:
+    """Remove the temporary files that a run killed while writing left in ``run_dir``; returns their paths.
+
+    Call it only while holding the run folder (:mod:`mita.engine.rundir`): a running run's write in
+    progress looks the same.
+    """
+    run_dir = os.fspath(run_dir)
+    removed = []
+    if not os.path.isdir(run_dir):
+        return removed
+    for name in sorted(os.listdir(run_dir)):
+        path = os.path.join(run_dir, name)
+        if _ORPHAN_NAME.match(name) and os.path.isfile(path):
+            os.unlink(path)
+            removed.append(path)
+    if removed:
+        _logger.warning("removed temporary files a killed run left behind: %s", ", ".join(removed))
+    return removed
 
 
 def latest_checkpoint(run_dir: PathLike) -> Optional[str]:
@@ -119,12 +200,8 @@ def latest_checkpoint(run_dir: PathLike) -> Optional[str]:
     latest = checkpoint_path(run_dir)
     if os.path.isfile(latest):
         return latest
-    epochs = []
-    for name in os.listdir(run_dir):
-        match = _EPOCH_NAME.match(name)
-        if match and os.path.isfile(os.path.join(run_dir, name)):
-            epochs.append((int(match.group(1)), name))
-    return os.path.join(run_dir, max(epochs)[1]) if epochs else None
+    kept = _kept_checkpoints(run_dir)
+    return kept[0][1] if kept else None
 
 
 def export_weights(path_in: PathLike, path_out: PathLike, fp16: bool = True) -> str:

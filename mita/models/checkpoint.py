@@ -8,7 +8,9 @@ ViT-5's ``gamma_1/2`` LayerScale and its RoPE frequency buffers are mapped or dr
 
 ``.pth`` files load with ``torch.load(weights_only=True)``; ``argparse.Namespace`` (DeiT's ``args``)
 is allow-listed for that load only. Any other object is refused with an error that says how to
-allow-list it if the file is trusted: never a silent ``weights_only=False``.
+allow-list it if the file is trusted: never a silent ``weights_only=False``. A file that cannot be read
+(empty, cut short, not a checkpoint, written by a newer torch) raises :class:`CheckpointError`, one line
+naming the file and the cause.
 """
 from __future__ import annotations
 
@@ -17,12 +19,12 @@ import logging
 import os
 import pickle
 import re
-from typing import Dict, List, Mapping, Tuple, Union
+from typing import Any, Dict, Iterable, List, Mapping, Tuple, Union
 
 import torch
 import torch.nn as nn
 
-__all__ = ["load_checkpoint", "read_state_dict"]
+__all__ = ["CheckpointError", "load_checkpoint", "read_state_dict", "torch_load"]
 
 _logger = logging.getLogger(__name__)
 
@@ -33,6 +35,66 @@ _ROPE_BUFFER = re.compile(r"\.attn\.rope(_reg)?\.freqs$")
 _CLASSIFIER_PREFIXES = ("head.", "head_dist.")
 
 
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be read; the message names the file and the cause in one line."""
+
+    def __init__(self, path: Union[str, os.PathLike], cause: str):
+        self.path, self.cause = os.fspath(path), cause
+        super().__init__(f"checkpoint {self.path} is unreadable: {cause}")
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
+
+
+def _unreadable_cause(path: str, err: BaseException) -> str:
+    """Why ``torch.load`` failed on ``path``, from the file's size and first bytes rather than torch's words."""
+    size = os.path.getsize(path)
+    if size == 0:
+        return "the file is empty (0 bytes)"
+    with open(path, "rb") as handle:
+        head = handle.read(4)
+    if head == b"PK\x03\x04":  # torch's zip format
+        if "version" in str(err).lower():
+            return f"written by another version of torch than {torch.__version__} ({_first_line(err)})"
+        return f"the file is truncated or corrupted ({size} bytes; a copy cut short or a write that did not finish)"
+    if head[:1] == b"\x80":  # a pickle: torch's legacy format
+        return f"the file is truncated or corrupted ({size} bytes; {type(err).__name__}: {_first_line(err)})"
+    return f"not a torch checkpoint ({size} bytes with neither a zip archive nor a pickle header)"
+
+
+def torch_load(path: Union[str, os.PathLike], *, map_location: Union[str, torch.device] = "cpu",
+               safe_globals: Iterable[Any] = ()):
+    """``torch.load(weights_only=True)`` with :data:`SAFE_GLOBALS` and ``safe_globals`` allow-listed.
+
+    Raises FileNotFoundError for a missing file, :class:`CheckpointError` for one that cannot be read, and
+    ValueError naming the objects that weights-only loading refuses in a readable file.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path!r} does not exist")
+    with torch.serialization.safe_globals(list(SAFE_GLOBALS) + list(safe_globals)):
+        try:
+            return torch.load(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as err:
+            try:
+                unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+            except Exception:  # noqa: BLE001 - no readable archive: the cause is found below
+                unsafe = []
+            if not unsafe:
+                raise CheckpointError(path, _unreadable_cause(path, err)) from err
+            raise ValueError(
+                f"{path!r} holds objects that weights_only loading refuses ({unsafe}). If you trust the file, "
+                f"allow-list them (torch.serialization.add_safe_globals([...]), or extra_safe_globals of "
+                f"mita.engine.load_state) and load again. torch said: {_first_line(err)}"
+            ) from err
+        except (RuntimeError, EOFError, KeyError, IndexError, ValueError, OSError) as err:
+            if isinstance(err, OSError) and not os.path.isfile(path):
+                raise
+            raise CheckpointError(path, _unreadable_cause(path, err)) from err
+
+
 def _read_file(path: Union[str, os.PathLike]):
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -40,15 +102,13 @@ def _read_file(path: Union[str, os.PathLike]):
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
 
-        return load_file(path, device="cpu")
-    with torch.serialization.safe_globals(SAFE_GLOBALS):
+        if os.path.getsize(path) == 0:
+            raise CheckpointError(path, "the file is empty (0 bytes)")
         try:
-            return torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as err:
-            raise ValueError(
-                f"{path!r} holds objects that weights_only loading refuses. If you trust the file, allow-list "
-                f"them with torch.serialization.add_safe_globals([...]) and load again. torch said: {err}"
-            ) from err
+            return load_file(path, device="cpu")
+        except Exception as err:  # noqa: BLE001 - safetensors raises its own error types
+            raise CheckpointError(path, f"not a valid safetensors file ({_first_line(err)})") from err
+    return torch_load(path)
 
 
 def _clean_key(key: str) -> str:
