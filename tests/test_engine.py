@@ -3,6 +3,7 @@ import argparse
 import json
 import math
 import os
+import subprocess
 import sys
 import types
 
@@ -14,6 +15,7 @@ from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTarget
 from timm.models.vision_transformer import VisionTransformer
 
 import mita.engine.checkpoint as checkpoint_module
+import mita.engine.rundir as rundir
 from mita.data import build_dataset, build_loader, build_mixup, build_transform
 from mita.engine import (
     JsonlLogger,
@@ -38,6 +40,8 @@ from mita.engine import (
     save_checkpoint,
     train_one_epoch,
 )
+from mita.engine.checkpoint import CheckpointError, load_resume_state, remove_orphans
+from mita.engine.rundir import RunFolderLocked, lock_run_dir, remove_empty_run_dir, unlock_run_dir
 from mita.models import read_state_dict
 
 NUM_CLASSES = 4
@@ -234,6 +238,130 @@ def test_latest_checkpoint(tmp_path):
     assert latest_checkpoint(tmp_path) == str(tmp_path / "checkpoint_0010.pth")
     save_checkpoint(checkpoint_path(tmp_path), {"epoch": 11})
     assert latest_checkpoint(tmp_path) == str(tmp_path / "checkpoint.pth")
+
+
+def _training_state(epoch):
+    return {"model": {"w": torch.full((3,), float(epoch))}, "optimizer": {}, "epoch": epoch}
+
+
+def test_unreadable_checkpoints_name_the_file_and_the_cause(tmp_path):
+    path = tmp_path / "checkpoint.pth"
+    save_checkpoint(path, _training_state(1))
+    data = path.read_bytes()
+    legacy = tmp_path / "legacy.pth"
+    torch.save({"w": torch.ones(300)}, legacy, _use_new_zipfile_serialization=False)
+    cases = {
+        "cut.pth": (data[: len(data) // 2], r"the file is truncated or corrupted \(\d+ bytes; a copy cut short"),
+        "empty.pth": (b"", r"the file is empty \(0 bytes\)"),
+        "random.pth": (bytes(range(256)) * 8, r"not a torch checkpoint \(2048 bytes with neither a zip archive nor"),
+        "text.pth": (b"hello\n", "not a torch checkpoint"),
+        "legacy_cut.pth": (legacy.read_bytes()[:200], r"the file is truncated or corrupted \(200 bytes; "),
+    }
+    for name, (content, cause) in cases.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(CheckpointError, match=rf"^checkpoint {tmp_path / name} is unreadable: {cause}") as err:
+            load_state(tmp_path / name)
+        assert "\n" not in str(err.value) and "safe_globals" not in str(err.value)
+        with pytest.raises(CheckpointError, match=str(tmp_path / name)):
+            read_state_dict(tmp_path / name)  # the model loader (eval.py, fine-tuning) says the same
+    torch.save([1, 2], tmp_path / "list.pth")
+    with pytest.raises(CheckpointError, match="holds a list, expected a dict"):
+        load_state(tmp_path / "list.pth")
+
+
+def test_resume_falls_back_to_the_newest_readable_kept_checkpoint(tmp_path, caplog):
+    for epoch in (0, 1, 2):
+        save_checkpoint(checkpoint_path(tmp_path, epoch), _training_state(epoch))
+    save_checkpoint(checkpoint_path(tmp_path), _training_state(3))
+    latest = checkpoint_path(tmp_path)
+    assert load_resume_state(latest)[0] == latest
+    (tmp_path / "checkpoint.pth").write_bytes(b"")
+    (tmp_path / "checkpoint_0002.pth").write_bytes(b"PK\x03\x04 cut")
+    with caplog.at_level("WARNING", logger="mita.engine.checkpoint"):
+        path, state = load_resume_state(latest)
+    assert path == checkpoint_path(tmp_path, 1) and state["epoch"] == 1
+    assert "checkpoint.pth is unreadable: the file is empty" in caplog.text
+    assert "checkpoint_0002.pth is unreadable: the file is truncated" in caplog.text
+    assert f"resuming from {path} (epoch 1) instead" in caplog.text
+    with pytest.raises(CheckpointError, match="the file is empty"):
+        load_resume_state(latest, fallback=False)  # resume=PATH: that file or nothing
+    # not a training checkpoint, or one of a newer format: refused, and a kept copy taken instead
+    save_checkpoint(latest, {"model": {"w": torch.ones(3)}})
+    assert load_resume_state(latest)[0] == checkpoint_path(tmp_path, 1)
+    with pytest.raises(CheckpointError, match=r"not a training checkpoint of train.py \(no optimizer, epoch\)"):
+        load_resume_state(latest, fallback=False)
+    save_checkpoint(latest, dict(_training_state(4), format=checkpoint_module.FORMAT + 1))
+    with pytest.raises(CheckpointError, match="written by a newer version of mita"):
+        load_resume_state(latest, fallback=False)
+    for epoch in (0, 1):
+        (tmp_path / f"checkpoint_000{epoch}.pth").write_bytes(b"x")
+    with pytest.raises(CheckpointError, match="no readable checkpoint_<epoch>.pth to fall back to") as err:
+        load_resume_state(latest)
+    assert "checkpoint_0000.pth is unreadable" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_orphaned_temporary_files_are_removed(tmp_path):
+    save_checkpoint(checkpoint_path(tmp_path), {"epoch": 0})
+    orphans = [".checkpoint.pth.k2j4_x.tmp", ".checkpoint_0003.pth.abcdef.tmp", ".model_fp16.pth.q1.tmp",
+               "log.jsonl.tmp"]
+    kept = ["checkpoint.pth", "notes.tmp", ".hidden", "log.jsonl"]
+    for name in orphans + kept[1:]:
+        (tmp_path / name).write_bytes(b"x")
+    assert sorted(os.path.basename(p) for p in remove_orphans(tmp_path)) == sorted(orphans)
+    assert sorted(os.listdir(tmp_path)) == sorted(kept)
+
+
+def test_run_folder_lock(tmp_path, monkeypatch, caplog):
+    run_dir = str(tmp_path / "run")
+    lock = lock_run_dir(run_dir)
+    holder = json.loads(open(lock).read())
+    assert holder["pid"] == os.getpid() and holder["host"] == rundir.socket.gethostname()
+    # this process holds it: a second lock (another run in this process) is refused too
+    with pytest.raises(RunFolderLocked, match=rf"run folder {run_dir} is in use by pid {os.getpid()} on "):
+        lock_run_dir(run_dir)
+    unlock_run_dir(run_dir)
+    assert os.listdir(run_dir) == []
+    # a dead process on this host: stale, taken over with a warning
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    with open(lock, "w") as handle:
+        json.dump({"host": rundir.socket.gethostname(), "pid": dead.pid}, handle)
+    with caplog.at_level("WARNING", logger="mita.engine.rundir"):
+        lock_run_dir(run_dir)
+    assert f"left by pid {dead.pid}" in caplog.text and json.loads(open(lock).read())["pid"] == os.getpid()
+    unlock_run_dir(run_dir)
+    # another host: its processes cannot be checked, so the lock holds (and the message says how to clear it)
+    with open(lock, "w") as handle:
+        json.dump({"host": "node-17", "pid": 12345, "started": "2026-01-01T00:00:00+00:00"}, handle)
+    with pytest.raises(RunFolderLocked, match=r"in use by pid 12345 on node-17, started 2026-01-01.*delete .*run.lock"):
+        lock_run_dir(run_dir)
+    # ... unless it is this SLURM job's previous attempt (a requeued job keeps its id)
+    with open(lock, "w") as handle:
+        json.dump({"host": "node-17", "pid": 12345, "slurm_job": "4242"}, handle)
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.delenv("SLURM_ARRAY_JOB_ID", raising=False)
+    assert lock_run_dir(run_dir) == lock
+    unlock_run_dir(run_dir)
+    # unlock leaves a lock it does not hold alone
+    with open(lock, "w") as handle:
+        json.dump({"host": "node-17", "pid": 12345}, handle)
+    unlock_run_dir(run_dir)
+    assert os.path.isfile(lock)
+
+
+def test_remove_empty_run_dir(tmp_path):
+    root = tmp_path / "outputs"
+    (root / "exp" / "tag" / "seed0").mkdir(parents=True)
+    (root / "exp" / "other").mkdir()
+    remove_empty_run_dir(str(root / "exp" / "tag" / "seed0"), str(root))
+    assert sorted(p.relative_to(root).as_posix() for p in root.rglob("*")) == ["exp", "exp/other"]
+    (root / "exp" / "other" / "log.jsonl").write_text("{}")
+    remove_empty_run_dir(str(root / "exp" / "other"), str(root))
+    assert (root / "exp" / "other" / "log.jsonl").is_file()
+    empty = tmp_path / "a" / "b"
+    empty.mkdir(parents=True)
+    remove_empty_run_dir(str(empty), str(empty))
+    assert not empty.exists() and (tmp_path / "a").is_dir()
 
 
 def test_export_weights_fp16(tmp_path):
