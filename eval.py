@@ -8,21 +8,27 @@ The model is rebuilt from the config stored in the checkpoint (``configs/eval.ya
     python eval.py ckpt=PATH data.root=/datasets/imagenet out=report.json
     python eval.py ckpt=PATH export=model_fp16.pth                           # weights-only fp16 copy (+ config)
 
-The report holds top-1/top-5 (%), loss, images/s, parameters and multiply-adds of one image.
+The report holds top-1/top-5 (%), loss, images/s, parameters and multiply-adds of one image. An unreadable
+checkpoint or an attention that does not fit the model stops with one line naming it (exit status 2;
+``MITA_DEBUG=1`` shows the traceback).
 """
 import json
+import logging
 import sys
 from typing import Optional
 
 import hydra
 from omegaconf import DictConfig
 
+from mita.engine.cli import run_main
 from mita.engine.runner import CONFIG_DIR, evaluate_checkpoint
+
+_logger = logging.getLogger("eval")
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="eval")
 def main(cfg: DictConfig) -> Optional[float]:
-    report = evaluate_checkpoint(cfg)
+    report = run_main(evaluate_checkpoint, cfg, _logger, run_dir=cfg.run_dir, root=cfg.paths.output_dir)
     # The report is the program's output, hence stdout rather than the log.
     sys.stdout.write(json.dumps(report) + "\n")
     return report.get("acc1")

@@ -16,24 +16,35 @@ the rows in ``configs/seg_experiment/``). Needs ``bash scripts/setup_seg.sh`` on
     python segment.py --cfg job                               # print the composed config and exit
 
 Runs land in ``outputs/segment/<experiment>/<encoder tag>_dec-<decoder tag>/seed<seed>`` (mmengine's logs,
-checkpoints, ``metrics.jsonl``, ``results.json``) and resume from there (``resume=auto``).
+checkpoints, ``metrics.jsonl``, ``results.json``) and resume from there (``resume=auto``). Attention sizes are
+checked against the backbone's token grid before anything is built; a config error or a run folder in use
+stops the run at start with one line naming it (exit status 2; ``MITA_DEBUG=1`` shows the traceback).
 """
 import logging
-from typing import Optional
+from typing import Any, Dict, Optional
 
 import hydra
 from omegaconf import DictConfig
 
+from mita.engine.cli import hold_run_dir, run_main
 from mita.engine.runner import CONFIG_DIR
+from mita.engine.validate import check_segment
 
 _logger = logging.getLogger("segment")
 
 
-@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="segment")
-def main(cfg: DictConfig) -> Optional[float]:
+def segment(cfg: DictConfig) -> Dict[str, Any]:
+    """Check the config (attention sizes against the backbone's grid), then run it holding its run folder."""
     from mita.segmentation import run
 
-    record = run(cfg)
+    check_segment(cfg)
+    with hold_run_dir(cfg.run_dir, cfg):
+        return run(cfg)
+
+
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="segment")
+def main(cfg: DictConfig) -> Optional[float]:
+    record = run_main(segment, cfg, _logger, run_dir=cfg.run_dir, root=cfg.paths.output_dir)
     if record["mode"] == "flops":
         return None
     _logger.info(

@@ -14,6 +14,8 @@ The config is composed by Hydra from ``configs/train.yaml`` (see the README and 
     python train.py --cfg job                                # print the composed config and exit
 
 Runs land in ``outputs/<experiment>/<attention tag>/seed<seed>`` and resume from there (``resume=auto``).
+A config value out of range, a run folder in use or an unreadable checkpoint stops the run at start with one
+line naming it (exit status 2; ``MITA_DEBUG=1 python train.py ...`` shows the traceback).
 """
 import logging
 import sys
@@ -22,6 +24,7 @@ from typing import Optional
 import hydra
 from omegaconf import DictConfig
 
+from mita.engine.cli import run_main
 from mita.engine.loop import NonFiniteLossError
 from mita.engine.runner import CONFIG_DIR, train
 
@@ -31,7 +34,7 @@ _logger = logging.getLogger("train")
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
 def main(cfg: DictConfig) -> Optional[float]:
     try:
-        record = train(cfg)
+        record = run_main(train, cfg, _logger, run_dir=cfg.run_dir, root=cfg.paths.output_dir)
     except NonFiniteLossError as err:
         _logger.error("stopped: %s", err)
         sys.exit(1)

@@ -11,8 +11,11 @@ import torch
 
 import mita.engine.runner as runner
 from mita.engine import load_state
+from mita.engine.checkpoint import CheckpointError
 from mita.engine.loop import NonFiniteLossError
+from mita.engine.rundir import RunFolderLocked
 from mita.engine.runner import CONFIG_DIR, compose, evaluate_checkpoint, train
+from mita.engine.validate import ConfigError
 from tests.helpers import rel_err
 
 REPO = CONFIG_DIR.parent
@@ -134,6 +137,126 @@ def test_resume_refuses_a_checkpoint_of_another_configuration(tmp_path):
     assert train(own)["epoch"] == 0 and _run_dir(own) != _run_dir(first)
 
 
+def _lrs(run_dir):
+    return [r["train_lr"] for r in _log(run_dir)]
+
+
+def test_more_epochs_on_resume_rebuild_the_schedule_for_the_new_length(tmp_path, caplog):
+    """3 epochs, then trainer.epochs=6 in the same folder: epochs 3-5 run at the learning rates of a fresh
+    6-epoch run (timm's rule: the schedule follows the config), and the log says the schedule was rebuilt."""
+    common = ["trainer.max_steps_per_epoch=1", "sched.warmup_epochs=1", "sched.min_lr=1e-5"]
+    short = compose("train", _tiny(tmp_path / "extended", *common, "trainer.epochs=3"))
+    train(short)
+    first = _lrs(_run_dir(short))
+    with caplog.at_level("WARNING", logger="mita.engine.runner"):
+        train(compose("train", _tiny(tmp_path / "extended", *common, "trainer.epochs=6")))
+    assert "schedule was rebuilt" in caplog.text and "trainer.epochs 3 -> 6" in caplog.text
+    extended = _lrs(_run_dir(short))
+    fresh = compose("train", _tiny(tmp_path / "fresh", *common, "trainer.epochs=6"))
+    train(fresh)
+    expected = _lrs(_run_dir(fresh))
+    assert len(extended) == len(expected) == 6
+    assert extended[:3] == first  # the epochs already trained keep their lines
+    assert extended[3:] == pytest.approx(expected[3:], rel=1e-12)
+    assert min(extended[3:]) > 1e-4  # not the minimum lr of the 3-epoch schedule's end
+    # the same schedule again: nothing rebuilt, nothing said
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="mita.engine.runner"):
+        train(compose("train", _tiny(tmp_path / "extended", *common, "trainer.epochs=7", "resume=never")))
+        train(compose("train", _tiny(tmp_path / "extended", *common, "trainer.epochs=7")))
+    assert "schedule" not in caplog.text
+
+
+def _snapshot(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in Path(folder).rglob("*") if p.is_file()}
+
+
+def test_a_run_folder_in_use_is_refused_and_left_unchanged(tmp_path, caplog):
+    first = compose("train", _tiny(tmp_path, "trainer.max_steps_per_epoch=1"))
+    train(first)
+    run_dir = _run_dir(first)
+    assert not (run_dir / "run.lock").exists()
+    # another live process on this host holds the folder
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (run_dir / "run.lock").write_text(json.dumps({"host": socket.gethostname(), "pid": holder.pid}))
+        before = _snapshot(run_dir)
+        second = compose("train", _tiny(tmp_path, "trainer.max_steps_per_epoch=1", "trainer.epochs=2"))
+        with pytest.raises(RunFolderLocked, match=rf"run folder {run_dir} is in use by pid {holder.pid} on "):
+            train(second)
+        assert _snapshot(run_dir) == before
+    finally:
+        holder.kill()
+        holder.wait()
+    # the holder is gone: its lock is stale and taken over; a killed write's temporary file is removed
+    (run_dir / ".checkpoint.pth.x1y2z3.tmp").write_bytes(b"half a checkpoint")
+    with caplog.at_level("WARNING"):
+        assert train(second)["epoch"] == 1
+    assert f"pid {holder.pid}" in caplog.text and "no longer running" in caplog.text
+    assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoint.pth", "config.yaml", "log.jsonl"]
+
+
+def test_config_errors_stop_before_the_run_folder(tmp_path):
+    for override, message in (
+        ("attention.num_landmarks=10000", r"^attention\.num_landmarks=10000 must lie in \[1, 64\] for pool=grid on a "
+                                          r"8 x 8 grid$"),
+        ("attention.topk=500", r"^attention\.topk=500 must lie in \[0, 65\] \(65 tokens: 1 prefix \+ 8 x 8 patches\)$"),
+        ("sched.warmup_epochs=3", r"^sched\.warmup_epochs=3 must lie in \[0, trainer\.epochs=1\)$"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            train(compose("train", _tiny(tmp_path, override)))
+    assert list(tmp_path.iterdir()) == []
+
+
+def _corrupt(path, how):
+    data = Path(path).read_bytes()
+    Path(path).write_bytes({"truncated": data[: len(data) // 2], "empty": b"", "random": os.urandom(4096)}[how])
+
+
+def test_an_unreadable_checkpoint_falls_back_to_the_newest_readable_one(tmp_path, caplog):
+    cfg = compose("train", _tiny(tmp_path, "trainer.max_steps_per_epoch=1", "trainer.epochs=3", "trainer.keep_every=1"))
+    train(cfg)
+    run_dir = _run_dir(cfg)
+    expected = _log(run_dir)
+    # a crash while the disk was full: the rolling checkpoint and the last kept copy are cut short
+    _corrupt(run_dir / "checkpoint.pth", "truncated")
+    _corrupt(run_dir / "checkpoint_0002.pth", "empty")
+    again = compose("train", _tiny(tmp_path, "trainer.max_steps_per_epoch=1", "trainer.epochs=3",
+                                   "trainer.keep_every=1"))
+    with caplog.at_level("WARNING", logger="mita.engine.checkpoint"):
+        assert train(again)["epoch"] == 2
+    assert f"checkpoint {run_dir / 'checkpoint.pth'} is unreadable: the file is truncated" in caplog.text
+    assert f"resuming from {run_dir / 'checkpoint_0001.pth'} (epoch 1)" in caplog.text
+    got = _log(run_dir)
+    assert [r["epoch"] for r in got] == [0, 1, 2]
+    assert got[2]["train_loss"] == pytest.approx(expected[2]["train_loss"], rel=1e-5)
+    assert load_state(run_dir / "checkpoint.pth")["epoch"] == 2
+
+    # nothing readable to fall back to: one line naming the file, the cause and what to do
+    for name in ("checkpoint.pth", "checkpoint_0000.pth", "checkpoint_0001.pth", "checkpoint_0002.pth"):
+        _corrupt(run_dir / name, "random")
+    with pytest.raises(CheckpointError, match=r"checkpoint_0000.pth is unreadable: not a torch checkpoint") as err:
+        train(again)
+    assert "\n" not in str(err.value) and "resume=never" in str(err.value)
+    assert str(run_dir / "checkpoint.pth") in str(err.value)
+
+
+def test_eval_names_an_unreadable_checkpoint_and_an_attention_that_does_not_fit(tmp_path):
+    cfg = compose("train", _tiny(tmp_path, "trainer.max_steps_per_epoch=1"))
+    train(cfg)
+    path = _run_dir(cfg) / "checkpoint.pth"
+    with pytest.raises(ConfigError, match=r"^attention\.topk=500 must lie in \[0, 65\]"):
+        evaluate_checkpoint(compose("eval", [f"ckpt={path}", "attention.topk=500"]))
+    # a larger image: a larger grid, so the same m fits
+    assert evaluate_checkpoint(compose("eval", [f"ckpt={path}", "attention.num_landmarks=144", "data.img_size=24",
+                                                "flops=false"]))["n"] == 32
+    for how, cause in (("truncated", "the file is truncated or corrupted"), ("empty", r"the file is empty \(0 bytes\)"),
+                       ("random", "not a torch checkpoint")):
+        _corrupt(path, how)
+        with pytest.raises(CheckpointError, match=rf"^checkpoint {path} is unreadable: {cause}"):
+            evaluate_checkpoint(compose("eval", [f"ckpt={path}"]))
+
+
 def _free_port():
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -170,6 +293,7 @@ def test_two_process_gloo_matches_one_process(tmp_path):
     weights_one = load_state(_run_dir(single) / "checkpoint.pth")["model"]
     weights_two = load_state(_run_dir(two) / "checkpoint.pth")["model"]
     assert load_state(_run_dir(two) / "checkpoint.pth")["run"]["world_size"] == 2
+    assert not (_run_dir(two) / "run.lock").exists()  # rank 0 took the folder's lock and gave it back
     # Adam divides by sqrt(v): a near-zero gradient summed in another order may move one weight by up to
     # ~lr, so compare whole tensors (relative Frobenius error) rather than element by element.
     for key, value in weights_one.items():
@@ -344,3 +468,46 @@ def test_cli_non_finite_loss_exits_with_status_1(tmp_path):
                                                 "trainer.epochs=2", "sched.warmup_epochs=0"))
     assert result.returncode == 1, result.stderr[-3000:]
     assert "non-finite training loss" in result.stdout + result.stderr  # Hydra logs to stdout
+
+
+@pytest.mark.slow
+def test_cli_errors_are_one_line_and_leave_no_run_folder(tmp_path):
+    out = tmp_path / "out"
+    result = _cli(tmp_path, "train.py", *_tiny(out, "attention.num_landmarks=10000"))
+    assert result.returncode == 2, result.stderr[-3000:]
+    lines = [line for line in (result.stdout + result.stderr).splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in lines[0], lines
+    assert "attention.num_landmarks=10000 must lie in [1, 64] for pool=grid on a 8 x 8 grid" in lines[0]
+    assert not out.exists()
+    # MITA_DEBUG=1 keeps the traceback
+    env_result = subprocess.run([sys.executable, str(REPO / "train.py"), *_tiny(out, "attention.topk=500")],
+                                cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(REPO), MITA_DEBUG="1"),
+                                capture_output=True, text=True, timeout=600)
+    assert env_result.returncode == 1 and "Traceback" in env_result.stderr
+    assert "attention.topk=500 must lie in [0, 65]" in env_result.stderr and not out.exists()
+    # eval.py: an unreadable checkpoint, in one line
+    bad = tmp_path / "cut.pth"
+    bad.write_bytes(b"PK\x03\x04" + b"\0" * 100)
+    result = _cli(tmp_path, "eval.py", f"ckpt={bad}", f"paths.output_dir={out}")
+    assert result.returncode == 2 and "Traceback" not in result.stdout + result.stderr
+    assert f"checkpoint {bad} is unreadable: the file is truncated or corrupted" in result.stdout
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_cli_a_second_run_into_a_folder_in_use_changes_nothing(tmp_path):
+    args = _tiny(tmp_path, "trainer.max_steps_per_epoch=1")
+    assert _cli(tmp_path, "train.py", *args).returncode == 0
+    run_dir = _run_dir(compose("train", args))
+    assert {".hydra", "train.log", "config.yaml", "checkpoint.pth", "log.jsonl"} <= {p.name for p in run_dir.iterdir()}
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (run_dir / "run.lock").write_text(json.dumps({"host": socket.gethostname(), "pid": holder.pid}))
+        before = _snapshot(run_dir)
+        result = _cli(tmp_path, "train.py", *args, "trainer.epochs=4")
+        assert result.returncode == 2, result.stderr[-3000:]
+        assert f"run folder {run_dir} is in use by pid {holder.pid}" in result.stdout
+        assert _snapshot(run_dir) == before  # .hydra/overrides.yaml and train.log included
+    finally:
+        holder.kill()
+        holder.wait()

@@ -8,7 +8,10 @@ is importable and testable without Hydra's command line (:func:`compose` builds 
 Run folder (``cfg.run_dir``, one for all ranks; rank 0's path is broadcast): ``config.yaml`` (the resolved
 config), ``log.jsonl`` (one JSON line per epoch), ``checkpoint.pth`` (rewritten atomically every epoch, with
 the resolved config so that ``eval.py`` can rebuild the model), kept copies ``checkpoint_<epoch>.pth``,
-``model_fp16.pth`` (``trainer.export_fp16``), ``wandb/``.
+``model_fp16.pth`` (``trainer.export_fp16``), ``wandb/``, Hydra's ``.hydra/`` and ``train.log``, and
+``run.lock`` while a run writes it (:mod:`mita.engine.rundir`). The config is checked
+(:mod:`mita.engine.validate`) before the folder is touched; a run refused at start (a config error, a
+folder in use, a checkpoint of another configuration) leaves it as it was.
 """
 from __future__ import annotations
 
@@ -24,6 +27,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf
+
+from mita.engine.rundir import close_log_file, lock_run_dir, open_log_file, unlock_run_dir, write_hydra_files
+from mita.engine.validate import ConfigError, check_model, check_train
 
 __all__ = [
     "CONFIG_DIR",
@@ -43,26 +49,13 @@ CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 #: keys of an attention config that are not constructor arguments
 META_KEYS = ("name", "tag", "base_topk")
 PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
-LOSSES = ("ce", "bce")
-
-
-def _env_rank() -> int:
-    # torchrun sets RANK; a submitit task (before the runner exports torchrun's variables) has SLURM_PROCID.
-    if "RANK" in os.environ:
-        return int(os.environ["RANK"])
-    if os.environ.get("SUBMITIT_EXECUTOR") and "SLURM_PROCID" in os.environ:
-        return int(os.environ["SLURM_PROCID"])
-    return 0
 
 
 def register_resolvers() -> None:
-    """Register the config resolvers (idempotent): ``mita_add``, ``mita_floordiv`` (attention budgets) and
-    ``mita_rank_subdir``/``mita_rank_suffix`` (Hydra's files are written by rank 0 only)."""
+    """Register the config resolvers (idempotent): ``mita_add`` and ``mita_floordiv`` (attention budgets)."""
     resolvers = {
         "mita_add": lambda a, b: int(a) + int(b),
         "mita_floordiv": lambda a, b: int(a) // int(b),
-        "mita_rank_subdir": lambda name: name if _env_rank() == 0 else None,
-        "mita_rank_suffix": lambda: "" if _env_rank() == 0 else f"_rank{_env_rank()}",
     }
     for name, fn in resolvers.items():
         OmegaConf.register_new_resolver(name, fn, replace=True)
@@ -210,29 +203,85 @@ def _datasets(data: Mapping[str, Any], seed: int, *, train: bool = True, split: 
     return train_set, eval_set
 
 
-def _make_run_dir(path: str) -> str:
-    """Rank 0 creates the run folder; every rank gets rank 0's absolute path."""
-    from mita.engine.distributed import barrier, broadcast_object, is_main
+def _on_main(fn, *args):
+    """``fn(*args)`` on rank 0, its result on every rank; an exception on rank 0 is raised on every rank
+    (so that no rank waits for a collective the others never reach)."""
+    from mita.engine.distributed import broadcast_object, is_main
 
-    run_dir = os.path.abspath(os.path.expanduser(path)) if is_main() else None
-    if run_dir is not None:
-        os.makedirs(run_dir, exist_ok=True)
-    run_dir = broadcast_object(run_dir)
-    barrier()
-    return run_dir
+    result, error = None, None
+    if is_main():
+        try:
+            result = fn(*args)
+        except Exception as err:  # noqa: BLE001 - re-raised below, on every rank
+            error = err
+    result, shared = broadcast_object((result, error))
+    if error is not None:
+        raise error
+    if shared is not None:
+        raise shared
+    return result
 
 
-def _resume_path(resume: Any, run_dir: str) -> Optional[str]:
-    from mita.engine.checkpoint import latest_checkpoint
+def _open_run_dir(path: str) -> str:
+    """Rank 0 creates and locks the run folder (:func:`mita.engine.rundir.lock_run_dir`); every rank gets
+    its absolute path. A folder another run holds raises RunFolderLocked on every rank."""
+    def lock() -> str:
+        run_dir = os.path.abspath(os.path.expanduser(path))
+        lock_run_dir(run_dir)
+        return run_dir
+
+    return _on_main(lock)
+
+
+def _resume_state(resume: Any, run_dir: str) -> Tuple[Optional[str], Optional[Dict[str, Any]]]:
+    """``(path, state)`` of the checkpoint to continue from, or ``(None, None)``.
+
+    ``resume=auto`` takes the run folder's latest checkpoint, or, when it cannot be read, the newest readable
+    ``checkpoint_<epoch>.pth`` (with a warning); ``resume=PATH`` takes that file only. Rank 0 chooses.
+    """
+    from mita.engine.checkpoint import latest_checkpoint, load_resume_state, load_state
+    from mita.engine.distributed import is_main
 
     if resume in (None, "never", False):
-        return None
+        return None, None
     if resume == "auto":
-        return latest_checkpoint(run_dir)
-    path = os.path.expanduser(str(resume))
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"resume={resume!r}: no such checkpoint (use auto, never or a checkpoint path)")
-    return path
+        path = latest_checkpoint(run_dir)
+        if path is None:
+            return None, None
+        fallback = True
+    else:
+        path = os.path.expanduser(str(resume))
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"resume={resume!r}: no such checkpoint (use auto, never or a checkpoint path)")
+        fallback = False
+    loaded: Dict[str, Any] = {}
+
+    def choose() -> str:
+        chosen, loaded["state"] = load_resume_state(path, fallback=fallback)
+        return chosen
+
+    chosen = _on_main(choose)
+    return chosen, loaded["state"] if is_main() else load_state(chosen)
+
+
+def _schedule_changes(state: Mapping[str, Any], config: Mapping[str, Any], run_info: Mapping[str, Any],
+                      scheduler) -> List[str]:
+    """The settings in which the schedule of a checkpoint's run (``state``) and ``scheduler`` differ, as
+    ``"trainer.epochs 3 -> 6"``; empty when the two schedules are the same."""
+    old_state = state.get("scheduler") or {}
+    if all(old_state.get(key) == value for key, value in scheduler.state_dict().items()):
+        return []
+    old_cfg = state.get("config") or {}
+    changes = []
+    for section, keys in (("trainer", ("epochs", "max_steps_per_epoch")), ("sched", None)):
+        old, new = old_cfg.get(section) or {}, config.get(section) or {}
+        for key in keys or sorted(set(old) | set(new)):
+            if old.get(key) != new.get(key):
+                changes.append(f"{section}.{key} {old.get(key)!r} -> {new.get(key)!r}")
+    old_run = state.get("run") or {}
+    if old_run.get("lr") != run_info.get("lr"):
+        changes.append(f"lr {old_run.get('lr')!r} -> {run_info.get('lr')!r}")
+    return changes or ["the schedule's settings"]
 
 
 def _check_same_experiment(stored: Optional[dict], config: dict, path: str) -> None:
@@ -248,11 +297,41 @@ def _check_same_experiment(stored: Optional[dict], config: dict, path: str) -> N
             if key not in ("root", "num_workers", "pin_memory") and old.get(key) != new.get(key):
                 differ.append(f"{section}.{key}: {old.get(key)!r} in the checkpoint, {new.get(key)!r} now")
     if differ:
-        raise ValueError(
+        raise ConfigError(
             f"resume: the checkpoint {path} was trained with another configuration ("
             + "; ".join(differ) + "). Give this run its own folder (e.g. attention.tag=NAME or run_dir=PATH) "
             "or start afresh with resume=never."
         )
+
+
+def _restore(state: Mapping[str, Any], path: str, *, model: nn.Module, optimizer, scheduler, scaler, model_ema,
+             config: Mapping[str, Any], run_info: Mapping[str, Any]) -> Tuple[int, float, Optional[Dict[str, Any]]]:
+    """Load a training checkpoint's state into the run's objects; returns ``(start epoch, best top-1, the last
+    epoch's record)``.
+
+    The schedule is not loaded: timm's schedules are functions of the epoch and their settings, so the one
+    built from this config continues the run (timm's train.py does the same). When it differs from the
+    checkpoint's (e.g. more epochs stretch the cosine over the new length), the log says so.
+    """
+    from mita.engine.distributed import is_main
+
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    start_epoch = int(state["epoch"]) + 1
+    epochs = int(config["trainer"]["epochs"])
+    changes = _schedule_changes(state, config, run_info, scheduler)
+    if changes and is_main() and start_epoch < epochs:
+        _logger.warning("resume: the learning-rate schedule was rebuilt for the new settings (%s); epochs %d-%d "
+                        "follow the schedule of a fresh run with these settings", ", ".join(changes), start_epoch,
+                        epochs - 1)
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    if model_ema is not None and state.get("model_ema"):
+        model_ema.module.load_state_dict(state["model_ema"])
+    if is_main():
+        _logger.info("resumed from %s at epoch %d%s", path, start_epoch,
+                     "" if start_epoch < epochs else f" (trainer.epochs={epochs}: nothing left to train)")
+    return start_epoch, float(state.get("best_acc1", 0.0)), state.get("record")
 
 
 def _export_submitit_env() -> None:
@@ -313,7 +392,11 @@ def train(cfg: DictConfig) -> Dict[str, Any]:
     Raises:
         mita.engine.loop.NonFiniteLossError: the loss became NaN/inf; the run folder keeps the checkpoint
             of the last completed epoch.
-        FileNotFoundError / ValueError: a missing dataset or checkpoint, a bad config value (named).
+        mita.engine.validate.ConfigError: a config value that cannot work (named), found before the run
+            folder is touched; or a checkpoint to resume of another configuration.
+        mita.engine.rundir.RunFolderLocked: another run holds the run folder (left unchanged).
+        mita.engine.checkpoint.CheckpointError: no readable checkpoint to resume from.
+        FileNotFoundError / ValueError: a missing dataset or checkpoint, a bad value found later.
     """
     from mita.data import build_loader, build_mixup
     from mita.engine import checkpoint as ckpt
@@ -322,22 +405,20 @@ def train(cfg: DictConfig) -> Dict[str, Any]:
     from mita.engine.optim import build_optimizer, build_scheduler, unwrap_model
     from mita.utils.flops import count_params
 
+    _export_submitit_env()
+    # Everything that needs no data is checked before any folder, process group or dataset.
+    check_train(cfg)
     trainer = _plain(cfg.trainer)
     data = _plain(cfg.data)
     aug = data.get("aug") or {}
-    _check_choice("trainer.precision", trainer["precision"], tuple(PRECISIONS))
-    _check_choice("trainer.loss", trainer["loss"], LOSSES)
-    if int(trainer["epochs"]) < 1:
-        raise ValueError(f"trainer.epochs must be >= 1, got {trainer['epochs']}")
-    attention_kwargs(cfg.attention)  # fails early on attention=checkpoint
     if trainer.get("threads"):
         torch.set_num_threads(int(trainer["threads"]))
 
-    _export_submitit_env()
     dist_info = init_distributed(trainer.get("dist_backend"), device=_device(trainer["device"]))
     rank, world_size, device = dist_info["rank"], dist_info["world_size"], dist_info["device"]
+    run_dir, log_file = None, None
     try:
-        run_dir = _make_run_dir(cfg.run_dir)
+        run_dir = _open_run_dir(cfg.run_dir)
         batch_size, global_batch = _batch_sizes(trainer, world_size)
         optim_cfg = _plain(cfg.optim)
         lr = float(optim_cfg["lr"])
@@ -347,12 +428,15 @@ def train(cfg: DictConfig) -> Dict[str, Any]:
         config = OmegaConf.to_container(cfg, resolve=True)
         run_info = dict(world_size=world_size, batch_size=batch_size, global_batch_size=global_batch, lr=lr,
                         run_dir=run_dir)
-        resume_from = _resume_path(cfg.resume, run_dir)
-        state = ckpt.load_state(resume_from) if resume_from is not None else None
+        resume_from, state = _resume_state(cfg.resume, run_dir)
         if state is not None:
             _check_same_experiment(state.get("config"), config, resume_from)
+        # The run goes ahead: only now is anything in the folder written or removed.
         if is_main():
+            ckpt.remove_orphans(run_dir)
             OmegaConf.save(OmegaConf.create(config), os.path.join(run_dir, "config.yaml"))
+            write_hydra_files(run_dir, cfg)
+        log_file = open_log_file(run_dir, rank)
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True
 
@@ -407,17 +491,9 @@ def train(cfg: DictConfig) -> Dict[str, Any]:
 
         start_epoch, best_acc1, last_record = 0, 0.0, None
         if state is not None:
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            if scaler is not None and state.get("scaler"):
-                scaler.load_state_dict(state["scaler"])
-            if model_ema is not None and state.get("model_ema"):
-                model_ema.module.load_state_dict(state["model_ema"])
-            start_epoch = int(state["epoch"]) + 1
-            best_acc1 = float(state.get("best_acc1", 0.0))
-            last_record = state.get("record")
-            _logger.info("resumed from %s at epoch %d", resume_from, start_epoch)
+            start_epoch, best_acc1, last_record = _restore(
+                state, resume_from, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                model_ema=model_ema, config=config, run_info=run_info)
             state = None  # the optimizer state is in place now: free the loaded copy
         log_path = os.path.join(run_dir, "log.jsonl")
         if is_main():
@@ -469,6 +545,7 @@ def train(cfg: DictConfig) -> Dict[str, Any]:
                         "record": record,
                         "config": config,
                         "run": run_info,
+                        "format": ckpt.FORMAT,
                     }
                     ckpt.save_checkpoint(ckpt.checkpoint_path(run_dir), state)
                     keep = trainer.get("keep_every")
@@ -487,6 +564,9 @@ def train(cfg: DictConfig) -> Dict[str, Any]:
         barrier()
         return record
     finally:
+        close_log_file(log_file)
+        if run_dir is not None and is_main():
+            unlock_run_dir(run_dir)
         cleanup()
 
 
@@ -531,12 +611,19 @@ def evaluate_checkpoint(cfg: DictConfig) -> Dict[str, Any]:
     model_cfg = dict(stored["model"])
     # Evaluate at another resolution: the model's position embeddings are resampled on loading.
     model_cfg["img_size"] = data["img_size"]
+    check_model(model_cfg, attention)
     _seed_everything(int(stored.get("seed", 0)))
     precision = cfg.get("precision") or "fp32"
     _check_choice("precision", precision, tuple(PRECISIONS))
     dist_info = init_distributed(device=_device(cfg.get("device", "auto")))
     device = dist_info["device"]
+    log_file = None
     try:
+        # Hydra's files for this evaluation, written once its config is known to work
+        if cfg.get("run_dir"):
+            if dist_info["rank"] == 0:
+                write_hydra_files(os.path.abspath(str(cfg.run_dir)), cfg)
+            log_file = open_log_file(os.path.abspath(str(cfg.run_dir)), dist_info["rank"])
         model = build_model_from_config(model_cfg, attention, load_pretrained=False)
         missing, unexpected = load_checkpoint(model, path)
         model.to(device).eval()
@@ -581,4 +668,5 @@ def evaluate_checkpoint(cfg: DictConfig) -> Dict[str, Any]:
                 json.dump(report, handle, indent=2)
         return report
     finally:
+        close_log_file(log_file)
         cleanup()

@@ -42,6 +42,10 @@ class CheckpointError(ValueError):
         self.path, self.cause = os.fspath(path), cause
         super().__init__(f"checkpoint {self.path} is unreadable: {cause}")
 
+    def __reduce__(self):
+        # rebuilt from (path, cause) when pickled (broadcast from rank 0 to the other DDP ranks)
+        return type(self), (self.path, self.cause)
+
 
 def _first_line(err: BaseException) -> str:
     text = str(err).strip().splitlines()
