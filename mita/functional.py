@@ -21,7 +21,6 @@ the softmax twice. Implementations, all taking the same routing when it is passe
 from __future__ import annotations
 
 import contextlib
-import math
 import warnings
 from typing import Optional, Tuple
 

@@ -13,14 +13,12 @@ sweep, and prints one table with the card's name. Peak memory is one forward+bac
 from __future__ import annotations
 
 import argparse
-import itertools
 import statistics
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from mita import kernels
 from mita.functional import mita_attention
 from mita.kernels import fused_small, small_ops
 
@@ -98,11 +96,13 @@ def main():
     p.add_argument("--shape", default="256,6,197,64,25,25", help="B,H,N,d,m,k")
     p.add_argument("--r", type=int, default=1)
     p.add_argument("--reps", type=int, default=30)
-    p.add_argument("--configs", default="sweep",
-                   help="'sweep' or fwd=W/BQ/BK/P/S/A,bwd=W/BQ/BK/0/S (warps, blocks, query blocks a program, stages, "
-                        "selection algorithm)")
+    p.add_argument("--configs", default="default",
+                   help="'default', 'sweep' or fwd=W/BQ/BK/P/S,bwd=W/BQ/BK/H/S (warps, blocks, query blocks a program, stages, "
+                        "one backward program a head)")
     p.add_argument("--no-general", action="store_true", help="skip impl='triton' (general kernels)")
     p.add_argument("--profile", action="store_true", help="torch.profiler table of the fused path's kernels")
+    p.add_argument("--kernel-times", action="store_true",
+                   help="GPU time of the fused kernels alone (profiler) for each config of the sweep")
     args = p.parse_args()
     B, H, N, d, m, topk = (int(x) for x in args.shape.split(","))
     dtype = torch.bfloat16
@@ -146,33 +146,52 @@ def main():
         rows.append(("mita impl=triton", f, fb, peak(general, *sets[0])))
 
     if args.configs == "sweep":
-        # forward: warps/BQ/BK/query blocks a program (0: all)/stages/selection algorithm;
+        # forward: warps/BQ/BK/query blocks a program (0: all)/stages;
         # backward: warps/BQ/BK/0/stages
-        fwd_cfgs = [(4, 64, 64, 0, 1, 0), (4, 64, 64, 0, 1, 1), (8, 64, 64, 0, 1, 1), (8, 128, 64, 0, 1, 1),
-                    (8, 128, 64, 0, 1, 0)]
-        bwd_cfgs = [(4, 64, 64, 0, 1)]
-        combos = [(fc, bwd_cfgs[0]) for fc in fwd_cfgs] + [(fwd_cfgs[1], bc) for bc in bwd_cfgs[1:]]
+        fwd_cfgs = [(8, 256, 64, 0, 1), (8, 256, 32, 0, 1), (8, 128, 64, 0, 1), (4, 64, 64, 0, 1), (8, 128, 64, 1, 1)]
+        bwd_cfgs = [(8, 64, 32, 1, 1), (4, 64, 64, 0, 1), (8, 64, 16, 1, 1), (8, 64, 32, 1, 2)]
+        combos = [(fc, bwd_cfgs[0]) for fc in fwd_cfgs] + [(fwd_cfgs[0], bc) for bc in bwd_cfgs[1:]]
+    elif args.configs == "default":
+        combos = []
     else:
         parts = dict(x.split("=") for x in args.configs.split(","))
         combos = [(tuple(int(v) for v in parts["fwd"].split("/")), tuple(int(v) for v in parts["bwd"].split("/")))]
     orig_f, orig_b = fused_small.fwd_config, fused_small.bwd_config
-    for (fw, fq, fk, fp, fs, fa), (bw, bq, bk, _, bs) in combos:
-        def fcfg(G, n_pad, *a, fw=fw, fq=fq, fk=fk, fp=fp, fs=fs, fa=fa):
+    for (fw, fq, fk, fp, fs), (bw, bq, bk, bh, bs) in combos:
+        def fcfg(G, n_pad, *a, fw=fw, fq=fq, fk=fk, fp=fp, fs=fs):
             bqq, bkk = min(fq, n_pad), min(fk, n_pad)
             return {"BQ": bqq, "BK": bkk, "QB_PER_PROG": fp or triton_cdiv(n_pad, bqq), "num_warps": fw,
-                    "num_stages": fs, "select_algo": fa}
+                    "num_stages": fs}
 
-        def bcfg(n_pad, *a, bw=bw, bq=bq, bk=bk, bs=bs):
-            return {"BQ": min(bq, n_pad), "BK": min(bk, n_pad), "num_warps": bw, "num_stages": bs}
+        def bcfg(n_pad, *a, bw=bw, bq=bq, bk=bk, bs=bs, bh=bh):
+            return {"BQ": min(bq, n_pad), "BK": min(bk, n_pad), "num_warps": bw, "num_stages": bs,
+                    "per_head": bool(bh)}
 
         fused_small.fwd_config, fused_small.bwd_config = fcfg, bcfg
-        label = f"fused f{fw}/{fq}/{fk}/{fp}/{fs}/{fa} b{bw}/{bq}/{bk}/{bs}"
+        label = f"fused f{fw}/{fq}/{fk}/{fp}/{fs} b{bw}/{bq}/{bk}/{bh}/{bs}"
+        if args.kernel_times:
+            print(label, "kernel us", kernel_times(fused, sets), flush=True)
+            continue
         try:
+            errs = check(2, 3, N, d, m, topk, args.r, True, dtype)
+            if not all(e <= 1e-2 for e in errs):
+                rows.append((f"{label} WRONG " + " ".join(f"{e:.0e}" for e in errs), float("nan"), float("nan"),
+                             float("nan")))
+                continue
             f, fb = time_fn(fused, sets, args.reps)
             rows.append((label, f, fb, peak(fused, *sets[0])))
+            res = {k: (getattr(v, "n_regs", "?"), getattr(v, "n_spills", "?"), getattr(v, "metadata", None) and
+                       v.metadata.shared) for k, v in fused_small.LAUNCHED.items()}
+            print(label, "regs/spills/smem", res, flush=True)
         except Exception as e:  # noqa: BLE001 - a config that fails to compile is reported, not fatal
             rows.append((f"{label} FAILED {type(e).__name__}", float("nan"), float("nan"), float("nan")))
     fused_small.fwd_config, fused_small.bwd_config = orig_f, orig_b
+    if not combos:
+        f, fb = time_fn(fused, sets, args.reps)
+        rows.append(("mita fused (default configs)", f, fb, peak(fused, *sets[0])))
+    if args.kernel_times:
+        print("default configs, routing passed in, kernel us",
+              kernel_times(lambda qkv, lm: fused_given(qkv, lm, topk, args.r, d), sets), flush=True)
 
     if args.profile:
         profile(fused, sets, given=lambda qkv, lm: fused_given(qkv, lm, topk, args.r, d))
@@ -194,7 +213,8 @@ def fused_given(qkv, lm, topk, r, d, _cache={}):
 
 
 def profile(fused, sets, given):
-    from torch.profiler import ProfilerActivity, profile as prof_ctx
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as prof_ctx
 
     for name, fn in (("own selection", fused), ("given routing", given)):
         for x, do in sets:
@@ -207,6 +227,29 @@ def profile(fused, sets, given):
             torch.cuda.synchronize()
         print(f"\nprofile, fused path, {name}, 10 forward+backward:")
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60))
+
+
+def kernel_times(fn, sets, iters=6):
+    """Mean GPU microseconds per call of each Triton kernel (and of everything else) over ``iters`` f+b."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as prof_ctx
+
+    for x, do in sets:
+        _grad(fn(*x), x, do)
+    torch.cuda.synchronize()
+    with prof_ctx(activities=[ProfilerActivity.CUDA]) as prof:
+        for i in range(iters):
+            x, do = sets[i % len(sets)]
+            _grad(fn(*x), x, do)
+        torch.cuda.synchronize()
+    out = {}
+    for e in prof.key_averages():
+        t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+        if t and e.key.startswith("_") and "kernel" in e.key:
+            out[e.key] = round(t / iters, 1)
+        elif t:
+            out["other"] = round(out.get("other", 0) + t / iters, 1)
+    return out
 
 
 def triton_cdiv(a, b):

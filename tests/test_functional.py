@@ -6,7 +6,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from mita.functional import mita_attention, mita_attention_macs, mita_routing
-from tests.helpers import assert_close, input_grads as _grads, rel_err
+from tests.helpers import assert_close, rel_err
+from tests.helpers import input_grads as _grads
 
 # (N, description): DeiT 14x14+1, ViT-B/512 32x32+1, a non-square 10x15+1 grid, 63 tokens without prefix
 TOKEN_CASES = [197, 1025, 151, 63]

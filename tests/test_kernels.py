@@ -19,7 +19,8 @@ pytest.importorskip("triton")
 
 from mita import kernels  # noqa: E402
 from mita.functional import mita_attention  # noqa: E402
-from tests.helpers import attention_inputs, input_grads as _grads, rel_err, saved_storages  # noqa: E402
+from tests.helpers import attention_inputs, rel_err, saved_storages  # noqa: E402
+from tests.helpers import input_grads as _grads  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="Triton kernels unavailable here")
@@ -29,7 +30,7 @@ pytestmark = pytest.mark.skipif(not kernels.available(), reason="Triton kernels 
 def _poison_buffers(monkeypatch):
     """Kernel output buffers start as NaN, so an element a kernel fails to write shows up; the general
     kernels take every case here (tests/test_kernels_small.py covers the fused short-sequence path)."""
-    from mita.kernels import ops, routing
+    from mita.kernels import ops
 
     monkeypatch.setattr(ops, "_POISON", True)
     monkeypatch.setattr(kernels, "FUSED_SMALL", False)

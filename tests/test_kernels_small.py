@@ -18,9 +18,10 @@ import pytest  # noqa: E402
 pytest.importorskip("triton")
 
 from mita import kernels  # noqa: E402
-from mita.kernels import small_ops  # noqa: E402
 from mita.functional import mita_attention, mita_routing  # noqa: E402
-from tests.helpers import attention_inputs, input_grads as _grads, rel_err  # noqa: E402
+from mita.kernels import small_ops  # noqa: E402
+from tests.helpers import attention_inputs, rel_err  # noqa: E402
+from tests.helpers import input_grads as _grads  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="Triton kernels unavailable here")
@@ -110,6 +111,16 @@ def _small_cases():
 @pytest.mark.parametrize("N,m,topk,r,shared,scale,B", _small_cases())
 def test_matches_reference(small_blocks, N, m, topk, r, shared, scale, B):
     _compare(B, 2, N, 32, m, topk, r, shared, scale, seed=N + m + topk)
+
+
+@pytest.mark.parametrize("N,m,topk,r,shared,scale,B", _small_cases()[::2])
+def test_one_backward_program_per_head(small_blocks, monkeypatch, N, m, topk, r, shared, scale, B):
+    # the backward that keeps dQ of the whole head on chip (every query at once, key blocks in a loop)
+    from mita.kernels import fused_small
+
+    monkeypatch.setattr(fused_small, "bwd_config", lambda *a: {
+        "BQ": 16, "BK": 16, "num_warps": 4, "per_head": True})
+    _compare(B, 2, N, 32, m, topk, r, shared, scale, seed=N + m + topk + 1)
 
 
 def test_several_programs_per_head(small_blocks):
