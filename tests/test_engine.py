@@ -1,6 +1,7 @@
 """mita.engine: loops, optimizer/schedule, checkpoints, distributed helpers (single process), loggers."""
 import argparse
 import json
+import logging
 import math
 import os
 import subprocess
@@ -41,6 +42,7 @@ from mita.engine import (
     train_one_epoch,
 )
 from mita.engine.checkpoint import CheckpointError, load_resume_state, remove_orphans
+from mita.engine.cli import hold_run_dir, run_main
 from mita.engine.rundir import RunFolderLocked, lock_run_dir, remove_empty_run_dir, unlock_run_dir
 from mita.models import read_state_dict
 
@@ -347,6 +349,30 @@ def test_run_folder_lock(tmp_path, monkeypatch, caplog):
         json.dump({"host": "node-17", "pid": 12345}, handle)
     unlock_run_dir(run_dir)
     assert os.path.isfile(lock)
+
+
+def test_hold_run_dir_and_run_main(tmp_path, caplog, monkeypatch):
+    monkeypatch.delenv("MITA_DEBUG", raising=False)
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    run_dir = tmp_path / "out" / "exp" / "seed0"
+    with hold_run_dir(str(run_dir), cfg=None, rank=0) as held:
+        assert os.listdir(held) == ["run.lock"]
+        with pytest.raises(RunFolderLocked):
+            lock_run_dir(held)
+    assert os.listdir(run_dir) == []
+
+    def refuse(_):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        raise CheckpointError(tmp_path / "c.pth", "the file is empty (0 bytes)")
+
+    logger = logging.getLogger("entry")
+    with caplog.at_level("ERROR", logger="entry"), pytest.raises(SystemExit) as exit_info:
+        run_main(refuse, None, logger, run_dir=str(run_dir), root=str(tmp_path / "out"))
+    assert exit_info.value.code == 2 and not (tmp_path / "out").exists()
+    assert caplog.records[-1].getMessage() == (f"checkpoint {tmp_path / 'c.pth'} is unreadable: the file is empty "
+                                               "(0 bytes) (MITA_DEBUG=1 shows the traceback)")
+    with pytest.raises(ZeroDivisionError):  # other errors keep their traceback
+        run_main(lambda _: 1 / 0, None, logger)
 
 
 def test_remove_empty_run_dir(tmp_path):

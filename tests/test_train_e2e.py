@@ -4,6 +4,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -495,7 +496,7 @@ def test_cli_errors_are_one_line_and_leave_no_run_folder(tmp_path):
 
 
 @pytest.mark.slow
-def test_cli_a_second_run_into_a_folder_in_use_changes_nothing(tmp_path):
+def test_cli_a_refused_run_changes_nothing_in_the_folder(tmp_path):
     args = _tiny(tmp_path, "trainer.max_steps_per_epoch=1")
     assert _cli(tmp_path, "train.py", *args).returncode == 0
     run_dir = _run_dir(compose("train", args))
@@ -511,3 +512,31 @@ def test_cli_a_second_run_into_a_folder_in_use_changes_nothing(tmp_path):
     finally:
         holder.kill()
         holder.wait()
+    # a resume refused for another configuration changes nothing either
+    (run_dir / "run.lock").unlink()
+    before = _snapshot(run_dir)
+    result = _cli(tmp_path, "train.py", *args, "attention.pool=1d")
+    assert result.returncode == 2 and "attention.pool: 'grid' in the checkpoint, '1d' now" in result.stdout
+    assert _snapshot(run_dir) == before
+
+
+@pytest.mark.slow
+def test_cli_kill_9_then_resume_takes_over_the_stale_lock(tmp_path):
+    args = _tiny(tmp_path, "trainer.max_steps_per_epoch=1", "trainer.epochs=40")
+    run_dir = _run_dir(compose("train", args))
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.Popen([sys.executable, str(REPO / "train.py"), *args], cwd=tmp_path, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        log = run_dir / "log.jsonl"
+        while proc.poll() is None and not (log.is_file() and len(log.read_text().splitlines()) >= 2):
+            time.sleep(0.05)
+        proc.kill()  # SIGKILL: no finally, no clean-up; the lock stays behind
+    finally:
+        proc.wait()
+    assert proc.returncode == -9 and (run_dir / "run.lock").is_file()
+    result = _cli(tmp_path, "train.py", *args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"taking over the lock of {run_dir} left by pid {proc.pid}" in result.stdout
+    assert [r["epoch"] for r in _log(run_dir)] == list(range(40))
+    assert not [p.name for p in run_dir.iterdir() if p.name.endswith((".tmp", ".lock"))]

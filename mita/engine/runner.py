@@ -321,9 +321,9 @@ def _restore(state: Mapping[str, Any], path: str, *, model: nn.Module, optimizer
     epochs = int(config["trainer"]["epochs"])
     changes = _schedule_changes(state, config, run_info, scheduler)
     if changes and is_main() and start_epoch < epochs:
-        _logger.warning("resume: the learning-rate schedule was rebuilt for the new settings (%s); epochs %d-%d "
-                        "follow the schedule of a fresh run with these settings", ", ".join(changes), start_epoch,
-                        epochs - 1)
+        span = f"epoch {start_epoch}" if start_epoch == epochs - 1 else f"epochs {start_epoch}-{epochs - 1}"
+        _logger.warning("resume: the learning-rate schedule was rebuilt for the new settings (%s); %s follow the "
+                        "schedule of a fresh run with these settings", ", ".join(changes), span)
     if scaler is not None and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
     if model_ema is not None and state.get("model_ema"):
