@@ -76,6 +76,37 @@ def _rows(P, rows, ok, stride_n, offs_d):
 
 
 @triton.jit
+def _select_kernel(
+    K, R, SEL,
+    stride_kb, stride_kh, stride_kn, stride_rb, stride_rh, stride_rm,
+    H, N, M, TOPK,
+    D: tl.constexpr, MP: tl.constexpr, NP: tl.constexpr, BM: tl.constexpr, DC: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    """Top-k mask of ``BM`` landmark rows, programs (batch-head, block of landmarks), meant for one warp:
+    a row's counting passes then reduce within the warp (no shared memory, no barrier), and many small
+    programs hide each other's latency. Scores ``R K^T`` in head-dim chunks of ``DC``, so one key chunk
+    ``[NP, DC]`` bounds the registers."""
+    g = tl.program_id(0).to(tl.int64)
+    b = g // H
+    h = g % H
+    lm = tl.program_id(1) * BM + tl.arange(0, BM)
+    lm_ok = lm < M
+    keys = tl.arange(0, NP)
+    key_ok = keys < N
+    Rh = R + b * stride_rb + h * stride_rh
+    Kh = K + b * stride_kb + h * stride_kh
+    sk = tl.zeros([BM, NP], tl.float32)
+    for c in tl.static_range(D // DC):
+        offs_c = c * DC + tl.arange(0, DC)
+        r_c = _rows(Rh, lm, lm_ok, stride_rm, offs_c)  # [BM, DC]
+        k_c = _rows(Kh, keys, key_ok, stride_kn, offs_c)  # [NP, DC]
+        sk = tl.dot(r_c, tl.trans(k_c), sk, input_precision=PREC)
+    sel = _select_topk(sk, key_ok, lm_ok, TOPK)
+    tl.store(SEL + g * MP * NP + lm[:, None] * NP + keys[None, :], sel.to(tl.uint8))
+
+
+@triton.jit
 def _fwd_kernel(
     Q, K, V, R, O, LSE, SEL, EXP, VS, LSH,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
@@ -83,8 +114,9 @@ def _fwd_kernel(
     H, N, M, TOPK, NKB, scale, scale_shared,
     D: tl.constexpr, MP: tl.constexpr, NP: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
     QB_PER_PROG: tl.constexpr, R_TOPK: tl.constexpr, SHARED: tl.constexpr, ROUTED: tl.constexpr,
-    SELECT: tl.constexpr, MULTI: tl.constexpr, PREC: tl.constexpr,
+    SELECT: tl.constexpr, MULTI: tl.constexpr, PREC: tl.constexpr, SELECT_HERE: tl.constexpr,
 ):
+    # SELECT_HERE: the top-k mask is selected in this kernel (else _select_kernel wrote it)
     DT = Q.dtype.element_ty
     g = tl.program_id(0).to(tl.int64)
     grp = tl.program_id(1)
@@ -103,10 +135,10 @@ def _fwd_kernel(
     cl2 = scale_shared * 1.4426950408889634
     SELg = SEL + g * MP * NP
 
-    if SHARED or SELECT:
+    if SHARED or SELECT_HERE:
         kt = _rows(Kh, keys, key_ok, stride_kn, offs_d)  # [NP, D]
         sk = tl.dot(r, tl.trans(kt), input_precision=PREC)  # [MP, NP] unscaled landmark-key scores
-        if SELECT:
+        if SELECT_HERE:
             # every program of the head selects (the same mask); group 0 keeps it for the backward, and
             # the key-block loop below reads it back in [MP, BK] slices, which registers cannot be cut into
             sel = _select_topk(sk, key_ok, lm_ok, TOPK)  # [MP, NP]
@@ -506,7 +538,8 @@ def _wide(n_pad: int, head_dim: int, itemsize: int) -> bool:
 
 def fwd_config(num_heads: int, n_pad: int, m_pad: int, head_dim: int, itemsize: int) -> dict:
     """Forward launch: query block ``BQ``, key block ``BK``, ``QB_PER_PROG`` query blocks per program, warps,
-    pipeline stages.
+    pipeline stages; ``select_bm`` (optional, not timed yet): select the top-k mask in a launch of its own,
+    one warp per ``select_bm`` landmarks (``_select_kernel``), instead of inside every attention program.
 
     Each program selects once for its head, so with many (batch, head) pairs one program takes every
     query block of its head; with few, the blocks are spread over programs for parallelism. Where
@@ -588,6 +621,14 @@ def forward(q, k, v, landmarks, topk, router_topk, shared, scale_shared, *, sel=
         expert = alloc(exp_shape, dtype=torch.int32, device=dev)
     vs = alloc(vs_shape, dtype=q.dtype, device=dev)
     lsh = alloc(lsh_shape, dtype=torch.float32, device=dev)
+    select_here = select and routed and not cfg.get("select_bm")
+    if select and routed and not select_here:
+        bm = min(cfg["select_bm"], m_pad)
+        LAUNCHED["select"] = _select_kernel[(G, m_pad // bm)](
+            k, landmarks, sel, *_strides(k), *_strides(landmarks), H, N, M, topk,
+            D=D, MP=m_pad, NP=n_pad, BM=bm, DC=16, PREC=_precision(q.dtype, allow_tf32),
+            num_warps=cfg.get("select_warps", 1), num_stages=1,
+        )
     groups = triton.cdiv(triton.cdiv(N, cfg["BQ"]), cfg["QB_PER_PROG"])
     LAUNCHED["fwd"] = _fwd_kernel[(G, groups)](
         q, k, v, landmarks, out, lse, sel, expert, vs, lsh,
@@ -595,7 +636,7 @@ def forward(q, k, v, landmarks, topk, router_topk, shared, scale_shared, *, sel=
         H, N, M, topk, triton.cdiv(N, cfg["BK"]), D ** -0.5, scale_shared,
         D=D, MP=m_pad, NP=n_pad, BQ=cfg["BQ"], BK=cfg["BK"], QB_PER_PROG=cfg["QB_PER_PROG"],
         R_TOPK=router_topk, SHARED=shared, ROUTED=routed, SELECT=select and routed,
-        MULTI=router_topk == 2 or not select,
+        MULTI=router_topk == 2 or not select, SELECT_HERE=select_here,
         PREC=_precision(q.dtype, allow_tf32), num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 1),
     )
     return out, lse, sel, expert, vs, lsh

@@ -97,8 +97,8 @@ def main():
     p.add_argument("--r", type=int, default=1)
     p.add_argument("--reps", type=int, default=30)
     p.add_argument("--configs", default="default",
-                   help="'default', 'sweep' or fwd=W/BQ/BK/P/S,bwd=W/BQ/BK/H/S (warps, blocks, query blocks a program, stages, "
-                        "one backward program a head)")
+                   help="'default', 'sweep' or fwd=W/BQ/BK/P/S/M,bwd=W/BQ/BK/H/S (warps, blocks, query blocks a program, stages, "
+                        "landmarks a selection program, one backward program a head)")
     p.add_argument("--no-general", action="store_true", help="skip impl='triton' (general kernels)")
     p.add_argument("--profile", action="store_true", help="torch.profiler table of the fused path's kernels")
     p.add_argument("--kernel-times", action="store_true",
@@ -146,9 +146,11 @@ def main():
         rows.append(("mita impl=triton", f, fb, peak(general, *sets[0])))
 
     if args.configs == "sweep":
-        # forward: warps/BQ/BK/query blocks a program (0: all)/stages;
+        # forward: warps/BQ/BK/query blocks a program (0: all)/stages/landmarks a selection program (0: the
+        # selection inside the attention kernel);
         # backward: warps/BQ/BK/0/stages
-        fwd_cfgs = [(8, 256, 64, 0, 1), (8, 256, 32, 0, 1), (8, 128, 64, 0, 1), (4, 64, 64, 0, 1), (8, 128, 64, 1, 1)]
+        fwd_cfgs = [(8, 256, 64, 0, 1, 0), (8, 256, 64, 0, 1, 16), (4, 64, 64, 1, 1, 16), (8, 128, 64, 1, 1, 16),
+                    (4, 64, 64, 0, 1, 0)]
         bwd_cfgs = [(8, 64, 32, 1, 1), (4, 64, 64, 0, 1), (8, 64, 16, 1, 1), (8, 64, 32, 1, 2)]
         combos = [(fc, bwd_cfgs[0]) for fc in fwd_cfgs] + [(fwd_cfgs[0], bc) for bc in bwd_cfgs[1:]]
     elif args.configs == "default":
@@ -157,18 +159,18 @@ def main():
         parts = dict(x.split("=") for x in args.configs.split(","))
         combos = [(tuple(int(v) for v in parts["fwd"].split("/")), tuple(int(v) for v in parts["bwd"].split("/")))]
     orig_f, orig_b = fused_small.fwd_config, fused_small.bwd_config
-    for (fw, fq, fk, fp, fs), (bw, bq, bk, bh, bs) in combos:
-        def fcfg(G, n_pad, *a, fw=fw, fq=fq, fk=fk, fp=fp, fs=fs):
+    for (fw, fq, fk, fp, fs, fm), (bw, bq, bk, bh, bs) in combos:
+        def fcfg(G, n_pad, *a, fw=fw, fq=fq, fk=fk, fp=fp, fs=fs, fm=fm):
             bqq, bkk = min(fq, n_pad), min(fk, n_pad)
             return {"BQ": bqq, "BK": bkk, "QB_PER_PROG": fp or triton_cdiv(n_pad, bqq), "num_warps": fw,
-                    "num_stages": fs}
+                    "num_stages": fs, "select_bm": fm}
 
         def bcfg(n_pad, *a, bw=bw, bq=bq, bk=bk, bs=bs, bh=bh):
             return {"BQ": min(bq, n_pad), "BK": min(bk, n_pad), "num_warps": bw, "num_stages": bs,
                     "per_head": bool(bh)}
 
         fused_small.fwd_config, fused_small.bwd_config = fcfg, bcfg
-        label = f"fused f{fw}/{fq}/{fk}/{fp}/{fs} b{bw}/{bq}/{bk}/{bh}/{bs}"
+        label = f"fused f{fw}/{fq}/{fk}/{fp}/{fs}/{fm} b{bw}/{bq}/{bk}/{bh}/{bs}"
         if args.kernel_times:
             print(label, "kernel us", kernel_times(fused, sets), flush=True)
             continue

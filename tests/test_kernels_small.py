@@ -231,6 +231,16 @@ def test_own_selection_matches_torch(small_blocks, N, m, topk, r, shared):
     _check_selection(2, 2, N, 32, m, topk, r, shared, "official", seed=N)
 
 
+@pytest.mark.parametrize("N,m,topk,r,shared", [(50, 5, 4, 2, True), (20, 20, 20, 1, False), (33, 17, 9, 1, True)])
+def test_selection_in_its_own_kernel(small_blocks, monkeypatch, N, m, topk, r, shared):
+    # the top-k mask from _select_kernel (programs of 16 landmarks), the attention kernel reading it
+    from mita.kernels import fused_small
+
+    config = fused_small.fwd_config
+    monkeypatch.setattr(fused_small, "fwd_config", lambda *a: {**config(*a), "select_bm": 16})
+    _check_selection(1, 2, N, 32, m, topk, r, shared, "paper", seed=N + 7)
+
+
 def test_selection_ties_go_to_lower_index(small_blocks):
     # keys 3 and 9 are equal, and so are landmarks 0 and 2: exact ties in both selections
     B, H, N, d, m = 1, 1, 20, 32, 3
