@@ -148,6 +148,45 @@ def _backward(ctx, grad_out, *_):
 torch.library.register_autograd("mita::small_fwd", _backward, setup_context=_setup_context)
 
 
+class _SmallAttention(torch.autograd.Function):
+    """The same forward and backward as the custom ops, without their dispatch (about half of the host time
+    of an eager forward+backward); ``torch.compile`` traces the custom ops instead."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, landmarks, sel, expert, topk, router_topk, shared, scale_shared, allow_tf32):
+        q, k, v, landmarks = (_unit_last_stride(t) for t in (q, k, v, landmarks))
+        out, lse, sel_out, exp_out, vs, lsh = fused_small.forward(
+            q, k, v, landmarks, topk, router_topk, shared, scale_shared, sel=sel, expert=expert,
+            allow_tf32=allow_tf32, alloc=_alloc,
+        )
+        multi = expert is not None or router_topk == 2
+        if expert is None:
+            sel, expert = sel_out, exp_out
+        ctx.save_for_backward(q, k, v, landmarks, out, lse, sel, expert, vs, lsh)
+        ctx.meta = (topk, shared, scale_shared, multi, allow_tf32)
+        ctx.mark_non_differentiable(sel, expert)
+        return out, sel, expert
+
+    @staticmethod
+    def backward(ctx, grad_out, *_):
+        q, k, v, landmarks, out, lse, sel, expert, vs, lsh = ctx.saved_tensors
+        topk, shared, scale_shared, multi, allow_tf32 = ctx.meta
+        grad_out = _unit_last_stride(grad_out.to(q.dtype))
+        dq, dk, dv, dr = fused_small.backward(
+            q, k, v, landmarks, out, grad_out, lse, sel, expert, vs, lsh, topk, shared, scale_shared, multi,
+            allow_tf32=allow_tf32, alloc=_alloc,
+        )
+        return dq, dk, dv, dr, None, None, None, None, None, None, None
+
+
+def _attention(q, k, v, landmarks, sel, expert, *args):
+    """``(out, sel, expert)``: the custom op under ``torch.compile``, the autograd function in eager mode."""
+    if torch.compiler.is_compiling():
+        out, _, sel_out, exp_out, _, _ = small_fwd(q, k, v, landmarks, sel, expert, *args)
+        return out, sel_out, exp_out
+    return _SmallAttention.apply(q, k, v, landmarks, sel, expert, *args)
+
+
 def routing_tensors(topk_idx: torch.Tensor, expert_idx: torch.Tensor, N: int, m: int):
     """The kernels' form of a routing ``(topk_idx [B, H, m, topk], expert_idx [B, H, N, r])``: the uint8
     multiplicity mask ``[G, MP, NP]`` (a key listed twice by one expert counts twice) and int32 expert ids
@@ -191,7 +230,7 @@ def mita_attention_small(q, k, v, landmarks, topk, router_topk, shared, scale_sh
     m = landmarks.shape[2]
     args = (topk, router_topk, bool(shared), float(scale_shared), bool(allow_tf32))
     if routing is None and topk > 0:
-        out, _, sel, expert, _, _ = small_fwd(q, k, v, landmarks, None, None, *args)
+        out, sel, expert = _attention(q, k, v, landmarks, None, None, *args)
         if not return_routing:
             return out
         return out, (selected_keys(sel, B, H, N, m, topk), expert.view(B, H, N, router_topk).long())
@@ -204,5 +243,5 @@ def mita_attention_small(q, k, v, landmarks, topk, router_topk, shared, scale_sh
             routing = (q.new_empty(B, H, m, 0, dtype=torch.long), route_queries(q, landmarks, router_topk))
     else:
         sel, expert = routing_tensors(*routing, N, m)
-    out = small_fwd(q, k, v, landmarks, sel, expert, *args)[0]
+    out = _attention(q, k, v, landmarks, sel, expert, *args)[0]
     return (out, tuple(routing)) if return_routing else out
