@@ -1,8 +1,17 @@
-"""Training engine: loops, optimizer and schedule, checkpoints, distributed helpers and loggers.
+"""Training engine: loops, optimizer and schedule, checkpoints, distributed helpers and loggers; config checks
+(``validate``), the run-folder lock (``rundir``) and the entrypoints' error handling (``cli``).
 
 The Hydra runner (``mita.engine.runner``) is imported on its own, so this package needs no Hydra.
 """
-from mita.engine.checkpoint import checkpoint_path, export_weights, latest_checkpoint, load_state, save_checkpoint
+from mita.engine.checkpoint import (
+    CheckpointError,
+    checkpoint_path,
+    export_weights,
+    latest_checkpoint,
+    load_resume_state,
+    load_state,
+    save_checkpoint,
+)
 from mita.engine.distributed import (
     all_reduce_mean,
     barrier,
@@ -16,11 +25,16 @@ from mita.engine.distributed import (
 from mita.engine.logging import JsonlLogger, NullLogger, WandbLogger
 from mita.engine.loop import NonFiniteLossError, build_criterion, build_ema, evaluate, train_one_epoch
 from mita.engine.optim import build_optimizer, build_scheduler, unwrap_model
+from mita.engine.rundir import RunFolderLocked
+from mita.engine.validate import ConfigError
 
 __all__ = [
+    "CheckpointError",
+    "ConfigError",
     "JsonlLogger",
     "NonFiniteLossError",
     "NullLogger",
+    "RunFolderLocked",
     "WandbLogger",
     "all_reduce_mean",
     "barrier",
@@ -38,6 +52,7 @@ __all__ = [
     "init_distributed",
     "is_main",
     "latest_checkpoint",
+    "load_resume_state",
     "load_state",
     "save_checkpoint",
     "train_one_epoch",

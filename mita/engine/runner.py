@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import random
 import time
 from pathlib import Path
@@ -208,13 +209,17 @@ def _on_main(fn, *args):
     (so that no rank waits for a collective the others never reach)."""
     from mita.engine.distributed import broadcast_object, is_main
 
-    result, error = None, None
+    result, error, shared = None, None, None
     if is_main():
         try:
             result = fn(*args)
         except Exception as err:  # noqa: BLE001 - re-raised below, on every rank
-            error = err
-    result, shared = broadcast_object((result, error))
+            error = shared = err
+            try:
+                pickle.dumps(err)
+            except Exception:  # noqa: BLE001 - an error that cannot travel goes as its message
+                shared = RuntimeError(f"rank 0: {type(err).__name__}: {err}")
+    result, shared = broadcast_object((result, shared))
     if error is not None:
         raise error
     if shared is not None:
