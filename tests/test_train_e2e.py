@@ -142,10 +142,11 @@ def _lrs(run_dir):
     return [r["train_lr"] for r in _log(run_dir)]
 
 
-def test_more_epochs_on_resume_rebuild_the_schedule_for_the_new_length(tmp_path, caplog):
+@pytest.mark.parametrize("per_step", [False, True])
+def test_more_epochs_on_resume_rebuild_the_schedule_for_the_new_length(tmp_path, caplog, per_step):
     """3 epochs, then trainer.epochs=6 in the same folder: epochs 3-5 run at the learning rates of a fresh
     6-epoch run (timm's rule: the schedule follows the config), and the log says the schedule was rebuilt."""
-    common = ["trainer.max_steps_per_epoch=1", "sched.warmup_epochs=1", "sched.min_lr=1e-5"]
+    common = ["trainer.max_steps_per_epoch=2", "sched.warmup_epochs=1", "sched.min_lr=1e-5", f"sched.per_step={per_step}"]
     short = compose("train", _tiny(tmp_path / "extended", *common, "trainer.epochs=3"))
     train(short)
     first = _lrs(_run_dir(short))
@@ -159,7 +160,7 @@ def test_more_epochs_on_resume_rebuild_the_schedule_for_the_new_length(tmp_path,
     assert len(extended) == len(expected) == 6
     assert extended[:3] == first  # the epochs already trained keep their lines
     assert extended[3:] == pytest.approx(expected[3:], rel=1e-12)
-    assert min(extended[3:]) > 1e-4  # not the minimum lr of the 3-epoch schedule's end
+    assert extended[3] > 10 * 1e-5  # not sched.min_lr, where the 3-epoch schedule ended
     # the same schedule again: nothing rebuilt, nothing said
     caplog.clear()
     with caplog.at_level("WARNING", logger="mita.engine.runner"):
