@@ -8,8 +8,8 @@ import os
 
 import torch
 
-__all__ = ["available", "supports", "mita_attention", "supports_fused", "mita_attention_fused", "HEAD_DIMS", "DTYPES",
-           "MAX_LANDMARKS", "MAX_TOPK"]
+__all__ = ["available", "supports", "mita_attention", "supports_fused", "mita_attention_fused", "pools_in_kernel",
+           "HEAD_DIMS", "DTYPES", "MAX_LANDMARKS", "MAX_TOPK"]
 
 HEAD_DIMS = (32, 64, 128)
 # Whether short sequences (N <= 256, m <= 64, r <= 2) take the fused kernels of kernels/fused_small.py (one
@@ -98,14 +98,18 @@ def supports_fused(q: torch.Tensor, landmarks: torch.Tensor, topk: int, router_t
 
 
 def mita_attention_fused(q, k, v, landmarks, topk, router_topk, shared, scale_shared, *, return_routing=False,
-                         allow_tf32=False):
+                         allow_tf32=False, pool=None):
     """MiTA with routing selected inside one fused kernel, for cases :func:`supports_fused` accepts.
 
     Landmark-key scores, top-k, gate and shared values are computed in the forward kernel, so no routing
     tensor reaches memory unless ``return_routing``. Arguments as :func:`mita_attention`, with ``topk``
     (0 <= topk <= N) and ``router_topk`` (1 or 2) instead of a routing; top-k and gate ties go to the lower
-    index. Returns ``out [B, H, N, d]`` or ``(out, (topk_idx [B, H, m, topk], expert_idx [B, H, N, r]))``.
+    index. ``pool``: ``[m, N]`` pooling weights instead of ``landmarks`` (None): the landmarks are
+    ``pool @ q`` per head, pooled inside the kernels where they can (then their gradient goes into dq
+    there). Returns ``out [B, H, N, d]`` or ``(out, (topk_idx [B, H, m, topk], expert_idx [B, H, N, r]))``.
     """
+    if pool is not None:
+        landmarks = pool  # [m, N]: its m is what the checks below read
     if not available():
         raise RuntimeError("mita.kernels needs Triton and a CUDA device (or TRITON_INTERPRET=1)")
     if not (q.is_cuda or _interpreting()):
@@ -120,8 +124,22 @@ def mita_attention_fused(q, k, v, landmarks, topk, router_topk, shared, scale_sh
         raise ValueError("topk=0 and shared=False: no expert left")
     from . import small_ops
 
-    return small_ops.mita_attention_small(q, k, v, landmarks, topk, router_topk, shared, scale_shared,
-                                          return_routing=return_routing, allow_tf32=allow_tf32)
+    return small_ops.mita_attention_small(q, k, v, None if pool is not None else landmarks, topk, router_topk,
+                                          shared, scale_shared, return_routing=return_routing,
+                                          allow_tf32=allow_tf32, pool=pool)
+
+
+def pools_in_kernel(q: torch.Tensor, num_landmarks: int, topk: int, router_topk: int) -> bool:
+    """Whether the fused kernels would take this call and pool ``[m, N]`` landmark weights from q inside
+    (``mita_attention_fused(..., pool=W)``): CUDA, the short path, and a config that keeps a whole head in
+    one program (N in (128, 256], d = 64, fp16/bf16)."""
+    if not (FUSED_SMALL and q.is_cuda and available()):
+        return False
+    from . import fused_small, small_ops
+
+    N, d = q.shape[-2], q.shape[-1]
+    like = q[..., :1, :].expand(*q.shape[:-2], num_landmarks, d)  # a view of q shaped as the landmarks
+    return small_ops.supports(q, like, topk, router_topk) and fused_small.pools_in_kernel(N, d, q.element_size())
 
 
 def route_queries(q: torch.Tensor, landmarks: torch.Tensor, router_topk: int) -> torch.Tensor:

@@ -108,15 +108,17 @@ def _select_kernel(
 
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, R, O, LSE, SEL, EXP, VS, LSH,
+    Q, K, V, R, O, LSE, SEL, EXP, VS, LSH, POOL, LMK,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn, stride_rb, stride_rh, stride_rm, stride_ob, stride_oh, stride_on,
     H, N, M, TOPK, NKB, scale, scale_shared,
     D: tl.constexpr, MP: tl.constexpr, NP: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
     QB_PER_PROG: tl.constexpr, R_TOPK: tl.constexpr, SHARED: tl.constexpr, ROUTED: tl.constexpr,
     SELECT: tl.constexpr, MULTI: tl.constexpr, PREC: tl.constexpr, SELECT_HERE: tl.constexpr,
+    POOLED: tl.constexpr,
 ):
-    # SELECT_HERE: the top-k mask is selected in this kernel (else _select_kernel wrote it)
+    # SELECT_HERE: the top-k mask is selected in this kernel (else _select_kernel wrote it);
+    # POOLED: the landmarks are W Q with W = POOL [MP, NP] (fp32), computed here and stored to LMK [G, MP, D]
     DT = Q.dtype.element_ty
     g = tl.program_id(0).to(tl.int64)
     grp = tl.program_id(1)
@@ -130,7 +132,14 @@ def _fwd_kernel(
     lm_ok = lm < M
     keys = tl.arange(0, NP)
     key_ok = keys < N
-    r = _rows(R + b * stride_rb + h * stride_rh, lm, lm_ok, stride_rm, offs_d)  # [MP, D]
+    if POOLED:
+        qa = _rows(Qh, keys, key_ok, stride_qn, offs_d)  # [NP, D]
+        w = tl.load(POOL + lm[:, None] * NP + keys[None, :])  # [MP, NP]
+        r = tl.dot(w, qa.to(tl.float32), input_precision=PREC).to(DT)  # [MP, D]
+        if grp == 0:
+            tl.store(LMK + (g * MP + lm[:, None]) * D + offs_d[None, :], r)
+    else:
+        r = _rows(R + b * stride_rb + h * stride_rh, lm, lm_ok, stride_rm, offs_d)  # [MP, D]
     sl2 = scale * 1.4426950408889634
     cl2 = scale_shared * 1.4426950408889634
     SELg = SEL + g * MP * NP
@@ -393,13 +402,14 @@ def _bwd_landmarks(
 
 @triton.jit
 def _bwd_head_kernel(
-    Q, K, V, R, O, DO, LSE, SEL, EXP, VS, LSH, DQ, DK, DV, DR,
+    Q, K, V, R, O, DO, LSE, SEL, EXP, VS, LSH, DQ, DK, DV, DR, POOL,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn, stride_rb, stride_rh, stride_rm,
     stride_dob, stride_doh, stride_don, stride_ob, stride_oh, stride_on,
     H, N, M, NKB, scale, scale_shared,
     D: tl.constexpr, MP: tl.constexpr, NP: tl.constexpr, BK: tl.constexpr,
     R_TOPK: tl.constexpr, SHARED: tl.constexpr, ROUTED: tl.constexpr, MULTI: tl.constexpr, PREC: tl.constexpr,
+    POOLED: tl.constexpr,
 ):
     """One program per head: every query at once (``[NP, .]`` tiles), key blocks of ``BK`` in a loop.
 
@@ -476,8 +486,12 @@ def _bwd_head_kernel(
         out = (g * N + kcols[:, None]) * D + offs_d[None, :]
         tl.store(DK + out, (dk * scale).to(DT), mask=k_ok[:, None])
         tl.store(DV + out, dv.to(DT), mask=k_ok[:, None])
+    if POOLED and SHARED:
+        # landmarks W Q: their gradient goes back into dq as W^T dR (dr is still divided by s)
+        w = tl.load(POOL + lm[:, None] * NP + rows[None, :])  # [MP, NP]
+        dq = tl.dot(tl.trans(w), dr, dq, input_precision=PREC)
     tl.store(DQ + (g * N + rows[:, None]) * D + offs_d[None, :], (dq * scale).to(DT), mask=q_ok[:, None])
-    if SHARED:
+    if SHARED and not POOLED:
         tl.store(DR + (g * M + lm[:, None]) * D + offs_d[None, :], (dr * scale).to(DT), mask=lm_ok[:, None])
 
 
@@ -534,6 +548,21 @@ def _wide(n_pad: int, head_dim: int, itemsize: int) -> bool:
     take the case: only where they were checked on sm_90 with Triton 3.6 (N in (128, 256], d = 64, fp16/bf16;
     Triton 3.6 miscompiled other tile shapes at d = 32 before, see bwd_config)."""
     return n_pad == 256 and head_dim == 64 and itemsize == 2
+
+
+def pools_in_kernel(n: int, head_dim: int, itemsize: int) -> bool:
+    """Whether the kernels can pool the landmarks from q themselves (``pool=``): the configs that keep a
+    whole head in one program, forward and backward (:func:`_wide`)."""
+    return _wide(padded(n), head_dim, itemsize)
+
+
+def pool_weights(weights: torch.Tensor) -> torch.Tensor:
+    """``[m, N]`` pooling weights (landmark j = sum_n weights[j, n] q_n) as the kernels take them: fp32,
+    zero-padded to ``[MP, NP]``, contiguous."""
+    m, n = weights.shape
+    out = weights.new_zeros(padded(m), padded(n), dtype=torch.float32)
+    out[:m, :n] = weights
+    return out
 
 
 def fwd_config(num_heads: int, n_pad: int, m_pad: int, head_dim: int, itemsize: int) -> dict:
@@ -595,16 +624,19 @@ def saved_shapes(B: int, H: int, N: int, m: int, d: int, router_topk: int, topk:
 
 
 def forward(q, k, v, landmarks, topk, router_topk, shared, scale_shared, *, sel=None, expert=None,
-            allow_tf32=False, alloc=torch.empty):
+            pool=None, num_landmarks=None, allow_tf32=False, alloc=torch.empty):
     """Fused forward. ``q, k, v [B, H, N, d]``, ``landmarks [B, H, m, d]`` with unit last stride.
 
     With ``sel [G, MP, NP]`` (uint8 multiplicity mask) and ``expert [G, N, r]`` (int32, contiguous) the
-    routing is taken from them; otherwise it is selected in the kernel. ``alloc(shape, dtype=, device=)``
-    allocates the outputs (tests pass a poisoning one). Returns ``out [B, H, N, d]`` (token-major memory),
-    ``lse [G, N]`` (base 2), ``sel``, ``expert``, ``vs`` and ``lse_sh`` (see the module docstring).
+    routing is taken from them; otherwise it is selected in the kernel. With ``pool`` (``[MP, NP]`` fp32
+    pooling weights, zero-padded, see :func:`pool_weights`) and ``num_landmarks`` the landmarks are
+    ``pool @ q``, computed in the kernel (``landmarks`` is ignored; only where :func:`pools_in_kernel` holds). ``alloc(shape, dtype=,
+    device=)`` allocates the outputs (tests pass a poisoning one). Returns ``out [B, H, N, d]`` (token-major
+    memory), ``lse [G, N]`` (base 2), ``sel``, ``expert``, ``vs``, ``lse_sh`` (see the module docstring) and
+    ``lmk [G, MP, d]``, the pooled landmarks (empty without ``pool``).
     """
     B, H, N, D = q.shape
-    M = landmarks.shape[2]
+    M = landmarks.shape[2] if pool is None else num_landmarks
     G = B * H
     dev = q.device
     select = expert is None
@@ -621,7 +653,16 @@ def forward(q, k, v, landmarks, topk, router_topk, shared, scale_shared, *, sel=
         expert = alloc(exp_shape, dtype=torch.int32, device=dev)
     vs = alloc(vs_shape, dtype=q.dtype, device=dev)
     lsh = alloc(lsh_shape, dtype=torch.float32, device=dev)
-    select_here = select and routed and not cfg.get("select_bm")
+    pooled = pool is not None
+    if pooled:
+        if not pools_in_kernel(N, D, q.element_size()):
+            raise ValueError(f"pooling inside the kernel needs N in (128, 256], d = 64, fp16/bf16; got N={N}, d={D}")
+        lmk = alloc((G, m_pad, D), dtype=q.dtype, device=dev)
+        landmarks = lmk.view(B, H, m_pad, D)
+    else:
+        lmk = alloc((0,), dtype=q.dtype, device=dev)
+    # a selection launch of its own reads the landmarks, which a pooling kernel has not written yet
+    select_here = select and routed and (pooled or not cfg.get("select_bm"))
     if select and routed and not select_here:
         bm = min(cfg["select_bm"], m_pad)
         LAUNCHED["select"] = _select_kernel[(G, m_pad // bm)](
@@ -631,42 +672,49 @@ def forward(q, k, v, landmarks, topk, router_topk, shared, scale_shared, *, sel=
         )
     groups = triton.cdiv(triton.cdiv(N, cfg["BQ"]), cfg["QB_PER_PROG"])
     LAUNCHED["fwd"] = _fwd_kernel[(G, groups)](
-        q, k, v, landmarks, out, lse, sel, expert, vs, lsh,
+        q, k, v, landmarks, out, lse, sel, expert, vs, lsh, pool if pooled else lsh, lmk,
         *_strides(q), *_strides(k), *_strides(v), *_strides(landmarks), *_strides(out),
         H, N, M, topk, triton.cdiv(N, cfg["BK"]), D ** -0.5, scale_shared,
         D=D, MP=m_pad, NP=n_pad, BQ=cfg["BQ"], BK=cfg["BK"], QB_PER_PROG=cfg["QB_PER_PROG"],
         R_TOPK=router_topk, SHARED=shared, ROUTED=routed, SELECT=select and routed,
-        MULTI=router_topk == 2 or not select, SELECT_HERE=select_here,
+        MULTI=router_topk == 2 or not select, SELECT_HERE=select_here, POOLED=pooled,
         PREC=_precision(q.dtype, allow_tf32), num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 1),
     )
-    return out, lse, sel, expert, vs, lsh
+    return out, lse, sel, expert, vs, lsh, lmk
 
 
 def backward(q, k, v, landmarks, out, grad_out, lse, sel, expert, vs, lsh, topk, shared, scale_shared, multi, *,
-             allow_tf32=False, alloc=torch.empty):
+             pool=None, num_landmarks=None, lmk=None, allow_tf32=False, alloc=torch.empty):
     """Fused backward: ``dq, dk, dv [B, H, N, d]`` and ``dR [B, H, m, d]``, every element written once
     (``dR`` is None without the shared expert: the landmarks then only select, which has no gradient).
-    ``multi``: the mask may count a key more than once for a query (r = 2, or a routing passed in)."""
+    ``multi``: the mask may count a key more than once for a query (r = 2, or a routing passed in).
+    With ``pool`` (and the forward's ``lmk``) the landmark gradient goes into ``dq`` and ``dR`` is None."""
     B, H, N, D = q.shape
-    M = landmarks.shape[2]
+    pooled = pool is not None
+    M = landmarks.shape[2] if not pooled else num_landmarks
+    if pooled:
+        landmarks = lmk.view(B, H, lmk.shape[1], D)
     G = B * H
     dev = q.device
     n_pad, m_pad = padded(N), padded(M)
     dq, dk, dv = (alloc((B, H, N, D), dtype=q.dtype, device=dev) for _ in range(3))
-    dr = alloc((B, H, M, D), dtype=q.dtype, device=dev) if shared else dq
+    dr = alloc((B, H, M, D), dtype=q.dtype, device=dev) if shared and not pooled else dq
     cfg = bwd_config(n_pad, m_pad, D, q.element_size())
     n_qb, n_kb = triton.cdiv(N, cfg["BQ"]), triton.cdiv(N, cfg["BK"])
     router_topk = expert.shape[-1] if topk > 0 else 1
+    if pooled and not cfg.get("per_head", False):
+        raise ValueError("pooling inside the kernel needs the one-program-per-head backward")
     if cfg.get("per_head", False):
         LAUNCHED["bwd"] = _bwd_head_kernel[(G,)](
             q, k, v, landmarks, out, grad_out, lse, sel, expert, vs, lsh, dq, dk, dv, dr,
+            pool if pooled else lsh,
             *_strides(q), *_strides(k), *_strides(v), *_strides(landmarks), *_strides(grad_out), *_strides(out),
             H, N, M, n_kb, D ** -0.5, scale_shared,
             D=D, MP=m_pad, NP=n_pad, BK=cfg["BK"], R_TOPK=router_topk,
-            SHARED=shared, ROUTED=topk > 0, MULTI=multi, PREC=_precision(q.dtype, allow_tf32),
+            SHARED=shared, ROUTED=topk > 0, MULTI=multi, PREC=_precision(q.dtype, allow_tf32), POOLED=pooled,
             num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 1),
         )
-        return dq, dk, dv, (dr if shared else None)
+        return dq, dk, dv, (dr if shared and not pooled else None)
     LAUNCHED["bwd"] = _bwd_kernel[(G, n_kb + n_qb + int(shared))](
         q, k, v, landmarks, out, grad_out, lse, sel, expert, vs, lsh, dq, dk, dv, dr,
         *_strides(q), *_strides(k), *_strides(v), *_strides(landmarks), *_strides(grad_out), *_strides(out),

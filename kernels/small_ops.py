@@ -68,27 +68,33 @@ def _empty(q: torch.Tensor, dtype=torch.int32) -> torch.Tensor:
 def small_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, landmarks: torch.Tensor,
     sel: Optional[torch.Tensor], expert: Optional[torch.Tensor], topk: int, router_topk: int,
-    shared: bool, scale_shared: float, allow_tf32: bool,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(out [B, H, N, d], lse [G, N], sel [G, MP, NP], expert [G, N, r], vs [G, MP, d], lse_sh [G, MP])``.
+    shared: bool, scale_shared: float, allow_tf32: bool, pool: Optional[torch.Tensor], num_landmarks: int,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(out [B, H, N, d], lse [G, N], sel [G, MP, NP], expert [G, N, r], vs [G, MP, d], lse_sh [G, MP],
+    lmk)``.
 
     With a given routing (``sel`` uint8, ``expert`` int32, as :func:`routing_tensors` builds them) the
     returned ``sel`` and ``expert`` are empty (outputs may not alias inputs; the caller keeps its own).
+    With ``pool`` (padded fp32 weights, ``fused_small.pool_weights``) the ``num_landmarks`` landmarks are
+    pooled from q in the kernel (``landmarks`` is then unused) and ``lmk [G, MP, d]`` holds them; else
+    ``lmk`` is empty.
     """
-    q, k, v, landmarks = (_unit_last_stride(t) for t in (q, k, v, landmarks))
-    out, lse, sel_out, exp_out, vs, lsh = fused_small.forward(
-        q, k, v, landmarks, topk, router_topk, shared, scale_shared, sel=sel, expert=expert,
-        allow_tf32=allow_tf32, alloc=_alloc,
+    q, k, v = (_unit_last_stride(t) for t in (q, k, v))
+    if pool is None:
+        landmarks = _unit_last_stride(landmarks)
+    out, lse, sel_out, exp_out, vs, lsh, lmk = fused_small.forward(
+        q, k, v, landmarks, topk, router_topk, shared, scale_shared, sel=sel, expert=expert, pool=pool,
+        num_landmarks=num_landmarks, allow_tf32=allow_tf32, alloc=_alloc,
     )
     if expert is not None:
-        return out, lse, _empty(q, torch.uint8), _empty(q), vs, lsh
-    return out, lse, sel_out, exp_out, vs, lsh
+        return out, lse, _empty(q, torch.uint8), _empty(q), vs, lsh, lmk
+    return out, lse, sel_out, exp_out, vs, lsh, lmk
 
 
 @small_fwd.register_fake
-def _(q, k, v, landmarks, sel, expert, topk, router_topk, shared, scale_shared, allow_tf32):
+def _(q, k, v, landmarks, sel, expert, topk, router_topk, shared, scale_shared, allow_tf32, pool, num_landmarks):
     B, H, N, d = q.shape
-    m = landmarks.shape[2]
+    m = landmarks.shape[2] if pool is None else num_landmarks
     sel_shape, exp_shape, vs_shape, lsh_shape = fused_small.saved_shapes(B, H, N, m, d, router_topk, topk, shared)
     select = expert is None
     return (
@@ -98,6 +104,7 @@ def _(q, k, v, landmarks, sel, expert, topk, router_topk, shared, scale_shared, 
         q.new_empty(exp_shape, dtype=torch.int32) if select else _empty(q),
         q.new_empty(vs_shape),
         q.new_empty(lsh_shape, dtype=torch.float32),
+        q.new_empty(B * H, fused_small.padded(m), d) if pool is not None else q.new_empty(0),
     )
 
 
@@ -106,43 +113,57 @@ def small_bwd(
     grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, landmarks: torch.Tensor,
     out: torch.Tensor, lse: torch.Tensor, sel: torch.Tensor, expert: torch.Tensor, vs: torch.Tensor,
     lse_sh: torch.Tensor, topk: int, shared: bool, scale_shared: float, multi: bool, allow_tf32: bool,
+    pool: Optional[torch.Tensor], lmk: torch.Tensor, num_landmarks: int,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(dq, dk, dv, dR)`` in the dtype of q; ``dR`` empty without the shared expert. ``multi``: the mask
-    may count a key twice for one query (r = 2 or a routing passed in)."""
-    q, k, v, landmarks = (_unit_last_stride(t) for t in (q, k, v, landmarks))
-    grad_out = _unit_last_stride(grad_out.to(q.dtype))
-    dq, dk, dv, dr = fused_small.backward(
-        q, k, v, landmarks, out, grad_out, lse, sel, expert, vs, lse_sh, topk, shared, scale_shared, multi,
-        allow_tf32=allow_tf32, alloc=_alloc,
-    )
-    return dq, dk, dv, (q.new_empty(0) if dr is None else dr)
+    """``(dq, dk, dv, dR)`` in the dtype of q; ``dR`` empty without the shared expert or with ``pool`` (whose
+    landmark gradient is inside dq). ``multi``: the mask may count a key twice for one query (r = 2 or a
+    routing passed in)."""
+    return _backward_kernels(grad_out, q, k, v, landmarks, out, lse, sel, expert, vs, lse_sh, topk, shared,
+                             scale_shared, multi, allow_tf32, pool, lmk, num_landmarks, empty_dr=True)
 
 
 @small_bwd.register_fake
 def _(grad_out, q, k, v, landmarks, out, lse, sel, expert, vs, lse_sh, topk, shared, scale_shared, multi,
-      allow_tf32):
+      allow_tf32, pool, lmk, num_landmarks):
     return (q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape),
-            q.new_empty(landmarks.shape) if shared else q.new_empty(0))
+            q.new_empty(landmarks.shape) if shared and pool is None else q.new_empty(0))
+
+
+def _backward_kernels(grad_out, q, k, v, landmarks, out, lse, sel, expert, vs, lsh, topk, shared, scale_shared,
+                      multi, allow_tf32, pool, lmk, num_landmarks, empty_dr):
+    q, k, v = (_unit_last_stride(t) for t in (q, k, v))
+    if pool is None:
+        landmarks = _unit_last_stride(landmarks)
+    grad_out = _unit_last_stride(grad_out.to(q.dtype))
+    dq, dk, dv, dr = fused_small.backward(
+        q, k, v, landmarks, out, grad_out, lse, sel, expert, vs, lsh, topk, shared, scale_shared, multi,
+        pool=pool, num_landmarks=num_landmarks, lmk=lmk, allow_tf32=allow_tf32, alloc=_alloc,
+    )
+    if dr is None and empty_dr:
+        dr = q.new_empty(0)
+    return dq, dk, dv, dr
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, landmarks, sel, expert, topk, router_topk, shared, scale_shared, allow_tf32 = inputs
-    out, lse, sel_out, exp_out, vs, lsh = output
+    q, k, v, landmarks, sel, expert, topk, router_topk, shared, scale_shared, allow_tf32, pool, num_landmarks = inputs
+    out, lse, sel_out, exp_out, vs, lsh, lmk = output
     # the backward reuses the forward's selection: the mask and the expert ids, chosen or passed in
     multi = expert is not None or router_topk == 2
     if expert is None:
         sel, expert = sel_out, exp_out
-    ctx.save_for_backward(q, k, v, landmarks, out, lse, sel, expert, vs, lsh)
-    ctx.meta = (topk, shared, scale_shared, multi, allow_tf32)
+    ctx.save_for_backward(q, k, v, landmarks, out, lse, sel, expert, vs, lsh, pool, lmk)
+    ctx.meta = (topk, shared, scale_shared, multi, allow_tf32, num_landmarks)
 
 
 def _backward(ctx, grad_out, *_):
-    q, k, v, landmarks, out, lse, sel, expert, vs, lsh = ctx.saved_tensors
-    topk, shared, scale_shared, multi, allow_tf32 = ctx.meta
+    q, k, v, landmarks, out, lse, sel, expert, vs, lsh, pool, lmk = ctx.saved_tensors
+    topk, shared, scale_shared, multi, allow_tf32, num_landmarks = ctx.meta
     dq, dk, dv, dr = small_bwd(grad_out, q, k, v, landmarks, out, lse, sel, expert, vs, lsh, topk, shared,
-                               scale_shared, multi, allow_tf32)
-    # without the shared expert the landmarks only select, which carries no gradient
-    return dq, dk, dv, (dr if shared else None), None, None, None, None, None, None, None
+                               scale_shared, multi, allow_tf32, pool, lmk, num_landmarks)
+    # without the shared expert the landmarks only select, which carries no gradient; pooled in the
+    # kernel, their gradient is inside dq
+    dr = dr if shared and pool is None else None
+    return dq, dk, dv, dr, None, None, None, None, None, None, None, None, None
 
 
 torch.library.register_autograd("mita::small_fwd", _backward, setup_context=_setup_context)
@@ -153,36 +174,37 @@ class _SmallAttention(torch.autograd.Function):
     of an eager forward+backward); ``torch.compile`` traces the custom ops instead."""
 
     @staticmethod
-    def forward(ctx, q, k, v, landmarks, sel, expert, topk, router_topk, shared, scale_shared, allow_tf32):
-        q, k, v, landmarks = (_unit_last_stride(t) for t in (q, k, v, landmarks))
-        out, lse, sel_out, exp_out, vs, lsh = fused_small.forward(
-            q, k, v, landmarks, topk, router_topk, shared, scale_shared, sel=sel, expert=expert,
-            allow_tf32=allow_tf32, alloc=_alloc,
+    def forward(ctx, q, k, v, landmarks, sel, expert, topk, router_topk, shared, scale_shared, allow_tf32, pool,
+                num_landmarks):
+        q, k, v = (_unit_last_stride(t) for t in (q, k, v))
+        if pool is None:
+            landmarks = _unit_last_stride(landmarks)
+        out, lse, sel_out, exp_out, vs, lsh, lmk = fused_small.forward(
+            q, k, v, landmarks, topk, router_topk, shared, scale_shared, sel=sel, expert=expert, pool=pool,
+            num_landmarks=num_landmarks, allow_tf32=allow_tf32, alloc=_alloc,
         )
         multi = expert is not None or router_topk == 2
         if expert is None:
             sel, expert = sel_out, exp_out
-        ctx.save_for_backward(q, k, v, landmarks, out, lse, sel, expert, vs, lsh)
-        ctx.meta = (topk, shared, scale_shared, multi, allow_tf32)
+        ctx.save_for_backward(q, k, v, landmarks, out, lse, sel, expert, vs, lsh, pool, lmk)
+        ctx.meta = (topk, shared, scale_shared, multi, allow_tf32, num_landmarks)
         ctx.mark_non_differentiable(sel, expert)
         return out, sel, expert
 
     @staticmethod
     def backward(ctx, grad_out, *_):
-        q, k, v, landmarks, out, lse, sel, expert, vs, lsh = ctx.saved_tensors
-        topk, shared, scale_shared, multi, allow_tf32 = ctx.meta
-        grad_out = _unit_last_stride(grad_out.to(q.dtype))
-        dq, dk, dv, dr = fused_small.backward(
-            q, k, v, landmarks, out, grad_out, lse, sel, expert, vs, lsh, topk, shared, scale_shared, multi,
-            allow_tf32=allow_tf32, alloc=_alloc,
-        )
-        return dq, dk, dv, dr, None, None, None, None, None, None, None
+        q, k, v, landmarks, out, lse, sel, expert, vs, lsh, pool, lmk = ctx.saved_tensors
+        topk, shared, scale_shared, multi, allow_tf32, num_landmarks = ctx.meta
+        dq, dk, dv, dr = _backward_kernels(grad_out, q, k, v, landmarks, out, lse, sel, expert, vs, lsh, topk,
+                                           shared, scale_shared, multi, allow_tf32, pool, lmk, num_landmarks,
+                                           empty_dr=False)
+        return dq, dk, dv, dr, None, None, None, None, None, None, None, None, None
 
 
 def _attention(q, k, v, landmarks, sel, expert, *args):
     """``(out, sel, expert)``: the custom op under ``torch.compile``, the autograd function in eager mode."""
     if torch.compiler.is_compiling():
-        out, _, sel_out, exp_out, _, _ = small_fwd(q, k, v, landmarks, sel, expert, *args)
+        out, _, sel_out, exp_out, _, _, _ = small_fwd(q, k, v, landmarks, sel, expert, *args)
         return out, sel_out, exp_out
     return _SmallAttention.apply(q, k, v, landmarks, sel, expert, *args)
 
@@ -211,24 +233,36 @@ def selected_keys(sel: torch.Tensor, B: int, H: int, N: int, m: int, topk: int) 
 
 
 def mita_attention_small(q, k, v, landmarks, topk, router_topk, shared, scale_shared, *, routing=None,
-                         return_routing=False, allow_tf32=False):
+                         return_routing=False, allow_tf32=False, pool=None):
     """Fused MiTA for ``N <= SMALL_MAX_N`` (see :func:`supports`); inputs validated by the caller.
 
     Args:
-        q, k, v: ``[B, H, N, d]``; landmarks ``[B, H, m, d]`` (same dtype and device; any strides).
+        q, k, v: ``[B, H, N, d]``; landmarks ``[B, H, m, d]`` (same dtype and device; any strides), or None
+            with ``pool``.
         topk, router_topk: keys per expert (0 keeps only the shared expert) and experts per query (1 or 2).
         shared, scale_shared: include the shared expert; its logit scale (``1/d`` or ``d^-1/2``).
         routing: optional ``(topk_idx [B, H, m, topk], expert_idx [B, H, N, r])``; selected in the kernel
             when None (top-k ties and gate ties go to the lower index).
         return_routing: also return the routing used (selected keys in ascending order when selected here).
         allow_tf32: let fp32 ``tl.dot`` use TF32.
+        pool: optional ``[m, N]`` pooling weights: the landmarks are ``pool @ q`` per head, pooled inside the
+            kernels where ``fused_small.pools_in_kernel`` holds (their gradient then goes into dq there),
+            else in PyTorch before the call.
 
     Returns:
         ``out [B, H, N, d]``, or ``(out, (topk_idx, expert_idx))`` with ``return_routing``.
     """
-    B, H, N, _ = q.shape
-    m = landmarks.shape[2]
-    args = (topk, router_topk, bool(shared), float(scale_shared), bool(allow_tf32))
+    B, H, N, d = q.shape
+    pool_arg, m = None, None
+    if pool is not None:
+        m = pool.shape[0]
+        if fused_small.pools_in_kernel(N, d, q.element_size()):
+            pool_arg = fused_small.pool_weights(pool)
+            landmarks = q.new_empty(0, 0, 0, 0)
+        else:
+            landmarks = torch.matmul(pool.to(q.dtype), q)  # [B, H, m, d]
+    m = landmarks.shape[2] if pool_arg is None else m
+    args = (topk, router_topk, bool(shared), float(scale_shared), bool(allow_tf32), pool_arg, m)
     if routing is None and topk > 0:
         out, sel, expert = _attention(q, k, v, landmarks, None, None, *args)
         if not return_routing:
@@ -240,7 +274,8 @@ def mita_attention_small(q, k, v, landmarks, topk, router_topk, shared, scale_sh
         if return_routing:
             from .routing import route_queries
 
-            routing = (q.new_empty(B, H, m, 0, dtype=torch.long), route_queries(q, landmarks, router_topk))
+            lm = landmarks if pool_arg is None else torch.matmul(pool.to(q.dtype), q.detach())
+            routing = (q.new_empty(B, H, m, 0, dtype=torch.long), route_queries(q, lm, router_topk))
     else:
         sel, expert = routing_tensors(*routing, N, m)
     out = _attention(q, k, v, landmarks, sel, expert, *args)[0]

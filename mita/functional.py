@@ -56,7 +56,9 @@ def mita_attention(
 
     Args:
         q, k, v: ``[B, H, N, d]`` queries, keys and values (floating point, same dtype and device).
-        landmarks: ``[B, H, m, d]`` landmarks R (e.g. pooled queries), 1 <= m.
+        landmarks: ``[B, H, m, d]`` landmarks R (e.g. pooled queries), 1 <= m; or ``[m, N]`` pooling weights
+            W, the landmarks then being ``W @ q`` for every batch element and head (the fused short-sequence
+            kernels pool inside, with the gradient to q, where they can).
         topk: keys per routed expert, 0 <= topk <= N; 0 keeps only the shared expert.
         router_topk: experts per query r, 1 <= r <= m.
         shared: include the shared (compressed) expert.
@@ -70,6 +72,17 @@ def mita_attention(
     Returns:
         ``out [B, H, N, d]``, or ``(out, (topk_idx, expert_idx))`` with ``return_routing``.
     """
+    pool = None
+    if isinstance(landmarks, torch.Tensor) and landmarks.dim() == 2:
+        pool = _check_pool(landmarks, q)
+        if routing is None and impl in ("auto", "triton") and _short_kernel(q, pool, topk, router_topk, impl):
+            # the checks of the landmarks' shape, dtype and device on a view of q of their shape
+            like = q[:, :, :1].expand(-1, -1, pool.shape[0], -1)
+            _check_inputs(q, k, v, like, topk, router_topk, shared, shared_scale, impl)
+            return kernels.mita_attention_fused(q, k, v, None, topk, router_topk, shared,
+                                                _shared_scale(q.shape[-1], shared_scale),
+                                                return_routing=return_routing, pool=pool)
+        landmarks = torch.matmul(pool.to(q.dtype), q)  # [B, H, m, d]
     _check_inputs(q, k, v, landmarks, topk, router_topk, shared, shared_scale, impl)
     if _COUNTING and not return_routing:
         # One opaque op computes routing and attention, so FlopCounterMode counts each matmul once.
@@ -181,6 +194,17 @@ def _check_inputs(q, k, v, landmarks, topk, router_topk, shared, shared_scale, i
         raise ValueError(f"shared_scale must be one of {SHARED_SCALES}, got {shared_scale!r}")
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+
+
+def _check_pool(weights, q) -> torch.Tensor:
+    """Pooling weights ``[m, N]`` given as ``landmarks``: floating point, on q's device, N matching q."""
+    if not weights.is_floating_point():
+        raise ValueError(f"landmarks as pooling weights [m, N] must be floating point, got {weights.dtype}")
+    if weights.shape[1] != q.shape[2] or weights.shape[0] < 1:
+        raise ValueError(f"landmarks as pooling weights must be [m >= 1, N={q.shape[2]}], got {tuple(weights.shape)}")
+    if weights.device != q.device:
+        raise ValueError(f"landmarks (pooling weights) are on {weights.device} but q is on {q.device}")
+    return weights
 
 
 def _check_routing(routing, q, landmarks, topk, router_topk) -> Routing:

@@ -66,13 +66,34 @@ def landmark_grid_shape(num_landmarks: int, landmark_grid: Optional[Tuple[int, i
 
 
 class LandmarkExtractor(nn.Module):
-    """Base class: holds m and validates the token layout against it."""
+    """Base class: holds m and validates the token layout against it.
+
+    ``linear`` extractors (fixed averaging windows: grid, official, 1d) also give their ``[m, N]`` pooling
+    weights (:meth:`pooling_weights`), so that the fused kernels can pool inside.
+    """
 
     pool: str = ""
+    linear: bool = False
 
     def __init__(self, num_landmarks: int) -> None:
         super().__init__()
         self.num_landmarks = num_landmarks
+        self._weights = {}
+
+    def pooling_weights(self, N: int, p: int, h: int, w: int, device) -> torch.Tensor:
+        """``[m, N]`` fp32 weights W with ``forward(q) == W @ q`` (linear extractors only), cached per layout
+        and device: the extractor applied to the identity."""
+        if not self.linear:
+            raise ValueError(f"pool={self.pool!r} has no fixed pooling weights")
+        if torch.compiler.is_compiling():
+            # traced as two small ops rather than a cache that guards and graph-breaks
+            eye = torch.eye(N, dtype=torch.float32, device=device).view(1, 1, N, N)
+            return self.forward(eye, eye, p, h, w)[0, 0]
+        key = (N, p, h, w, str(device))
+        if key not in self._weights:
+            eye = torch.eye(N, dtype=torch.float64).view(1, 1, N, N)
+            self._weights[key] = self.forward(eye, eye, p, h, w)[0, 0].float().to(device)  # [m, N]
+        return self._weights[key]
 
     def check_layout(self, q: torch.Tensor, p: int, h: int, w: int) -> None:
         n_patch = h * w
@@ -92,6 +113,7 @@ class GridLandmarks(LandmarkExtractor):
     """2-D average pooling of the patch queries to a (p_h, p_w) grid of ``AdaptiveAvgPool2d`` windows."""
 
     pool = "grid"
+    linear = True
 
     def __init__(self, num_landmarks: int, grid: Tuple[int, int]) -> None:
         super().__init__(num_landmarks)
@@ -137,6 +159,7 @@ class SequenceLandmarks(LandmarkExtractor):
     """1-D adaptive average pooling over the whole sequence, prefix tokens included."""
 
     pool = "1d"
+    linear = True
 
     def forward(self, q, k, p: int, h: int, w: int) -> torch.Tensor:
         self.check_layout(q, p, h, w)
@@ -201,6 +224,8 @@ class LearnedLandmarks(LandmarkExtractor):
 
 class ConvLandmarks(GridLandmarks):
     """A strided (optionally depthwise) Conv2d over the patch queries, then pooling to (p_h, p_w)."""
+
+    linear = False  # learned weights and a bias: no fixed pooling weights
 
     def __init__(
         self,

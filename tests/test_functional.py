@@ -224,3 +224,28 @@ def test_torch_path_never_syncs_with_host():
         out.sum().backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("impl", ["torch", "reference"])
+def test_pooling_weights_as_landmarks(impl):
+    # landmarks given as [m, N] weights W mean W @ q for every batch element and head, gradient to q included
+    from mita.landmarks import build_landmark_extractor
+
+    q, k, v, _ = _inputs(2, 3, 197, 16, 25)
+    W = build_landmark_extractor("grid", 25, 48, 3).pooling_weights(197, 1, 14, 14, "cpu").double()
+    out, routing = mita_attention(q, k, v, W, 25, impl=impl, return_routing=True)
+    ref = mita_attention(q, k, v, W @ q, 25, impl="reference", routing=routing)
+    grad_out = torch.randn_like(ref)
+    assert_close(out, ref, 1e-10, "out")
+    for name, a, b in zip("qkv", _grads(out, [q, k, v], grad_out), _grads(ref, [q, k, v], grad_out)):
+        assert_close(a, b, 1e-10, f"d{name}")
+
+
+def test_bad_pooling_weights():
+    q, k, v, _ = (t.detach() for t in _inputs(1, 2, 197, 8, 25))
+    with pytest.raises(ValueError, match=r"pooling weights must be \[m >= 1, N=197\]"):
+        mita_attention(q, k, v, torch.rand(25, 196, dtype=q.dtype), 25)
+    with pytest.raises(ValueError, match="must be floating point"):
+        mita_attention(q, k, v, torch.ones(25, 197, dtype=torch.long), 25)
+    with pytest.raises(ValueError, match="pooling weights\\) are on meta"):
+        mita_attention(q, k, v, torch.rand(25, 197, device="meta"), 25)

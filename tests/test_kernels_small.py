@@ -241,6 +241,37 @@ def test_selection_in_its_own_kernel(small_blocks, monkeypatch, N, m, topk, r, s
     _check_selection(1, 2, N, 32, m, topk, r, shared, "paper", seed=N + 7)
 
 
+def _grid_pool_weights(N, h, w, ph, pw, device=DEVICE):
+    """``[m, N]`` weights of the 2-D average pooling of the patch queries (one prefix token)."""
+    from mita.attention import pool_patch_queries
+
+    eye = torch.eye(N, dtype=torch.float64).view(1, 1, N, N)
+    return pool_patch_queries(eye, N - h * w, h, w, (ph, pw))[0, 0].float().to(device)  # [m, N]
+
+
+@pytest.mark.parametrize("N,h,ph,topk,r,shared", [(17, 4, 2, 3, 1, True), (50, 7, 3, 5, 2, True),
+                                                  (50, 7, 3, 0, 1, True), (37, 6, 2, 6, 1, False)])
+def test_landmarks_pooled_in_the_kernels(small_blocks, monkeypatch, N, h, ph, topk, r, shared):
+    # landmarks W q from pooling weights inside the kernels; their gradient reaches dq there
+    from mita.kernels import fused_small
+
+    monkeypatch.setattr(fused_small, "pools_in_kernel", lambda *a: True)
+    monkeypatch.setattr(fused_small, "bwd_config", lambda *a: {"BQ": 16, "BK": 16, "num_warps": 4, "per_head": True})
+    B, H, d = 2, 2, 32
+    q, k, v, _ = _inputs(B, H, N, d, ph * ph, torch.float32, seed=N + topk)
+    W = _grid_pool_weights(N, h, h, ph, ph)
+    out, routing = small_ops.mita_attention_small(q, k, v, None, topk, r, shared, 1 / d, pool=W,
+                                                  return_routing=True)
+    ref_in = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    ref = mita_attention(*ref_in, W.double() @ ref_in[0], topk, router_topk=r, shared=shared, impl="reference",
+                         routing=routing)
+    assert rel_err(out, ref) <= 1e-5
+    grad_out = torch.randn(ref.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    for name, a, b in zip("qkv", _grads(out, [q, k, v], grad_out.to(out.device, out.dtype)),
+                          _grads(ref, ref_in, grad_out.to(ref.device))):
+        assert rel_err(a, b) <= 1e-5, f"d{name}"
+
+
 def test_selection_ties_go_to_lower_index(small_blocks):
     # keys 3 and 9 are equal, and so are landmarks 0 and 2: exact ties in both selections
     B, H, N, d, m = 1, 1, 20, 32, 3
@@ -293,13 +324,13 @@ def test_output_token_major_and_fake_kernels_match(small_blocks, routed):
     landmarks = q[:, :, 1:1 + m].contiguous()
     topk_idx, expert_idx = mita_routing(q, k, landmarks, topk, 2)
     sel, exp = small_ops.routing_tensors(topk_idx, expert_idx, N, m) if routed else (None, None)
-    fwd_args = (q, k, v, landmarks, sel, exp, topk, 2, True, 1.0 / d, False)
-    out, lse, sel_out, exp_out, vs, lsh = small_ops.small_fwd(*fwd_args)
+    fwd_args = (q, k, v, landmarks, sel, exp, topk, 2, True, 1.0 / d, False, None, m)
+    out, lse, sel_out, exp_out, vs, lsh, lmk = small_ops.small_fwd(*fwd_args)
     assert out.shape == (B, H, N, d) and out.transpose(1, 2).is_contiguous()
     torch.library.opcheck(small_ops.small_fwd, fwd_args, test_utils=("test_schema", "test_faketensor"))
     grad = torch.randn(B, H, N, d, generator=torch.Generator().manual_seed(5)).to(DEVICE)
     saved = (sel, exp) if routed else (sel_out, exp_out)
-    bwd_args = (grad, q, k, v, landmarks, out, lse, *saved, vs, lsh, topk, True, 1.0 / d, True, False)
+    bwd_args = (grad, q, k, v, landmarks, out, lse, *saved, vs, lsh, topk, True, 1.0 / d, True, False, None, lmk, m)
     torch.library.opcheck(small_ops.small_bwd, bwd_args, test_utils=("test_schema", "test_faketensor"))
     # the same backward from a head-major copy of the output: the kernel reads the output by its strides
     grads = small_ops.small_bwd(*bwd_args)
@@ -358,6 +389,24 @@ class TestGPU:
         out = kernels.mita_attention(*inputs, *routing, True, 1 / 64, allow_tf32=True)
         ref = mita_attention(*[x.detach().double() for x in inputs], 25, impl="reference", routing=routing)
         assert rel_err(out, ref) <= 2e-3
+
+    @pytest.mark.parametrize("r,shared,topk", [(1, True, 25), (2, True, 25), (1, False, 25), (1, True, 0)])
+    def test_landmarks_pooled_in_the_kernels(self, r, shared, topk):
+        # DeiT's 197 tokens, d = 64, bf16: the configs that pool inside (fused_small.pools_in_kernel)
+        from mita.kernels import fused_small
+
+        assert fused_small.pools_in_kernel(197, 64, 2)
+        q, k, v, _ = _inputs(8, 6, 197, 64, 25, torch.bfloat16, seed=7)
+        W = _grid_pool_weights(197, 14, 14, 5, 5)
+        out, routing = mita_attention(q, k, v, W, topk, router_topk=r, shared=shared, return_routing=True)
+        ref_in = [x.detach().double().requires_grad_() for x in (q, k, v)]
+        ref = mita_attention(*ref_in, W.double() @ ref_in[0], topk, router_topk=r, shared=shared,
+                             impl="reference", routing=routing)
+        assert rel_err(out, ref) <= 1e-2
+        grad_out = torch.randn(ref.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+        for name, a, b in zip("qkv", _grads(out, [q, k, v], grad_out.to(out.device, out.dtype)),
+                              _grads(ref, ref_in, grad_out.to(ref.device))):
+            assert rel_err(a, b) <= 1e-2, f"d{name}"
 
     @pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
     def test_compiled_and_cuda_graphs_match_eager(self, mode):

@@ -227,3 +227,22 @@ def test_patch_pooling_same_for_both_layouts_and_keeps_no_copy(p, h, w, out_hw):
         (out * grad).sum().backward()
     assert_close(strided.grad, contiguous.grad, 1e-12, name="dq")
     assert not strided.grad[:, :, :p].any()  # the prefix tokens are not pooled
+
+
+@pytest.mark.parametrize("pool", ["grid", "official", "1d"])
+def test_pooling_weights_reproduce_the_extractor(pool):
+    # fixed windows: forward(q) == W @ q, so the fused kernels can pool inside
+    extractor = build_landmark_extractor(pool, 25, 64, 4)
+    W = extractor.pooling_weights(197, 1, 14, 14, "cpu")
+    assert W.shape == (25, 197) and W.dtype == torch.float32
+    assert extractor.pooling_weights(197, 1, 14, 14, "cpu") is W  # cached
+    q = torch.randn(2, 4, 197, 16, dtype=torch.float64)
+    assert_close(W.double() @ q, extractor(q, q, 1, 14, 14), 1e-6, "W q")
+
+
+@pytest.mark.parametrize("pool", ["random", "learned", "conv", "dwconv", "tome"])
+def test_pooling_weights_only_for_fixed_windows(pool):
+    extractor = build_landmark_extractor(pool, 25, 64, 4)
+    assert not extractor.linear
+    with pytest.raises(ValueError, match="no fixed pooling weights"):
+        extractor.pooling_weights(197, 1, 14, 14, "cpu")

@@ -20,6 +20,7 @@ from typing import Callable, Optional, Tuple
 import torch
 import torch.nn as nn
 
+from mita import kernels
 from mita.attention.base import AttentionBase
 from mita.functional import IMPLS, SHARED_SCALES, mita_attention
 from mita.landmarks import LANDMARK_KWARGS, build_landmark_extractor
@@ -108,7 +109,12 @@ class MiTAAttention(AttentionBase):
         N = q.shape[2]
         p, h, w = self.token_grid(N)
         # The extractor checks num_landmarks against the patch tokens, the op checks topk against N.
-        landmarks = self.landmarks(q, k, p, h, w)  # [B, H, m, d]
+        if (self.landmarks.linear and self.routing is None and self.impl in ("auto", "triton")
+                and kernels.pools_in_kernel(q, self.num_landmarks, self.topk, self.router_topk)):
+            # fixed averaging windows: the fused kernels pool from q themselves (no pooling launches)
+            landmarks = self.landmarks.pooling_weights(N, p, h, w, q.device)  # [m, N]
+        else:
+            landmarks = self.landmarks(q, k, p, h, w)  # [B, H, m, d]
         out = mita_attention(
             q, k, v, landmarks, self.topk,
             router_topk=self.router_topk,
@@ -120,6 +126,8 @@ class MiTAAttention(AttentionBase):
         )
         if self.capture_routing:
             out, self.last_routing = out
+            if landmarks.dim() == 2:
+                landmarks = torch.matmul(landmarks.to(q.dtype), q)
             self.last_landmarks = landmarks.detach()
         return out  # [B, H, N, d]
 
