@@ -16,6 +16,10 @@ HEAD_DIMS = (32, 64, 128)
 # forward and one backward launch, routing selected in the kernel): mita.functional.mita_attention and
 # kernels.mita_attention send every case they support there. Off, they use the general kernels.
 FUSED_SMALL = True
+# Whether models hand fixed pooling windows to the fused kernels (pools_in_kernel below), which then pool the
+# landmarks from q themselves. Checked in the interpreter; off until the GPU tests of
+# tests/test_kernels_small.py (TestGPU.test_landmarks_pooled_in_the_kernels) have run on a GPU.
+POOL_IN_KERNEL = False
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_LANDMARKS = 1024
 MAX_TOPK = 1024
@@ -130,10 +134,10 @@ def mita_attention_fused(q, k, v, landmarks, topk, router_topk, shared, scale_sh
 
 
 def pools_in_kernel(q: torch.Tensor, num_landmarks: int, topk: int, router_topk: int) -> bool:
-    """Whether the fused kernels would take this call and pool ``[m, N]`` landmark weights from q inside
-    (``mita_attention_fused(..., pool=W)``): CUDA, the short path, and a config that keeps a whole head in
-    one program (N in (128, 256], d = 64, fp16/bf16)."""
-    if not (FUSED_SMALL and q.is_cuda and available()):
+    """Whether models should hand ``[m, N]`` landmark weights to the fused kernels, which pool them from q
+    inside (``mita_attention_fused(..., pool=W)``): ``POOL_IN_KERNEL`` on, CUDA, the short path, and a
+    config that keeps a whole head in one program (N in (128, 256], d = 64, fp16/bf16)."""
+    if not (POOL_IN_KERNEL and FUSED_SMALL and q.is_cuda and available()):
         return False
     from . import fused_small, small_ops
 

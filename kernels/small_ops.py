@@ -246,8 +246,8 @@ def mita_attention_small(q, k, v, landmarks, topk, router_topk, shared, scale_sh
         return_routing: also return the routing used (selected keys in ascending order when selected here).
         allow_tf32: let fp32 ``tl.dot`` use TF32.
         pool: optional ``[m, N]`` pooling weights: the landmarks are ``pool @ q`` per head, pooled inside the
-            kernels where ``fused_small.pools_in_kernel`` holds (their gradient then goes into dq there),
-            else in PyTorch before the call.
+            kernels where ``mita.kernels.POOL_IN_KERNEL`` is on and ``fused_small.pools_in_kernel`` holds
+            (their gradient then goes into dq there), else in PyTorch before the call.
 
     Returns:
         ``out [B, H, N, d]``, or ``(out, (topk_idx, expert_idx))`` with ``return_routing``.
@@ -255,8 +255,10 @@ def mita_attention_small(q, k, v, landmarks, topk, router_topk, shared, scale_sh
     B, H, N, d = q.shape
     pool_arg, m = None, None
     if pool is not None:
+        from . import POOL_IN_KERNEL
+
         m = pool.shape[0]
-        if fused_small.pools_in_kernel(N, d, q.element_size()):
+        if POOL_IN_KERNEL and fused_small.pools_in_kernel(N, d, q.element_size()):
             pool_arg = fused_small.pool_weights(pool)
             landmarks = q.new_empty(0, 0, 0, 0)
         else:

@@ -255,6 +255,7 @@ def test_landmarks_pooled_in_the_kernels(small_blocks, monkeypatch, N, h, ph, to
     # landmarks W q from pooling weights inside the kernels; their gradient reaches dq there
     from mita.kernels import fused_small
 
+    monkeypatch.setattr(kernels, "POOL_IN_KERNEL", True)
     monkeypatch.setattr(fused_small, "pools_in_kernel", lambda *a: True)
     monkeypatch.setattr(fused_small, "bwd_config", lambda *a: {"BQ": 16, "BK": 16, "num_warps": 4, "per_head": True})
     B, H, d = 2, 2, 32
@@ -391,12 +392,14 @@ class TestGPU:
         assert rel_err(out, ref) <= 2e-3
 
     @pytest.mark.parametrize("r,shared,topk", [(1, True, 25), (2, True, 25), (1, False, 25), (1, True, 0)])
-    def test_landmarks_pooled_in_the_kernels(self, r, shared, topk):
+    def test_landmarks_pooled_in_the_kernels(self, monkeypatch, r, shared, topk):
         # DeiT's 197 tokens, d = 64, bf16: the configs that pool inside (fused_small.pools_in_kernel)
         from mita.kernels import fused_small
 
         assert fused_small.pools_in_kernel(197, 64, 2)
+        monkeypatch.setattr(kernels, "POOL_IN_KERNEL", True)
         q, k, v, _ = _inputs(8, 6, 197, 64, 25, torch.bfloat16, seed=7)
+        assert kernels.pools_in_kernel(q, 25, topk, r)
         W = _grid_pool_weights(197, 14, 14, 5, 5)
         out, routing = mita_attention(q, k, v, W, topk, router_topk=r, shared=shared, return_routing=True)
         ref_in = [x.detach().double().requires_grad_() for x in (q, k, v)]
