@@ -16,7 +16,10 @@ def expert_tiles(expert: torch.Tensor, m: int, N: int, r: int) -> dict:
       slot_source [G, S*T]  entry n*r+j that fills each slot (N*r = padding),
       slot_of     [G, N*r]  slot that holds each entry,
       tile_expert [G, S]    expert of each tile (0 for unused tiles),
-      tile_count  [G, S]    entries in each tile (slots fill from the start; 0 for unused tiles).
+      tile_count  [G, S]    entries in each tile (slots fill from the start; 0 for unused tiles),
+      expert_start [G, m]   first slot of each expert: its entries fill the slots
+                            ``expert_start .. expert_start + expert_count - 1`` (every tile but its last is full),
+      expert_count [G, m]   entries of each expert.
     """
     G, E = expert.shape
     device = expert.device
@@ -47,4 +50,22 @@ def expert_tiles(expert: torch.Tensor, m: int, N: int, r: int) -> dict:
         "slot_source": slot_source,
         "slot_of": slot_of,
         "tile_expert": tile_expert,
+        "expert_start": tile_starts * tile,
+        "expert_count": counts,
     }
+
+
+def key_pairs(topk_idx: torch.Tensor, N: int):
+    """Inverse index of the experts' key lists: for each key, the (expert, slot) pairs that hold it.
+
+    ``topk_idx`` [G, m, k] (values in [0, N)). Returns ``pair_order`` [G, m k] (int64), the pairs
+    ``e k + j`` sorted by key (stably, so each key's pairs come in increasing order), and ``key_ptr``
+    [G, N + 1] (int64): the pairs of key i are ``pair_order[key_ptr[i]:key_ptr[i + 1]]`` (a CSR; a key
+    held by no expert has none, one listed twice by an expert has two). Static shapes, no host sync.
+    """
+    G = topk_idx.shape[0]
+    flat = topk_idx.reshape(G, -1)
+    sorted_keys, pair_order = torch.sort(flat, dim=-1, stable=True)
+    bounds = torch.arange(N + 1, device=flat.device, dtype=flat.dtype).expand(G, N + 1).contiguous()
+    key_ptr = torch.searchsorted(sorted_keys.contiguous(), bounds)  # first sorted position >= each key
+    return pair_order.contiguous(), key_ptr

@@ -9,8 +9,9 @@ Per (batch, head) with ``G = B H`` flattened, the output is ONE softmax over the
   over the shared keys (slot 0 only, so they count once per query) and the expert's top-k keys;
   with ``r = 1`` that is the output, with ``r = 2`` the two entries are merged by log-sum-exp;
 * the backward recomputes probabilities from the saved per-token ``lse`` (FlashAttention's scheme,
-  ``delta = rowsum(dO * O)``): one kernel for dq, one for the routed dk/dv per tile (added into the keys
-  with one atomic add per tile and key), one for the landmark-side gradients dR and dV~.
+  ``delta = rowsum(dO * O)``): one kernel for dq, one for the routed dk/dv per expert (partial sums per
+  (expert, slot)) and a key-major one that sums those per key through an inverse index (no atomics), one
+  for the landmark-side gradients dR and dV~.
 
 No ``N x m`` tensor reaches memory. Maths in kernels/README.md.
 """
@@ -23,7 +24,8 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .layout import expert_tiles as _expert_tiles
-from .routed import routed_backward, routed_forward, shared_backward
+from .layout import key_pairs
+from .routed import partial_dtype, routed_backward, routed_forward, shared_backward
 from .small_ops import _unit_last_stride  # the kernels take any batch, head and row strides, a unit last one
 
 # Backends for the shared values, in order of preference (flash takes fp16/bf16, the rest any dtype).
@@ -101,15 +103,20 @@ def _backward(grad_out, q, k, v, landmarks, shared_v, topk_idx, expert_idx, out,
     delta = (do.float() * out.float()).sum(-1).reshape(G, N).contiguous()  # [G, N], as the kernels index it
 
     dq_e = _buffer((G, N * r, d), q.device)  # [G, N r, d]
-    # routed dk, dv are accumulated in place by the kernel (one atomic add per tile and key)
-    dk = torch.zeros(G, N, d, dtype=torch.float32, device=q.device) if topk > 0 else None
-    dv = torch.zeros_like(dk) if topk > 0 else None
+    dk = dv = pairs = dk_part = dv_part = None
+    if topk > 0:
+        # routed dk, dv without atomics: per-(expert, slot) partials [G, m, topk, d], summed per key through
+        # the inverse index (which (expert, slot) pairs hold each key); written in q's dtype, every element
+        dk, dv = _buffer((G, N, d), q.device, q.dtype), _buffer((G, N, d), q.device, q.dtype)
+        part = partial_dtype(q.dtype, N, m, topk)
+        dk_part, dv_part = _buffer((G, m, topk, d), q.device, part), _buffer((G, m, topk, d), q.device, part)
+        pairs = key_pairs(idx, N)
     routed_backward(qf, kf, vf, rf, vsf, do, lse, delta, idx, lay, r, scale, scale_shared,
-                    dq_e, dk, dv, allow_tf32)
+                    dq_e, dk, dv, pairs, dk_part, dv_part, allow_tf32)
     dq = dq_e.view(G, N, r, d).sum(2) if r > 1 else dq_e
     dr = dvs = None
     if topk > 0:
-        dk, dv = (t.view(B, H, N, d).to(q.dtype) for t in (dk, dv))
+        dk, dv = dk.view(B, H, N, d), dv.view(B, H, N, d)
     if shared:
         dr, dvs = shared_backward(qf, rf, vsf, do, lse, delta, scale_shared, allow_tf32)
         dr, dvs = (t.view(B, H, m, d).to(q.dtype) for t in (dr, dvs))

@@ -11,8 +11,11 @@ tile's queries all attend to the same ``topk`` keys, so one program loads them o
 * ``slot_token``, ``slot_source`` ``[G, S T]`` (padding: ``N`` and ``E``); ``tile_expert`` ``[G, S]``;
 * per entry: ``o`` ``[B, H, E, d]`` (any strides, unit last), ``dq`` ``[G, E, d]``, ``lse`` ``[G, E]``;
   per token: ``lse``, ``delta`` ``[G, N]``;
-* per key: ``dk``, ``dv`` ``[G, N, d]`` float32, zero-initialised, accumulated with one atomic add per
-  (tile, key) (a key selected by several tiles' experts gets several).
+* routed dk, dv without atomics, in two launches: ``_routed_bwd_dkdv_kernel`` (expert-major: one program
+  per expert and block of its keys, over all of the expert's entries) writes partial sums per (expert, slot)
+  ``[G, m, topk, d]``; ``_key_reduce_kernel`` (key-major) sums them per key through the inverse index
+  ``pair_order [G, m topk]``, ``key_ptr [G, N + 1]`` of ``layout.key_pairs`` into ``dk, dv [G, N, d]``, each
+  element written by one program in a fixed order (deterministic).
 
 Maths in kernels/README.md.
 """
@@ -161,39 +164,36 @@ def _routed_bwd_dq_kernel(
 
 @triton.jit
 def _routed_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, TOPK_IDX, SLOT_TOKEN, SLOT_SOURCE, TILE_EXPERT, TILE_COUNT, DK, DV,
+    Q, K, V, DO, LSE, DELTA, TOPK_IDX, SLOT_TOKEN, EXPERT_START, EXPERT_COUNT, DKP, DVP,
     H, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn,
-    N, E, M, TOPK, T, S, NUM_KB, scale,
+    N, M, TOPK, NUM_SLOTS, NUM_KB, scale,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, SPREC: tl.constexpr,
 ):
-    # one program per (batch-head g, tile t, block kb of the expert's keys); loops over the tile's queries
+    # one program per (batch-head g, expert e, block kb of e's keys), key blocks fastest so that the programs
+    # of one expert run together and share its queries in L2; loops over ALL of the expert's entries and
+    # writes the expert's partial dk, dv of its slots once (an empty expert writes zeros)
     pid = tl.program_id(0)
-    g = (pid // (S * NUM_KB)).to(tl.int64)
-    t = ((pid // NUM_KB) % S).to(tl.int64)
+    g = (pid // (M * NUM_KB)).to(tl.int64)
+    e = ((pid // NUM_KB) % M).to(tl.int64)
     kblk = pid % NUM_KB
-    count = tl.load(TILE_COUNT + g * S + t)  # entries fill the tile from its start
-    if count == 0:  # an unused tile (the tile count is a static worst case)
-        return
+    count = tl.load(EXPERT_COUNT + g * M + e)
+    first = tl.load(EXPERT_START + g * M + e)  # the expert's entries fill slots first .. first + count - 1
     offs_k = kblk * BLOCK_K + tl.arange(0, BLOCK_K)
     offs_d = tl.arange(0, D)
     k_ok = offs_k < TOPK
-    expert = tl.load(TILE_EXPERT + g * S + t)
-    key = tl.load(TOPK_IDX + (g * M + expert) * TOPK + offs_k, mask=k_ok, other=0).to(tl.int64)
+    key = tl.load(TOPK_IDX + (g * M + e) * TOPK + offs_k, mask=k_ok, other=0).to(tl.int64)
     b, h = g // H, g % H
     Qg, DOg = Q + b * sqb + h * sqh, DO + b * sdb + h * sdh
     kblock = tl.load(K + b * skb + h * skh + (key * skn)[:, None] + offs_d[None, :], mask=k_ok[:, None],
                      other=0.0)  # [BLOCK_K, D]
     vb = tl.load(V + b * svb + h * svh + (key * svn)[:, None] + offs_d[None, :], mask=k_ok[:, None], other=0.0)
-    key_row = (g * N + key)[:, None] * D + offs_d[None, :]  # of the contiguous float32 dk, dv buffers
 
     dk = tl.zeros([BLOCK_K, D], tl.float32)
     dv = tl.zeros([BLOCK_K, D], tl.float32)
     for m0 in range(0, count, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
-        in_tile = offs_m < T
-        slot = g * S * T + t * T + offs_m
-        token = tl.load(SLOT_TOKEN + slot, mask=in_tile, other=N)
-        row_ok = token < N
+        row_ok = offs_m < count
+        token = tl.load(SLOT_TOKEN + g * NUM_SLOTS + first + offs_m, mask=row_ok, other=0)
         tok = token.to(tl.int64)[:, None]
         q = tl.load(Qg + tok * sqn + offs_d[None, :], mask=row_ok[:, None], other=0.0)  # [BLOCK_M, D]
         do = tl.load(DOg + tok * sdn + offs_d[None, :], mask=row_ok[:, None], other=0.0)
@@ -207,10 +207,40 @@ def _routed_bwd_dkdv_kernel(
         dst = pt * (dpt - delta[None, :]) * scale
         dk += tl.dot(dst.to(q.dtype), q, input_precision=PRECISION)
 
-    # a key gets one add per tile of each expert that selected it: few, light atomics; a per-tile buffer
-    # would be (N r + m T) topk / N times larger than dk itself, mostly padding at small N
-    tl.atomic_add(DK + key_row, dk, mask=k_ok[:, None])
-    tl.atomic_add(DV + key_row, dv, mask=k_ok[:, None])
+    # partials [G, m, topk, D], one row per (expert, slot); stored in the buffer's dtype
+    part = ((g * M + e) * TOPK + offs_k)[:, None] * D + offs_d[None, :]
+    tl.store(DKP + part, dk, mask=k_ok[:, None])
+    tl.store(DVP + part, dv, mask=k_ok[:, None])
+
+
+@triton.jit
+def _key_reduce_kernel(
+    DKP, DVP, PAIR_ORDER, KEY_PTR, DK, DV,
+    N, MK, NUM_NB,
+    D: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # one program per (batch-head g, block of BLOCK_N keys): each key sums the partial rows of the
+    # (expert, slot) pairs that hold it, in the inverse index's order (fixed: deterministic), in float32,
+    # and writes its dk, dv row once (zero for a key no expert holds)
+    pid = tl.program_id(0)
+    g = (pid // NUM_NB).to(tl.int64)
+    offs_n = (pid % NUM_NB) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D)
+    n_ok = offs_n < N
+    ptr = KEY_PTR + g * (N + 1) + offs_n
+    lo = tl.load(ptr, mask=n_ok, other=0)
+    cnt = tl.load(ptr + 1, mask=n_ok, other=0) - lo
+    dk = tl.zeros([BLOCK_N, D], tl.float32)
+    dv = tl.zeros([BLOCK_N, D], tl.float32)
+    for c in range(0, tl.max(cnt, 0)):
+        ok = c < cnt
+        pair = tl.load(PAIR_ORDER + g * MK + lo + c, mask=ok, other=0)
+        row = (g * MK + pair)[:, None] * D + offs_d[None, :]
+        dk += tl.load(DKP + row, mask=ok[:, None], other=0.0).to(tl.float32)
+        dv += tl.load(DVP + row, mask=ok[:, None], other=0.0).to(tl.float32)
+    out = (g * N + offs_n)[:, None] * D + offs_d[None, :]
+    tl.store(DK + out, dk, mask=n_ok[:, None])
+    tl.store(DV + out, dv, mask=n_ok[:, None])
 
 
 @triton.jit
@@ -265,6 +295,19 @@ def _block(n: int, head_dim: int, itemsize: int) -> int:
     return max(16, min(cap, triton.next_power_of_2(max(n, 1))))
 
 
+def _reduce_block(head_dim: int) -> int:
+    """Keys per program of the key-major reduction: two [BLOCK_N, d] float32 sums of 2,048 elements each
+    (4 warps: 72 registers at d = 64 on sm_90, no spills; 64 keys took 138 and spilled with 16-bit partials)."""
+    return 2048 // head_dim
+
+
+def partial_dtype(dtype, N: int, m: int, topk: int):
+    """dtype of the per-(expert, slot) partial dk, dv: float32 while they are no larger than float32 dk, dv
+    would be (``m topk <= N``, the paper's budgets ``m k ~ N / 4``) or for float32 inputs; else the input
+    dtype, which halves them (each partial is rounded once, then summed in float32)."""
+    return torch.float32 if dtype == torch.float32 or m * topk <= N else dtype
+
+
 def _precision(dtype, allow_tf32: bool) -> str:
     return "tf32" if allow_tf32 or dtype.itemsize < 4 else "ieee"
 
@@ -316,12 +359,20 @@ def routed_forward(q, k, v, landmarks, shared_v, topk_idx, lay, r, scale, scale_
 
 
 def routed_backward(q, k, v, landmarks, shared_v, do, lse, delta, topk_idx, lay, r, scale, scale_shared,
-                    dq, dk, dv, allow_tf32=False):
+                    dq, dk=None, dv=None, pairs=None, dk_part=None, dv_part=None, allow_tf32=False):
     """Gradients given the final ``lse`` and ``delta = rowsum(dO * O)`` per token ``[G, N]``.
 
     ``q, k, v, do`` ``[B, H, N, d]``, any strides with a unit last one. Writes ``dq [G, E, d]`` per entry
-    (routed and shared parts) and, with ``topk > 0``, adds the routed ``dk, dv`` into the zero-initialised
-    float32 ``[G, N, d]`` buffers.
+    (routed and shared parts) and, with ``topk > 0``, the routed ``dk, dv [G, N, d]`` (contiguous, any float
+    dtype, every element written): the expert-major kernel writes each (expert, slot)'s partial sums into
+    ``dk_part, dv_part [G, m, topk, d]`` (float32 or the input dtype: :func:`partial_dtype`), then the
+    key-major reduction sums them per key through ``pairs = layout.key_pairs(topk_idx, N)``.
+
+    Launch configuration: dq and dk/dv take ``BLOCK_M``, ``BLOCK_K`` of :func:`_block` (64 at d = 64, 16-bit),
+    4 warps, 2 stages; the reduction ``2048 / d`` keys, 4 warps. Compiled for sm_90 (Triton 3.8, ``ptxas -v``,
+    d = 64, bf16): ``_routed_bwd_dkdv_kernel`` 232 registers (234 with bf16 partials), no spills, 48.5 KiB
+    shared memory (the atomic kernel it replaced: 255 registers, 24 bytes spilled); ``_key_reduce_kernel``
+    72 registers (67 with bf16 partials), no spills, no shared memory.
     """
     B, H, N, D = q.shape
     G = B * H
@@ -345,13 +396,21 @@ def routed_backward(q, k, v, landmarks, shared_v, do, lse, delta, topk_idx, lay,
     if topk == 0:
         return
     num_kb = triton.cdiv(topk, block_k)
-    _routed_bwd_dkdv_kernel[(G * S * num_kb,)](
-        q, k, v, do, lse, delta, topk_idx, lay["slot_token"], lay["slot_source"], lay["tile_expert"],
-        lay["tile_count"], dk, dv,
+    _routed_bwd_dkdv_kernel[(G * M * num_kb,)](
+        q, k, v, do, lse, delta, topk_idx, lay["slot_token"], lay["expert_start"], lay["expert_count"],
+        dk_part, dv_part,
         H, *_bhn(q), *_bhn(k), *_bhn(v), *_bhn(do),
-        N, E, M, topk, T, S, num_kb, scale,
+        N, M, topk, S * T, num_kb, scale,
         D=D, BLOCK_M=block_m, BLOCK_K=block_k, PRECISION=precision, SPREC=sprec,
         num_warps=4, num_stages=2,
+    )
+    pair_order, key_ptr = pairs
+    block_n = _reduce_block(D)
+    num_nb = triton.cdiv(N, block_n)
+    _key_reduce_kernel[(G * num_nb,)](
+        dk_part, dv_part, pair_order, key_ptr, dk, dv,
+        N, M * topk, num_nb,
+        D=D, BLOCK_N=block_n, num_warps=4,
     )
 
 

@@ -59,6 +59,11 @@ def _compare(B, H, N, d, m, topk, r, shared, scale, dtype=torch.float32, tol=1e-
 
     grad_out = torch.randn(B, H, N, d, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64)
     grad_out = grad_out.to(ref.device)
+    _assert_grads(out, inputs, ref, ref_inputs, grad_out, dtype, tol)
+
+
+def _assert_grads(out, inputs, ref, ref_inputs, grad_out, dtype, tol):
+    """Gradients of q, k, v and the landmarks against the float64 reference's, given ``grad_out``."""
     ref_grads = _grads(ref, ref_inputs, grad_out)
     grads = _grads(out, inputs, grad_out.to(device=out.device, dtype=dtype))
     scale_g = grad_out.norm().item()
@@ -154,6 +159,101 @@ def test_empty_experts_and_duplicate_keys():
     grad_out = torch.randn_like(ref)
     for a, b in zip(_grads(out, inputs, grad_out.float()), _grads(ref, ref_inputs, grad_out)):
         assert rel_err(a, b) <= 1e-5
+
+
+def _routing(kind, B, H, N, m, topk, r, seed):
+    """A routing passed in: ``topk_idx [B, H, m, topk]``, ``expert_idx [B, H, N, r]`` (distinct experts)."""
+    g = torch.Generator().manual_seed(seed)
+    if kind == "duplicates":  # keys drawn with replacement: repeats inside one expert's list
+        topk_idx = torch.randint(0, N, (B, H, m, topk), generator=g)
+        topk_idx[..., 0, :2] = topk_idx[..., 0, :1]  # at least one repeat
+    elif kind == "one_key":  # every slot of every expert holds key N - 1: m topk pairs for one key
+        topk_idx = torch.full((B, H, m, topk), N - 1)
+    else:  # "shared_keys": every expert holds the same keys, the last ones
+        topk_idx = (N - 1 - torch.arange(topk)).expand(B, H, m, topk).contiguous()
+    # the first expert takes every query (it spans several tiles); the second slot goes to the next expert,
+    # so with m > r experts the rest stay empty
+    expert_idx = (torch.arange(r)).expand(B, H, N, r).contiguous()
+    if kind == "duplicates" and N > 1:  # and a few queries elsewhere
+        expert_idx = expert_idx.clone()
+        expert_idx[..., ::3, 0] = m - 1
+        expert_idx[..., ::3, r - 1] = (m - 1 + r - 1) % m
+    return topk_idx.to(DEVICE), expert_idx.to(DEVICE)
+
+
+@pytest.mark.parametrize("kind,B,N,m,topk,r,shared,dtype", [
+    ("duplicates", 1, 50, 5, 7, 1, True, torch.float32),
+    ("duplicates", 2, 17, 3, 4, 2, False, torch.float32),
+    ("duplicates", 1, 2, 3, 2, 2, True, torch.float32),
+    ("duplicates", 2, 1, 2, 1, 1, True, torch.float32),
+    ("one_key", 1, 50, 5, 3, 2, True, torch.float32),
+    ("one_key", 2, 17, 4, 5, 1, False, torch.float32),
+    ("shared_keys", 1, 50, 6, 20, 1, False, torch.float32),
+    ("shared_keys", 2, 2, 5, 2, 2, True, torch.float32),
+    # m topk > N: the partials are kept in the input dtype (kernels/README.md)
+    ("duplicates", 1, 17, 5, 7, 2, True, torch.float16),
+    ("shared_keys", 2, 50, 6, 10, 1, False, torch.float16),
+])
+def test_routed_dkdv_on_awkward_routings(kind, B, N, m, topk, r, shared, dtype):
+    """The expert-major dk/dv and its key-major reduction on routings passed in: keys repeated inside one
+    expert's list, one key held by every slot of every expert, all experts on the same keys, experts that take
+    every query (several tiles) beside empty ones; N = 1, 2, 17, 50, batch 1 and 2, poisoned buffers."""
+    d, H = 32, 2
+    inputs = _inputs(B, H, N, d, m, dtype, seed=N + topk)
+    ref_inputs = [x.detach().double().requires_grad_() for x in inputs]
+    kw = dict(router_topk=r, shared=shared, routing=_routing(kind, B, H, N, m, topk, r, seed=N))
+    out = mita_attention(*inputs, topk, impl="triton", **kw)
+    ref = mita_attention(*ref_inputs, topk, impl="reference", **kw)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert rel_err(out, ref) <= tol
+    grad_out = torch.randn(B, H, N, d, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    _assert_grads(out, inputs, ref, ref_inputs, grad_out.to(DEVICE), dtype, tol)
+
+
+def test_key_pairs_inverse_index():
+    from mita.kernels.layout import key_pairs
+
+    N, topk_idx = 6, torch.tensor([[[5, 0, 5], [2, 5, 0]]])  # [G=1, m=2, k=3]; key 5 three times, 1 3 4 never
+    pair_order, key_ptr = key_pairs(topk_idx, N)
+    assert key_ptr.tolist() == [[0, 2, 2, 3, 3, 3, 6]]
+    # each key's pairs e k + j in increasing order
+    assert pair_order.tolist() == [[1, 5, 3, 0, 2, 4]]
+
+
+def test_expert_tiles_expert_ranges():
+    from mita.kernels.layout import expert_tiles
+
+    g = torch.Generator().manual_seed(0)
+    m, N, r = 5, 23, 2
+    expert = torch.randint(0, m - 1, (3, N * r), generator=g)  # expert m - 1 empty
+    lay = expert_tiles(expert, m, N, r)
+    for gi in range(3):
+        for e in range(m):
+            lo, cnt = lay["expert_start"][gi, e].item(), lay["expert_count"][gi, e].item()
+            sources = lay["slot_source"][gi, lo:lo + cnt]
+            assert cnt == (expert[gi] == e).sum().item()
+            assert (expert[gi, sources] == e).all()
+
+
+@pytest.mark.parametrize("r", [1, 2])
+def test_routed_dkdv_is_deterministic(r):
+    """No atomics: two backward passes give bitwise the same dk and dv (no shared expert, so every part of
+    them comes from the routed kernels), with keys held by several experts."""
+    from mita.kernels import ops
+
+    args = list(_attention_fwd_args(topk=5, shared=False))
+    topk_idx = args[5].clone()
+    topk_idx[..., 1:, :2] = topk_idx[..., :1, :2]  # the first two keys of expert 0 in every expert's list
+    args[5] = topk_idx
+    if r == 2:
+        e = args[6]
+        args[6] = torch.cat([e, (e + 1) % args[3].shape[2]], dim=-1)
+    out, lse = ops.attention_fwd(*args)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    first = ops.attention_bwd(grad, *args[:7], out, lse, 1.0 / out.shape[-1], False)
+    second = ops.attention_bwd(grad, *args[:7], out, lse, 1.0 / out.shape[-1], False)
+    for a, b in zip(first[:3], second[:3]):
+        assert torch.equal(a, b)
 
 
 def test_contract():
@@ -298,9 +398,10 @@ def test_activation_checkpointing_recomputes_the_same_routing():
     out, grads = _run(f, inputs)
     out_ck, grads_ck = _run(lambda *x: torch.utils.checkpoint.checkpoint(f, *x, use_reentrant=False), inputs)
     assert torch.equal(out, out_ck)
-    # on a GPU the routed backward sums dk and dv with atomic adds, whose order varies between passes: two
-    # backward passes agree to float32 rounding, not bitwise. A recomputed routing that differed (another
-    # key or expert for some query) would move the gradients by orders of magnitude more.
+    # on a GPU the shared values' SDPA backward may sum with atomic adds, whose order varies between passes:
+    # two backward passes agree to float32 rounding, not bitwise (the routed dk, dv are deterministic:
+    # test_routed_dkdv_is_deterministic). A recomputed routing that differed (another key or expert for some
+    # query) would move the gradients by orders of magnitude more.
     for a, b in zip(grads, grads_ck):
         assert rel_err(a, b) <= 1e-6
 
