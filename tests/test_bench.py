@@ -272,3 +272,13 @@ def test_bench_pooling_rejects_bad_arguments(tmp_path, argv):
     bench = _load_script("bench_pooling")
     with pytest.raises(SystemExit):
         bench.main(["--cpu-smoke", "--out", str(tmp_path), *argv])
+
+
+def test_bench_vit_cpu_smoke(capsys):
+    bench = _load_script("bench_vit")
+    assert bench.main(["--cpu-smoke", "--pairs", "deit_tiny"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-2].startswith("deit_tiny_patch16_224") and lines[-1].startswith("mita_deit_tiny_patch16_224")
+    assert float(lines[-2].split()[-1]) == 1.0 and float(lines[-1].split()[-1]) > 0
+    with pytest.raises(SystemExit):
+        bench.main(["--cpu-smoke", "--pairs", "vit_huge"])
