@@ -6,8 +6,8 @@
     python3 scripts/bench_models.py --cpu-smoke --out /tmp/bm           # tiny CPU run of the pipeline (tests)
 
 Each model is built from train.py's config (``experiment=fmnist_repro`` + the attention's overrides, exactly as
-scripts/reproduce_fmnist_plan.py's main table: DeiT-Tiny width and depth, 28 x 28, patch 2 -> 197 tokens) and
-timed on random batches on the GPU, so the numbers measure the model and not the data loader:
+the reproduction's main table in configs/experiment/fmnist_repro/: DeiT-Tiny width and depth, 28 x 28, patch 2
+-> 197 tokens) and timed on random batches on the GPU, so the numbers measure the model and not the data loader:
 
 - training: forward + backward + AdamW step under bf16 autocast, batch 256 (the recipe's), CUDA events around
   each step after ``--warmup`` steps, median of ``--steps``;
@@ -21,8 +21,7 @@ training runs of the reproduction share their GPU and host, so their logged imag
 each model's forward is checked for finite outputs and its loss for a finite gradient.
 
 ``--concurrent 1,2,4``: for each attention, also start that many copies of this script at once on the same GPU
-(``--worker``) and sum their training images/s: how much several runs gain from sharing one GPU (the
-reproduction driver's ``--slots``).
+(``--worker``) and sum their training images/s: how much several runs of a multirun gain from sharing one GPU.
 
 Writes ``models.json`` and ``models.csv`` (and ``sharing.json`` with --concurrent) to --out and prints the card,
 versions and a table last.
