@@ -101,6 +101,9 @@ def main():
                         "landmarks a selection program, one backward program a head)")
     p.add_argument("--no-general", action="store_true", help="skip impl='triton' (general kernels)")
     p.add_argument("--profile", action="store_true", help="torch.profiler table of the fused path's kernels")
+    p.add_argument("--pool", action="store_true",
+                   help="also time the landmarks pooled from q (DeiT grid: 1 + h*w tokens, sqrt(m) x sqrt(m) windows): "
+                        "by adaptive_avg_pool2d before the op, and inside the kernels (mita.kernels.POOL_IN_KERNEL)")
     p.add_argument("--kernel-times", action="store_true",
                    help="GPU time of the fused kernels alone (profiler) for each config of the sweep")
     args = p.parse_args()
@@ -148,7 +151,7 @@ def main():
     if args.configs == "sweep":
         # forward: warps/BQ/BK/query blocks a program (0: all)/stages/landmarks a selection program (0: the
         # selection inside the attention kernel);
-        # backward: warps/BQ/BK/0/stages
+        # backward: warps/BQ/BK/one program a head (0/1)/stages
         fwd_cfgs = [(8, 256, 64, 0, 1, 0), (8, 256, 64, 0, 1, 16), (4, 64, 64, 1, 1, 16), (8, 128, 64, 1, 1, 16),
                     (4, 64, 64, 0, 1, 0)]
         bwd_cfgs = [(8, 64, 32, 1, 1), (4, 64, 64, 0, 1), (8, 64, 16, 1, 1), (8, 64, 32, 1, 2)]
@@ -191,6 +194,8 @@ def main():
     if not combos:
         f, fb = time_fn(fused, sets, args.reps)
         rows.append(("mita fused (default configs)", f, fb, peak(fused, *sets[0])))
+    if args.pool:
+        rows.extend(pooling_rows(sets, N, m, topk, args.r, d, args.reps))
     if args.kernel_times:
         print("default configs, routing passed in, kernel us",
               kernel_times(lambda qkv, lm: fused_given(qkv, lm, topk, args.r, d), sets), flush=True)
@@ -202,6 +207,42 @@ def main():
     print(f"{'method':38s} {'fwd ms':>8s} {'f+b ms':>8s} {'fwd/cuDNN':>10s} {'f+b/cuDNN':>10s} {'peak MiB':>9s}")
     for name, f, fb, pk in rows:
         print(f"{name:38s} {f:8.3f} {fb:8.3f} {f / cud[1]:10.2f} {fb / cud[2]:10.2f} {pk:9.1f}")
+
+
+def pooling_rows(sets, N, m, topk, r, d, reps):
+    """The fused path with the landmarks pooled from q: by ``pool_patch_queries`` in PyTorch, and inside the
+    kernels from the same windows' ``[m, N]`` weights (checked against each other first)."""
+    import math
+
+    from mita import kernels
+    from mita.attention import pool_patch_queries
+
+    side, grid = math.isqrt(m), math.isqrt(N - 1)
+    eye = torch.eye(N, dtype=torch.float64).view(1, 1, N, N)
+    W = pool_patch_queries(eye, 1, grid, grid, (side, side))[0, 0].float().cuda()  # [m, N]
+
+    def outside(qkv, lm):
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)
+        R = pool_patch_queries(q, 1, grid, grid, (side, side))
+        return small_ops.mita_attention_small(q, k, v, R, topk, r, True, 1 / d)
+
+    def inside(qkv, lm):
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)
+        return kernels.mita_attention_fused(q, k, v, None, topk, r, True, 1 / d, pool=W)
+
+    previous, kernels.POOL_IN_KERNEL = kernels.POOL_IN_KERNEL, True
+    try:
+        x, _ = sets[0]
+        a, b = outside(*x), inside(*x)
+        agree = rel_err(a, b)
+        rows = []
+        for name, fn in (("fused, pooling before the op", outside), ("fused, pooling in the kernels", inside)):
+            f, fb = time_fn(fn, sets, reps)
+            rows.append((name, f, fb, peak(fn, *sets[0])))
+        print(f"pooling inside against before: relative difference of the outputs {agree:.1e}", flush=True)
+        return rows
+    finally:
+        kernels.POOL_IN_KERNEL = previous
 
 
 def fused_given(qkv, lm, topk, r, d, _cache={}):
