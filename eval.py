@@ -20,10 +20,12 @@ from typing import Optional
 import hydra
 from omegaconf import DictConfig
 
+from mita.config import CONFIG_DIR, register_resolvers
 from mita.engine.cli import run_main
-from mita.engine.runner import CONFIG_DIR, evaluate_checkpoint
+from mita.engine.evaluation import evaluate_checkpoint
 
 _logger = logging.getLogger("eval")
+register_resolvers()
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="eval")

@@ -26,11 +26,12 @@ from typing import Any, Dict, Optional
 import hydra
 from omegaconf import DictConfig
 
+from mita.config import CONFIG_DIR, register_resolvers
 from mita.engine.cli import hold_run_dir, run_main
-from mita.engine.runner import CONFIG_DIR
 from mita.engine.validate import check_segment
 
 _logger = logging.getLogger("segment")
+register_resolvers()
 
 
 def segment(cfg: DictConfig) -> Dict[str, Any]:

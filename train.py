@@ -24,11 +24,13 @@ from typing import Optional
 import hydra
 from omegaconf import DictConfig
 
+from mita.config import CONFIG_DIR, register_resolvers
 from mita.engine.cli import run_main
 from mita.engine.loop import NonFiniteLossError
-from mita.engine.runner import CONFIG_DIR, train
+from mita.engine.training import train
 
 _logger = logging.getLogger("train")
+register_resolvers()
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")

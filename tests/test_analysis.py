@@ -10,7 +10,9 @@ import torch
 from mita.analysis import cli
 from mita.analysis.routing import expert_iou, key_masks, landmark_windows, query_masks, token_selection
 from mita.attention import pool_patch_queries
-from mita.engine.runner import CONFIG_DIR, compose, evaluate_checkpoint, train
+from mita.config import CONFIG_DIR, compose
+from mita.engine.evaluation import evaluate_checkpoint
+from mita.engine.training import train
 from mita.landmarks import build_landmark_extractor
 
 REPO = CONFIG_DIR.parent

@@ -8,7 +8,9 @@ from omegaconf import OmegaConf
 
 import mita.models  # noqa: F401  (registers the zoo names with timm)
 from mita.attention import AttentionBase
-from mita.engine.runner import CONFIG_DIR, attention_kwargs, build_model_from_config, compose
+from mita.build import build_model_from_config
+from mita.config import CONFIG_DIR, attention_kwargs, compose
+from mita.engine.training import batch_sizes
 
 EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
 ATTENTIONS = sorted(p.stem for p in (CONFIG_DIR / "attention").glob("*.yaml") if p.stem != "checkpoint")
@@ -186,14 +188,12 @@ def test_recipe_values(name, table):
 
 
 def test_deit_learning_rate_scales_with_the_global_batch():
-    from mita.engine.runner import _batch_sizes
-
     trainer = _resolved(_experiment("deit_tiny_mita"))["trainer"]
-    assert _batch_sizes(trainer, 4) == (256, 1024)  # the official 4 GPUs x 256
-    assert _batch_sizes(trainer, 8) == (128, 1024)
+    assert batch_sizes(trainer, 4) == (256, 1024)  # the official 4 GPUs x 256
+    assert batch_sizes(trainer, 8) == (128, 1024)
     with pytest.raises(ValueError, match="global_batch_size"):
-        _batch_sizes(trainer, 3)
-    assert _batch_sizes(dict(trainer, batch_size=64), 2) == (64, 128)
+        batch_sizes(trainer, 3)
+    assert batch_sizes(dict(trainer, batch_size=64), 2) == (64, 128)
 
 
 @pytest.mark.parametrize("name", ATTENTIONS)

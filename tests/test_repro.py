@@ -19,7 +19,8 @@ from hydra import initialize_config_dir
 from omegaconf import OmegaConf
 
 from mita.analysis import reproduction as repro
-from mita.engine.runner import build_model_from_config, compose, register_resolvers
+from mita.build import build_model_from_config
+from mita.config import compose, register_resolvers
 from mita.utils.flops import count_flops
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,4 +1,5 @@
-"""train.py / eval.py end to end on CPU: tiny models on synthetic data through mita.engine.runner."""
+"""train.py / eval.py end to end on CPU: tiny models on synthetic data through mita.engine.training and
+mita.engine.evaluation."""
 import json
 import os
 import socket
@@ -10,12 +11,15 @@ from pathlib import Path
 import pytest
 import torch
 
-import mita.engine.runner as runner
+import mita.engine.evaluation as evaluation
+import mita.engine.training as training
+from mita.config import CONFIG_DIR, compose
 from mita.engine import load_state
 from mita.engine.checkpoint import CheckpointError
+from mita.engine.evaluation import evaluate_checkpoint
 from mita.engine.loop import NonFiniteLossError
 from mita.engine.rundir import RunFolderLocked
-from mita.engine.runner import CONFIG_DIR, compose, evaluate_checkpoint, train
+from mita.engine.training import train
 from mita.engine.validate import ConfigError
 from tests.helpers import rel_err
 
@@ -91,9 +95,7 @@ def test_killed_and_resumed_run_matches_an_uninterrupted_one(tmp_path, monkeypat
     assert [r["epoch"] for r in expected] == [0, 1, 2]
 
     # Kill the second run at the start of epoch 1, after epoch 0's checkpoint is on disk.
-    import mita.engine.loop as loop
-
-    real = loop.train_one_epoch
+    real = training.train_one_epoch
 
     def killed_at_epoch_1(*args, **kwargs):
         if args[5] == 1:
@@ -101,11 +103,11 @@ def test_killed_and_resumed_run_matches_an_uninterrupted_one(tmp_path, monkeypat
         return real(*args, **kwargs)
 
     resumed = compose("train", _tiny(tmp_path / "resumed", *_STOCHASTIC))
-    monkeypatch.setattr(loop, "train_one_epoch", killed_at_epoch_1)
+    monkeypatch.setattr(training, "train_one_epoch", killed_at_epoch_1)
     with pytest.raises(KeyboardInterrupt):
         train(resumed)
     assert load_state(_run_dir(resumed) / "checkpoint.pth")["epoch"] == 0
-    monkeypatch.setattr(loop, "train_one_epoch", real)
+    monkeypatch.setattr(training, "train_one_epoch", real)
     train(resumed)  # resume=auto
     got = _log(_run_dir(resumed))
     assert [r["epoch"] for r in got] == [0, 1, 2]
@@ -150,7 +152,7 @@ def test_more_epochs_on_resume_rebuild_the_schedule_for_the_new_length(tmp_path,
     short = compose("train", _tiny(tmp_path / "extended", *common, "trainer.epochs=3"))
     train(short)
     first = _lrs(_run_dir(short))
-    with caplog.at_level("WARNING", logger="mita.engine.runner"):
+    with caplog.at_level("WARNING", logger="mita.engine.training"):
         train(compose("train", _tiny(tmp_path / "extended", *common, "trainer.epochs=6")))
     assert "schedule was rebuilt" in caplog.text and "trainer.epochs 3 -> 6" in caplog.text
     extended = _lrs(_run_dir(short))
@@ -163,7 +165,7 @@ def test_more_epochs_on_resume_rebuild_the_schedule_for_the_new_length(tmp_path,
     assert extended[3] > 10 * 1e-5  # not sched.min_lr, where the 3-epoch schedule ended
     # the same schedule again: nothing rebuilt, nothing said
     caplog.clear()
-    with caplog.at_level("WARNING", logger="mita.engine.runner"):
+    with caplog.at_level("WARNING", logger="mita.engine.training"):
         train(compose("train", _tiny(tmp_path / "extended", *common, "trainer.epochs=7", "resume=never")))
         train(compose("train", _tiny(tmp_path / "extended", *common, "trainer.epochs=7")))
     assert "schedule" not in caplog.text
@@ -322,12 +324,10 @@ def test_eval_rebuilds_the_model_and_swaps_the_attention(tmp_path, monkeypatch):
     dwc = evaluate_checkpoint(compose("eval", [f"ckpt={path}", "attention=mita_dwc"]))
     assert dwc["missing_keys"] and all(".dwc." in key for key in dwc["missing_keys"])
     # a FLOP-count failure keeps the accuracy and names the error (a trained run's top-1 is not lost to it)
-    import mita.utils.flops
-
     def fail(*_):
         raise AssertionError("Expected gradient function to be set")
 
-    monkeypatch.setattr(mita.utils.flops, "count_flops", fail)
+    monkeypatch.setattr(evaluation, "count_flops", fail)
     counted = evaluate_checkpoint(compose("eval", [f"ckpt={path}"]))
     assert counted["acc1"] == pytest.approx(report["acc1"]) and counted["macs"] is None
     assert counted["macs_error"] == "AssertionError: Expected gradient function to be set"
@@ -349,7 +349,7 @@ def test_eval_rebuilds_the_model_and_swaps_the_attention(tmp_path, monkeypatch):
 
 
 def test_non_finite_loss_stops_with_the_last_checkpoint_intact(tmp_path, monkeypatch):
-    real = runner.build_model_from_config
+    real = training.build_model_from_config
     calls = {"n": 0}
 
     def nan_after_epoch_0(*args, **kwargs):
@@ -365,7 +365,7 @@ def test_non_finite_loss_stops_with_the_last_checkpoint_intact(tmp_path, monkeyp
         model.register_forward_hook(hook)
         return model
 
-    monkeypatch.setattr(runner, "build_model_from_config", nan_after_epoch_0)
+    monkeypatch.setattr(training, "build_model_from_config", nan_after_epoch_0)
     cfg = compose("train", _tiny(tmp_path, "trainer.epochs=3", "trainer.max_steps_per_epoch=2"))
     with pytest.raises(NonFiniteLossError, match="non-finite training loss"):
         train(cfg)

@@ -1,7 +1,7 @@
 """mita.engine.validate: config errors found when the config is read, in one line naming the full key."""
 import pytest
 
-from mita.engine.runner import CONFIG_DIR, compose
+from mita.config import CONFIG_DIR, compose
 from mita.engine.validate import ConfigError, check_model, check_segment, check_train, debug_enabled
 
 EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))

@@ -1,13 +1,15 @@
 """Shared plumbing of the analyses: checkpoint -> model, evaluation data, routing capture, output files.
 
 A checkpoint here is one written by ``train.py`` (or its fp16 export): it stores the resolved training config,
-so the model is rebuilt exactly as ``eval.py`` rebuilds it (:func:`mita.engine.runner.build_model_from_config`,
-then :func:`mita.models.load_checkpoint`). Overrides follow ``eval.py``'s rules: ``data.KEY=VALUE`` updates the
-stored data config (``data.root=PATH`` on another machine); ``attention.KEY=VALUE`` updates the stored
-attention, and ``attention.name=NAME`` replaces it (another attention's own keys then come from the overrides).
+so the model is rebuilt exactly as ``eval.py`` rebuilds it (:func:`mita.build.build_model_from_config`, then
+:func:`mita.models.load_checkpoint` of the weights read with the config: the file is read once). Overrides follow
+``eval.py``'s rules (:func:`mita.engine.evaluation.merge_attention`): ``data.KEY=VALUE`` updates the stored data
+config (``data.root=PATH`` on another machine); ``attention.KEY=VALUE`` updates the stored attention, and
+``attention.name=NAME`` replaces it (another attention's own keys then come from the overrides).
 """
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import math
@@ -19,6 +21,17 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 import torch.utils.data
+import yaml
+from tqdm import tqdm
+
+from mita.attention.mita import MiTAAttention
+from mita.build import build_datasets, build_model_from_config
+from mita.config import PRECISIONS
+from mita.data import build_loader
+from mita.engine.checkpoint import load_state
+from mita.engine.evaluation import merge_attention, stored_config
+from mita.engine.loop import evaluate
+from mita.models import load_checkpoint
 
 __all__ = [
     "Checkpoint",
@@ -48,7 +61,6 @@ _logger = logging.getLogger(__name__)
 #: config groups that ``KEY=VALUE`` overrides may address
 OVERRIDE_GROUPS = ("data", "attention")
 DEVICES = ("auto", "cpu", "cuda")
-PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 def parse_overrides(items: Sequence[str], groups: Sequence[str] = OVERRIDE_GROUPS) -> Dict[str, Dict[str, Any]]:
@@ -56,8 +68,6 @@ def parse_overrides(items: Sequence[str], groups: Sequence[str] = OVERRIDE_GROUP
 
     Values are read as YAML (``36`` an int, ``true`` a bool, ``null`` None, ``[7, 7]`` a list), as Hydra does.
     """
-    import yaml
-
     out: Dict[str, Dict[str, Any]] = {group: {} for group in groups}
     for item in items:
         key, sep, value = item.partition("=")
@@ -88,12 +98,14 @@ def resolve_device(device: str) -> torch.device:
 
 @dataclass
 class Checkpoint:
-    """A train.py checkpoint and the training config stored in it."""
+    """A train.py checkpoint and the training config stored in it; ``state`` is the file's contents (read once,
+    loaded into every model rebuilt from it)."""
 
     path: str
     config: Dict[str, Any]
     epoch: Optional[int] = None
     record: Dict[str, Any] = field(default_factory=dict)
+    state: Optional[Dict[str, Any]] = field(default=None, repr=False)
 
     @property
     def attention(self) -> Dict[str, Any]:
@@ -111,35 +123,25 @@ class Checkpoint:
 
 
 def read_checkpoint(path: str, arg: str = "ckpt") -> Checkpoint:
-    """Load the config stored in a train.py checkpoint; ``arg`` names the argument in errors."""
-    from mita.engine.checkpoint import load_state
-
+    """Read a train.py checkpoint and the config stored in it; ``arg`` names the argument in errors."""
     path = os.path.expanduser(str(path))
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{arg}={path!r}: no such file (a checkpoint.pth written by train.py)")
     state = load_state(path)
-    config = state.get("config") if isinstance(state, Mapping) else None
-    if not isinstance(config, Mapping) or not all(key in config for key in ("model", "attention", "data")):
+    try:
+        config = stored_config(state, path)
+    except ValueError:
         raise ValueError(
             f"{arg}={path!r} holds no training config; pass a checkpoint written by train.py (checkpoint.pth) "
             "or its fp16 export (model_fp16.pth)"
-        )
-    return Checkpoint(path=path, config=dict(config), epoch=state.get("epoch"), record=dict(state.get("record") or {}))
+        ) from None
+    return Checkpoint(path=path, config=config, epoch=state.get("epoch"), record=dict(state.get("record") or {}),
+                      state=state)
 
 
-def resolve_attention(stored: Mapping[str, Any], override: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
-    """The attention config to build, by eval.py's rule: ``override`` with a ``name`` replaces ``stored``,
-    otherwise its keys update it. Keys set to None in an update are dropped (the constructor's default)."""
-    override = dict(override or {})
-    if override.get("name") is not None:
-        return {k: v for k, v in override.items() if v is not None}
-    attention = dict(stored)
-    for key, value in override.items():
-        if value is None:
-            attention.pop(key, None)
-        else:
-            attention[key] = value
-    return attention
+#: eval.py's rule (:func:`mita.engine.evaluation.merge_attention`): ``override`` with a ``name`` replaces
+#: ``stored``, otherwise its keys update it; keys set to None in an update are dropped (the constructor's default)
+resolve_attention = merge_attention
 
 
 def build_model(ckpt: Checkpoint, attention: Optional[Mapping[str, Any]] = None, *,
@@ -150,9 +152,6 @@ def build_model(ckpt: Checkpoint, attention: Optional[Mapping[str, Any]] = None,
     Returns ``(model, info)`` with ``info`` holding the attention config used and the missing/unexpected
     keys of the load (a swapped-in attention with parameters of its own lists them as missing).
     """
-    from mita.engine.runner import build_model_from_config
-    from mita.models import load_checkpoint
-
     attention = dict(ckpt.attention if attention is None else attention)
     model_cfg = dict(ckpt.config["model"])
     # As eval.py: the model is built for the evaluation resolution, position embeddings are resampled.
@@ -163,7 +162,7 @@ def build_model(ckpt: Checkpoint, attention: Optional[Mapping[str, Any]] = None,
         model = build_model_from_config(model_cfg, attention, load_pretrained=False)
     except TypeError as err:
         raise ValueError(f"{arg}: {attention} does not build ({err})") from err
-    missing, unexpected = load_checkpoint(model, ckpt.path)
+    missing, unexpected = load_checkpoint(model, ckpt.path, state=ckpt.state)
     model.to(device).eval()
     return model, {"attention": attention, "missing_keys": list(missing), "unexpected_keys": list(unexpected)}
 
@@ -196,10 +195,7 @@ def load_eval_data(ckpt: Checkpoint, overrides: Optional[Mapping[str, Any]] = No
     ``max_images`` keeps a fixed random subset (seeded by the checkpoint's seed, as eval.py's
     ``data.max_samples``); None keeps the whole split.
     """
-    # The runner's own dataset builder, so that the numbers are eval.py's.
-    from mita.data import build_loader
-    from mita.engine.runner import _datasets
-
+    # eval.py's own dataset builder, so that the numbers are eval.py's
     if max_images is not None and (isinstance(max_images, bool) or int(max_images) < 1):
         raise ValueError(f"max_images must be a positive int or None (the whole split), got {max_images!r}")
     if isinstance(batch_size, bool) or int(batch_size) < 1:
@@ -208,7 +204,7 @@ def load_eval_data(ckpt: Checkpoint, overrides: Optional[Mapping[str, Any]] = No
         raise ValueError(f"split={split!r} must be 'train' or 'val'")
     data = dict(ckpt.config["data"])
     data.update({k: v for k, v in (overrides or {}).items()})
-    _, dataset = _datasets(dict(data, max_val_samples=max_images), ckpt.seed, train=False, split=split)
+    _, dataset = build_datasets(dict(data, max_val_samples=max_images), ckpt.seed, train=False, split=split)
     loader = build_loader(dataset, batch_size=int(batch_size), train=False, num_workers=int(num_workers),
                           pin_memory=pin_memory)
     return EvalData(dataset=dataset, loader=loader, config=data)
@@ -218,8 +214,6 @@ def in_memory(data: EvalData, max_bytes: int = 2 << 30) -> EvalData:
     """``data`` with its transformed images held in memory, when they fit in ``max_bytes``: analyses that
     evaluate many models on one split (the m x k grid, the swap matrix) decode and transform it once.
     The batches are the same (the evaluation transforms are deterministic, the order sequential)."""
-    from mita.data import build_loader
-
     batches = []
     for images, targets in data.loader:
         batches.append((images, targets))
@@ -245,12 +239,9 @@ def whole_split(data: EvalData):
 def evaluate_model(model: nn.Module, data: EvalData, device: torch.device, precision: str = "fp32",
                    progress: bool = False) -> Dict[str, float]:
     """Top-1/top-5 (in %) and loss over ``data``, by the training loop's own ``evaluate``."""
-    from mita.engine.loop import evaluate
-
     if precision not in PRECISIONS:
         raise ValueError(f"precision={precision!r} must be one of {list(PRECISIONS)}")
-    amp = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    return evaluate(model, data.loader, device, amp_dtype=amp, progress=progress)
+    return evaluate(model, data.loader, device, amp_dtype=PRECISIONS[precision], progress=progress)
 
 
 def unnormalize(images: torch.Tensor, data_config: Mapping[str, Any]) -> torch.Tensor:
@@ -266,8 +257,6 @@ def routing_layers(model: nn.Module, arg: str = "ckpt") -> List[Tuple[int, str, 
     Raises ValueError naming ``arg`` when there is none: routing analyses need MiTA's landmarks and experts
     (the top-k and MoBA attentions select too, but have no experts to analyse).
     """
-    from mita.attention.mita import MiTAAttention
-
     layers = [(i, name, mod) for i, (name, mod) in enumerate(
         (n, m) for n, m in model.named_modules() if isinstance(m, MiTAAttention))]
     if not layers:
@@ -339,8 +328,6 @@ def iter_routing(model: nn.Module, data: EvalData, device: torch.device, *, desc
                  progress: bool = True, arg: str = "ckpt"):
     """Yield ``(images [B, C, H, W] on CPU, targets [B], logits [B, classes], [LayerRouting per MiTA layer])``
     for every batch of ``data`` (routing tensors on ``device``)."""
-    from tqdm import tqdm
-
     model.eval()
     with capture_routing(model, arg) as layers:
         for images, targets in tqdm(data.loader, desc=desc, disable=not progress, leave=False, dynamic_ncols=True):
@@ -375,8 +362,6 @@ def write_json(path: str, payload: Any) -> str:
 
 def write_csv(path: str, rows: Sequence[Mapping[str, Any]]) -> str:
     """Rows of dicts as CSV; the columns are the first row's keys."""
-    import csv
-
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w", encoding="utf-8", newline="") as handle:
         if rows:

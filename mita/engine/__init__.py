@@ -1,7 +1,8 @@
 """Training engine: loops, optimizer and schedule, checkpoints, distributed helpers and loggers; config checks
 (``validate``), the run-folder lock (``rundir``) and the entrypoints' error handling (``cli``).
 
-The Hydra runner (``mita.engine.runner``) is imported on its own, so this package needs no Hydra.
+The entrypoints' jobs are modules of their own, imported by name: ``mita.engine.training`` (train.py) and
+``mita.engine.evaluation`` (eval.py).
 """
 from mita.engine.checkpoint import (
     CheckpointError,

@@ -5,7 +5,7 @@ range, a run folder in use, an unreadable checkpoint, a missing file) into one l
 instead of a traceback; ``MITA_DEBUG=1`` keeps the traceback. A run that fails leaves no empty run folder
 behind (Hydra creates a multirun job's folder before the job starts). :func:`hold_run_dir` is the run-folder
 lock, ``.hydra/`` and log file for entrypoints without their own (``segment.py``; ``train.py``'s are in
-:func:`mita.engine.runner.train`, which shares them between DDP ranks).
+:func:`mita.engine.training.train`, which shares them between DDP ranks).
 """
 from __future__ import annotations
 

@@ -13,6 +13,7 @@ from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTarget
 from timm.utils import ModelEmaV3
 from tqdm import tqdm
 
+from mita.config import PRECISIONS
 from mita.data.loader import set_epoch
 from mita.engine.distributed import all_reduce_max, all_reduce_mean, all_reduce_sum, get_world_size, is_main
 from mita.engine.optim import unwrap_model
@@ -20,7 +21,8 @@ from mita.engine.optim import unwrap_model
 __all__ = ["NonFiniteLossError", "build_criterion", "build_ema", "evaluate", "train_one_epoch"]
 
 _logger = logging.getLogger(__name__)
-_DTYPES = {"float16": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+#: torch's dtype names beside the config's precision names (mita.config.PRECISIONS)
+_DTYPE_NAMES = {"float16": "fp16", "bfloat16": "bf16"}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -40,9 +42,10 @@ def _amp_dtype(amp_dtype: Union[None, str, torch.dtype]) -> Optional[torch.dtype
     if amp_dtype is None or amp_dtype in ("none", "float32", "fp32"):
         return None
     if isinstance(amp_dtype, str):
-        if amp_dtype not in _DTYPES:
+        name = _DTYPE_NAMES.get(amp_dtype, amp_dtype)
+        if name not in ("fp16", "bf16"):
             raise ValueError(f"amp_dtype must be None, 'float16' or 'bfloat16', got {amp_dtype!r}")
-        return _DTYPES[amp_dtype]
+        return PRECISIONS[name]
     if amp_dtype not in (torch.float16, torch.bfloat16):
         raise ValueError(f"amp_dtype must be None, torch.float16 or torch.bfloat16, got {amp_dtype!r}")
     return amp_dtype

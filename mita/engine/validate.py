@@ -21,14 +21,13 @@ from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Tuple
 import torch
 from omegaconf import OmegaConf
 
+from mita.config import META_KEYS, PRECISIONS, attention_kwargs
+
 __all__ = ["ConfigError", "TokenGrid", "check_model", "check_segment", "check_train", "debug_enabled"]
 
-PRECISIONS = ("fp32", "fp16", "bf16")
 LOSSES = ("ce", "bce")
 DEVICES = ("auto", "cpu", "cuda")
 LOGGERS = ("wandb", "none")
-#: keys of an attention config that are not constructor arguments
-META_KEYS = ("name", "tag", "base_topk")
 _GRID_POOLS = ("grid", "official", "conv", "dwconv")
 
 
@@ -150,12 +149,10 @@ def _attention_ranges(name: str, kwargs: Mapping[str, Any], grid: TokenGrid, key
 
 
 def _attention_args(attention: Mapping[str, Any], key: str) -> Tuple[str, Dict[str, Any]]:
-    attention = _plain(attention) or {}
-    name = attention.get("name")
-    if not name:
-        raise ConfigError(f"{key}.name is not set: pick an attention ({key}=mita, standard, agent, ...); "
-                          "attention=checkpoint is for eval.py only")
-    return name, {k: v for k, v in attention.items() if k not in META_KEYS and v is not None}
+    try:
+        return attention_kwargs(attention or {}, key)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
 
 
 def check_attention(attention: Mapping[str, Any], grid: TokenGrid, key: str = "attention") -> None:
@@ -234,7 +231,7 @@ def check_train(cfg: Mapping[str, Any], world_size: Optional[int] = None) -> Tok
     cfg = _plain(cfg)
     trainer, data, sched, optim = cfg["trainer"], cfg["data"], cfg.get("sched") or {}, cfg.get("optim") or {}
     world_size = world_size or _world_size()
-    _choice("trainer.precision", trainer.get("precision"), PRECISIONS)
+    _choice("trainer.precision", trainer.get("precision"), tuple(PRECISIONS))
     _choice("trainer.loss", trainer.get("loss"), LOSSES)
     _choice("trainer.device", trainer.get("device", "auto"), DEVICES)
     _choice("logger.name", (cfg.get("logger") or {}).get("name", "none"), LOGGERS)

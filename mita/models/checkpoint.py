@@ -19,12 +19,12 @@ import logging
 import os
 import pickle
 import re
-from typing import Any, Dict, Iterable, List, Mapping, Tuple, Union
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
 
-__all__ = ["CheckpointError", "load_checkpoint", "read_state_dict", "torch_load"]
+__all__ = ["CheckpointError", "load_checkpoint", "read_state_dict", "state_dict_from", "torch_load"]
 
 _logger = logging.getLogger(__name__)
 
@@ -124,12 +124,17 @@ def _clean_key(key: str) -> str:
 
 
 def read_state_dict(path: Union[str, os.PathLike]) -> Dict[str, torch.Tensor]:
-    """The model weights of a checkpoint file as a flat ``{key: tensor}`` with clean keys.
+    """The model weights of a checkpoint file as a flat ``{key: tensor}`` with clean keys
+    (:func:`state_dict_from` of the file's contents)."""
+    return state_dict_from(_read_file(path), path)
+
+
+def state_dict_from(obj: Any, path: Union[str, os.PathLike]) -> Dict[str, torch.Tensor]:
+    """The model weights in a checkpoint's contents ``obj`` (read from ``path``, named in errors).
 
     Picks ``model`` (then ``state_dict``, then ``model_ema``) from training checkpoints, strips
     ``module.``/``_orig_mod.`` and splits the official gate variant's ``qkvg`` into ``qkv`` + ``gate``.
     """
-    obj = _read_file(path)
     if not isinstance(obj, Mapping):
         raise ValueError(f"{os.fspath(path)!r} holds a {type(obj).__name__}, expected a dict of weights")
     for key in ("model", "state_dict", "model_ema"):
@@ -192,16 +197,18 @@ def adapt_state_dict(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> D
 
 
 def load_checkpoint(
-    model: nn.Module, path: Union[str, os.PathLike], strict: bool = False
+    model: nn.Module, path: Union[str, os.PathLike], strict: bool = False, *, state: Optional[Mapping[str, Any]] = None
 ) -> Tuple[List[str], List[str]]:
     """Load a local checkpoint into ``model``; returns ``(missing_keys, unexpected_keys)``.
 
     A classifier of another size (``num_classes``) is dropped with a warning; position embeddings are
     resampled when the patch grid differs (a 224 checkpoint loads into a 384 model). Loading a
     standard-attention checkpoint into a model with another attention leaves exactly the parameters
-    that attention adds (gate, dwc, landmark extractors, agent bias, ...) missing.
+    that attention adds (gate, dwc, landmark extractors, agent bias, ...) missing. ``state``: the file's
+    contents when the caller has read them already (the file is then not read again).
     """
-    state_dict = adapt_state_dict(read_state_dict(path), model)
+    weights = read_state_dict(path) if state is None else state_dict_from(state, path)
+    state_dict = adapt_state_dict(weights, model)
     result = model.load_state_dict(state_dict, strict=strict)
     missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
     if missing:

@@ -25,6 +25,7 @@ from mmengine.hooks import Hook
 from mmengine.registry import HOOKS
 
 from mita.attention import ATTENTIONS
+from mita.config import PRECISIONS, attention_kwargs
 
 __all__ = [
     "DATASET_TYPES",
@@ -41,13 +42,10 @@ _logger = logging.getLogger(__name__)
 #: data.name -> mmseg dataset type (both read ADE20K's folder layout)
 DATASET_TYPES = {"ade20k": "ADE20KDataset", "fashion_mnist_seg": "FashionMNISTSegDataset"}
 MODES = ("train", "test", "flops")
-PRECISIONS = ("fp32", "bf16", "fp16")
 OPTIMIZERS = ("sgd", "adamw")
 TEST_MODES = ("slide", "whole")
 # the folders mmseg's ADE20K config reads under data_root
 _DATA_FOLDERS = ("images/training", "annotations/training", "images/validation", "annotations/validation")
-# keys of an attention config node that are not constructor arguments (as mita.engine.runner.META_KEYS)
-_META_KEYS = ("name", "tag", "base_topk")
 
 
 def _plain(value: Any) -> Any:
@@ -59,13 +57,10 @@ def _plain(value: Any) -> Any:
 
 
 def _attention(node: Mapping[str, Any], key: str) -> Tuple[str, Dict[str, Any]]:
-    node = _plain(node)
-    name = node.get("name")
+    name = _plain(node).get("name")
     if name not in ATTENTIONS:
         raise ValueError(f"{key}.name={name!r} must be one of {sorted(ATTENTIONS)}")
-    kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in node.items()
-              if k not in _META_KEYS and v is not None}
-    return name, kwargs
+    return attention_kwargs(node, key)
 
 
 def _check_choice(key: str, value: Any, valid) -> None:
@@ -221,7 +216,7 @@ def build_mmseg_config(cfg: Mapping[str, Any]) -> Config:
     _check_choice("mode", cfg.get("mode", "train"), MODES)
     _check_choice("data.name", data["name"], DATASET_TYPES)
     _check_choice("trainer.test_mode", trainer["test_mode"], TEST_MODES)
-    _check_choice("trainer.precision", trainer.get("precision", "fp32"), PRECISIONS)
+    _check_choice("trainer.precision", trainer.get("precision", "fp32"), tuple(PRECISIONS))
     crop = (int(data["img_size"]), int(data["img_size"]))
     enc_name, enc_kwargs = _attention(cfg["attention"], "attention")
     dec_name, dec_kwargs = _attention(cfg["decoder_attention"], "decoder_attention")
