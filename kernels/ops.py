@@ -25,7 +25,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .layout import expert_tiles as _expert_tiles
 from .layout import key_pairs
-from .routed import partial_dtype, routed_backward, routed_forward, shared_backward
+from .routed import dkdv_plan, routed_backward, routed_forward, shared_backward
 from .small_ops import _unit_last_stride  # the kernels take any batch, head and row strides, a unit last one
 
 # Backends for the shared values, in order of preference (flash takes fp16/bf16, the rest any dtype).
@@ -103,16 +103,17 @@ def _backward(grad_out, q, k, v, landmarks, shared_v, topk_idx, expert_idx, out,
     delta = (do.float() * out.float()).sum(-1).reshape(G, N).contiguous()  # [G, N], as the kernels index it
 
     dq_e = _buffer((G, N * r, d), q.device)  # [G, N r, d]
-    dk = dv = pairs = dk_part = dv_part = None
+    dk = dv = pairs = None
+    partials = ()
     if topk > 0:
         # routed dk, dv without atomics: per-(expert, slot) partials [G, m, topk, d], summed per key through
         # the inverse index (which (expert, slot) pairs hold each key); written in q's dtype, every element
         dk, dv = _buffer((G, N, d), q.device, q.dtype), _buffer((G, N, d), q.device, q.dtype)
-        part = partial_dtype(q.dtype, N, m, topk)
-        dk_part, dv_part = _buffer((G, m, topk, d), q.device, part), _buffer((G, m, topk, d), q.device, part)
+        part_dtype, buffers = dkdv_plan(q.dtype, N, m, topk)
+        partials = tuple(_buffer((G, m, topk, d), q.device, part_dtype) for _ in range(buffers))
         pairs = key_pairs(idx, N)
     routed_backward(qf, kf, vf, rf, vsf, do, lse, delta, idx, lay, r, scale, scale_shared,
-                    dq_e, dk, dv, pairs, dk_part, dv_part, allow_tf32)
+                    dq_e, dk, dv, pairs, partials, allow_tf32)
     dq = dq_e.view(G, N, r, d).sum(2) if r > 1 else dq_e
     dr = dvs = None
     if topk > 0:

@@ -168,10 +168,12 @@ def _routed_bwd_dkdv_kernel(
     H, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn,
     N, M, TOPK, NUM_SLOTS, NUM_KB, scale,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, SPREC: tl.constexpr,
+    DO_DK: tl.constexpr, DO_DV: tl.constexpr,
 ):
     # one program per (batch-head g, expert e, block kb of e's keys), key blocks fastest so that the programs
     # of one expert run together and share its queries in L2; loops over ALL of the expert's entries and
-    # writes the expert's partial dk, dv of its slots once (an empty expert writes zeros)
+    # writes the expert's partial dk, dv of its slots once (an empty expert writes zeros); DO_DK / DO_DV
+    # choose which (both, or one per launch where the two passes share one partial buffer)
     pid = tl.program_id(0)
     g = (pid // (M * NUM_KB)).to(tl.int64)
     e = ((pid // NUM_KB) % M).to(tl.int64)
@@ -186,7 +188,9 @@ def _routed_bwd_dkdv_kernel(
     Qg, DOg = Q + b * sqb + h * sqh, DO + b * sdb + h * sdh
     kblock = tl.load(K + b * skb + h * skh + (key * skn)[:, None] + offs_d[None, :], mask=k_ok[:, None],
                      other=0.0)  # [BLOCK_K, D]
-    vb = tl.load(V + b * svb + h * svh + (key * svn)[:, None] + offs_d[None, :], mask=k_ok[:, None], other=0.0)
+    if DO_DK:
+        vb = tl.load(V + b * svb + h * svh + (key * svn)[:, None] + offs_d[None, :], mask=k_ok[:, None],
+                     other=0.0)
 
     dk = tl.zeros([BLOCK_K, D], tl.float32)
     dv = tl.zeros([BLOCK_K, D], tl.float32)
@@ -198,30 +202,34 @@ def _routed_bwd_dkdv_kernel(
         q = tl.load(Qg + tok * sqn + offs_d[None, :], mask=row_ok[:, None], other=0.0)  # [BLOCK_M, D]
         do = tl.load(DOg + tok * sdn + offs_d[None, :], mask=row_ok[:, None], other=0.0)
         lse = tl.load(LSE + g * N + token, mask=row_ok, other=0.0)
-        delta = tl.load(DELTA + g * N + token, mask=row_ok, other=0.0)
         st = tl.dot(kblock, tl.trans(q), input_precision=SPREC) * scale  # [BLOCK_K, BLOCK_M]
         pt = tl.exp(st - lse[None, :])
         pt = tl.where(k_ok[:, None] & row_ok[None, :], pt, 0.0)
-        dv += tl.dot(pt.to(do.dtype), do, input_precision=PRECISION)
-        dpt = tl.dot(vb, tl.trans(do), input_precision=SPREC)
-        dst = pt * (dpt - delta[None, :]) * scale
-        dk += tl.dot(dst.to(q.dtype), q, input_precision=PRECISION)
+        if DO_DV:
+            dv += tl.dot(pt.to(do.dtype), do, input_precision=PRECISION)
+        if DO_DK:
+            delta = tl.load(DELTA + g * N + token, mask=row_ok, other=0.0)
+            dpt = tl.dot(vb, tl.trans(do), input_precision=SPREC)
+            dst = pt * (dpt - delta[None, :]) * scale
+            dk += tl.dot(dst.to(q.dtype), q, input_precision=PRECISION)
 
     # partials [G, m, topk, D], one row per (expert, slot); stored in the buffer's dtype
     part = ((g * M + e) * TOPK + offs_k)[:, None] * D + offs_d[None, :]
-    tl.store(DKP + part, dk, mask=k_ok[:, None])
-    tl.store(DVP + part, dv, mask=k_ok[:, None])
+    if DO_DK:
+        tl.store(DKP + part, dk, mask=k_ok[:, None])
+    if DO_DV:
+        tl.store(DVP + part, dv, mask=k_ok[:, None])
 
 
 @triton.jit
 def _key_reduce_kernel(
     DKP, DVP, PAIR_ORDER, KEY_PTR, DK, DV,
     N, MK, NUM_NB,
-    D: tl.constexpr, BLOCK_N: tl.constexpr,
+    D: tl.constexpr, BLOCK_N: tl.constexpr, TWO: tl.constexpr,
 ):
     # one program per (batch-head g, block of BLOCK_N keys): each key sums the partial rows of the
     # (expert, slot) pairs that hold it, in the inverse index's order (fixed: deterministic), in float32,
-    # and writes its dk, dv row once (zero for a key no expert holds)
+    # and writes its dk, dv row once (zero for a key no expert holds); dk alone unless TWO
     pid = tl.program_id(0)
     g = (pid // NUM_NB).to(tl.int64)
     offs_n = (pid % NUM_NB) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -237,10 +245,12 @@ def _key_reduce_kernel(
         pair = tl.load(PAIR_ORDER + g * MK + lo + c, mask=ok, other=0)
         row = (g * MK + pair)[:, None] * D + offs_d[None, :]
         dk += tl.load(DKP + row, mask=ok[:, None], other=0.0).to(tl.float32)
-        dv += tl.load(DVP + row, mask=ok[:, None], other=0.0).to(tl.float32)
+        if TWO:
+            dv += tl.load(DVP + row, mask=ok[:, None], other=0.0).to(tl.float32)
     out = (g * N + offs_n)[:, None] * D + offs_d[None, :]
     tl.store(DK + out, dk, mask=n_ok[:, None])
-    tl.store(DV + out, dv, mask=n_ok[:, None])
+    if TWO:
+        tl.store(DV + out, dv, mask=n_ok[:, None])
 
 
 @triton.jit
@@ -301,11 +311,17 @@ def _reduce_block(head_dim: int) -> int:
     return 2048 // head_dim
 
 
-def partial_dtype(dtype, N: int, m: int, topk: int):
-    """dtype of the per-(expert, slot) partial dk, dv: float32 while they are no larger than float32 dk, dv
-    would be (``m topk <= N``, the paper's budgets ``m k ~ N / 4``) or for float32 inputs; else the input
-    dtype, which halves them (each partial is rounded once, then summed in float32)."""
-    return torch.float32 if dtype == torch.float32 or m * topk <= N else dtype
+def dkdv_plan(dtype, N: int, m: int, topk: int):
+    """``(dtype, buffers)`` of the per-(expert, slot) partial dk, dv ``[G, m, topk, d]``.
+
+    While ``m topk <= N`` (the paper's budgets, ``m k ~ N / 4``) they are float32, two buffers, one pass: at
+    most what float32 dk, dv took. Beyond, one buffer in the input dtype (each partial rounded once, then
+    summed in float32) shared by two passes, dv then dk (recomputing the probabilities: 5 products instead
+    of 4), so the partials take ``m topk / N`` times ONE dk (at ``m topk = 4 N``, 16-bit: what float32 dk,
+    dv took)."""
+    if m * topk <= N:
+        return torch.float32, 2
+    return dtype, 1
 
 
 def _precision(dtype, allow_tf32: bool) -> str:
@@ -359,20 +375,21 @@ def routed_forward(q, k, v, landmarks, shared_v, topk_idx, lay, r, scale, scale_
 
 
 def routed_backward(q, k, v, landmarks, shared_v, do, lse, delta, topk_idx, lay, r, scale, scale_shared,
-                    dq, dk=None, dv=None, pairs=None, dk_part=None, dv_part=None, allow_tf32=False):
+                    dq, dk=None, dv=None, pairs=None, partials=(), allow_tf32=False):
     """Gradients given the final ``lse`` and ``delta = rowsum(dO * O)`` per token ``[G, N]``.
 
     ``q, k, v, do`` ``[B, H, N, d]``, any strides with a unit last one. Writes ``dq [G, E, d]`` per entry
     (routed and shared parts) and, with ``topk > 0``, the routed ``dk, dv [G, N, d]`` (contiguous, any float
     dtype, every element written): the expert-major kernel writes each (expert, slot)'s partial sums into
-    ``dk_part, dv_part [G, m, topk, d]`` (float32 or the input dtype: :func:`partial_dtype`), then the
-    key-major reduction sums them per key through ``pairs = layout.key_pairs(topk_idx, N)``.
+    ``partials`` (``[G, m, topk, d]`` buffers, two or one: :func:`dkdv_plan`), then the key-major reduction
+    sums them per key through ``pairs = layout.key_pairs(topk_idx, N)``.
 
     Launch configuration: dq and dk/dv take ``BLOCK_M``, ``BLOCK_K`` of :func:`_block` (64 at d = 64, 16-bit),
     4 warps, 2 stages; the reduction ``2048 / d`` keys, 4 warps. Compiled for sm_90 (Triton 3.8, ``ptxas -v``,
-    d = 64, bf16): ``_routed_bwd_dkdv_kernel`` 232 registers (234 with bf16 partials), no spills, 48.5 KiB
-    shared memory (the atomic kernel it replaced: 255 registers, 24 bytes spilled); ``_key_reduce_kernel``
-    72 registers (67 with bf16 partials), no spills, no shared memory.
+    d = 64, bf16): ``_routed_bwd_dkdv_kernel`` 232 registers with dk and dv (float32 partials), 172 with dk
+    alone, 160 with dv alone (bf16 partials), no spills, 48.5 KiB shared memory (40 KiB for dv alone; the
+    atomic kernel it replaced: 255 registers, 24 bytes spilled); ``_key_reduce_kernel`` 72 registers for two
+    float32 tensors, 48 for one bf16, no spills, no shared memory.
     """
     B, H, N, D = q.shape
     G = B * H
@@ -396,22 +413,29 @@ def routed_backward(q, k, v, landmarks, shared_v, do, lse, delta, topk_idx, lay,
     if topk == 0:
         return
     num_kb = triton.cdiv(topk, block_k)
-    _routed_bwd_dkdv_kernel[(G * M * num_kb,)](
-        q, k, v, do, lse, delta, topk_idx, lay["slot_token"], lay["expert_start"], lay["expert_count"],
-        dk_part, dv_part,
-        H, *_bhn(q), *_bhn(k), *_bhn(v), *_bhn(do),
-        N, M, topk, S * T, num_kb, scale,
-        D=D, BLOCK_M=block_m, BLOCK_K=block_k, PRECISION=precision, SPREC=sprec,
-        num_warps=4, num_stages=2,
-    )
     pair_order, key_ptr = pairs
     block_n = _reduce_block(D)
     num_nb = triton.cdiv(N, block_n)
-    _key_reduce_kernel[(G * num_nb,)](
-        dk_part, dv_part, pair_order, key_ptr, dk, dv,
-        N, M * topk, num_nb,
-        D=D, BLOCK_N=block_n, num_warps=4,
-    )
+    # one pass into two buffers, or two passes (dv, then dk) through one
+    passes = [(True, True, partials[0], partials[1], dk, dv)] if len(partials) == 2 else [
+        (False, True, partials[0], partials[0], dv, dv), (True, False, partials[0], partials[0], dk, dk)]
+    for do_dk, do_dv, part_a, part_b, out_a, out_b in passes:
+        _routed_bwd_dkdv_kernel[(G * M * num_kb,)](
+            q, k, v, do, lse, delta, topk_idx, lay["slot_token"], lay["expert_start"], lay["expert_count"],
+            part_a, part_b,
+            H, *_bhn(q), *_bhn(k), *_bhn(v), *_bhn(do),
+            N, M, topk, S * T, num_kb, scale,
+            D=D, BLOCK_M=block_m, BLOCK_K=block_k, PRECISION=precision, SPREC=sprec, DO_DK=do_dk, DO_DV=do_dv,
+            num_warps=4, num_stages=2,
+        )
+        two = do_dk and do_dv
+        # the reduction's first tensor is the pass's only one when it computes one
+        first, first_out = (part_a, out_a) if do_dk else (part_b, out_b)
+        _key_reduce_kernel[(G * num_nb,)](
+            first, part_b, pair_order, key_ptr, first_out, out_b,
+            N, M * topk, num_nb,
+            D=D, BLOCK_N=block_n, TWO=two, num_warps=4,
+        )
 
 
 def shared_backward(q, landmarks, shared_v, do, lse, delta, scale_shared, allow_tf32=False):

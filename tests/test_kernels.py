@@ -210,6 +210,19 @@ def test_routed_dkdv_on_awkward_routings(kind, B, N, m, topk, r, shared, dtype):
     _assert_grads(out, inputs, ref, ref_inputs, grad_out.to(DEVICE), dtype, tol)
 
 
+@pytest.mark.parametrize("plan", [("float32", 2), ("float32", 1), ("input", 2), ("input", 1)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_routed_dkdv_partial_plans(plan, dtype, monkeypatch):
+    """Every partial layout on one case whatever its size would pick: float32 or input-dtype partials, in
+    two buffers (dk and dv in one pass) or one (a dv pass, then a dk pass over the same buffer)."""
+    from mita.kernels import ops
+
+    part, buffers = plan
+    monkeypatch.setattr(ops, "dkdv_plan", lambda dt, N, m, topk: (torch.float32 if part == "float32" else dt,
+                                                                   buffers))
+    test_routed_dkdv_on_awkward_routings("duplicates", 2, 17, 5, 7, 2, True, dtype)
+
+
 def test_key_pairs_inverse_index():
     from mita.kernels.layout import key_pairs
 
