@@ -79,16 +79,24 @@ def small_fwd(
     pooled from q in the kernel (``landmarks`` is then unused) and ``lmk [G, MP, d]`` holds them; else
     ``lmk`` is empty.
     """
-    q, k, v = (_unit_last_stride(t) for t in (q, k, v))
-    if pool is None:
-        landmarks = _unit_last_stride(landmarks)
-    out, lse, sel_out, exp_out, vs, lsh, lmk = fused_small.forward(
-        q, k, v, landmarks, topk, router_topk, shared, scale_shared, sel=sel, expert=expert, pool=pool,
-        num_landmarks=num_landmarks, allow_tf32=allow_tf32, alloc=_alloc,
-    )
+    q, k, v, landmarks, (out, lse, sel_out, exp_out, vs, lsh, lmk) = _forward_kernels(
+        q, k, v, landmarks, sel, expert, topk, router_topk, shared, scale_shared, allow_tf32, pool, num_landmarks)
     if expert is not None:
         return out, lse, _empty(q, torch.uint8), _empty(q), vs, lsh, lmk
     return out, lse, sel_out, exp_out, vs, lsh, lmk
+
+
+def _forward_kernels(q, k, v, landmarks, sel, expert, topk, router_topk, shared, scale_shared, allow_tf32, pool,
+                     num_landmarks):
+    """The inputs as the kernels read them (unit last stride) and ``fused_small.forward``'s outputs."""
+    q, k, v = (_unit_last_stride(t) for t in (q, k, v))
+    if pool is None:
+        landmarks = _unit_last_stride(landmarks)
+    outputs = fused_small.forward(
+        q, k, v, landmarks, topk, router_topk, shared, scale_shared, sel=sel, expert=expert, pool=pool,
+        num_landmarks=num_landmarks, allow_tf32=allow_tf32, alloc=_alloc,
+    )
+    return q, k, v, landmarks, outputs
 
 
 @small_fwd.register_fake
@@ -176,13 +184,9 @@ class _SmallAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, landmarks, sel, expert, topk, router_topk, shared, scale_shared, allow_tf32, pool,
                 num_landmarks):
-        q, k, v = (_unit_last_stride(t) for t in (q, k, v))
-        if pool is None:
-            landmarks = _unit_last_stride(landmarks)
-        out, lse, sel_out, exp_out, vs, lsh, lmk = fused_small.forward(
-            q, k, v, landmarks, topk, router_topk, shared, scale_shared, sel=sel, expert=expert, pool=pool,
-            num_landmarks=num_landmarks, allow_tf32=allow_tf32, alloc=_alloc,
-        )
+        q, k, v, landmarks, (out, lse, sel_out, exp_out, vs, lsh, lmk) = _forward_kernels(
+            q, k, v, landmarks, sel, expert, topk, router_topk, shared, scale_shared, allow_tf32, pool,
+            num_landmarks)
         multi = expert is not None or router_topk == 2
         if expert is None:
             sel, expert = sel_out, exp_out
