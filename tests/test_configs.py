@@ -1,4 +1,6 @@
 """configs/: every experiment composes and builds its model, the recipes hold their published values."""
+import itertools
+import shlex
 from pathlib import Path
 
 import pytest
@@ -48,9 +50,50 @@ def _attention_settings(model):
 
 def test_experiment_list_covers_the_published_rows():
     expected = set(ZOO_ROWS) | {"finetune", "fmnist", "fmnist_cpu", "fmnist_repro", "fmnist_repro_long"}
-    expected |= {f"finetune_vit_{s}_{a}" for s in ("tiny", "small", "base", "large")
-                 for a in ("full", "linear", "agent49", "agent64", "mita")}
     assert set(EXPERIMENTS) == expected
+
+
+def _finetune_table_runs():
+    """The runs of the fine-tuning table's multiruns in experiment/finetune.yaml's header, as override lists."""
+    header = (CONFIG_DIR / "experiment" / "finetune.yaml").read_text().split("defaults:")[0]
+    header = "\n".join(line[1:] for line in header.splitlines()).replace("\\\n", " ")
+    runs = []
+    for line in header.splitlines():
+        if "python train.py -m" not in line:
+            continue
+        words = [w for w in shlex.split(line.split("python train.py -m", 1)[1]) if not w.startswith("hydra/")]
+        choices = [[f"{key}={v}" for v in value.split(",")] for key, value in (w.split("=", 1) for w in words)]
+        runs.extend(list(point) for point in itertools.product(*choices))
+    return runs
+
+
+# v2's fine-tuning table: four pretrained ViTs x five attentions, as (model.arch, attention name, agents)
+FINETUNE_TABLE = {(f"vit_{size}_patch16_224", *row) for size in ("tiny", "small", "base", "large")
+                  for row in (("standard", None), ("linear", None), ("agent", 49), ("agent", 64), ("mita", None))}
+
+
+def test_finetune_table_multirun_makes_the_table():
+    """The header's multiruns make the table's 20 runs, one run folder each, with the generic recipe."""
+    runs = [_resolved(compose("train", point)) for point in _finetune_table_runs()]
+    got = {(r["model"]["arch"], r["attention"]["name"], r["attention"].get("num_agents")) for r in runs}
+    assert got == FINETUNE_TABLE and len(runs) == len(FINETUNE_TABLE)
+    assert len({r["run_dir"] for r in runs}) == len(runs)
+    for run in runs:
+        assert run["experiment_name"] == f"finetune_{run['model']['arch']}"
+        assert run["run_dir"] == f"outputs/finetune_{run['model']['arch']}/{run['attention']['tag']}/seed0"
+        assert run["model"]["checkpoint"] == f"/path/to/{run['model']['arch']}.augreg_in21k.safetensors"
+        assert (run["trainer"]["epochs"], run["optim"]["lr"], run["sched"]["min_lr"]) == (50, 1e-4, 1e-6)
+
+
+@pytest.mark.parametrize("point", _finetune_table_runs(), ids=lambda p: "-".join(p[1:-1]))
+def test_finetune_table_run_builds(point):
+    """Each run of the table composes and its model builds and runs (one block, 128 px)."""
+    cfg = compose("train", [*point, "model.checkpoint=null", "++model.kwargs.depth=1", "data.img_size=128"])
+    model = build_model_from_config(cfg.model, cfg.attention)
+    assert len(model.blocks) == 1
+    with torch.no_grad():
+        out = model(torch.randn(1, cfg.data.in_chans, 128, 128))
+    assert out.shape == (1, cfg.data.num_classes)
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
@@ -86,7 +129,7 @@ def test_experiment_model_is_the_zoo_model(name):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", [n for n in EXPERIMENTS if not n.startswith("finetune_vit_")])
+@pytest.mark.parametrize("name", EXPERIMENTS)
 def test_experiment_builds_full_size(name):
     """The full-size model of each row (fine-tuning: the generic row) with its published parameter count."""
     cfg = _experiment(name)
