@@ -315,6 +315,24 @@ def test_custom_op_traces_under_torch_compile(small_blocks):
         assert torch.equal(a, b)
 
 
+def test_activation_checkpointing_recomputes_the_same_routing(small_blocks):
+    # the recomputed forward selects again in the kernel: it must pick the same routing, so the gradients
+    # equal those of the call without checkpointing
+    from torch.utils.checkpoint import checkpoint
+
+    inputs = _inputs(2, 2, 50, 32, 5, torch.float32, seed=9)
+
+    def f(q, k, v, landmarks):
+        return kernels.mita_attention_fused(q, k, v, landmarks, 6, 2, True, 1 / 32)
+
+    out = f(*inputs)
+    grads = _grads(out, inputs, torch.ones_like(out))
+    out_c = checkpoint(f, *inputs, use_reentrant=False)
+    assert torch.equal(out, out_c)
+    for a, b in zip(grads, _grads(out_c, inputs, torch.ones_like(out_c))):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("routed", [False, True])
 def test_output_token_major_and_fake_kernels_match(small_blocks, routed):
     """The fused op returns its output token-major, as SDPA and the main op do, so the layer's [B, N, C] is a
