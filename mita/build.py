@@ -32,9 +32,11 @@ def build_model_from_config(model: Mapping[str, Any], attention: Mapping[str, An
                             load_pretrained: bool = True) -> nn.Module:
     """:func:`mita.models.build_model` from the ``model`` and ``attention`` config nodes.
 
-    ``model.checkpoint`` (fine-tuning) is loaded after the attention swap when ``load_pretrained``.
+    ``model.checkpoint`` (fine-tuning) is loaded after the attention swap when ``load_pretrained``;
+    ``model.name`` names the model in logs and reports only.
     """
     timm_kwargs = dict(plain(model))
+    timm_kwargs.pop("name", None)
     arch = timm_kwargs.pop("arch")
     checkpoint = timm_kwargs.pop("checkpoint", None)
     timm_kwargs.update(timm_kwargs.pop("kwargs", None) or {})

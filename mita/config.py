@@ -24,6 +24,7 @@ __all__ = [
     "PRECISIONS",
     "attention_kwargs",
     "compose",
+    "help_groups",
     "plain",
     "register_resolvers",
 ]
@@ -34,6 +35,13 @@ CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 META_KEYS = ("name", "tag", "base_topk")
 #: ``trainer.precision`` (and eval.py's ``precision``) -> autocast dtype; fp32 runs without autocast
 PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+#: the config groups each entrypoint's ``--help`` lists, and the options there for another entrypoint only
+HELP_GROUPS = {
+    "train": ("experiment", "experiment/fmnist_repro", "model", "attention", "data", "optim", "sched", "trainer", "logger", "paths", "local"),
+    "eval": ("attention", "paths", "local"),
+    "segment": ("seg_experiment", "model", "attention", "logger", "paths", "local"),
+}
+_OTHER_ENTRYPOINTS = {"attention/checkpoint": "eval"}
 
 
 def register_resolvers() -> None:
@@ -41,9 +49,22 @@ def register_resolvers() -> None:
     resolvers = {
         "mita_add": lambda a, b: int(a) + int(b),
         "mita_floordiv": lambda a, b: int(a) // int(b),
+        "mita_help_groups": help_groups,
     }
     for name, fn in resolvers.items():
         OmegaConf.register_new_resolver(name, fn, replace=True)
+
+
+def help_groups(entrypoint: str) -> str:
+    """The ``group: option, ...`` lines of ``python <entrypoint>.py --help`` (``configs/hydra/help/mita.yaml``):
+    the groups the entrypoint reads, without the options meant for another one."""
+    lines = []
+    for group in HELP_GROUPS[entrypoint]:
+        options = sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml")
+                         if _OTHER_ENTRYPOINTS.get(f"{group}/{p.stem}", entrypoint) == entrypoint)
+        if options:
+            lines.append(f"{group}: {', '.join(options)}")
+    return "\n".join(lines)
 
 
 def compose(config_name: str = "train", overrides: Sequence[str] = ()) -> DictConfig:

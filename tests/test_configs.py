@@ -1,6 +1,8 @@
 """configs/: every experiment composes and builds its model, the recipes hold their published values."""
 import itertools
 import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,7 +13,7 @@ from omegaconf import OmegaConf
 import mita.models  # noqa: F401  (registers the zoo names with timm)
 from mita.attention import AttentionBase
 from mita.build import build_model_from_config
-from mita.config import CONFIG_DIR, attention_kwargs, compose
+from mita.config import CONFIG_DIR, attention_kwargs, compose, help_groups
 from mita.engine.training import batch_sizes
 
 EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
@@ -306,3 +308,14 @@ def test_local_example_is_committable():
     assert text.startswith("# @package _global_")
     cfg = _resolved(compose("train", ["local=example", "experiment=deit_tiny_mita"]))
     assert cfg["data"]["root"] == "/datasets/imagenet"  # machine paths reach the dataset through paths.data_dir
+
+
+def test_help_lists_each_entrypoints_own_groups():
+    """train.py --help leaves out eval.py's attention=checkpoint and segment.py's seg_experiment."""
+    groups = {line.split(": ")[0]: line.split(": ")[1].split(", ") for line in help_groups("train").splitlines()}
+    assert "seg_experiment" not in groups and "checkpoint" not in groups["attention"]
+    assert set(groups["attention"]) == set(ATTENTIONS) and set(groups["experiment"]) == set(EXPERIMENTS)
+    assert "checkpoint" in help_groups("eval") and "seg_experiment" in help_groups("segment")
+    out = subprocess.run([sys.executable, "train.py", "--help"], cwd=CONFIG_DIR.parent, capture_output=True,
+                         text=True, check=True).stdout
+    assert help_groups("train") in out and "seg_experiment" not in out

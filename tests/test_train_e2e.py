@@ -68,6 +68,16 @@ def test_two_steps_with_each_attention(tmp_path, attention):
     assert (run_dir / "config.yaml").is_file()
 
 
+def test_a_run_names_its_model_and_ends_with_its_top1_and_run_folder(tmp_path, caplog):
+    cfg = compose("train", _tiny(tmp_path, "trainer.max_steps_per_epoch=1"))
+    with caplog.at_level("INFO", logger="mita.engine.training"):
+        record = train(cfg)
+    lines = [r.getMessage() for r in caplog.records if r.name == "mita.engine.training"]
+    assert lines[0].startswith("training fmnist_mini (timm deit_tiny_patch16_224, patch_size=2, embed_dim=32")
+    assert lines[-1] == (f"top-1 {record['val_acc1']:.2f}% (best {record['best_acc1']:.2f}%) after epoch 0; "
+                         f"run folder {_run_dir(cfg)}")
+
+
 def test_training_options_bf16_clipping_ema_export(tmp_path):
     cfg = compose("train", _tiny(tmp_path, "trainer.precision=bf16", "trainer.clip_grad=1.0", "trainer.ema.enabled=true",
                                  "trainer.ema.eval=true", "trainer.export_fp16=true", "trainer.keep_every=1",
@@ -312,6 +322,7 @@ def test_eval_rebuilds_the_model_and_swaps_the_attention(tmp_path, monkeypatch):
     assert report["acc1"] == pytest.approx(record["val_acc1"]) and report["loss"] == pytest.approx(record["val_loss"])
     assert report["n"] == 32 and report["params"] == record["n_params"] and report["macs"] > 0
     assert report["attention"]["name"] == "mita" and report["images_per_s"] > 0
+    assert (report["model"], report["arch"]) == ("fmnist_mini", "deit_tiny_patch16_224")
     assert report["missing_keys"] == [] and report["unexpected_keys"] == []
 
     # another (m, k) without retraining

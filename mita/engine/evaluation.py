@@ -121,6 +121,7 @@ def evaluate_checkpoint(cfg: DictConfig) -> Dict[str, Any]:
         report: Dict[str, Any] = {
             "ckpt": path,
             "epoch": state.get("epoch"),
+            "model": model_cfg.get("name") or model_cfg["arch"],
             "arch": model_cfg["arch"],
             "attention": attention,
             "data": data["name"],

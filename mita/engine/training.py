@@ -41,7 +41,8 @@ from mita.engine.rundir import close_log_file, lock_run_dir, open_log_file, unlo
 from mita.engine.validate import ConfigError, check_train
 from mita.utils.flops import count_params
 
-__all__ = ["Run", "batch_sizes", "build_run", "device_of", "run_epochs", "seed_everything", "train"]
+__all__ = ["Run", "batch_sizes", "build_run", "describe_model", "device_of", "result_line", "run_epochs",
+           "seed_everything", "train"]
 
 _logger = logging.getLogger(__name__)
 
@@ -80,6 +81,21 @@ def device_of(name: str) -> Optional[str]:
     if name not in ("auto", "cpu", "cuda"):
         raise ValueError(f"trainer.device={name!r} must be one of ['auto', 'cpu', 'cuda']")
     return None if name == "auto" else name
+
+
+def describe_model(model: Mapping[str, Any]) -> str:
+    """``fmnist_mini (timm deit_tiny_patch16_224, patch_size=2, embed_dim=32, ...)``: a ``model`` node's name, and
+    the timm architecture with the arguments that change it."""
+    args = "".join(f", {k}={v}" for k, v in (model.get("kwargs") or {}).items())
+    return f"{model.get('name') or model['arch']} (timm {model['arch']}{args})"
+
+
+def result_line(record: Mapping[str, Any], run_dir: str) -> str:
+    """The run's last line: its top-1 and its run folder."""
+    if record.get("val_acc1") is None:
+        return f"no evaluation yet; run folder {run_dir}"
+    return (f"top-1 {record['val_acc1']:.2f}% (best {record['best_acc1']:.2f}%) after epoch {record['epoch']}; "
+            f"run folder {run_dir}")
 
 
 def on_main(fn, *args):
@@ -165,14 +181,16 @@ def _schedule_changes(state: Mapping[str, Any], config: Mapping[str, Any], run_i
 def _check_same_experiment(stored: Optional[dict], config: dict, path: str) -> None:
     """A resumed checkpoint must come from the same model, attention and data: runs that differ only in
     a setting the run folder's name leaves out (e.g. ``attention.pool``) would otherwise resume each
-    other silently. Training length, logging and paths may change between the two."""
+    other silently. Training length, logging, paths and the model's name (a label) may change
+    between the two."""
     if not stored:
         return
     differ = []
     for section in ("model", "attention", "data"):
         old, new = stored.get(section) or {}, config.get(section) or {}
         for key in sorted(set(old) | set(new)):
-            if key not in ("root", "num_workers", "pin_memory") and old.get(key) != new.get(key):
+            label = section == "model" and key == "name"
+            if key not in ("root", "num_workers", "pin_memory") and not label and old.get(key) != new.get(key):
                 differ.append(f"{section}.{key}: {old.get(key)!r} in the checkpoint, {new.get(key)!r} now")
     if differ:
         raise ConfigError(
@@ -453,7 +471,7 @@ def train(cfg: DictConfig) -> Dict[str, Any]:
         if is_main():
             _logger.info(
                 "training %s with %s attention: %.2fM parameters, %d ranks x %d images (global %d), lr %.3g, "
-                "epochs %d-%d, run folder %s", cfg.model.arch, cfg.attention.name, run.n_params / 1e6, world_size,
+                "epochs %d-%d, run folder %s", describe_model(config["model"]), cfg.attention.name, run.n_params / 1e6, world_size,
                 batch_size, global_batch, lr, start_epoch, trainer["epochs"] - 1, run_dir,
             )
         try:
@@ -465,6 +483,8 @@ def train(cfg: DictConfig) -> Dict[str, Any]:
         if trainer["export_fp16"] and is_main():
             ckpt.export_weights(ckpt.checkpoint_path(run_dir), os.path.join(run_dir, "model_fp16.pth"), fp16=True)
         barrier()
+        if is_main():
+            _logger.info("%s", result_line(record, run_dir))
         return record
     finally:
         close_log_file(log_file)
