@@ -89,3 +89,11 @@ def test_checks_arguments():
         expert_tiles_triton(ex, 1025, 10, 1)
     with pytest.raises(ValueError, match="chunk"):
         expert_tiles_triton(ex, 4, 10, 1, chunk=24)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["random", "skewed"])
+@pytest.mark.parametrize("G, N, m, r", [(16, 65536, 128, 1), (16, 65536, 512, 2), (8, 2**20, 512, 1), (2, 2**20, 1024, 2)])
+def test_gpu_sizes(G, N, m, r, kind):
+    """The sizes of the cost table (compiled kernels, default chunks)."""
+    _assert_same(_routing(kind, G, N * r, m), m, N, r)
