@@ -169,14 +169,14 @@ def _backbone_shape(model: Mapping[str, Any]) -> Tuple[int, int]:
     """(embed_dim, num_heads) of the timm ViT the ``model`` node builds, read off a model on the meta device."""
     import timm
 
-    kwargs = dict(model.get("kwargs") or {})
+    kwargs = dict(model["kwargs"])
     with torch.device("meta"):
         vit = timm.create_model(model["arch"], pretrained=False, num_classes=0, **kwargs)
     return int(vit.embed_dim), int(vit.blocks[0].attn.num_heads)
 
 
 def _check_data_root(data: Mapping[str, Any]) -> str:
-    root = data.get("root")
+    root = data["root"]
     if not root:
         raise ValueError("data.root is not set: the folder holding images/ and annotations/ (ADE20K's layout)")
     missing = [sub for sub in _DATA_FOLDERS if not os.path.isdir(os.path.join(root, sub))]
@@ -195,7 +195,7 @@ def _set_pipeline(pipeline: List[dict], data: Mapping[str, Any], crop: Tuple[int
     for step in pipeline:
         step = copy.deepcopy(step)
         kind = step["type"]
-        if kind == "PhotoMetricDistortion" and not data.get("photometric", True):
+        if kind == "PhotoMetricDistortion" and not data["photometric"]:
             continue
         if kind == "RandomResize":
             step.update(scale=scale, ratio_range=tuple(float(r) for r in data["ratio_range"]))
@@ -213,15 +213,15 @@ def build_mmseg_config(cfg: Mapping[str, Any]) -> Config:
 
     cfg = _plain(cfg)
     data, model, trainer = cfg["data"], cfg["model"], cfg["trainer"]
-    _check_choice("mode", cfg.get("mode", "train"), MODES)
+    _check_choice("mode", cfg["mode"], MODES)
     _check_choice("data.name", data["name"], DATASET_TYPES)
     _check_choice("trainer.test_mode", trainer["test_mode"], TEST_MODES)
-    _check_choice("trainer.precision", trainer.get("precision", "fp32"), tuple(PRECISIONS))
+    _check_choice("trainer.precision", trainer["precision"], tuple(PRECISIONS))
     crop = (int(data["img_size"]), int(data["img_size"]))
     enc_name, enc_kwargs = _attention(cfg["attention"], "attention")
     dec_name, dec_kwargs = _attention(cfg["decoder_attention"], "decoder_attention")
     embed_dim, num_heads = _backbone_shape(model)
-    checkpoint = model.get("checkpoint")
+    checkpoint = model["checkpoint"]
     if checkpoint is not None and not os.path.isfile(checkpoint):
         raise FileNotFoundError(f"model.checkpoint={checkpoint!r} does not exist")
 
@@ -236,8 +236,8 @@ def build_mmseg_config(cfg: Mapping[str, Any]) -> Config:
     mm.model.pretrained = None
     mm.model.backbone = dict(
         type="MiTAViT", arch=model["arch"], img_size=crop, attention=enc_name, attention_kwargs=enc_kwargs,
-        checkpoint=checkpoint, in_chans=int(data["in_chans"]), drop_rate=float(model.get("drop_rate", 0.0)),
-        drop_path_rate=float(model.get("drop_path_rate", 0.0)), model_kwargs=dict(model.get("kwargs") or {}),
+        checkpoint=checkpoint, in_chans=int(data["in_chans"]), drop_rate=float(model["drop_rate"]),
+        drop_path_rate=float(model["drop_path_rate"]), model_kwargs=dict(model["kwargs"]),
         out_indices=-1, final_norm=True,
     )
     decoder = cfg["decoder"]
@@ -267,18 +267,18 @@ def build_mmseg_config(cfg: Mapping[str, Any]) -> Config:
         loader.dataset.type = dataset_type
         loader.dataset.data_root = root
         loader.dataset.pipeline = pipeline
-        if key != "train_dataloader" and data.get("max_val_samples"):
+        if key != "train_dataloader" and data["max_val_samples"]:
             loader.dataset.indices = int(data["max_val_samples"])
     ratios = [float(r) for r in data["tta_ratios"]]
     mm.tta_pipeline[1]["transforms"][0] = [dict(type="Resize", scale_factor=r, keep_ratio=True) for r in ratios]
 
-    _check_choice("trainer.optimizer", trainer.get("optimizer", "sgd"), OPTIMIZERS)
-    if trainer.get("optimizer", "sgd") == "sgd":
+    _check_choice("trainer.optimizer", trainer["optimizer"], OPTIMIZERS)
+    if trainer["optimizer"] == "sgd":
         optimizer = dict(type="SGD", lr=float(trainer["lr"]), momentum=float(trainer["momentum"]),
                          weight_decay=float(trainer["weight_decay"]))
     else:
         optimizer = dict(type="AdamW", lr=float(trainer["lr"]), weight_decay=float(trainer["weight_decay"]))
-    precision = trainer.get("precision", "fp32")
+    precision = trainer["precision"]
     if precision == "fp32":
         mm.optim_wrapper = dict(type="OptimWrapper", optimizer=optimizer, clip_grad=None)
     else:
@@ -294,12 +294,12 @@ def build_mmseg_config(cfg: Mapping[str, Any]) -> Config:
     mm.default_hooks.checkpoint.max_keep_ckpts = int(trainer["keep_checkpoints"])
     mm.custom_hooks = [dict(type="WeightsOnlyCheckpointHook"), dict(type="SegRecordHook")]
 
-    logger = cfg.get("logger") or {}
+    logger = cfg["logger"]
     vis_backends = [dict(type="LocalVisBackend")]
-    if logger.get("name") == "wandb":
-        run_name = logger.get("run_name") or f"{cfg['experiment_name']}/{enc_name}_dec-{dec_name}/seed{cfg['seed']}"
+    if logger["name"] == "wandb":
+        run_name = logger["run_name"] or f"{cfg['experiment_name']}/{enc_name}_dec-{dec_name}/seed{cfg['seed']}"
         vis_backends.append(dict(type="WandbVisBackend", init_kwargs=dict(
-            project=logger.get("project", "mita"), entity=logger.get("entity"), mode=logger.get("mode", "offline"),
+            project=logger["project"], entity=logger["entity"], mode=logger["mode"],
             name=run_name, dir=str(cfg["run_dir"]))))
     mm.vis_backends = vis_backends
     mm.visualizer = dict(type="SegLocalVisualizer", vis_backends=vis_backends, name="visualizer")
@@ -308,11 +308,11 @@ def build_mmseg_config(cfg: Mapping[str, Any]) -> Config:
     mm.env_cfg.dist_cfg = dict(backend="nccl" if torch.cuda.is_available() else "gloo")
     mm.launcher = "pytorch" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "none"
 
-    resume = cfg.get("resume", "auto")
+    resume = cfg["resume"]
     mm.resume, mm.load_from = False, None
-    if cfg.get("mode", "train") == "test":
-        mm.load_from = cfg.get("checkpoint") or _last_checkpoint(mm.work_dir)
-        if cfg.get("tta"):
+    if cfg["mode"] == "test":
+        mm.load_from = cfg["checkpoint"] or _last_checkpoint(mm.work_dir)
+        if cfg["tta"]:
             mm.test_dataloader.dataset.pipeline = mm.tta_pipeline
             mm.tta_model.module = mm.model
             mm.model = mm.tta_model
@@ -363,8 +363,8 @@ def _flops_only(plain: Dict[str, Any]) -> Dict[str, Any]:
     crop = tuple(mm.crop_size)
     flops = model_flops(model, crop)
     record = dict(
-        mode="flops", experiment=plain["experiment_name"], encoder_attention=plain["attention"].get("tag"),
-        decoder_attention=plain["decoder_attention"].get("tag"), arch=plain["model"]["arch"], crop=list(crop),
+        mode="flops", experiment=plain["experiment_name"], encoder_attention=plain["attention"]["tag"],
+        decoder_attention=plain["decoder_attention"]["tag"], arch=plain["model"]["arch"], crop=list(crop),
         gmacs_backbone=flops["backbone"] / 1e9, gmacs_head=flops["head"] / 1e9,
         params_backbone_m=count_params(model.backbone) / 1e6, params_head_m=count_params(model.decode_head) / 1e6,
     )
@@ -385,22 +385,22 @@ def run(cfg: Mapping[str, Any]) -> Dict[str, Any]:
 
     plain = _plain(cfg)
     data = plain["data"]
-    if plain.get("mode") == "flops":
+    if plain["mode"] == "flops":
         return _flops_only(plain)
-    if data["name"] == "fashion_mnist_seg" and data.get("generate"):
+    if data["name"] == "fashion_mnist_seg" and data["generate"]:
         from mita.segmentation.fashion import make_fashion_segmentation
 
         gen = data["generate"]
         make_fashion_segmentation(data["root"], gen.get("fmnist_root"), num_train=gen["num_train"],
                                   num_val=gen["num_val"], img_size=gen["canvas"], num_items=gen["num_items"],
                                   scale=gen["scale"], seed=gen["seed"])
-    if plain.get("mode", "train") == "train" and plain.get("require_checkpoint") and not plain["model"].get("checkpoint"):
+    if plain["mode"] == "train" and plain["require_checkpoint"] and not plain["model"]["checkpoint"]:
         raise ValueError(
             f"{plain['experiment_name']} trains from a pretrained backbone: set model.checkpoint=PATH (a local "
             "classification checkpoint), or require_checkpoint=false to train from scratch"
         )
     _check_data_root(data)
-    if plain["trainer"].get("threads"):
+    if plain["trainer"]["threads"]:
         torch.set_num_threads(int(plain["trainer"]["threads"]))
     mm = build_mmseg_config(plain)
     os.makedirs(mm.work_dir, exist_ok=True)
@@ -417,7 +417,7 @@ def run(cfg: Mapping[str, Any]) -> Dict[str, Any]:
                  params["head"] / 1e6)
     recorder = next(h for h in runner.hooks if isinstance(h, SegRecordHook))
     start = time.perf_counter()
-    if plain.get("mode", "train") == "train":
+    if plain["mode"] == "train":
         evaluated = len(recorder.records)
         runner.train()
         if len(recorder.records) == evaluated:
@@ -428,8 +428,8 @@ def run(cfg: Mapping[str, Any]) -> Dict[str, Any]:
         runner.test()
     metrics = recorder.records[-1] if recorder.records else {}
     record = dict(
-        mode=plain.get("mode", "train"), tta=bool(plain.get("tta")), experiment=plain["experiment_name"],
-        encoder_attention=plain["attention"].get("tag"), decoder_attention=plain["decoder_attention"].get("tag"),
+        mode=plain["mode"], tta=bool(plain["tta"]), experiment=plain["experiment_name"],
+        encoder_attention=plain["attention"]["tag"], decoder_attention=plain["decoder_attention"]["tag"],
         arch=plain["model"]["arch"], crop=list(crop), iters=int(plain["trainer"]["max_iters"]),
         mIoU=metrics.get("mIoU"), aAcc=metrics.get("aAcc"), mAcc=metrics.get("mAcc"),
         gmacs_backbone=flops["backbone"] / 1e9, gmacs_head=flops["head"] / 1e9,
