@@ -150,6 +150,18 @@ def test_resume_refuses_a_checkpoint_of_another_configuration(tmp_path):
     assert train(own)["epoch"] == 0 and _run_dir(own) != _run_dir(first)
 
 
+def test_resume_accepts_a_checkpoint_from_before_model_names(tmp_path):
+    """model.name is a label: a checkpoint whose config has none (written before model configs named their
+    model) resumes in a run whose config has one."""
+    first = compose("train", _tiny(tmp_path, "trainer.max_steps_per_epoch=1"))
+    train(first)
+    path = _run_dir(first) / "checkpoint.pth"
+    state = load_state(path)
+    del state["config"]["model"]["name"]
+    torch.save(state, path)
+    assert train(compose("train", _tiny(tmp_path, "trainer.max_steps_per_epoch=1", "trainer.epochs=2")))["epoch"] == 1
+
+
 def _lrs(run_dir):
     return [r["train_lr"] for r in _log(run_dir)]
 

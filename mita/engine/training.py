@@ -38,7 +38,7 @@ from mita.engine.logging import JsonlLogger, NullLogger, WandbLogger
 from mita.engine.loop import NonFiniteLossError, build_criterion, build_ema, evaluate, train_one_epoch
 from mita.engine.optim import build_optimizer, build_scheduler, unwrap_model
 from mita.engine.rundir import close_log_file, lock_run_dir, open_log_file, unlock_run_dir, write_hydra_files
-from mita.engine.validate import ConfigError, check_train
+from mita.engine.validate import DEVICES, ConfigError, check_train
 from mita.utils.flops import count_params
 
 __all__ = ["Run", "batch_sizes", "build_run", "describe_model", "device_of", "result_line", "run_epochs",
@@ -78,8 +78,8 @@ def batch_sizes(trainer: Mapping[str, Any], world_size: int) -> Tuple[int, int]:
 
 def device_of(name: str) -> Optional[str]:
     """``trainer.device`` / ``device`` as :func:`mita.engine.init_distributed` takes it (auto: None)."""
-    if name not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"trainer.device={name!r} must be one of ['auto', 'cpu', 'cuda']")
+    if name not in DEVICES:
+        raise ValueError(f"trainer.device={name!r} must be one of {list(DEVICES)}")
     return None if name == "auto" else name
 
 
