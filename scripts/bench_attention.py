@@ -1,9 +1,9 @@
 """Issue 3's attention benchmark: a correctness gate, then forward, backward and forward+backward times.
 
-    python3 scripts/bench_attention.py --out $OUT                  # every case, d=64 and d=128: ~5 min on an H100
-    python3 scripts/bench_attention.py --quick --out $OUT          # d=64 cases, 5 reps: ~2 min
+    python3 scripts/bench_attention.py --out results/bench                  # every case, d=64 and d=128: ~5 min on an H100
+    python3 scripts/bench_attention.py --quick --out results/bench          # d=64 cases, 5 reps: ~2 min
     python3 scripts/bench_attention.py --cases deit-s,n16k-k64 --reps 50
-    python3 scripts/bench_attention.py --cases smoke --out $OUT     # seconds: every method on two tiny shapes
+    python3 scripts/bench_attention.py --cases smoke --out results/bench     # seconds: every method on two tiny shapes
     python3 scripts/bench_attention.py --cpu-smoke --out /tmp/bench   # tiny CPU run of the whole pipeline (tests)
 
 Methods, each timed on the same inputs in the same run: SDPA with the cuDNN backend, SDPA with the flash
@@ -20,7 +20,7 @@ A relative error ||a - b|| / ||b|| above --tol marks the method FAIL for that ca
 Timing: CUDA events around the forward and the backward of each repetition (median over --reps after
 --warmup calls), input sets rotated when one set fits in L2, torch.cuda.synchronize before reading the
 events. A method that runs out of memory, or whose single forward+backward takes longer than
---max-call-s, is recorded as skipped, as is everything left once --budget-s has passed. Peak memory is
+--max-call-s, is recorded as skipped, as is everything left once --max-total-s has passed. Peak memory is
 torch.cuda.max_memory_allocated over one forward+backward after a reset, counting one input set
 (q, k, v, landmarks, dO) plus everything the method allocates. Effective bandwidth = the fewest bytes
 a phase must move (forward: q, k, v, o; backward and forward+backward: q, k, v, o, dO, dq, dk, dv, each
@@ -34,8 +34,6 @@ and bandwidth tables, then the card, versions and the main table last.
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime
 import logging
 import math
 import statistics
@@ -48,11 +46,9 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-# Benchmark the checkout this script lives in, whether or not the package is installed.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from mita.baselines import chunked_reference_attention, plain_mita_attention  # noqa: E402
-from mita.functional import mita_attention, mita_routing  # noqa: E402
+from mita.baselines import chunked_reference_attention, plain_mita_attention
+from mita.functional import mita_attention, mita_routing
+from mita.utils.bench import Clock, copy_rate, environment, l2_bytes, markdown, rel_err, write_csv
 
 log = logging.getLogger("bench_attention")
 
@@ -101,80 +97,6 @@ SMOKE_CASES = [
 ]
 EVERY_CASE_BAR = ("plain-mita", 5.0, ">= 5x plain MiTA")
 MEMORY_SLACK = 1.10
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    """||a - b|| / ||b|| in float64; infinite when either side holds NaN or inf."""
-    a64, b64 = a.detach().double(), b.detach().double()
-    if not (torch.isfinite(a64).all() and torch.isfinite(b64).all()):
-        return float("inf")
-    denom = b64.norm().item()
-    diff = (a64 - b64).norm().item()
-    return diff / denom if denom > 0 else diff
-
-
-class Clock:
-    """CUDA events on a GPU (read after one synchronize), ``time.perf_counter`` on the CPU."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-
-    def mark(self):
-        if not self.cuda:
-            return time.perf_counter()
-        event = torch.cuda.Event(enable_timing=True)
-        event.record()
-        return event
-
-    def sync(self) -> None:
-        if self.cuda:
-            torch.cuda.synchronize()
-
-    def ms(self, start, end) -> float:
-        return start.elapsed_time(end) if self.cuda else (end - start) * 1e3
-
-
-def environment(device: torch.device) -> Dict[str, str]:
-    """Card, library versions and date, for the printed header and the CSV."""
-    info = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "torch": torch.__version__}
-    try:
-        import triton
-
-        info["triton"] = triton.__version__
-    except ImportError:
-        info["triton"] = "not installed"
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        info["card"] = f"{props.name} ({props.multi_processor_count} SMs, {props.total_memory / 2**30:.0f} GiB)"
-        info["cuda"] = str(torch.version.cuda)
-        info["cudnn"] = str(torch.backends.cudnn.version())
-    else:
-        info["card"] = "CPU (smoke run: timings mean nothing)"
-    return info
-
-
-def l2_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        return int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 << 20))
-    # A CPU core's L2, so the smoke run exercises the rotation too.
-    return 1 << 20
-
-
-def copy_rate(device: torch.device, clock: Clock, nbytes: int = 1 << 30, reps: int = 20) -> float:
-    """Device-to-device copy rate in GB/s, counting bytes read plus bytes written."""
-    src = torch.rand(nbytes // 4, device=device)  # random data, never zeros
-    dst = torch.empty_like(src)
-    for _ in range(3):
-        dst.copy_(src)
-    times = []
-    for _ in range(reps):
-        start = clock.mark()
-        dst.copy_(src)
-        end = clock.mark()
-        clock.sync()
-        times.append(clock.ms(start, end))
-    return 2 * src.numel() * 4 / (statistics.median(times) * 1e-3) / 1e9
 
 
 def make_inputs(
@@ -279,7 +201,7 @@ class Runner:
         self.device = device
         self.dtype = DTYPES[args.dtype]
         self.clock = Clock(device)
-        self.deadline = time.perf_counter() + args.budget_s
+        self.deadline = time.perf_counter() + (args.max_total_s if args.max_total_s is not None else float("inf"))
         self.rows: List[dict] = []
         self.kernel_rows: List[dict] = []
         self.copy_gbs = 0.0  # GB/s, set by main on a GPU
@@ -352,7 +274,7 @@ class Runner:
             row = dict(base, method=name)
             self.rows.append(row)
             if time.perf_counter() > self.deadline:
-                row["status"] = "skipped (run budget --budget-s spent)"
+                row["status"] = "skipped (--max-total-s reached)"
                 continue
             fn = method_fn(name, case)
             try:
@@ -428,23 +350,6 @@ def _summary(row: dict) -> str:
         return row.get("status", "")
     return (f"fwd {row['fwd_ms']:.3f} ms  bwd {row['bwd_ms']:.3f} ms  f+b {row['fb_ms']:.3f} ms  "
             f"peak {row['peak_mib']:.0f} MiB")
-
-
-def write_csv(path: Path, rows: List[dict]) -> None:
-    keys: List[str] = []
-    for r in rows:
-        keys += [key for key in r if key not in keys]
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=keys)
-        writer.writeheader()
-        for r in rows:
-            writer.writerow({key: (f"{val:.6g}" if isinstance(val, float) else val) for key, val in r.items()})
-
-
-def markdown(header: List[str], body: List[List[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
-    lines += ["| " + " | ".join(row) + " |" for row in body]
-    return "\n".join(lines)
 
 
 def _ms(row: Optional[dict], key: str = "fb_ms") -> str:
@@ -599,7 +504,8 @@ def parse_args(argv=None):
     parser.add_argument("--quick", action="store_true", help="d=64 cases only, 5 repetitions")
     parser.add_argument("--tol", type=float, default=1e-2, help="gate: largest relative error (default 1e-2)")
     parser.add_argument("--max-call-s", type=float, default=3.0, help="skip a method whose f+b takes longer")
-    parser.add_argument("--budget-s", type=float, default=330.0, help="skip what is left after this many seconds")
+    parser.add_argument("--max-total-s", type=float, default=None,
+                        help="skip what is left once the run has taken this many seconds (default: no limit)")
     parser.add_argument("--no-profile", dest="profile", action="store_false", help="no profiled kernel breakdown")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="bench_out", help="folder for attention.csv, kernels.csv, attention.png")

@@ -1,8 +1,8 @@
 """Training and inference images/s of the Fashion-MNIST reproduction's models, one attention after another, alone.
 
-    python3 scripts/bench_models.py --out $OUT                          # the main table's nine attentions
-    python3 scripts/bench_models.py --attentions mita,standard --concurrent 1,2,4 --out $OUT   # GPU sharing
-    python3 scripts/bench_models.py --attentions mita,standard --compile --warmup 20 --out $OUT   # torch.compile
+    python3 scripts/bench_models.py --out results/bench                          # the main table's nine attentions
+    python3 scripts/bench_models.py --attentions mita,standard --concurrent 1,2,4 --out results/bench   # GPU sharing
+    python3 scripts/bench_models.py --attentions mita,standard --compile --warmup 20 --out results/bench   # torch.compile
     python3 scripts/bench_models.py --cpu-smoke --out /tmp/bm           # tiny CPU run of the pipeline (tests)
 
 Each model is built from train.py's config (``experiment=fmnist_repro`` + the attention's overrides, exactly as
@@ -39,11 +39,10 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from bench_attention import Clock, environment, markdown, write_csv  # noqa: E402
-from mita.analysis import reproduction as plan_mod  # noqa: E402
+from mita.analysis import reproduction as plan_mod
+from mita.build import build_model_from_config
+from mita.config import compose
+from mita.utils.bench import Clock, environment, markdown, write_csv
 
 #: the main table's attentions, by the plan's names
 MAIN_ROWS = {name: overrides for name, overrides, _ in plan_mod.MAIN}
@@ -52,8 +51,6 @@ SMOKE_OVERRIDES = ["model.img_size=8", "data.img_size=8", "++model.kwargs.embed_
 
 
 def build(name: str, smoke: bool) -> torch.nn.Module:
-    from mita.engine.runner import build_model_from_config, compose
-
     if name not in MAIN_ROWS:
         raise ValueError(f"--attentions: unknown attention {name!r}; valid: {sorted(MAIN_ROWS)}")
     overrides = [*plan_mod.RECIPE, *MAIN_ROWS[name]]

@@ -29,11 +29,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from bench_attention import Clock, environment  # noqa: E402
-
-from mita.attention import pool_patch_queries  # noqa: E402
+from mita.attention import pool_patch_queries
+from mita.utils.bench import Clock, environment
 
 #: (name, B, prefix tokens, h, w, heads, head dim, landmark grid): DeiT-Tiny width, the reproduction's shapes
 SHAPES = [("n197-m25", 256, 1, 14, 14, 3, 64, (5, 5)), ("n3137-m25", 64, 1, 56, 56, 3, 64, (5, 5)),

@@ -1,7 +1,7 @@
 """The paper's throughput figure: a 3-layer Transformer, MiTA against full attention, N = 2^10 ... 2^20.
 
-    python3 scripts/bench_throughput.py --out $OUT                 # N = 2^10 .. 2^20: ~4 min on an H100
-    python3 scripts/bench_throughput.py --log2n 14,16,18,20 --out $OUT
+    python3 scripts/bench_throughput.py --out results/bench                 # N = 2^10 .. 2^20: ~4 min on an H100
+    python3 scripts/bench_throughput.py --log2n 14,16,18,20 --out results/bench
     python3 scripts/bench_throughput.py --cpu-smoke --out /tmp/tp  # tiny CPU run of the whole pipeline (tests)
 
 Model: three timm ``Block``s (pre-norm, MLP ratio 4, qkv bias) of width 128 with 2 heads (d = 64, the
@@ -39,11 +39,8 @@ import torch
 import torch.nn as nn
 
 # Benchmark the checkout this script lives in; the shared helpers live beside this file.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from bench_attention import Clock, environment, markdown, write_csv  # noqa: E402
-from mita.attention import create_attention, set_token_layout  # noqa: E402
+from mita.utils.bench import Clock, environment, markdown, write_csv
+from mita.attention import create_attention, set_token_layout
 
 log = logging.getLogger("bench_throughput")
 
@@ -186,7 +183,7 @@ def estimate_s(prev: Optional[Tuple[int, float]], method: str, n_tokens: int) ->
 
 def run(args, device) -> List[dict]:
     bench = Bench(args, device)
-    deadline = time.perf_counter() + args.budget_s
+    deadline = time.perf_counter() + (args.max_total_s if args.max_total_s is not None else float("inf"))
     rows: List[dict] = []
     prev: Dict[str, Tuple[int, float]] = {}
     for e in args.log2n:
@@ -203,7 +200,7 @@ def run(args, device) -> List[dict]:
                 log.info("N=2^%d %-5s %s", e, method, row["status"])
                 continue
             if time.perf_counter() > deadline:
-                row["status"] = "skipped (run budget --budget-s spent)"
+                row["status"] = "skipped (--max-total-s reached)"
                 continue
             torch.manual_seed(args.seed)
             try:
@@ -345,7 +342,8 @@ def parse_args(argv=None):
     parser.add_argument("--min-reps", type=int, default=3, help="fewest timed repetitions (at most 20 are run)")
     parser.add_argument("--max-call-s", type=float, default=8.0,
                         help="skip a point whose batch-1 forward is estimated to take longer")
-    parser.add_argument("--budget-s", type=float, default=330.0, help="skip what is left after this many seconds")
+    parser.add_argument("--max-total-s", type=float, default=None,
+                        help="skip what is left once the run has taken this many seconds (default: no limit)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="bench_out", help="folder for throughput.csv and throughput.png")
     parser.add_argument("--cpu-smoke", "--dry-run", dest="cpu_smoke", action="store_true",

@@ -18,7 +18,7 @@ BASELINES = [plain_mita_attention, chunked_reference_attention]
 
 
 def _load_script(name):
-    """Import scripts/<name>.py as a module (bench_throughput imports bench_attention by name)."""
+    """Import scripts/<name>.py as a module."""
     if name in sys.modules:
         return sys.modules[name]
     spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
