@@ -299,20 +299,23 @@ def test_half_precision(small_blocks):
     _compare(1, 2, 50, 32, 5, 4, 2, True, "official", dtype=torch.float16, tol=1e-2)
 
 
-def test_custom_op_traces_under_torch_compile(small_blocks):
-    inputs = _inputs(1, 2, 20, 32, 4, torch.float32, seed=3)
+def _assert_same_as_eager(wrapped, f, inputs):
+    """``wrapped(*inputs)`` gives exactly ``f(*inputs)``'s output and gradients."""
+    out = f(*inputs)
+    grads = _grads(out, inputs, torch.ones_like(out))
+    out_w = wrapped(*inputs)
+    assert torch.equal(out, out_w)
+    for a, b in zip(grads, _grads(out_w, inputs, torch.ones_like(out_w))):
+        assert torch.equal(a, b)
 
+
+def test_custom_op_traces_under_torch_compile(small_blocks):
     def f(q, k, v, landmarks):
         return kernels.mita_attention_fused(q, k, v, landmarks, 5, 2, True, 1 / 32)
 
-    out = f(*inputs)
-    grads = _grads(out, inputs, torch.ones_like(out))
     torch._dynamo.reset()
     compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
-    out_c = compiled(*inputs)
-    assert torch.equal(out, out_c)
-    for a, b in zip(grads, _grads(out_c, inputs, torch.ones_like(out))):
-        assert torch.equal(a, b)
+    _assert_same_as_eager(compiled, f, _inputs(1, 2, 20, 32, 4, torch.float32, seed=3))
 
 
 def test_activation_checkpointing_recomputes_the_same_routing(small_blocks):
@@ -320,17 +323,11 @@ def test_activation_checkpointing_recomputes_the_same_routing(small_blocks):
     # equal those of the call without checkpointing
     from torch.utils.checkpoint import checkpoint
 
-    inputs = _inputs(2, 2, 50, 32, 5, torch.float32, seed=9)
-
     def f(q, k, v, landmarks):
         return kernels.mita_attention_fused(q, k, v, landmarks, 6, 2, True, 1 / 32)
 
-    out = f(*inputs)
-    grads = _grads(out, inputs, torch.ones_like(out))
-    out_c = checkpoint(f, *inputs, use_reentrant=False)
-    assert torch.equal(out, out_c)
-    for a, b in zip(grads, _grads(out_c, inputs, torch.ones_like(out_c))):
-        assert torch.equal(a, b)
+    _assert_same_as_eager(lambda *x: checkpoint(f, *x, use_reentrant=False), f,
+                          _inputs(2, 2, 50, 32, 5, torch.float32, seed=9))
 
 
 @pytest.mark.parametrize("routed", [False, True])
