@@ -20,6 +20,10 @@ FUSED_SMALL = True
 # landmarks from q themselves. Checked in the interpreter; off until the GPU tests of
 # tests/test_kernels_small.py (TestGPU.test_landmarks_pooled_in_the_kernels) have run on a GPU.
 POOL_IN_KERNEL = False
+# Whether the general path builds its routing layout with the three Triton launches of kernels/layout_kernels.py
+# instead of ~20 PyTorch ops (the same layout, value for value). Checked in the interpreter; off until timed and
+# tested on a GPU.
+LAYOUT_KERNELS = False
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_LANDMARKS = 1024
 MAX_TOPK = 1024

@@ -23,8 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .layout import expert_tiles as _expert_tiles
-from .layout import key_pairs
+from .layout import expert_tiles, key_pairs
 from .routed import dkdv_plan, routed_backward, routed_forward, shared_backward
 from .small_ops import _unit_last_stride  # the kernels take any batch, head and row strides, a unit last one
 
@@ -34,6 +33,18 @@ _SHARED_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, 
 
 # Tests switch this on so that a buffer element the kernels fail to write shows up as NaN.
 _POISON = False
+
+
+def _expert_tiles(expert: torch.Tensor, m: int, N: int, r: int) -> dict:
+    """The tile layout of a routing: three Triton launches (layout_kernels.py) with
+    ``mita.kernels.LAYOUT_KERNELS`` on, else ``layout.expert_tiles``'s PyTorch ops; the same dict either way."""
+    from . import LAYOUT_KERNELS
+
+    if LAYOUT_KERNELS:
+        from .layout_kernels import expert_tiles_triton
+
+        return expert_tiles_triton(expert, m, N, r)
+    return expert_tiles(expert.long(), m, N, r)
 
 
 def _buffer(shape, device, dtype=torch.float32) -> torch.Tensor:
@@ -64,7 +75,7 @@ def _forward(q, k, v, landmarks, shared_v, topk_idx, expert_idx, scale_shared, a
     rf = landmarks.reshape(G, m, d).contiguous() if shared else None  # [G, m, d]
     vsf = shared_v.reshape(G, m, d).contiguous() if shared else None  # [G, m, d]
     idx = topk_idx.reshape(G, m, topk).long().contiguous()  # [G, m, topk]
-    lay = _expert_tiles(expert_idx.reshape(G, N * r).long(), m, N, r)
+    lay = _expert_tiles(expert_idx.reshape(G, N * r), m, N, r)
     scale = d ** -0.5
     if r == 1:
         # entries are the tokens: written in place, token-major ([B, N, H, d] memory) as SDPA returns it
@@ -98,7 +109,7 @@ def _backward(grad_out, q, k, v, landmarks, shared_v, topk_idx, expert_idx, out,
     vsf = shared_v.reshape(G, m, d).contiguous() if shared else None
     idx = topk_idx.reshape(G, m, topk).long().contiguous()
     # recomputing the layout costs a few small launches and saves keeping it alive between passes
-    lay = _expert_tiles(expert_idx.reshape(G, N * r).long(), m, N, r)
+    lay = _expert_tiles(expert_idx.reshape(G, N * r), m, N, r)
     do = _unit_last_stride(grad_out.to(q.dtype))  # [B, H, N, d], any strides
     delta = (do.float() * out.float()).sum(-1).reshape(G, N).contiguous()  # [G, N], as the kernels index it
 

@@ -210,6 +210,27 @@ def test_routed_dkdv_on_awkward_routings(kind, B, N, m, topk, r, shared, dtype):
     _assert_grads(out, inputs, ref, ref_inputs, grad_out.to(DEVICE), dtype, tol)
 
 
+@pytest.mark.parametrize("kind,N,m,topk,r,shared", [("duplicates", 50, 5, 7, 2, True), ("one_key", 17, 4, 5, 1, False)])
+def test_layout_from_the_triton_kernels(monkeypatch, kind, N, m, topk, r, shared):
+    """mita.kernels.LAYOUT_KERNELS: the routing layout from kernels/layout_kernels.py, forward and backward."""
+    from mita.kernels import layout_kernels
+
+    calls = []
+    build = layout_kernels.expert_tiles_triton
+    monkeypatch.setattr(layout_kernels, "expert_tiles_triton", lambda *a: calls.append(1) or build(*a))
+    monkeypatch.setattr(kernels, "LAYOUT_KERNELS", True)
+    B, H, d = 2, 2, 32
+    inputs = _inputs(B, H, N, d, m, torch.float32, seed=N + 3)
+    ref_inputs = [x.detach().double().requires_grad_() for x in inputs]
+    kw = dict(router_topk=r, shared=shared, routing=_routing(kind, B, H, N, m, topk, r, seed=N))
+    out = mita_attention(*inputs, topk, impl="triton", **kw)
+    ref = mita_attention(*ref_inputs, topk, impl="reference", **kw)
+    assert rel_err(out, ref) <= 1e-5
+    grad_out = torch.randn(B, H, N, d, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    _assert_grads(out, inputs, ref, ref_inputs, grad_out.to(DEVICE), torch.float32, 1e-5)
+    assert len(calls) == 2  # forward and backward
+
+
 @pytest.mark.parametrize("plan", [("float32", 2), ("float32", 1), ("input", 2), ("input", 1)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_routed_dkdv_partial_plans(plan, dtype, monkeypatch):
