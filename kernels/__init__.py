@@ -9,7 +9,7 @@ import os
 import torch
 
 __all__ = ["available", "supports", "mita_attention", "supports_fused", "mita_attention_fused", "pools_in_kernel",
-           "HEAD_DIMS", "DTYPES", "MAX_LANDMARKS", "MAX_TOPK"]
+           "landmark_topk", "HEAD_DIMS", "DTYPES", "MAX_LANDMARKS", "MAX_TOPK"]
 
 HEAD_DIMS = (32, 64, 128)
 # Whether short sequences (N <= 256, m <= 64, r <= 2) take the fused kernels of kernels/fused_small.py (one
@@ -24,6 +24,10 @@ POOL_IN_KERNEL = False
 # instead of ~20 PyTorch ops (the same layout, value for value). Checked in the interpreter; off until timed and
 # tested on a GPU.
 LAYOUT_KERNELS = False
+# From this many keys on, mita.functional.mita_routing selects each landmark's top-k with the streamed kernel
+# of kernels/topk_stream.py (no m x N score matrix; one host sync) instead of R K^T + torch.topk; None: never.
+# Off until chosen from GPU timings (scripts/bench_topk.py measured it faster from N = 65,536 on an H200).
+STREAM_TOPK_MIN_N = None
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_LANDMARKS = 1024
 MAX_TOPK = 1024
@@ -148,6 +152,14 @@ def pools_in_kernel(q: torch.Tensor, num_landmarks: int, topk: int, router_topk:
     N, d = q.shape[-2], q.shape[-1]
     like = q[..., :1, :].expand(*q.shape[:-2], num_landmarks, d)  # a view of q shaped as the landmarks
     return small_ops.supports(q, like, topk, router_topk) and fused_small.pools_in_kernel(N, d, q.element_size())
+
+
+def landmark_topk(k: torch.Tensor, landmarks: torch.Tensor, topk: int) -> torch.Tensor:
+    """``topk_idx [B, H, m, topk]`` (int64): the keys with the largest unscaled scores ``R_j . k_i``, streamed
+    (kernels/topk_stream.py: no m x N tensor; rows by score, ties to the lower index)."""
+    from .topk_stream import topk_stream
+
+    return topk_stream(k, landmarks, topk)
 
 
 def route_queries(q: torch.Tensor, landmarks: torch.Tensor, router_topk: int) -> torch.Tensor:

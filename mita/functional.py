@@ -118,7 +118,9 @@ def mita_routing(
     """
     B, H, N, d = q.shape
     m = landmarks.shape[2]
-    if topk > 0:
+    if topk > 0 and _streams_topk(k, landmarks, topk):
+        topk_idx = kernels.landmark_topk(k, landmarks, topk)  # no [B, H, m, N] score matrix
+    elif topk > 0:
         key_scores = landmarks @ k.transpose(-1, -2)  # [B, H, m, N]
         topk_idx = key_scores.topk(topk, dim=-1, sorted=False).indices
     else:
@@ -291,6 +293,13 @@ def _mita_torch(q, k, v, landmarks, topk_idx, expert_idx, shared, scale_shared):
         o_routed = o_tiles.gather(1, lay["slot_of"][..., None].expand(-1, -1, d)).view(G, N, r, d).sum(2)
         out = o_routed if out is None else out + o_routed
     return out.view(B, H, N, d)
+
+
+def _streams_topk(k, landmarks, topk) -> bool:
+    """Whether the landmarks' top-k is streamed by a kernel (``mita.kernels.STREAM_TOPK_MIN_N``)."""
+    min_n = kernels.STREAM_TOPK_MIN_N
+    return (min_n is not None and k.shape[2] >= min_n and (k.is_cuda or kernels._interpreting())
+            and kernels.available() and kernels.supports(k, landmarks, topk, 1))
 
 
 def _short_kernel(q, landmarks, topk, router_topk, impl) -> bool:

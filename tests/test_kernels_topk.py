@@ -243,3 +243,23 @@ class TestGPU:
         z = _scores64(k_keys, landmarks) * 64 ** -0.5
         torch.testing.assert_close(row_max.double(), z.amax(-1), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(row_max.double() + row_sum.double().log(), z.logsumexp(-1), rtol=1e-5, atol=1e-5)
+
+
+def test_mita_routing_streams_the_topk_from_a_length_on(monkeypatch):
+    # mita.kernels.STREAM_TOPK_MIN_N: mita_routing takes the streamed kernel from that many keys on
+    from mita import kernels
+    from mita.functional import mita_routing
+
+    g = torch.Generator().manual_seed(5)
+    q, k = (torch.randn(2, 2, 70, 32, generator=g).to(DEVICE) for _ in range(2))
+    R = torch.randn(2, 2, 3, 32, generator=g).to(DEVICE)
+    calls = []
+    stream = kernels.landmark_topk
+    monkeypatch.setattr(kernels, "landmark_topk", lambda *a: calls.append(1) or stream(*a))
+    monkeypatch.setattr(kernels, "STREAM_TOPK_MIN_N", 71)
+    torch_idx, _ = mita_routing(q, k, R, 9)
+    assert calls == []
+    monkeypatch.setattr(kernels, "STREAM_TOPK_MIN_N", 70)
+    stream_idx, _ = mita_routing(q, k, R, 9)
+    assert calls == [1]
+    assert torch.equal(stream_idx.sort(-1).values, torch_idx.sort(-1).values)
