@@ -184,16 +184,13 @@ class _SmallAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, landmarks, sel, expert, topk, router_topk, shared, scale_shared, allow_tf32, pool,
                 num_landmarks):
-        q, k, v, landmarks, (out, lse, sel_out, exp_out, vs, lsh, lmk) = _forward_kernels(
-            q, k, v, landmarks, sel, expert, topk, router_topk, shared, scale_shared, allow_tf32, pool,
-            num_landmarks)
-        multi = expert is not None or router_topk == 2
-        if expert is None:
-            sel, expert = sel_out, exp_out
-        ctx.save_for_backward(q, k, v, landmarks, out, lse, sel, expert, vs, lsh, pool, lmk)
-        ctx.meta = (topk, shared, scale_shared, multi, allow_tf32, num_landmarks)
+        args = (topk, router_topk, shared, scale_shared, allow_tf32, pool, num_landmarks)
+        q, k, v, landmarks, outputs = _forward_kernels(q, k, v, landmarks, sel, expert, *args)
+        _setup_context(ctx, (q, k, v, landmarks, sel, expert, *args), outputs)
+        if expert is None:  # selected here: the mask and expert ids are outputs
+            sel, expert = outputs[2:4]
         ctx.mark_non_differentiable(sel, expert)
-        return out, sel, expert
+        return outputs[0], sel, expert
 
     @staticmethod
     def backward(ctx, grad_out, *_):

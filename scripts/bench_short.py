@@ -13,19 +13,20 @@ sweep, and prints one table with the card's name. Peak memory is one forward+bac
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.profiler import ProfilerActivity
+from torch.profiler import profile as prof_ctx
 
-from mita.functional import mita_attention
+from mita import kernels
+from mita.attention import pool_patch_queries
+from mita.functional import mita_attention, mita_routing
 from mita.kernels import fused_small, small_ops
-
-
-def rel_err(a, b):
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+from mita.utils.bench import rel_err
 
 
 def inputs(B, H, N, d, m, dtype, seed, device="cuda"):
@@ -212,11 +213,6 @@ def main():
 def pooling_rows(sets, N, m, topk, r, d, reps):
     """The fused path with the landmarks pooled from q: by ``pool_patch_queries`` in PyTorch, and inside the
     kernels from the same windows' ``[m, N]`` weights (checked against each other first)."""
-    import math
-
-    from mita import kernels
-    from mita.attention import pool_patch_queries
-
     side, grid = math.isqrt(m), math.isqrt(N - 1)
     eye = torch.eye(N, dtype=torch.float64).view(1, 1, N, N)
     W = pool_patch_queries(eye, 1, grid, grid, (side, side))[0, 0].float().cuda()  # [m, N]
@@ -250,15 +246,11 @@ def fused_given(qkv, lm, topk, r, d, _cache={}):
     q, k, v = qkv.permute(2, 0, 3, 1, 4)
     key = id(qkv)
     if key not in _cache:
-        from mita.functional import mita_routing
         _cache[key] = mita_routing(q.detach(), k.detach(), lm.detach(), topk, r)
     return small_ops.mita_attention_small(q, k, v, lm, topk, r, True, 1 / d, routing=_cache[key])
 
 
 def profile(fused, sets, given):
-    from torch.profiler import ProfilerActivity
-    from torch.profiler import profile as prof_ctx
-
     for name, fn in (("own selection", fused), ("given routing", given)):
         for x, do in sets:
             _grad(fn(*x), x, do)
@@ -274,9 +266,6 @@ def profile(fused, sets, given):
 
 def kernel_times(fn, sets, iters=6):
     """Mean GPU microseconds per call of each Triton kernel (and of everything else) over ``iters`` f+b."""
-    from torch.profiler import ProfilerActivity
-    from torch.profiler import profile as prof_ctx
-
     for x, do in sets:
         _grad(fn(*x), x, do)
     torch.cuda.synchronize()

@@ -9,10 +9,7 @@ import torch
 
 from mita.functional import mita_attention, mita_routing
 from mita.kernels import small_ops
-
-
-def rel_err(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+from mita.utils.bench import rel_err
 
 
 def one(B, H, N, d, m, topk, r, shared, scale, dtype, seed=0):
