@@ -40,21 +40,30 @@ def _select_topk(sk, key_ok, lm_ok, TOPK):
     rows outside ``lm_ok`` select nothing).
 
     Floats map to order-preserving uint32 keys and the TOPK-th largest key of each row is built from the
-    top bit down, one bit a pass (32 counting passes whatever TOPK): ``thr`` = the largest t with
-    count(key >= t) >= TOPK.
+    top bit down, one bit a pass: ``thr`` = the largest t with count(key >= t) >= TOPK. The passes stop
+    once every row counts exactly TOPK keys at or above its ``thr`` (that set is then the top-k, whatever
+    the lower bits): ~10-20 passes for scores without ties at the boundary, 32 with them.
     """
     bits = sk.to(tl.int32, bitcast=True)
     # negative floats: flip every bit; positive: set the sign bit -> unsigned order equals float order
     key = tl.where(bits < 0, ~bits, bits | -2147483648).to(tl.uint32, bitcast=True)
     key = tl.where(key_ok[None, :], key, 0)
     thr = tl.zeros([sk.shape[0]], tl.uint32)
-    for b in tl.static_range(32):
-        cand = thr | tl.full([], 1 << (31 - b), tl.uint32)
+    # keys at or above thr (0: every valid key); a row is done once this is TOPK (or fewer: N < TOPK)
+    n_at = tl.sum(key_ok.to(tl.int32), 0) + tl.zeros([sk.shape[0]], tl.int32)
+    bit = tl.full([], 1 << 31, tl.uint32)
+    todo = tl.max((lm_ok & (n_at > TOPK)).to(tl.int32), 0)
+    while todo > 0:
+        cand = thr | bit
         n_ge = tl.sum((key >= cand[:, None]).to(tl.int32), 1)
-        thr = tl.where(n_ge >= TOPK, cand, thr)
+        take = n_ge >= TOPK
+        thr = tl.where(take, cand, thr)
+        n_at = tl.where(take, n_ge, n_at)
+        bit = bit >> 1
+        todo = tl.max((lm_ok & (n_at > TOPK)).to(tl.int32), 0) * (bit > 0).to(tl.int32)
     sel = (key >= thr[:, None]) & key_ok[None, :] & lm_ok[:, None]
     # more keys than TOPK only where several tie at the threshold: then the lowest indices among them
-    if tl.max(tl.sum(sel.to(tl.int32), 1), 0) > TOPK:
+    if tl.max(tl.where(lm_ok, n_at, 0), 0) > TOPK:
         above = (key > thr[:, None]) & key_ok[None, :] & lm_ok[:, None]
         need = TOPK - tl.sum(above.to(tl.int32), 1)
         tie = ((key == thr[:, None]) & key_ok[None, :] & lm_ok[:, None]).to(tl.int32)
@@ -76,17 +85,23 @@ def _rows(P, rows, ok, stride_n, offs_d):
 
 
 @triton.jit
-def _select_kernel(
-    K, R, SEL,
-    stride_kb, stride_kh, stride_kn, stride_rb, stride_rh, stride_rm,
-    H, N, M, TOPK,
-    D: tl.constexpr, MP: tl.constexpr, NP: tl.constexpr, BM: tl.constexpr, DC: tl.constexpr,
-    PREC: tl.constexpr,
+def _prep_kernel(
+    K, V, R, SEL, VS, LSH,
+    stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, stride_rb, stride_rh, stride_rm,
+    H, N, M, TOPK, scale,
+    D: tl.constexpr, MP: tl.constexpr, NP: tl.constexpr, BM: tl.constexpr, DC: tl.constexpr, BKC: tl.constexpr,
+    SELECT: tl.constexpr, SHARED: tl.constexpr, PREC: tl.constexpr,
 ):
-    """Top-k mask of ``BM`` landmark rows, programs (batch-head, block of landmarks), meant for one warp:
-    a row's counting passes then reduce within the warp (no shared memory, no barrier), and many small
-    programs hide each other's latency. Scores ``R K^T`` in head-dim chunks of ``DC``, so one key chunk
-    ``[NP, DC]`` bounds the registers."""
+    """Per-landmark work of the forward, programs (batch-head, block of ``BM`` landmarks) of one or two
+    warps (one warp per 16 rows, so a row's reductions stay inside its warp: no shared memory, no barrier,
+    and many small programs hide each other's latency):
+
+    * ``SELECT``: the top-k mask of the rows (uint8 into ``SEL``) from ``R K^T``, computed in head-dim
+      chunks of ``DC`` so that one ``[NP, DC]`` key chunk bounds the registers;
+    * ``SHARED``: the shared values ``V~ = softmax(s R K^T) V`` and their base-2 log-normaliser, in key
+      chunks of ``BKC`` (the scores recomputed chunk by chunk).
+    The attention kernel then reads the mask, ``V~`` and ``lse_sh`` (``PREP``)."""
+    DT = K.dtype.element_ty
     g = tl.program_id(0).to(tl.int64)
     b = g // H
     h = g % H
@@ -96,14 +111,33 @@ def _select_kernel(
     key_ok = keys < N
     Rh = R + b * stride_rb + h * stride_rh
     Kh = K + b * stride_kb + h * stride_kh
+    sl2 = scale * 1.4426950408889634
     sk = tl.zeros([BM, NP], tl.float32)
     for c in tl.static_range(D // DC):
         offs_c = c * DC + tl.arange(0, DC)
         r_c = _rows(Rh, lm, lm_ok, stride_rm, offs_c)  # [BM, DC]
         k_c = _rows(Kh, keys, key_ok, stride_kn, offs_c)  # [NP, DC]
         sk = tl.dot(r_c, tl.trans(k_c), sk, input_precision=PREC)
-    sel = _select_topk(sk, key_ok, lm_ok, TOPK)
-    tl.store(SEL + g * MP * NP + lm[:, None] * NP + keys[None, :], sel.to(tl.uint8))
+    if SHARED:
+        zmax = tl.max(tl.where(key_ok[None, :], sk * sl2, float("-inf")), 1)  # [BM]
+    if SELECT:
+        sel = _select_topk(sk, key_ok, lm_ok, TOPK)
+        tl.store(SEL + g * MP * NP + lm[:, None] * NP + keys[None, :], sel.to(tl.uint8))
+    if SHARED:
+        offs_d = tl.arange(0, D)
+        r = _rows(Rh, lm, lm_ok, stride_rm, offs_d)  # [BM, D]
+        Vh = V + b * stride_vb + h * stride_vh
+        zsum = tl.zeros([BM], tl.float32)
+        acc = tl.zeros([BM, D], tl.float32)
+        for kc in tl.static_range(NP // BKC):
+            kcols = kc * BKC + tl.arange(0, BKC)
+            k_ok = kcols < N
+            z = tl.dot(r, tl.trans(_rows(Kh, kcols, k_ok, stride_kn, offs_d)), input_precision=PREC) * sl2
+            pa = tl.where(k_ok[None, :], tl.exp2(z - zmax[:, None]), 0.0)  # [BM, BKC]
+            zsum += tl.sum(pa, 1)
+            acc = tl.dot(pa.to(DT), _rows(Vh, kcols, k_ok, stride_vn, offs_d), acc, input_precision=PREC)
+        tl.store(VS + (g * MP + lm[:, None]) * D + offs_d[None, :], (acc / zsum[:, None]).to(DT))
+        tl.store(LSH + g * MP + lm, zmax + tl.log2(zsum))
 
 
 @triton.jit
@@ -115,9 +149,10 @@ def _fwd_kernel(
     D: tl.constexpr, MP: tl.constexpr, NP: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
     QB_PER_PROG: tl.constexpr, R_TOPK: tl.constexpr, SHARED: tl.constexpr, ROUTED: tl.constexpr,
     SELECT: tl.constexpr, MULTI: tl.constexpr, PREC: tl.constexpr, SELECT_HERE: tl.constexpr,
-    POOLED: tl.constexpr,
+    POOLED: tl.constexpr, PREP: tl.constexpr,
 ):
-    # SELECT_HERE: the top-k mask is selected in this kernel (else _select_kernel wrote it);
+    # SELECT_HERE: the top-k mask is selected in this kernel (else it was passed in or _prep_kernel wrote it);
+    # PREP: _prep_kernel wrote the shared values and lse_sh (and the mask where selecting);
     # POOLED: the landmarks are W Q with W = POOL [MP, NP] (fp32), computed here and stored to LMK [G, MP, D]
     DT = Q.dtype.element_ty
     g = tl.program_id(0).to(tl.int64)
@@ -144,7 +179,10 @@ def _fwd_kernel(
     cl2 = scale_shared * 1.4426950408889634
     SELg = SEL + g * MP * NP
 
-    if SHARED or SELECT_HERE:
+    if PREP:
+        if SHARED:
+            vs = tl.load(VS + (g * MP + lm[:, None]) * D + offs_d[None, :])  # [MP, D]
+    elif SHARED or SELECT_HERE:
         kt = _rows(Kh, keys, key_ok, stride_kn, offs_d)  # [NP, D]
         sk = tl.dot(r, tl.trans(kt), input_precision=PREC)  # [MP, NP] unscaled landmark-key scores
         if SELECT_HERE:
@@ -567,8 +605,9 @@ def pool_weights(weights: torch.Tensor) -> torch.Tensor:
 
 def fwd_config(num_heads: int, n_pad: int, m_pad: int, head_dim: int, itemsize: int) -> dict:
     """Forward launch: query block ``BQ``, key block ``BK``, ``QB_PER_PROG`` query blocks per program, warps,
-    pipeline stages; ``select_bm`` (optional, not timed yet): select the top-k mask in a launch of its own,
-    one warp per ``select_bm`` landmarks (``_select_kernel``), instead of inside every attention program.
+    pipeline stages; ``prep_bm`` (optional): select the top-k mask and compute the shared values in a launch
+    of its own (``_prep_kernel``, one warp per 16 of its ``prep_bm`` landmarks) instead of inside every
+    attention program.
 
     Each program selects once for its head, so with many (batch, head) pairs one program takes every
     query block of its head; with few, the blocks are spread over programs for parallelism. Where
@@ -661,14 +700,17 @@ def forward(q, k, v, landmarks, topk, router_topk, shared, scale_shared, *, sel=
         landmarks = lmk.view(B, H, m_pad, D)
     else:
         lmk = alloc((0,), dtype=q.dtype, device=dev)
-    # a selection launch of its own reads the landmarks, which a pooling kernel has not written yet
-    select_here = select and routed and (pooled or not cfg.get("select_bm"))
-    if select and routed and not select_here:
-        bm = min(cfg["select_bm"], m_pad)
-        LAUNCHED["select"] = _select_kernel[(G, m_pad // bm)](
-            k, landmarks, sel, *_strides(k), *_strides(landmarks), H, N, M, topk,
-            D=D, MP=m_pad, NP=n_pad, BM=bm, DC=16, PREC=_precision(q.dtype, allow_tf32),
-            num_warps=cfg.get("select_warps", 1), num_stages=1,
+    # per-landmark work (selection, shared values) in a launch of its own, which reads the landmarks: not
+    # where the attention kernel pools them
+    prep = bool(cfg.get("prep_bm")) and not pooled and (shared or (select and routed))
+    select_here = select and routed and not prep
+    if prep:
+        bm = min(cfg["prep_bm"], m_pad)
+        LAUNCHED["prep"] = _prep_kernel[(G, m_pad // bm)](
+            k, v, landmarks, sel, vs, lsh, *_strides(k), *_strides(v), *_strides(landmarks),
+            H, N, M, topk, D ** -0.5,
+            D=D, MP=m_pad, NP=n_pad, BM=bm, DC=16, BKC=min(n_pad, 64), SELECT=select and routed, SHARED=shared,
+            PREC=_precision(q.dtype, allow_tf32), num_warps=cfg.get("prep_warps") or max(1, bm // 16), num_stages=1,
         )
     groups = triton.cdiv(triton.cdiv(N, cfg["BQ"]), cfg["QB_PER_PROG"])
     LAUNCHED["fwd"] = _fwd_kernel[(G, groups)](
@@ -677,7 +719,7 @@ def forward(q, k, v, landmarks, topk, router_topk, shared, scale_shared, *, sel=
         H, N, M, topk, triton.cdiv(N, cfg["BK"]), D ** -0.5, scale_shared,
         D=D, MP=m_pad, NP=n_pad, BQ=cfg["BQ"], BK=cfg["BK"], QB_PER_PROG=cfg["QB_PER_PROG"],
         R_TOPK=router_topk, SHARED=shared, ROUTED=routed, SELECT=select and routed,
-        MULTI=router_topk == 2 or not select, SELECT_HERE=select_here, POOLED=pooled,
+        MULTI=router_topk == 2 or not select, SELECT_HERE=select_here, POOLED=pooled, PREP=prep,
         PREC=_precision(q.dtype, allow_tf32), num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 1),
     )
     return out, lse, sel, expert, vs, lsh, lmk

@@ -2,7 +2,7 @@
 
     python3 scripts/bench_short.py                                 # DeiT-S core shape, every config
     python3 scripts/bench_short.py --shape 256,3,197,128,25,25     # B,H,N,d,m,k
-    python3 scripts/bench_short.py --configs fwd=8/64/64,bwd=4/64/64 --reps 50
+    python3 scripts/bench_short.py --configs 'fwd=4/64/64/1/1/16/1,bwd=8/64/32/1/1' --reps 50
 
 For one shape (default B=256, H=6, N=197, d=64, m=k=25, bf16): checks the fused path (own routing and a
 given routing) against ``impl="reference"`` in float64 on the same routing at B=2, then times, with CUDA
@@ -98,8 +98,8 @@ def main():
     p.add_argument("--r", type=int, default=1)
     p.add_argument("--reps", type=int, default=30)
     p.add_argument("--configs", default="default",
-                   help="'default', 'sweep' or fwd=W/BQ/BK/P/S/M,bwd=W/BQ/BK/H/S (warps, blocks, query blocks a program, stages, "
-                        "landmarks a selection program, one backward program a head)")
+                   help="'default', 'sweep' or fwd=W/BQ/BK/P/S/M/MW,bwd=W/BQ/BK/H/S[;...] (warps, blocks, query blocks a "
+                        "program, stages, landmarks and warps a prep program, one backward program a head)")
     p.add_argument("--no-general", action="store_true", help="skip impl='triton' (general kernels)")
     p.add_argument("--profile", action="store_true", help="torch.profiler table of the fused path's kernels")
     p.add_argument("--pool", action="store_true",
@@ -150,34 +150,36 @@ def main():
         rows.append(("mita impl=triton", f, fb, peak(general, *sets[0])))
 
     if args.configs == "sweep":
-        # forward: warps/BQ/BK/query blocks a program (0: all)/stages/landmarks a selection program (0: the
-        # selection inside the attention kernel);
+        # forward: warps/BQ/BK/query blocks a program (0: all)/stages/landmarks a prep program (0: selection
+        # and shared values inside the attention kernel)/warps a prep program;
         # backward: warps/BQ/BK/one program a head (0/1)/stages
-        fwd_cfgs = [(8, 256, 64, 0, 1, 0), (8, 256, 64, 0, 1, 16), (4, 64, 64, 1, 1, 16), (8, 128, 64, 1, 1, 16),
-                    (4, 64, 64, 0, 1, 0)]
-        bwd_cfgs = [(8, 64, 32, 1, 1), (4, 64, 64, 0, 1), (8, 64, 16, 1, 1), (8, 64, 32, 1, 2)]
-        combos = [(fc, bwd_cfgs[0]) for fc in fwd_cfgs] + [(fwd_cfgs[0], bc) for bc in bwd_cfgs[1:]]
+        fwd_cfgs = [(8, 256, 64, 0, 1, 0, 0), (8, 256, 64, 0, 1, 16, 1), (4, 64, 64, 1, 1, 16, 1),
+                    (4, 64, 32, 1, 1, 16, 1), (8, 128, 64, 1, 1, 16, 1), (4, 128, 64, 1, 1, 16, 1),
+                    (4, 64, 64, 1, 1, 32, 2), (4, 64, 64, 1, 1, 16, 4), (4, 64, 64, 1, 1, 32, 4)]
+        bwd_cfgs = [(8, 64, 32, 1, 1), (4, 64, 64, 0, 1)]
+        combos = [(fc, bwd_cfgs[0]) for fc in fwd_cfgs] + [(fwd_cfgs[2], bc) for bc in bwd_cfgs[1:]]
     elif args.configs == "default":
         combos = []
     else:
-        parts = dict(x.split("=") for x in args.configs.split(","))
-        combos = [(tuple(int(v) for v in parts["fwd"].split("/")), tuple(int(v) for v in parts["bwd"].split("/")))]
+        combos = []
+        for combo in args.configs.split(";"):
+            parts = dict(x.split("=") for x in combo.split(","))
+            combos.append((tuple(int(v) for v in parts["fwd"].split("/")),
+                           tuple(int(v) for v in parts["bwd"].split("/"))))
     orig_f, orig_b = fused_small.fwd_config, fused_small.bwd_config
-    for (fw, fq, fk, fp, fs, fm), (bw, bq, bk, bh, bs) in combos:
-        def fcfg(G, n_pad, *a, fw=fw, fq=fq, fk=fk, fp=fp, fs=fs, fm=fm):
+    for (fw, fq, fk, fp, fs, fm, fmw), (bw, bq, bk, bh, bs) in combos:
+        def fcfg(G, n_pad, *a, fw=fw, fq=fq, fk=fk, fp=fp, fs=fs, fm=fm, fmw=fmw):
             bqq, bkk = min(fq, n_pad), min(fk, n_pad)
             return {"BQ": bqq, "BK": bkk, "QB_PER_PROG": fp or triton_cdiv(n_pad, bqq), "num_warps": fw,
-                    "num_stages": fs, "select_bm": fm}
+                    "num_stages": fs, "prep_bm": fm, "prep_warps": fmw}
 
         def bcfg(n_pad, *a, bw=bw, bq=bq, bk=bk, bs=bs, bh=bh):
             return {"BQ": min(bq, n_pad), "BK": min(bk, n_pad), "num_warps": bw, "num_stages": bs,
                     "per_head": bool(bh)}
 
         fused_small.fwd_config, fused_small.bwd_config = fcfg, bcfg
-        label = f"fused f{fw}/{fq}/{fk}/{fp}/{fs}/{fm} b{bw}/{bq}/{bk}/{bh}/{bs}"
-        if args.kernel_times:
-            print(label, "kernel us", kernel_times(fused, sets), flush=True)
-            continue
+        label = f"fused f{fw}/{fq}/{fk}/{fp}/{fs}/{fm}/{fmw} b{bw}/{bq}/{bk}/{bh}/{bs}"
+        fused_small.LAUNCHED.clear()
         try:
             errs = check(2, 3, N, d, m, topk, args.r, True, dtype)
             if not all(e <= 1e-2 for e in errs):
@@ -189,6 +191,8 @@ def main():
             res = {k: (getattr(v, "n_regs", "?"), getattr(v, "n_spills", "?"), getattr(v, "metadata", None) and
                        v.metadata.shared) for k, v in fused_small.LAUNCHED.items()}
             print(label, "regs/spills/smem", res, flush=True)
+            if args.kernel_times:
+                print(label, "kernel us", kernel_times(fused, sets), flush=True)
         except Exception as e:  # noqa: BLE001 - a config that fails to compile is reported, not fatal
             rows.append((f"{label} FAILED {type(e).__name__}", float("nan"), float("nan"), float("nan")))
     fused_small.fwd_config, fused_small.bwd_config = orig_f, orig_b

@@ -123,6 +123,16 @@ def test_one_backward_program_per_head(small_blocks, monkeypatch, N, m, topk, r,
     _compare(B, 2, N, 32, m, topk, r, shared, scale, seed=N + m + topk + 1)
 
 
+@pytest.mark.parametrize("N,m,topk,r,shared,scale,B", _small_cases()[1::2])
+def test_prep_launch_with_given_routing(small_blocks, monkeypatch, N, m, topk, r, shared, scale, B):
+    # shared values (and nothing else: the routing is passed in) from _prep_kernel, read by the attention
+    from mita.kernels import fused_small
+
+    config = fused_small.fwd_config
+    monkeypatch.setattr(fused_small, "fwd_config", lambda *a: {**config(*a), "prep_bm": 16, "prep_warps": 1})
+    _compare(B, 2, N, 32, m, topk, r, shared, scale, seed=N + m + topk + 2)
+
+
 def test_several_programs_per_head(small_blocks):
     # one query block per forward program: each recomputes the selection into its own mask copy
     small_blocks(qb_per_prog=2)
@@ -233,11 +243,11 @@ def test_own_selection_matches_torch(small_blocks, N, m, topk, r, shared):
 
 @pytest.mark.parametrize("N,m,topk,r,shared", [(50, 5, 4, 2, True), (20, 20, 20, 1, False), (33, 17, 9, 1, True)])
 def test_selection_in_its_own_kernel(small_blocks, monkeypatch, N, m, topk, r, shared):
-    # the top-k mask from _select_kernel (programs of 16 landmarks), the attention kernel reading it
+    # the top-k mask and shared values from _prep_kernel (programs of 16 landmarks), the attention kernel reading it
     from mita.kernels import fused_small
 
     config = fused_small.fwd_config
-    monkeypatch.setattr(fused_small, "fwd_config", lambda *a: {**config(*a), "select_bm": 16})
+    monkeypatch.setattr(fused_small, "fwd_config", lambda *a: {**config(*a), "prep_bm": 16, "prep_warps": 1})
     _check_selection(1, 2, N, 32, m, topk, r, shared, "paper", seed=N + 7)
 
 
