@@ -86,16 +86,19 @@ def _rows(P, rows, ok, stride_n, offs_d):
 
 @triton.jit
 def _prep_kernel(
-    K, V, R, SEL, VS, LSH,
-    stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, stride_rb, stride_rh, stride_rm,
+    Q, K, V, R, SEL, VS, LSH, POOL, LMK,
+    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+    stride_rb, stride_rh, stride_rm,
     H, N, M, TOPK, scale,
     D: tl.constexpr, MP: tl.constexpr, NP: tl.constexpr, BM: tl.constexpr, DC: tl.constexpr, BKC: tl.constexpr,
-    SELECT: tl.constexpr, SHARED: tl.constexpr, PREC: tl.constexpr,
+    SELECT: tl.constexpr, SHARED: tl.constexpr, POOLED: tl.constexpr, PREC: tl.constexpr,
 ):
-    """Per-landmark work of the forward, programs (batch-head, block of ``BM`` landmarks) of one or two
-    warps (one warp per 16 rows, so a row's reductions stay inside its warp: no shared memory, no barrier,
-    and many small programs hide each other's latency):
+    """Per-landmark work of the forward, programs (batch-head, block of ``BM`` landmarks) of one to four
+    warps (with one warp per 16 rows a row's reductions stay inside its warp), many small programs hiding
+    each other's latency:
 
+    * ``POOLED``: the landmarks ``R = W Q`` of the rows from the pooling weights ``W = POOL [MP, NP]``
+      (fp32), stored to ``LMK [G, MP, D]`` for the attention and backward kernels;
     * ``SELECT``: the top-k mask of the rows (uint8 into ``SEL``) from ``R K^T``, computed in head-dim
       chunks of ``DC`` so that one ``[NP, DC]`` key chunk bounds the registers;
     * ``SHARED``: the shared values ``V~ = softmax(s R K^T) V`` and their base-2 log-normaliser, in key
@@ -109,23 +112,31 @@ def _prep_kernel(
     lm_ok = lm < M
     keys = tl.arange(0, NP)
     key_ok = keys < N
+    offs_d = tl.arange(0, D)
     Rh = R + b * stride_rb + h * stride_rh
     Kh = K + b * stride_kb + h * stride_kh
     sl2 = scale * 1.4426950408889634
-    sk = tl.zeros([BM, NP], tl.float32)
-    for c in tl.static_range(D // DC):
-        offs_c = c * DC + tl.arange(0, DC)
-        r_c = _rows(Rh, lm, lm_ok, stride_rm, offs_c)  # [BM, DC]
-        k_c = _rows(Kh, keys, key_ok, stride_kn, offs_c)  # [NP, DC]
-        sk = tl.dot(r_c, tl.trans(k_c), sk, input_precision=PREC)
+    if POOLED:
+        w = tl.load(POOL + lm[:, None] * NP + keys[None, :])  # [BM, NP]
+        qa = _rows(Q + b * stride_qb + h * stride_qh, keys, key_ok, stride_qn, offs_d)  # [NP, D]
+        r = tl.dot(w, qa.to(tl.float32), input_precision=PREC).to(DT)  # [BM, D]
+        tl.store(LMK + (g * MP + lm[:, None]) * D + offs_d[None, :], r)
+        sk = tl.dot(r, tl.trans(_rows(Kh, keys, key_ok, stride_kn, offs_d)), input_precision=PREC)
+    else:
+        sk = tl.zeros([BM, NP], tl.float32)
+        for c in tl.static_range(D // DC):
+            offs_c = c * DC + tl.arange(0, DC)
+            r_c = _rows(Rh, lm, lm_ok, stride_rm, offs_c)  # [BM, DC]
+            k_c = _rows(Kh, keys, key_ok, stride_kn, offs_c)  # [NP, DC]
+            sk = tl.dot(r_c, tl.trans(k_c), sk, input_precision=PREC)
     if SHARED:
         zmax = tl.max(tl.where(key_ok[None, :], sk * sl2, float("-inf")), 1)  # [BM]
     if SELECT:
         sel = _select_topk(sk, key_ok, lm_ok, TOPK)
         tl.store(SEL + g * MP * NP + lm[:, None] * NP + keys[None, :], sel.to(tl.uint8))
     if SHARED:
-        offs_d = tl.arange(0, D)
-        r = _rows(Rh, lm, lm_ok, stride_rm, offs_d)  # [BM, D]
+        if not POOLED:
+            r = _rows(Rh, lm, lm_ok, stride_rm, offs_d)  # [BM, D]
         Vh = V + b * stride_vb + h * stride_vh
         zsum = tl.zeros([BM], tl.float32)
         acc = tl.zeros([BM, D], tl.float32)
@@ -289,7 +300,7 @@ def _onehot_t(EXPh, rows, ok, lm, R_TOPK: tl.constexpr):
 @triton.jit
 def _bwd_keys(
     Qh, Kh, Vh, Rh, Oh, DOh, LSEh, SELg, EXPh, VSg, LSHg, DKg, DVg,
-    stride_qn, stride_kn, stride_vn, stride_rm, stride_don, stride_on,
+    stride_qn, stride_kn, stride_vn, stride_rm, stride_don, stride_on, stride_gn,
     kb, N, M, NQB, scale, scale_shared,
     D: tl.constexpr, MP: tl.constexpr, NP: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
     R_TOPK: tl.constexpr, SHARED: tl.constexpr, ROUTED: tl.constexpr, MULTI: tl.constexpr, PREC: tl.constexpr,
@@ -343,7 +354,7 @@ def _bwd_keys(
         vs_dot = tl.sum(dvs * vs.to(tl.float32), 1)  # [MP]
         dl_t = a_t * (tl.dot(vblk, tl.trans(dvs_dt), input_precision=PREC) - vs_dot[None, :])  # [BK, MP]
         dk = tl.dot(dl_t.to(DT), r, dk, input_precision=PREC)
-    out = kcols[:, None] * D + offs_d[None, :]
+    out = kcols[:, None] * stride_gn + offs_d[None, :]
     tl.store(DKg + out, (dk * scale).to(DT), mask=k_ok[:, None])
     tl.store(DVg + out, dv.to(DT), mask=k_ok[:, None])
 
@@ -351,7 +362,7 @@ def _bwd_keys(
 @triton.jit
 def _bwd_queries(
     Qh, Kh, Vh, Rh, Oh, DOh, LSEh, SELg, EXPh, VSg, DQg,
-    stride_qn, stride_kn, stride_vn, stride_rm, stride_don, stride_on,
+    stride_qn, stride_kn, stride_vn, stride_rm, stride_don, stride_on, stride_gn,
     qb, N, M, NKB, scale, scale_shared,
     D: tl.constexpr, MP: tl.constexpr, NP: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
     R_TOPK: tl.constexpr, SHARED: tl.constexpr, ROUTED: tl.constexpr, MULTI: tl.constexpr, PREC: tl.constexpr,
@@ -390,7 +401,7 @@ def _bwd_queries(
         ps = tl.where(lm_ok[None, :] & q_ok[:, None], tl.exp2(ps - lse[:, None]), 0.0)
         dss = ps * (tl.dot(do, tl.trans(vs), input_precision=PREC) - delta[:, None])
         dq += scale_shared * tl.dot(dss.to(DT), r, input_precision=PREC)
-    tl.store(DQg + rows[:, None] * D + offs_d[None, :], dq.to(DT), mask=q_ok[:, None])
+    tl.store(DQg + rows[:, None] * stride_gn + offs_d[None, :], dq.to(DT), mask=q_ok[:, None])
 
 
 @triton.jit
@@ -443,7 +454,7 @@ def _bwd_head_kernel(
     Q, K, V, R, O, DO, LSE, SEL, EXP, VS, LSH, DQ, DK, DV, DR, POOL,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn, stride_rb, stride_rh, stride_rm,
-    stride_dob, stride_doh, stride_don, stride_ob, stride_oh, stride_on,
+    stride_dob, stride_doh, stride_don, stride_ob, stride_oh, stride_on, stride_gb, stride_gh, stride_gn,
     H, N, M, NKB, scale, scale_shared,
     D: tl.constexpr, MP: tl.constexpr, NP: tl.constexpr, BK: tl.constexpr,
     R_TOPK: tl.constexpr, SHARED: tl.constexpr, ROUTED: tl.constexpr, MULTI: tl.constexpr, PREC: tl.constexpr,
@@ -521,14 +532,15 @@ def _bwd_head_kernel(
             dl_t = (a_t * (tl.dot(vblk, tl.trans(dvs_dt), input_precision=PREC) - vs_dot[None, :])).to(DT)
             dk = tl.dot(dl_t, r, dk, input_precision=PREC)
             dr = tl.dot(tl.trans(dl_t), kblk, dr, input_precision=PREC)
-        out = (g * N + kcols[:, None]) * D + offs_d[None, :]
+        out = b * stride_gb + h * stride_gh + kcols[:, None] * stride_gn + offs_d[None, :]
         tl.store(DK + out, (dk * scale).to(DT), mask=k_ok[:, None])
         tl.store(DV + out, dv.to(DT), mask=k_ok[:, None])
     if POOLED and SHARED:
         # landmarks W Q: their gradient goes back into dq as W^T dR (dr is still divided by s)
         w = tl.load(POOL + lm[:, None] * NP + rows[None, :])  # [MP, NP]
         dq = tl.dot(tl.trans(w), dr, dq, input_precision=PREC)
-    tl.store(DQ + (g * N + rows[:, None]) * D + offs_d[None, :], (dq * scale).to(DT), mask=q_ok[:, None])
+    tl.store(DQ + b * stride_gb + h * stride_gh + rows[:, None] * stride_gn + offs_d[None, :], (dq * scale).to(DT),
+             mask=q_ok[:, None])
     if SHARED and not POOLED:
         tl.store(DR + (g * M + lm[:, None]) * D + offs_d[None, :], (dr * scale).to(DT), mask=lm_ok[:, None])
 
@@ -538,7 +550,7 @@ def _bwd_kernel(
     Q, K, V, R, O, DO, LSE, SEL, EXP, VS, LSH, DQ, DK, DV, DR,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn, stride_rb, stride_rh, stride_rm,
-    stride_dob, stride_doh, stride_don, stride_ob, stride_oh, stride_on,
+    stride_dob, stride_doh, stride_don, stride_ob, stride_oh, stride_on, stride_gb, stride_gh, stride_gn,
     H, N, M, NKB, NQB, scale, scale_shared,
     D: tl.constexpr, MP: tl.constexpr, NP: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
     R_TOPK: tl.constexpr, SHARED: tl.constexpr, ROUTED: tl.constexpr, MULTI: tl.constexpr, PREC: tl.constexpr,
@@ -557,15 +569,15 @@ def _bwd_kernel(
     if j < NKB:
         _bwd_keys(
             Qh, Kh, Vh, Rh, Oh, DOh, LSE + g * N, SEL + g * MP * NP, EXP + g * N * R_TOPK, VS + g * MP * D,
-            LSH + g * MP, DK + g * N * D, DV + g * N * D,
-            stride_qn, stride_kn, stride_vn, stride_rm, stride_don, stride_on,
+            LSH + g * MP, DK + b * stride_gb + h * stride_gh, DV + b * stride_gb + h * stride_gh,
+            stride_qn, stride_kn, stride_vn, stride_rm, stride_don, stride_on, stride_gn,
             j, N, M, NQB, scale, scale_shared, D, MP, NP, BQ, BK, R_TOPK, SHARED, ROUTED, MULTI, PREC,
         )
     elif j < NKB + NQB:
         _bwd_queries(
             Qh, Kh, Vh, Rh, Oh, DOh, LSE + g * N, SEL + g * MP * NP, EXP + g * N * R_TOPK, VS + g * MP * D,
-            DQ + g * N * D,
-            stride_qn, stride_kn, stride_vn, stride_rm, stride_don, stride_on,
+            DQ + b * stride_gb + h * stride_gh,
+            stride_qn, stride_kn, stride_vn, stride_rm, stride_don, stride_on, stride_gn,
             j - NKB, N, M, NKB, scale, scale_shared, D, MP, NP, BQ, BK, R_TOPK, SHARED, ROUTED, MULTI, PREC,
         )
     elif SHARED:
@@ -604,25 +616,26 @@ def pool_weights(weights: torch.Tensor) -> torch.Tensor:
 
 
 def fwd_config(num_heads: int, n_pad: int, m_pad: int, head_dim: int, itemsize: int) -> dict:
-    """Forward launch: query block ``BQ``, key block ``BK``, ``QB_PER_PROG`` query blocks per program, warps,
-    pipeline stages; ``prep_bm`` (optional): select the top-k mask and compute the shared values in a launch
-    of its own (``_prep_kernel``, one warp per 16 of its ``prep_bm`` landmarks) instead of inside every
-    attention program.
+    """Forward launches: query block ``BQ``, key block ``BK``, ``QB_PER_PROG`` query blocks per program, warps,
+    pipeline stages; ``prep_bm`` / ``prep_warps`` (optional): the top-k mask and the shared values in a
+    launch of its own (``_prep_kernel``, ``prep_bm`` landmarks a program) instead of inside the attention
+    programs.
 
-    Each program selects once for its head, so with many (batch, head) pairs one program takes every
-    query block of its head; with few, the blocks are spread over programs for parallelism. Where
-    :func:`_wide` holds, 8 warps take all 256 queries at once (H200, DeiT-S shape, bf16: forward 0.72
-    against 0.83-0.85 ms with 64-query blocks and 4 warps; scripts/bench_short.py --configs sweep).
+    Where :func:`_wide` holds: the prep launch (32 landmarks, 4 warps) and 8-warp attention programs of 128
+    queries (H200, DeiT-S shape, bf16, GPU time: prep 133 + attention 157 us against 363 us for one 8-warp
+    program a head selecting itself; scripts/bench_short.py --configs sweep --kernel-times). Elsewhere the
+    selection stays inside the attention programs; with many (batch, head) pairs one program takes every
+    query block of its head (selecting once), with few the blocks are spread over programs.
     """
     if _wide(n_pad, head_dim, itemsize):
-        bq, warps = n_pad, 8
-    else:
-        bq, warps = min(n_pad, 64), 4
+        return {"BQ": 128, "BK": 64, "QB_PER_PROG": 1, "num_warps": 8, "num_stages": 1,
+                "prep_bm": 32, "prep_warps": 4}
+    bq = min(n_pad, 64)
     return {
         "BQ": bq,
         "BK": min(n_pad, 64),
         "QB_PER_PROG": triton.cdiv(n_pad, bq) if num_heads >= 264 else 1,
-        "num_warps": warps,
+        "num_warps": 4,
         "num_stages": 1,
     }
 
@@ -662,6 +675,74 @@ def saved_shapes(B: int, H: int, N: int, m: int, d: int, router_topk: int, topk:
             (G, MP, d) if shared else (0,), (G, MP) if shared else (0,))
 
 
+# Host side. Triton's own launch path binds and specializes every argument on every call (~50 us of host
+# time for these kernels, against ~13 us for the compiled kernel's launcher), and at ViT sizes the kernels
+# take ~0.1-0.5 ms: so each launch goes through the launcher of the kernel Triton compiled for its first
+# call, and what does not change between calls of one shape (configs, grids, compile-time arguments) is
+# worked out once per shape (``_plan``).
+_RUNNERS = {}
+_PLANS = {}
+
+
+def _launch(name, kernel, grid, args, meta, key):
+    """``kernel[grid](*args, **meta)``. ``key`` must fix everything Triton specializes a compiled kernel on
+    except the tensors' 16-byte alignment, which is added here: the value of every int argument, the
+    dtypes, the device and ``meta``. The first call of a key goes through Triton (compiling if needed), the
+    later ones straight to the launcher of the kernel it chose."""
+    align = tuple(a.data_ptr() % 16 == 0 for a in args if isinstance(a, torch.Tensor))
+    entry = _RUNNERS.get((key, align))
+    if entry is not None:
+        compiled, runner, tail = entry
+        runner(*args, *tail)
+    else:
+        compiled = kernel[grid](*args, **meta)
+        if hasattr(compiled, "run") and hasattr(compiled, "function"):  # not under TRITON_INTERPRET
+            tail = [meta[n] for n in kernel.arg_names[len(args):]]
+            _RUNNERS[(key, align)] = (compiled, compiled[tuple(grid) + (1,) * (3 - len(grid))], tail)
+    LAUNCHED[name] = compiled
+
+
+def _plan(key, make):
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _PLANS[key] = make()
+    return plan
+
+
+def _forward_plan(q, k, v, landmarks, topk, router_topk, shared, select, pooled, num_landmarks, allow_tf32):
+    B, H, N, D = q.shape
+    M = landmarks.shape[2] if not pooled else num_landmarks
+    G, n_pad, m_pad = B * H, padded(N), padded(M)
+    routed = topk > 0
+    cfg = fwd_config(G, n_pad, m_pad, D, q.element_size())
+    if pooled and not pools_in_kernel(N, D, q.element_size()):
+        raise ValueError(f"pooling inside the kernel needs N in (128, 256], d = 64, fp16/bf16; got N={N}, d={D}")
+    # per-landmark work (pooling, selection, shared values) in a launch of its own where the config has one
+    prep = bool(cfg.get("prep_bm")) and (pooled or shared or (select and routed))
+    prec = _precision(q.dtype, allow_tf32)
+    lm_strides = (H * m_pad * D, m_pad * D, D) if pooled else _strides(landmarks)
+    plan = {
+        "M": M, "shapes": saved_shapes(B, H, N, M, D, router_topk, topk, shared), "lmk": (G, m_pad, D),
+        "prep": None,
+    }
+    if prep:
+        bm = min(cfg["prep_bm"], m_pad)
+        plan["prep"] = ((G, m_pad // bm), (*_strides(q), *_strides(k), *_strides(v), *lm_strides,
+                                           H, N, M, topk, D ** -0.5), dict(
+            D=D, MP=m_pad, NP=n_pad, BM=bm, DC=16, BKC=min(n_pad, 64), SELECT=select and routed, SHARED=shared,
+            POOLED=pooled, PREC=prec, num_warps=cfg.get("prep_warps") or max(1, bm // 16), num_stages=1))
+    out_strides = (N * H * D, D, H * D)  # token-major, see forward
+    plan["fwd"] = ((G, triton.cdiv(triton.cdiv(N, cfg["BQ"]), cfg["QB_PER_PROG"])), (
+        *_strides(q), *_strides(k), *_strides(v), *lm_strides, *out_strides,
+        H, N, M, topk, triton.cdiv(N, cfg["BK"]), D ** -0.5), dict(
+        D=D, MP=m_pad, NP=n_pad, BQ=cfg["BQ"], BK=cfg["BK"], QB_PER_PROG=cfg["QB_PER_PROG"],
+        R_TOPK=router_topk, SHARED=shared, ROUTED=routed, SELECT=select and routed,
+        MULTI=router_topk == 2 or not select, SELECT_HERE=select and routed and not prep, POOLED=pooled and not prep,
+        PREP=prep,
+        PREC=prec, num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 1)))
+    return plan
+
+
 def forward(q, k, v, landmarks, topk, router_topk, shared, scale_shared, *, sel=None, expert=None,
             pool=None, num_landmarks=None, allow_tf32=False, alloc=torch.empty):
     """Fused forward. ``q, k, v [B, H, N, d]``, ``landmarks [B, H, m, d]`` with unit last stride.
@@ -669,100 +750,100 @@ def forward(q, k, v, landmarks, topk, router_topk, shared, scale_shared, *, sel=
     With ``sel [G, MP, NP]`` (uint8 multiplicity mask) and ``expert [G, N, r]`` (int32, contiguous) the
     routing is taken from them; otherwise it is selected in the kernel. With ``pool`` (``[MP, NP]`` fp32
     pooling weights, zero-padded, see :func:`pool_weights`) and ``num_landmarks`` the landmarks are
-    ``pool @ q``, computed in the kernel (``landmarks`` is ignored; only where :func:`pools_in_kernel` holds). ``alloc(shape, dtype=,
-    device=)`` allocates the outputs (tests pass a poisoning one). Returns ``out [B, H, N, d]`` (token-major
-    memory), ``lse [G, N]`` (base 2), ``sel``, ``expert``, ``vs``, ``lse_sh`` (see the module docstring) and
-    ``lmk [G, MP, d]``, the pooled landmarks (empty without ``pool``).
+    ``pool @ q``, computed in the kernel (``landmarks`` is ignored; only where :func:`pools_in_kernel` holds).
+    ``alloc(shape, dtype=, device=)`` allocates the outputs (tests pass a poisoning one). Returns
+    ``out [B, H, N, d]`` (token-major memory), ``lse [G, N]`` (base 2), ``sel``, ``expert``, ``vs``, ``lse_sh``
+    (see the module docstring) and ``lmk [G, MP, d]``, the pooled landmarks (empty without ``pool``).
     """
     B, H, N, D = q.shape
-    M = landmarks.shape[2] if pool is None else num_landmarks
-    G = B * H
     dev = q.device
     select = expert is None
-    routed = topk > 0
-    n_pad, m_pad = padded(N), padded(M)
-    cfg = fwd_config(G, n_pad, m_pad, D, q.element_size())
-    sel_shape, exp_shape, vs_shape, lsh_shape = saved_shapes(B, H, N, M, D, router_topk, topk, shared)
+    pooled = pool is not None
+    key = ("fwd", q.shape, q.stride(), k.stride(), v.stride(), None if pooled else landmarks.shape,
+           None if pooled else landmarks.stride(), q.dtype, dev, topk, router_topk, shared, select, pooled,
+           num_landmarks, allow_tf32, fwd_config)
+    plan = _plan(key, lambda: _forward_plan(q, k, v, landmarks, topk, router_topk, shared, select, pooled,
+                                                   num_landmarks, allow_tf32))
+    sel_shape, exp_shape, vs_shape, lsh_shape = plan["shapes"]
     # token-major memory ([B, N, H, d] viewed as [B, H, N, d]), as SDPA returns its output: the layer's
     # out.transpose(1, 2).reshape(B, N, C) is then a view, and the projection saves this very tensor
     out = alloc((B, N, H, D), dtype=q.dtype, device=dev).transpose(1, 2)
-    lse = alloc((G, N), dtype=torch.float32, device=dev)
+    lse = alloc((B * H, N), dtype=torch.float32, device=dev)
     if select:
         sel = alloc(sel_shape, dtype=torch.uint8, device=dev)
         expert = alloc(exp_shape, dtype=torch.int32, device=dev)
     vs = alloc(vs_shape, dtype=q.dtype, device=dev)
     lsh = alloc(lsh_shape, dtype=torch.float32, device=dev)
-    pooled = pool is not None
     if pooled:
-        if not pools_in_kernel(N, D, q.element_size()):
-            raise ValueError(f"pooling inside the kernel needs N in (128, 256], d = 64, fp16/bf16; got N={N}, d={D}")
-        lmk = alloc((G, m_pad, D), dtype=q.dtype, device=dev)
-        landmarks = lmk.view(B, H, m_pad, D)
+        lmk = alloc(plan["lmk"], dtype=q.dtype, device=dev)
+        landmarks = lmk.view(B, H, plan["lmk"][1], D)
     else:
         lmk = alloc((0,), dtype=q.dtype, device=dev)
-    # per-landmark work (selection, shared values) in a launch of its own, which reads the landmarks: not
-    # where the attention kernel pools them
-    prep = bool(cfg.get("prep_bm")) and not pooled and (shared or (select and routed))
-    select_here = select and routed and not prep
-    if prep:
-        bm = min(cfg["prep_bm"], m_pad)
-        LAUNCHED["prep"] = _prep_kernel[(G, m_pad // bm)](
-            k, v, landmarks, sel, vs, lsh, *_strides(k), *_strides(v), *_strides(landmarks),
-            H, N, M, topk, D ** -0.5,
-            D=D, MP=m_pad, NP=n_pad, BM=bm, DC=16, BKC=min(n_pad, 64), SELECT=select and routed, SHARED=shared,
-            PREC=_precision(q.dtype, allow_tf32), num_warps=cfg.get("prep_warps") or max(1, bm // 16), num_stages=1,
-        )
-    groups = triton.cdiv(triton.cdiv(N, cfg["BQ"]), cfg["QB_PER_PROG"])
-    LAUNCHED["fwd"] = _fwd_kernel[(G, groups)](
-        q, k, v, landmarks, out, lse, sel, expert, vs, lsh, pool if pooled else lsh, lmk,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(landmarks), *_strides(out),
-        H, N, M, topk, triton.cdiv(N, cfg["BK"]), D ** -0.5, scale_shared,
-        D=D, MP=m_pad, NP=n_pad, BQ=cfg["BQ"], BK=cfg["BK"], QB_PER_PROG=cfg["QB_PER_PROG"],
-        R_TOPK=router_topk, SHARED=shared, ROUTED=routed, SELECT=select and routed,
-        MULTI=router_topk == 2 or not select, SELECT_HERE=select_here, POOLED=pooled, PREP=prep,
-        PREC=_precision(q.dtype, allow_tf32), num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 1),
-    )
+    if plan["prep"] is not None:
+        grid, ints, meta = plan["prep"]
+        _launch("prep", _prep_kernel, grid, (q, k, v, landmarks, sel, vs, lsh, pool if pooled else lsh, lmk, *ints),
+                meta, (key, "prep"))
+    grid, ints, meta = plan["fwd"]
+    _launch("fwd", _fwd_kernel, grid, (q, k, v, landmarks, out, lse, sel, expert, vs, lsh, pool if pooled else lsh,
+                                       lmk, *ints, scale_shared), meta, (key, "fwd"))
     return out, lse, sel, expert, vs, lsh, lmk
 
 
+def _backward_plan(q, k, v, landmarks, out, grad_out, topk, router_topk, shared, multi, pooled, num_landmarks,
+                   allow_tf32, grad_strides):
+    B, H, N, D = q.shape
+    M = landmarks.shape[2] if not pooled else num_landmarks
+    G, n_pad, m_pad = B * H, padded(N), padded(M)
+    cfg = bwd_config(n_pad, m_pad, D, q.element_size())
+    n_qb, n_kb = triton.cdiv(N, cfg["BQ"]), triton.cdiv(N, cfg["BK"])
+    per_head = cfg.get("per_head", False)
+    if pooled and not per_head:
+        raise ValueError("pooling inside the kernel needs the one-program-per-head backward")
+    strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(landmarks), *_strides(grad_out), *_strides(out),
+               *grad_strides)
+    common = dict(D=D, MP=m_pad, NP=n_pad, BK=cfg["BK"], R_TOPK=router_topk, SHARED=shared, ROUTED=topk > 0,
+                  MULTI=multi, PREC=_precision(q.dtype, allow_tf32), num_warps=cfg["num_warps"],
+                  num_stages=cfg.get("num_stages", 1))
+    if per_head:
+        return {"M": M, "per_head": True, "launch": ((G,), (*strides, H, N, M, n_kb, D ** -0.5), dict(
+            common, POOLED=pooled))}
+    return {"M": M, "per_head": False, "launch": ((G, n_kb + n_qb + int(shared)), (
+        *strides, H, N, M, n_kb, n_qb, D ** -0.5), dict(common, BQ=cfg["BQ"]))}
+
+
 def backward(q, k, v, landmarks, out, grad_out, lse, sel, expert, vs, lsh, topk, shared, scale_shared, multi, *,
-             pool=None, num_landmarks=None, lmk=None, allow_tf32=False, alloc=torch.empty):
+             pool=None, num_landmarks=None, lmk=None, allow_tf32=False, alloc=torch.empty, packed=False):
     """Fused backward: ``dq, dk, dv [B, H, N, d]`` and ``dR [B, H, m, d]``, every element written once
     (``dR`` is None without the shared expert: the landmarks then only select, which has no gradient).
     ``multi``: the mask may count a key more than once for a query (r = 2, or a routing passed in).
-    With ``pool`` (and the forward's ``lmk``) the landmark gradient goes into ``dq`` and ``dR`` is None."""
+    With ``pool`` (and the forward's ``lmk``) the landmark gradient goes into ``dq`` and ``dR`` is None.
+    With ``packed`` dq, dk, dv are views of one ``[B, N, 3, H, d]`` tensor (the gradient of a ViT's qkv
+    projection output, as timm reshapes it), returned as a fifth value."""
     B, H, N, D = q.shape
+    dev = q.device
     pooled = pool is not None
-    M = landmarks.shape[2] if not pooled else num_landmarks
     if pooled:
         landmarks = lmk.view(B, H, lmk.shape[1], D)
-    G = B * H
-    dev = q.device
-    n_pad, m_pad = padded(N), padded(M)
-    dq, dk, dv = (alloc((B, H, N, D), dtype=q.dtype, device=dev) for _ in range(3))
-    dr = alloc((B, H, M, D), dtype=q.dtype, device=dev) if shared and not pooled else dq
-    cfg = bwd_config(n_pad, m_pad, D, q.element_size())
-    n_qb, n_kb = triton.cdiv(N, cfg["BQ"]), triton.cdiv(N, cfg["BK"])
+    if packed:
+        dqkv = alloc((B, N, 3, H, D), dtype=q.dtype, device=dev)
+        dq, dk, dv = dqkv.permute(2, 0, 3, 1, 4).unbind(0)
+    else:
+        dqkv = None
+        dq, dk, dv = (alloc((B, H, N, D), dtype=q.dtype, device=dev) for _ in range(3))
     router_topk = expert.shape[-1] if topk > 0 else 1
-    if pooled and not cfg.get("per_head", False):
-        raise ValueError("pooling inside the kernel needs the one-program-per-head backward")
-    if cfg.get("per_head", False):
-        LAUNCHED["bwd"] = _bwd_head_kernel[(G,)](
-            q, k, v, landmarks, out, grad_out, lse, sel, expert, vs, lsh, dq, dk, dv, dr,
-            pool if pooled else lsh,
-            *_strides(q), *_strides(k), *_strides(v), *_strides(landmarks), *_strides(grad_out), *_strides(out),
-            H, N, M, n_kb, D ** -0.5, scale_shared,
-            D=D, MP=m_pad, NP=n_pad, BK=cfg["BK"], R_TOPK=router_topk,
-            SHARED=shared, ROUTED=topk > 0, MULTI=multi, PREC=_precision(q.dtype, allow_tf32), POOLED=pooled,
-            num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 1),
-        )
-        return dq, dk, dv, (dr if shared and not pooled else None)
-    LAUNCHED["bwd"] = _bwd_kernel[(G, n_kb + n_qb + int(shared))](
-        q, k, v, landmarks, out, grad_out, lse, sel, expert, vs, lsh, dq, dk, dv, dr,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(landmarks), *_strides(grad_out), *_strides(out),
-        H, N, M, n_kb, n_qb, D ** -0.5, scale_shared,
-        D=D, MP=m_pad, NP=n_pad, BQ=cfg["BQ"], BK=cfg["BK"], R_TOPK=router_topk,
-        SHARED=shared, ROUTED=topk > 0, MULTI=multi, PREC=_precision(q.dtype, allow_tf32),
-        num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 1),
-    )
-    return dq, dk, dv, (dr if shared else None)
+    key = ("bwd", q.shape, q.stride(), k.stride(), v.stride(), landmarks.shape, landmarks.stride(),
+           grad_out.stride(), out.stride(), q.dtype, dev, topk, router_topk, shared, multi, pooled, num_landmarks,
+           allow_tf32, packed, bwd_config)
+    plan = _plan(key, lambda: _backward_plan(q, k, v, landmarks, out, grad_out, topk, router_topk, shared,
+                                                    multi, pooled, num_landmarks, allow_tf32, _strides(dq)))
+    M = plan["M"]
+    dr = alloc((B, H, M, D), dtype=q.dtype, device=dev) if shared and not pooled else dq
+    grid, ints, meta = plan["launch"]
+    tensors = (q, k, v, landmarks, out, grad_out, lse, sel, expert, vs, lsh, dq, dk, dv, dr)
+    if plan["per_head"]:
+        _launch("bwd", _bwd_head_kernel, grid, (*tensors, pool if pooled else lsh, *ints, scale_shared), meta,
+                key)
+    else:
+        _launch("bwd", _bwd_kernel, grid, (*tensors, *ints, scale_shared), meta, key)
+    dr = dr if shared and not pooled else None
+    return (dq, dk, dv, dr, dqkv) if packed else (dq, dk, dv, dr)

@@ -13,8 +13,11 @@ sweep, and prints one table with the card's name. Peak memory is one forward+bac
 from __future__ import annotations
 
 import argparse
+import cProfile
 import math
+import pstats
 import statistics
+import time
 
 import torch
 import torch.nn.functional as F
@@ -105,6 +108,8 @@ def main():
     p.add_argument("--pool", action="store_true",
                    help="also time the landmarks pooled from q (DeiT grid: 1 + h*w tokens, sqrt(m) x sqrt(m) windows): "
                         "by adaptive_avg_pool2d before the op, and inside the kernels (mita.kernels.POOL_IN_KERNEL)")
+    p.add_argument("--host", action="store_true",
+                   help="host (CPU) time of a forward and of a forward+backward call, and a cProfile of the fused path's")
     p.add_argument("--kernel-times", action="store_true",
                    help="GPU time of the fused kernels alone (profiler) for each config of the sweep")
     args = p.parse_args()
@@ -207,6 +212,11 @@ def main():
 
     if args.profile:
         profile(fused, sets, given=lambda qkv, lm: fused_given(qkv, lm, topk, args.r, d))
+    if args.host:
+        for name, fn in (("sdpa-cudnn", sdpa(SDPBackend.CUDNN_ATTENTION)), ("mita fused", fused)):
+            print(f"host time {name}: forward {host_us(fn, sets, False):.0f} us, "
+                  f"forward+backward {host_us(fn, sets, True):.0f} us", flush=True)
+        host_profile(fused, sets)
     cud = rows[0]
     print(f"\n{dev}, bf16, B={B} H={H} N={N} d={d} m={m} k={topk} r={args.r}, median of {args.reps}")
     print(f"{'method':38s} {'fwd ms':>8s} {'f+b ms':>8s} {'fwd/cuDNN':>10s} {'f+b/cuDNN':>10s} {'peak MiB':>9s}")
@@ -286,6 +296,37 @@ def kernel_times(fn, sets, iters=6):
         elif t:
             out["other"] = round(out.get("other", 0) + t / iters, 1)
     return out
+
+
+def host_us(fn, sets, backward, reps=50):
+    """Median host microseconds of one call (forward, or forward+backward), the GPU idle at its start."""
+    times = []
+    for i in range(reps + 5):
+        x, do = sets[i % len(sets)]
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = fn(*x)
+        if backward:
+            _grad(out, x, do)
+        times.append(time.perf_counter() - t0)
+    torch.cuda.synchronize()
+    return statistics.median(times[5:]) * 1e6
+
+
+def host_profile(fn, sets, reps=50):
+    """cProfile of ``reps`` forward+backward calls: the 25 functions with the most own time."""
+    for x, do in sets:
+        _grad(fn(*x), x, do)
+    torch.cuda.synchronize()
+    prof = cProfile.Profile()
+    prof.enable()
+    for i in range(reps):
+        x, do = sets[i % len(sets)]
+        _grad(fn(*x), x, do)
+        torch.cuda.synchronize()
+    prof.disable()
+    print(f"\ncProfile of {reps} forward+backward calls of the fused path (own time):")
+    pstats.Stats(prof).sort_stats("tottime").print_stats(25)
 
 
 def triton_cdiv(a, b):

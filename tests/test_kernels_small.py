@@ -259,12 +259,18 @@ def _grid_pool_weights(N, h, w, ph, pw, device=DEVICE):
     return pool_patch_queries(eye, N - h * w, h, w, (ph, pw))[0, 0].float().to(device)  # [m, N]
 
 
-@pytest.mark.parametrize("N,h,ph,topk,r,shared", [(17, 4, 2, 3, 1, True), (50, 7, 3, 5, 2, True),
-                                                  (50, 7, 3, 0, 1, True), (37, 6, 2, 6, 1, False)])
-def test_landmarks_pooled_in_the_kernels(small_blocks, monkeypatch, N, h, ph, topk, r, shared):
-    # landmarks W q from pooling weights inside the kernels; their gradient reaches dq there
+@pytest.mark.parametrize("N,h,ph,topk,r,shared,prep", [
+    (17, 4, 2, 3, 1, True, False), (50, 7, 3, 5, 2, True, False), (50, 7, 3, 0, 1, True, False),
+    (37, 6, 2, 6, 1, False, False), (17, 4, 2, 3, 1, True, True), (50, 7, 3, 5, 2, True, True),
+    (50, 7, 3, 0, 1, True, True), (37, 6, 2, 6, 1, False, True)])
+def test_landmarks_pooled_in_the_kernels(small_blocks, monkeypatch, N, h, ph, topk, r, shared, prep):
+    # landmarks W q from pooling weights inside the kernels (the attention programs, or the prep launch);
+    # their gradient reaches dq there
     from mita.kernels import fused_small
 
+    if prep:
+        config = fused_small.fwd_config
+        monkeypatch.setattr(fused_small, "fwd_config", lambda *a: {**config(*a), "prep_bm": 16, "prep_warps": 1})
     monkeypatch.setattr(kernels, "POOL_IN_KERNEL", True)
     monkeypatch.setattr(fused_small, "pools_in_kernel", lambda *a: True)
     monkeypatch.setattr(fused_small, "bwd_config", lambda *a: {"BQ": 16, "BK": 16, "num_warps": 4, "per_head": True})
