@@ -8,7 +8,7 @@ import os
 
 import torch
 
-__all__ = ["available", "supports", "mita_attention", "supports_fused", "mita_attention_fused", "pools_in_kernel",
+__all__ = ["available", "supports", "mita_attention", "supports_fused", "mita_attention_fused", "pools_in_kernel", "qkv_source",
            "landmark_topk", "HEAD_DIMS", "DTYPES", "MAX_LANDMARKS", "MAX_TOPK"]
 
 HEAD_DIMS = (32, 64, 128)
@@ -17,9 +17,9 @@ HEAD_DIMS = (32, 64, 128)
 # kernels.mita_attention send every case they support there. Off, they use the general kernels.
 FUSED_SMALL = True
 # Whether models hand fixed pooling windows to the fused kernels (pools_in_kernel below), which then pool the
-# landmarks from q themselves. Checked in the interpreter; off until the GPU tests of
-# tests/test_kernels_small.py (TestGPU.test_landmarks_pooled_in_the_kernels) have run on a GPU.
-POOL_IN_KERNEL = False
+# landmarks from q themselves (no pooling launches; with timm's qkv views the three gradients are then written
+# as one tensor, kernels.qkv_source).
+POOL_IN_KERNEL = True
 # Whether the general path builds its routing layout with the three Triton launches of kernels/layout_kernels.py
 # instead of ~20 PyTorch ops (the same layout, value for value). Checked in the interpreter; off until timed and
 # tested on a GPU.
@@ -110,7 +110,7 @@ def supports_fused(q: torch.Tensor, landmarks: torch.Tensor, topk: int, router_t
 
 
 def mita_attention_fused(q, k, v, landmarks, topk, router_topk, shared, scale_shared, *, return_routing=False,
-                         allow_tf32=False, pool=None):
+                         allow_tf32=False, pool=None, qkv=None):
     """MiTA with routing selected inside one fused kernel, for cases :func:`supports_fused` accepts.
 
     Landmark-key scores, top-k, gate and shared values are computed in the forward kernel, so no routing
@@ -118,7 +118,9 @@ def mita_attention_fused(q, k, v, landmarks, topk, router_topk, shared, scale_sh
     (0 <= topk <= N) and ``router_topk`` (1 or 2) instead of a routing; top-k and gate ties go to the lower
     index. ``pool``: ``[m, N]`` pooling weights instead of ``landmarks`` (None): the landmarks are
     ``pool @ q`` per head, pooled inside the kernels where they can (then their gradient goes into dq
-    there). Returns ``out [B, H, N, d]`` or ``(out, (topk_idx [B, H, m, topk], expert_idx [B, H, N, r]))``.
+    there). ``qkv``: the ``[B, N, 3, H, d]`` tensor q, k, v are views of (``small_ops.qkv_source``), whose
+    gradient the backward then writes whole. Returns ``out [B, H, N, d]`` or ``(out, (topk_idx [B, H, m, topk],
+    expert_idx [B, H, N, r]))``.
     """
     if pool is not None:
         landmarks = pool  # [m, N]: its m is what the checks below read
@@ -138,7 +140,15 @@ def mita_attention_fused(q, k, v, landmarks, topk, router_topk, shared, scale_sh
 
     return small_ops.mita_attention_small(q, k, v, None if pool is not None else landmarks, topk, router_topk,
                                           shared, scale_shared, return_routing=return_routing,
-                                          allow_tf32=allow_tf32, pool=pool)
+                                          allow_tf32=allow_tf32, pool=pool, qkv=qkv)
+
+
+def qkv_source(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    """The ``[B, N, 3, H, d]`` tensor q, k, v are the views of, as timm's attention makes them, or None
+    (``small_ops.qkv_source``)."""
+    from .small_ops import qkv_source as source
+
+    return source(q, k, v)
 
 
 def pools_in_kernel(q: torch.Tensor, num_landmarks: int, topk: int, router_topk: int) -> bool:

@@ -117,26 +117,31 @@ def _prep_kernel(
     Kh = K + b * stride_kb + h * stride_kh
     sl2 = scale * 1.4426950408889634
     if POOLED:
-        w = tl.load(POOL + lm[:, None] * NP + keys[None, :])  # [BM, NP]
-        qa = _rows(Q + b * stride_qb + h * stride_qh, keys, key_ok, stride_qn, offs_d)  # [NP, D]
-        r = tl.dot(w, qa.to(tl.float32), input_precision=PREC).to(DT)  # [BM, D]
-        tl.store(LMK + (g * MP + lm[:, None]) * D + offs_d[None, :], r)
-        sk = tl.dot(r, tl.trans(_rows(Kh, keys, key_ok, stride_kn, offs_d)), input_precision=PREC)
-    else:
-        sk = tl.zeros([BM, NP], tl.float32)
-        for c in tl.static_range(D // DC):
-            offs_c = c * DC + tl.arange(0, DC)
-            r_c = _rows(Rh, lm, lm_ok, stride_rm, offs_c)  # [BM, DC]
-            k_c = _rows(Kh, keys, key_ok, stride_kn, offs_c)  # [NP, DC]
-            sk = tl.dot(r_c, tl.trans(k_c), sk, input_precision=PREC)
+        # R = W Q in key chunks (the weights in the input dtype, as a pooling op in that dtype would see them;
+        # fp32 accumulation), stored, then read back as the given landmarks would be
+        Qh = Q + b * stride_qb + h * stride_qh
+        r = tl.zeros([BM, D], tl.float32)
+        for kc in tl.static_range(NP // BKC):
+            kcols = kc * BKC + tl.arange(0, BKC)
+            w = tl.load(POOL + lm[:, None] * NP + kcols[None, :]).to(DT)  # [BM, BKC]
+            r = tl.dot(w, _rows(Qh, kcols, kcols < N, stride_qn, offs_d), r, input_precision=PREC)
+        Rh = LMK + g * MP * D
+        tl.store(Rh + lm[:, None] * D + offs_d[None, :], r.to(DT))
+        tl.debug_barrier()
+        stride_rm = D
+    sk = tl.zeros([BM, NP], tl.float32)
+    for c in tl.static_range(D // DC):
+        offs_c = c * DC + tl.arange(0, DC)
+        r_c = _rows(Rh, lm, lm_ok, stride_rm, offs_c)  # [BM, DC]
+        k_c = _rows(Kh, keys, key_ok, stride_kn, offs_c)  # [NP, DC]
+        sk = tl.dot(r_c, tl.trans(k_c), sk, input_precision=PREC)
     if SHARED:
         zmax = tl.max(tl.where(key_ok[None, :], sk * sl2, float("-inf")), 1)  # [BM]
     if SELECT:
         sel = _select_topk(sk, key_ok, lm_ok, TOPK)
         tl.store(SEL + g * MP * NP + lm[:, None] * NP + keys[None, :], sel.to(tl.uint8))
     if SHARED:
-        if not POOLED:
-            r = _rows(Rh, lm, lm_ok, stride_rm, offs_d)  # [BM, D]
+        r = _rows(Rh, lm, lm_ok, stride_rm, offs_d)  # [BM, D]
         Vh = V + b * stride_vb + h * stride_vh
         zsum = tl.zeros([BM], tl.float32)
         acc = tl.zeros([BM, D], tl.float32)

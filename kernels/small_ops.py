@@ -17,7 +17,7 @@ import torch
 
 from . import fused_small
 
-__all__ = ["SMALL_MAX_N", "SMALL_MAX_LANDMARKS", "supports", "mita_attention_small"]
+__all__ = ["SMALL_MAX_N", "SMALL_MAX_LANDMARKS", "supports", "mita_attention_small", "qkv_source"]
 
 # Largest sequence the fused kernels take: a program holds whole rows of a head on chip (N padded to a
 # power of two); 256 covers ViT/DeiT's 197 tokens.
@@ -138,15 +138,18 @@ def _(grad_out, q, k, v, landmarks, out, lse, sel, expert, vs, lse_sh, topk, sha
 
 
 def _backward_kernels(grad_out, q, k, v, landmarks, out, lse, sel, expert, vs, lsh, topk, shared, scale_shared,
-                      multi, allow_tf32, pool, lmk, num_landmarks, empty_dr):
+                      multi, allow_tf32, pool, lmk, num_landmarks, empty_dr, packed=False):
     q, k, v = (_unit_last_stride(t) for t in (q, k, v))
     if pool is None:
         landmarks = _unit_last_stride(landmarks)
     grad_out = _unit_last_stride(grad_out.to(q.dtype))
-    dq, dk, dv, dr = fused_small.backward(
+    grads = fused_small.backward(
         q, k, v, landmarks, out, grad_out, lse, sel, expert, vs, lsh, topk, shared, scale_shared, multi,
-        pool=pool, num_landmarks=num_landmarks, lmk=lmk, allow_tf32=allow_tf32, alloc=_alloc,
+        pool=pool, num_landmarks=num_landmarks, lmk=lmk, allow_tf32=allow_tf32, alloc=_alloc, packed=packed,
     )
+    if packed:
+        return grads[4], grads[3]  # dqkv, dR
+    dq, dk, dv, dr = grads
     if dr is None and empty_dr:
         dr = q.new_empty(0)
     return dq, dk, dv, dr
@@ -202,11 +205,58 @@ class _SmallAttention(torch.autograd.Function):
         return dq, dk, dv, dr, None, None, None, None, None, None, None, None, None
 
 
-def _attention(q, k, v, landmarks, sel, expert, *args):
+class _SmallAttentionPacked(torch.autograd.Function):
+    """:class:`_SmallAttention` with q, k, v handed over as the one ``[B, N, 3, H, d]`` tensor they are views
+    of (a ViT's qkv projection output, reshaped as timm does): the backward writes dq, dk, dv into one tensor
+    of that layout, which is the projection's gradient as it stands (no stack of three gradients after)."""
+
+    @staticmethod
+    def forward(ctx, qkv, landmarks, sel, expert, topk, router_topk, shared, scale_shared, allow_tf32, pool,
+                num_landmarks):
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        args = (topk, router_topk, shared, scale_shared, allow_tf32, pool, num_landmarks)
+        q, k, v, landmarks, outputs = _forward_kernels(q, k, v, landmarks, sel, expert, *args)
+        _setup_context(ctx, (q, k, v, landmarks, sel, expert, *args), outputs)
+        if expert is None:
+            sel, expert = outputs[2:4]
+        ctx.mark_non_differentiable(sel, expert)
+        return outputs[0], sel, expert
+
+    @staticmethod
+    def backward(ctx, grad_out, *_):
+        q, k, v, landmarks, out, lse, sel, expert, vs, lsh, pool, lmk = ctx.saved_tensors
+        topk, shared, scale_shared, multi, allow_tf32, num_landmarks = ctx.meta
+        dqkv, dr = _backward_kernels(grad_out, q, k, v, landmarks, out, lse, sel, expert, vs, lsh, topk, shared,
+                                     scale_shared, multi, allow_tf32, pool, lmk, num_landmarks, empty_dr=False,
+                                     packed=True)
+        return dqkv, dr, None, None, None, None, None, None, None, None, None
+
+
+def qkv_source(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Optional[torch.Tensor]:
+    """The ``[B, N, 3, H, d]`` tensor whose three views q, k, v ``[B, H, N, d]`` are, as timm's attention makes
+    them (``qkv(x).reshape(B, N, 3, H, d).permute(2, 0, 3, 1, 4).unbind(0)``), or None when they are not."""
+    base = q._base
+    if base is None or k._base is not base or v._base is not base or not base.is_contiguous():
+        return None
+    B, H, N, d = q.shape
+    step, size = H * d, q.element_size()
+    if base.numel() != 3 * B * N * step or q.stride() != (3 * N * step, d, 3 * step, 1):
+        return None
+    if k.stride() != q.stride() or v.stride() != q.stride() or k.shape != q.shape or v.shape != q.shape:
+        return None
+    start = base.data_ptr()
+    if (q.data_ptr(), k.data_ptr(), v.data_ptr()) != (start, start + step * size, start + 2 * step * size):
+        return None
+    return base.view(B, N, 3, H, d)
+
+
+def _attention(q, k, v, landmarks, sel, expert, *args, qkv=None):
     """``(out, sel, expert)``: the custom op under ``torch.compile``, the autograd function in eager mode."""
     if torch.compiler.is_compiling():
         out, _, sel_out, exp_out, _, _, _ = small_fwd(q, k, v, landmarks, sel, expert, *args)
         return out, sel_out, exp_out
+    if qkv is not None:
+        return _SmallAttentionPacked.apply(qkv, landmarks, sel, expert, *args)
     return _SmallAttention.apply(q, k, v, landmarks, sel, expert, *args)
 
 
@@ -234,7 +284,7 @@ def selected_keys(sel: torch.Tensor, B: int, H: int, N: int, m: int, topk: int) 
 
 
 def mita_attention_small(q, k, v, landmarks, topk, router_topk, shared, scale_shared, *, routing=None,
-                         return_routing=False, allow_tf32=False, pool=None):
+                         return_routing=False, allow_tf32=False, pool=None, qkv=None):
     """Fused MiTA for ``N <= SMALL_MAX_N`` (see :func:`supports`); inputs validated by the caller.
 
     Args:
@@ -249,6 +299,9 @@ def mita_attention_small(q, k, v, landmarks, topk, router_topk, shared, scale_sh
         pool: optional ``[m, N]`` pooling weights: the landmarks are ``pool @ q`` per head, pooled inside the
             kernels where ``mita.kernels.POOL_IN_KERNEL`` is on and ``fused_small.pools_in_kernel`` holds
             (their gradient then goes into dq there), else in PyTorch before the call.
+        qkv: optional ``[B, N, 3, H, d]`` tensor of which q, k, v are the views (:func:`qkv_source`): the
+            gradient then reaches it as one tensor written by the backward kernel (eager mode; under
+            ``torch.compile`` the three gradients as usual).
 
     Returns:
         ``out [B, H, N, d]``, or ``(out, (topk_idx, expert_idx))`` with ``return_routing``.
@@ -267,7 +320,7 @@ def mita_attention_small(q, k, v, landmarks, topk, router_topk, shared, scale_sh
     m = landmarks.shape[2] if pool_arg is None else m
     args = (topk, router_topk, bool(shared), float(scale_shared), bool(allow_tf32), pool_arg, m)
     if routing is None and topk > 0:
-        out, sel, expert = _attention(q, k, v, landmarks, None, None, *args)
+        out, sel, expert = _attention(q, k, v, landmarks, None, None, *args, qkv=qkv)
         if not return_routing:
             return out
         return out, (selected_keys(sel, B, H, N, m, topk), expert.view(B, H, N, router_topk).long())
@@ -281,5 +334,5 @@ def mita_attention_small(q, k, v, landmarks, topk, router_topk, shared, scale_sh
             routing = (q.new_empty(B, H, m, 0, dtype=torch.long), route_queries(q, lm, router_topk))
     else:
         sel, expert = routing_tensors(*routing, N, m)
-    out = _attention(q, k, v, landmarks, sel, expert, *args)[0]
+    out = _attention(q, k, v, landmarks, sel, expert, *args, qkv=qkv)[0]
     return (out, tuple(routing)) if return_routing else out

@@ -51,6 +51,7 @@ def mita_attention(
     routing: Optional[Routing] = None,
     impl: str = "auto",
     return_routing: bool = False,
+    qkv: Optional[torch.Tensor] = None,
 ):
     """Mixture-of-Top-k Attention.
 
@@ -68,6 +69,10 @@ def mita_attention(
             no selection is recomputed.
         impl: ``"auto"``, ``"torch"``, ``"reference"`` or ``"triton"``.
         return_routing: also return the ``(topk_idx, expert_idx)`` pair used.
+        qkv: optional ``[B, N, 3, H, d]`` tensor of which q, k, v are the views (a ViT's reshaped qkv projection,
+            see ``mita.kernels.small_ops.qkv_source``): the fused short-sequence kernels then write its
+            gradient as one tensor instead of three to be stacked; ignored by the other paths. Pass it only
+            when nothing else differentiates through q, k, v.
 
     Returns:
         ``out [B, H, N, d]``, or ``(out, (topk_idx, expert_idx))`` with ``return_routing``.
@@ -81,7 +86,7 @@ def mita_attention(
             _check_inputs(q, k, v, like, topk, router_topk, shared, shared_scale, impl)
             return kernels.mita_attention_fused(q, k, v, None, topk, router_topk, shared,
                                                 _shared_scale(q.shape[-1], shared_scale),
-                                                return_routing=return_routing, pool=pool)
+                                                return_routing=return_routing, pool=pool, qkv=qkv)
         landmarks = torch.matmul(pool.to(q.dtype), q)  # [B, H, m, d]
     _check_inputs(q, k, v, landmarks, topk, router_topk, shared, shared_scale, impl)
     if _COUNTING and not return_routing:
@@ -90,7 +95,8 @@ def mita_attention(
     if routing is None and impl in ("auto", "triton") and _short_kernel(q, landmarks, topk, router_topk, impl):
         # ViT lengths: selection, shared expert and attention in one fused launch (no routing in memory)
         return kernels.mita_attention_fused(q, k, v, landmarks, topk, router_topk, shared,
-                                            _shared_scale(q.shape[-1], shared_scale), return_routing=return_routing)
+                                            _shared_scale(q.shape[-1], shared_scale), return_routing=return_routing,
+                                            qkv=qkv)
     if routing is None:
         routing = mita_routing(q, k, landmarks, topk, router_topk)
     else:

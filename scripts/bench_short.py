@@ -240,13 +240,21 @@ def pooling_rows(sets, N, m, topk, r, d, reps):
         q, k, v = qkv.permute(2, 0, 3, 1, 4)
         return kernels.mita_attention_fused(q, k, v, None, topk, r, True, 1 / d, pool=W)
 
+    def inside_whole(qkv, lm):
+        # as a timm model's MiTAAttention calls it: q, k, v handed over as the one qkv tensor
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)
+        return kernels.mita_attention_fused(q, k, v, None, topk, r, True, 1 / d, pool=W,
+                                            qkv=kernels.qkv_source(q, k, v))
+
     previous, kernels.POOL_IN_KERNEL = kernels.POOL_IN_KERNEL, True
     try:
         x, _ = sets[0]
         a, b = outside(*x), inside(*x)
         agree = rel_err(a, b)
         rows = []
-        for name, fn in (("fused, pooling before the op", outside), ("fused, pooling in the kernels", inside)):
+        assert rel_err(inside(*x), inside_whole(*x)) == 0
+        for name, fn in (("fused, pooling before the op", outside), ("fused, pooling in the kernels", inside),
+                         ("fused, pooled in kernel, qkv whole", inside_whole)):
             f, fb = time_fn(fn, sets, reps)
             rows.append((name, f, fb, peak(fn, *sets[0])))
         print(f"pooling inside against before: relative difference of the outputs {agree:.1e}", flush=True)

@@ -6,6 +6,7 @@ Attention tests feed both sides the same routing (`routing=`), since rounding ca
 selection tests compare the kernel's own routing with torch's as sets (ties allowed).
 """
 import itertools
+import math
 import os
 
 import torch
@@ -287,6 +288,49 @@ def test_landmarks_pooled_in_the_kernels(small_blocks, monkeypatch, N, h, ph, to
     for name, a, b in zip("qkv", _grads(out, [q, k, v], grad_out.to(out.device, out.dtype)),
                           _grads(ref, ref_in, grad_out.to(ref.device))):
         assert rel_err(a, b) <= 1e-5, f"d{name}"
+
+
+def _projected_qkv(B, N, H, d, seed):
+    """q, k, v as timm's attention makes them: views of one projection output ``[B, N, 3 H d]``."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, N, 8, generator=g).to(DEVICE).requires_grad_()
+    w = torch.randn(3 * H * d, 8, generator=g).to(DEVICE)
+    q, k, v = (x @ w.t()).reshape(B, N, 3, H, d).permute(2, 0, 3, 1, 4).unbind(0)
+    return x, q, k, v
+
+
+@pytest.mark.parametrize("N,m,topk,r,shared,pooled", [(17, 4, 3, 1, True, False), (50, 9, 5, 2, True, True),
+                                                      (37, 4, 6, 1, False, True)])
+def test_qkv_gradient_written_whole(small_blocks, monkeypatch, N, m, topk, r, shared, pooled):
+    # q, k, v handed over as the one [B, N, 3, H, d] tensor: same output and gradients as three tensors
+    from mita.kernels import fused_small
+
+    monkeypatch.setattr(kernels, "POOL_IN_KERNEL", True)
+    monkeypatch.setattr(fused_small, "pools_in_kernel", lambda *a: True)
+    monkeypatch.setattr(fused_small, "bwd_config", lambda *a: {"BQ": 16, "BK": 16, "num_warps": 4, "per_head": True})
+    B, H, d = 2, 2, 32
+    side = math.isqrt(N - 1) if pooled else 0
+    W = _grid_pool_weights(N, side, side, side // 2, side // 2) if pooled else None
+    results = []
+    for packed in (False, True):
+        x, q, k, v = _projected_qkv(B, N, H, d, seed=N)
+        qkv = small_ops.qkv_source(q, k, v)
+        assert qkv is not None and qkv.shape == (B, N, 3, H, d)
+        lm = None if pooled else _inputs(B, H, N, d, m, torch.float32, seed=1)[3].detach()
+        out = small_ops.mita_attention_small(q, k, v, lm, topk, r, shared, 1 / d, pool=W,
+                                             qkv=qkv if packed else None)
+        grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(4)).to(DEVICE)
+        results.append((out.detach(), torch.autograd.grad(out, x, grad_out)[0]))
+    assert torch.allclose(results[0][0], results[1][0]) and torch.allclose(results[0][1], results[1][1])
+
+
+def test_qkv_source_needs_the_three_views_of_one_projection():
+    x, q, k, v = _projected_qkv(1, 5, 2, 32, seed=0)
+    assert small_ops.qkv_source(q, k, v) is not None
+    assert small_ops.qkv_source(q, v, k) is None  # swapped
+    assert small_ops.qkv_source(q.clone(), k, v) is None  # not a view
+    other = _projected_qkv(1, 5, 2, 32, seed=1)
+    assert small_ops.qkv_source(q, k, other[3]) is None  # another projection
 
 
 def test_selection_ties_go_to_lower_index(small_blocks):

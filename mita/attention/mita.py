@@ -111,10 +111,14 @@ class MiTAAttention(AttentionBase):
         # The extractor checks num_landmarks against the patch tokens, the op checks topk against N.
         if (self.landmarks.linear and self.routing is None and self.impl in ("auto", "triton")
                 and kernels.pools_in_kernel(q, self.num_landmarks, self.topk, self.router_topk)):
-            # fixed averaging windows: the fused kernels pool from q themselves (no pooling launches)
+            # fixed averaging windows: the fused kernels pool from q themselves (no pooling launches), and
+            # nothing but the op differentiates through q, k, v (v's depthwise conv aside): their gradient is
+            # written as the one tensor of the qkv projection
             landmarks = self.landmarks.pooling_weights(N, p, h, w, q.device)  # [m, N]
+            qkv = kernels.qkv_source(q, k, v) if self.dwc is None else None
         else:
             landmarks = self.landmarks(q, k, p, h, w)  # [B, H, m, d]
+            qkv = None
         out = mita_attention(
             q, k, v, landmarks, self.topk,
             router_topk=self.router_topk,
@@ -123,6 +127,7 @@ class MiTAAttention(AttentionBase):
             routing=self.routing,
             impl=self.impl,
             return_routing=self.capture_routing,
+            qkv=qkv,
         )
         if self.capture_routing:
             out, self.last_routing = out
