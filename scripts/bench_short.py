@@ -205,7 +205,7 @@ def main():
         f, fb = time_fn(fused, sets, args.reps)
         rows.append(("mita fused (default configs)", f, fb, peak(fused, *sets[0])))
     if args.pool:
-        rows.extend(pooling_rows(sets, N, m, topk, args.r, d, args.reps))
+        rows.extend(pooling_rows(sets, N, m, topk, args.r, d, args.reps, args.kernel_times))
     if args.kernel_times:
         print("default configs, routing passed in, kernel us",
               kernel_times(lambda qkv, lm: fused_given(qkv, lm, topk, args.r, d), sets), flush=True)
@@ -224,7 +224,7 @@ def main():
         print(f"{name:38s} {f:8.3f} {fb:8.3f} {f / cud[1]:10.2f} {fb / cud[2]:10.2f} {pk:9.1f}")
 
 
-def pooling_rows(sets, N, m, topk, r, d, reps):
+def pooling_rows(sets, N, m, topk, r, d, reps, kernel_us=False):
     """The fused path with the landmarks pooled from q: by ``pool_patch_queries`` in PyTorch, and inside the
     kernels from the same windows' ``[m, N]`` weights (checked against each other first)."""
     side, grid = math.isqrt(m), math.isqrt(N - 1)
@@ -257,6 +257,8 @@ def pooling_rows(sets, N, m, topk, r, d, reps):
                          ("fused, pooled in kernel, qkv whole", inside_whole)):
             f, fb = time_fn(fn, sets, reps)
             rows.append((name, f, fb, peak(fn, *sets[0])))
+            if kernel_us:
+                print(name, "kernel us", kernel_times(fn, sets), flush=True)
         print(f"pooling inside against before: relative difference of the outputs {agree:.1e}", flush=True)
         return rows
     finally:
