@@ -158,11 +158,11 @@ def main():
         # forward: warps/BQ/BK/query blocks a program (0: all)/stages/landmarks a prep program (0: selection
         # and shared values inside the attention kernel)/warps a prep program;
         # backward: warps/BQ/BK/one program a head (0/1)/stages
-        fwd_cfgs = [(8, 256, 64, 0, 1, 0, 0), (8, 256, 64, 0, 1, 16, 1), (4, 64, 64, 1, 1, 16, 1),
-                    (4, 64, 32, 1, 1, 16, 1), (8, 128, 64, 1, 1, 16, 1), (4, 128, 64, 1, 1, 16, 1),
-                    (4, 64, 64, 1, 1, 32, 2), (4, 64, 64, 1, 1, 16, 4), (4, 64, 64, 1, 1, 32, 4)]
-        bwd_cfgs = [(8, 64, 32, 1, 1), (4, 64, 64, 0, 1)]
-        combos = [(fc, bwd_cfgs[0]) for fc in fwd_cfgs] + [(fwd_cfgs[2], bc) for bc in bwd_cfgs[1:]]
+        fwd_cfgs = [(8, 128, 64, 1, 1, 32, 4), (8, 256, 64, 0, 1, 0, 0), (16, 256, 32, 0, 1, 0, 0),
+                    (16, 256, 64, 0, 1, 0, 0), (16, 256, 64, 0, 1, 32, 4), (8, 128, 64, 1, 1, 32, 8),
+                    (4, 64, 64, 1, 1, 32, 4)]
+        bwd_cfgs = [(8, 64, 32, 1, 1), (16, 64, 32, 1, 1), (16, 64, 16, 1, 1), (8, 64, 64, 0, 1)]
+        combos = [(fc, bwd_cfgs[0]) for fc in fwd_cfgs] + [(fwd_cfgs[0], bc) for bc in bwd_cfgs[1:]]
     elif args.configs == "default":
         combos = []
     else:
