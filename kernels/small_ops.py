@@ -234,7 +234,10 @@ class _SmallAttentionPacked(torch.autograd.Function):
 
 def qkv_source(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Optional[torch.Tensor]:
     """The ``[B, N, 3, H, d]`` tensor whose three views q, k, v ``[B, H, N, d]`` are, as timm's attention makes
-    them (``qkv(x).reshape(B, N, 3, H, d).permute(2, 0, 3, 1, 4).unbind(0)``), or None when they are not."""
+    them (``qkv(x).reshape(B, N, 3, H, d).permute(2, 0, 3, 1, 4).unbind(0)``), or None when they are not (and
+    under ``torch.compile``, which traces the custom ops with three gradients: ``_base`` would break its graph)."""
+    if torch.compiler.is_compiling():
+        return None
     base = q._base
     if base is None or k._base is not base or v._base is not base or not base.is_contiguous():
         return None

@@ -378,6 +378,22 @@ def test_custom_op_traces_under_torch_compile(small_blocks):
     _assert_same_as_eager(compiled, f, _inputs(1, 2, 20, 32, 4, torch.float32, seed=3))
 
 
+def test_attention_layer_pooling_in_the_kernels_compiles_whole(small_blocks, monkeypatch):
+    # the layer as a timm model runs it (grid pooling weights handed to the kernels, q, k, v as one qkv tensor
+    # in eager mode): torch.compile traces it in one graph and matches eager
+    from mita.attention import MiTAAttention
+    from mita.kernels import fused_small
+
+    monkeypatch.setattr(kernels, "pools_in_kernel", lambda *a: True)
+    monkeypatch.setattr(fused_small, "pools_in_kernel", lambda *a: True)
+    monkeypatch.setattr(fused_small, "bwd_config", lambda *a: {"BQ": 16, "BK": 16, "num_warps": 4, "per_head": True})
+    layer = MiTAAttention(64, num_heads=2, num_landmarks=4, topk=5, impl="triton").to(DEVICE)
+    x = torch.randn(2, 17, 64, generator=torch.Generator().manual_seed(0)).to(DEVICE).requires_grad_()
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    _assert_same_as_eager(lambda x: compiled(x), layer, [x])
+
+
 def test_activation_checkpointing_recomputes_the_same_routing(small_blocks):
     # the recomputed forward selects again in the kernel: it must pick the same routing, so the gradients
     # equal those of the call without checkpointing
