@@ -100,7 +100,8 @@ def _forward_kernels(q, k, v, landmarks, sel, expert, topk, router_topk, shared,
 
 
 @small_fwd.register_fake
-def _(q, k, v, landmarks, sel, expert, topk, router_topk, shared, scale_shared, allow_tf32, pool, num_landmarks):
+def _small_fwd_fake(q, k, v, landmarks, sel, expert, topk, router_topk, shared, scale_shared, allow_tf32, pool,
+                    num_landmarks):
     B, H, N, d = q.shape
     m = landmarks.shape[2] if pool is None else num_landmarks
     sel_shape, exp_shape, vs_shape, lsh_shape = fused_small.saved_shapes(B, H, N, m, d, router_topk, topk, shared)
@@ -180,6 +181,72 @@ def _backward(ctx, grad_out, *_):
 torch.library.register_autograd("mita::small_fwd", _backward, setup_context=_setup_context)
 
 
+def _views(qkv: torch.Tensor):
+    """q, k, v ``[B, H, N, d]`` of a ``[B, N, 3, H, d]`` tensor."""
+    return qkv.permute(2, 0, 3, 1, 4).unbind(0)
+
+
+@torch.library.custom_op("mita::small_fwd_qkv", mutates_args=())
+def small_fwd_qkv(
+    qkv: torch.Tensor, landmarks: torch.Tensor, sel: Optional[torch.Tensor], expert: Optional[torch.Tensor],
+    topk: int, router_topk: int, shared: bool, scale_shared: float, allow_tf32: bool, pool: Optional[torch.Tensor],
+    num_landmarks: int,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`small_fwd` with q, k, v given as the ``[B, N, 3, H, d]`` tensor they are views of."""
+    return small_fwd(*_views(qkv), landmarks, sel, expert, topk, router_topk, shared, scale_shared, allow_tf32, pool,
+                     num_landmarks)
+
+
+@small_fwd_qkv.register_fake
+def _(qkv, landmarks, sel, expert, topk, router_topk, shared, scale_shared, allow_tf32, pool, num_landmarks):
+    q, k, v = _views(qkv)
+    return _small_fwd_fake(q, k, v, landmarks, sel, expert, topk, router_topk, shared, scale_shared, allow_tf32,
+                           pool, num_landmarks)
+
+
+@torch.library.custom_op("mita::small_bwd_qkv", mutates_args=())
+def small_bwd_qkv(
+    grad_out: torch.Tensor, qkv: torch.Tensor, landmarks: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+    sel: torch.Tensor, expert: torch.Tensor, vs: torch.Tensor, lse_sh: torch.Tensor, topk: int, shared: bool,
+    scale_shared: float, multi: bool, allow_tf32: bool, pool: Optional[torch.Tensor], lmk: torch.Tensor,
+    num_landmarks: int,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(dqkv [B, N, 3, H, d], dR)``: :func:`small_bwd` with the three gradients written as one tensor."""
+    dqkv, dr = _backward_kernels(grad_out, *_views(qkv), landmarks, out, lse, sel, expert, vs, lse_sh, topk, shared,
+                                 scale_shared, multi, allow_tf32, pool, lmk, num_landmarks, empty_dr=True,
+                                 packed=True)
+    return dqkv, (qkv.new_empty(0) if dr is None else dr)
+
+
+@small_bwd_qkv.register_fake
+def _(grad_out, qkv, landmarks, out, lse, sel, expert, vs, lse_sh, topk, shared, scale_shared, multi, allow_tf32,
+      pool, lmk, num_landmarks):
+    return qkv.new_empty(qkv.shape), (landmarks.new_empty(landmarks.shape) if shared and pool is None
+                                      else qkv.new_empty(0))
+
+
+def _setup_context_qkv(ctx, inputs, output):
+    qkv, landmarks, sel, expert, topk, router_topk, shared, scale_shared, allow_tf32, pool, num_landmarks = inputs
+    out, lse, sel_out, exp_out, vs, lsh, lmk = output
+    multi = expert is not None or router_topk == 2
+    if expert is None:
+        sel, expert = sel_out, exp_out
+    ctx.save_for_backward(qkv, landmarks, out, lse, sel, expert, vs, lsh, pool, lmk)
+    ctx.meta = (topk, shared, scale_shared, multi, allow_tf32, num_landmarks)
+
+
+def _backward_qkv(ctx, grad_out, *_):
+    qkv, landmarks, out, lse, sel, expert, vs, lsh, pool, lmk = ctx.saved_tensors
+    topk, shared, scale_shared, multi, allow_tf32, num_landmarks = ctx.meta
+    dqkv, dr = small_bwd_qkv(grad_out, qkv, landmarks, out, lse, sel, expert, vs, lsh, topk, shared, scale_shared,
+                             multi, allow_tf32, pool, lmk, num_landmarks)
+    dr = dr if shared and pool is None else None
+    return dqkv, dr, None, None, None, None, None, None, None, None, None
+
+
+torch.library.register_autograd("mita::small_fwd_qkv", _backward_qkv, setup_context=_setup_context_qkv)
+
+
 class _SmallAttention(torch.autograd.Function):
     """The same forward and backward as the custom ops, without their dispatch (about half of the host time
     of an eager forward+backward); ``torch.compile`` traces the custom ops instead."""
@@ -256,7 +323,10 @@ def qkv_source(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Optional[to
 def _attention(q, k, v, landmarks, sel, expert, *args, qkv=None):
     """``(out, sel, expert)``: the custom op under ``torch.compile``, the autograd function in eager mode."""
     if torch.compiler.is_compiling():
-        out, _, sel_out, exp_out, _, _, _ = small_fwd(q, k, v, landmarks, sel, expert, *args)
+        if qkv is not None:
+            out, _, sel_out, exp_out, _, _, _ = small_fwd_qkv(qkv, landmarks, sel, expert, *args)
+        else:
+            out, _, sel_out, exp_out, _, _, _ = small_fwd(q, k, v, landmarks, sel, expert, *args)
         return out, sel_out, exp_out
     if qkv is not None:
         return _SmallAttentionPacked.apply(qkv, landmarks, sel, expert, *args)

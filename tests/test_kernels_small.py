@@ -428,6 +428,16 @@ def test_output_token_major_and_fake_kernels_match(small_blocks, routed):
     grads = small_ops.small_bwd(*bwd_args)
     for a, b in zip(grads, small_ops.small_bwd(grad, q, k, v, landmarks, out.contiguous(), *bwd_args[6:])):
         assert torch.equal(a, b)
+    # the pair taking q, k, v as their one [B, N, 3, H, d] tensor: the same values, dqkv in that layout
+    fwd_qkv = (qkv, *fwd_args[3:])
+    torch.library.opcheck(small_ops.small_fwd_qkv, fwd_qkv, test_utils=("test_schema", "test_faketensor"))
+    assert torch.equal(small_ops.small_fwd_qkv(*fwd_qkv)[0], out)
+    bwd_qkv = (grad, qkv, *bwd_args[4:])
+    torch.library.opcheck(small_ops.small_bwd_qkv, bwd_qkv, test_utils=("test_schema", "test_faketensor"))
+    dqkv, dr = small_ops.small_bwd_qkv(*bwd_qkv)
+    assert dqkv.shape == qkv.shape and torch.equal(dr, grads[3])
+    for a, b in zip(dqkv.permute(2, 0, 3, 1, 4).unbind(0), grads[:3]):
+        assert torch.equal(a, b)
 
 
 def _gpu_cases():

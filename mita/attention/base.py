@@ -32,6 +32,9 @@ class AttentionBase(nn.Module):
     #: whether ``attend`` honours ``attn_mask`` / ``is_causal``; subclasses that can set these True
     supports_attn_mask: bool = False
     supports_causal: bool = False
+    #: whether ``attend`` takes ``qkv=``: the ``[B, N, 3, H, d]`` projection q, k, v are views of (None when a
+    #: norm or rotary embedding made new ones), so a kernel can write their gradient as that one tensor
+    takes_qkv: bool = False
 
     def __init__(
         self,
@@ -123,11 +126,18 @@ class AttentionBase(nn.Module):
     # -- pieces shared by all variants -------------------------------------------------------
     def project_qkv(self, x: torch.Tensor):
         """``x`` [B, N, C] -> q, k, v [B, H, N, d] with q/k norms and rotary embedding applied."""
+        return self.project_qkv_packed(x)[:3]
+
+    def project_qkv_packed(self, x: torch.Tensor):
+        """:meth:`project_qkv` and the ``[B, N, 3, H, d]`` projection q, k, v are the views of, or None once a
+        norm or the rotary embedding made new q, k."""
         B, N, C = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)  # [B, H, N, d] each
-        q, k = self.q_norm(q), self.k_norm(k)
+        packed = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim)
+        q, k, v = packed.permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, N, d] each
+        if not (isinstance(self.q_norm, nn.Identity) and isinstance(self.k_norm, nn.Identity)):
+            q, k, packed = self.q_norm(q), self.k_norm(k), None
         if self.rope is not None:
+            packed = None
             from timm.layers import apply_rot_embed_cat
 
             rope = self.rope.to(q.dtype)
@@ -137,7 +147,7 @@ class AttentionBase(nn.Module):
                 p = int(self.num_prefix_tokens)
                 q = torch.cat([q[:, :, :p], apply_rot_embed_cat(q[:, :, p:], rope)], dim=2)
                 k = torch.cat([k[:, :, :p], apply_rot_embed_cat(k[:, :, p:], rope)], dim=2)
-        return q, k, v
+        return q, k, v, packed
 
     def dwc_term(self, v: torch.Tensor) -> torch.Tensor:
         """Depthwise 3x3 conv over V's patch grid: v [B, H, N, d] -> [B, N, C], zeros for prefix tokens."""
@@ -169,8 +179,12 @@ class AttentionBase(nn.Module):
         B, N, C = x.shape
         if C != self.dim:
             raise ValueError(f"x has width {C}, expected dim={self.dim}")
-        q, k, v = self.project_qkv(x)
-        out = self.attend(q, k, v, attn_mask=attn_mask, is_causal=is_causal)  # [B, H, N, d]
+        if self.takes_qkv:
+            q, k, v, packed = self.project_qkv_packed(x)
+            out = self.attend(q, k, v, attn_mask=attn_mask, is_causal=is_causal, qkv=packed)  # [B, H, N, d]
+        else:
+            q, k, v = self.project_qkv(x)
+            out = self.attend(q, k, v, attn_mask=attn_mask, is_causal=is_causal)  # [B, H, N, d]
         out = out.transpose(1, 2).reshape(B, N, C)
         if self.dwc is not None:
             out = out + self.dwc_term(v)

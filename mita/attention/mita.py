@@ -104,8 +104,11 @@ class MiTAAttention(AttentionBase):
         self.last_routing: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
         self.last_landmarks: Optional[torch.Tensor] = None
 
-    def attend(self, q, k, v, attn_mask=None, is_causal: bool = False) -> torch.Tensor:
-        """q, k, v [B, H, N, d] -> [B, H, N, d]."""
+    takes_qkv = True
+
+    def attend(self, q, k, v, attn_mask=None, is_causal: bool = False, qkv=None) -> torch.Tensor:
+        """q, k, v [B, H, N, d] -> [B, H, N, d]; ``qkv``: the ``[B, N, 3, H, d]`` projection they are views of
+        (or None), whose gradient the fused kernels then write whole."""
         N = q.shape[2]
         p, h, w = self.token_grid(N)
         # The extractor checks num_landmarks against the patch tokens, the op checks topk against N.
@@ -115,7 +118,7 @@ class MiTAAttention(AttentionBase):
             # nothing but the op differentiates through q, k, v (v's depthwise conv aside): their gradient is
             # written as the one tensor of the qkv projection
             landmarks = self.landmarks.pooling_weights(N, p, h, w, q.device)  # [m, N]
-            qkv = kernels.qkv_source(q, k, v) if self.dwc is None else None
+            qkv = qkv if self.dwc is None else None
         else:
             landmarks = self.landmarks(q, k, p, h, w)  # [B, H, m, d]
             qkv = None
