@@ -304,14 +304,17 @@ def _onehot_t(EXPh, rows, ok, lm, R_TOPK: tl.constexpr):
 
 @triton.jit
 def _bwd_keys(
-    Qh, Kh, Vh, Rh, Oh, DOh, LSEh, SELg, EXPh, VSg, LSHg, DKg, DVg,
+    Qh, Kh, Vh, Rh, Oh, DOh, LSEh, SELg, EXPh, VSg, LSHg, DKg, DVg, DVSg,
     stride_qn, stride_kn, stride_vn, stride_rm, stride_don, stride_on, stride_gn,
     kb, N, M, NQB, scale, scale_shared,
     D: tl.constexpr, MP: tl.constexpr, NP: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
     R_TOPK: tl.constexpr, SHARED: tl.constexpr, ROUTED: tl.constexpr, MULTI: tl.constexpr, PREC: tl.constexpr,
+    DVS_GIVEN: tl.constexpr,
 ):
     """dK, dV of keys ``kb*BK ..``: transposed tiles (keys as rows, as FlashAttention's dK/dV loop) over
-    every query block; routed pairs, then the path through the shared values ``V~ = A V``."""
+    every query block; routed pairs, then the path through the shared values ``V~ = A V``, whose gradient
+    ``dV~ = P_sh^T dO`` (a sum over every query) is summed in the same loop, or read from ``DVSg [MP, D]``
+    (fp32) where the landmark program of an earlier launch wrote it (``DVS_GIVEN``)."""
     DT = Qh.dtype.element_ty
     offs_d = tl.arange(0, D)
     lm = tl.arange(0, MP)
@@ -329,7 +332,7 @@ def _bwd_keys(
         sel_t = tl.load(SELg + lm[None, :] * NP + kcols[:, None]).to(tl.float16)  # [BK, MP]
     if SHARED:
         r = _rows(Rh, lm, lm_ok, stride_rm, offs_d)  # [MP, D]
-    for qb in range(NQB):
+    for qb in range(NQB if (ROUTED or (SHARED and not DVS_GIVEN)) else 0):
         rows = qb * BQ + tl.arange(0, BQ)
         q_ok = rows < N
         q, do, delta, lse = _grad_rows(Qh, DOh, Oh, LSEh, rows, q_ok, stride_qn, stride_don, stride_on, offs_d)
@@ -343,7 +346,7 @@ def _bwd_keys(
             ds_t = p_t * (dp_t - delta[None, :])
             dv = tl.dot(p_t.to(DT), do, dv, input_precision=PREC)
             dk = tl.dot(ds_t.to(DT), q, dk, input_precision=PREC)
-        if SHARED:
+        if SHARED and not DVS_GIVEN:
             # dV~ = P_sh^T dO, summed over every query block
             ps_t = tl.dot(r, tl.trans(q), input_precision=PREC) * cl2  # [MP, BQ]
             ps_t = tl.where(lm_ok[:, None] & q_ok[None, :], tl.exp2(ps_t - lse[None, :]), 0.0)
@@ -351,6 +354,8 @@ def _bwd_keys(
     if SHARED:
         vs = tl.load(VSg + lm[:, None] * D + offs_d[None, :])  # [MP, D]
         lsh = tl.load(LSHg + lm)
+        if DVS_GIVEN:
+            dvs = tl.load(DVSg + lm[:, None] * D + offs_d[None, :])
         dvs_dt = dvs.to(DT)
         # V~ = A V, A = softmax(s R K^T): dV += A^T dV~, dL = A (dV~ V^T - rowsum(dV~ V~)), dK += s dL^T R
         a_t = tl.dot(kblk, tl.trans(r), input_precision=PREC) * sl2  # [BK, MP]
@@ -411,12 +416,15 @@ def _bwd_queries(
 
 @triton.jit
 def _bwd_landmarks(
-    Qh, Kh, Vh, Rh, Oh, DOh, LSEh, VSg, LSHg, DRg,
+    Qh, Kh, Vh, Rh, Oh, DOh, LSEh, VSg, LSHg, DRg, DVSg,
     stride_qn, stride_kn, stride_vn, stride_rm, stride_don, stride_on,
     N, M, NQB, NKB, scale, scale_shared,
     D: tl.constexpr, MP: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
+    STORE_DVS: tl.constexpr,
 ):
-    """dR = c dS_sh^T Q (shared logits) + s dL K (landmark attention of the shared values)."""
+    """dR = c dS_sh^T Q (shared logits) + s dL K (landmark attention of the shared values); with
+    ``STORE_DVS`` also ``dV~ = P_sh^T dO`` (fp32) into ``DVSg [MP, D]`` for the key programs of the next
+    launch."""
     DT = Qh.dtype.element_ty
     offs_d = tl.arange(0, D)
     lm = tl.arange(0, MP)
@@ -438,6 +446,8 @@ def _bwd_landmarks(
         dss_t = ps_t * (tl.dot(vs, tl.trans(do), input_precision=PREC) - delta[None, :])
         dr = tl.dot(dss_t.to(DT), q, dr, input_precision=PREC)
     dr = dr * scale_shared
+    if STORE_DVS:
+        tl.store(DVSg + lm[:, None] * D + offs_d[None, :], dvs)
     dvs_dt = dvs.to(DT)
     vs_dot = tl.sum(dvs * vs.to(tl.float32), 1)
     dl_k = tl.zeros([MP, D], tl.float32)
@@ -552,15 +562,19 @@ def _bwd_head_kernel(
 
 @triton.jit
 def _bwd_kernel(
-    Q, K, V, R, O, DO, LSE, SEL, EXP, VS, LSH, DQ, DK, DV, DR,
+    Q, K, V, R, O, DO, LSE, SEL, EXP, VS, LSH, DQ, DK, DV, DR, DVS,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn, stride_rb, stride_rh, stride_rm,
     stride_dob, stride_doh, stride_don, stride_ob, stride_oh, stride_on, stride_gb, stride_gh, stride_gn,
     H, N, M, NKB, NQB, scale, scale_shared,
     D: tl.constexpr, MP: tl.constexpr, NP: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
     R_TOPK: tl.constexpr, SHARED: tl.constexpr, ROUTED: tl.constexpr, MULTI: tl.constexpr, PREC: tl.constexpr,
+    PHASE: tl.constexpr,
 ):
-    # programs (g, j): j < NKB own a key block (dK, dV), the next NQB a query block (dQ), the last dR
+    # PHASE 0, one launch: programs (g, j): j < NKB own a key block (dK, dV), the next NQB a query block (dQ),
+    # the last dR. Two launches, each compiled for its own programs only (fewer registers than the three
+    # kinds together): PHASE 1: j < NQB a query block, the last dR and dV~ into DVS [G, MP, D] (fp32);
+    # PHASE 2: j < NKB a key block, reading dV~.
     g = tl.program_id(0).to(tl.int64)
     j = tl.program_id(1)
     b = g // H
@@ -571,25 +585,26 @@ def _bwd_kernel(
     Rh = R + b * stride_rb + h * stride_rh
     DOh = DO + b * stride_dob + h * stride_doh
     Oh = O + b * stride_ob + h * stride_oh
-    if j < NKB:
+    n_keys = NKB if PHASE == 0 else 0
+    if PHASE == 2 or (PHASE == 0 and j < NKB):
         _bwd_keys(
             Qh, Kh, Vh, Rh, Oh, DOh, LSE + g * N, SEL + g * MP * NP, EXP + g * N * R_TOPK, VS + g * MP * D,
-            LSH + g * MP, DK + b * stride_gb + h * stride_gh, DV + b * stride_gb + h * stride_gh,
+            LSH + g * MP, DK + b * stride_gb + h * stride_gh, DV + b * stride_gb + h * stride_gh, DVS + g * MP * D,
             stride_qn, stride_kn, stride_vn, stride_rm, stride_don, stride_on, stride_gn,
-            j, N, M, NQB, scale, scale_shared, D, MP, NP, BQ, BK, R_TOPK, SHARED, ROUTED, MULTI, PREC,
+            j, N, M, NQB, scale, scale_shared, D, MP, NP, BQ, BK, R_TOPK, SHARED, ROUTED, MULTI, PREC, PHASE == 2,
         )
-    elif j < NKB + NQB:
+    elif j < n_keys + NQB:
         _bwd_queries(
             Qh, Kh, Vh, Rh, Oh, DOh, LSE + g * N, SEL + g * MP * NP, EXP + g * N * R_TOPK, VS + g * MP * D,
             DQ + b * stride_gb + h * stride_gh,
             stride_qn, stride_kn, stride_vn, stride_rm, stride_don, stride_on, stride_gn,
-            j - NKB, N, M, NKB, scale, scale_shared, D, MP, NP, BQ, BK, R_TOPK, SHARED, ROUTED, MULTI, PREC,
+            j - n_keys, N, M, NKB, scale, scale_shared, D, MP, NP, BQ, BK, R_TOPK, SHARED, ROUTED, MULTI, PREC,
         )
     elif SHARED:
         _bwd_landmarks(
-            Qh, Kh, Vh, Rh, Oh, DOh, LSE + g * N, VS + g * MP * D, LSH + g * MP, DR + g * M * D,
+            Qh, Kh, Vh, Rh, Oh, DOh, LSE + g * N, VS + g * MP * D, LSH + g * MP, DR + g * M * D, DVS + g * MP * D,
             stride_qn, stride_kn, stride_vn, stride_rm, stride_don, stride_on,
-            N, M, NQB, NKB, scale, scale_shared, D, MP, BQ, BK, PREC,
+            N, M, NQB, NKB, scale, scale_shared, D, MP, BQ, BK, PREC, PHASE == 1,
         )
 
 
@@ -648,7 +663,9 @@ def fwd_config(num_heads: int, n_pad: int, m_pad: int, head_dim: int, itemsize: 
 def bwd_config(n_pad: int, m_pad: int, head_dim: int, itemsize: int) -> dict:
     """Backward launch: one program per head (``per_head``: every query at once, key blocks of ``BK``; its
     ``[NP, d]`` tiles take 200 KB of shared memory at d = 64) where :func:`_wide` holds, else programs per
-    key block, query block and landmark block (``BQ``, ``BK``); warps, stages.
+    key block, query block and landmark block (``BQ``, ``BK``); warps, stages. ``split`` (optional, not yet
+    timed): the block programs in two launches, query blocks and dR first (storing ``dV~``), key blocks
+    second, each compiled for its own programs (``split_warps``: the warps of each).
 
     H200, DeiT-S shape, bf16: backward 0.82 ms with one program per head against 1.18 ms with programs
     per block.
@@ -812,8 +829,15 @@ def _backward_plan(q, k, v, landmarks, out, grad_out, topk, router_topk, shared,
     if per_head:
         return {"M": M, "per_head": True, "launch": ((G,), (*strides, H, N, M, n_kb, D ** -0.5), dict(
             common, POOLED=pooled))}
-    return {"M": M, "per_head": False, "launch": ((G, n_kb + n_qb + int(shared)), (
-        *strides, H, N, M, n_kb, n_qb, D ** -0.5), dict(common, BQ=cfg["BQ"]))}
+    ints = (*strides, H, N, M, n_kb, n_qb, D ** -0.5)
+    if not cfg.get("split", False):
+        return {"M": M, "per_head": False, "launches": [((G, n_kb + n_qb + int(shared)), ints,
+                                                         dict(common, BQ=cfg["BQ"], PHASE=0))]}
+    # two launches: query blocks and dR (storing dV~), then key blocks; warps of each
+    w1, w2 = cfg.get("split_warps", (cfg["num_warps"], cfg["num_warps"]))
+    return {"M": M, "per_head": False, "dvs": (G, m_pad, D) if shared else None, "launches": [
+        ((G, n_qb + int(shared)), ints, dict(common, BQ=cfg["BQ"], PHASE=1, num_warps=w1)),
+        ((G, n_kb), ints, dict(common, BQ=cfg["BQ"], PHASE=2, num_warps=w2))]}
 
 
 def backward(q, k, v, landmarks, out, grad_out, lse, sel, expert, vs, lsh, topk, shared, scale_shared, multi, *,
@@ -843,12 +867,15 @@ def backward(q, k, v, landmarks, out, grad_out, lse, sel, expert, vs, lsh, topk,
                                                     multi, pooled, num_landmarks, allow_tf32, _strides(dq)))
     M = plan["M"]
     dr = alloc((B, H, M, D), dtype=q.dtype, device=dev) if shared and not pooled else dq
-    grid, ints, meta = plan["launch"]
     tensors = (q, k, v, landmarks, out, grad_out, lse, sel, expert, vs, lsh, dq, dk, dv, dr)
     if plan["per_head"]:
+        grid, ints, meta = plan["launch"]
         _launch("bwd", _bwd_head_kernel, grid, (*tensors, pool if pooled else lsh, *ints, scale_shared), meta,
                 key)
     else:
-        _launch("bwd", _bwd_kernel, grid, (*tensors, *ints, scale_shared), meta, key)
+        # dV~ between the two launches of the split backward (fp32, [G, MP, d])
+        dvs = alloc(plan["dvs"], dtype=torch.float32, device=dev) if plan.get("dvs") else lsh
+        for i, (grid, ints, meta) in enumerate(plan["launches"]):
+            _launch(f"bwd{i or ''}", _bwd_kernel, grid, (*tensors, dvs, *ints, scale_shared), meta, (key, i))
     dr = dr if shared and not pooled else None
     return (dq, dk, dv, dr, dqkv) if packed else (dq, dk, dv, dr)

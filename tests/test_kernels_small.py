@@ -134,6 +134,15 @@ def test_prep_launch_with_given_routing(small_blocks, monkeypatch, N, m, topk, r
     _compare(B, 2, N, 32, m, topk, r, shared, scale, seed=N + m + topk + 2)
 
 
+@pytest.mark.parametrize("N,m,topk,r,shared,scale,B", _small_cases()[::3])
+def test_backward_in_two_launches(small_blocks, monkeypatch, N, m, topk, r, shared, scale, B):
+    # query blocks and dR first (dV~ stored), key blocks second: the same gradients
+    from mita.kernels import fused_small
+
+    monkeypatch.setattr(fused_small, "bwd_config", lambda *a: {"BQ": 16, "BK": 16, "num_warps": 4, "split": True})
+    _compare(B, 2, N, 32, m, topk, r, shared, scale, seed=N + m + topk + 3)
+
+
 def test_several_programs_per_head(small_blocks):
     # one query block per forward program: each recomputes the selection into its own mask copy
     small_blocks(qb_per_prog=2)
