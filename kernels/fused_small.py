@@ -35,7 +35,65 @@ LAUNCHED = {}
 
 
 @triton.jit
-def _select_topk(sk, key_ok, lm_ok, TOPK):
+def _store_topk(sk, key_ok, lm_ok, TOPK, PTRS, SEARCH: tl.constexpr = 16):
+    """Stores to ``PTRS`` (uint8 pointers shaped as ``sk``) the 0/1 mask of the TOPK largest entries of each
+    valid row of ``sk`` (ties: smallest index first; rows outside ``lm_ok`` select nothing; at most 1023
+    columns).
+
+    A search in value space first: each row keeps a bracket ``lo < hi`` with count(x >= lo) > TOPK >
+    count(x >= hi) and counts, in one pass, the keys at or above the three quarter points of it (three
+    10-bit counts packed into one int32 sum, so a pass costs one row reduction), until some threshold t has
+    count(x >= t) == TOPK exactly (that set is the top-k: ties cannot cross it). The bracket shrinks four
+    times a pass: ~7 passes for rows of scores, against ~20 for the bitwise search. Rows it leaves open
+    (ties at the boundary, brackets down to adjacent floats, more than ``SEARCH`` passes) go to
+    :func:`_select_topk_radix`. ``SEARCH = 0``: the bitwise search alone.
+    """
+    if SEARCH == 0:
+        tl.store(PTRS, _select_topk_radix(sk, key_ok, lm_ok, TOPK).to(tl.uint8))
+        return
+    R: tl.constexpr = sk.shape[0]
+    x = tl.where(key_ok[None, :], sk, float("-inf"))
+    n_valid = tl.sum(key_ok.to(tl.int32), 0) + tl.zeros([R], tl.int32)
+    lo = tl.min(tl.where(key_ok[None, :], sk, float("inf")), 1)
+    hi = tl.max(x, 1)
+    c_hi = tl.sum((x >= hi[:, None]).to(tl.int32), 1)
+    # done: t selects exactly TOPK (every valid key when N <= TOPK); rows outside lm_ok need nothing
+    done = (n_valid <= TOPK) | (c_hi == TOPK) | (lm_ok == 0)
+    t = tl.where(c_hi == TOPK, hi, lo)
+    active = (done == 0) & (c_hi < TOPK)  # c_hi > TOPK: ties at the maximum, for the fallback
+    it = 0
+    todo = tl.max(active.to(tl.int32), 0)
+    while todo > 0:
+        step = hi - lo
+        g1 = lo + 0.25 * step
+        g2 = lo + 0.5 * step
+        g3 = lo + 0.75 * step
+        packed = ((x >= g1[:, None]).to(tl.int32) + ((x >= g2[:, None]).to(tl.int32) << 10)
+                  + ((x >= g3[:, None]).to(tl.int32) << 20))
+        tot = tl.sum(packed, 1)
+        c1 = tot & 1023
+        c2 = (tot >> 10) & 1023
+        c3 = tot >> 20
+        # a candidate at lo or hi (adjacent floats) counts as they do, so it cannot be taken for a hit
+        hit = active & (((c1 == TOPK) & (g1 > lo)) | ((c2 == TOPK) & (g2 > lo)) | ((c3 == TOPK) & (g3 > lo)))
+        t = tl.where(hit, tl.where(c1 == TOPK, g1, tl.where(c2 == TOPK, g2, g3)), t)
+        done = done | hit
+        new_lo = tl.where(c3 > TOPK, g3, tl.where(c2 > TOPK, g2, tl.where(c1 > TOPK, g1, lo)))
+        new_hi = tl.where(c1 < TOPK, g1, tl.where(c2 < TOPK, g2, tl.where(c3 < TOPK, g3, hi)))
+        moved = (new_lo != lo) | (new_hi != hi)
+        lo = tl.where(active, new_lo, lo)
+        hi = tl.where(active, new_hi, hi)
+        active = active & (hit == 0) & moved
+        it += 1
+        todo = tl.max(active.to(tl.int32), 0) * (it < SEARCH).to(tl.int32)
+    # rows found by their threshold, then (disjoint addresses) the rows left open, by the bitwise search
+    tl.store(PTRS, ((x >= t[:, None]) & key_ok[None, :] & lm_ok[:, None]).to(tl.uint8), mask=done[:, None])
+    if tl.min(done.to(tl.int32), 0) == 0:
+        tl.store(PTRS, _select_topk_radix(x, key_ok, lm_ok, TOPK).to(tl.uint8), mask=(done == 0)[:, None])
+
+
+@triton.jit
+def _select_topk_radix(sk, key_ok, lm_ok, TOPK):
     """0/1 int32 mask of the TOPK largest entries of each valid row of ``sk`` (ties: smallest index first;
     rows outside ``lm_ok`` select nothing).
 
@@ -44,7 +102,8 @@ def _select_topk(sk, key_ok, lm_ok, TOPK):
     once every row counts exactly TOPK keys at or above its ``thr`` (that set is then the top-k, whatever
     the lower bits): ~10-20 passes for scores without ties at the boundary, 32 with them.
     """
-    bits = sk.to(tl.int32, bitcast=True)
+    # -0.0 as +0.0 (they compare equal, so their tie goes to the lower index as any other)
+    bits = tl.where(sk == 0.0, 0, sk.to(tl.int32, bitcast=True))
     # negative floats: flip every bit; positive: set the sign bit -> unsigned order equals float order
     key = tl.where(bits < 0, ~bits, bits | -2147483648).to(tl.uint32, bitcast=True)
     key = tl.where(key_ok[None, :], key, 0)
@@ -91,7 +150,7 @@ def _prep_kernel(
     stride_rb, stride_rh, stride_rm,
     H, N, M, TOPK, scale,
     D: tl.constexpr, MP: tl.constexpr, NP: tl.constexpr, BM: tl.constexpr, DC: tl.constexpr, BKC: tl.constexpr,
-    SELECT: tl.constexpr, SHARED: tl.constexpr, POOLED: tl.constexpr, PREC: tl.constexpr,
+    SELECT: tl.constexpr, SHARED: tl.constexpr, POOLED: tl.constexpr, PREC: tl.constexpr, SEARCH: tl.constexpr,
 ):
     """Per-landmark work of the forward, programs (batch-head, block of ``BM`` landmarks) of one to four
     warps (with one warp per 16 rows a row's reductions stay inside its warp), many small programs hiding
@@ -138,8 +197,7 @@ def _prep_kernel(
     if SHARED:
         zmax = tl.max(tl.where(key_ok[None, :], sk * sl2, float("-inf")), 1)  # [BM]
     if SELECT:
-        sel = _select_topk(sk, key_ok, lm_ok, TOPK)
-        tl.store(SEL + g * MP * NP + lm[:, None] * NP + keys[None, :], sel.to(tl.uint8))
+        _store_topk(sk, key_ok, lm_ok, TOPK, SEL + g * MP * NP + lm[:, None] * NP + keys[None, :], SEARCH)
     if SHARED:
         r = _rows(Rh, lm, lm_ok, stride_rm, offs_d)  # [BM, D]
         Vh = V + b * stride_vb + h * stride_vh
@@ -165,7 +223,7 @@ def _fwd_kernel(
     D: tl.constexpr, MP: tl.constexpr, NP: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
     QB_PER_PROG: tl.constexpr, R_TOPK: tl.constexpr, SHARED: tl.constexpr, ROUTED: tl.constexpr,
     SELECT: tl.constexpr, MULTI: tl.constexpr, PREC: tl.constexpr, SELECT_HERE: tl.constexpr,
-    POOLED: tl.constexpr, PREP: tl.constexpr,
+    POOLED: tl.constexpr, PREP: tl.constexpr, SEARCH: tl.constexpr,
 ):
     # SELECT_HERE: the top-k mask is selected in this kernel (else it was passed in or _prep_kernel wrote it);
     # PREP: _prep_kernel wrote the shared values and lse_sh (and the mask where selecting);
@@ -204,8 +262,7 @@ def _fwd_kernel(
         if SELECT_HERE:
             # every program of the head selects (the same mask); group 0 keeps it for the backward, and
             # the key-block loop below reads it back in [MP, BK] slices, which registers cannot be cut into
-            sel = _select_topk(sk, key_ok, lm_ok, TOPK)  # [MP, NP]
-            tl.store(SELg + lm[:, None] * NP + keys[None, :], sel.to(tl.uint8))
+            _store_topk(sk, key_ok, lm_ok, TOPK, SELg + lm[:, None] * NP + keys[None, :], SEARCH)  # [MP, NP]
             tl.debug_barrier()
         if SHARED:
             # shared values V~ = softmax(s R K^T) V and their log-normaliser (base 2), kept for the backward
@@ -639,7 +696,8 @@ def fwd_config(num_heads: int, n_pad: int, m_pad: int, head_dim: int, itemsize: 
     """Forward launches: query block ``BQ``, key block ``BK``, ``QB_PER_PROG`` query blocks per program, warps,
     pipeline stages; ``prep_bm`` / ``prep_warps`` (optional): the top-k mask and the shared values in a
     launch of its own (``_prep_kernel``, ``prep_bm`` landmarks a program) instead of inside the attention
-    programs.
+    programs; ``select_search`` (optional, default 0 until timed on a GPU): passes of the value-space top-k
+    search before the bitwise one (:func:`_store_topk`).
 
     Where :func:`_wide` holds: the prep launch (32 landmarks, 4 warps) and 8-warp attention programs of 128
     queries (H200, DeiT-S shape, bf16, GPU time: prep 133 + attention 157 us against 363 us for one 8-warp
@@ -752,7 +810,8 @@ def _forward_plan(q, k, v, landmarks, topk, router_topk, shared, select, pooled,
         plan["prep"] = ((G, m_pad // bm), (*_strides(q), *_strides(k), *_strides(v), *lm_strides,
                                            H, N, M, topk, D ** -0.5), dict(
             D=D, MP=m_pad, NP=n_pad, BM=bm, DC=16, BKC=min(n_pad, 64), SELECT=select and routed, SHARED=shared,
-            POOLED=pooled, PREC=prec, num_warps=cfg.get("prep_warps") or max(1, bm // 16), num_stages=1))
+            POOLED=pooled, PREC=prec, SEARCH=cfg.get("select_search", 0),
+            num_warps=cfg.get("prep_warps") or max(1, bm // 16), num_stages=1))
     out_strides = (N * H * D, D, H * D)  # token-major, see forward
     plan["fwd"] = ((G, triton.cdiv(triton.cdiv(N, cfg["BQ"]), cfg["QB_PER_PROG"])), (
         *_strides(q), *_strides(k), *_strides(v), *lm_strides, *out_strides,
@@ -760,7 +819,7 @@ def _forward_plan(q, k, v, landmarks, topk, router_topk, shared, select, pooled,
         D=D, MP=m_pad, NP=n_pad, BQ=cfg["BQ"], BK=cfg["BK"], QB_PER_PROG=cfg["QB_PER_PROG"],
         R_TOPK=router_topk, SHARED=shared, ROUTED=routed, SELECT=select and routed,
         MULTI=router_topk == 2 or not select, SELECT_HERE=select and routed and not prep, POOLED=pooled and not prep,
-        PREP=prep,
+        PREP=prep, SEARCH=cfg.get("select_search", 0),
         PREC=prec, num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 1)))
     return plan
 

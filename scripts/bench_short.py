@@ -101,9 +101,9 @@ def main():
     p.add_argument("--r", type=int, default=1)
     p.add_argument("--reps", type=int, default=30)
     p.add_argument("--configs", default="default",
-                   help="'default', 'sweep' or fwd=W/BQ/BK/P/S/M/MW,bwd=W/BQ/BK/H/S[/T][;...] (warps, blocks, query blocks "
-                        "a program, stages, landmarks and warps a prep program, one backward program a head, T=1: "
-                        "the block backward in two launches)")
+                   help="'default', 'sweep' or fwd=W/BQ/BK/P/S/M/MW[/V],bwd=W/BQ/BK/H/S[/T][;...] (warps, blocks, query "
+                        "blocks a program, stages, landmarks and warps a prep program, V: passes of the value-space "
+                        "top-k search, one backward program a head, T=1: the block backward in two launches)")
     p.add_argument("--no-general", action="store_true", help="skip impl='triton' (general kernels)")
     p.add_argument("--profile", action="store_true", help="torch.profiler table of the fused path's kernels")
     p.add_argument("--pool", action="store_true",
@@ -159,9 +159,9 @@ def main():
         # forward: warps/BQ/BK/query blocks a program (0: all)/stages/landmarks a prep program (0: selection
         # and shared values inside the attention kernel)/warps a prep program;
         # backward: warps/BQ/BK/one program a head (0/1)/stages
-        fwd_cfgs = [(8, 128, 64, 1, 1, 32, 4), (8, 256, 64, 0, 1, 0, 0), (16, 256, 32, 0, 1, 0, 0),
-                    (16, 256, 64, 0, 1, 0, 0), (16, 256, 64, 0, 1, 32, 4), (8, 128, 64, 1, 1, 32, 8),
-                    (4, 64, 64, 1, 1, 32, 4)]
+        fwd_cfgs = [(8, 128, 64, 1, 1, 32, 4), (8, 128, 64, 1, 1, 32, 4, 16), (8, 256, 64, 0, 1, 0, 0, 16),
+                    (16, 256, 32, 0, 1, 0, 0, 16), (16, 256, 64, 0, 1, 0, 0, 16), (16, 256, 64, 0, 1, 32, 4, 16),
+                    (8, 128, 64, 1, 1, 32, 8, 16), (4, 64, 64, 1, 1, 32, 4, 16)]
         bwd_cfgs = [(8, 64, 32, 1, 1), (16, 64, 32, 1, 1), (16, 64, 16, 1, 1), (8, 64, 64, 0, 1), (8, 64, 64, 0, 1, 1),
                     (8, 32, 64, 0, 1, 1)]
         combos = [(fc, bwd_cfgs[0]) for fc in fwd_cfgs] + [(fwd_cfgs[0], bc) for bc in bwd_cfgs[1:]]
@@ -174,18 +174,19 @@ def main():
             combos.append((tuple(int(v) for v in parts["fwd"].split("/")),
                            tuple(int(v) for v in parts["bwd"].split("/"))))
     orig_f, orig_b = fused_small.fwd_config, fused_small.bwd_config
-    for (fw, fq, fk, fp, fs, fm, fmw), (bw, bq, bk, bh, bs, *split) in combos:
-        def fcfg(G, n_pad, *a, fw=fw, fq=fq, fk=fk, fp=fp, fs=fs, fm=fm, fmw=fmw):
+    for (fw, fq, fk, fp, fs, fm, fmw, *search), (bw, bq, bk, bh, bs, *split) in combos:
+        def fcfg(G, n_pad, *a, fw=fw, fq=fq, fk=fk, fp=fp, fs=fs, fm=fm, fmw=fmw, search=(search or [0])[0]):
             bqq, bkk = min(fq, n_pad), min(fk, n_pad)
             return {"BQ": bqq, "BK": bkk, "QB_PER_PROG": fp or triton_cdiv(n_pad, bqq), "num_warps": fw,
-                    "num_stages": fs, "prep_bm": fm, "prep_warps": fmw}
+                    "num_stages": fs, "prep_bm": fm, "prep_warps": fmw, "select_search": search}
 
         def bcfg(n_pad, *a, bw=bw, bq=bq, bk=bk, bs=bs, bh=bh, split=bool(split and split[0])):
             return {"BQ": min(bq, n_pad), "BK": min(bk, n_pad), "num_warps": bw, "num_stages": bs,
                     "per_head": bool(bh), "split": split}
 
         fused_small.fwd_config, fused_small.bwd_config = fcfg, bcfg
-        label = f"fused f{fw}/{fq}/{fk}/{fp}/{fs}/{fm}/{fmw} b{bw}/{bq}/{bk}/{bh}/{bs}" + ("/split" if split else "")
+        label = (f"fused f{fw}/{fq}/{fk}/{fp}/{fs}/{fm}/{fmw}" + (f"/s{search[0]}" if search else "")
+                 + f" b{bw}/{bq}/{bk}/{bh}/{bs}" + ("/split" if split else ""))
         fused_small.LAUNCHED.clear()
         try:
             errs = check(2, 3, N, d, m, topk, args.r, True, dtype)

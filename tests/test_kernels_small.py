@@ -18,9 +18,12 @@ import pytest  # noqa: E402
 
 pytest.importorskip("triton")
 
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
 from mita import kernels  # noqa: E402
 from mita.functional import mita_attention, mita_routing  # noqa: E402
-from mita.kernels import small_ops  # noqa: E402
+from mita.kernels import fused_small, small_ops  # noqa: E402
 from tests.helpers import attention_inputs, rel_err  # noqa: E402
 from tests.helpers import input_grads as _grads  # noqa: E402
 
@@ -49,7 +52,7 @@ def small_blocks(monkeypatch):
         if DEVICE == "cuda":
             return
         monkeypatch.setattr(fused_small, "fwd_config", lambda *a: {
-            "BQ": 16, "BK": 16, "QB_PER_PROG": qb_per_prog, "num_warps": 4})
+            "BQ": 16, "BK": 16, "QB_PER_PROG": qb_per_prog, "num_warps": 4, "select_search": 16})
         monkeypatch.setattr(fused_small, "bwd_config", lambda *a: {"BQ": 16, "BK": 16, "num_warps": 4})
 
     use()
@@ -257,7 +260,8 @@ def test_selection_in_its_own_kernel(small_blocks, monkeypatch, N, m, topk, r, s
     from mita.kernels import fused_small
 
     config = fused_small.fwd_config
-    monkeypatch.setattr(fused_small, "fwd_config", lambda *a: {**config(*a), "prep_bm": 16, "prep_warps": 1})
+    monkeypatch.setattr(fused_small, "fwd_config", lambda *a: {**config(*a), "prep_bm": 16, "prep_warps": 1,
+                                                               "select_search": 16})
     _check_selection(1, 2, N, 32, m, topk, r, shared, "paper", seed=N + 7)
 
 
@@ -474,9 +478,19 @@ class TestGPU:
         # with 8 warps, Triton 3.6 on an H100/H200 gave dq relative error 2.5 here (bwd_config keeps 4 at d = 32)
         _compare(2, 3, N, 32, 7, 100, 2, True, "official", dtype=torch.bfloat16, tol=1e-2, seed=288)
 
+    @pytest.mark.parametrize("search", [0, 16])
     @pytest.mark.parametrize("N,d,m,topk,r", [(197, 64, 25, 25, 1), (256, 128, 64, 64, 2), (49, 32, 7, 49, 2)])
-    def test_own_selection_matches_torch(self, N, d, m, topk, r):
+    def test_own_selection_matches_torch(self, monkeypatch, N, d, m, topk, r, search):
+        from mita.kernels import fused_small
+
+        config = fused_small.fwd_config
+        monkeypatch.setattr(fused_small, "fwd_config", lambda *a: {**config(*a), "select_search": search})
         _check_selection(2, 3, N, d, m, topk, r, True, "official", seed=N)
+
+    @pytest.mark.parametrize("search", [0, 16])
+    def test_topk_selection_is_exact(self, search):
+        for kind in ("gaussian", "few_values", "ties_at_max", "wide_range"):
+            test_topk_selection_is_exact(kind, 37, 5, search)
 
     @pytest.mark.parametrize("N", [1, 2, 17])
     def test_tiny_sequences(self, N):
@@ -538,3 +552,50 @@ class TestGPU:
         assert rel_err(out, eager) <= 1e-6
         for a, b in zip(grads, eager_grads):
             assert rel_err(a, b) <= 1e-6
+
+
+@triton.jit
+def _select_rows(X, OUT, N, TOPK, R: tl.constexpr, C: tl.constexpr, SEARCH: tl.constexpr):
+    rows, cols = tl.arange(0, R), tl.arange(0, C)
+    x = tl.load(X + rows[:, None] * C + cols[None, :])
+    # the last row is padding
+    fused_small._store_topk(x, cols < N, rows < R - 1, TOPK, OUT + rows[:, None] * C + cols[None, :], SEARCH)
+
+
+def _reference_topk_mask(x, n, k):
+    """0/1 mask of the k largest of each row's first n entries, ties to the lower index (float64 sort)."""
+    rows, cols = x.shape
+    mask = torch.zeros(rows, cols, dtype=torch.int32)
+    for i in range(rows):
+        order = sorted(range(n), key=lambda j: (-x[i, j].item(), j))
+        mask[i, order[:k]] = 1
+    return mask
+
+
+@pytest.mark.parametrize("search", [16, 0])
+@pytest.mark.parametrize("kind", ["gaussian", "few_values", "equal", "signed_zeros", "wide_range", "ties_at_max"])
+@pytest.mark.parametrize("n,k", [(37, 5), (64, 1), (64, 63), (64, 64), (20, 25)])
+def test_topk_selection_is_exact(kind, n, k, search):
+    # the value-space search and its bitwise fallback against a sort, on rows built to be hard for them
+    R, C = 16, 64
+    g = torch.Generator().manual_seed(n * 7 + k)
+    if kind == "gaussian":
+        x = torch.randn(R, C, generator=g)
+    elif kind == "few_values":
+        x = torch.randint(0, 4, (R, C), generator=g).float()
+    elif kind == "equal":
+        x = torch.full((R, C), 0.5)
+    elif kind == "signed_zeros":
+        x = torch.where(torch.rand(R, C, generator=g) < 0.5, torch.tensor(0.0), torch.tensor(-0.0))
+        x[:, ::5] = torch.randn(R, len(range(0, C, 5)), generator=g)
+    elif kind == "wide_range":
+        x = torch.randn(R, C, generator=g) * 10.0 ** torch.randint(-30, 30, (R, C), generator=g).float()
+    else:
+        x = torch.randn(R, C, generator=g)
+        x[:, :7] = x.max() + 1
+    x = x.to(DEVICE)
+    out = torch.full((R, C), 7, dtype=torch.uint8, device=DEVICE)  # 7: an element left unwritten
+    _select_rows[(1,)](x, out, n, k, R=R, C=C, SEARCH=search)
+    want = _reference_topk_mask(x.cpu().double(), n, min(k, n))
+    want[R - 1] = 0
+    assert torch.equal(out.cpu().int(), want)
