@@ -247,29 +247,35 @@ def _backward_qkv(ctx, grad_out, *_):
 torch.library.register_autograd("mita::small_fwd_qkv", _backward_qkv, setup_context=_setup_context_qkv)
 
 
+def _function_forward(ctx, q, k, v, landmarks, sel, expert, args):
+    """The kernels' forward for an autograd function: ``(out, sel, expert)``, the routing non-differentiable."""
+    q, k, v, landmarks, outputs = _forward_kernels(q, k, v, landmarks, sel, expert, *args)
+    _setup_context(ctx, (q, k, v, landmarks, sel, expert, *args), outputs)
+    if expert is None:  # selected here: the mask and expert ids are outputs
+        sel, expert = outputs[2:4]
+    ctx.mark_non_differentiable(sel, expert)
+    return outputs[0], sel, expert
+
+
+def _function_backward(ctx, grad_out, packed):
+    """``(dq, dk, dv, dR)``, or ``(dqkv, dR)`` with ``packed``, from what :func:`_function_forward` saved."""
+    q, k, v, landmarks, out, lse, sel, expert, vs, lsh, pool, lmk = ctx.saved_tensors
+    topk, shared, scale_shared, multi, allow_tf32, num_landmarks = ctx.meta
+    return _backward_kernels(grad_out, q, k, v, landmarks, out, lse, sel, expert, vs, lsh, topk, shared, scale_shared,
+                             multi, allow_tf32, pool, lmk, num_landmarks, empty_dr=False, packed=packed)
+
+
 class _SmallAttention(torch.autograd.Function):
     """The same forward and backward as the custom ops, without their dispatch (about half of the host time
     of an eager forward+backward); ``torch.compile`` traces the custom ops instead."""
 
     @staticmethod
-    def forward(ctx, q, k, v, landmarks, sel, expert, topk, router_topk, shared, scale_shared, allow_tf32, pool,
-                num_landmarks):
-        args = (topk, router_topk, shared, scale_shared, allow_tf32, pool, num_landmarks)
-        q, k, v, landmarks, outputs = _forward_kernels(q, k, v, landmarks, sel, expert, *args)
-        _setup_context(ctx, (q, k, v, landmarks, sel, expert, *args), outputs)
-        if expert is None:  # selected here: the mask and expert ids are outputs
-            sel, expert = outputs[2:4]
-        ctx.mark_non_differentiable(sel, expert)
-        return outputs[0], sel, expert
+    def forward(ctx, q, k, v, landmarks, sel, expert, *args):
+        return _function_forward(ctx, q, k, v, landmarks, sel, expert, args)
 
     @staticmethod
     def backward(ctx, grad_out, *_):
-        q, k, v, landmarks, out, lse, sel, expert, vs, lsh, pool, lmk = ctx.saved_tensors
-        topk, shared, scale_shared, multi, allow_tf32, num_landmarks = ctx.meta
-        dq, dk, dv, dr = _backward_kernels(grad_out, q, k, v, landmarks, out, lse, sel, expert, vs, lsh, topk,
-                                           shared, scale_shared, multi, allow_tf32, pool, lmk, num_landmarks,
-                                           empty_dr=False)
-        return dq, dk, dv, dr, None, None, None, None, None, None, None, None, None
+        return (*_function_backward(ctx, grad_out, packed=False), *(None,) * 9)
 
 
 class _SmallAttentionPacked(torch.autograd.Function):
@@ -278,25 +284,12 @@ class _SmallAttentionPacked(torch.autograd.Function):
     of that layout, which is the projection's gradient as it stands (no stack of three gradients after)."""
 
     @staticmethod
-    def forward(ctx, qkv, landmarks, sel, expert, topk, router_topk, shared, scale_shared, allow_tf32, pool,
-                num_landmarks):
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        args = (topk, router_topk, shared, scale_shared, allow_tf32, pool, num_landmarks)
-        q, k, v, landmarks, outputs = _forward_kernels(q, k, v, landmarks, sel, expert, *args)
-        _setup_context(ctx, (q, k, v, landmarks, sel, expert, *args), outputs)
-        if expert is None:
-            sel, expert = outputs[2:4]
-        ctx.mark_non_differentiable(sel, expert)
-        return outputs[0], sel, expert
+    def forward(ctx, qkv, landmarks, sel, expert, *args):
+        return _function_forward(ctx, *_views(qkv), landmarks, sel, expert, args)
 
     @staticmethod
     def backward(ctx, grad_out, *_):
-        q, k, v, landmarks, out, lse, sel, expert, vs, lsh, pool, lmk = ctx.saved_tensors
-        topk, shared, scale_shared, multi, allow_tf32, num_landmarks = ctx.meta
-        dqkv, dr = _backward_kernels(grad_out, q, k, v, landmarks, out, lse, sel, expert, vs, lsh, topk, shared,
-                                     scale_shared, multi, allow_tf32, pool, lmk, num_landmarks, empty_dr=False,
-                                     packed=True)
-        return dqkv, dr, None, None, None, None, None, None, None, None, None
+        return (*_function_backward(ctx, grad_out, packed=True), *(None,) * 9)
 
 
 def qkv_source(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Optional[torch.Tensor]:
