@@ -846,13 +846,9 @@ def forward(q, k, v, landmarks, topk, router_topk, shared, scale_shared, *, sel=
     plan = _plan(key, lambda: _forward_plan(q, k, v, landmarks, topk, router_topk, shared, select, pooled,
                                                    num_landmarks, allow_tf32))
     sel_shape, exp_shape, vs_shape, lsh_shape = plan["shapes"]
-    # token-major memory ([B, N, H, d] viewed as [B, H, N, d]), as SDPA returns its output: the layer's
-    # out.transpose(1, 2).reshape(B, N, C) is then a view, and the projection saves this very tensor
-    out = alloc((B, N, H, D), dtype=q.dtype, device=dev).transpose(1, 2)
-    lse = alloc((B * H, N), dtype=torch.float32, device=dev)
+    # what the prep launch writes first, so that it starts as early as it can
     if select:
         sel = alloc(sel_shape, dtype=torch.uint8, device=dev)
-        expert = alloc(exp_shape, dtype=torch.int32, device=dev)
     vs = alloc(vs_shape, dtype=q.dtype, device=dev)
     lsh = alloc(lsh_shape, dtype=torch.float32, device=dev)
     if pooled:
@@ -864,6 +860,12 @@ def forward(q, k, v, landmarks, topk, router_topk, shared, scale_shared, *, sel=
         grid, ints, meta = plan["prep"]
         _launch("prep", _prep_kernel, grid, (q, k, v, landmarks, sel, vs, lsh, pool if pooled else lsh, lmk, *ints),
                 meta, (key, "prep"))
+    # token-major memory ([B, N, H, d] viewed as [B, H, N, d]), as SDPA returns its output: the layer's
+    # out.transpose(1, 2).reshape(B, N, C) is then a view, and the projection saves this very tensor
+    out = alloc((B, N, H, D), dtype=q.dtype, device=dev).transpose(1, 2)
+    lse = alloc((B * H, N), dtype=torch.float32, device=dev)
+    if select:
+        expert = alloc(exp_shape, dtype=torch.int32, device=dev)
     grid, ints, meta = plan["fwd"]
     _launch("fwd", _fwd_kernel, grid, (q, k, v, landmarks, out, lse, sel, expert, vs, lsh, pool if pooled else lsh,
                                        lmk, *ints, scale_shared), meta, (key, "fwd"))
