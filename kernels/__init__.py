@@ -28,6 +28,10 @@ LAYOUT_KERNELS = False
 # of kernels/topk_stream.py (no m x N score matrix; one host sync) instead of R K^T + torch.topk; None: never.
 # Off until chosen from GPU timings (scripts/bench_topk.py measured it faster from N = 65,536 on an H200).
 STREAM_TOPK_MIN_N = None
+# From this many keys on, the general path computes the shared values V~ = softmax(s R K^T) V (and their
+# backward) with the key-split kernels of kernels/shared.py instead of SDPA, whose m-query launch runs one
+# program per head over all N keys; None: never. Off until chosen from GPU timings.
+SHARED_SPLIT_MIN_N = None
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_LANDMARKS = 1024
 MAX_TOPK = 1024

@@ -201,7 +201,15 @@ def mita_attention(q, k, v, landmarks, topk_idx, expert_idx, shared, scale_share
         # (H100, bf16, m = 512: 1.05 against 8.8 ms at N = 2^20), and at N = 2^20 the default choice even
         # fell back to the math backend, which forms the m x N matrix in fp32
         # (the fused backends need unit stride along d; pooled landmarks often lack it, and they are small)
-        with sdpa_kernel(_SHARED_BACKENDS, set_priority=True):
-            shared_v = F.scaled_dot_product_attention(landmarks.contiguous(), k, v, scale=q.shape[-1] ** -0.5)
+        from . import SHARED_SPLIT_MIN_N
+
+        if SHARED_SPLIT_MIN_N is not None and k.shape[2] >= SHARED_SPLIT_MIN_N:
+            # the keys split over programs (kernels/shared.py): every SM busy however few heads
+            from .shared import shared_values
+
+            shared_v = shared_values(landmarks, k, v, q.shape[-1] ** -0.5, allow_tf32)
+        else:
+            with sdpa_kernel(_SHARED_BACKENDS, set_priority=True):
+                shared_v = F.scaled_dot_product_attention(landmarks.contiguous(), k, v, scale=q.shape[-1] ** -0.5)
     out, _ = attention_fwd(q, k, v, landmarks, shared_v, topk_idx, expert_idx, float(scale_shared), bool(allow_tf32))
     return out

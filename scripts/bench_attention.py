@@ -46,6 +46,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from mita import kernels
 from mita.baselines import chunked_reference_attention, plain_mita_attention
 from mita.functional import mita_attention, mita_routing
 from mita.utils.bench import Clock, copy_rate, environment, l2_bytes, markdown, rel_err, write_csv
@@ -493,6 +494,15 @@ def select_cases(spec: str, quick: bool) -> List[Case]:
     return [CASES[n] for n in names]
 
 
+# General-path options that are off by default until timed (mita.kernels module switches): name -> (attribute,
+# value that turns it on)
+SWITCHES = {
+    "layout": ("LAYOUT_KERNELS", True),  # routing layout from kernels/layout_kernels.py
+    "stream-topk": ("STREAM_TOPK_MIN_N", 1),  # landmarks' top-k streamed by kernels/topk_stream.py
+    "shared-split": ("SHARED_SPLIT_MIN_N", 1),  # shared values split over the keys, kernels/shared.py
+}
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", default="all",
@@ -508,10 +518,16 @@ def parse_args(argv=None):
                         help="skip what is left once the run has taken this many seconds (default: no limit)")
     parser.add_argument("--no-profile", dest="profile", action="store_false", help="no profiled kernel breakdown")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--switches", default="",
+                        help="comma list of general-path options to turn on for mita-triton: " + ", ".join(SWITCHES))
     parser.add_argument("--out", default="bench_out", help="folder for attention.csv, kernels.csv, attention.png")
     parser.add_argument("--cpu-smoke", "--dry-run", dest="cpu_smoke", action="store_true",
                         help="tiny cases on the CPU in float32, perf_counter timing: checks the pipeline only")
     args = parser.parse_args(argv)
+    args.switches = [w.strip() for w in args.switches.split(",") if w.strip()]
+    bad = [w for w in args.switches if w not in SWITCHES]
+    if bad:
+        parser.error(f"--switches: unknown {bad}; valid: {', '.join(SWITCHES)}")
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     bad = [m for m in args.methods if m not in METHODS]
     if bad:
@@ -547,8 +563,13 @@ def main(argv=None) -> int:
             return 2
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
+    for name in args.switches:
+        attribute, value = SWITCHES[name]
+        setattr(kernels, attribute, value)
     env = environment(device)
     log.info("%s", env)
+    if args.switches:
+        log.info("general-path switches on: %s", ", ".join(args.switches))
 
     runner = Runner(args, device)
     if device.type == "cuda":

@@ -231,6 +231,28 @@ def test_layout_from_the_triton_kernels(monkeypatch, kind, N, m, topk, r, shared
     assert len(calls) == 2  # forward and backward
 
 
+@pytest.mark.parametrize("N,m,topk,r", [(50, 5, 7, 2), (33, 20, 4, 1)])
+def test_shared_values_split_over_the_keys(monkeypatch, N, m, topk, r):
+    """mita.kernels.SHARED_SPLIT_MIN_N: the general path's shared values from kernels/shared.py."""
+    from mita.kernels import shared as shared_kernels
+
+    calls = []
+    split = shared_kernels.shared_values
+    monkeypatch.setattr(shared_kernels, "shared_values", lambda *a: calls.append(1) or split(*a))
+    monkeypatch.setattr(shared_kernels, "config", lambda *a: {"BM": 16, "BN": 16, "CHUNK": 16, "num_warps": 4})
+    monkeypatch.setattr(kernels, "SHARED_SPLIT_MIN_N", 1)
+    B, H, d = 2, 2, 32
+    inputs = _inputs(B, H, N, d, m, torch.float32, seed=N + 5)
+    ref_inputs = [x.detach().double().requires_grad_() for x in inputs]
+    kw = dict(router_topk=r, shared=True, routing=_routing("duplicates", B, H, N, m, topk, r, seed=N))
+    out = mita_attention(*inputs, topk, impl="triton", **kw)
+    ref = mita_attention(*ref_inputs, topk, impl="reference", **kw)
+    assert rel_err(out, ref) <= 1e-5
+    grad_out = torch.randn(B, H, N, d, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    _assert_grads(out, inputs, ref, ref_inputs, grad_out.to(DEVICE), torch.float32, 1e-5)
+    assert calls == [1]
+
+
 @pytest.mark.parametrize("plan", [("float32", 2), ("float32", 1), ("input", 2), ("input", 1)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_routed_dkdv_partial_plans(plan, dtype, monkeypatch):

@@ -1,0 +1,274 @@
+"""MiTA's shared values split over the keys (FlashDecoding-style), forward and backward.
+
+``V~ = softmax(s R K^T) V`` has only m query rows (the landmarks) against N keys: an attention kernel that
+parallelises over query blocks gets one program per head and walks all N keys alone (at N = 65,536 and
+B H = 16, 16 programs on a 132-SM card). Here the keys are split into ``C`` chunks so that
+``B H x C x (m / BM)`` programs fill the card:
+
+* forward: programs (head, chunk, landmark block) keep an online softmax over their chunk and write its
+  partial ``(max, sum, acc)`` (fp32); one combine launch merges the chunks into ``V~`` and the base-2
+  log-normaliser ``lse_sh`` (kept for the backward);
+* backward, from ``dV~``: programs (head, key block) loop over every landmark block for ``dK`` and ``dV``
+  of their keys (``A = exp2(s R K^T log2 e - lse_sh)``, ``dV = A^T dV~``, ``dL = A (dV~ V^T - rowsum(dV~ V~))``,
+  ``dK = s dL^T R``); programs (head, chunk, landmark block) sum ``s dL K`` over their chunk into fp32
+  partials of ``dR``, which one sum merges. Every output element has one writer (no atomics).
+
+q, k, v style layouts: ``landmarks [B, H, m, d]``, ``k, v [B, H, N, d]`` with any batch, head and row
+strides and a unit last one. Every dot accumulates in fp32; fp32 inputs use IEEE unless TF32 is allowed.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["shared_values"]
+
+# Programs to aim for (a few waves on a 132-SM card); the number of key chunks follows from it.
+_TARGET_PROGRAMS = 512
+
+
+@triton.jit
+def _rows(P, rows, ok, stride_n, offs_d):
+    return tl.load(P + rows[:, None] * stride_n + offs_d[None, :], mask=ok[:, None], other=0.0)
+
+
+@triton.jit
+def _fwd_partial_kernel(
+    R, K, V, PACC, PM, PL,
+    stride_rb, stride_rh, stride_rm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+    H, N, M, CHUNK, C, scale,
+    D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
+):
+    DT = K.dtype.element_ty
+    g = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1)
+    b = g // H
+    h = g % H
+    lm = tl.program_id(2) * BM + tl.arange(0, BM)
+    lm_ok = lm < M
+    offs_d = tl.arange(0, D)
+    r = _rows(R + b * stride_rb + h * stride_rh, lm, lm_ok, stride_rm, offs_d)  # [BM, D]
+    Kh = K + b * stride_kb + h * stride_kh
+    Vh = V + b * stride_vb + h * stride_vh
+    sl2 = scale * 1.4426950408889634
+    m_i = tl.full([BM], float("-inf"), tl.float32)
+    l_i = tl.zeros([BM], tl.float32)
+    acc = tl.zeros([BM, D], tl.float32)
+    start = c * CHUNK
+    for n0 in range(start, tl.minimum(start + CHUNK, N), BN):
+        cols = n0 + tl.arange(0, BN)
+        ok = cols < N
+        s = tl.dot(r, tl.trans(_rows(Kh, cols, ok, stride_kn, offs_d)), input_precision=PREC) * sl2
+        s = tl.where(ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every block holds a key
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(DT), _rows(Vh, cols, ok, stride_vn, offs_d), input_precision=PREC)
+        m_i = m_new
+    part = (g * C + c) * M + lm
+    tl.store(PACC + part[:, None] * D + offs_d[None, :], acc, mask=lm_ok[:, None])
+    tl.store(PM + part, m_i, mask=lm_ok)
+    tl.store(PL + part, l_i, mask=lm_ok)
+
+
+@triton.jit
+def _fwd_combine_kernel(PACC, PM, PL, VS, LSE, M, C, D: tl.constexpr, BM: tl.constexpr):
+    g = tl.program_id(0).to(tl.int64)
+    lm = tl.program_id(1) * BM + tl.arange(0, BM)
+    lm_ok = lm < M
+    offs_d = tl.arange(0, D)
+    mx = tl.full([BM], float("-inf"), tl.float32)
+    for c in range(C):
+        mx = tl.maximum(mx, tl.load(PM + (g * C + c) * M + lm, mask=lm_ok, other=0.0))
+    l_sum = tl.zeros([BM], tl.float32)
+    acc = tl.zeros([BM, D], tl.float32)
+    for c in range(C):
+        part = (g * C + c) * M + lm
+        w = tl.exp2(tl.load(PM + part, mask=lm_ok, other=0.0) - mx)
+        l_sum += tl.load(PL + part, mask=lm_ok, other=0.0) * w
+        acc += tl.load(PACC + part[:, None] * D + offs_d[None, :], mask=lm_ok[:, None], other=0.0) * w[:, None]
+    l_sum = tl.where(lm_ok, l_sum, 1.0)
+    out = g * M + lm
+    tl.store(VS + out[:, None] * D + offs_d[None, :], (acc / l_sum[:, None]).to(VS.dtype.element_ty),
+             mask=lm_ok[:, None])
+    tl.store(LSE + out, mx + tl.log2(l_sum), mask=lm_ok)
+
+
+@triton.jit
+def _landmark_rows(R, VS, DVS, LSE, g, b, h, lm, lm_ok, stride_rb, stride_rh, stride_rm, M, offs_d):
+    """Landmarks, ``dV~`` (input dtype), ``lse_sh`` and ``rowsum(dV~ * V~)`` of a block of landmark rows."""
+    r = _rows(R + b * stride_rb + h * stride_rh, lm, lm_ok, stride_rm, offs_d)
+    rows = g * M + lm
+    vs = tl.load(VS + rows[:, None] * offs_d.shape[0] + offs_d[None, :], mask=lm_ok[:, None], other=0.0)
+    dvs = tl.load(DVS + rows[:, None] * offs_d.shape[0] + offs_d[None, :], mask=lm_ok[:, None], other=0.0)
+    lse = tl.load(LSE + rows, mask=lm_ok, other=0.0)
+    vs_dot = tl.sum(dvs.to(tl.float32) * vs.to(tl.float32), 1)
+    return r, dvs, lse, vs_dot
+
+
+@triton.jit
+def _bwd_keys_kernel(
+    R, K, V, VS, DVS, LSE, DK, DV,
+    stride_rb, stride_rh, stride_rm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+    H, N, M, scale,
+    D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
+):
+    DT = K.dtype.element_ty
+    g = tl.program_id(0).to(tl.int64)
+    b = g // H
+    h = g % H
+    cols = tl.program_id(1) * BN + tl.arange(0, BN)
+    ok = cols < N
+    offs_d = tl.arange(0, D)
+    kb = _rows(K + b * stride_kb + h * stride_kh, cols, ok, stride_kn, offs_d)  # [BN, D]
+    vb = _rows(V + b * stride_vb + h * stride_vh, cols, ok, stride_vn, offs_d)
+    sl2 = scale * 1.4426950408889634
+    dk = tl.zeros([BN, D], tl.float32)
+    dv = tl.zeros([BN, D], tl.float32)
+    for m0 in range(0, M, BM):
+        lm = m0 + tl.arange(0, BM)
+        lm_ok = lm < M
+        r, dvs, lse, vs_dot = _landmark_rows(R, VS, DVS, LSE, g, b, h, lm, lm_ok, stride_rb, stride_rh, stride_rm,
+                                             M, offs_d)
+        a_t = tl.dot(kb, tl.trans(r), input_precision=PREC) * sl2  # [BN, BM]
+        a_t = tl.where(ok[:, None] & lm_ok[None, :], tl.exp2(a_t - lse[None, :]), 0.0)
+        dv = tl.dot(a_t.to(DT), dvs, dv, input_precision=PREC)
+        dl_t = a_t * (tl.dot(vb, tl.trans(dvs), input_precision=PREC) - vs_dot[None, :])
+        dk = tl.dot(dl_t.to(DT), r, dk, input_precision=PREC)
+    out = (g * N + cols[:, None]) * D + offs_d[None, :]
+    tl.store(DK + out, (dk * scale).to(DT), mask=ok[:, None])
+    tl.store(DV + out, dv.to(DT), mask=ok[:, None])
+
+
+@triton.jit
+def _bwd_landmarks_kernel(
+    R, K, V, VS, DVS, LSE, PDR,
+    stride_rb, stride_rh, stride_rm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+    H, N, M, CHUNK, C, scale,
+    D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
+):
+    DT = K.dtype.element_ty
+    g = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1)
+    b = g // H
+    h = g % H
+    lm = tl.program_id(2) * BM + tl.arange(0, BM)
+    lm_ok = lm < M
+    offs_d = tl.arange(0, D)
+    r, dvs, lse, vs_dot = _landmark_rows(R, VS, DVS, LSE, g, b, h, lm, lm_ok, stride_rb, stride_rh, stride_rm, M,
+                                         offs_d)
+    Kh = K + b * stride_kb + h * stride_kh
+    Vh = V + b * stride_vb + h * stride_vh
+    sl2 = scale * 1.4426950408889634
+    dr = tl.zeros([BM, D], tl.float32)
+    start = c * CHUNK
+    for n0 in range(start, tl.minimum(start + CHUNK, N), BN):
+        cols = n0 + tl.arange(0, BN)
+        ok = cols < N
+        kb = _rows(Kh, cols, ok, stride_kn, offs_d)
+        a = tl.dot(r, tl.trans(kb), input_precision=PREC) * sl2  # [BM, BN]
+        a = tl.where(lm_ok[:, None] & ok[None, :], tl.exp2(a - lse[:, None]), 0.0)
+        dl = a * (tl.dot(dvs, tl.trans(_rows(Vh, cols, ok, stride_vn, offs_d)), input_precision=PREC)
+                  - vs_dot[:, None])
+        dr = tl.dot(dl.to(DT), kb, dr, input_precision=PREC)
+    part = (g * C + c) * M + lm
+    tl.store(PDR + part[:, None] * D + offs_d[None, :], dr, mask=lm_ok[:, None])
+
+
+def config(num_heads: int, n: int, m: int, head_dim: int) -> dict:
+    """Blocks of ``BM`` landmarks and ``BN`` keys, and the key chunk of the split launches (``CHUNK``, a
+    multiple of ``BN``): enough chunks that heads x chunks x landmark blocks reach ``_TARGET_PROGRAMS``."""
+    bm = min(64, max(16, triton.next_power_of_2(m)))
+    bn = 64 if head_dim <= 64 else 32
+    blocks = triton.cdiv(n, bn)
+    chunks = max(1, min(blocks, triton.cdiv(_TARGET_PROGRAMS, num_heads * triton.cdiv(m, bm))))
+    return {"BM": bm, "BN": bn, "CHUNK": triton.cdiv(blocks, chunks) * bn, "num_warps": 4}
+
+
+def _precision(dtype: torch.dtype, allow_tf32: bool) -> str:
+    return "ieee" if dtype == torch.float32 and not allow_tf32 else "tf32"
+
+
+def _strides(t: torch.Tensor):
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _unit_last(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def forward(landmarks, k, v, scale, allow_tf32=False, cfg=None, alloc=torch.empty):
+    """``(V~ [B, H, m, d] in the input dtype, lse_sh [B H, m] fp32, base 2)``."""
+    B, H, m, D = landmarks.shape
+    N = k.shape[2]
+    G = B * H
+    cfg = cfg or config(G, N, m, D)
+    chunks = triton.cdiv(N, cfg["CHUNK"])
+    dev = k.device
+    pacc = alloc((G, chunks, m, D), dtype=torch.float32, device=dev)
+    pm = alloc((G, chunks, m), dtype=torch.float32, device=dev)
+    pl = alloc((G, chunks, m), dtype=torch.float32, device=dev)
+    prec = _precision(k.dtype, allow_tf32)
+    _fwd_partial_kernel[(G, chunks, triton.cdiv(m, cfg["BM"]))](
+        landmarks, k, v, pacc, pm, pl, *_strides(landmarks), *_strides(k), *_strides(v),
+        H, N, m, cfg["CHUNK"], chunks, scale,
+        D=D, BM=cfg["BM"], BN=cfg["BN"], PREC=prec, num_warps=cfg["num_warps"],
+    )
+    vs = alloc((B, H, m, D), dtype=k.dtype, device=dev)
+    lse = alloc((G, m), dtype=torch.float32, device=dev)
+    _fwd_combine_kernel[(G, triton.cdiv(m, cfg["BM"]))](pacc, pm, pl, vs, lse, m, chunks, D=D, BM=cfg["BM"],
+                                                        num_warps=cfg["num_warps"])
+    return vs, lse
+
+
+def backward(landmarks, k, v, vs, lse, grad_vs, scale, allow_tf32=False, cfg=None, alloc=torch.empty):
+    """``(dR [B, H, m, d], dK, dV [B, H, N, d])`` in the input dtype, from ``dV~`` (``grad_vs``)."""
+    B, H, m, D = landmarks.shape
+    N = k.shape[2]
+    G = B * H
+    cfg = cfg or config(G, N, m, D)
+    dev = k.device
+    prec = _precision(k.dtype, allow_tf32)
+    dvs = grad_vs.to(k.dtype).contiguous()
+    dk = alloc((B, H, N, D), dtype=k.dtype, device=dev)
+    dv = alloc((B, H, N, D), dtype=k.dtype, device=dev)
+    args = (landmarks, k, v, vs, dvs, lse)
+    strides = (*_strides(landmarks), *_strides(k), *_strides(v))
+    _bwd_keys_kernel[(G, triton.cdiv(N, cfg["BN"]))](
+        *args, dk, dv, *strides, H, N, m, scale, D=D, BM=cfg["BM"], BN=cfg["BN"], PREC=prec,
+        num_warps=cfg["num_warps"],
+    )
+    chunks = triton.cdiv(N, cfg["CHUNK"])
+    pdr = alloc((G, chunks, m, D), dtype=torch.float32, device=dev)
+    _bwd_landmarks_kernel[(G, chunks, triton.cdiv(m, cfg["BM"]))](
+        *args, pdr, *strides, H, N, m, cfg["CHUNK"], chunks, scale, D=D, BM=cfg["BM"], BN=cfg["BN"], PREC=prec,
+        num_warps=cfg["num_warps"],
+    )
+    dr = (pdr.sum(1) * scale).to(k.dtype).view(B, H, m, D)
+    return dr, dk, dv
+
+
+class _SharedValues(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, landmarks, k, v, scale, allow_tf32):
+        landmarks, k, v = _unit_last(landmarks), _unit_last(k), _unit_last(v)
+        vs, lse = forward(landmarks, k, v, scale, allow_tf32)
+        ctx.save_for_backward(landmarks, k, v, vs, lse)
+        ctx.meta = (scale, allow_tf32)
+        return vs
+
+    @staticmethod
+    def backward(ctx, grad_vs):
+        landmarks, k, v, vs, lse = ctx.saved_tensors
+        scale, allow_tf32 = ctx.meta
+        dr, dk, dv = backward(landmarks, k, v, vs, lse, grad_vs, scale, allow_tf32)
+        return dr, dk, dv, None, None
+
+
+def shared_values(landmarks: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                  allow_tf32: bool = False) -> torch.Tensor:
+    """``softmax(scale R K^T) V`` per (batch, head): ``landmarks [B, H, m, d]``, ``k, v [B, H, N, d]`` (same
+    dtype, any strides with a unit last one) -> ``[B, H, m, d]``, differentiable in all three."""
+    return _SharedValues.apply(landmarks, k, v, float(scale), bool(allow_tf32))

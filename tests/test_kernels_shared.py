@@ -1,0 +1,93 @@
+"""The shared values split over the keys (kernels/shared.py) against float64 PyTorch, forward and backward.
+
+Without CUDA the kernels run in Triton's interpreter (small shapes; several key chunks and landmark blocks
+forced by a small config); on a GPU the ``gpu`` tests take the real configs at larger N.
+"""
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+pytest.importorskip("triton")
+
+from mita import kernels  # noqa: E402
+from mita.kernels import shared  # noqa: E402
+from tests.helpers import rel_err  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not kernels.available(), reason="Triton kernels unavailable here")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _reference(landmarks, k, v, scale):
+    return torch.softmax(scale * landmarks @ k.transpose(-1, -2), dim=-1) @ v
+
+
+def _inputs(B, H, N, m, d, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(B, N, 3, H, d, generator=g).to(DEVICE, dtype)  # k, v as strided views, as in a ViT
+    landmarks = torch.randn(B, H, m, d, generator=g).to(DEVICE, dtype)
+    _, k, v = qkv.permute(2, 0, 3, 1, 4)
+    return [landmarks.requires_grad_(), k.detach().requires_grad_(), v.detach().requires_grad_()]
+
+
+def _check(B, H, N, m, d, dtype=torch.float32, tol=1e-5, seed=0, cfg=None, monkeypatch=None):
+    if cfg is not None:
+        monkeypatch.setattr(shared, "config", lambda *a: cfg)
+    inputs = _inputs(B, H, N, m, d, dtype, seed)
+    ref_in = [x.detach().double().requires_grad_() for x in inputs]
+    scale = d ** -0.5
+    out = shared.shared_values(*inputs, scale)
+    ref = _reference(*ref_in, scale)
+    assert out.shape == ref.shape and out.dtype == dtype
+    assert rel_err(out, ref) <= tol
+    grad = torch.randn(ref.shape, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64)
+    got = torch.autograd.grad(out, inputs, grad.to(DEVICE, dtype))
+    want = torch.autograd.grad(ref, ref_in, grad.to(DEVICE))
+    for name, a, b in zip(("dR", "dK", "dV"), got, want):
+        assert a.dtype == dtype and rel_err(a, b) <= tol, f"{name}: {rel_err(a, b):.1e}"
+
+
+# BM = BN = 16 and chunks of 32 keys: N = 100 spans 4 chunks with a short last one, m = 33 three blocks
+SMALL = {"BM": 16, "BN": 16, "CHUNK": 32, "num_warps": 4}
+
+
+@pytest.mark.parametrize("B,H,N,m", [(1, 1, 1, 1), (2, 1, 17, 5), (1, 2, 100, 33), (1, 1, 64, 16), (2, 2, 33, 2)])
+def test_matches_reference(monkeypatch, B, H, N, m):
+    _check(B, H, N, m, 32, seed=N + m, cfg=SMALL if DEVICE == "cpu" else None, monkeypatch=monkeypatch)
+
+
+def test_one_chunk_and_default_config(monkeypatch):
+    # the config's own choice (one chunk at this size) and a chunk as long as the sequence
+    _check(1, 2, 40, 7, 32, seed=3)
+    _check(1, 2, 40, 7, 32, seed=4, cfg={**SMALL, "CHUNK": 48}, monkeypatch=monkeypatch)
+
+
+def test_config_fills_the_card():
+    cfg = shared.config(16, 65536, 128, 64)
+    programs = 16 * (-(-65536 // cfg["CHUNK"])) * (-(-128 // cfg["BM"]))
+    assert programs >= shared._TARGET_PROGRAMS and cfg["CHUNK"] % cfg["BN"] == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+class TestGPU:
+    @pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 1e-2), (torch.float16, 1e-2), (torch.float32, 1e-5)])
+    @pytest.mark.parametrize("N,m,d", [(4097, 64, 64), (16384, 128, 64), (3000, 49, 128), (1025, 7, 32)])
+    def test_matches_reference(self, N, m, d, dtype, tol):
+        _check(2, 2, N, m, d, dtype=dtype, tol=tol, seed=N)
+
+
+def test_every_buffer_element_written(monkeypatch):
+    # buffers and outputs start as NaN: an element the kernels leave unwritten (or read past) shows up
+    monkeypatch.setattr(shared, "config", lambda *a: SMALL)
+    poison = lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device)  # noqa: E731
+    landmarks, k, v = (x.detach() for x in _inputs(2, 1, 50, 20, 32, torch.float32, seed=9))
+    scale = 32 ** -0.5
+    vs, lse = shared.forward(landmarks, k, v, scale, alloc=poison)
+    assert rel_err(vs, _reference(landmarks.double(), k.double(), v.double(), scale)) <= 1e-5
+    grad = torch.randn(vs.shape, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    for got in shared.backward(landmarks, k, v, vs, lse, grad, scale, alloc=poison):
+        assert torch.isfinite(got).all()
