@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .layout import expert_tiles, key_pairs
-from .routed import dkdv_plan, routed_backward, routed_forward, shared_backward
+from .routed import dkdv_plan, routed_backward, routed_forward, row_delta, shared_backward
 from .small_ops import _unit_last_stride  # the kernels take any batch, head and row strides, a unit last one
 
 # Backends for the shared values, in order of preference (flash takes fp16/bf16, the rest any dtype).
@@ -111,9 +111,10 @@ def _backward(grad_out, q, k, v, landmarks, shared_v, topk_idx, expert_idx, out,
     # recomputing the layout costs a few small launches and saves keeping it alive between passes
     lay = _expert_tiles(expert_idx.reshape(G, N * r), m, N, r)
     do = _unit_last_stride(grad_out.to(q.dtype))  # [B, H, N, d], any strides
-    delta = (do.float() * out.float()).sum(-1).reshape(G, N).contiguous()  # [G, N], as the kernels index it
+    delta = row_delta(do, _unit_last_stride(out))  # [G, N] fp32, one launch
 
-    dq_e = _buffer((G, N * r, d), q.device)  # [G, N r, d]
+    # one entry per token (r = 1): the kernel writes dq in q's dtype, no cast after
+    dq_e = _buffer((G, N * r, d), q.device, q.dtype if r == 1 else torch.float32)  # [G, N r, d]
     dk = dv = pairs = None
     partials = ()
     if topk > 0:

@@ -299,6 +299,30 @@ def _shared_bwd_kernel(
     tl.store(DVS + out, dvs, mask=r_ok[:, None])
 
 
+@triton.jit
+def _delta_kernel(DO, O, DELTA, H, N, s_db, s_dh, s_dn, s_ob, s_oh, s_on, D: tl.constexpr, BN: tl.constexpr):
+    """``delta [G, N] = rowsum(dO * O)`` (fp32) from both read by their strides."""
+    g = tl.program_id(0).to(tl.int64)
+    b = g // H
+    h = g % H
+    rows = tl.program_id(1) * BN + tl.arange(0, BN)
+    ok = rows < N
+    offs_d = tl.arange(0, D)
+    do = tl.load(DO + b * s_db + h * s_dh + rows[:, None] * s_dn + offs_d[None, :], mask=ok[:, None], other=0.0)
+    o = tl.load(O + b * s_ob + h * s_oh + rows[:, None] * s_on + offs_d[None, :], mask=ok[:, None], other=0.0)
+    tl.store(DELTA + g * N + rows, tl.sum(do.to(tl.float32) * o.to(tl.float32), 1), mask=ok)
+
+
+def row_delta(do: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``rowsum(dO * O)`` per token, ``[B H, N]`` fp32, in one launch (``[B, H, N, d]`` inputs, any strides
+    with a unit last one)."""
+    B, H, N, D = do.shape
+    delta = torch.empty(B * H, N, dtype=torch.float32, device=do.device)
+    bn = 64 if D <= 64 else 32
+    _delta_kernel[(B * H, triton.cdiv(N, bn))](do, out, delta, H, N, *_bhn(do), *_bhn(out), D=D, BN=bn)
+    return delta
+
+
 def _block(n: int, head_dim: int, itemsize: int) -> int:
     """Block of queries or keys: a power of two >= 16 (tl.dot's minimum), one operand tile <= 16 KiB."""
     cap = max(16, min(64, 16384 // (head_dim * itemsize)))
