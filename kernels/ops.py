@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .layout import expert_tiles, key_pairs
-from .routed import dkdv_plan, routed_backward, routed_forward, row_delta, shared_backward
+from .routed import dkdv_plan, merge_slots, routed_backward, routed_forward, row_delta, shared_backward
 from .small_ops import _unit_last_stride  # the kernels take any batch, head and row strides, a unit last one
 
 # Backends for the shared values, in order of preference (flash takes fp16/bf16, the rest any dtype).
@@ -86,11 +86,9 @@ def _forward(q, k, v, landmarks, shared_v, topk_idx, expert_idx, scale_shared, a
     o_r = _buffer((B, H, N * r, d), q.device)  # normalised per entry
     lse_r = _buffer((G, N * r), q.device)
     routed_forward(qf, kf, vf, rf, vsf, idx, lay, r, scale, scale_shared, o_r, lse_r, allow_tf32)
-    lse_r = lse_r.view(G, N, r)
-    lse = torch.logsumexp(lse_r, dim=-1)  # [G, N]
-    weight = torch.exp(lse_r - lse[..., None])  # [G, N, r], each slot's share of the softmax mass
-    out = (weight[..., None] * o_r.view(G, N, r, d)).sum(2).to(q.dtype)  # [G, N, d]
-    return _token_major(out.view(B, H, N, d)), lse
+    # each slot's share of the softmax mass exp(lse_j - lse): one launch writes the token-major output
+    out = _buffer((B, N, H, d), q.device, q.dtype).transpose(1, 2)  # [B, H, N, d]
+    return out, merge_slots(o_r, lse_r, out, r)
 
 
 def _backward(grad_out, q, k, v, landmarks, shared_v, topk_idx, expert_idx, out, lse, scale_shared, allow_tf32):

@@ -313,6 +313,42 @@ def _delta_kernel(DO, O, DELTA, H, N, s_db, s_dh, s_dn, s_ob, s_oh, s_on, D: tl.
     tl.store(DELTA + g * N + rows, tl.sum(do.to(tl.float32) * o.to(tl.float32), 1), mask=ok)
 
 
+@triton.jit
+def _merge_slots_kernel(O_R, LSE_R, OUT, LSE, H, N, s_ob, s_oh, s_on, R: tl.constexpr, D: tl.constexpr,
+                        BN: tl.constexpr):
+    """The r entries of each token, each normalised on its own with its (natural) log-normaliser, merged into
+    the token's output and lse: ``lse = logsumexp_j lse_j``, ``out = sum_j exp(lse_j - lse) o_j``."""
+    g = tl.program_id(0).to(tl.int64)
+    b = g // H
+    h = g % H
+    rows = tl.program_id(1) * BN + tl.arange(0, BN)
+    ok = rows < N
+    offs_d = tl.arange(0, D)
+    mx = tl.full([BN], float("-inf"), tl.float32)
+    for j in tl.static_range(R):
+        mx = tl.maximum(mx, tl.load(LSE_R + g * N * R + rows * R + j, mask=ok, other=0.0))
+    total = tl.zeros([BN], tl.float32)
+    acc = tl.zeros([BN, D], tl.float32)
+    for j in tl.static_range(R):
+        w = tl.exp(tl.load(LSE_R + g * N * R + rows * R + j, mask=ok, other=0.0) - mx)
+        total += w
+        o = tl.load(O_R + (g * N * R + rows * R + j)[:, None] * D + offs_d[None, :], mask=ok[:, None], other=0.0)
+        acc += w[:, None] * o
+    tl.store(OUT + b * s_ob + h * s_oh + rows[:, None] * s_on + offs_d[None, :], acc / total[:, None],
+             mask=ok[:, None])
+    tl.store(LSE + g * N + rows, mx + tl.log(total), mask=ok)
+
+
+def merge_slots(o_r: torch.Tensor, lse_r: torch.Tensor, out: torch.Tensor, r: int) -> torch.Tensor:
+    """Writes into ``out [B, H, N, d]`` (any strides, unit last) the merge of ``o_r [B, H, N r, d]`` (fp32,
+    contiguous) by ``lse_r [B H, N r]``; returns the tokens' ``lse [B H, N]``. One launch."""
+    B, H, N, D = out.shape
+    lse = torch.empty(B * H, N, dtype=torch.float32, device=out.device)
+    bn = 64 if D <= 64 else 32
+    _merge_slots_kernel[(B * H, triton.cdiv(N, bn))](o_r, lse_r, out, lse, H, N, *_bhn(out), R=r, D=D, BN=bn)
+    return lse
+
+
 def row_delta(do: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """``rowsum(dO * O)`` per token, ``[B H, N]`` fp32, in one launch (``[B, H, N, d]`` inputs, any strides
     with a unit last one)."""
