@@ -152,12 +152,12 @@ def _prep_kernel(
     D: tl.constexpr, MP: tl.constexpr, NP: tl.constexpr, BM: tl.constexpr, DC: tl.constexpr, BKC: tl.constexpr,
     SELECT: tl.constexpr, SHARED: tl.constexpr, POOLED: tl.constexpr, PREC: tl.constexpr, SEARCH: tl.constexpr,
 ):
-    """Per-landmark work of the forward, programs (batch-head, block of ``BM`` landmarks) of one to four
+    """Per-landmark work of the forward, programs (batch-head, block of ``BM`` landmarks) of one to eight
     warps (with one warp per 16 rows a row's reductions stay inside its warp), many small programs hiding
     each other's latency:
 
     * ``POOLED``: the landmarks ``R = W Q`` of the rows from the pooling weights ``W = POOL [MP, NP]``
-      (fp32), stored to ``LMK [G, MP, D]`` for the attention and backward kernels;
+      (fp32, used in the input dtype), stored to ``LMK [G, MP, D]`` for the attention and backward kernels;
     * ``SELECT``: the top-k mask of the rows (uint8 into ``SEL``) from ``R K^T``, computed in head-dim
       chunks of ``DC`` so that one ``[NP, DC]`` key chunk bounds the registers;
     * ``SHARED``: the shared values ``V~ = softmax(s R K^T) V`` and their base-2 log-normaliser, in key
