@@ -766,10 +766,10 @@ _PLANS = {}
 
 def _launch(name, kernel, grid, args, meta, key):
     """``kernel[grid](*args, **meta)``. ``key`` must fix everything Triton specializes a compiled kernel on
-    except the tensors' 16-byte alignment, which is added here: the value of every int argument, the
-    dtypes, the device and ``meta``. The first call of a key goes through Triton (compiling if needed), the
-    later ones straight to the launcher of the kernel it chose."""
-    align = tuple(a.data_ptr() % 16 == 0 for a in args if isinstance(a, torch.Tensor))
+    except the tensors' dtypes and 16-byte alignment, which are added here: the value of every int
+    argument, the device and ``meta``. The first call of a key goes through Triton (compiling if needed),
+    the later ones straight to the launcher of the kernel it chose."""
+    align = tuple((a.dtype, a.data_ptr() % 16 == 0) for a in args if isinstance(a, torch.Tensor))
     entry = _RUNNERS.get((key, align))
     if entry is not None:
         compiled, runner, tail = entry
