@@ -599,3 +599,36 @@ def test_topk_selection_is_exact(kind, n, k, search):
     want = _reference_topk_mask(x.cpu().double(), n, min(k, n))
     want[R - 1] = 0
     assert torch.equal(out.cpu().int(), want)
+
+
+def test_launch_cache_goes_to_the_compiled_launcher(monkeypatch):
+    # fused_small._launch: the first call of a key through Triton's launch path, later ones straight to the
+    # compiled kernel's launcher with every argument in order; another dtype or alignment is another key
+    from mita.kernels import fused_small
+
+    monkeypatch.setattr(fused_small, "_RUNNERS", {})
+    calls = []
+
+    class Compiled:
+        function = object()
+
+        def run(self, *a):
+            pass
+
+        def __getitem__(self, grid):
+            return lambda *args: calls.append(("runner", grid, args))
+
+    class Kernel:
+        arg_names = ["X", "n", "A", "B"]
+
+        def __getitem__(self, grid):
+            return lambda *args, **meta: calls.append(("triton", grid, args, meta)) or Compiled()
+
+    x = torch.zeros(8)
+    meta = {"A": 1, "B": 2, "num_warps": 4}
+    fused_small._launch("t", Kernel(), (3,), (x, 5), meta, "key")
+    fused_small._launch("t", Kernel(), (3,), (x, 5), meta, "key")
+    fused_small._launch("t", Kernel(), (3,), (x.half(), 5), meta, "key")  # another dtype: Triton again
+    fused_small._launch("t", Kernel(), (3,), (x[1:], 5), meta, "key")  # 4-byte aligned only: Triton again
+    assert [c[0] for c in calls] == ["triton", "runner", "triton", "triton"]
+    assert calls[1][1] == (3, 1, 1) and calls[1][2] == (x, 5, 1, 2)
