@@ -300,14 +300,17 @@ def _shared_bwd_kernel(
 
 
 @triton.jit
+def _token_program(H, N, D: tl.constexpr, BN: tl.constexpr):
+    """Head ``g`` (batch ``b``, head ``h``) and token rows of a (g, block of BN tokens) program."""
+    g = tl.program_id(0).to(tl.int64)
+    rows = tl.program_id(1) * BN + tl.arange(0, BN)
+    return g, g // H, g % H, rows, rows < N, tl.arange(0, D)
+
+
+@triton.jit
 def _delta_kernel(DO, O, DELTA, H, N, s_db, s_dh, s_dn, s_ob, s_oh, s_on, D: tl.constexpr, BN: tl.constexpr):
     """``delta [G, N] = rowsum(dO * O)`` (fp32) from both read by their strides."""
-    g = tl.program_id(0).to(tl.int64)
-    b = g // H
-    h = g % H
-    rows = tl.program_id(1) * BN + tl.arange(0, BN)
-    ok = rows < N
-    offs_d = tl.arange(0, D)
+    g, b, h, rows, ok, offs_d = _token_program(H, N, D, BN)
     do = tl.load(DO + b * s_db + h * s_dh + rows[:, None] * s_dn + offs_d[None, :], mask=ok[:, None], other=0.0)
     o = tl.load(O + b * s_ob + h * s_oh + rows[:, None] * s_on + offs_d[None, :], mask=ok[:, None], other=0.0)
     tl.store(DELTA + g * N + rows, tl.sum(do.to(tl.float32) * o.to(tl.float32), 1), mask=ok)
@@ -318,12 +321,7 @@ def _merge_slots_kernel(O_R, LSE_R, OUT, LSE, H, N, s_ob, s_oh, s_on, R: tl.cons
                         BN: tl.constexpr):
     """The r entries of each token, each normalised on its own with its (natural) log-normaliser, merged into
     the token's output and lse: ``lse = logsumexp_j lse_j``, ``out = sum_j exp(lse_j - lse) o_j``."""
-    g = tl.program_id(0).to(tl.int64)
-    b = g // H
-    h = g % H
-    rows = tl.program_id(1) * BN + tl.arange(0, BN)
-    ok = rows < N
-    offs_d = tl.arange(0, D)
+    g, b, h, rows, ok, offs_d = _token_program(H, N, D, BN)
     mx = tl.full([BN], float("-inf"), tl.float32)
     for j in tl.static_range(R):
         mx = tl.maximum(mx, tl.load(LSE_R + g * N * R + rows * R + j, mask=ok, other=0.0))

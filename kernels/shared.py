@@ -34,6 +34,14 @@ def _rows(P, rows, ok, stride_n, offs_d):
 
 
 @triton.jit
+def _chunk_program(H, M, D: tl.constexpr, BM: tl.constexpr):
+    """Head ``g`` (batch ``b``, head ``h``), key chunk ``c`` and landmark rows of a (g, chunk, block) program."""
+    g = tl.program_id(0).to(tl.int64)
+    lm = tl.program_id(2) * BM + tl.arange(0, BM)
+    return g, tl.program_id(1), g // H, g % H, lm, lm < M, tl.arange(0, D)
+
+
+@triton.jit
 def _fwd_partial_kernel(
     R, K, V, PACC, PM, PL,
     stride_rb, stride_rh, stride_rm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
@@ -41,13 +49,7 @@ def _fwd_partial_kernel(
     D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
 ):
     DT = K.dtype.element_ty
-    g = tl.program_id(0).to(tl.int64)
-    c = tl.program_id(1)
-    b = g // H
-    h = g % H
-    lm = tl.program_id(2) * BM + tl.arange(0, BM)
-    lm_ok = lm < M
-    offs_d = tl.arange(0, D)
+    g, c, b, h, lm, lm_ok, offs_d = _chunk_program(H, M, D, BM)
     r = _rows(R + b * stride_rb + h * stride_rh, lm, lm_ok, stride_rm, offs_d)  # [BM, D]
     Kh = K + b * stride_kb + h * stride_kh
     Vh = V + b * stride_vb + h * stride_vh
@@ -150,13 +152,7 @@ def _bwd_landmarks_kernel(
     D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
 ):
     DT = K.dtype.element_ty
-    g = tl.program_id(0).to(tl.int64)
-    c = tl.program_id(1)
-    b = g // H
-    h = g % H
-    lm = tl.program_id(2) * BM + tl.arange(0, BM)
-    lm_ok = lm < M
-    offs_d = tl.arange(0, D)
+    g, c, b, h, lm, lm_ok, offs_d = _chunk_program(H, M, D, BM)
     r, dvs, lse, vs_dot = _landmark_rows(R, VS, DVS, LSE, g, b, h, lm, lm_ok, stride_rb, stride_rh, stride_rm, M,
                                          offs_d)
     Kh = K + b * stride_kb + h * stride_kh
@@ -184,7 +180,7 @@ def config(num_heads: int, n: int, m: int, head_dim: int) -> dict:
     bn = 64 if head_dim <= 64 else 32
     blocks = triton.cdiv(n, bn)
     chunks = max(1, min(blocks, triton.cdiv(_TARGET_PROGRAMS, num_heads * triton.cdiv(m, bm))))
-    return {"BM": bm, "BN": bn, "CHUNK": triton.cdiv(blocks, chunks) * bn, "num_warps": 4}
+    return {"BM": bm, "BN": bn, "CHUNK": triton.cdiv(blocks, chunks) * bn, "num_warps": 4 if head_dim <= 64 else 8}
 
 
 def _precision(dtype: torch.dtype, allow_tf32: bool) -> str:
