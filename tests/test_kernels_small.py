@@ -146,6 +146,40 @@ def test_backward_in_two_launches(small_blocks, monkeypatch, N, m, topk, r, shar
     _compare(B, 2, N, 32, m, topk, r, shared, scale, seed=N + m + topk + 3)
 
 
+def test_deit_shape_with_the_default_configs():
+    # the configs a DeiT-S head gets on a GPU (prep launch, 128-query attention programs, one backward program
+    # per head), in the interpreter: fp16 (its bf16 dot is wrong), one head, own selection, pooled landmarks
+    from mita.kernels import fused_small
+
+    assert fused_small._wide(256, 64, 2) and fused_small.fwd_config(6, 256, 32, 64, 2).get("prep_bm")
+    _check_selection(1, 1, 197, 64, 25, 25, 1, True, "official", dtype=torch.float16, tol=1e-2, seed=197)
+
+
+def test_deit_layer_with_the_default_configs(monkeypatch):
+    # a DeiT-shaped MiTA layer (one 64-wide head, 197 tokens, grid landmarks) as a model runs it on a GPU:
+    # pooled in the prep launch, q, k, v handed over as the qkv projection; against impl="reference"
+    import copy
+
+    from mita.attention import MiTAAttention
+
+    monkeypatch.setattr(kernels, "pools_in_kernel", lambda *a: True)
+    layer = MiTAAttention(64, num_heads=1, num_landmarks=25, topk=25, impl="triton").to(DEVICE, torch.float16)
+    ref = copy.deepcopy(layer).double()
+    ref.impl = "reference"
+    x = torch.randn(1, 197, 64, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    x16, x64 = x.half().requires_grad_(), x.double().requires_grad_()
+    layer.capture_routing = True
+    out = layer(x16)
+    ref.routing = layer.last_routing  # the same selection (fp16 rounding may flip one)
+    want = ref(x64)
+    assert rel_err(out, want) <= 1e-2
+    grad = torch.randn(want.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64).to(DEVICE)
+    out.backward(grad.half())
+    want.backward(grad)
+    assert rel_err(x16.grad, x64.grad) <= 1e-2
+    assert rel_err(layer.qkv.weight.grad, ref.qkv.weight.grad) <= 1e-2
+
+
 def test_several_programs_per_head(small_blocks):
     # one query block per forward program: each recomputes the selection into its own mask copy
     small_blocks(qb_per_prog=2)
