@@ -146,12 +146,15 @@ def test_backward_in_two_launches(small_blocks, monkeypatch, N, m, topk, r, shar
     _compare(B, 2, N, 32, m, topk, r, shared, scale, seed=N + m + topk + 3)
 
 
-def test_deit_shape_with_the_default_configs():
+@pytest.mark.parametrize("search", [0, 16])
+def test_deit_shape_with_the_default_configs(monkeypatch, search):
     # the configs a DeiT-S head gets on a GPU (prep launch, 128-query attention programs, one backward program
-    # per head), in the interpreter: fp16 (its bf16 dot is wrong), one head, own selection, pooled landmarks
+    # per head), in the interpreter: fp16 (its bf16 dot is wrong), one head, own selection; both top-k searches
     from mita.kernels import fused_small
 
     assert fused_small._wide(256, 64, 2) and fused_small.fwd_config(6, 256, 32, 64, 2).get("prep_bm")
+    config = fused_small.fwd_config
+    monkeypatch.setattr(fused_small, "fwd_config", lambda *a: {**config(*a), "select_search": search})
     _check_selection(1, 1, 197, 64, 25, 25, 1, True, "official", dtype=torch.float16, tol=1e-2, seed=197)
 
 
