@@ -762,6 +762,7 @@ def saved_shapes(B: int, H: int, N: int, m: int, d: int, router_topk: int, topk:
 # worked out once per shape (``_plan``).
 _RUNNERS = {}
 _PLANS = {}
+_CACHE_LIMIT = 512
 
 
 def _launch(name, kernel, grid, args, meta, key):
@@ -778,6 +779,8 @@ def _launch(name, kernel, grid, args, meta, key):
         compiled = kernel[grid](*args, **meta)
         if hasattr(compiled, "run") and hasattr(compiled, "function"):  # not under TRITON_INTERPRET
             tail = [meta[n] for n in kernel.arg_names[len(args):]]
+            if len(_RUNNERS) >= _CACHE_LIMIT:  # shapes that keep changing: start again rather than grow
+                _RUNNERS.clear()
             _RUNNERS[(key, align)] = (compiled, compiled[tuple(grid) + (1,) * (3 - len(grid))], tail)
     LAUNCHED[name] = compiled
 
@@ -785,6 +788,8 @@ def _launch(name, kernel, grid, args, meta, key):
 def _plan(key, make):
     plan = _PLANS.get(key)
     if plan is None:
+        if len(_PLANS) >= _CACHE_LIMIT:
+            _PLANS.clear()
         plan = _PLANS[key] = make()
     return plan
 
