@@ -114,6 +114,11 @@ def main():
     p.add_argument("--kernel-times", action="store_true",
                    help="GPU time of the fused kernels alone (profiler) for each config of the sweep")
     args = p.parse_args()
+    try:
+        combos = config_combos(args.configs)
+    except (ValueError, KeyError) as exc:
+        p.error(f"--configs {args.configs!r}: expected 'default', 'sweep' or fwd=W/BQ/BK/P/S/M/MW[/V],"
+                f"bwd=W/BQ/BK/H/S[/T][;...] ({exc})")
     B, H, N, d, m, topk = (int(x) for x in args.shape.split(","))
     dtype = torch.bfloat16
     dev = torch.cuda.get_device_name()
@@ -155,38 +160,10 @@ def main():
         f, fb = time_fn(general, sets, args.reps)
         rows.append(("mita impl=triton", f, fb, peak(general, *sets[0])))
 
-    if args.configs == "sweep":
-        # forward: warps/BQ/BK/query blocks a program (0: all)/stages/landmarks a prep program (0: selection
-        # and shared values inside the attention kernel)/warps a prep program;
-        # backward: warps/BQ/BK/one program a head (0/1)/stages
-        fwd_cfgs = [(8, 128, 64, 1, 1, 32, 4), (8, 128, 64, 1, 1, 32, 4, 16), (8, 256, 64, 0, 1, 0, 0, 16),
-                    (16, 256, 32, 0, 1, 0, 0, 16), (16, 256, 64, 0, 1, 0, 0, 16), (16, 256, 64, 0, 1, 32, 4, 16),
-                    (8, 128, 64, 1, 1, 32, 8, 16), (4, 64, 64, 1, 1, 32, 4, 16)]
-        bwd_cfgs = [(8, 64, 32, 1, 1), (16, 64, 32, 1, 1), (16, 64, 16, 1, 1), (8, 64, 64, 0, 1), (8, 64, 64, 0, 1, 1),
-                    (8, 32, 64, 0, 1, 1)]
-        combos = [(fc, bwd_cfgs[0]) for fc in fwd_cfgs] + [(fwd_cfgs[0], bc) for bc in bwd_cfgs[1:]]
-    elif args.configs == "default":
-        combos = []
-    else:
-        combos = []
-        for combo in args.configs.split(";"):
-            parts = dict(x.split("=") for x in combo.split(","))
-            combos.append((tuple(int(v) for v in parts["fwd"].split("/")),
-                           tuple(int(v) for v in parts["bwd"].split("/"))))
     orig_f, orig_b = fused_small.fwd_config, fused_small.bwd_config
-    for (fw, fq, fk, fp, fs, fm, fmw, *search), (bw, bq, bk, bh, bs, *split) in combos:
-        def fcfg(G, n_pad, *a, fw=fw, fq=fq, fk=fk, fp=fp, fs=fs, fm=fm, fmw=fmw, search=(search or [0])[0]):
-            bqq, bkk = min(fq, n_pad), min(fk, n_pad)
-            return {"BQ": bqq, "BK": bkk, "QB_PER_PROG": fp or triton_cdiv(n_pad, bqq), "num_warps": fw,
-                    "num_stages": fs, "prep_bm": fm, "prep_warps": fmw, "select_search": search}
-
-        def bcfg(n_pad, *a, bw=bw, bq=bq, bk=bk, bs=bs, bh=bh, split=bool(split and split[0])):
-            return {"BQ": min(bq, n_pad), "BK": min(bk, n_pad), "num_warps": bw, "num_stages": bs,
-                    "per_head": bool(bh), "split": split}
-
+    for fwd_spec, bwd_spec in combos:
+        fcfg, bcfg, label = config_functions(fwd_spec, bwd_spec)
         fused_small.fwd_config, fused_small.bwd_config = fcfg, bcfg
-        label = (f"fused f{fw}/{fq}/{fk}/{fp}/{fs}/{fm}/{fmw}" + (f"/s{search[0]}" if search else "")
-                 + f" b{bw}/{bq}/{bk}/{bh}/{bs}" + ("/split" if split else ""))
         fused_small.LAUNCHED.clear()
         try:
             errs = check(2, 3, N, d, m, topk, args.r, True, dtype)
@@ -225,6 +202,54 @@ def main():
     print(f"{'method':38s} {'fwd ms':>8s} {'f+b ms':>8s} {'fwd/cuDNN':>10s} {'f+b/cuDNN':>10s} {'peak MiB':>9s}")
     for name, f, fb, pk in rows:
         print(f"{name:38s} {f:8.3f} {fb:8.3f} {f / cud[1]:10.2f} {fb / cud[2]:10.2f} {pk:9.1f}")
+
+
+# forward: warps/BQ/BK/query blocks a program (0: all)/stages/landmarks a prep program (0: selection and shared
+# values inside the attention kernel)/warps a prep program[/passes of the value-space top-k search];
+# backward: warps/BQ/BK/one program a head (0/1)/stages[/1: the block backward in two launches]
+SWEEP_FWD = [(8, 128, 64, 1, 1, 32, 4), (8, 128, 64, 1, 1, 32, 4, 16), (8, 256, 64, 0, 1, 0, 0, 16),
+             (16, 256, 32, 0, 1, 0, 0, 16), (16, 256, 64, 0, 1, 0, 0, 16), (16, 256, 64, 0, 1, 32, 4, 16),
+             (8, 128, 64, 1, 1, 32, 8, 16), (4, 64, 64, 1, 1, 32, 4, 16)]
+SWEEP_BWD = [(8, 64, 32, 1, 1), (16, 64, 32, 1, 1), (16, 64, 16, 1, 1), (8, 64, 64, 0, 1), (8, 64, 64, 0, 1, 1),
+             (8, 32, 64, 0, 1, 1)]
+
+
+def config_combos(spec: str):
+    """``(forward, backward)`` config tuples of ``--configs``: 'default' (none: the package's own), 'sweep', or
+    ``fwd=...,bwd=...`` combos separated by ';'."""
+    if spec == "default":
+        return []
+    if spec == "sweep":
+        return [(fc, SWEEP_BWD[0]) for fc in SWEEP_FWD] + [(SWEEP_FWD[0], bc) for bc in SWEEP_BWD[1:]]
+    combos = []
+    for combo in spec.split(";"):
+        parts = dict(x.split("=") for x in combo.split(","))
+        fwd, bwd = (tuple(int(v) for v in parts[key].split("/")) for key in ("fwd", "bwd"))
+        if len(fwd) not in (7, 8) or len(bwd) not in (5, 6):
+            raise ValueError(f"{combo!r}: fwd takes 7 or 8 numbers, bwd 5 or 6")
+        combos.append((fwd, bwd))
+    return combos
+
+
+def config_functions(fwd_spec, bwd_spec):
+    """Replacements for ``fused_small.fwd_config`` / ``bwd_config`` from one combo, and its label."""
+    fw, fq, fk, fp, fs, fm, fmw, *more = fwd_spec
+    search = more[0] if more else 0
+    bw, bq, bk, bh, bs, *more = bwd_spec
+    split = bool(more and more[0])
+
+    def fcfg(G, n_pad, *a):
+        bqq, bkk = min(fq, n_pad), min(fk, n_pad)
+        return {"BQ": bqq, "BK": bkk, "QB_PER_PROG": fp or triton_cdiv(n_pad, bqq), "num_warps": fw,
+                "num_stages": fs, "prep_bm": fm, "prep_warps": fmw, "select_search": search}
+
+    def bcfg(n_pad, *a):
+        return {"BQ": min(bq, n_pad), "BK": min(bk, n_pad), "num_warps": bw, "num_stages": bs, "per_head": bool(bh),
+                "split": split}
+
+    label = (f"fused f{fw}/{fq}/{fk}/{fp}/{fs}/{fm}/{fmw}" + (f"/s{search}" if search else "")
+             + f" b{bw}/{bq}/{bk}/{bh}/{bs}" + ("/split" if split else ""))
+    return fcfg, bcfg, label
 
 
 def pooling_rows(sets, N, m, topk, r, d, reps, kernel_us=False):

@@ -687,3 +687,28 @@ def test_launch_cache_goes_to_the_compiled_launcher(monkeypatch):
     fused_small._launch("t", Kernel(), (3,), (x[1:], 5), meta, "key")  # 4-byte aligned only: Triton again
     assert [c[0] for c in calls] == ["triton", "runner", "triton", "triton"]
     assert calls[1][1] == (3, 1, 1) and calls[1][2] == (x, 5, 1, 2)
+
+
+@pytest.mark.parametrize("which", ["sweep", "custom"])
+def test_bench_short_configs_run(monkeypatch, which):
+    # every launch config scripts/bench_short.py can set (its sweep, and a hand-written combo) is one the
+    # kernels take, checked against the float64 reference at a small shape
+    import importlib.util
+    from pathlib import Path
+
+    from mita.kernels import fused_small
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_short.py"
+    spec = importlib.util.spec_from_file_location("bench_short_configs", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    combos = bench.config_combos("sweep" if which == "sweep" else "fwd=4/64/32/1/1/32/8/16,bwd=8/32/64/0/1/1")
+    assert combos and all(len(f) >= 7 and len(b) >= 5 for f, b in combos)
+    for fwd_spec, bwd_spec in combos:
+        fcfg, bcfg, label = bench.config_functions(fwd_spec, bwd_spec)
+        monkeypatch.setattr(fused_small, "fwd_config", fcfg)
+        monkeypatch.setattr(fused_small, "bwd_config", bcfg)
+        _compare(1, 2, 40, 32, 5, 4, 2, True, "official", seed=len(label))
+    for bad in ("fwd=8/128", "fwd=8/128/64/1/1,bwd=8/64/32/1/1"):
+        with pytest.raises((ValueError, KeyError)):
+            bench.config_combos(bad)
