@@ -357,11 +357,14 @@ def _padded_weights(pool: torch.Tensor) -> torch.Tensor:
     every call): two launches and their host time saved each call."""
     if torch.compiler.is_compiling():
         return fused_small.pool_weights(pool)
+    # inference tensors keep no version counter (and cannot change outside inference_mode)
+    version = -1 if pool.is_inference() else pool._version
     entry = _PADDED.get(id(pool))
-    if entry is None or entry[0] is not pool or entry[1] != pool._version:
+    if entry is None or entry[0] is not pool or entry[1] != version:
         if len(_PADDED) > 64:
             _PADDED.clear()
-        entry = _PADDED[id(pool)] = (pool, pool._version, fused_small.pool_weights(pool))
+        with torch.inference_mode(False):  # a normal tensor: autograd may save it for a training step
+            entry = _PADDED[id(pool)] = (pool, version, fused_small.pool_weights(pool))
     return entry[2]
 
 

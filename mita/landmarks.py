@@ -91,8 +91,11 @@ class LandmarkExtractor(nn.Module):
             return self.forward(eye, eye, p, h, w)[0, 0]
         key = (N, p, h, w, str(device))
         if key not in self._weights:
-            eye = torch.eye(N, dtype=torch.float64).view(1, 1, N, N)
-            self._weights[key] = self.forward(eye, eye, p, h, w)[0, 0].float().to(device)  # [m, N]
+            # a normal tensor even under inference_mode: the cache serves later training steps too, whose
+            # autograd cannot save an inference tensor
+            with torch.inference_mode(False), torch.no_grad():
+                eye = torch.eye(N, dtype=torch.float64).view(1, 1, N, N)
+                self._weights[key] = self.forward(eye, eye, p, h, w)[0, 0].float().to(device)  # [m, N]
         return self._weights[key]
 
     def check_layout(self, q: torch.Tensor, p: int, h: int, w: int) -> None:

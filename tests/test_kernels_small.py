@@ -712,3 +712,22 @@ def test_bench_short_configs_run(monkeypatch, which):
     for bad in ("fwd=8/128", "fwd=8/128/64/1/1,bwd=8/64/32/1/1"):
         with pytest.raises((ValueError, KeyError)):
             bench.config_combos(bad)
+
+
+def test_layer_runs_in_inference_mode_then_trains(small_blocks, monkeypatch):
+    # the pooling weights a layer caches on its first call must serve both: made under inference_mode, they
+    # would be inference tensors, which autograd cannot save for a later training step
+    from mita.attention import MiTAAttention
+    from mita.kernels import fused_small
+
+    monkeypatch.setattr(kernels, "pools_in_kernel", lambda *a: True)
+    monkeypatch.setattr(fused_small, "pools_in_kernel", lambda *a: True)
+    monkeypatch.setattr(fused_small, "bwd_config", lambda *a: {"BQ": 16, "BK": 16, "num_warps": 4, "per_head": True})
+    layer = MiTAAttention(64, num_heads=2, num_landmarks=4, topk=5, impl="triton").to(DEVICE)
+    x = torch.randn(2, 17, 64, generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    with torch.inference_mode():
+        first = layer(x)
+    x = x.clone().requires_grad_()
+    out = layer(x)
+    out.sum().backward()
+    assert torch.equal(out.detach(), first) and torch.isfinite(x.grad).all()
