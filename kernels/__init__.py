@@ -17,8 +17,8 @@ HEAD_DIMS = (32, 64, 128)
 # kernels.mita_attention send every case they support there. Off, they use the general kernels.
 FUSED_SMALL = True
 # Whether models hand fixed pooling windows to the fused kernels (pools_in_kernel below), which then pool the
-# landmarks from q themselves (no pooling launches; with timm's qkv views the three gradients are then written
-# as one tensor, kernels.qkv_source).
+# landmarks from q themselves (no pooling launches; MiTAAttention then also hands q, k, v over as its qkv
+# projection, whose gradient the backward writes as one tensor).
 POOL_IN_KERNEL = True
 # Whether the general path builds its routing layout with the three Triton launches of kernels/layout_kernels.py
 # instead of ~20 PyTorch ops (the same layout, value for value). Checked in the interpreter; off until timed and

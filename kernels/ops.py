@@ -53,16 +53,11 @@ def _buffer(shape, device, dtype=torch.float32) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def _token_major(out: torch.Tensor) -> torch.Tensor:
-    """``[B, H, N, d]`` laid out as ``[B, N, H, d]`` in memory, as SDPA's fused kernels return theirs: the
-    module's ``out.transpose(1, 2).reshape(B, N, C)`` is then a view, so the output projection saves the very
-    tensor this op saves for its backward instead of a second copy (one ``[B, N, C]`` activation a layer)."""
-    return out.transpose(1, 2).contiguous().transpose(1, 2)
-
-
 def _forward(q, k, v, landmarks, shared_v, topk_idx, expert_idx, scale_shared, allow_tf32):
-    """Launch the forward kernels: ``out [B, H, N, d]`` (dtype of q, token-major memory: :func:`_token_major`)
-    and the per-token ``lse [B H, N]``."""
+    """Launch the forward kernels: ``out [B, H, N, d]`` (dtype of q) and the per-token ``lse [B H, N]``. ``out``
+    is token-major (``[B, N, H, d]`` memory), as SDPA's fused kernels return theirs: the module's
+    ``out.transpose(1, 2).reshape(B, N, C)`` is then a view, so the output projection saves the very tensor
+    this op saves for its backward instead of a second copy (one ``[B, N, C]`` activation a layer)."""
     B, H, N, d = q.shape
     m, topk = landmarks.shape[2], topk_idx.shape[-1]
     shared = shared_v is not None
