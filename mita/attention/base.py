@@ -179,12 +179,9 @@ class AttentionBase(nn.Module):
         B, N, C = x.shape
         if C != self.dim:
             raise ValueError(f"x has width {C}, expected dim={self.dim}")
-        if self.takes_qkv:
-            q, k, v, packed = self.project_qkv_packed(x)
-            out = self.attend(q, k, v, attn_mask=attn_mask, is_causal=is_causal, qkv=packed)  # [B, H, N, d]
-        else:
-            q, k, v = self.project_qkv(x)
-            out = self.attend(q, k, v, attn_mask=attn_mask, is_causal=is_causal)  # [B, H, N, d]
+        q, k, v, packed = self.project_qkv_packed(x)
+        extra = {"qkv": packed} if self.takes_qkv else {}
+        out = self.attend(q, k, v, attn_mask=attn_mask, is_causal=is_causal, **extra)  # [B, H, N, d]
         out = out.transpose(1, 2).reshape(B, N, C)
         if self.dwc is not None:
             out = out + self.dwc_term(v)
