@@ -173,11 +173,13 @@ def _bwd_landmarks_kernel(
     tl.store(PDR + part[:, None] * D + offs_d[None, :], dr, mask=lm_ok[:, None])
 
 
-def config(num_heads: int, n: int, m: int, head_dim: int) -> dict:
+def config(num_heads: int, n: int, m: int, head_dim: int, itemsize: int = 2) -> dict:
     """Blocks of ``BM`` landmarks and ``BN`` keys, and the key chunk of the split launches (``CHUNK``, a
-    multiple of ``BN``): enough chunks that heads x chunks x landmark blocks reach ``_TARGET_PROGRAMS``."""
-    bm = min(64, max(16, triton.next_power_of_2(m)))
-    bn = 64 if head_dim <= 64 else 32
+    multiple of ``BN``): enough chunks that heads x chunks x landmark blocks reach ``_TARGET_PROGRAMS``.
+    fp32 inputs take 16-landmark blocks: IEEE fp32 dots at 64 x 32 tiles spill and, at d = 128, ask more
+    shared memory than an H200 has (238 KB with Triton 3.6)."""
+    bm = min(64, max(16, triton.next_power_of_2(m))) if itemsize <= 2 else 16
+    bn = 64 if head_dim <= 64 and itemsize <= 2 else 32
     blocks = triton.cdiv(n, bn)
     chunks = max(1, min(blocks, triton.cdiv(_TARGET_PROGRAMS, num_heads * triton.cdiv(m, bm))))
     return {"BM": bm, "BN": bn, "CHUNK": triton.cdiv(blocks, chunks) * bn, "num_warps": 4 if head_dim <= 64 else 8}
@@ -200,7 +202,7 @@ def forward(landmarks, k, v, scale, allow_tf32=False, cfg=None, alloc=torch.empt
     B, H, m, D = landmarks.shape
     N = k.shape[2]
     G = B * H
-    cfg = cfg or config(G, N, m, D)
+    cfg = cfg or config(G, N, m, D, k.element_size())
     chunks = triton.cdiv(N, cfg["CHUNK"])
     dev = k.device
     pacc = alloc((G, chunks, m, D), dtype=torch.float32, device=dev)
@@ -224,7 +226,7 @@ def backward(landmarks, k, v, vs, lse, grad_vs, scale, allow_tf32=False, cfg=Non
     B, H, m, D = landmarks.shape
     N = k.shape[2]
     G = B * H
-    cfg = cfg or config(G, N, m, D)
+    cfg = cfg or config(G, N, m, D, k.element_size())
     dev = k.device
     prec = _precision(k.dtype, allow_tf32)
     dvs = grad_vs.to(k.dtype).contiguous()

@@ -71,6 +71,14 @@ def test_config_fills_the_card():
     assert programs >= shared._TARGET_PROGRAMS and cfg["CHUNK"] % cfg["BN"] == 0
 
 
+
+def test_fp32_config_fits_shared_memory():
+    # fp32 at d = 128 with the bf16 blocks (64 x 32) asked 238 KB of shared memory from an H200 (232 KB):
+    # fp32 takes 16-landmark blocks, bf16 keeps its own
+    f32, bf16 = shared.config(16, 3000, 49, 128, 4), shared.config(16, 3000, 49, 128, 2)
+    assert (f32["BM"], f32["BN"]) == (16, 32) and (bf16["BM"], bf16["BN"]) == (64, 32)
+    assert shared.config(16, 3000, 49, 64, 4)["BM"] == 16 and f32["CHUNK"] % f32["BN"] == 0
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 class TestGPU:
