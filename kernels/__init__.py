@@ -21,17 +21,19 @@ FUSED_SMALL = True
 # projection, whose gradient the backward writes as one tensor).
 POOL_IN_KERNEL = True
 # Whether the general path builds its routing layout with the three Triton launches of kernels/layout_kernels.py
-# instead of ~20 PyTorch ops (the same layout, value for value). Checked in the interpreter; off until timed and
-# tested on a GPU.
-LAYOUT_KERNELS = False
+# instead of ~20 PyTorch ops (the same layout, value for value). On: with SHARED_SPLIT_MIN_N below, forward+backward
+# 14-28% faster at N = 16,384 and 65,536 (m = k = 64, 128) on an H200, within run-to-run noise at N = 1,025
+# (BENCHMARKS.md, "Long sequences"); False: the PyTorch ops.
+LAYOUT_KERNELS = True
 # From this many keys on, mita.functional.mita_routing selects each landmark's top-k with the streamed kernel
 # of kernels/topk_stream.py (no m x N score matrix; one host sync) instead of R K^T + torch.topk; None: never.
 # Off until chosen from GPU timings (scripts/bench_topk.py measured it faster from N = 65,536 on an H200).
 STREAM_TOPK_MIN_N = None
 # From this many keys on, the general path computes the shared values V~ = softmax(s R K^T) V (and their
 # backward) with the key-split kernels of kernels/shared.py instead of SDPA, whose m-query launch runs one
-# program per head over all N keys; None: never. Off until chosen from GPU timings.
-SHARED_SPLIT_MIN_N = None
+# program per head over all N keys; fp16/bf16 inputs only; None: never. 1,024: the shortest length where it was
+# timed (H200, with LAYOUT_KERNELS, see above).
+SHARED_SPLIT_MIN_N = 1024
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_LANDMARKS = 1024
 MAX_TOPK = 1024

@@ -197,8 +197,9 @@ def mita_attention(q, k, v, landmarks, topk_idx, expert_idx, shared, scale_share
         # (the fused backends need unit stride along d; pooled landmarks often lack it, and they are small)
         from . import SHARED_SPLIT_MIN_N
 
-        if SHARED_SPLIT_MIN_N is not None and k.shape[2] >= SHARED_SPLIT_MIN_N:
-            # the keys split over programs (kernels/shared.py): every SM busy however few heads
+        if SHARED_SPLIT_MIN_N is not None and k.shape[2] >= SHARED_SPLIT_MIN_N and k.element_size() == 2:
+            # the keys split over programs (kernels/shared.py): every SM busy however few heads; fp16/bf16
+            # only (timed there; fp32 keeps SDPA's IEEE backward, more exact than TF32 dots for dR)
             from .shared import shared_values
 
             shared_v = shared_values(landmarks, k, v, q.shape[-1] ** -0.5, allow_tf32)

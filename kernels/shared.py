@@ -18,6 +18,8 @@ strides and a unit last one. Every dot accumulates in fp32; fp32 inputs use IEEE
 """
 from __future__ import annotations
 
+from typing import Tuple
+
 import torch
 import triton
 import triton.language as tl
@@ -248,25 +250,50 @@ def backward(landmarks, k, v, vs, lse, grad_vs, scale, allow_tf32=False, cfg=Non
     return dr, dk, dv
 
 
-class _SharedValues(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, landmarks, k, v, scale, allow_tf32):
-        landmarks, k, v = _unit_last(landmarks), _unit_last(k), _unit_last(v)
-        vs, lse = forward(landmarks, k, v, scale, allow_tf32)
-        ctx.save_for_backward(landmarks, k, v, vs, lse)
-        ctx.meta = (scale, allow_tf32)
-        return vs
+# Behind torch custom ops, as the other kernels (ops.py): torch.compile sees one opaque op (inductor would
+# otherwise re-compile the kernels itself, with ``scale`` as a float64) and CUDA graphs can capture it.
+@torch.library.custom_op("mita::shared_values_fwd", mutates_args=())
+def shared_values_fwd(landmarks: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                      allow_tf32: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    return forward(_unit_last(landmarks), _unit_last(k), _unit_last(v), scale, allow_tf32)
 
-    @staticmethod
-    def backward(ctx, grad_vs):
-        landmarks, k, v, vs, lse = ctx.saved_tensors
-        scale, allow_tf32 = ctx.meta
-        dr, dk, dv = backward(landmarks, k, v, vs, lse, grad_vs, scale, allow_tf32)
-        return dr, dk, dv, None, None
+
+@shared_values_fwd.register_fake
+def _(landmarks, k, v, scale, allow_tf32):
+    B, H, m, D = landmarks.shape
+    return landmarks.new_empty(B, H, m, D), landmarks.new_empty(B * H, m, dtype=torch.float32)
+
+
+@torch.library.custom_op("mita::shared_values_bwd", mutates_args=())
+def shared_values_bwd(landmarks: torch.Tensor, k: torch.Tensor, v: torch.Tensor, vs: torch.Tensor,
+                      lse: torch.Tensor, grad_vs: torch.Tensor, scale: float,
+                      allow_tf32: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return backward(_unit_last(landmarks), _unit_last(k), _unit_last(v), vs, lse, grad_vs, scale, allow_tf32)
+
+
+@shared_values_bwd.register_fake
+def _(landmarks, k, v, vs, lse, grad_vs, scale, allow_tf32):
+    # contiguous, as the kernels write them (not the strides of k, v, views of a qkv projection)
+    return landmarks.new_empty(landmarks.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    landmarks, k, v, scale, allow_tf32 = inputs
+    ctx.save_for_backward(landmarks, k, v, *output)
+    ctx.meta = (scale, allow_tf32)
+
+
+def _shared_backward(ctx, grad_vs, grad_lse):
+    landmarks, k, v, vs, lse = ctx.saved_tensors
+    dr, dk, dv = shared_values_bwd(landmarks, k, v, vs, lse, grad_vs, *ctx.meta)
+    return dr, dk, dv, None, None
+
+
+torch.library.register_autograd("mita::shared_values_fwd", _shared_backward, setup_context=_setup_context)
 
 
 def shared_values(landmarks: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                   allow_tf32: bool = False) -> torch.Tensor:
     """``softmax(scale R K^T) V`` per (batch, head): ``landmarks [B, H, m, d]``, ``k, v [B, H, N, d]`` (same
     dtype, any strides with a unit last one) -> ``[B, H, m, d]``, differentiable in all three."""
-    return _SharedValues.apply(landmarks, k, v, float(scale), bool(allow_tf32))
+    return shared_values_fwd(landmarks, k, v, float(scale), bool(allow_tf32))[0]

@@ -72,6 +72,17 @@ def test_config_fills_the_card():
 
 
 
+def test_custom_ops_fake_kernels(monkeypatch):
+    # the split runs behind torch custom ops (opaque under torch.compile): their fake kernels give the real
+    # ops' shapes, dtypes and strides (k, v strided views of a qkv projection; outputs contiguous)
+    monkeypatch.setattr(shared, "config", lambda *a: SMALL)
+    landmarks, k, v = (x.detach() for x in _inputs(1, 2, 40, 7, 32, torch.float32, seed=5))
+    torch.library.opcheck(shared.shared_values_fwd, (landmarks, k, v, 0.2, False),
+                          test_utils=("test_schema", "test_faketensor"))
+    vs, lse = shared.shared_values_fwd(landmarks, k, v, 0.2, False)
+    torch.library.opcheck(shared.shared_values_bwd, (landmarks, k, v, vs, lse, torch.randn_like(vs), 0.2, False),
+                          test_utils=("test_schema", "test_faketensor"))
+
 def test_fp32_config_fits_shared_memory():
     # fp32 at d = 128 with the bf16 blocks (64 x 32) asked 238 KB of shared memory from an H200 (232 KB):
     # fp32 takes 16-landmark blocks, bf16 keeps its own
