@@ -22,7 +22,7 @@ FUSED_SMALL = True
 POOL_IN_KERNEL = True
 # Whether the general path builds its routing layout with the three Triton launches of kernels/layout_kernels.py
 # instead of ~20 PyTorch ops (the same layout, value for value). On: with SHARED_SPLIT_MIN_N below, forward+backward
-# 14-28% faster at N = 16,384 and 65,536 (m = k = 64, 128) on an H200, within run-to-run noise at N = 1,025
+# 4-25% faster at N = 16,384 and 65,536 (m = k = 64 to 512) on an H200, within run-to-run noise at N = 1,025
 # (BENCHMARKS.md, "Long sequences"); False: the PyTorch ops.
 LAYOUT_KERNELS = True
 # From this many keys on, mita.functional.mita_routing selects each landmark's top-k with the streamed kernel

@@ -494,13 +494,25 @@ def select_cases(spec: str, quick: bool) -> List[Case]:
     return [CASES[n] for n in names]
 
 
-# General-path options that are off by default until timed (mita.kernels module switches): name -> (attribute,
-# value that turns it on)
+# General-path options (mita.kernels module switches) for A/B timings: name -> (attribute, value when on, value
+# when off). ``--switches layout=off,stream-topk`` sets each named one (a bare name: on); the rest keep the
+# package's defaults (layout and shared-split on, stream-topk off).
 SWITCHES = {
-    "layout": ("LAYOUT_KERNELS", True),  # routing layout from kernels/layout_kernels.py
-    "stream-topk": ("STREAM_TOPK_MIN_N", 1),  # landmarks' top-k streamed by kernels/topk_stream.py
-    "shared-split": ("SHARED_SPLIT_MIN_N", 1),  # shared values split over the keys, kernels/shared.py
+    "layout": ("LAYOUT_KERNELS", True, False),  # routing layout from kernels/layout_kernels.py
+    "stream-topk": ("STREAM_TOPK_MIN_N", 1, None),  # landmarks' top-k streamed by kernels/topk_stream.py
+    "shared-split": ("SHARED_SPLIT_MIN_N", 1, None),  # shared values split over the keys, kernels/shared.py
 }
+
+
+def parse_switches(spec: str):
+    """``[(name, on)]`` from ``--switches`` (``name``, ``name=on`` or ``name=off``, comma-separated)."""
+    out = []
+    for word in (w.strip() for w in spec.split(",") if w.strip()):
+        name, _, state = word.partition("=")
+        if name not in SWITCHES or state not in ("", "on", "off"):
+            raise ValueError(f"{word!r}: expected NAME, NAME=on or NAME=off with NAME one of {', '.join(SWITCHES)}")
+        out.append((name, state != "off"))
+    return out
 
 
 def parse_args(argv=None):
@@ -519,15 +531,16 @@ def parse_args(argv=None):
     parser.add_argument("--no-profile", dest="profile", action="store_false", help="no profiled kernel breakdown")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--switches", default="",
-                        help="comma list of general-path options to turn on for mita-triton: " + ", ".join(SWITCHES))
+                        help="general-path options for mita-triton, comma list of NAME, NAME=on or NAME=off; NAME: "
+                             + ", ".join(SWITCHES) + " (default: the package's, layout and shared-split on)")
     parser.add_argument("--out", default="bench_out", help="folder for attention.csv, kernels.csv, attention.png")
     parser.add_argument("--cpu-smoke", "--dry-run", dest="cpu_smoke", action="store_true",
                         help="tiny cases on the CPU in float32, perf_counter timing: checks the pipeline only")
     args = parser.parse_args(argv)
-    args.switches = [w.strip() for w in args.switches.split(",") if w.strip()]
-    bad = [w for w in args.switches if w not in SWITCHES]
-    if bad:
-        parser.error(f"--switches: unknown {bad}; valid: {', '.join(SWITCHES)}")
+    try:
+        args.switches = parse_switches(args.switches)
+    except ValueError as exc:
+        parser.error(f"--switches: {exc}")
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     bad = [m for m in args.methods if m not in METHODS]
     if bad:
@@ -563,13 +576,13 @@ def main(argv=None) -> int:
             return 2
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    for name in args.switches:
-        attribute, value = SWITCHES[name]
-        setattr(kernels, attribute, value)
+    for name, on in args.switches:
+        attribute, on_value, off_value = SWITCHES[name]
+        setattr(kernels, attribute, on_value if on else off_value)
     env = environment(device)
     log.info("%s", env)
-    if args.switches:
-        log.info("general-path switches on: %s", ", ".join(args.switches))
+    switches = " ".join(f"{name}={getattr(kernels, attribute)!r}" for name, (attribute, *_) in SWITCHES.items())
+    log.info("general-path switches: %s", switches)
 
     runner = Runner(args, device)
     if device.type == "cuda":
@@ -580,7 +593,7 @@ def main(argv=None) -> int:
 
     for r in runner.rows:
         r.update(card=env["card"], torch=env["torch"], triton=env["triton"], date=env["date"],
-                 copy_gbs=runner.copy_gbs)
+                 copy_gbs=runner.copy_gbs, switches=switches)
     write_csv(out_dir / "attention.csv", runner.rows)
     write_csv(out_dir / "kernels.csv", runner.kernel_rows or [{"case": "", "kernel": "(no profile)"}])
     plot(out_dir / "attention.png", cases, runner.rows, env)

@@ -169,6 +169,20 @@ def test_bench_attention_cases_and_bars():
     assert bench.bar_verdict(case, rows)[1] == "yes; no (4.00x); yes"
 
 
+
+def test_bench_attention_switches(tmp_path, monkeypatch):
+    bench = _load_script("bench_attention")
+    assert bench.parse_switches("layout=off, stream-topk,shared-split=on") == [
+        ("layout", False), ("stream-topk", True), ("shared-split", True)]
+    for bad in ("layout=maybe", "nope"):
+        with pytest.raises(ValueError, match="NAME=off"):
+            bench.parse_switches(bad)
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--switches", "layout=of"])
+    from mita import kernels
+
+    assert all(hasattr(kernels, attribute) for attribute, *_ in bench.SWITCHES.values())
+
 def test_landmark_budget():
     bench = _load_script("bench_throughput")
     for e in range(2, 21):
