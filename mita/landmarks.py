@@ -85,18 +85,7 @@ class LandmarkExtractor(nn.Module):
         and device: the extractor applied to the identity."""
         if not self.linear:
             raise ValueError(f"pool={self.pool!r} has no fixed pooling weights")
-        if torch.compiler.is_compiling():
-            # traced as two small ops rather than a cache that guards and graph-breaks
-            eye = torch.eye(N, dtype=torch.float32, device=device).view(1, 1, N, N)
-            return self.forward(eye, eye, p, h, w)[0, 0]
-        key = (N, p, h, w, str(device))
-        if key not in self._weights:
-            # a normal tensor even under inference_mode: the cache serves later training steps too, whose
-            # autograd cannot save an inference tensor
-            with torch.inference_mode(False), torch.no_grad():
-                eye = torch.eye(N, dtype=torch.float64).view(1, 1, N, N)
-                self._weights[key] = self.forward(eye, eye, p, h, w)[0, 0].float().to(device)  # [m, N]
-        return self._weights[key]
+        return _cached_pooling_weights(self, N, p, h, w, str(device))
 
     def check_layout(self, q: torch.Tensor, p: int, h: int, w: int) -> None:
         n_patch = h * w
@@ -365,3 +354,17 @@ def build_landmark_extractor(
     if pool == "1d":
         return SequenceLandmarks(num_landmarks)
     return ToMeLandmarks(num_landmarks)
+
+
+@torch.compiler.assume_constant_result
+def _cached_pooling_weights(extractor: LandmarkExtractor, N: int, p: int, h: int, w: int, device: str) -> torch.Tensor:
+    """The ``[m, N]`` weights of :meth:`LandmarkExtractor.pooling_weights`, cached per layout and device. Under
+    ``torch.compile`` a constant of the graph (the function runs once, when traced): no per-call ops."""
+    key = (N, p, h, w, device)
+    if key not in extractor._weights:
+        # a normal tensor even under inference_mode: the cache serves later training steps too, whose
+        # autograd cannot save an inference tensor
+        with torch.inference_mode(False), torch.no_grad():
+            eye = torch.eye(N, dtype=torch.float64).view(1, 1, N, N)
+            extractor._weights[key] = extractor.forward(eye, eye, p, h, w)[0, 0].float().to(device)  # [m, N]
+    return extractor._weights[key]

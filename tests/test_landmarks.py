@@ -240,6 +240,22 @@ def test_pooling_weights_reproduce_the_extractor(pool):
     assert_close(W.double() @ q, extractor(q, q, 1, 14, 14), 1e-6, "W q")
 
 
+
+def test_pooling_weights_are_a_constant_under_compile():
+    # torch.compile takes the cached weights as a constant of the graph: no eye / pooling ops on every call
+    extractor = build_landmark_extractor("grid", 25, 64, 4)
+
+    def f(q):
+        return extractor.pooling_weights(197, 1, 14, 14, q.device) @ q
+
+    q = torch.randn(2, 4, 197, 16)
+    explained = torch._dynamo.explain(f)(q)
+    assert explained.graph_count == 1 and explained.graph_break_count == 0
+    ops = {str(n.target) for n in explained.graphs[0].graph.nodes if n.op == "call_function"}
+    assert not any("eye" in op or "pool" in op for op in ops), ops
+    torch._dynamo.reset()
+    assert torch.equal(torch.compile(f, fullgraph=True)(q), f(q))
+
 @pytest.mark.parametrize("pool", ["random", "learned", "conv", "dwconv", "tome"])
 def test_pooling_weights_only_for_fixed_windows(pool):
     extractor = build_landmark_extractor(pool, 25, 64, 4)
