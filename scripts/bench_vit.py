@@ -2,6 +2,7 @@
 
     python3 scripts/bench_vit.py                                   # DeiT-S and DeiT-T, eager and torch.compile
     python3 scripts/bench_vit.py --pairs deit_small --no-compile --steps 20
+    python3 scripts/bench_vit.py --pairs deit_tiny --rounds 1 --profile 3   # plus a profile of 3 training steps
     python3 scripts/bench_vit.py --cpu-smoke                        # tiny CPU run of the pipeline (tests)
 
 Each pair is timm's ``deit_{size}_patch16_224`` (softmax attention through ``F.scaled_dot_product_attention``,
@@ -73,6 +74,33 @@ def time_steps(step, steps: int, warmup: int, device) -> float:
     return statistics.median(times)
 
 
+def profile_steps(label: str, step, steps: int, device, rows: int = 12) -> None:
+    """torch.profiler over ``steps`` steps (after the timed ones): wall and GPU-busy milliseconds a step and
+    the ops with the most GPU time (CPU time on a CPU), to see where a step goes and whether the host sets
+    its pace."""
+    import time
+
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    if cuda:
+        torch.cuda.synchronize()
+    with profile(activities=activities) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        if cuda:
+            torch.cuda.synchronize()
+        wall = (time.perf_counter() - t0) * 1e3 / steps
+    events = prof.key_averages()
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    busy = sum(getattr(e, "self_device_time_total", 0) or 0 for e in events) / 1e3 / steps if cuda else 0.0
+    print(f"\nprofile {label}: {wall:.2f} ms a step (profiled), GPU busy {busy:.2f} ms ({busy / wall:.0%})",
+          flush=True)
+    print(events.table(sort_by=key, row_limit=rows, max_name_column_width=70), flush=True)
+
+
 def measure(name: str, args, device, compiled: bool) -> Dict[str, float]:
     torch.manual_seed(0)
     model = build(name, device, args.img_size)
@@ -95,6 +123,8 @@ def measure(name: str, args, device, compiled: bool) -> Dict[str, float]:
 
     model.train()
     train_ms = time_steps(train_step, args.steps, args.warmup, device)
+    if args.profile:
+        profile_steps(f"{name} {'compile' if compiled else 'eager'} training", train_step, args.profile, device)
     model.eval()
     infer_ms = time_steps(infer_step, args.steps, args.warmup, device)
     if device.type == "cuda":
@@ -111,8 +141,12 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=2, help="passes over the models in alternating order")
     parser.add_argument("--no-compile", dest="compile", action="store_false", help="eager only")
+    parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                        help="also profile STEPS training steps of each model and mode (torch.profiler table)")
     parser.add_argument("--cpu-smoke", action="store_true", help="batch 2, 80 px, one step, eager, on the CPU")
     args = parser.parse_args(argv)
+    if args.profile < 0:
+        parser.error(f"--profile must be >= 0 training steps, got {args.profile}")
     pairs = [p for p in args.pairs.split(",") if p]
     unknown = [p for p in pairs if p not in PAIRS]
     if unknown:

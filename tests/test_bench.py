@@ -296,3 +296,12 @@ def test_bench_vit_cpu_smoke(capsys):
     assert float(lines[-2].split()[-1]) == 1.0 and float(lines[-1].split()[-1]) > 0
     with pytest.raises(SystemExit):
         bench.main(["--cpu-smoke", "--pairs", "vit_huge"])
+    with pytest.raises(SystemExit):
+        bench.main(["--cpu-smoke", "--profile", "-1"])
+
+
+def test_bench_vit_profile_cpu_smoke(capsys):
+    bench = _load_script("bench_vit")
+    assert bench.main(["--cpu-smoke", "--pairs", "deit_tiny", "--profile", "1"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("profile ") == 2 and "mita_deit_tiny_patch16_224 eager training" in out
