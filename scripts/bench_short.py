@@ -111,6 +111,9 @@ def main():
                         "by adaptive_avg_pool2d before the op, and inside the kernels (mita.kernels.POOL_IN_KERNEL)")
     p.add_argument("--host", action="store_true",
                    help="host (CPU) time of a forward and of a forward+backward call, and a cProfile of the fused path's")
+    p.add_argument("--prep-parts", action="store_true",
+                   help="GPU time of the forward's kernels with parts of the prep launch's work switched off (selection, "
+                        "shared values, pooling): where the forward's time goes")
     p.add_argument("--kernel-times", action="store_true",
                    help="GPU time of the fused kernels alone (profiler) for each config of the sweep")
     args = p.parse_args()
@@ -190,6 +193,8 @@ def main():
         print("default configs, routing passed in, kernel us",
               kernel_times(lambda qkv, lm: fused_given(qkv, lm, topk, args.r, d), sets), flush=True)
 
+    if args.prep_parts:
+        prep_parts(sets, N, m, topk, args.r, d)
     if args.profile:
         profile(fused, sets, given=lambda qkv, lm: fused_given(qkv, lm, topk, args.r, d))
     if args.host:
@@ -291,6 +296,47 @@ def pooling_rows(sets, N, m, topk, r, d, reps, kernel_us=False):
         return rows
     finally:
         kernels.POOL_IN_KERNEL = previous
+
+
+def prep_parts(sets, N, m, topk, r, d, iters=10, device="cuda"):
+    """Mean GPU microseconds of the forward kernels (``fused_small.forward`` alone, no autograd) with the prep
+    launch's parts on and off: selection (off: the routing passed in), shared values, pooling from q."""
+    side, grid = math.isqrt(m), math.isqrt(N - 1)
+    eye = torch.eye(N, dtype=torch.float64).view(1, 1, N, N)
+    W = fused_small.pool_weights(pool_patch_queries(eye, 1, grid, grid, (side, side))[0, 0].float().to(device))
+    x = [(qkv.detach(), lm.detach()) for (qkv, lm), _ in sets]
+    q, k, v = x[0][0].permute(2, 0, 3, 1, 4)
+    _, _, sel, expert, *_ = fused_small.forward(q, k, v, x[0][1], topk, r, True, 1 / d)
+    cases = {
+        "selection + shared values (landmarks given)": dict(),
+        "selection only (shared off)": dict(shared=False),
+        "shared values only (routing passed in)": dict(sel=sel, expert=expert),
+        "routing passed in, shared off": dict(sel=sel, expert=expert, shared=False),
+        "pooling + selection + shared values": dict(pool=W, num_landmarks=m),
+        "pooling + shared values (routing passed in)": dict(pool=W, num_landmarks=m, sel=sel, expert=expert),
+    }
+    print(f"\nforward kernels, GPU us a call (mean of {iters}), B H = {q.shape[0] * q.shape[1]}, N = {N}, m = {m}:")
+    for label, kw in cases.items():
+        shared = kw.pop("shared", True)
+
+        def call(i, kw=kw, shared=shared):
+            qq, kk, vv = x[i % len(x)][0].permute(2, 0, 3, 1, 4)
+            fused_small.forward(qq, kk, vv, x[i % len(x)][1], topk, r, shared, 1 / d, **kw)
+
+        for i in range(3 if device == "cuda" else 1):
+            call(i)
+        sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+        sync()
+        with prof_ctx(activities=[ProfilerActivity.CUDA if device == "cuda" else ProfilerActivity.CPU]) as prof:
+            for i in range(iters):
+                call(i)
+            sync()
+        times = {}
+        for e in prof.key_averages():
+            t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+            if t and e.key.startswith("_") and "kernel" in e.key:
+                times[e.key] = round(t / iters, 1)
+        print(f"  {label:48s} {times}", flush=True)
 
 
 def fused_given(qkv, lm, topk, r, d, _cache={}):

@@ -714,6 +714,22 @@ def test_bench_short_configs_run(monkeypatch, which):
             bench.config_combos(bad)
 
 
+
+def test_bench_short_prep_parts_run(capsys):
+    # scripts/bench_short.py --prep-parts: every combination of the prep launch's parts runs (interpreter:
+    # the DeiT layout, 1 + 14 x 14 tokens, the 256-token configs that pool in the kernels; fp16, one head)
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_short.py"
+    spec = importlib.util.spec_from_file_location("bench_short_parts", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    N, d, m = 197, 64, 4
+    sets = [(bench.inputs(1, 1, N, d, m, torch.float16, s, device=DEVICE), None) for s in range(2)]
+    bench.prep_parts(sets, N, m, 3, 1, d, iters=1, device=DEVICE)
+    assert capsys.readouterr().out.count("\n  ") == 6
+
 def test_layer_runs_in_inference_mode_then_trains(small_blocks, monkeypatch):
     # the pooling weights a layer caches on its first call must serve both: made under inference_mode, they
     # would be inference tensors, which autograd cannot save for a later training step
