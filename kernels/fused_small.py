@@ -29,6 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import launch
+
 LOG2E = 1.4426950408889634
 # The last compiled kernel of each pass (registers, spills and shared memory for benchmarks).
 LAUNCHED = {}
@@ -755,34 +757,18 @@ def saved_shapes(B: int, H: int, N: int, m: int, d: int, router_topk: int, topk:
             (G, MP, d) if shared else (0,), (G, MP) if shared else (0,))
 
 
-# Host side. Triton's own launch path binds and specializes every argument on every call (~50 us of host
-# time for these kernels, against ~13 us for the compiled kernel's launcher), and at ViT sizes the kernels
-# take ~0.1-0.5 ms: so each launch goes through the launcher of the kernel Triton compiled for its first
-# call, and what does not change between calls of one shape (configs, grids, compile-time arguments) is
-# worked out once per shape (``_plan``).
-_RUNNERS = {}
+# Host side: each launch goes through the launcher of the kernel Triton compiled for its first call
+# (launch.py), and what does not change between calls of one shape (configs, grids, compile-time arguments)
+# is worked out once per shape (``_plan``), whose key then stands for them in the launcher's cache.
 _PLANS = {}
 _CACHE_LIMIT = 512
 
 
 def _launch(name, kernel, grid, args, meta, key):
-    """``kernel[grid](*args, **meta)``. ``key`` must fix everything Triton specializes a compiled kernel on
-    except the tensors' dtypes and 16-byte alignment, which are added here: the value of every int
-    argument, the device and ``meta``. The first call of a key goes through Triton (compiling if needed),
-    the later ones straight to the launcher of the kernel it chose."""
-    align = tuple((a.dtype, a.data_ptr() % 16 == 0) for a in args if isinstance(a, torch.Tensor))
-    entry = _RUNNERS.get((key, align))
-    if entry is not None:
-        compiled, runner, tail = entry
-        runner(*args, *tail)
-    else:
-        compiled = kernel[grid](*args, **meta)
-        if hasattr(compiled, "run") and hasattr(compiled, "function"):  # not under TRITON_INTERPRET
-            tail = [meta[n] for n in kernel.arg_names[len(args):]]
-            if len(_RUNNERS) >= _CACHE_LIMIT:  # shapes that keep changing: start again rather than grow
-                _RUNNERS.clear()
-            _RUNNERS[(key, align)] = (compiled, compiled[tuple(grid) + (1,) * (3 - len(grid))], tail)
-    LAUNCHED[name] = compiled
+    """``kernel[grid](*args, **meta)`` through :func:`launch.launch`; ``key`` fixes everything Triton
+    specializes the kernel on except the tensors' dtypes and alignment (the value of every int argument, the
+    device and ``meta``)."""
+    LAUNCHED[name] = launch(kernel, grid, args, meta, key=key)
 
 
 def _plan(key, make):

@@ -59,6 +59,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import launch
+
 MAX_EXPERTS = 1024
 _COUNT_BLOCK = 1024  # entries per histogram in the count pass
 _SCATTER_BLOCK = 64  # entries per comparison block in the scatter pass
@@ -239,14 +241,21 @@ def expert_tiles_triton(expert: torch.Tensor, m: int, N: int, r: int, chunk: Opt
     slot_source = _buffer((G, num_tiles * tile), device)
     slot_of = _buffer((G, E), device)
 
-    _count_kernel[(G * C,)](ex, part, E, m, cfg["chunk"], C, BINS=cfg["bins"], BLOCK=cfg["count_block"],
-                            num_warps=4)
-    _scan_kernel[(G,)](part, counts, expert_start, tile_expert, tile_count, m, C, tile, num_tiles,
-                       BLOCK_X=min(128, cfg["bins"]), BLOCK_C=32, BLOCK_T=256, num_warps=4)
-    _scatter_kernel[(G * C,)](
-        ex, part, expert_start, tile_count, slot_token, slot_source, slot_of,
-        N, r, E, m, cfg["chunk"], C, tile, num_tiles, triton.cdiv(num_tiles * tile, C),
-        BINS=cfg["bins"], BLOCK=cfg["scatter_block"], BLOCK_S=256, num_warps=8,
+    launch(
+        _count_kernel, (G * C,),
+        (ex, part, E, m, cfg["chunk"], C),
+        dict(BINS=cfg["bins"], BLOCK=cfg["count_block"], num_warps=4),
+    )
+    launch(
+        _scan_kernel, (G,),
+        (part, counts, expert_start, tile_expert, tile_count, m, C, tile, num_tiles),
+        dict(BLOCK_X=min(128, cfg["bins"]), BLOCK_C=32, BLOCK_T=256, num_warps=4),
+    )
+    launch(
+        _scatter_kernel, (G * C,),
+        (ex, part, expert_start, tile_count, slot_token, slot_source, slot_of, N, r, E, m, cfg["chunk"], C, tile,
+            num_tiles, triton.cdiv(num_tiles * tile, C)),
+        dict(BINS=cfg["bins"], BLOCK=cfg["scatter_block"], BLOCK_S=256, num_warps=8),
     )
     return {
         "tile_count": tile_count,

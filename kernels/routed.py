@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import launch
+
 
 @triton.jit
 def _routed_fwd_kernel(
@@ -343,7 +345,11 @@ def merge_slots(o_r: torch.Tensor, lse_r: torch.Tensor, out: torch.Tensor, r: in
     B, H, N, D = out.shape
     lse = torch.empty(B * H, N, dtype=torch.float32, device=out.device)
     bn = 64 if D <= 64 else 32
-    _merge_slots_kernel[(B * H, triton.cdiv(N, bn))](o_r, lse_r, out, lse, H, N, *_bhn(out), R=r, D=D, BN=bn)
+    launch(
+        _merge_slots_kernel, (B * H, triton.cdiv(N, bn)),
+        (o_r, lse_r, out, lse, H, N, *_bhn(out)),
+        dict(R=r, D=D, BN=bn),
+    )
     return lse
 
 
@@ -353,7 +359,7 @@ def row_delta(do: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     B, H, N, D = do.shape
     delta = torch.empty(B * H, N, dtype=torch.float32, device=do.device)
     bn = 64 if D <= 64 else 32
-    _delta_kernel[(B * H, triton.cdiv(N, bn))](do, out, delta, H, N, *_bhn(do), *_bhn(out), D=D, BN=bn)
+    launch(_delta_kernel, (B * H, triton.cdiv(N, bn)), (do, out, delta, H, N, *_bhn(do), *_bhn(out)), dict(D=D, BN=bn))
     return delta
 
 
@@ -421,14 +427,14 @@ def routed_forward(q, k, v, landmarks, shared_v, topk_idx, lay, r, scale, scale_
     block_r = _block(M, D, q.element_size())
     shared = landmarks is not None
     num_mb = triton.cdiv(T, block_m)
-    _routed_fwd_kernel[(G * S * num_mb,)](
-        q, k, v, landmarks if shared else q, shared_v if shared else q, topk_idx,
-        lay["slot_token"], lay["slot_source"], lay["tile_expert"], lay["tile_count"], o, lse,
-        H, *_bhn(q), *_bhn(k), *_bhn(v), *_bhn(o),
-        N, E, M, topk, T, S, num_mb, r, scale, scale_shared,
-        D=D, BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_r, SHARED=shared,
-        PRECISION=_precision(q.dtype, allow_tf32), SPREC=_score_precision(q.dtype, allow_tf32),
-        num_warps=4, num_stages=2,
+    launch(
+        _routed_fwd_kernel, (G * S * num_mb,),
+        (q, k, v, landmarks if shared else q, shared_v if shared else q, topk_idx, lay["slot_token"],
+            lay["slot_source"], lay["tile_expert"], lay["tile_count"], o, lse, H, *_bhn(q), *_bhn(k), *_bhn(v),
+            *_bhn(o), N, E, M, topk, T, S, num_mb, r, scale, scale_shared),
+        dict(D=D, BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_r, SHARED=shared,
+            PRECISION=_precision(q.dtype, allow_tf32), SPREC=_score_precision(q.dtype, allow_tf32), num_warps=4,
+            num_stages=2),
     )
 
 
@@ -460,13 +466,13 @@ def routed_backward(q, k, v, landmarks, shared_v, do, lse, delta, topk_idx, lay,
     sprec = _score_precision(q.dtype, allow_tf32)
     shared = landmarks is not None
     num_mb = triton.cdiv(T, block_m)
-    _routed_bwd_dq_kernel[(G * S * num_mb,)](
-        q, k, v, landmarks if shared else q, shared_v if shared else q, do, lse, delta, topk_idx,
-        lay["slot_token"], lay["slot_source"], lay["tile_expert"], lay["tile_count"], dq,
-        H, *_bhn(q), *_bhn(k), *_bhn(v), *_bhn(do),
-        N, E, M, topk, T, S, num_mb, r, scale, scale_shared,
-        D=D, BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_r, SHARED=shared, PRECISION=precision, SPREC=sprec,
-        num_warps=4, num_stages=2,
+    launch(
+        _routed_bwd_dq_kernel, (G * S * num_mb,),
+        (q, k, v, landmarks if shared else q, shared_v if shared else q, do, lse, delta, topk_idx, lay["slot_token"],
+            lay["slot_source"], lay["tile_expert"], lay["tile_count"], dq, H, *_bhn(q), *_bhn(k), *_bhn(v), *_bhn(do),
+            N, E, M, topk, T, S, num_mb, r, scale, scale_shared),
+        dict(D=D, BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_r, SHARED=shared, PRECISION=precision, SPREC=sprec,
+            num_warps=4, num_stages=2),
     )
     if topk == 0:
         return
@@ -478,21 +484,20 @@ def routed_backward(q, k, v, landmarks, shared_v, do, lse, delta, topk_idx, lay,
     passes = [(True, True, partials[0], partials[1], dk, dv)] if len(partials) == 2 else [
         (False, True, partials[0], partials[0], dv, dv), (True, False, partials[0], partials[0], dk, dk)]
     for do_dk, do_dv, part_a, part_b, out_a, out_b in passes:
-        _routed_bwd_dkdv_kernel[(G * M * num_kb,)](
-            q, k, v, do, lse, delta, topk_idx, lay["slot_token"], lay["expert_start"], lay["expert_count"],
-            part_a, part_b,
-            H, *_bhn(q), *_bhn(k), *_bhn(v), *_bhn(do),
-            N, M, topk, S * T, num_kb, scale,
-            D=D, BLOCK_M=block_m, BLOCK_K=block_k, PRECISION=precision, SPREC=sprec, DO_DK=do_dk, DO_DV=do_dv,
-            num_warps=4, num_stages=2,
+        launch(
+            _routed_bwd_dkdv_kernel, (G * M * num_kb,),
+            (q, k, v, do, lse, delta, topk_idx, lay["slot_token"], lay["expert_start"], lay["expert_count"], part_a,
+                part_b, H, *_bhn(q), *_bhn(k), *_bhn(v), *_bhn(do), N, M, topk, S * T, num_kb, scale),
+            dict(D=D, BLOCK_M=block_m, BLOCK_K=block_k, PRECISION=precision, SPREC=sprec, DO_DK=do_dk, DO_DV=do_dv,
+                num_warps=4, num_stages=2),
         )
         two = do_dk and do_dv
         # the reduction's first tensor is the pass's only one when it computes one
         first, first_out = (part_a, out_a) if do_dk else (part_b, out_b)
-        _key_reduce_kernel[(G * num_nb,)](
-            first, part_b, pair_order, key_ptr, first_out, out_b,
-            N, M * topk, num_nb,
-            D=D, BLOCK_N=block_n, TWO=two, num_warps=4,
+        launch(
+            _key_reduce_kernel, (G * num_nb,),
+            (first, part_b, pair_order, key_ptr, first_out, out_b, N, M * topk, num_nb),
+            dict(D=D, BLOCK_N=block_n, TWO=two, num_warps=4),
         )
 
 
@@ -510,12 +515,11 @@ def shared_backward(q, landmarks, shared_v, do, lse, delta, scale_shared, allow_
     num_ch = triton.cdiv(N, chunk)
     dr = q.new_empty((G, num_ch, M, D), dtype=torch.float32)
     dvs = q.new_empty((G, num_ch, M, D), dtype=torch.float32)
-    _shared_bwd_kernel[(G * num_rb * num_ch,)](
-        q, landmarks, shared_v, do, lse, delta, dr, dvs,
-        H, *_bhn(q), *_bhn(do),
-        N, M, num_rb, num_ch, chunk, scale_shared,
-        D=D, BLOCK_M=block_m, BLOCK_R=block_r,
-        PRECISION=_precision(q.dtype, allow_tf32), SPREC=_score_precision(q.dtype, allow_tf32),
-        num_warps=4, num_stages=2,
+    launch(
+        _shared_bwd_kernel, (G * num_rb * num_ch,),
+        (q, landmarks, shared_v, do, lse, delta, dr, dvs, H, *_bhn(q), *_bhn(do), N, M, num_rb, num_ch, chunk,
+            scale_shared),
+        dict(D=D, BLOCK_M=block_m, BLOCK_R=block_r, PRECISION=_precision(q.dtype, allow_tf32),
+            SPREC=_score_precision(q.dtype, allow_tf32), num_warps=4, num_stages=2),
     )
     return dr.sum(1), dvs.sum(1)

@@ -10,6 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import launch
 from .routed import _bhn
 
 
@@ -83,10 +84,11 @@ def route_queries(q: torch.Tensor, landmarks: torch.Tensor, router_topk: int) ->
     block_n = 64 if d <= 64 else 32
     block_r = max(16, min(64, triton.next_power_of_2(m)))
     num_nb = triton.cdiv(N, block_n)
-    _route_kernel[(G * num_nb,)](
-        qf, rf, out, H, *_bhn(qf), N, m, num_nb,
-        D=d, R_SLOTS=router_topk, BLOCK_N=block_n, BLOCK_R=block_r,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4,
+    launch(
+        _route_kernel, (G * num_nb,),
+        (qf, rf, out, H, *_bhn(qf), N, m, num_nb),
+        dict(D=d, R_SLOTS=router_topk, BLOCK_N=block_n, BLOCK_R=block_r,
+            PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4),
     )
     return out
 

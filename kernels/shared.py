@@ -24,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import launch
+
 __all__ = ["shared_values"]
 
 # Programs to aim for (a few waves on a 132-SM card); the number of key chunks follows from it.
@@ -211,15 +213,19 @@ def forward(landmarks, k, v, scale, allow_tf32=False, cfg=None, alloc=torch.empt
     pm = alloc((G, chunks, m), dtype=torch.float32, device=dev)
     pl = alloc((G, chunks, m), dtype=torch.float32, device=dev)
     prec = _precision(k.dtype, allow_tf32)
-    _fwd_partial_kernel[(G, chunks, triton.cdiv(m, cfg["BM"]))](
-        landmarks, k, v, pacc, pm, pl, *_strides(landmarks), *_strides(k), *_strides(v),
-        H, N, m, cfg["CHUNK"], chunks, scale,
-        D=D, BM=cfg["BM"], BN=cfg["BN"], PREC=prec, num_warps=cfg["num_warps"],
+    launch(
+        _fwd_partial_kernel, (G, chunks, triton.cdiv(m, cfg["BM"])),
+        (landmarks, k, v, pacc, pm, pl, *_strides(landmarks), *_strides(k), *_strides(v), H, N, m, cfg["CHUNK"],
+            chunks, scale),
+        dict(D=D, BM=cfg["BM"], BN=cfg["BN"], PREC=prec, num_warps=cfg["num_warps"]),
     )
     vs = alloc((B, H, m, D), dtype=k.dtype, device=dev)
     lse = alloc((G, m), dtype=torch.float32, device=dev)
-    _fwd_combine_kernel[(G, triton.cdiv(m, cfg["BM"]))](pacc, pm, pl, vs, lse, m, chunks, D=D, BM=cfg["BM"],
-                                                        num_warps=cfg["num_warps"])
+    launch(
+        _fwd_combine_kernel, (G, triton.cdiv(m, cfg["BM"])),
+        (pacc, pm, pl, vs, lse, m, chunks),
+        dict(D=D, BM=cfg["BM"], num_warps=cfg["num_warps"]),
+    )
     return vs, lse
 
 
@@ -236,15 +242,17 @@ def backward(landmarks, k, v, vs, lse, grad_vs, scale, allow_tf32=False, cfg=Non
     dv = alloc((B, H, N, D), dtype=k.dtype, device=dev)
     args = (landmarks, k, v, vs, dvs, lse)
     strides = (*_strides(landmarks), *_strides(k), *_strides(v))
-    _bwd_keys_kernel[(G, triton.cdiv(N, cfg["BN"]))](
-        *args, dk, dv, *strides, H, N, m, scale, D=D, BM=cfg["BM"], BN=cfg["BN"], PREC=prec,
-        num_warps=cfg["num_warps"],
+    launch(
+        _bwd_keys_kernel, (G, triton.cdiv(N, cfg["BN"])),
+        (*args, dk, dv, *strides, H, N, m, scale),
+        dict(D=D, BM=cfg["BM"], BN=cfg["BN"], PREC=prec, num_warps=cfg["num_warps"]),
     )
     chunks = triton.cdiv(N, cfg["CHUNK"])
     pdr = alloc((G, chunks, m, D), dtype=torch.float32, device=dev)
-    _bwd_landmarks_kernel[(G, chunks, triton.cdiv(m, cfg["BM"]))](
-        *args, pdr, *strides, H, N, m, cfg["CHUNK"], chunks, scale, D=D, BM=cfg["BM"], BN=cfg["BN"], PREC=prec,
-        num_warps=cfg["num_warps"],
+    launch(
+        _bwd_landmarks_kernel, (G, chunks, triton.cdiv(m, cfg["BM"])),
+        (*args, pdr, *strides, H, N, m, cfg["CHUNK"], chunks, scale),
+        dict(D=D, BM=cfg["BM"], BN=cfg["BN"], PREC=prec, num_warps=cfg["num_warps"]),
     )
     dr = (pdr.sum(1) * scale).to(k.dtype).view(B, H, m, D)
     return dr, dk, dv

@@ -39,6 +39,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import launch
+
 HEAD_DIMS = (32, 64, 128)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_LANDMARKS = 1024
@@ -345,24 +347,33 @@ def topk_stream(k_keys: torch.Tensor, landmarks: torch.Tensor, topk: int, *, ret
     # per (row, chunk) softmax statistics, merged below; without them the kernel gets gmax as a placeholder
     row_max, row_sum = (torch.empty(G, m, chunks, dtype=torch.float32, device=dev) if return_stats else gmax
                         for _ in range(2))
-    _group_max_kernel[grid](
-        kf, rf, gmax, row_max, row_sum, H, *ks, *rs, N, m, n_tiles, chunks, n_mb,
-        d ** -0.5 if scale is None else scale, STATS=return_stats, **common,
+    launch(
+        _group_max_kernel, grid,
+        (kf, rf, gmax, row_max, row_sum, H, *ks, *rs, N, m, n_tiles, chunks, n_mb,
+            d ** -0.5 if scale is None else scale),
+        dict(STATS=return_stats, **common),
     )
     # k distinct groups hold a score >= tau: a lower bound of each row's k-th score
     tau = torch.empty(G, m, dtype=torch.float32, device=dev)
     P = chunks * bn
     block_p = min(2048, triton.next_power_of_2(P))
     block_r = max(1, 4096 // block_p)  # 4096 maxima per program: 32 registers a thread
-    _threshold_kernel[(triton.cdiv(G * m, block_r),)](gmax, tau, G * m, P, topk, BLOCK_R=block_r, BLOCK_P=block_p,
-                                                      ONE_BLOCK=P <= block_p, num_warps=4)
+    launch(
+        _threshold_kernel, (triton.cdiv(G * m, block_r),),
+        (gmax, tau, G * m, P, topk),
+        dict(BLOCK_R=block_r, BLOCK_P=block_p, ONE_BLOCK=P <= block_p, num_warps=4),
+    )
     del gmax
 
     cap = cfg["capacity"]
     while True:
         cnt = torch.empty(G, m, chunks, dtype=torch.int32, device=dev)
         buf = torch.empty(G, m, chunks, cap, dtype=torch.int64, device=dev)  # candidate keys per chunk
-        _collect_kernel[grid](kf, rf, tau, cnt, buf, H, *ks, *rs, N, m, n_tiles, chunks, n_mb, cap, **common)
+        launch(
+            _collect_kernel, grid,
+            (kf, rf, tau, cnt, buf, H, *ks, *rs, N, m, n_tiles, chunks, n_mb, cap),
+            dict(**common),
+        )
         need = int(cnt.max())
         if need <= cap:
             break
@@ -371,8 +382,11 @@ def topk_stream(k_keys: torch.Tensor, landmarks: torch.Tensor, topk: int, *, ret
     block = triton.next_power_of_2(chunks * cap)
     if cfg.get("final", "sort" if k_keys.is_cuda else "topk") == "sort" and block <= _SORT_MAX:
         rows_per = max(1, 2048 // block)
-        _select_kernel[(triton.cdiv(G * m, rows_per),)](buf, cnt, idx, G * m, chunks, cap, topk, BLOCK_R=rows_per,
-                                                        BLOCK=block, num_warps=4)
+        launch(
+            _select_kernel, (triton.cdiv(G * m, rows_per),),
+            (buf, cnt, idx, G * m, chunks, cap, topk),
+            dict(BLOCK_R=rows_per, BLOCK=block, num_warps=4),
+        )
     else:
         empty = torch.arange(cap, device=dev) >= cnt[..., None]
         keys = buf.masked_fill_(empty, torch.iinfo(torch.int64).min).view(G, m, chunks * cap)

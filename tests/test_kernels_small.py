@@ -657,11 +657,12 @@ def test_topk_selection_is_exact(kind, n, k, search):
 
 
 def test_launch_cache_goes_to_the_compiled_launcher(monkeypatch):
-    # fused_small._launch: the first call of a key through Triton's launch path, later ones straight to the
-    # compiled kernel's launcher with every argument in order; another dtype or alignment is another key
-    from mita.kernels import fused_small
+    # fused_small._launch (launch.launch with a plan's key): the first call of a key through Triton's launch
+    # path, later ones straight to the compiled kernel's launcher with every argument in order; another dtype
+    # or alignment is another key
+    from mita.kernels import fused_small, launch
 
-    monkeypatch.setattr(fused_small, "_RUNNERS", {})
+    monkeypatch.setattr(launch, "_RUNNERS", {})
     calls = []
 
     class Compiled:
@@ -681,10 +682,11 @@ def test_launch_cache_goes_to_the_compiled_launcher(monkeypatch):
 
     x = torch.zeros(8)
     meta = {"A": 1, "B": 2, "num_warps": 4}
-    fused_small._launch("t", Kernel(), (3,), (x, 5), meta, "key")
-    fused_small._launch("t", Kernel(), (3,), (x, 5), meta, "key")
-    fused_small._launch("t", Kernel(), (3,), (x.half(), 5), meta, "key")  # another dtype: Triton again
-    fused_small._launch("t", Kernel(), (3,), (x[1:], 5), meta, "key")  # 4-byte aligned only: Triton again
+    kernel = Kernel()
+    fused_small._launch("t", kernel, (3,), (x, 5), meta, "key")
+    fused_small._launch("t", kernel, (3,), (x, 5), meta, "key")
+    fused_small._launch("t", kernel, (3,), (x.half(), 5), meta, "key")  # another dtype: Triton again
+    fused_small._launch("t", kernel, (3,), (x[1:], 5), meta, "key")  # 4-byte aligned only: Triton again
     assert [c[0] for c in calls] == ["triton", "runner", "triton", "triton"]
     assert calls[1][1] == (3, 1, 1) and calls[1][2] == (x, 5, 1, 2)
 
