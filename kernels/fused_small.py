@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import launch
+from .launch import cdiv, launch, next_power_of_2
 
 LOG2E = 1.4426950408889634
 # The last compiled kernel of each pass (registers, spills and shared memory for benchmarks).
@@ -669,7 +669,7 @@ def _bwd_kernel(
 
 def padded(n: int) -> int:
     """``n`` rounded up to a power of two >= 16 (``tl.dot``'s minimum)."""
-    return max(16, triton.next_power_of_2(n))
+    return max(16, next_power_of_2(n))
 
 
 def _wide(n_pad: int, head_dim: int, itemsize: int) -> bool:
@@ -714,7 +714,7 @@ def fwd_config(num_heads: int, n_pad: int, m_pad: int, head_dim: int, itemsize: 
     return {
         "BQ": bq,
         "BK": min(n_pad, 64),
-        "QB_PER_PROG": triton.cdiv(n_pad, bq) if num_heads >= 264 else 1,
+        "QB_PER_PROG": cdiv(n_pad, bq) if num_heads >= 264 else 1,
         "num_warps": 4,
         "num_stages": 1,
     }
@@ -804,9 +804,9 @@ def _forward_plan(q, k, v, landmarks, topk, router_topk, shared, select, pooled,
             POOLED=pooled, PREC=prec, SEARCH=cfg.get("select_search", 0),
             num_warps=cfg.get("prep_warps") or max(1, bm // 16), num_stages=1))
     out_strides = (N * H * D, D, H * D)  # token-major, see forward
-    plan["fwd"] = ((G, triton.cdiv(triton.cdiv(N, cfg["BQ"]), cfg["QB_PER_PROG"])), (
+    plan["fwd"] = ((G, cdiv(cdiv(N, cfg["BQ"]), cfg["QB_PER_PROG"])), (
         *_strides(q), *_strides(k), *_strides(v), *lm_strides, *out_strides,
-        H, N, M, topk, triton.cdiv(N, cfg["BK"]), D ** -0.5), dict(
+        H, N, M, topk, cdiv(N, cfg["BK"]), D ** -0.5), dict(
         D=D, MP=m_pad, NP=n_pad, BQ=cfg["BQ"], BK=cfg["BK"], QB_PER_PROG=cfg["QB_PER_PROG"],
         R_TOPK=router_topk, SHARED=shared, ROUTED=routed, SELECT=select and routed,
         MULTI=router_topk == 2 or not select, SELECT_HERE=select and routed and not prep, POOLED=pooled and not prep,
@@ -869,7 +869,7 @@ def _backward_plan(q, k, v, landmarks, out, grad_out, topk, router_topk, shared,
     M = landmarks.shape[2] if not pooled else num_landmarks
     G, n_pad, m_pad = B * H, padded(N), padded(M)
     cfg = bwd_config(n_pad, m_pad, D, q.element_size())
-    n_qb, n_kb = triton.cdiv(N, cfg["BQ"]), triton.cdiv(N, cfg["BK"])
+    n_qb, n_kb = cdiv(N, cfg["BQ"]), cdiv(N, cfg["BK"])
     per_head = cfg.get("per_head", False)
     if pooled and not per_head:
         raise ValueError("pooling inside the kernel needs the one-program-per-head backward")

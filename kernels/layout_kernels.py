@@ -59,7 +59,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import launch
+from .launch import cdiv, launch, next_power_of_2
 
 MAX_EXPERTS = 1024
 _COUNT_BLOCK = 1024  # entries per histogram in the count pass
@@ -207,11 +207,11 @@ def launch_config(G: int, E: int, m: int, chunk: Optional[int] = None) -> dict:
     """Chunk and block sizes: chunks of a power of two entries in [1,024, 16,384] sized for about 1,024
     programs (or ``chunk``, a power of two >= 16, as the tests use to cut tiny inputs into many chunks)."""
     if chunk is None:
-        chunk = min(16384, max(1024, triton.next_power_of_2(triton.cdiv(G * E, _TARGET_PROGRAMS))))
+        chunk = min(16384, max(1024, next_power_of_2(cdiv(G * E, _TARGET_PROGRAMS))))
     if chunk < 16 or chunk & (chunk - 1):
         raise ValueError(f"chunk must be a power of two >= 16, got {chunk}")
-    num_chunks = triton.cdiv(E, chunk)
-    return dict(chunk=chunk, num_chunks=num_chunks, bins=max(32, triton.next_power_of_2(m)),
+    num_chunks = cdiv(E, chunk)
+    return dict(chunk=chunk, num_chunks=num_chunks, bins=max(32, next_power_of_2(m)),
                 count_block=min(_COUNT_BLOCK, chunk), scatter_block=min(_SCATTER_BLOCK, chunk))
 
 
@@ -254,7 +254,7 @@ def expert_tiles_triton(expert: torch.Tensor, m: int, N: int, r: int, chunk: Opt
     launch(
         _scatter_kernel, (G * C,),
         (ex, part, expert_start, tile_count, slot_token, slot_source, slot_of, N, r, E, m, cfg["chunk"], C, tile,
-            num_tiles, triton.cdiv(num_tiles * tile, C)),
+            num_tiles, cdiv(num_tiles * tile, C)),
         dict(BINS=cfg["bins"], BLOCK=cfg["scatter_block"], BLOCK_S=256, num_warps=8),
     )
     return {

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import launch
+from .launch import cdiv, launch, next_power_of_2
 
 
 @triton.jit
@@ -346,7 +346,7 @@ def merge_slots(o_r: torch.Tensor, lse_r: torch.Tensor, out: torch.Tensor, r: in
     lse = torch.empty(B * H, N, dtype=torch.float32, device=out.device)
     bn = 64 if D <= 64 else 32
     launch(
-        _merge_slots_kernel, (B * H, triton.cdiv(N, bn)),
+        _merge_slots_kernel, (B * H, cdiv(N, bn)),
         (o_r, lse_r, out, lse, H, N, *_bhn(out)),
         dict(R=r, D=D, BN=bn),
     )
@@ -359,14 +359,14 @@ def row_delta(do: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     B, H, N, D = do.shape
     delta = torch.empty(B * H, N, dtype=torch.float32, device=do.device)
     bn = 64 if D <= 64 else 32
-    launch(_delta_kernel, (B * H, triton.cdiv(N, bn)), (do, out, delta, H, N, *_bhn(do), *_bhn(out)), dict(D=D, BN=bn))
+    launch(_delta_kernel, (B * H, cdiv(N, bn)), (do, out, delta, H, N, *_bhn(do), *_bhn(out)), dict(D=D, BN=bn))
     return delta
 
 
 def _block(n: int, head_dim: int, itemsize: int) -> int:
     """Block of queries or keys: a power of two >= 16 (tl.dot's minimum), one operand tile <= 16 KiB."""
     cap = max(16, min(64, 16384 // (head_dim * itemsize)))
-    return max(16, min(cap, triton.next_power_of_2(max(n, 1))))
+    return max(16, min(cap, next_power_of_2(max(n, 1))))
 
 
 def _reduce_block(head_dim: int) -> int:
@@ -426,7 +426,7 @@ def routed_forward(q, k, v, landmarks, shared_v, topk_idx, lay, r, scale, scale_
     block_m, block_k = _block(T, D, q.element_size()), _block(topk, D, q.element_size())
     block_r = _block(M, D, q.element_size())
     shared = landmarks is not None
-    num_mb = triton.cdiv(T, block_m)
+    num_mb = cdiv(T, block_m)
     launch(
         _routed_fwd_kernel, (G * S * num_mb,),
         (q, k, v, landmarks if shared else q, shared_v if shared else q, topk_idx, lay["slot_token"],
@@ -465,7 +465,7 @@ def routed_backward(q, k, v, landmarks, shared_v, do, lse, delta, topk_idx, lay,
     precision = _precision(q.dtype, allow_tf32)
     sprec = _score_precision(q.dtype, allow_tf32)
     shared = landmarks is not None
-    num_mb = triton.cdiv(T, block_m)
+    num_mb = cdiv(T, block_m)
     launch(
         _routed_bwd_dq_kernel, (G * S * num_mb,),
         (q, k, v, landmarks if shared else q, shared_v if shared else q, do, lse, delta, topk_idx, lay["slot_token"],
@@ -476,10 +476,10 @@ def routed_backward(q, k, v, landmarks, shared_v, do, lse, delta, topk_idx, lay,
     )
     if topk == 0:
         return
-    num_kb = triton.cdiv(topk, block_k)
+    num_kb = cdiv(topk, block_k)
     pair_order, key_ptr = pairs
     block_n = _reduce_block(D)
-    num_nb = triton.cdiv(N, block_n)
+    num_nb = cdiv(N, block_n)
     # one pass into two buffers, or two passes (dv, then dk) through one
     passes = [(True, True, partials[0], partials[1], dk, dv)] if len(partials) == 2 else [
         (False, True, partials[0], partials[0], dv, dv), (True, False, partials[0], partials[0], dk, dk)]
@@ -508,11 +508,11 @@ def shared_backward(q, landmarks, shared_v, do, lse, delta, scale_shared, allow_
     G = B * H
     M = landmarks.shape[1]
     block_m, block_r = _block(N, D, q.element_size()), _block(M, D, q.element_size())
-    num_rb = triton.cdiv(M, block_r)
+    num_rb = cdiv(M, block_r)
     # enough programs to fill the GPU: split the queries into chunks, each writing a partial sum
-    num_ch = max(1, min(triton.cdiv(N, 4 * block_m), triton.cdiv(512, G * num_rb)))
-    chunk = triton.cdiv(triton.cdiv(N, num_ch), block_m) * block_m
-    num_ch = triton.cdiv(N, chunk)
+    num_ch = max(1, min(cdiv(N, 4 * block_m), cdiv(512, G * num_rb)))
+    chunk = cdiv(cdiv(N, num_ch), block_m) * block_m
+    num_ch = cdiv(N, chunk)
     dr = q.new_empty((G, num_ch, M, D), dtype=torch.float32)
     dvs = q.new_empty((G, num_ch, M, D), dtype=torch.float32)
     launch(

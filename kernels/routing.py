@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import launch
+from .launch import cdiv, launch, next_power_of_2
 from .routed import _bhn
 
 
@@ -82,8 +82,8 @@ def route_queries(q: torch.Tensor, landmarks: torch.Tensor, router_topk: int) ->
     rf = landmarks.reshape(G, m, d).contiguous()
     out = torch.empty(B, H, N, router_topk, dtype=torch.long, device=q.device)
     block_n = 64 if d <= 64 else 32
-    block_r = max(16, min(64, triton.next_power_of_2(m)))
-    num_nb = triton.cdiv(N, block_n)
+    block_r = max(16, min(64, next_power_of_2(m)))
+    num_nb = cdiv(N, block_n)
     launch(
         _route_kernel, (G * num_nb,),
         (qf, rf, out, H, *_bhn(qf), N, m, num_nb),

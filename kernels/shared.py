@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import launch
+from .launch import cdiv, launch, next_power_of_2
 
 __all__ = ["shared_values"]
 
@@ -182,11 +182,11 @@ def config(num_heads: int, n: int, m: int, head_dim: int, itemsize: int = 2) -> 
     multiple of ``BN``): enough chunks that heads x chunks x landmark blocks reach ``_TARGET_PROGRAMS``.
     fp32 inputs take 16-landmark blocks: IEEE fp32 dots at 64 x 32 tiles spill and, at d = 128, ask more
     shared memory than an H200 has (238 KB with Triton 3.6)."""
-    bm = min(64, max(16, triton.next_power_of_2(m))) if itemsize <= 2 else 16
+    bm = min(64, max(16, next_power_of_2(m))) if itemsize <= 2 else 16
     bn = 64 if head_dim <= 64 and itemsize <= 2 else 32
-    blocks = triton.cdiv(n, bn)
-    chunks = max(1, min(blocks, triton.cdiv(_TARGET_PROGRAMS, num_heads * triton.cdiv(m, bm))))
-    return {"BM": bm, "BN": bn, "CHUNK": triton.cdiv(blocks, chunks) * bn, "num_warps": 4 if head_dim <= 64 else 8}
+    blocks = cdiv(n, bn)
+    chunks = max(1, min(blocks, cdiv(_TARGET_PROGRAMS, num_heads * cdiv(m, bm))))
+    return {"BM": bm, "BN": bn, "CHUNK": cdiv(blocks, chunks) * bn, "num_warps": 4 if head_dim <= 64 else 8}
 
 
 def _precision(dtype: torch.dtype, allow_tf32: bool) -> str:
@@ -207,14 +207,14 @@ def forward(landmarks, k, v, scale, allow_tf32=False, cfg=None, alloc=torch.empt
     N = k.shape[2]
     G = B * H
     cfg = cfg or config(G, N, m, D, k.element_size())
-    chunks = triton.cdiv(N, cfg["CHUNK"])
+    chunks = cdiv(N, cfg["CHUNK"])
     dev = k.device
     pacc = alloc((G, chunks, m, D), dtype=torch.float32, device=dev)
     pm = alloc((G, chunks, m), dtype=torch.float32, device=dev)
     pl = alloc((G, chunks, m), dtype=torch.float32, device=dev)
     prec = _precision(k.dtype, allow_tf32)
     launch(
-        _fwd_partial_kernel, (G, chunks, triton.cdiv(m, cfg["BM"])),
+        _fwd_partial_kernel, (G, chunks, cdiv(m, cfg["BM"])),
         (landmarks, k, v, pacc, pm, pl, *_strides(landmarks), *_strides(k), *_strides(v), H, N, m, cfg["CHUNK"],
             chunks, scale),
         dict(D=D, BM=cfg["BM"], BN=cfg["BN"], PREC=prec, num_warps=cfg["num_warps"]),
@@ -222,7 +222,7 @@ def forward(landmarks, k, v, scale, allow_tf32=False, cfg=None, alloc=torch.empt
     vs = alloc((B, H, m, D), dtype=k.dtype, device=dev)
     lse = alloc((G, m), dtype=torch.float32, device=dev)
     launch(
-        _fwd_combine_kernel, (G, triton.cdiv(m, cfg["BM"])),
+        _fwd_combine_kernel, (G, cdiv(m, cfg["BM"])),
         (pacc, pm, pl, vs, lse, m, chunks),
         dict(D=D, BM=cfg["BM"], num_warps=cfg["num_warps"]),
     )
@@ -243,14 +243,14 @@ def backward(landmarks, k, v, vs, lse, grad_vs, scale, allow_tf32=False, cfg=Non
     args = (landmarks, k, v, vs, dvs, lse)
     strides = (*_strides(landmarks), *_strides(k), *_strides(v))
     launch(
-        _bwd_keys_kernel, (G, triton.cdiv(N, cfg["BN"])),
+        _bwd_keys_kernel, (G, cdiv(N, cfg["BN"])),
         (*args, dk, dv, *strides, H, N, m, scale),
         dict(D=D, BM=cfg["BM"], BN=cfg["BN"], PREC=prec, num_warps=cfg["num_warps"]),
     )
-    chunks = triton.cdiv(N, cfg["CHUNK"])
+    chunks = cdiv(N, cfg["CHUNK"])
     pdr = alloc((G, chunks, m, D), dtype=torch.float32, device=dev)
     launch(
-        _bwd_landmarks_kernel, (G, chunks, triton.cdiv(m, cfg["BM"])),
+        _bwd_landmarks_kernel, (G, chunks, cdiv(m, cfg["BM"])),
         (*args, pdr, *strides, H, N, m, cfg["CHUNK"], chunks, scale),
         dict(D=D, BM=cfg["BM"], BN=cfg["BN"], PREC=prec, num_warps=cfg["num_warps"]),
     )

@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import launch
+from .launch import cdiv, launch, next_power_of_2
 
 HEAD_DIMS = (32, 64, 128)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -271,18 +271,18 @@ def launch_config(N: int, m: int, d: int, G: int, topk: int, device: torch.devic
     Threshold kernel (4 warps, 4096 maxima a program): 54 regs, 0 spills; ranking sort (4 warps, 2048 keys a
     program): 96 regs, 0 spills, 4 KiB. 128-key tiles at block_m = 128 and 8 warps: 166 / 167 regs.
     """
-    block_m = min(128, max(16, triton.next_power_of_2(m))) if m <= 128 else 64
+    block_m = min(128, max(16, next_power_of_2(m))) if m <= 128 else 64
     block_n = 64
     num_warps = 8 if 64 <= block_m and m <= 128 else 4
-    n_tiles = triton.cdiv(N, block_n)
-    n_mb = triton.cdiv(m, block_m)
+    n_tiles = cdiv(N, block_n)
+    n_mb = cdiv(m, block_m)
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
-    chunks = min(n_tiles, max(triton.cdiv(4 * topk, block_n), triton.cdiv(4 * sms, G * n_mb)))
+    chunks = min(n_tiles, max(cdiv(4 * topk, block_n), cdiv(4 * sms, G * n_mb)))
     # candidates of one (row, chunk): about 1.25 topk / chunks on unstructured keys; room for six standard
     # deviations of a Poisson count, rounded up to fill the power of two the ranking sorts
     mean = 1.25 * topk / chunks + 1
     cap = math.ceil(mean + 6 * math.sqrt(mean) + 8)
-    cap = triton.next_power_of_2(chunks * cap) // chunks
+    cap = next_power_of_2(chunks * cap) // chunks
     return dict(block_m=block_m, block_n=block_n, chunks=chunks, capacity=cap, num_warps=num_warps, num_stages=3)
 
 
@@ -335,8 +335,8 @@ def topk_stream(k_keys: torch.Tensor, landmarks: torch.Tensor, topk: int, *, ret
     bm, bn, chunks = cfg["block_m"], cfg["block_n"], cfg["chunks"]
     kf, ks = _bhn(k_keys)
     rf, rs = _bhn(landmarks)
-    n_tiles = triton.cdiv(N, bn)
-    n_mb = triton.cdiv(m, bm)
+    n_tiles = cdiv(N, bn)
+    n_mb = cdiv(m, bm)
     if not 1 <= chunks <= n_tiles or chunks * bn < topk:
         raise ValueError(f"chunks must lie in [ceil(topk / block_n), {n_tiles}], got {chunks}")
     grid = (G * chunks * n_mb,)
@@ -356,10 +356,10 @@ def topk_stream(k_keys: torch.Tensor, landmarks: torch.Tensor, topk: int, *, ret
     # k distinct groups hold a score >= tau: a lower bound of each row's k-th score
     tau = torch.empty(G, m, dtype=torch.float32, device=dev)
     P = chunks * bn
-    block_p = min(2048, triton.next_power_of_2(P))
+    block_p = min(2048, next_power_of_2(P))
     block_r = max(1, 4096 // block_p)  # 4096 maxima per program: 32 registers a thread
     launch(
-        _threshold_kernel, (triton.cdiv(G * m, block_r),),
+        _threshold_kernel, (cdiv(G * m, block_r),),
         (gmax, tau, G * m, P, topk),
         dict(BLOCK_R=block_r, BLOCK_P=block_p, ONE_BLOCK=P <= block_p, num_warps=4),
     )
@@ -379,11 +379,11 @@ def topk_stream(k_keys: torch.Tensor, landmarks: torch.Tensor, topk: int, *, ret
             break
         cap = need  # adversarial inputs only: collect again with room for every chunk's candidates
     idx = torch.empty(B, H, m, topk, dtype=torch.int64, device=dev)
-    block = triton.next_power_of_2(chunks * cap)
+    block = next_power_of_2(chunks * cap)
     if cfg.get("final", "sort" if k_keys.is_cuda else "topk") == "sort" and block <= _SORT_MAX:
         rows_per = max(1, 2048 // block)
         launch(
-            _select_kernel, (triton.cdiv(G * m, rows_per),),
+            _select_kernel, (cdiv(G * m, rows_per),),
             (buf, cnt, idx, G * m, chunks, cap, topk),
             dict(BLOCK_R=rows_per, BLOCK=block, num_warps=4),
         )

@@ -79,3 +79,10 @@ def test_interpreter_result_is_not_cached(monkeypatch):
     for _ in range(2):
         launch.launch(kernel, (2,), (torch.zeros(2),), {})
     assert calls == [(2,), (2,)] and not launch._RUNNERS
+
+
+def test_host_helpers_match_triton():
+    import triton
+
+    assert all(launch.next_power_of_2(n) == triton.next_power_of_2(n) for n in range(0, 5000))
+    assert all(launch.cdiv(a, b) == triton.cdiv(a, b) for a in range(0, 300) for b in range(1, 70))
