@@ -146,6 +146,33 @@ def _rows(P, rows, ok, stride_n, offs_d):
 
 
 @triton.jit
+def _prep_shared_online(Rh, Kh, Vh, VS, LSH, g, lm, lm_ok, stride_rm, stride_kn, stride_vn, N, sl2,
+                        D: tl.constexpr, MP: tl.constexpr, NP: tl.constexpr, BKC: tl.constexpr, PREC: tl.constexpr):
+    """Shared values ``V~ = softmax(s R K^T) V`` of the rows ``lm`` and their base-2 log-normaliser, by an online
+    softmax over key chunks of ``BKC`` (no ``[rows, NP]`` tile)."""
+    DT = Kh.dtype.element_ty
+    offs_d = tl.arange(0, D)
+    r = _rows(Rh, lm, lm_ok, stride_rm, offs_d)  # [BM, D]
+    m_i = tl.full([lm.shape[0]], float("-inf"), tl.float32)
+    l_i = tl.zeros([lm.shape[0]], tl.float32)
+    acc = tl.zeros([lm.shape[0], D], tl.float32)
+    for kc in tl.static_range(NP // BKC):
+        kcols = kc * BKC + tl.arange(0, BKC)
+        k_ok = kcols < N
+        z = tl.dot(r, tl.trans(_rows(Kh, kcols, k_ok, stride_kn, offs_d)), input_precision=PREC) * sl2
+        z = tl.where(k_ok[None, :], z, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(z, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a chunk of padding only (N < BKC kc)
+        alpha = tl.exp2(m_i - m_safe)
+        pa = tl.exp2(z - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(pa, 1)
+        acc = acc * alpha[:, None] + tl.dot(pa.to(DT), _rows(Vh, kcols, k_ok, stride_vn, offs_d), input_precision=PREC)
+        m_i = m_new
+    tl.store(VS + (g * MP + lm[:, None]) * D + offs_d[None, :], (acc / l_i[:, None]).to(DT))
+    tl.store(LSH + g * MP + lm, m_i + tl.log2(l_i))
+
+
+@triton.jit
 def _prep_kernel(
     Q, K, V, R, SEL, VS, LSH, POOL, LMK,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
@@ -153,6 +180,7 @@ def _prep_kernel(
     H, N, M, TOPK, scale,
     D: tl.constexpr, MP: tl.constexpr, NP: tl.constexpr, BM: tl.constexpr, DC: tl.constexpr, BKC: tl.constexpr,
     SELECT: tl.constexpr, SHARED: tl.constexpr, POOLED: tl.constexpr, PREC: tl.constexpr, SEARCH: tl.constexpr,
+    SLAB: tl.constexpr = 0,
 ):
     """Per-landmark work of the forward, programs (batch-head, block of ``BM`` landmarks) of one to eight
     warps (with one warp per 16 rows a row's reductions stay inside its warp), many small programs hiding
@@ -164,6 +192,9 @@ def _prep_kernel(
       chunks of ``DC`` so that one ``[NP, DC]`` key chunk bounds the registers;
     * ``SHARED``: the shared values ``V~ = softmax(s R K^T) V`` and their base-2 log-normaliser, in key
       chunks of ``BKC`` (the scores recomputed chunk by chunk).
+    ``SLAB > 0``: the selection in slabs of ``SLAB`` rows (a ``[SLAB, NP]`` score tile at a time) and the
+    shared values by an online softmax over the key chunks, so that no ``[BM, NP]`` tile stays live (fewer
+    registers, more resident programs).
     The attention kernel then reads the mask, ``V~`` and ``lse_sh`` (``PREP``)."""
     DT = K.dtype.element_ty
     g = tl.program_id(0).to(tl.int64)
@@ -190,30 +221,46 @@ def _prep_kernel(
         tl.store(Rh + lm[:, None] * D + offs_d[None, :], r.to(DT))
         tl.debug_barrier()
         stride_rm = D
-    sk = tl.zeros([BM, NP], tl.float32)
-    for c in tl.static_range(D // DC):
-        offs_c = c * DC + tl.arange(0, DC)
-        r_c = _rows(Rh, lm, lm_ok, stride_rm, offs_c)  # [BM, DC]
-        k_c = _rows(Kh, keys, key_ok, stride_kn, offs_c)  # [NP, DC]
-        sk = tl.dot(r_c, tl.trans(k_c), sk, input_precision=PREC)
-    if SHARED:
-        zmax = tl.max(tl.where(key_ok[None, :], sk * sl2, float("-inf")), 1)  # [BM]
-    if SELECT:
-        _store_topk(sk, key_ok, lm_ok, TOPK, SEL + g * MP * NP + lm[:, None] * NP + keys[None, :], SEARCH)
-    if SHARED:
-        r = _rows(Rh, lm, lm_ok, stride_rm, offs_d)  # [BM, D]
-        Vh = V + b * stride_vb + h * stride_vh
-        zsum = tl.zeros([BM], tl.float32)
-        acc = tl.zeros([BM, D], tl.float32)
-        for kc in tl.static_range(NP // BKC):
-            kcols = kc * BKC + tl.arange(0, BKC)
-            k_ok = kcols < N
-            z = tl.dot(r, tl.trans(_rows(Kh, kcols, k_ok, stride_kn, offs_d)), input_precision=PREC) * sl2
-            pa = tl.where(k_ok[None, :], tl.exp2(z - zmax[:, None]), 0.0)  # [BM, BKC]
-            zsum += tl.sum(pa, 1)
-            acc = tl.dot(pa.to(DT), _rows(Vh, kcols, k_ok, stride_vn, offs_d), acc, input_precision=PREC)
-        tl.store(VS + (g * MP + lm[:, None]) * D + offs_d[None, :], (acc / zsum[:, None]).to(DT))
-        tl.store(LSH + g * MP + lm, zmax + tl.log2(zsum))
+    if SLAB > 0:
+        if SELECT:
+            for sb in tl.static_range(BM // SLAB):
+                lm_s = tl.program_id(1) * BM + sb * SLAB + tl.arange(0, SLAB)
+                lm_s_ok = lm_s < M
+                sk_s = tl.zeros([SLAB, NP], tl.float32)
+                for c in tl.static_range(D // DC):
+                    offs_c = c * DC + tl.arange(0, DC)
+                    sk_s = tl.dot(_rows(Rh, lm_s, lm_s_ok, stride_rm, offs_c),
+                                  tl.trans(_rows(Kh, keys, key_ok, stride_kn, offs_c)), sk_s, input_precision=PREC)
+                _store_topk(sk_s, key_ok, lm_s_ok, TOPK, SEL + g * MP * NP + lm_s[:, None] * NP + keys[None, :],
+                            SEARCH)
+        if SHARED:
+            _prep_shared_online(Rh, Kh, V + b * stride_vb + h * stride_vh, VS, LSH, g, lm, lm_ok, stride_rm,
+                                stride_kn, stride_vn, N, sl2, D, MP, NP, BKC, PREC)
+    else:
+        sk = tl.zeros([BM, NP], tl.float32)
+        for c in tl.static_range(D // DC):
+            offs_c = c * DC + tl.arange(0, DC)
+            r_c = _rows(Rh, lm, lm_ok, stride_rm, offs_c)  # [BM, DC]
+            k_c = _rows(Kh, keys, key_ok, stride_kn, offs_c)  # [NP, DC]
+            sk = tl.dot(r_c, tl.trans(k_c), sk, input_precision=PREC)
+        if SHARED:
+            zmax = tl.max(tl.where(key_ok[None, :], sk * sl2, float("-inf")), 1)  # [BM]
+        if SELECT:
+            _store_topk(sk, key_ok, lm_ok, TOPK, SEL + g * MP * NP + lm[:, None] * NP + keys[None, :], SEARCH)
+        if SHARED:
+            r = _rows(Rh, lm, lm_ok, stride_rm, offs_d)  # [BM, D]
+            Vh = V + b * stride_vb + h * stride_vh
+            zsum = tl.zeros([BM], tl.float32)
+            acc = tl.zeros([BM, D], tl.float32)
+            for kc in tl.static_range(NP // BKC):
+                kcols = kc * BKC + tl.arange(0, BKC)
+                k_ok = kcols < N
+                z = tl.dot(r, tl.trans(_rows(Kh, kcols, k_ok, stride_kn, offs_d)), input_precision=PREC) * sl2
+                pa = tl.where(k_ok[None, :], tl.exp2(z - zmax[:, None]), 0.0)  # [BM, BKC]
+                zsum += tl.sum(pa, 1)
+                acc = tl.dot(pa.to(DT), _rows(Vh, kcols, k_ok, stride_vn, offs_d), acc, input_precision=PREC)
+            tl.store(VS + (g * MP + lm[:, None]) * D + offs_d[None, :], (acc / zsum[:, None]).to(DT))
+            tl.store(LSH + g * MP + lm, zmax + tl.log2(zsum))
 
 
 @triton.jit
@@ -698,7 +745,9 @@ def fwd_config(num_heads: int, n_pad: int, m_pad: int, head_dim: int, itemsize: 
     """Forward launches: query block ``BQ``, key block ``BK``, ``QB_PER_PROG`` query blocks per program, warps,
     pipeline stages; ``prep_bm`` / ``prep_warps`` (optional): the top-k mask and the shared values in a
     launch of its own (``_prep_kernel``, ``prep_bm`` landmarks a program) instead of inside the attention
-    programs; ``select_search`` (optional, default 0 until timed on a GPU): passes of the value-space top-k
+    programs; ``prep_slab`` (optional, 0 or 16; not yet timed): the prep launch's selection in slabs of 16 rows
+    and its shared values by an online softmax (``_prep_kernel``'s ``SLAB``); ``select_search`` (optional,
+    default 0: the value-space search was no faster on an H200): passes of the value-space top-k
     search before the bitwise one (:func:`_store_topk`).
 
     Where :func:`_wide` holds: the prep launch (32 landmarks, 4 warps) and 8-warp attention programs of 128
@@ -801,7 +850,7 @@ def _forward_plan(q, k, v, landmarks, topk, router_topk, shared, select, pooled,
         plan["prep"] = ((G, m_pad // bm), (*_strides(q), *_strides(k), *_strides(v), *lm_strides,
                                            H, N, M, topk, D ** -0.5), dict(
             D=D, MP=m_pad, NP=n_pad, BM=bm, DC=16, BKC=min(n_pad, 64), SELECT=select and routed, SHARED=shared,
-            POOLED=pooled, PREC=prec, SEARCH=cfg.get("select_search", 0),
+            POOLED=pooled, PREC=prec, SEARCH=cfg.get("select_search", 0), SLAB=min(cfg.get("prep_slab", 0), bm),
             num_warps=cfg.get("prep_warps") or max(1, bm // 16), num_stages=1))
     out_strides = (N * H * D, D, H * D)  # token-major, see forward
     plan["fwd"] = ((G, cdiv(cdiv(N, cfg["BQ"]), cfg["QB_PER_PROG"])), (
