@@ -163,10 +163,13 @@ def test_bench_attention_cases_and_bars():
     with pytest.raises(ValueError, match="unknown case"):
         bench.select_cases("deit-s,nope", quick=False)
     case = bench.CASES["n16k-k64"]
-    rows = {"sdpa-cudnn": {"status": "ok", "fb_ms": 16.0, "peak_mib": 100.0},
-            "plain-mita": {"status": "ok", "fb_ms": 4.0, "peak_mib": 100.0},
-            "mita-triton": {"status": "ok", "fb_ms": 1.0, "peak_mib": 105.0}}
-    assert bench.bar_verdict(case, rows)[1] == "yes; no (4.00x); yes"
+    rows = {"sdpa-cudnn": {"status": "ok", "fwd_ms": 4.0, "fb_ms": 16.0, "peak_mib": 100.0},
+            "plain-mita": {"status": "ok", "fwd_ms": 1.0, "fb_ms": 2.0, "peak_mib": 100.0},
+            "mita-triton": {"status": "ok", "fwd_ms": 0.5, "fb_ms": 1.0, "peak_mib": 105.0}}
+    # 16x cuDNN (bar 15x); 2x plain MiTA (bar 3x); forward 8x against f+b 16x; memory 1.05x
+    assert bench.bar_verdict(case, rows)[1] == "yes; no (2.00x); no (8.00x < 16.00x); yes"
+    rows["mita-triton"]["fwd_ms"] = 0.25
+    assert bench.bar_verdict(case, rows)[1].split("; ")[2] == "yes"
 
 
 
