@@ -162,6 +162,9 @@ def test_bench_attention_cases_and_bars():
     assert all(c.d == 128 and c.H * c.d == c64.H * c64.d for c, c64 in zip(d128, d64))
     with pytest.raises(ValueError, match="unknown case"):
         bench.select_cases("deit-s,nope", quick=False)
+    # the million-token layer only by name
+    assert "n1m-k512" not in [c.name for c in bench.select_cases("all", quick=False)]
+    assert bench.select_cases("n1m-k512", quick=False)[0].N == 1 << 20
     case = bench.CASES["n16k-k64"]
     rows = {"sdpa-cudnn": {"status": "ok", "fwd_ms": 4.0, "fb_ms": 16.0, "peak_mib": 100.0},
             "plain-mita": {"status": "ok", "fwd_ms": 1.0, "fb_ms": 2.0, "peak_mib": 100.0},
