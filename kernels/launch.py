@@ -14,6 +14,8 @@ compile-time ``meta`` and the grid (the launcher is bound to it). Floats are pas
 """
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 _RUNNERS: dict = {}
@@ -39,6 +41,11 @@ def _tensors(args) -> tuple:
     return tuple((a.dtype, a.data_ptr() % 16 == 0) for a in args if isinstance(a, torch.Tensor))
 
 
+def _default(kernel, name: str):
+    """The default value of parameter ``name`` of a ``@triton.jit`` function (from its Python signature)."""
+    return inspect.signature(kernel.fn).parameters[name].default
+
+
 def launch(kernel, grid, args, meta: dict, key=None):
     """``kernel[grid](*args, **meta)``; returns the compiled kernel it ran. ``args``: the leading arguments in
     the kernel's order; ``meta``: every later parameter (constexprs without a default) and launch options
@@ -54,8 +61,7 @@ def launch(kernel, grid, args, meta: dict, key=None):
         return compiled
     compiled = kernel[grid](*args, **meta)
     if hasattr(compiled, "run") and hasattr(compiled, "function"):  # not under TRITON_INTERPRET
-        defaults = {p.name: p.default for p in getattr(kernel, "params", ())}
-        tail = [meta[n] if n in meta else defaults[n] for n in kernel.arg_names[len(args):]]
+        tail = [meta[n] if n in meta else _default(kernel, n) for n in kernel.arg_names[len(args):]]
         if len(_RUNNERS) >= CACHE_LIMIT:
             _RUNNERS.clear()
         _RUNNERS[sig] = (compiled, compiled[grid + (1,) * (3 - len(grid))], tail)
