@@ -86,6 +86,25 @@ def time_fn(fn, sets, reps, warmup=5, backward=True):
     return statistics.median(f_ms), statistics.median(fb_ms)
 
 
+def queued_ms(fn, sets, reps, warmup=5, rounds=5):
+    """Milliseconds a forward (no grad) when ``reps`` calls are queued between one pair of CUDA events; the
+    median of ``rounds`` such rounds."""
+    out = []
+    with torch.no_grad():
+        for i in range(warmup):
+            fn(*sets[i % len(sets)][0])
+        for _ in range(rounds):
+            torch.cuda.synchronize()
+            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            e0.record()
+            for i in range(reps):
+                fn(*sets[i % len(sets)][0])
+            e1.record()
+            torch.cuda.synchronize()
+            out.append(e0.elapsed_time(e1) / reps)
+    return statistics.median(out)
+
+
 def peak(fn, x, do):
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
@@ -114,6 +133,9 @@ def main():
     p.add_argument("--prep-parts", action="store_true",
                    help="GPU time of the forward's kernels with parts of the prep launch's work switched off (selection, "
                         "shared values, pooling): where the forward's time goes")
+    p.add_argument("--queued", action="store_true",
+                   help="also time forwards queued back to back (inference, no grad; one pair of CUDA events around "
+                        "--reps calls): the GPU's rate once host latency is hidden, as in a model")
     p.add_argument("--kernel-times", action="store_true",
                    help="GPU time of the fused kernels alone (profiler) for each config of the sweep")
     args = p.parse_args()
@@ -193,6 +215,11 @@ def main():
         print("default configs, routing passed in, kernel us",
               kernel_times(lambda qkv, lm: fused_given(qkv, lm, topk, args.r, d), sets), flush=True)
 
+    if args.queued:
+        print(f"\nforward, queued back to back (no grad), ms a call: median of 5 rounds of {args.reps} calls:")
+        for name, fn in (("sdpa-cudnn", sdpa(SDPBackend.CUDNN_ATTENTION)), ("sdpa-flash", sdpa(SDPBackend.FLASH_ATTENTION)),
+                         ("mita fused (default configs)", fused)):
+            print(f"  {name:38s} {queued_ms(fn, sets, args.reps):8.3f}", flush=True)
     if args.prep_parts:
         prep_parts(sets, N, m, topk, args.r, d)
     if args.profile:
