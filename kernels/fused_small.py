@@ -272,7 +272,7 @@ def _fwd_kernel(
     D: tl.constexpr, MP: tl.constexpr, NP: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
     QB_PER_PROG: tl.constexpr, R_TOPK: tl.constexpr, SHARED: tl.constexpr, ROUTED: tl.constexpr,
     SELECT: tl.constexpr, MULTI: tl.constexpr, PREC: tl.constexpr, SELECT_HERE: tl.constexpr,
-    POOLED: tl.constexpr, PREP: tl.constexpr, SEARCH: tl.constexpr,
+    POOLED: tl.constexpr, PREP: tl.constexpr, SEARCH: tl.constexpr, GATHER: tl.constexpr = False,
 ):
     # SELECT_HERE: the top-k mask is selected in this kernel (else it was passed in or _prep_kernel wrote it);
     # PREP: _prep_kernel wrote the shared values and lse_sh (and the mask where selecting);
@@ -363,9 +363,16 @@ def _fwd_kernel(
                 k_ok = kcols < N
                 kblk = _rows(Kh, kcols, k_ok, stride_kn, offs_d)  # [BK, D]
                 vblk = _rows(Vh, kcols, k_ok, stride_vn, offs_d)
-                sel_b = tl.load(SELg + lm[:, None] * NP + kcols[None, :]).to(tl.float16)  # [MP, BK]
-                # multiplicity of each key in the query's experts: exact small integers
-                cnt = tl.dot(onehot, sel_b, out_dtype=tl.float16)  # [BQ, BK]
+                if GATHER:
+                    # the rows of the query's experts gathered from the (L1-resident) mask: no product
+                    cnt = tl.load(SELg + e1[:, None] * NP + kcols[None, :], mask=q_ok[:, None], other=0)
+                    if R_TOPK == 2:
+                        cnt += tl.load(SELg + e2[:, None] * NP + kcols[None, :], mask=q_ok[:, None], other=0)
+                    cnt = cnt.to(tl.float16)
+                else:
+                    sel_b = tl.load(SELg + lm[:, None] * NP + kcols[None, :]).to(tl.float16)  # [MP, BK]
+                    # multiplicity of each key in the query's experts: exact small integers
+                    cnt = tl.dot(onehot, sel_b, out_dtype=tl.float16)  # [BQ, BK]
                 s = tl.dot(q, tl.trans(kblk), input_precision=PREC) * sl2
                 s = tl.where(cnt > 0, s, float("-inf"))
                 m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -579,7 +586,7 @@ def _bwd_head_kernel(
     H, N, M, NKB, scale, scale_shared,
     D: tl.constexpr, MP: tl.constexpr, NP: tl.constexpr, BK: tl.constexpr,
     R_TOPK: tl.constexpr, SHARED: tl.constexpr, ROUTED: tl.constexpr, MULTI: tl.constexpr, PREC: tl.constexpr,
-    POOLED: tl.constexpr,
+    POOLED: tl.constexpr, GATHER: tl.constexpr = False,
 ):
     """One program per head: every query at once (``[NP, .]`` tiles), key blocks of ``BK`` in a loop.
 
@@ -634,8 +641,16 @@ def _bwd_head_kernel(
         dk = tl.zeros([BK, D], tl.float32)
         dv = tl.zeros([BK, D], tl.float32)
         if ROUTED:
-            sel_b = tl.load(SEL + g * MP * NP + lm[:, None] * NP + kcols[None, :]).to(tl.float16)  # [MP, BK]
-            cnt = tl.dot(onehot, sel_b, out_dtype=tl.float16)  # [NP, BK]
+            if GATHER:
+                # the rows of each query's experts gathered from the mask (padding rows: expert -1, none)
+                SELg = SEL + g * MP * NP
+                cnt = tl.load(SELg + e1[:, None] * NP + kcols[None, :], mask=q_ok[:, None], other=0)
+                if R_TOPK == 2:
+                    cnt += tl.load(SELg + e2[:, None] * NP + kcols[None, :], mask=q_ok[:, None], other=0)
+                cnt = cnt.to(tl.float16)
+            else:
+                sel_b = tl.load(SEL + g * MP * NP + lm[:, None] * NP + kcols[None, :]).to(tl.float16)  # [MP, BK]
+                cnt = tl.dot(onehot, sel_b, out_dtype=tl.float16)  # [NP, BK]
             s = tl.dot(q, tl.trans(kblk), input_precision=PREC) * sl2
             p = tl.where(cnt > 0, tl.exp2(s - lse[:, None]), 0.0)
             if MULTI:
@@ -746,7 +761,9 @@ def fwd_config(num_heads: int, n_pad: int, m_pad: int, head_dim: int, itemsize: 
     pipeline stages; ``prep_bm`` / ``prep_warps`` (optional): the top-k mask and the shared values in a
     launch of its own (``_prep_kernel``, ``prep_bm`` landmarks a program) instead of inside the attention
     programs; ``prep_slab`` (optional, 0 or 16; not yet timed): the prep launch's selection in slabs of 16 rows
-    and its shared values by an online softmax (``_prep_kernel``'s ``SLAB``); ``select_search`` (optional,
+    and its shared values by an online softmax (``_prep_kernel``'s ``SLAB``); ``sel_gather`` (optional, not
+    yet timed): each query's row of the expert mask gathered instead of the ``onehot @ mask`` product;
+    ``select_search`` (optional,
     default 0: the value-space search was no faster on an H200): passes of the value-space top-k
     search before the bitwise one (:func:`_store_topk`).
 
@@ -774,7 +791,8 @@ def bwd_config(n_pad: int, m_pad: int, head_dim: int, itemsize: int) -> dict:
     ``[NP, d]`` tiles take 200 KB of shared memory at d = 64) where :func:`_wide` holds, else programs per
     key block, query block and landmark block (``BQ``, ``BK``); warps, stages. ``split`` (optional, not yet
     timed): the block programs in two launches, query blocks and dR first (storing ``dV~``), key blocks
-    second, each compiled for its own programs (``split_warps``: the warps of each).
+    second, each compiled for its own programs (``split_warps``: the warps of each). ``sel_gather``
+    (optional, per-head program only, not yet timed): the expert-mask rows gathered, no ``onehot @ mask``.
 
     H200, DeiT-S shape, bf16: backward 0.82 ms with one program per head against 1.18 ms with programs
     per block.
@@ -859,7 +877,7 @@ def _forward_plan(q, k, v, landmarks, topk, router_topk, shared, select, pooled,
         D=D, MP=m_pad, NP=n_pad, BQ=cfg["BQ"], BK=cfg["BK"], QB_PER_PROG=cfg["QB_PER_PROG"],
         R_TOPK=router_topk, SHARED=shared, ROUTED=routed, SELECT=select and routed,
         MULTI=router_topk == 2 or not select, SELECT_HERE=select and routed and not prep, POOLED=pooled and not prep,
-        PREP=prep, SEARCH=cfg.get("select_search", 0),
+        PREP=prep, SEARCH=cfg.get("select_search", 0), GATHER=bool(cfg.get("sel_gather", False)),
         PREC=prec, num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 1)))
     return plan
 
@@ -929,7 +947,7 @@ def _backward_plan(q, k, v, landmarks, out, grad_out, topk, router_topk, shared,
                   num_stages=cfg.get("num_stages", 1))
     if per_head:
         return {"M": M, "per_head": True, "launch": ((G,), (*strides, H, N, M, n_kb, D ** -0.5), dict(
-            common, POOLED=pooled))}
+            common, POOLED=pooled, GATHER=bool(cfg.get("sel_gather", False))))}
     ints = (*strides, H, N, M, n_kb, n_qb, D ** -0.5)
     if not cfg.get("split", False):
         return {"M": M, "per_head": False, "launches": [((G, n_kb + n_qb + int(shared)), ints,

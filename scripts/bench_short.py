@@ -120,9 +120,10 @@ def main():
     p.add_argument("--r", type=int, default=1)
     p.add_argument("--reps", type=int, default=30)
     p.add_argument("--configs", default="default",
-                   help="'default', 'sweep' or fwd=W/BQ/BK/P/S/M/MW[/V[/L]],bwd=W/BQ/BK/H/S[/T][;...] (warps, blocks, "
-                        "query blocks a program, stages, landmarks and warps a prep program, V: passes of the "
-                        "value-space top-k search, L: rows of a prep selection slab (0: none), one backward program a head, T=1: the block backward in two launches)")
+                   help="'default', 'sweep' or fwd=W/BQ/BK/P/S/M/MW[/V[/L[/G]]],bwd=W/BQ/BK/H/S[/T[/G]][;...] (warps, "
+                        "blocks, query blocks a program, stages, landmarks and warps a prep program, V: passes of the "
+                        "value-space top-k search, L: rows of a prep selection slab (0: none), G=1: expert-mask rows "
+                        "gathered, one backward program a head, T=1: the block backward in two launches)")
     p.add_argument("--no-general", action="store_true", help="skip impl='triton' (general kernels)")
     p.add_argument("--profile", action="store_true", help="torch.profiler table of the fused path's kernels")
     p.add_argument("--pool", action="store_true",
@@ -142,8 +143,8 @@ def main():
     try:
         combos = config_combos(args.configs)
     except (ValueError, KeyError) as exc:
-        p.error(f"--configs {args.configs!r}: expected 'default', 'sweep' or fwd=W/BQ/BK/P/S/M/MW[/V[/L]],"
-                f"bwd=W/BQ/BK/H/S[/T][;...] ({exc})")
+        p.error(f"--configs {args.configs!r}: expected 'default', 'sweep' or fwd=W/BQ/BK/P/S/M/MW[/V[/L[/G]]],"
+                f"bwd=W/BQ/BK/H/S[/T[/G]][;...] ({exc})")
     B, H, N, d, m, topk = (int(x) for x in args.shape.split(","))
     dtype = torch.bfloat16
     dev = torch.cuda.get_device_name()
@@ -238,13 +239,14 @@ def main():
 
 # forward: warps/BQ/BK/query blocks a program (0: all)/stages/landmarks a prep program (0: selection and shared
 # values inside the attention kernel)/warps a prep program[/passes of the value-space top-k search[/rows of a
-# prep selection slab]];
-# backward: warps/BQ/BK/one program a head (0/1)/stages[/1: the block backward in two launches]
+# prep selection slab[/1: expert-mask rows gathered]]];
+# backward: warps/BQ/BK/one program a head (0/1)/stages[/1: the block backward in two launches[/1: expert-mask
+# rows gathered (one program a head)]]
 # (the first round's 16-warp, value-search and split-backward configs are in results/short_path_h200/)
 SWEEP_FWD = [(8, 128, 64, 1, 1, 32, 4), (8, 128, 64, 1, 1, 32, 4, 0, 16), (8, 128, 64, 1, 1, 32, 8, 0, 16),
-             (8, 128, 64, 1, 1, 32, 2, 0, 16), (8, 128, 128, 1, 1, 32, 4), (8, 128, 256, 1, 1, 32, 4),
-             (4, 128, 64, 1, 1, 32, 4)]
-SWEEP_BWD = [(8, 64, 32, 1, 1), (8, 64, 64, 1, 1), (8, 32, 32, 1, 1)]
+             (8, 128, 64, 1, 1, 32, 2, 0, 16), (8, 128, 64, 1, 1, 32, 4, 0, 0, 1), (8, 128, 128, 1, 1, 32, 4),
+             (8, 128, 256, 1, 1, 32, 4), (4, 128, 64, 1, 1, 32, 4)]
+SWEEP_BWD = [(8, 64, 32, 1, 1), (8, 64, 32, 1, 1, 0, 1), (8, 64, 64, 1, 1), (8, 32, 32, 1, 1)]
 
 
 def config_combos(spec: str):
@@ -258,8 +260,8 @@ def config_combos(spec: str):
     for combo in spec.split(";"):
         parts = dict(x.split("=") for x in combo.split(","))
         fwd, bwd = (tuple(int(v) for v in parts[key].split("/")) for key in ("fwd", "bwd"))
-        if len(fwd) not in (7, 8, 9) or len(bwd) not in (5, 6):
-            raise ValueError(f"{combo!r}: fwd takes 7 to 9 numbers, bwd 5 or 6")
+        if len(fwd) not in (7, 8, 9, 10) or len(bwd) not in (5, 6, 7):
+            raise ValueError(f"{combo!r}: fwd takes 7 to 10 numbers, bwd 5 to 7")
         combos.append((fwd, bwd))
     return combos
 
@@ -269,21 +271,24 @@ def config_functions(fwd_spec, bwd_spec):
     fw, fq, fk, fp, fs, fm, fmw, *more = fwd_spec
     search = more[0] if more else 0
     slab = more[1] if len(more) > 1 else 0
+    gather = bool(more[2]) if len(more) > 2 else False
     bw, bq, bk, bh, bs, *more = bwd_spec
     split = bool(more and more[0])
+    bgather = bool(len(more) > 1 and more[1])
 
     def fcfg(G, n_pad, *a):
         bqq, bkk = min(fq, n_pad), min(fk, n_pad)
         return {"BQ": bqq, "BK": bkk, "QB_PER_PROG": fp or triton_cdiv(n_pad, bqq), "num_warps": fw,
-                "num_stages": fs, "prep_bm": fm, "prep_warps": fmw, "select_search": search, "prep_slab": slab}
+                "num_stages": fs, "prep_bm": fm, "prep_warps": fmw, "select_search": search, "prep_slab": slab,
+                "sel_gather": gather}
 
     def bcfg(n_pad, *a):
         return {"BQ": min(bq, n_pad), "BK": min(bk, n_pad), "num_warps": bw, "num_stages": bs, "per_head": bool(bh),
-                "split": split}
+                "split": split, "sel_gather": bgather}
 
     label = (f"fused f{fw}/{fq}/{fk}/{fp}/{fs}/{fm}/{fmw}" + (f"/s{search}" if search else "")
-             + (f"/slab{slab}" if slab else "")
-             + f" b{bw}/{bq}/{bk}/{bh}/{bs}" + ("/split" if split else ""))
+             + (f"/slab{slab}" if slab else "") + ("/gather" if gather else "")
+             + f" b{bw}/{bq}/{bk}/{bh}/{bs}" + ("/split" if split else "") + ("/gather" if bgather else ""))
     return fcfg, bcfg, label
 
 

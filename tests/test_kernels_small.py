@@ -128,6 +128,32 @@ def test_one_backward_program_per_head(small_blocks, monkeypatch, N, m, topk, r,
 
 
 @pytest.mark.parametrize("N,m,topk,r,shared,scale,B", _small_cases()[1::2])
+def test_expert_rows_gathered(small_blocks, monkeypatch, N, m, topk, r, shared, scale, B):
+    # sel_gather: each query's row of the expert mask loaded instead of the onehot @ mask product, forward
+    # (routing given here) and the one-program-per-head backward
+    from mita.kernels import fused_small
+
+    config = fused_small.fwd_config
+    monkeypatch.setattr(fused_small, "fwd_config", lambda *a: {**config(*a), "sel_gather": True})
+    monkeypatch.setattr(fused_small, "bwd_config", lambda *a: {
+        "BQ": 16, "BK": 16, "num_warps": 4, "per_head": True, "sel_gather": True})
+    _compare(B, 2, N, 32, m, topk, r, shared, scale, seed=N + m + topk + 4)
+
+
+@pytest.mark.parametrize("N,m,topk,r,shared", [(50, 5, 4, 2, True), (33, 17, 9, 1, True), (20, 20, 20, 1, False)])
+def test_expert_rows_gathered_own_selection(small_blocks, monkeypatch, N, m, topk, r, shared):
+    # the same with the routing selected in the kernels (prep launch, then the attention gathering its rows)
+    from mita.kernels import fused_small
+
+    config = fused_small.fwd_config
+    monkeypatch.setattr(fused_small, "fwd_config", lambda *a: {**config(*a), "prep_bm": 16, "prep_warps": 1,
+                                                               "sel_gather": True})
+    monkeypatch.setattr(fused_small, "bwd_config", lambda *a: {
+        "BQ": 16, "BK": 16, "num_warps": 4, "per_head": True, "sel_gather": True})
+    _check_selection(1, 2, N, 32, m, topk, r, shared, "paper", seed=N + 11)
+
+
+@pytest.mark.parametrize("N,m,topk,r,shared,scale,B", _small_cases()[1::2])
 def test_prep_launch_with_given_routing(small_blocks, monkeypatch, N, m, topk, r, shared, scale, B):
     # shared values (and nothing else: the routing is passed in) from _prep_kernel, read by the attention; every
     # other case by the online softmax of the slab variant
@@ -149,17 +175,19 @@ def test_backward_in_two_launches(small_blocks, monkeypatch, N, m, topk, r, shar
     _compare(B, 2, N, 32, m, topk, r, shared, scale, seed=N + m + topk + 3)
 
 
-@pytest.mark.parametrize("search,slab", [(0, 0), (16, 0), (0, 16)])
-def test_deit_shape_with_the_default_configs(monkeypatch, search, slab):
+@pytest.mark.parametrize("search,slab,gather", [(0, 0, False), (16, 0, False), (0, 16, False), (0, 0, True)])
+def test_deit_shape_with_the_default_configs(monkeypatch, search, slab, gather):
     # the configs a DeiT-S head gets on a GPU (prep launch, 128-query attention programs, one backward program
-    # per head), in the interpreter: fp16 (its bf16 dot is wrong), one head, own selection; both top-k searches
-    # and the slab-wise prep
+    # per head), in the interpreter: fp16 (its bf16 dot is wrong), one head, own selection; both top-k searches,
+    # the slab-wise prep and the gathered expert rows
     from mita.kernels import fused_small
 
     assert fused_small._wide(256, 64, 2) and fused_small.fwd_config(6, 256, 32, 64, 2).get("prep_bm")
     config = fused_small.fwd_config
     monkeypatch.setattr(fused_small, "fwd_config", lambda *a: {**config(*a), "select_search": search,
-                                                               "prep_slab": slab})
+                                                               "prep_slab": slab, "sel_gather": gather})
+    bconfig = fused_small.bwd_config
+    monkeypatch.setattr(fused_small, "bwd_config", lambda *a: {**bconfig(*a), "sel_gather": gather})
     _check_selection(1, 1, 197, 64, 25, 25, 1, True, "official", dtype=torch.float16, tol=1e-2, seed=197)
 
 
