@@ -264,12 +264,47 @@ def _prep_kernel(
 
 
 @triton.jit
+def _fwd_keys(q, Kh, Vh, SELg, e1, e2, onehot, lm, q_ok, kcols, N, stride_kn, stride_vn, offs_d, sl2, m_i, l_i, acc,
+              NP: tl.constexpr, R_TOPK: tl.constexpr, MULTI: tl.constexpr, GATHER: tl.constexpr, PREC: tl.constexpr):
+    """One block of keys ``kcols`` in the routed part of the forward's online softmax: the updated
+    ``(m_i, l_i, acc)``. The key's multiplicity in the query's experts from the gathered rows of the expert mask
+    (``GATHER``) or the ``onehot @ mask`` product."""
+    DT = q.dtype
+    k_ok = kcols < N
+    kblk = _rows(Kh, kcols, k_ok, stride_kn, offs_d)  # [BK, D]
+    vblk = _rows(Vh, kcols, k_ok, stride_vn, offs_d)
+    if GATHER:
+        # the rows of the query's experts gathered from the (L1-resident) mask: no product
+        cnt = tl.load(SELg + e1[:, None] * NP + kcols[None, :], mask=q_ok[:, None] & k_ok[None, :], other=0)
+        if R_TOPK == 2:
+            cnt += tl.load(SELg + e2[:, None] * NP + kcols[None, :], mask=q_ok[:, None] & k_ok[None, :], other=0)
+        cnt = cnt.to(tl.float16)
+    else:
+        sel_b = tl.load(SELg + lm[:, None] * NP + kcols[None, :], mask=k_ok[None, :], other=0).to(tl.float16)
+        # multiplicity of each key in the query's experts: exact small integers
+        cnt = tl.dot(onehot, sel_b, out_dtype=tl.float16)  # [BQ, BK]
+    s = tl.dot(q, tl.trans(kblk), input_precision=PREC) * sl2
+    s = tl.where(cnt > 0, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # a row may have no logit yet (no shared expert, no selected key in the blocks so far)
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    if MULTI:
+        # a key counted C times enters the softmax as C equal logits
+        p = p * cnt.to(tl.float32)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(DT), vblk, input_precision=PREC)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _fwd_kernel(
     Q, K, V, R, O, LSE, SEL, EXP, VS, LSH, POOL, LMK,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn, stride_rb, stride_rh, stride_rm, stride_ob, stride_oh, stride_on,
-    H, N, M, TOPK, NKB, scale, scale_shared,
-    D: tl.constexpr, MP: tl.constexpr, NP: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
+    H, N, M, TOPK, NKB, NKT, scale, scale_shared,
+    D: tl.constexpr, MP: tl.constexpr, NP: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, BKT: tl.constexpr,
     QB_PER_PROG: tl.constexpr, R_TOPK: tl.constexpr, SHARED: tl.constexpr, ROUTED: tl.constexpr,
     SELECT: tl.constexpr, MULTI: tl.constexpr, PREC: tl.constexpr, SELECT_HERE: tl.constexpr,
     POOLED: tl.constexpr, PREP: tl.constexpr, SEARCH: tl.constexpr, GATHER: tl.constexpr = False,
@@ -358,34 +393,17 @@ def _fwd_kernel(
                 if R_TOPK == 2:
                     e2 = tl.load(EXPh + rows * R_TOPK + 1, mask=q_ok, other=0)
                     onehot += (lm[None, :] == e2[:, None]).to(tl.float16)
+            if R_TOPK == 1:
+                e2 = e1
+            # full key blocks of BK, then (KEY_TAIL) the rest in blocks of BKT: less padding work at N = 197
             for kb in range(NKB):
-                kcols = kb * BK + tl.arange(0, BK)
-                k_ok = kcols < N
-                kblk = _rows(Kh, kcols, k_ok, stride_kn, offs_d)  # [BK, D]
-                vblk = _rows(Vh, kcols, k_ok, stride_vn, offs_d)
-                if GATHER:
-                    # the rows of the query's experts gathered from the (L1-resident) mask: no product
-                    cnt = tl.load(SELg + e1[:, None] * NP + kcols[None, :], mask=q_ok[:, None], other=0)
-                    if R_TOPK == 2:
-                        cnt += tl.load(SELg + e2[:, None] * NP + kcols[None, :], mask=q_ok[:, None], other=0)
-                    cnt = cnt.to(tl.float16)
-                else:
-                    sel_b = tl.load(SELg + lm[:, None] * NP + kcols[None, :]).to(tl.float16)  # [MP, BK]
-                    # multiplicity of each key in the query's experts: exact small integers
-                    cnt = tl.dot(onehot, sel_b, out_dtype=tl.float16)  # [BQ, BK]
-                s = tl.dot(q, tl.trans(kblk), input_precision=PREC) * sl2
-                s = tl.where(cnt > 0, s, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(s, 1))
-                # a row may have no logit yet (no shared expert, no selected key in the blocks so far)
-                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                alpha = tl.exp2(m_i - m_safe)
-                p = tl.exp2(s - m_safe[:, None])
-                if MULTI:
-                    # a key counted C times enters the softmax as C equal logits
-                    p = p * cnt.to(tl.float32)
-                l_i = l_i * alpha + tl.sum(p, 1)
-                acc = acc * alpha[:, None] + tl.dot(p.to(DT), vblk, input_precision=PREC)
-                m_i = m_new
+                m_i, l_i, acc = _fwd_keys(q, Kh, Vh, SELg, e1, e2, onehot, lm, q_ok, kb * BK + tl.arange(0, BK), N,
+                                          stride_kn, stride_vn, offs_d, sl2, m_i, l_i, acc, NP, R_TOPK, MULTI, GATHER,
+                                          PREC)
+            for tb in range(NKT):
+                m_i, l_i, acc = _fwd_keys(q, Kh, Vh, SELg, e1, e2, onehot, lm, q_ok,
+                                          NKB * BK + tb * BKT + tl.arange(0, BKT), N, stride_kn, stride_vn, offs_d,
+                                          sl2, m_i, l_i, acc, NP, R_TOPK, MULTI, GATHER, PREC)
         m_i = tl.where(m_i == float("-inf"), 0.0, m_i)
         l_i = tl.where(l_i == 0.0, 1.0, l_i)  # padding rows
         tl.store(Oh + rows[:, None] * stride_on + offs_d[None, :], (acc / l_i[:, None]).to(DT), mask=q_ok[:, None])
@@ -763,7 +781,8 @@ def fwd_config(num_heads: int, n_pad: int, m_pad: int, head_dim: int, itemsize: 
     programs; ``prep_slab`` (optional, 0 or 16; not yet timed): the prep launch's selection in slabs of 16 rows
     and its shared values by an online softmax (``_prep_kernel``'s ``SLAB``); ``sel_gather`` (optional, not
     yet timed): each query's row of the expert mask gathered instead of the ``onehot @ mask`` product;
-    ``select_search`` (optional,
+    ``key_tail`` (optional, not yet timed): the keys past the last full block of ``BK`` in blocks of 16
+    (N = 197, BK = 64: 208 keys' work instead of 256); ``select_search`` (optional,
     default 0: the value-space search was no faster on an H200): passes of the value-space top-k
     search before the bitwise one (:func:`_store_topk`).
 
@@ -871,10 +890,13 @@ def _forward_plan(q, k, v, landmarks, topk, router_topk, shared, select, pooled,
             POOLED=pooled, PREC=prec, SEARCH=cfg.get("select_search", 0), SLAB=min(cfg.get("prep_slab", 0), bm),
             num_warps=cfg.get("prep_warps") or max(1, bm // 16), num_stages=1))
     out_strides = (N * H * D, D, H * D)  # token-major, see forward
+    # key blocks: all of BK, or (key_tail) the full ones of BK and the rest in blocks of 16
+    bk, bkt = cfg["BK"], 16
+    n_kb, n_kt = (N // bk, cdiv(N % bk, bkt)) if cfg.get("key_tail") and bk > bkt else (cdiv(N, bk), 0)
     plan["fwd"] = ((G, cdiv(cdiv(N, cfg["BQ"]), cfg["QB_PER_PROG"])), (
         *_strides(q), *_strides(k), *_strides(v), *lm_strides, *out_strides,
-        H, N, M, topk, cdiv(N, cfg["BK"]), D ** -0.5), dict(
-        D=D, MP=m_pad, NP=n_pad, BQ=cfg["BQ"], BK=cfg["BK"], QB_PER_PROG=cfg["QB_PER_PROG"],
+        H, N, M, topk, n_kb, n_kt, D ** -0.5), dict(
+        D=D, MP=m_pad, NP=n_pad, BQ=cfg["BQ"], BK=bk, BKT=bkt, QB_PER_PROG=cfg["QB_PER_PROG"],
         R_TOPK=router_topk, SHARED=shared, ROUTED=routed, SELECT=select and routed,
         MULTI=router_topk == 2 or not select, SELECT_HERE=select and routed and not prep, POOLED=pooled and not prep,
         PREP=prep, SEARCH=cfg.get("select_search", 0), GATHER=bool(cfg.get("sel_gather", False)),

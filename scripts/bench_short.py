@@ -122,8 +122,8 @@ def main():
     p.add_argument("--configs", default="default",
                    help="'default', 'sweep' or fwd=W/BQ/BK/P/S/M/MW[/V[/L[/G]]],bwd=W/BQ/BK/H/S[/T[/G]][;...] (warps, "
                         "blocks, query blocks a program, stages, landmarks and warps a prep program, V: passes of the "
-                        "value-space top-k search, L: rows of a prep selection slab (0: none), G=1: expert-mask rows "
-                        "gathered, one backward program a head, T=1: the block backward in two launches)")
+                        "value-space top-k search, L: rows of a prep selection slab (0: none), G: forward flags (1: "
+                        "expert-mask rows gathered, 2: key tail in blocks of 16), backward G=1: mask rows gathered, one backward program a head, T=1: the block backward in two launches)")
     p.add_argument("--no-general", action="store_true", help="skip impl='triton' (general kernels)")
     p.add_argument("--profile", action="store_true", help="torch.profiler table of the fused path's kernels")
     p.add_argument("--pool", action="store_true",
@@ -239,12 +239,13 @@ def main():
 
 # forward: warps/BQ/BK/query blocks a program (0: all)/stages/landmarks a prep program (0: selection and shared
 # values inside the attention kernel)/warps a prep program[/passes of the value-space top-k search[/rows of a
-# prep selection slab[/1: expert-mask rows gathered]]];
+# prep selection slab[/flags: 1 expert-mask rows gathered, 2 key tail in blocks of 16]]];
 # backward: warps/BQ/BK/one program a head (0/1)/stages[/1: the block backward in two launches[/1: expert-mask
 # rows gathered (one program a head)]]
 # (the first round's 16-warp, value-search and split-backward configs are in results/short_path_h200/)
 SWEEP_FWD = [(8, 128, 64, 1, 1, 32, 4), (8, 128, 64, 1, 1, 32, 4, 0, 16), (8, 128, 64, 1, 1, 32, 8, 0, 16),
-             (8, 128, 64, 1, 1, 32, 2, 0, 16), (8, 128, 64, 1, 1, 32, 4, 0, 0, 1), (8, 128, 128, 1, 1, 32, 4),
+             (8, 128, 64, 1, 1, 32, 2, 0, 16), (8, 128, 64, 1, 1, 32, 4, 0, 0, 1), (8, 128, 64, 1, 1, 32, 4, 0, 0, 2),
+             (8, 128, 64, 1, 1, 32, 4, 0, 0, 3), (8, 128, 128, 1, 1, 32, 4),
              (8, 128, 256, 1, 1, 32, 4), (4, 128, 64, 1, 1, 32, 4)]
 SWEEP_BWD = [(8, 64, 32, 1, 1), (8, 64, 32, 1, 1, 0, 1), (8, 64, 64, 1, 1), (8, 32, 32, 1, 1)]
 
@@ -271,7 +272,8 @@ def config_functions(fwd_spec, bwd_spec):
     fw, fq, fk, fp, fs, fm, fmw, *more = fwd_spec
     search = more[0] if more else 0
     slab = more[1] if len(more) > 1 else 0
-    gather = bool(more[2]) if len(more) > 2 else False
+    flags = more[2] if len(more) > 2 else 0
+    gather, tail = bool(flags & 1), bool(flags & 2)
     bw, bq, bk, bh, bs, *more = bwd_spec
     split = bool(more and more[0])
     bgather = bool(len(more) > 1 and more[1])
@@ -280,14 +282,14 @@ def config_functions(fwd_spec, bwd_spec):
         bqq, bkk = min(fq, n_pad), min(fk, n_pad)
         return {"BQ": bqq, "BK": bkk, "QB_PER_PROG": fp or triton_cdiv(n_pad, bqq), "num_warps": fw,
                 "num_stages": fs, "prep_bm": fm, "prep_warps": fmw, "select_search": search, "prep_slab": slab,
-                "sel_gather": gather}
+                "sel_gather": gather, "key_tail": tail}
 
     def bcfg(n_pad, *a):
         return {"BQ": min(bq, n_pad), "BK": min(bk, n_pad), "num_warps": bw, "num_stages": bs, "per_head": bool(bh),
                 "split": split, "sel_gather": bgather}
 
     label = (f"fused f{fw}/{fq}/{fk}/{fp}/{fs}/{fm}/{fmw}" + (f"/s{search}" if search else "")
-             + (f"/slab{slab}" if slab else "") + ("/gather" if gather else "")
+             + (f"/slab{slab}" if slab else "") + ("/gather" if gather else "") + ("/tail" if tail else "")
              + f" b{bw}/{bq}/{bk}/{bh}/{bs}" + ("/split" if split else "") + ("/gather" if bgather else ""))
     return fcfg, bcfg, label
 

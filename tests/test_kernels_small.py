@@ -140,6 +140,19 @@ def test_expert_rows_gathered(small_blocks, monkeypatch, N, m, topk, r, shared, 
     _compare(B, 2, N, 32, m, topk, r, shared, scale, seed=N + m + topk + 4)
 
 
+@pytest.mark.parametrize("gather", [False, True])
+@pytest.mark.parametrize("N,m,topk,r,shared,scale,B", [c for c in _small_cases() if c[0] > 1][::2])
+def test_key_tail_blocks(monkeypatch, N, m, topk, r, shared, scale, B, gather):
+    # key_tail: key blocks of 32, the keys past the last full one in blocks of 16 (N = 7: tail only; 50: one
+    # full block and two tail blocks; 20: one of each)
+    from mita.kernels import fused_small
+
+    monkeypatch.setattr(fused_small, "fwd_config", lambda *a: {
+        "BQ": 16, "BK": 32, "QB_PER_PROG": 1, "num_warps": 4, "key_tail": True, "sel_gather": gather})
+    monkeypatch.setattr(fused_small, "bwd_config", lambda *a: {"BQ": 16, "BK": 16, "num_warps": 4})
+    _compare(B, 2, N, 32, m, topk, r, shared, scale, seed=N + m + topk + 5)
+
+
 @pytest.mark.parametrize("N,m,topk,r,shared", [(50, 5, 4, 2, True), (33, 17, 9, 1, True), (20, 20, 20, 1, False)])
 def test_expert_rows_gathered_own_selection(small_blocks, monkeypatch, N, m, topk, r, shared):
     # the same with the routing selected in the kernels (prep launch, then the attention gathering its rows)
@@ -175,17 +188,19 @@ def test_backward_in_two_launches(small_blocks, monkeypatch, N, m, topk, r, shar
     _compare(B, 2, N, 32, m, topk, r, shared, scale, seed=N + m + topk + 3)
 
 
-@pytest.mark.parametrize("search,slab,gather", [(0, 0, False), (16, 0, False), (0, 16, False), (0, 0, True)])
-def test_deit_shape_with_the_default_configs(monkeypatch, search, slab, gather):
+@pytest.mark.parametrize("search,slab,gather,tail", [(0, 0, False, False), (16, 0, False, False), (0, 16, False, False),
+                                                     (0, 0, True, True)])
+def test_deit_shape_with_the_default_configs(monkeypatch, search, slab, gather, tail):
     # the configs a DeiT-S head gets on a GPU (prep launch, 128-query attention programs, one backward program
     # per head), in the interpreter: fp16 (its bf16 dot is wrong), one head, own selection; both top-k searches,
-    # the slab-wise prep and the gathered expert rows
+    # the slab-wise prep, the gathered expert rows with the key tail in blocks of 16
     from mita.kernels import fused_small
 
     assert fused_small._wide(256, 64, 2) and fused_small.fwd_config(6, 256, 32, 64, 2).get("prep_bm")
     config = fused_small.fwd_config
     monkeypatch.setattr(fused_small, "fwd_config", lambda *a: {**config(*a), "select_search": search,
-                                                               "prep_slab": slab, "sel_gather": gather})
+                                                               "prep_slab": slab, "sel_gather": gather,
+                                                               "key_tail": tail})
     bconfig = fused_small.bwd_config
     monkeypatch.setattr(fused_small, "bwd_config", lambda *a: {**bconfig(*a), "sel_gather": gather})
     _check_selection(1, 1, 197, 64, 25, 25, 1, True, "official", dtype=torch.float16, tol=1e-2, seed=197)
