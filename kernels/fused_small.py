@@ -280,7 +280,7 @@ def _fwd_keys(q, Kh, Vh, SELg, e1, e2, onehot, lm, q_ok, kcols, N, stride_kn, st
             cnt += tl.load(SELg + e2[:, None] * NP + kcols[None, :], mask=q_ok[:, None] & k_ok[None, :], other=0)
         cnt = cnt.to(tl.float16)
     else:
-        sel_b = tl.load(SELg + lm[:, None] * NP + kcols[None, :], mask=k_ok[None, :], other=0).to(tl.float16)
+        sel_b = tl.load(SELg + lm[:, None] * NP + kcols[None, :]).to(tl.float16)  # [MP, BK] (kcols < NP)
         # multiplicity of each key in the query's experts: exact small integers
         cnt = tl.dot(onehot, sel_b, out_dtype=tl.float16)  # [BQ, BK]
     s = tl.dot(q, tl.trans(kblk), input_precision=PREC) * sl2
@@ -308,6 +308,7 @@ def _fwd_kernel(
     QB_PER_PROG: tl.constexpr, R_TOPK: tl.constexpr, SHARED: tl.constexpr, ROUTED: tl.constexpr,
     SELECT: tl.constexpr, MULTI: tl.constexpr, PREC: tl.constexpr, SELECT_HERE: tl.constexpr,
     POOLED: tl.constexpr, PREP: tl.constexpr, SEARCH: tl.constexpr, GATHER: tl.constexpr = False,
+    KEY_TAIL: tl.constexpr = False,
 ):
     # SELECT_HERE: the top-k mask is selected in this kernel (else it was passed in or _prep_kernel wrote it);
     # PREP: _prep_kernel wrote the shared values and lse_sh (and the mask where selecting);
@@ -400,10 +401,11 @@ def _fwd_kernel(
                 m_i, l_i, acc = _fwd_keys(q, Kh, Vh, SELg, e1, e2, onehot, lm, q_ok, kb * BK + tl.arange(0, BK), N,
                                           stride_kn, stride_vn, offs_d, sl2, m_i, l_i, acc, NP, R_TOPK, MULTI, GATHER,
                                           PREC)
-            for tb in range(NKT):
-                m_i, l_i, acc = _fwd_keys(q, Kh, Vh, SELg, e1, e2, onehot, lm, q_ok,
-                                          NKB * BK + tb * BKT + tl.arange(0, BKT), N, stride_kn, stride_vn, offs_d,
-                                          sl2, m_i, l_i, acc, NP, R_TOPK, MULTI, GATHER, PREC)
+            if KEY_TAIL:
+                for tb in range(NKT):
+                    m_i, l_i, acc = _fwd_keys(q, Kh, Vh, SELg, e1, e2, onehot, lm, q_ok,
+                                              NKB * BK + tb * BKT + tl.arange(0, BKT), N, stride_kn, stride_vn,
+                                              offs_d, sl2, m_i, l_i, acc, NP, R_TOPK, MULTI, GATHER, PREC)
         m_i = tl.where(m_i == float("-inf"), 0.0, m_i)
         l_i = tl.where(l_i == 0.0, 1.0, l_i)  # padding rows
         tl.store(Oh + rows[:, None] * stride_on + offs_d[None, :], (acc / l_i[:, None]).to(DT), mask=q_ok[:, None])
@@ -899,7 +901,7 @@ def _forward_plan(q, k, v, landmarks, topk, router_topk, shared, select, pooled,
         D=D, MP=m_pad, NP=n_pad, BQ=cfg["BQ"], BK=bk, BKT=bkt, QB_PER_PROG=cfg["QB_PER_PROG"],
         R_TOPK=router_topk, SHARED=shared, ROUTED=routed, SELECT=select and routed,
         MULTI=router_topk == 2 or not select, SELECT_HERE=select and routed and not prep, POOLED=pooled and not prep,
-        PREP=prep, SEARCH=cfg.get("select_search", 0), GATHER=bool(cfg.get("sel_gather", False)),
+        PREP=prep, SEARCH=cfg.get("select_search", 0), GATHER=bool(cfg.get("sel_gather", False)), KEY_TAIL=n_kt > 0,
         PREC=prec, num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 1)))
     return plan
 
