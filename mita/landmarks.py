@@ -78,14 +78,15 @@ class LandmarkExtractor(nn.Module):
     def __init__(self, num_landmarks: int) -> None:
         super().__init__()
         self.num_landmarks = num_landmarks
-        self._weights = {}
 
     def pooling_weights(self, N: int, p: int, h: int, w: int, device) -> torch.Tensor:
         """``[m, N]`` fp32 weights W with ``forward(q) == W @ q`` (linear extractors only), cached per layout
         and device: the extractor applied to the identity."""
         if not self.linear:
             raise ValueError(f"pool={self.pool!r} has no fixed pooling weights")
-        return _cached_pooling_weights(self, N, p, h, w, str(device))
+        # plain values only: torch.compile (2.11) cannot pass a module to an assume_constant_result function
+        grid = tuple(self.grid) if hasattr(self, "grid") else None
+        return _cached_pooling_weights(self.pool, self.num_landmarks, grid, N, p, h, w, str(device))
 
     def check_layout(self, q: torch.Tensor, p: int, h: int, w: int) -> None:
         n_patch = h * w
@@ -356,15 +357,22 @@ def build_landmark_extractor(
     return ToMeLandmarks(num_landmarks)
 
 
+_POOLING_WEIGHTS: dict = {}
+
+
 @torch.compiler.assume_constant_result
-def _cached_pooling_weights(extractor: LandmarkExtractor, N: int, p: int, h: int, w: int, device: str) -> torch.Tensor:
-    """The ``[m, N]`` weights of :meth:`LandmarkExtractor.pooling_weights`, cached per layout and device. Under
-    ``torch.compile`` a constant of the graph (the function runs once, when traced): no per-call ops."""
-    key = (N, p, h, w, device)
-    if key not in extractor._weights:
+def _cached_pooling_weights(
+    pool: str, m: int, grid: Optional[Tuple[int, int]], N: int, p: int, h: int, w: int, device: str
+) -> torch.Tensor:
+    """The ``[m, N]`` weights of :meth:`LandmarkExtractor.pooling_weights`, cached per extractor, layout and
+    device. Under ``torch.compile`` a constant of the graph (the function runs once, when traced): no per-call
+    ops."""
+    key = (pool, m, grid, N, p, h, w, device)
+    if key not in _POOLING_WEIGHTS:
+        extractor = build_landmark_extractor(pool, m, landmark_grid=grid)
         # a normal tensor even under inference_mode: the cache serves later training steps too, whose
         # autograd cannot save an inference tensor
         with torch.inference_mode(False), torch.no_grad():
             eye = torch.eye(N, dtype=torch.float64).view(1, 1, N, N)
-            extractor._weights[key] = extractor.forward(eye, eye, p, h, w)[0, 0].float().to(device)  # [m, N]
-    return extractor._weights[key]
+            _POOLING_WEIGHTS[key] = extractor.forward(eye, eye, p, h, w)[0, 0].float().to(device)  # [m, N]
+    return _POOLING_WEIGHTS[key]

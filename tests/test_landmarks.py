@@ -256,6 +256,23 @@ def test_pooling_weights_are_a_constant_under_compile():
     torch._dynamo.reset()
     assert torch.equal(torch.compile(f, fullgraph=True)(q), f(q))
 
+
+@pytest.mark.parametrize("pool", ["grid", "official", "1d"])
+def test_pooling_weights_of_a_submodule_under_compile(pool):
+    # the extractor as a submodule of the compiled module (as in a model): the cache takes plain values
+    class Layer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.landmarks = build_landmark_extractor(pool, 25, 64, 4)
+
+        def forward(self, q):
+            return self.landmarks.pooling_weights(197, 1, 14, 14, q.device) @ q
+
+    layer, q = Layer(), torch.randn(2, 4, 197, 16)
+    torch._dynamo.reset()
+    assert torch.equal(torch.compile(layer, fullgraph=True)(q), layer(q))
+
+
 @pytest.mark.parametrize("pool", ["random", "learned", "conv", "dwconv", "tome"])
 def test_pooling_weights_only_for_fixed_windows(pool):
     extractor = build_landmark_extractor(pool, 25, 64, 4)
