@@ -173,6 +173,8 @@ def _setup_context(ctx, inputs, output):
     out, lse = output
     ctx.save_for_backward(q, k, v, landmarks, shared_v, topk_idx, expert_idx, out, lse)
     ctx.scale_shared, ctx.allow_tf32 = scale_shared, allow_tf32
+    # lse is an output for the backward's sake only: no [B H, N] zero gradient is made for it (a fill launch)
+    ctx.set_materialize_grads(False)
 
 
 def _attention_backward(ctx, grad_out, grad_lse):

@@ -170,6 +170,58 @@ class Gate:
         return {name: rel_err(a, b) for name, a, b in zip(self.names, got, self.expected)}
 
 
+# (module, function) pairs whose host time --host reports, inclusive of what they call
+HOST_STAGES = (
+    ("mita.functional", "mita_routing"), ("mita.kernels.ops", "mita_attention"), ("mita.kernels.ops", "_forward"),
+    ("mita.kernels.ops", "_backward"), ("mita.kernels.ops", "_expert_tiles"), ("mita.kernels.ops", "key_pairs"),
+    ("mita.kernels.ops", "routed_forward"), ("mita.kernels.ops", "routed_backward"),
+    ("mita.kernels.ops", "shared_backward"), ("mita.kernels.shared", "forward"), ("mita.kernels.shared", "backward"),
+    ("mita.kernels.routed", "launch"), ("mita.kernels.shared", "launch"), ("mita.kernels.layout_kernels", "launch"),
+    ("mita.kernels", "mita_attention_fused"), ("mita.kernels.fused_small", "_launch"),
+)
+
+
+def host_stages(step: Callable[[], None], sync: Callable[[], None], calls: int = 10) -> List[Tuple[str, float, float]]:
+    """Host time spent inside each function of :data:`HOST_STAGES` during ``step`` (inclusive; the device idle
+    before each call): ``[(module.function, us a call of step, calls a step)]``, largest first. The functions
+    are wrapped for the measurement and restored after; a name a module lacks is skipped."""
+    import functools
+    import importlib
+
+    spent: Dict[str, float] = {}
+    counts: Dict[str, int] = {}
+    saved = []
+    for module_name, attr in HOST_STAGES:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            continue
+        original = getattr(module, attr, None)
+        if original is None:
+            continue
+        label = f"{module_name.rsplit('.', 1)[-1]}.{attr}"
+
+        def timed(*args, __f=original, __label=label, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return __f(*args, **kwargs)
+            finally:
+                spent[__label] = spent.get(__label, 0.0) + (time.perf_counter() - t0) * 1e6
+                counts[__label] = counts.get(__label, 0) + 1
+
+        setattr(module, attr, functools.wraps(original)(timed))
+        saved.append((module, attr, original))
+    try:
+        for _ in range(calls):
+            sync()
+            step()
+        sync()
+    finally:
+        for module, attr, original in saved:
+            setattr(module, attr, original)
+    return sorted(((n, t / calls, counts[n] / calls) for n, t in spent.items()), key=lambda r: -r[1])
+
+
 def triton_kernel_names() -> set:
     """Names of the Triton kernels defined in mita.kernels' modules (as the profiler shows them)."""
     names = set()
@@ -299,6 +351,8 @@ class Runner:
                 row.update(self.time_method(fn, sets))
                 if row["status"] == "ok" and name == "mita-triton" and self.device.type == "cuda" and args.profile:
                     self.profile(case, name, fn, first, row)
+                if row["status"] == "ok" and name in MITA_METHODS and args.host:
+                    self.host_profile(case, name, fn, first, row)
             except torch.cuda.OutOfMemoryError:
                 row["status"] = "skipped (out of memory)"
             except Exception as exc:  # noqa: BLE001 - one broken method must not lose the others' numbers
@@ -328,6 +382,39 @@ class Runner:
             self.kernel_rows.append({"case": case.name, "method": name, "kernel": kname[:200], "calls": calls,
                                      "total_ms": t, "share": t / total if total else float("nan"),
                                      "mita_triton": kname in ours})
+
+    def host_profile(self, case: Case, name: str, fn: Callable, x: Dict[str, torch.Tensor], row: dict) -> None:
+        """Host time of a forward+backward call (Python returns, device idle before it; median of 10) and a
+        cProfile of one call, written to ``host_<case>_<method>.txt`` in --out."""
+        import cProfile
+        import io
+        import pstats
+
+        times = []
+        for _ in range(10):
+            self.clock.sync()
+            t0 = time.perf_counter()
+            self.step(fn, x)
+            times.append((time.perf_counter() - t0) * 1e3)
+        self.clock.sync()
+        row["host_fb_ms"] = statistics.median(times)
+        stages = host_stages(lambda: self.step(fn, x), self.clock.sync)
+        prof = cProfile.Profile()
+        prof.enable()
+        self.step(fn, x)
+        prof.disable()
+        self.clock.sync()
+        text = io.StringIO()
+        stats = pstats.Stats(prof, stream=text).strip_dirs()
+        stats.sort_stats("tottime").print_stats(30)
+        stats.sort_stats("cumulative").print_stats(40)
+        path = Path(self.args.out) / f"host_{case.name}_{name}.txt"
+        table = "".join(f"  {name:34s} {us:8.1f} us, {calls:4.1f} calls\n" for name, us, calls in stages)
+        path.write_text(f"host ms a forward+backward call (median of 10): {row['host_fb_ms']:.3f}\n"
+                        f"host time inside the op's stages a forward+backward call (inclusive, mean of 10 calls):\n{table}\n" + text.getvalue())
+        log.info("  %-12s host stages, us a forward+backward call: %s", name,
+                 ", ".join(f"{n} {us:.0f}" for n, us, _ in stages[:8]))
+        log.info("  %-12s host %.3f ms a forward+backward call; cProfile in %s", name, row["host_fb_ms"], path)
 
     def add_derived(self, case: Case) -> None:
         """Ratios against the baselines and effective bandwidth, for the rows of ``case``."""
@@ -544,6 +631,8 @@ def parse_args(argv=None):
     parser.add_argument("--max-total-s", type=float, default=None,
                         help="skip what is left once the run has taken this many seconds (default: no limit)")
     parser.add_argument("--no-profile", dest="profile", action="store_false", help="no profiled kernel breakdown")
+    parser.add_argument("--host", action="store_true",
+                        help="host (CPU) time of a MiTA forward+backward call and a cProfile of one (host_*.txt)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--switches", default="",
                         help="general-path options for mita-triton, comma list of NAME, NAME=on or NAME=off; NAME: "

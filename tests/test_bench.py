@@ -139,6 +139,20 @@ def test_bench_attention_cpu_smoke(tmp_path, capsys):
     assert last[-1].startswith("| smoke-b") and any(line.startswith("card: CPU") for line in last[-6:])
 
 
+def test_bench_attention_host_stages(tmp_path):
+    # --host: the host time of a call, the time inside the op's stages and a cProfile, one file a case
+    import mita.functional
+
+    bench, routing = _load_script("bench_attention"), mita.functional.mita_routing
+    assert bench.main(["--cpu-smoke", "--host", "--out", str(tmp_path), "--methods", "mita-torch"]) == 0
+    rows = {r["case"]: r for r in _rows(tmp_path / "attention.csv")}
+    for case in bench.SMOKE_CASES:
+        assert float(rows[case.name]["host_fb_ms"]) > 0
+        text = (tmp_path / f"host_{case.name}_mita-torch.txt").read_text()
+        assert "functional.mita_routing" in text and "Ordered by" in text
+    assert mita.functional.mita_routing is routing  # the stage timers are removed after
+
+
 @pytest.mark.parametrize("dense_limit,kind", [(1 << 26, "dense"), (0, "chunked")])
 def test_bench_attention_gate(monkeypatch, dense_limit, kind):
     """The gate passes the right methods and fails a wrong one, with either float64 reference."""
