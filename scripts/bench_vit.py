@@ -95,10 +95,25 @@ def profile_steps(label: str, step, steps: int, device, rows: int = 12) -> None:
         wall = (time.perf_counter() - t0) * 1e3 / steps
     events = prof.key_averages()
     key = "self_device_time_total" if cuda else "self_cpu_time_total"
-    busy = sum(getattr(e, "self_device_time_total", 0) or 0 for e in events) / 1e3 / steps if cuda else 0.0
+    # GPU busy from the device's own events (kernels, copies, memsets) only: an op's row and a user range
+    # carry their kernels' time too, and summing every row counted it twice
+    busy = sum(_device_us(e) for e in prof.events() if _on_device(e)) / 1e3 / steps if cuda else 0.0
     print(f"\nprofile {label}: {wall:.2f} ms a step (profiled), GPU busy {busy:.2f} ms ({busy / wall:.0%})",
           flush=True)
     print(events.table(sort_by=key, row_limit=rows, max_name_column_width=70), flush=True)
+    if cuda:  # where the host's time goes: a step whose GPU is not busy waits on these
+        print(f"host side of {label}, ops by self CPU time:", flush=True)
+        print(events.table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=70), flush=True)
+
+
+def _on_device(event) -> bool:
+    from torch.autograd import DeviceType
+
+    return event.device_type == DeviceType.CUDA and not getattr(event, "is_user_annotation", False)
+
+
+def _device_us(event) -> float:
+    return float(getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0) or 0)
 
 
 def measure(name: str, args, device, compiled: bool) -> Dict[str, float]:
