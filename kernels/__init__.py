@@ -27,7 +27,8 @@ POOL_IN_KERNEL = True
 LAYOUT_KERNELS = True
 # From this many keys on, mita.functional.mita_routing selects each landmark's top-k with the streamed kernel
 # of kernels/topk_stream.py (no m x N score matrix; one host sync) instead of R K^T + torch.topk; None: never.
-# Off until chosen from GPU timings (scripts/bench_topk.py measured it faster from N = 65,536 on an H200).
+# Off: timed on an H200 in the whole op, it pays only at large k (N = 65,536: -10% forward+backward at m = k = 512,
+# +6% at m = k = 128; BENCHMARKS.md, "Long sequences"), and it makes one host sync.
 STREAM_TOPK_MIN_N = None
 # From this many keys on, the general path computes the shared values V~ = softmax(s R K^T) V (and their
 # backward) with the key-split kernels of kernels/shared.py instead of SDPA, whose m-query launch runs one
