@@ -146,33 +146,6 @@ def _rows(P, rows, ok, stride_n, offs_d):
 
 
 @triton.jit
-def _prep_shared_online(Rh, Kh, Vh, VS, LSH, g, lm, lm_ok, stride_rm, stride_kn, stride_vn, N, sl2,
-                        D: tl.constexpr, MP: tl.constexpr, NP: tl.constexpr, BKC: tl.constexpr, PREC: tl.constexpr):
-    """Shared values ``V~ = softmax(s R K^T) V`` of the rows ``lm`` and their base-2 log-normaliser, by an online
-    softmax over key chunks of ``BKC`` (no ``[rows, NP]`` tile)."""
-    DT = Kh.dtype.element_ty
-    offs_d = tl.arange(0, D)
-    r = _rows(Rh, lm, lm_ok, stride_rm, offs_d)  # [BM, D]
-    m_i = tl.full([lm.shape[0]], float("-inf"), tl.float32)
-    l_i = tl.zeros([lm.shape[0]], tl.float32)
-    acc = tl.zeros([lm.shape[0], D], tl.float32)
-    for kc in tl.static_range(NP // BKC):
-        kcols = kc * BKC + tl.arange(0, BKC)
-        k_ok = kcols < N
-        z = tl.dot(r, tl.trans(_rows(Kh, kcols, k_ok, stride_kn, offs_d)), input_precision=PREC) * sl2
-        z = tl.where(k_ok[None, :], z, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(z, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a chunk of padding only (N < BKC kc)
-        alpha = tl.exp2(m_i - m_safe)
-        pa = tl.exp2(z - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(pa, 1)
-        acc = acc * alpha[:, None] + tl.dot(pa.to(DT), _rows(Vh, kcols, k_ok, stride_vn, offs_d), input_precision=PREC)
-        m_i = m_new
-    tl.store(VS + (g * MP + lm[:, None]) * D + offs_d[None, :], (acc / l_i[:, None]).to(DT))
-    tl.store(LSH + g * MP + lm, m_i + tl.log2(l_i))
-
-
-@triton.jit
 def _prep_kernel(
     Q, K, V, R, SEL, VS, LSH, POOL, LMK,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
@@ -180,7 +153,6 @@ def _prep_kernel(
     H, N, M, TOPK, scale,
     D: tl.constexpr, MP: tl.constexpr, NP: tl.constexpr, BM: tl.constexpr, DC: tl.constexpr, BKC: tl.constexpr,
     SELECT: tl.constexpr, SHARED: tl.constexpr, POOLED: tl.constexpr, PREC: tl.constexpr, SEARCH: tl.constexpr,
-    SLAB: tl.constexpr = 0,
 ):
     """Per-landmark work of the forward, programs (batch-head, block of ``BM`` landmarks) of one to eight
     warps (with one warp per 16 rows a row's reductions stay inside its warp), many small programs hiding
@@ -192,9 +164,6 @@ def _prep_kernel(
       chunks of ``DC`` so that one ``[NP, DC]`` key chunk bounds the registers;
     * ``SHARED``: the shared values ``V~ = softmax(s R K^T) V`` and their base-2 log-normaliser, in key
       chunks of ``BKC`` (the scores recomputed chunk by chunk).
-    ``SLAB > 0``: the selection in slabs of ``SLAB`` rows (a ``[SLAB, NP]`` score tile at a time) and the
-    shared values by an online softmax over the key chunks, so that no ``[BM, NP]`` tile stays live (fewer
-    registers, more resident programs).
     The attention kernel then reads the mask, ``V~`` and ``lse_sh`` (``PREP``)."""
     DT = K.dtype.element_ty
     g = tl.program_id(0).to(tl.int64)
@@ -221,81 +190,30 @@ def _prep_kernel(
         tl.store(Rh + lm[:, None] * D + offs_d[None, :], r.to(DT))
         tl.debug_barrier()
         stride_rm = D
-    if SLAB > 0:
-        if SELECT:
-            for sb in tl.static_range(BM // SLAB):
-                lm_s = tl.program_id(1) * BM + sb * SLAB + tl.arange(0, SLAB)
-                lm_s_ok = lm_s < M
-                sk_s = tl.zeros([SLAB, NP], tl.float32)
-                for c in tl.static_range(D // DC):
-                    offs_c = c * DC + tl.arange(0, DC)
-                    sk_s = tl.dot(_rows(Rh, lm_s, lm_s_ok, stride_rm, offs_c),
-                                  tl.trans(_rows(Kh, keys, key_ok, stride_kn, offs_c)), sk_s, input_precision=PREC)
-                _store_topk(sk_s, key_ok, lm_s_ok, TOPK, SEL + g * MP * NP + lm_s[:, None] * NP + keys[None, :],
-                            SEARCH)
-        if SHARED:
-            _prep_shared_online(Rh, Kh, V + b * stride_vb + h * stride_vh, VS, LSH, g, lm, lm_ok, stride_rm,
-                                stride_kn, stride_vn, N, sl2, D, MP, NP, BKC, PREC)
-    else:
-        sk = tl.zeros([BM, NP], tl.float32)
-        for c in tl.static_range(D // DC):
-            offs_c = c * DC + tl.arange(0, DC)
-            r_c = _rows(Rh, lm, lm_ok, stride_rm, offs_c)  # [BM, DC]
-            k_c = _rows(Kh, keys, key_ok, stride_kn, offs_c)  # [NP, DC]
-            sk = tl.dot(r_c, tl.trans(k_c), sk, input_precision=PREC)
-        if SHARED:
-            zmax = tl.max(tl.where(key_ok[None, :], sk * sl2, float("-inf")), 1)  # [BM]
-        if SELECT:
-            _store_topk(sk, key_ok, lm_ok, TOPK, SEL + g * MP * NP + lm[:, None] * NP + keys[None, :], SEARCH)
-        if SHARED:
-            r = _rows(Rh, lm, lm_ok, stride_rm, offs_d)  # [BM, D]
-            Vh = V + b * stride_vb + h * stride_vh
-            zsum = tl.zeros([BM], tl.float32)
-            acc = tl.zeros([BM, D], tl.float32)
-            for kc in tl.static_range(NP // BKC):
-                kcols = kc * BKC + tl.arange(0, BKC)
-                k_ok = kcols < N
-                z = tl.dot(r, tl.trans(_rows(Kh, kcols, k_ok, stride_kn, offs_d)), input_precision=PREC) * sl2
-                pa = tl.where(k_ok[None, :], tl.exp2(z - zmax[:, None]), 0.0)  # [BM, BKC]
-                zsum += tl.sum(pa, 1)
-                acc = tl.dot(pa.to(DT), _rows(Vh, kcols, k_ok, stride_vn, offs_d), acc, input_precision=PREC)
-            tl.store(VS + (g * MP + lm[:, None]) * D + offs_d[None, :], (acc / zsum[:, None]).to(DT))
-            tl.store(LSH + g * MP + lm, zmax + tl.log2(zsum))
-
-
-@triton.jit
-def _fwd_keys(q, Kh, Vh, SELg, e1, e2, onehot, lm, q_ok, kcols, N, stride_kn, stride_vn, offs_d, sl2, m_i, l_i, acc,
-              NP: tl.constexpr, R_TOPK: tl.constexpr, MULTI: tl.constexpr, GATHER: tl.constexpr, PREC: tl.constexpr):
-    """One block of keys ``kcols`` in the routed part of the forward's online softmax: the updated
-    ``(m_i, l_i, acc)``. The key's multiplicity in the query's experts from the gathered rows of the expert mask
-    (``GATHER``) or the ``onehot @ mask`` product."""
-    DT = q.dtype
-    k_ok = kcols < N
-    kblk = _rows(Kh, kcols, k_ok, stride_kn, offs_d)  # [BK, D]
-    vblk = _rows(Vh, kcols, k_ok, stride_vn, offs_d)
-    if GATHER:
-        # the rows of the query's experts gathered from the (L1-resident) mask: no product
-        cnt = tl.load(SELg + e1[:, None] * NP + kcols[None, :], mask=q_ok[:, None] & k_ok[None, :], other=0)
-        if R_TOPK == 2:
-            cnt += tl.load(SELg + e2[:, None] * NP + kcols[None, :], mask=q_ok[:, None] & k_ok[None, :], other=0)
-        cnt = cnt.to(tl.float16)
-    else:
-        sel_b = tl.load(SELg + lm[:, None] * NP + kcols[None, :]).to(tl.float16)  # [MP, BK] (kcols < NP)
-        # multiplicity of each key in the query's experts: exact small integers
-        cnt = tl.dot(onehot, sel_b, out_dtype=tl.float16)  # [BQ, BK]
-    s = tl.dot(q, tl.trans(kblk), input_precision=PREC) * sl2
-    s = tl.where(cnt > 0, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    # a row may have no logit yet (no shared expert, no selected key in the blocks so far)
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp2(m_i - m_safe)
-    p = tl.exp2(s - m_safe[:, None])
-    if MULTI:
-        # a key counted C times enters the softmax as C equal logits
-        p = p * cnt.to(tl.float32)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(DT), vblk, input_precision=PREC)
-    return m_new, l_i, acc
+    sk = tl.zeros([BM, NP], tl.float32)
+    for c in tl.static_range(D // DC):
+        offs_c = c * DC + tl.arange(0, DC)
+        r_c = _rows(Rh, lm, lm_ok, stride_rm, offs_c)  # [BM, DC]
+        k_c = _rows(Kh, keys, key_ok, stride_kn, offs_c)  # [NP, DC]
+        sk = tl.dot(r_c, tl.trans(k_c), sk, input_precision=PREC)
+    if SHARED:
+        zmax = tl.max(tl.where(key_ok[None, :], sk * sl2, float("-inf")), 1)  # [BM]
+    if SELECT:
+        _store_topk(sk, key_ok, lm_ok, TOPK, SEL + g * MP * NP + lm[:, None] * NP + keys[None, :], SEARCH)
+    if SHARED:
+        r = _rows(Rh, lm, lm_ok, stride_rm, offs_d)  # [BM, D]
+        Vh = V + b * stride_vb + h * stride_vh
+        zsum = tl.zeros([BM], tl.float32)
+        acc = tl.zeros([BM, D], tl.float32)
+        for kc in tl.static_range(NP // BKC):
+            kcols = kc * BKC + tl.arange(0, BKC)
+            k_ok = kcols < N
+            z = tl.dot(r, tl.trans(_rows(Kh, kcols, k_ok, stride_kn, offs_d)), input_precision=PREC) * sl2
+            pa = tl.where(k_ok[None, :], tl.exp2(z - zmax[:, None]), 0.0)  # [BM, BKC]
+            zsum += tl.sum(pa, 1)
+            acc = tl.dot(pa.to(DT), _rows(Vh, kcols, k_ok, stride_vn, offs_d), acc, input_precision=PREC)
+        tl.store(VS + (g * MP + lm[:, None]) * D + offs_d[None, :], (acc / zsum[:, None]).to(DT))
+        tl.store(LSH + g * MP + lm, zmax + tl.log2(zsum))
 
 
 @triton.jit
@@ -303,12 +221,11 @@ def _fwd_kernel(
     Q, K, V, R, O, LSE, SEL, EXP, VS, LSH, POOL, LMK,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn, stride_rb, stride_rh, stride_rm, stride_ob, stride_oh, stride_on,
-    H, N, M, TOPK, NKB, NKT, scale, scale_shared,
-    D: tl.constexpr, MP: tl.constexpr, NP: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, BKT: tl.constexpr,
+    H, N, M, TOPK, NKB, scale, scale_shared,
+    D: tl.constexpr, MP: tl.constexpr, NP: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
     QB_PER_PROG: tl.constexpr, R_TOPK: tl.constexpr, SHARED: tl.constexpr, ROUTED: tl.constexpr,
     SELECT: tl.constexpr, MULTI: tl.constexpr, PREC: tl.constexpr, SELECT_HERE: tl.constexpr,
-    POOLED: tl.constexpr, PREP: tl.constexpr, SEARCH: tl.constexpr, GATHER: tl.constexpr = False,
-    KEY_TAIL: tl.constexpr = False,
+    POOLED: tl.constexpr, PREP: tl.constexpr, SEARCH: tl.constexpr,
 ):
     # SELECT_HERE: the top-k mask is selected in this kernel (else it was passed in or _prep_kernel wrote it);
     # PREP: _prep_kernel wrote the shared values and lse_sh (and the mask where selecting);
@@ -394,18 +311,27 @@ def _fwd_kernel(
                 if R_TOPK == 2:
                     e2 = tl.load(EXPh + rows * R_TOPK + 1, mask=q_ok, other=0)
                     onehot += (lm[None, :] == e2[:, None]).to(tl.float16)
-            if R_TOPK == 1:
-                e2 = e1
-            # full key blocks of BK, then (KEY_TAIL) the rest in blocks of BKT: less padding work at N = 197
             for kb in range(NKB):
-                m_i, l_i, acc = _fwd_keys(q, Kh, Vh, SELg, e1, e2, onehot, lm, q_ok, kb * BK + tl.arange(0, BK), N,
-                                          stride_kn, stride_vn, offs_d, sl2, m_i, l_i, acc, NP, R_TOPK, MULTI, GATHER,
-                                          PREC)
-            if KEY_TAIL:
-                for tb in range(NKT):
-                    m_i, l_i, acc = _fwd_keys(q, Kh, Vh, SELg, e1, e2, onehot, lm, q_ok,
-                                              NKB * BK + tb * BKT + tl.arange(0, BKT), N, stride_kn, stride_vn,
-                                              offs_d, sl2, m_i, l_i, acc, NP, R_TOPK, MULTI, GATHER, PREC)
+                kcols = kb * BK + tl.arange(0, BK)
+                k_ok = kcols < N
+                kblk = _rows(Kh, kcols, k_ok, stride_kn, offs_d)  # [BK, D]
+                vblk = _rows(Vh, kcols, k_ok, stride_vn, offs_d)
+                sel_b = tl.load(SELg + lm[:, None] * NP + kcols[None, :]).to(tl.float16)  # [MP, BK]
+                # multiplicity of each key in the query's experts: exact small integers
+                cnt = tl.dot(onehot, sel_b, out_dtype=tl.float16)  # [BQ, BK]
+                s = tl.dot(q, tl.trans(kblk), input_precision=PREC) * sl2
+                s = tl.where(cnt > 0, s, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+                # a row may have no logit yet (no shared expert, no selected key in the blocks so far)
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                alpha = tl.exp2(m_i - m_safe)
+                p = tl.exp2(s - m_safe[:, None])
+                if MULTI:
+                    # a key counted C times enters the softmax as C equal logits
+                    p = p * cnt.to(tl.float32)
+                l_i = l_i * alpha + tl.sum(p, 1)
+                acc = acc * alpha[:, None] + tl.dot(p.to(DT), vblk, input_precision=PREC)
+                m_i = m_new
         m_i = tl.where(m_i == float("-inf"), 0.0, m_i)
         l_i = tl.where(l_i == 0.0, 1.0, l_i)  # padding rows
         tl.store(Oh + rows[:, None] * stride_on + offs_d[None, :], (acc / l_i[:, None]).to(DT), mask=q_ok[:, None])
@@ -606,7 +532,7 @@ def _bwd_head_kernel(
     H, N, M, NKB, scale, scale_shared,
     D: tl.constexpr, MP: tl.constexpr, NP: tl.constexpr, BK: tl.constexpr,
     R_TOPK: tl.constexpr, SHARED: tl.constexpr, ROUTED: tl.constexpr, MULTI: tl.constexpr, PREC: tl.constexpr,
-    POOLED: tl.constexpr, GATHER: tl.constexpr = False,
+    POOLED: tl.constexpr,
 ):
     """One program per head: every query at once (``[NP, .]`` tiles), key blocks of ``BK`` in a loop.
 
@@ -661,16 +587,8 @@ def _bwd_head_kernel(
         dk = tl.zeros([BK, D], tl.float32)
         dv = tl.zeros([BK, D], tl.float32)
         if ROUTED:
-            if GATHER:
-                # the rows of each query's experts gathered from the mask (padding rows: expert -1, none)
-                SELg = SEL + g * MP * NP
-                cnt = tl.load(SELg + e1[:, None] * NP + kcols[None, :], mask=q_ok[:, None], other=0)
-                if R_TOPK == 2:
-                    cnt += tl.load(SELg + e2[:, None] * NP + kcols[None, :], mask=q_ok[:, None], other=0)
-                cnt = cnt.to(tl.float16)
-            else:
-                sel_b = tl.load(SEL + g * MP * NP + lm[:, None] * NP + kcols[None, :]).to(tl.float16)  # [MP, BK]
-                cnt = tl.dot(onehot, sel_b, out_dtype=tl.float16)  # [NP, BK]
+            sel_b = tl.load(SEL + g * MP * NP + lm[:, None] * NP + kcols[None, :]).to(tl.float16)  # [MP, BK]
+            cnt = tl.dot(onehot, sel_b, out_dtype=tl.float16)  # [NP, BK]
             s = tl.dot(q, tl.trans(kblk), input_precision=PREC) * sl2
             p = tl.where(cnt > 0, tl.exp2(s - lse[:, None]), 0.0)
             if MULTI:
@@ -780,13 +698,8 @@ def fwd_config(num_heads: int, n_pad: int, m_pad: int, head_dim: int, itemsize: 
     """Forward launches: query block ``BQ``, key block ``BK``, ``QB_PER_PROG`` query blocks per program, warps,
     pipeline stages; ``prep_bm`` / ``prep_warps`` (optional): the top-k mask and the shared values in a
     launch of its own (``_prep_kernel``, ``prep_bm`` landmarks a program) instead of inside the attention
-    programs; ``prep_slab`` (optional, 0 or 16; not yet timed): the prep launch's selection in slabs of 16 rows
-    and its shared values by an online softmax (``_prep_kernel``'s ``SLAB``); ``sel_gather`` (optional, not
-    yet timed): each query's row of the expert mask gathered instead of the ``onehot @ mask`` product;
-    ``key_tail`` (optional, not yet timed): the keys past the last full block of ``BK`` in blocks of 16
-    (N = 197, BK = 64: 208 keys' work instead of 256); ``select_search`` (optional,
-    default 0: the value-space search was no faster on an H200): passes of the value-space top-k
-    search before the bitwise one (:func:`_store_topk`).
+    programs; ``select_search`` (optional, default 0: the value-space search was no faster on an H200):
+    passes of the value-space top-k search before the bitwise one (:func:`_store_topk`).
 
     Where :func:`_wide` holds: the prep launch (32 landmarks, 4 warps) and 8-warp attention programs of 128
     queries (H200, DeiT-S shape, bf16, GPU time: prep 133 + attention 157 us against 363 us for one 8-warp
@@ -812,8 +725,7 @@ def bwd_config(n_pad: int, m_pad: int, head_dim: int, itemsize: int) -> dict:
     ``[NP, d]`` tiles take 200 KB of shared memory at d = 64) where :func:`_wide` holds, else programs per
     key block, query block and landmark block (``BQ``, ``BK``); warps, stages. ``split`` (optional, not yet
     timed): the block programs in two launches, query blocks and dR first (storing ``dV~``), key blocks
-    second, each compiled for its own programs (``split_warps``: the warps of each). ``sel_gather``
-    (optional, per-head program only, not yet timed): the expert-mask rows gathered, no ``onehot @ mask``.
+    second, each compiled for its own programs (``split_warps``: the warps of each).
 
     H200, DeiT-S shape, bf16: backward 0.82 ms with one program per head against 1.18 ms with programs
     per block.
@@ -889,19 +801,16 @@ def _forward_plan(q, k, v, landmarks, topk, router_topk, shared, select, pooled,
         plan["prep"] = ((G, m_pad // bm), (*_strides(q), *_strides(k), *_strides(v), *lm_strides,
                                            H, N, M, topk, D ** -0.5), dict(
             D=D, MP=m_pad, NP=n_pad, BM=bm, DC=16, BKC=min(n_pad, 64), SELECT=select and routed, SHARED=shared,
-            POOLED=pooled, PREC=prec, SEARCH=cfg.get("select_search", 0), SLAB=min(cfg.get("prep_slab", 0), bm),
+            POOLED=pooled, PREC=prec, SEARCH=cfg.get("select_search", 0),
             num_warps=cfg.get("prep_warps") or max(1, bm // 16), num_stages=1))
     out_strides = (N * H * D, D, H * D)  # token-major, see forward
-    # key blocks: all of BK, or (key_tail) the full ones of BK and the rest in blocks of 16
-    bk, bkt = cfg["BK"], 16
-    n_kb, n_kt = (N // bk, cdiv(N % bk, bkt)) if cfg.get("key_tail") and bk > bkt else (cdiv(N, bk), 0)
     plan["fwd"] = ((G, cdiv(cdiv(N, cfg["BQ"]), cfg["QB_PER_PROG"])), (
         *_strides(q), *_strides(k), *_strides(v), *lm_strides, *out_strides,
-        H, N, M, topk, n_kb, n_kt, D ** -0.5), dict(
-        D=D, MP=m_pad, NP=n_pad, BQ=cfg["BQ"], BK=bk, BKT=bkt, QB_PER_PROG=cfg["QB_PER_PROG"],
+        H, N, M, topk, cdiv(N, cfg["BK"]), D ** -0.5), dict(
+        D=D, MP=m_pad, NP=n_pad, BQ=cfg["BQ"], BK=cfg["BK"], QB_PER_PROG=cfg["QB_PER_PROG"],
         R_TOPK=router_topk, SHARED=shared, ROUTED=routed, SELECT=select and routed,
         MULTI=router_topk == 2 or not select, SELECT_HERE=select and routed and not prep, POOLED=pooled and not prep,
-        PREP=prep, SEARCH=cfg.get("select_search", 0), GATHER=bool(cfg.get("sel_gather", False)), KEY_TAIL=n_kt > 0,
+        PREP=prep, SEARCH=cfg.get("select_search", 0),
         PREC=prec, num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 1)))
     return plan
 
@@ -971,7 +880,7 @@ def _backward_plan(q, k, v, landmarks, out, grad_out, topk, router_topk, shared,
                   num_stages=cfg.get("num_stages", 1))
     if per_head:
         return {"M": M, "per_head": True, "launch": ((G,), (*strides, H, N, M, n_kb, D ** -0.5), dict(
-            common, POOLED=pooled, GATHER=bool(cfg.get("sel_gather", False))))}
+            common, POOLED=pooled))}
     ints = (*strides, H, N, M, n_kb, n_qb, D ** -0.5)
     if not cfg.get("split", False):
         return {"M": M, "per_head": False, "launches": [((G, n_kb + n_qb + int(shared)), ints,

@@ -120,10 +120,9 @@ def main():
     p.add_argument("--r", type=int, default=1)
     p.add_argument("--reps", type=int, default=30)
     p.add_argument("--configs", default="default",
-                   help="'default', 'sweep' or fwd=W/BQ/BK/P/S/M/MW[/V[/L[/G]]],bwd=W/BQ/BK/H/S[/T[/G]][;...] (warps, "
-                        "blocks, query blocks a program, stages, landmarks and warps a prep program, V: passes of the "
-                        "value-space top-k search, L: rows of a prep selection slab (0: none), G: forward flags (1: "
-                        "expert-mask rows gathered, 2: key tail in blocks of 16), backward G=1: mask rows gathered, one backward program a head, T=1: the block backward in two launches)")
+                   help="'default', 'sweep' or fwd=W/BQ/BK/P/S/M/MW[/V],bwd=W/BQ/BK/H/S[/T][;...] (warps, blocks, query "
+                        "blocks a program, stages, landmarks and warps a prep program, V: passes of the value-space "
+                        "top-k search, one backward program a head, T=1: the block backward in two launches)")
     p.add_argument("--no-general", action="store_true", help="skip impl='triton' (general kernels)")
     p.add_argument("--profile", action="store_true", help="torch.profiler table of the fused path's kernels")
     p.add_argument("--pool", action="store_true",
@@ -143,8 +142,8 @@ def main():
     try:
         combos = config_combos(args.configs)
     except (ValueError, KeyError) as exc:
-        p.error(f"--configs {args.configs!r}: expected 'default', 'sweep' or fwd=W/BQ/BK/P/S/M/MW[/V[/L[/G]]],"
-                f"bwd=W/BQ/BK/H/S[/T[/G]][;...] ({exc})")
+        p.error(f"--configs {args.configs!r}: expected 'default', 'sweep' or fwd=W/BQ/BK/P/S/M/MW[/V],"
+                f"bwd=W/BQ/BK/H/S[/T][;...] ({exc})")
     B, H, N, d, m, topk = (int(x) for x in args.shape.split(","))
     dtype = torch.bfloat16
     dev = torch.cuda.get_device_name()
@@ -238,16 +237,12 @@ def main():
 
 
 # forward: warps/BQ/BK/query blocks a program (0: all)/stages/landmarks a prep program (0: selection and shared
-# values inside the attention kernel)/warps a prep program[/passes of the value-space top-k search[/rows of a
-# prep selection slab[/flags: 1 expert-mask rows gathered, 2 key tail in blocks of 16]]];
-# backward: warps/BQ/BK/one program a head (0/1)/stages[/1: the block backward in two launches[/1: expert-mask
-# rows gathered (one program a head)]]
+# values inside the attention kernel)/warps a prep program[/passes of the value-space top-k search];
+# backward: warps/BQ/BK/one program a head (0/1)/stages[/1: the block backward in two launches]
 # (the first round's 16-warp, value-search and split-backward configs are in results/short_path_h200/)
-SWEEP_FWD = [(8, 128, 64, 1, 1, 32, 4), (8, 128, 64, 1, 1, 32, 4, 0, 16), (8, 128, 64, 1, 1, 32, 8, 0, 16),
-             (8, 128, 64, 1, 1, 32, 2, 0, 16), (8, 128, 64, 1, 1, 32, 4, 0, 0, 1), (8, 128, 64, 1, 1, 32, 4, 0, 0, 2),
-             (8, 128, 64, 1, 1, 32, 4, 0, 0, 3), (8, 128, 128, 1, 1, 32, 4),
-             (8, 128, 256, 1, 1, 32, 4), (4, 128, 64, 1, 1, 32, 4)]
-SWEEP_BWD = [(8, 64, 32, 1, 1), (8, 64, 32, 1, 1, 0, 1), (8, 64, 64, 1, 1), (8, 32, 32, 1, 1)]
+SWEEP_FWD = [(8, 128, 64, 1, 1, 32, 4), (8, 128, 128, 1, 1, 32, 4), (8, 128, 256, 1, 1, 32, 4),
+             (4, 128, 64, 1, 1, 32, 4)]
+SWEEP_BWD = [(8, 64, 32, 1, 1), (8, 64, 64, 1, 1), (8, 32, 32, 1, 1)]
 
 
 def config_combos(spec: str):
@@ -261,8 +256,8 @@ def config_combos(spec: str):
     for combo in spec.split(";"):
         parts = dict(x.split("=") for x in combo.split(","))
         fwd, bwd = (tuple(int(v) for v in parts[key].split("/")) for key in ("fwd", "bwd"))
-        if len(fwd) not in (7, 8, 9, 10) or len(bwd) not in (5, 6, 7):
-            raise ValueError(f"{combo!r}: fwd takes 7 to 10 numbers, bwd 5 to 7")
+        if len(fwd) not in (7, 8) or len(bwd) not in (5, 6):
+            raise ValueError(f"{combo!r}: fwd takes 7 or 8 numbers, bwd 5 or 6")
         combos.append((fwd, bwd))
     return combos
 
@@ -271,26 +266,20 @@ def config_functions(fwd_spec, bwd_spec):
     """Replacements for ``fused_small.fwd_config`` / ``bwd_config`` from one combo, and its label."""
     fw, fq, fk, fp, fs, fm, fmw, *more = fwd_spec
     search = more[0] if more else 0
-    slab = more[1] if len(more) > 1 else 0
-    flags = more[2] if len(more) > 2 else 0
-    gather, tail = bool(flags & 1), bool(flags & 2)
     bw, bq, bk, bh, bs, *more = bwd_spec
     split = bool(more and more[0])
-    bgather = bool(len(more) > 1 and more[1])
 
     def fcfg(G, n_pad, *a):
         bqq, bkk = min(fq, n_pad), min(fk, n_pad)
         return {"BQ": bqq, "BK": bkk, "QB_PER_PROG": fp or triton_cdiv(n_pad, bqq), "num_warps": fw,
-                "num_stages": fs, "prep_bm": fm, "prep_warps": fmw, "select_search": search, "prep_slab": slab,
-                "sel_gather": gather, "key_tail": tail}
+                "num_stages": fs, "prep_bm": fm, "prep_warps": fmw, "select_search": search}
 
     def bcfg(n_pad, *a):
         return {"BQ": min(bq, n_pad), "BK": min(bk, n_pad), "num_warps": bw, "num_stages": bs, "per_head": bool(bh),
-                "split": split, "sel_gather": bgather}
+                "split": split}
 
     label = (f"fused f{fw}/{fq}/{fk}/{fp}/{fs}/{fm}/{fmw}" + (f"/s{search}" if search else "")
-             + (f"/slab{slab}" if slab else "") + ("/gather" if gather else "") + ("/tail" if tail else "")
-             + f" b{bw}/{bq}/{bk}/{bh}/{bs}" + ("/split" if split else "") + ("/gather" if bgather else ""))
+             + f" b{bw}/{bq}/{bk}/{bh}/{bs}" + ("/split" if split else ""))
     return fcfg, bcfg, label
 
 

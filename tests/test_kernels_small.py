@@ -128,54 +128,12 @@ def test_one_backward_program_per_head(small_blocks, monkeypatch, N, m, topk, r,
 
 
 @pytest.mark.parametrize("N,m,topk,r,shared,scale,B", _small_cases()[1::2])
-def test_expert_rows_gathered(small_blocks, monkeypatch, N, m, topk, r, shared, scale, B):
-    # sel_gather: each query's row of the expert mask loaded instead of the onehot @ mask product, forward
-    # (routing given here) and the one-program-per-head backward
-    from mita.kernels import fused_small
-
-    config = fused_small.fwd_config
-    monkeypatch.setattr(fused_small, "fwd_config", lambda *a: {**config(*a), "sel_gather": True})
-    monkeypatch.setattr(fused_small, "bwd_config", lambda *a: {
-        "BQ": 16, "BK": 16, "num_warps": 4, "per_head": True, "sel_gather": True})
-    _compare(B, 2, N, 32, m, topk, r, shared, scale, seed=N + m + topk + 4)
-
-
-@pytest.mark.parametrize("gather", [False, True])
-@pytest.mark.parametrize("N,m,topk,r,shared,scale,B", [c for c in _small_cases() if c[0] > 1][::2])
-def test_key_tail_blocks(monkeypatch, N, m, topk, r, shared, scale, B, gather):
-    # key_tail: key blocks of 32, the keys past the last full one in blocks of 16 (N = 7: tail only; 50: one
-    # full block and two tail blocks; 20: one of each)
-    from mita.kernels import fused_small
-
-    monkeypatch.setattr(fused_small, "fwd_config", lambda *a: {
-        "BQ": 16, "BK": 32, "QB_PER_PROG": 1, "num_warps": 4, "key_tail": True, "sel_gather": gather})
-    monkeypatch.setattr(fused_small, "bwd_config", lambda *a: {"BQ": 16, "BK": 16, "num_warps": 4})
-    _compare(B, 2, N, 32, m, topk, r, shared, scale, seed=N + m + topk + 5)
-
-
-@pytest.mark.parametrize("N,m,topk,r,shared", [(50, 5, 4, 2, True), (33, 17, 9, 1, True), (20, 20, 20, 1, False)])
-def test_expert_rows_gathered_own_selection(small_blocks, monkeypatch, N, m, topk, r, shared):
-    # the same with the routing selected in the kernels (prep launch, then the attention gathering its rows)
-    from mita.kernels import fused_small
-
-    config = fused_small.fwd_config
-    monkeypatch.setattr(fused_small, "fwd_config", lambda *a: {**config(*a), "prep_bm": 16, "prep_warps": 1,
-                                                               "sel_gather": True})
-    monkeypatch.setattr(fused_small, "bwd_config", lambda *a: {
-        "BQ": 16, "BK": 16, "num_warps": 4, "per_head": True, "sel_gather": True})
-    _check_selection(1, 2, N, 32, m, topk, r, shared, "paper", seed=N + 11)
-
-
-@pytest.mark.parametrize("N,m,topk,r,shared,scale,B", _small_cases()[1::2])
 def test_prep_launch_with_given_routing(small_blocks, monkeypatch, N, m, topk, r, shared, scale, B):
-    # shared values (and nothing else: the routing is passed in) from _prep_kernel, read by the attention; every
-    # other case by the online softmax of the slab variant
+    # shared values (and nothing else: the routing is passed in) from _prep_kernel, read by the attention
     from mita.kernels import fused_small
 
     config = fused_small.fwd_config
-    slab = 16 * (N % 2)
-    monkeypatch.setattr(fused_small, "fwd_config", lambda *a: {**config(*a), "prep_bm": 16, "prep_warps": 1,
-                                                               "prep_slab": slab})
+    monkeypatch.setattr(fused_small, "fwd_config", lambda *a: {**config(*a), "prep_bm": 16, "prep_warps": 1})
     _compare(B, 2, N, 32, m, topk, r, shared, scale, seed=N + m + topk + 2)
 
 
@@ -188,21 +146,15 @@ def test_backward_in_two_launches(small_blocks, monkeypatch, N, m, topk, r, shar
     _compare(B, 2, N, 32, m, topk, r, shared, scale, seed=N + m + topk + 3)
 
 
-@pytest.mark.parametrize("search,slab,gather,tail", [(0, 0, False, False), (16, 0, False, False), (0, 16, False, False),
-                                                     (0, 0, True, True)])
-def test_deit_shape_with_the_default_configs(monkeypatch, search, slab, gather, tail):
+@pytest.mark.parametrize("search", [0, 16])
+def test_deit_shape_with_the_default_configs(monkeypatch, search):
     # the configs a DeiT-S head gets on a GPU (prep launch, 128-query attention programs, one backward program
-    # per head), in the interpreter: fp16 (its bf16 dot is wrong), one head, own selection; both top-k searches,
-    # the slab-wise prep, the gathered expert rows with the key tail in blocks of 16
+    # per head), in the interpreter: fp16 (its bf16 dot is wrong), one head, own selection; both top-k searches
     from mita.kernels import fused_small
 
     assert fused_small._wide(256, 64, 2) and fused_small.fwd_config(6, 256, 32, 64, 2).get("prep_bm")
     config = fused_small.fwd_config
-    monkeypatch.setattr(fused_small, "fwd_config", lambda *a: {**config(*a), "select_search": search,
-                                                               "prep_slab": slab, "sel_gather": gather,
-                                                               "key_tail": tail})
-    bconfig = fused_small.bwd_config
-    monkeypatch.setattr(fused_small, "bwd_config", lambda *a: {**bconfig(*a), "sel_gather": gather})
+    monkeypatch.setattr(fused_small, "fwd_config", lambda *a: {**config(*a), "select_search": search})
     _check_selection(1, 1, 197, 64, 25, 25, 1, True, "official", dtype=torch.float16, tol=1e-2, seed=197)
 
 
@@ -339,17 +291,14 @@ def test_own_selection_matches_torch(small_blocks, N, m, topk, r, shared):
     _check_selection(2, 2, N, 32, m, topk, r, shared, "official", seed=N)
 
 
-@pytest.mark.parametrize("slab", [0, 16])
 @pytest.mark.parametrize("N,m,topk,r,shared", [(50, 5, 4, 2, True), (20, 20, 20, 1, False), (33, 17, 9, 1, True)])
-def test_selection_in_its_own_kernel(small_blocks, monkeypatch, N, m, topk, r, shared, slab):
-    # the top-k mask and shared values from _prep_kernel (programs of 16 or 32 landmarks; slab: selected 16 rows
-    # at a time, shared values by an online softmax), the attention kernel reading it
+def test_selection_in_its_own_kernel(small_blocks, monkeypatch, N, m, topk, r, shared):
+    # the top-k mask and shared values from _prep_kernel (programs of 16 landmarks), the attention kernel reading it
     from mita.kernels import fused_small
 
     config = fused_small.fwd_config
-    monkeypatch.setattr(fused_small, "fwd_config", lambda *a: {**config(*a), "prep_bm": 32 if slab else 16,
-                                                               "prep_warps": 1, "select_search": 16,
-                                                               "prep_slab": slab})
+    monkeypatch.setattr(fused_small, "fwd_config", lambda *a: {**config(*a), "prep_bm": 16, "prep_warps": 1,
+                                                               "select_search": 16})
     _check_selection(1, 2, N, 32, m, topk, r, shared, "paper", seed=N + 7)
 
 
@@ -372,9 +321,7 @@ def test_landmarks_pooled_in_the_kernels(small_blocks, monkeypatch, N, h, ph, to
 
     if prep:
         config = fused_small.fwd_config
-        slab = 16 * (N % 2)  # N = 17, 37: also the slab variant
-        monkeypatch.setattr(fused_small, "fwd_config", lambda *a: {**config(*a), "prep_bm": 16, "prep_warps": 1,
-                                                                   "prep_slab": slab})
+        monkeypatch.setattr(fused_small, "fwd_config", lambda *a: {**config(*a), "prep_bm": 16, "prep_warps": 1})
     monkeypatch.setattr(kernels, "POOL_IN_KERNEL", True)
     monkeypatch.setattr(fused_small, "pools_in_kernel", lambda *a: True)
     monkeypatch.setattr(fused_small, "bwd_config", lambda *a: {"BQ": 16, "BK": 16, "num_warps": 4, "per_head": True})
