@@ -325,3 +325,19 @@ def test_bench_vit_profile_cpu_smoke(capsys):
     assert bench.main(["--cpu-smoke", "--pairs", "deit_tiny", "--profile", "1"]) == 0
     out = capsys.readouterr().out
     assert out.count("profile ") == 2 and "mita_deit_tiny_patch16_224 eager training" in out
+
+
+def test_bench_vit_gpu_busy_counts_device_events_once():
+    # an op's row and a user range carry their kernels' time too: only the device's own events count
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    bench = _load_script("bench_vit")
+    events = [
+        SimpleNamespace(device_type=DeviceType.CUDA, device_time_total=300.0),  # a kernel
+        SimpleNamespace(device_type=DeviceType.CUDA, device_time_total=20.0, is_user_annotation=False),  # a memset
+        SimpleNamespace(device_type=DeviceType.CUDA, device_time_total=900.0, is_user_annotation=True),  # a range
+        SimpleNamespace(device_type=DeviceType.CPU, device_time_total=300.0),  # the op that launched the kernel
+    ]
+    assert sum(bench._device_us(e) for e in events if bench._on_device(e)) == 320.0
