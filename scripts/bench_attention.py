@@ -4,6 +4,7 @@
     python3 scripts/bench_attention.py --quick --out results/bench          # d=64 cases, 5 reps: ~2 min
     python3 scripts/bench_attention.py --cases deit-s,n16k-k64 --reps 50
     python3 scripts/bench_attention.py --cases n1m-k512 --methods mita-triton --reps 3 --no-profile
+    python3 scripts/bench_attention.py --cases n16k-k64 --methods mita-triton --host    # where the host time goes
     python3 scripts/bench_attention.py --cases smoke --out results/bench     # seconds: every method on two tiny shapes
     python3 scripts/bench_attention.py --cpu-smoke --out /tmp/bench   # tiny CPU run of the whole pipeline (tests)
 
