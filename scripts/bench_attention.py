@@ -192,6 +192,18 @@ def host_stages(step: Callable[[], None], sync: Callable[[], None], calls: int =
     spent: Dict[str, float] = {}
     counts: Dict[str, int] = {}
     saved = []
+
+    def timer(f, label):
+        @functools.wraps(f)
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return f(*args, **kwargs)
+            finally:
+                spent[label] = spent.get(label, 0.0) + (time.perf_counter() - t0) * 1e6
+                counts[label] = counts.get(label, 0) + 1
+        return timed
+
     for module_name, attr in HOST_STAGES:
         try:
             module = importlib.import_module(module_name)
@@ -200,17 +212,7 @@ def host_stages(step: Callable[[], None], sync: Callable[[], None], calls: int =
         original = getattr(module, attr, None)
         if original is None:
             continue
-        label = f"{module_name.rsplit('.', 1)[-1]}.{attr}"
-
-        def timed(*args, __f=original, __label=label, **kwargs):
-            t0 = time.perf_counter()
-            try:
-                return __f(*args, **kwargs)
-            finally:
-                spent[__label] = spent.get(__label, 0.0) + (time.perf_counter() - t0) * 1e6
-                counts[__label] = counts.get(__label, 0) + 1
-
-        setattr(module, attr, functools.wraps(original)(timed))
+        setattr(module, attr, timer(original, f"{module_name.rsplit('.', 1)[-1]}.{attr}"))
         saved.append((module, attr, original))
     try:
         for _ in range(calls):
@@ -385,8 +387,9 @@ class Runner:
                                      "mita_triton": kname in ours})
 
     def host_profile(self, case: Case, name: str, fn: Callable, x: Dict[str, torch.Tensor], row: dict) -> None:
-        """Host time of a forward+backward call (Python returns, device idle before it; median of 10) and a
-        cProfile of one call, written to ``host_<case>_<method>.txt`` in --out."""
+        """Host time of a forward+backward call (Python returns, device idle before it; median of 10), the host
+        time inside the op's stages (:func:`host_stages`) and a cProfile of one call, written to
+        ``host_<case>_<method>.txt`` in --out."""
         import cProfile
         import io
         import pstats
@@ -410,7 +413,7 @@ class Runner:
         stats.sort_stats("tottime").print_stats(30)
         stats.sort_stats("cumulative").print_stats(40)
         path = Path(self.args.out) / f"host_{case.name}_{name}.txt"
-        table = "".join(f"  {name:34s} {us:8.1f} us, {calls:4.1f} calls\n" for name, us, calls in stages)
+        table = "".join(f"  {stage:34s} {us:8.1f} us, {calls:4.1f} calls\n" for stage, us, calls in stages)
         path.write_text(f"host ms a forward+backward call (median of 10): {row['host_fb_ms']:.3f}\n"
                         f"host time inside the op's stages a forward+backward call (inclusive, mean of 10 calls):\n{table}\n" + text.getvalue())
         log.info("  %-12s host stages, us a forward+backward call: %s", name,
@@ -633,7 +636,8 @@ def parse_args(argv=None):
                         help="skip what is left once the run has taken this many seconds (default: no limit)")
     parser.add_argument("--no-profile", dest="profile", action="store_false", help="no profiled kernel breakdown")
     parser.add_argument("--host", action="store_true",
-                        help="host (CPU) time of a MiTA forward+backward call and a cProfile of one (host_*.txt)")
+                        help="host (CPU) time of a MiTA forward+backward call, split by the op's stages, and a cProfile "
+                             "of one (host_*.txt)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--switches", default="",
                         help="general-path options for mita-triton, comma list of NAME, NAME=on or NAME=off; NAME: "

@@ -29,7 +29,7 @@ from mita import kernels
 from mita.attention import pool_patch_queries
 from mita.functional import mita_attention, mita_routing
 from mita.kernels import fused_small, small_ops
-from mita.utils.bench import rel_err
+from mita.utils.bench import event_device_us, rel_err
 
 
 def inputs(B, H, N, d, m, dtype, seed, device="cuda"):
@@ -359,7 +359,7 @@ def prep_parts(sets, N, m, topk, r, d, iters=10, device="cuda"):
             sync()
         times = {}
         for e in prof.key_averages():
-            t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+            t = event_device_us(e)
             if t and e.key.startswith("_") and "kernel" in e.key:
                 times[e.key] = round(t / iters, 1)
         print(f"  {label:48s} {times}", flush=True)
@@ -400,7 +400,7 @@ def kernel_times(fn, sets, iters=6):
         torch.cuda.synchronize()
     out = {}
     for e in prof.key_averages():
-        t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+        t = event_device_us(e)
         if t and e.key.startswith("_") and "kernel" in e.key:
             out[e.key] = round(t / iters, 1)
         elif t:

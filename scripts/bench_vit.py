@@ -29,8 +29,10 @@ from typing import Dict, List
 import timm
 import torch
 import torch.nn.functional as F
+from torch.autograd import DeviceType
 
 import mita.models  # noqa: F401  (registers the mita_* timm names)
+from mita.utils.bench import event_device_us as _device_us
 
 PAIRS = {
     "deit_small": ("deit_small_patch16_224", "mita_deit_small_patch16_224"),
@@ -107,13 +109,7 @@ def profile_steps(label: str, step, steps: int, device, rows: int = 12) -> None:
 
 
 def _on_device(event) -> bool:
-    from torch.autograd import DeviceType
-
     return event.device_type == DeviceType.CUDA and not getattr(event, "is_user_annotation", False)
-
-
-def _device_us(event) -> float:
-    return float(getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0) or 0)
 
 
 def measure(name: str, args, device, compiled: bool) -> Dict[str, float]:

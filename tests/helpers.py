@@ -1,5 +1,22 @@
 """Numerical helpers shared by the tests."""
+import importlib.util
+import sys
+from pathlib import Path
+
 import torch
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+
+
+def load_script(name):
+    """Import scripts/<name>.py as a module (once: later calls return the same module)."""
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def saved_storages(fn, *args, exclude=()):

@@ -1,31 +1,19 @@
 """Benchmark pieces of issue 3: the plain-PyTorch MiTA baseline and the chunked reference against the
 op's float64 reference on the same routing, and both benchmark scripts end to end in their CPU smoke mode."""
 import csv
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from mita.baselines import chunked_reference_attention, plain_mita_attention
 from mita.functional import mita_attention, mita_routing
+from tests.helpers import load_script as _load_script
 from tests.helpers import rel_err
 
-SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 BASELINES = [plain_mita_attention, chunked_reference_attention]
 
 
-def _load_script(name):
-    """Import scripts/<name>.py as a module."""
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def _inputs(B, H, N, d, m, seed=0):

@@ -24,7 +24,7 @@ import triton.language as tl  # noqa: E402
 from mita import kernels  # noqa: E402
 from mita.functional import mita_attention, mita_routing  # noqa: E402
 from mita.kernels import fused_small, small_ops  # noqa: E402
-from tests.helpers import attention_inputs, rel_err  # noqa: E402
+from tests.helpers import attention_inputs, load_script, rel_err  # noqa: E402
 from tests.helpers import input_grads as _grads  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -695,15 +695,9 @@ def test_launch_cache_goes_to_the_compiled_launcher(monkeypatch):
 def test_bench_short_configs_run(monkeypatch, which):
     # every launch config scripts/bench_short.py can set (its sweep, and a hand-written combo) is one the
     # kernels take, checked against the float64 reference at a small shape
-    import importlib.util
-    from pathlib import Path
-
     from mita.kernels import fused_small
 
-    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_short.py"
-    spec = importlib.util.spec_from_file_location("bench_short_configs", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("bench_short")
     combos = bench.config_combos("sweep" if which == "sweep" else "fwd=4/64/32/1/1/32/8/16,bwd=8/32/64/0/1/1")
     assert combos and all(len(f) >= 7 and len(b) >= 5 for f, b in combos)
     for fwd_spec, bwd_spec in combos:
@@ -720,13 +714,7 @@ def test_bench_short_configs_run(monkeypatch, which):
 def test_bench_short_prep_parts_run(capsys):
     # scripts/bench_short.py --prep-parts: every combination of the prep launch's parts runs (interpreter:
     # the DeiT layout, 1 + 14 x 14 tokens, the 256-token configs that pool in the kernels; fp16, one head)
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_short.py"
-    spec = importlib.util.spec_from_file_location("bench_short_parts", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("bench_short")
     N, d, m = 197, 64, 4
     sets = [(bench.inputs(1, 1, N, d, m, torch.float16, s, device=DEVICE), None) for s in range(2)]
     bench.prep_parts(sets, N, m, 3, 1, d, iters=1, device=DEVICE)

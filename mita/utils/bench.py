@@ -44,6 +44,12 @@ class Clock:
         return start.elapsed_time(end) if self.cuda else (end - start) * 1e3
 
 
+def event_device_us(event) -> float:
+    """Device microseconds of a torch.profiler event or key average (``device_time_total``; older torch:
+    ``cuda_time_total``)."""
+    return float(getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0) or 0)
+
+
 def environment(device: torch.device) -> Dict[str, str]:
     """Card, library versions and date, for the printed header and the CSV."""
     info = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
