@@ -74,6 +74,7 @@ class LandmarkExtractor(nn.Module):
 
     pool: str = ""
     linear: bool = False
+    grid: Optional[Tuple[int, int]] = None  # the (p_h, p_w) landmark grid of the pools that have one
 
     def __init__(self, num_landmarks: int) -> None:
         super().__init__()
@@ -85,7 +86,7 @@ class LandmarkExtractor(nn.Module):
         if not self.linear:
             raise ValueError(f"pool={self.pool!r} has no fixed pooling weights")
         # plain values only: torch.compile (2.11) cannot pass a module to an assume_constant_result function
-        grid = tuple(self.grid) if hasattr(self, "grid") else None
+        grid = None if self.grid is None else tuple(self.grid)
         return _cached_pooling_weights(self.pool, self.num_landmarks, grid, N, p, h, w, str(device))
 
     def check_layout(self, q: torch.Tensor, p: int, h: int, w: int) -> None:
