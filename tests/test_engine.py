@@ -257,6 +257,8 @@ def test_unreadable_checkpoints_name_the_file_and_the_cause(tmp_path):
         "empty.pth": (b"", r"the file is empty \(0 bytes\)"),
         "random.pth": (bytes(range(256)) * 8, r"not a torch checkpoint \(2048 bytes with neither a zip archive nor"),
         "text.pth": (b"hello\n", "not a torch checkpoint"),
+        # 0x80 then a byte that is no pickle protocol torch writes (2-5): junk, not a cut legacy file
+        "pickle_like.pth": (b"\x80d" + bytes(range(256)) * 4, "not a torch checkpoint"),
         "legacy_cut.pth": (legacy.read_bytes()[:200], r"the file is truncated or corrupted \(200 bytes; "),
     }
     for name, (content, cause) in cases.items():

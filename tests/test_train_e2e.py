@@ -236,7 +236,9 @@ def test_config_errors_stop_before_the_run_folder(tmp_path):
 
 def _corrupt(path, how):
     data = Path(path).read_bytes()
-    Path(path).write_bytes({"truncated": data[: len(data) // 2], "empty": b"", "random": os.urandom(4096)}[how])
+    # "random" bytes lead with a zero byte, so they never open like a zip archive or a pickle
+    junk = b"\x00" + os.urandom(4095)
+    Path(path).write_bytes({"truncated": data[: len(data) // 2], "empty": b"", "random": junk}[how])
 
 
 def test_an_unreadable_checkpoint_falls_back_to_the_newest_readable_one(tmp_path, caplog):

@@ -63,7 +63,7 @@ def _unreadable_cause(path: str, err: BaseException) -> str:
         if "version" in str(err).lower():
             return f"written by another version of torch than {torch.__version__} ({_first_line(err)})"
         return f"the file is truncated or corrupted ({size} bytes; a copy cut short or a write that did not finish)"
-    if head[:1] == b"\x80":  # a pickle: torch's legacy format
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):  # torch's legacy pickle format
         return f"the file is truncated or corrupted ({size} bytes; {type(err).__name__}: {_first_line(err)})"
     return f"not a torch checkpoint ({size} bytes with neither a zip archive nor a pickle header)"
 
