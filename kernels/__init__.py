@@ -35,6 +35,11 @@ STREAM_TOPK_MIN_N = None
 # program per head over all N keys; fp16/bf16 inputs only; None: never. 1,024: the shortest length where it was
 # timed (H200, with LAYOUT_KERNELS, see above).
 SHARED_SPLIT_MIN_N = 1024
+# Whether eager (not compiled) calls of the general path run through autograd functions that launch the kernels
+# themselves (ops._Attention): no custom-op dispatch, the routing layout built once and kept for the backward, and
+# with SHARED_SPLIT_MIN_N the shared values' dK, dV added into the routed ones in the kernel. torch.compile traces
+# the custom ops either way; False: eager calls take the custom ops too.
+EAGER_FUNCTIONS = True
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_LANDMARKS = 1024
 MAX_TOPK = 1024
@@ -185,6 +190,6 @@ def route_queries(q: torch.Tensor, landmarks: torch.Tensor, router_topk: int) ->
     ``q [B, H, N, d]``, ``landmarks [B, H, m, d]`` -> int64 ``[B, H, N, r]``, best first; ties go to the
     lower landmark index.
     """
-    from .routing import route_queries as _route
+    from .routing import route
 
-    return _route(q, landmarks, router_topk)
+    return route(q, landmarks, router_topk)

@@ -53,8 +53,13 @@ def _buffer(shape, device, dtype=torch.float32) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
+# The layout entries the routed kernels read (the rest of the dict is the PyTorch path's).
+_LAYOUT_KEYS = ("slot_token", "slot_source", "tile_expert", "tile_count", "expert_start", "expert_count")
+
+
 def _forward(q, k, v, landmarks, shared_v, topk_idx, expert_idx, scale_shared, allow_tf32):
-    """Launch the forward kernels: ``out [B, H, N, d]`` (dtype of q) and the per-token ``lse [B H, N]``. ``out``
+    """Launch the forward kernels: ``out [B, H, N, d]`` (dtype of q), the per-token ``lse [B H, N]`` and the
+    routing's tile layout (for the backward to reuse). ``out``
     is token-major (``[B, N, H, d]`` memory), as SDPA's fused kernels return theirs: the module's
     ``out.transpose(1, 2).reshape(B, N, C)`` is then a view, so the output projection saves the very tensor
     this op saves for its backward instead of a second copy (one ``[B, N, C]`` activation a layer)."""
@@ -77,18 +82,19 @@ def _forward(q, k, v, landmarks, shared_v, topk_idx, expert_idx, scale_shared, a
         out = _buffer((B, N, H, d), q.device, q.dtype).transpose(1, 2)  # [B, H, N, d]
         lse = _buffer((G, N), q.device)
         routed_forward(qf, kf, vf, rf, vsf, idx, lay, r, scale, scale_shared, out, lse, allow_tf32)
-        return out, lse
+        return out, lse, lay
     o_r = _buffer((B, H, N * r, d), q.device)  # normalised per entry
     lse_r = _buffer((G, N * r), q.device)
     routed_forward(qf, kf, vf, rf, vsf, idx, lay, r, scale, scale_shared, o_r, lse_r, allow_tf32)
     # each slot's share of the softmax mass exp(lse_j - lse): one launch writes the token-major output
     out = _buffer((B, N, H, d), q.device, q.dtype).transpose(1, 2)  # [B, H, N, d]
-    return out, merge_slots(o_r, lse_r, out, r)
+    return out, merge_slots(o_r, lse_r, out, r), lay
 
 
-def _backward(grad_out, q, k, v, landmarks, shared_v, topk_idx, expert_idx, out, lse, scale_shared, allow_tf32):
+def _backward(grad_out, q, k, v, landmarks, shared_v, topk_idx, expert_idx, out, lse, scale_shared, allow_tf32,
+              lay=None):
     """Launch the backward kernels: ``dq, dk, dv`` (None for dk, dv when topk = 0) and ``dR, dV~``
-    (None without the shared expert), in the dtype of q."""
+    (None without the shared expert), in the dtype of q. ``lay``: the forward's tile layout, else rebuilt."""
     B, H, N, d = q.shape
     m, topk = landmarks.shape[2], topk_idx.shape[-1]
     shared = shared_v is not None
@@ -101,8 +107,8 @@ def _backward(grad_out, q, k, v, landmarks, shared_v, topk_idx, expert_idx, out,
     rf = landmarks.reshape(G, m, d).contiguous() if shared else None
     vsf = shared_v.reshape(G, m, d).contiguous() if shared else None
     idx = topk_idx.reshape(G, m, topk).long().contiguous()
-    # recomputing the layout costs a few small launches and saves keeping it alive between passes
-    lay = _expert_tiles(expert_idx.reshape(G, N * r), m, N, r)
+    if lay is None:  # the custom op keeps no layout between passes: three small launches rebuild it
+        lay = _expert_tiles(expert_idx.reshape(G, N * r), m, N, r)
     do = _unit_last_stride(grad_out.to(q.dtype))  # [B, H, N, d], any strides
     delta = row_delta(do, _unit_last_stride(out))  # [G, N] fp32, one launch
 
@@ -136,7 +142,7 @@ def attention_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, landmarks: torch.Tensor, shared_v: Optional[torch.Tensor],
     topk_idx: torch.Tensor, expert_idx: torch.Tensor, scale_shared: float, allow_tf32: bool,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    return _forward(q, k, v, landmarks, shared_v, topk_idx, expert_idx, scale_shared, allow_tf32)
+    return _forward(q, k, v, landmarks, shared_v, topk_idx, expert_idx, scale_shared, allow_tf32)[:2]
 
 
 @attention_fwd.register_fake
@@ -188,8 +194,64 @@ def _attention_backward(ctx, grad_out, grad_lse):
 torch.library.register_autograd("mita::attention_fwd", _attention_backward, setup_context=_setup_context)
 
 
+def _save_layout(lay: dict) -> tuple:
+    return tuple(lay[key] for key in _LAYOUT_KEYS)
+
+
+def _saved_layout(tensors, meta) -> dict:
+    return {**dict(zip(_LAYOUT_KEYS, tensors)), "tile": meta[0], "num_tiles": meta[1]}
+
+
+class _Attention(torch.autograd.Function):
+    """The custom ops' forward and backward without their dispatch, for eager mode (``torch.compile`` traces
+    the custom ops): the backward reuses the forward's tile layout instead of rebuilding it. With
+    ``split_shared`` the shared values are made here too (kernels/shared.py), and their backward adds its
+    dK, dV into the routed ones in the kernel (no separate gradients for autograd to sum)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, landmarks, shared_v, topk_idx, expert_idx, scale_shared, allow_tf32, split_shared):
+        lse_sh = None
+        if split_shared:
+            from . import shared as shared_mod
+
+            shared_v, lse_sh = shared_mod.forward(*(shared_mod._unit_last(t) for t in (landmarks, k, v)),
+                                                  q.shape[-1] ** -0.5, allow_tf32)
+        out, lse, lay = _forward(q, k, v, landmarks, shared_v, topk_idx, expert_idx, scale_shared, allow_tf32)
+        ctx.save_for_backward(q, k, v, landmarks, shared_v, lse_sh, topk_idx, expert_idx, out, lse, *_save_layout(lay))
+        ctx.meta = (lay["tile"], lay["num_tiles"], scale_shared, allow_tf32, split_shared)
+        ctx.mark_non_differentiable(lse)
+        ctx.set_materialize_grads(False)
+        return out, lse
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out, grad_lse):
+        q, k, v, landmarks, shared_v, lse_sh, topk_idx, expert_idx, out, lse, *layout = ctx.saved_tensors
+        scale_shared, allow_tf32, split_shared = ctx.meta[2:]
+        dq, dk, dv, dr, dvs = _backward(grad_out, q, k, v, landmarks, shared_v, topk_idx, expert_idx, out, lse,
+                                        scale_shared, allow_tf32, lay=_saved_layout(layout, ctx.meta))
+        if split_shared:
+            from . import shared as shared_mod
+
+            # V~'s backward: dR, and dK, dV added into the routed ones (or written, with no routed keys)
+            dr_sh, dk, dv = shared_mod.backward(*(shared_mod._unit_last(t) for t in (landmarks, k, v)), shared_v,
+                                                lse_sh, dvs, q.shape[-1] ** -0.5, allow_tf32, into=(dk, dv))
+            return dq, dk, dv, dr + dr_sh, None, None, None, None, None, None
+        return dq, dk, dv, dr, dvs, None, None, None, None, None
+
+
 def mita_attention(q, k, v, landmarks, topk_idx, expert_idx, shared, scale_shared, allow_tf32=False):
-    """MiTA for a given routing; inputs checked by ``mita.kernels.mita_attention``."""
+    """MiTA for a given routing; inputs checked by ``mita.kernels.mita_attention``. Eager calls go through
+    :class:`_Attention`, ``torch.compile`` traces the custom ops."""
+    from . import EAGER_FUNCTIONS, SHARED_SPLIT_MIN_N
+
+    # the keys split over programs (kernels/shared.py): every SM busy however few heads; fp16/bf16 only
+    # (timed there; fp32 keeps SDPA's IEEE backward, more exact than TF32 dots for dR)
+    split = shared and SHARED_SPLIT_MIN_N is not None and k.shape[2] >= SHARED_SPLIT_MIN_N and k.element_size() == 2
+    eager = EAGER_FUNCTIONS and not torch.compiler.is_compiling()
+    if eager and split:
+        return _Attention.apply(q, k, v, landmarks, None, topk_idx, expert_idx, float(scale_shared),
+                                bool(allow_tf32), True)[0]
     shared_v = None
     if shared:
         # [B, H, m, d]; m queries over N keys: an SDPA call whose backward autograd handles. FlashAttention
@@ -197,16 +259,15 @@ def mita_attention(q, k, v, landmarks, topk_idx, expert_idx, shared, scale_share
         # (H100, bf16, m = 512: 1.05 against 8.8 ms at N = 2^20), and at N = 2^20 the default choice even
         # fell back to the math backend, which forms the m x N matrix in fp32
         # (the fused backends need unit stride along d; pooled landmarks often lack it, and they are small)
-        from . import SHARED_SPLIT_MIN_N
-
-        if SHARED_SPLIT_MIN_N is not None and k.shape[2] >= SHARED_SPLIT_MIN_N and k.element_size() == 2:
-            # the keys split over programs (kernels/shared.py): every SM busy however few heads; fp16/bf16
-            # only (timed there; fp32 keeps SDPA's IEEE backward, more exact than TF32 dots for dR)
+        if split:
             from .shared import shared_values
 
             shared_v = shared_values(landmarks, k, v, q.shape[-1] ** -0.5, allow_tf32)
         else:
             with sdpa_kernel(_SHARED_BACKENDS, set_priority=True):
                 shared_v = F.scaled_dot_product_attention(landmarks.contiguous(), k, v, scale=q.shape[-1] ** -0.5)
+    if eager:
+        return _Attention.apply(q, k, v, landmarks, shared_v, topk_idx, expert_idx, float(scale_shared),
+                                bool(allow_tf32), False)[0]
     out, _ = attention_fwd(q, k, v, landmarks, shared_v, topk_idx, expert_idx, float(scale_shared), bool(allow_tf32))
     return out

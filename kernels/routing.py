@@ -69,10 +69,17 @@ def _route_kernel(
         tl.store(out + 1, second_i.to(tl.int64), mask=n_ok)
 
 
-# A torch custom op, so torch.compile keeps it as one opaque call.
-@torch.library.custom_op("mita::route_queries", mutates_args=())
-def route_queries(q: torch.Tensor, landmarks: torch.Tensor, router_topk: int) -> torch.Tensor:
-    """``expert_idx [B, H, N, r]`` (int64, best first) for ``q [B, H, N, d]``, ``landmarks [B, H, m, d]``."""
+def route(q: torch.Tensor, landmarks: torch.Tensor, router_topk: int) -> torch.Tensor:
+    """``expert_idx [B, H, N, r]`` (int64, best first) for ``q [B, H, N, d]``, ``landmarks [B, H, m, d]``: the
+    custom op :func:`route_queries` under ``torch.compile``, the launch itself in eager mode (no dispatch)."""
+    from . import EAGER_FUNCTIONS
+
+    if torch.compiler.is_compiling() or not EAGER_FUNCTIONS:
+        return route_queries(q, landmarks, router_topk)
+    return _route(q, landmarks, router_topk)
+
+
+def _route(q: torch.Tensor, landmarks: torch.Tensor, router_topk: int) -> torch.Tensor:
     if router_topk not in (1, 2):
         raise ValueError(f"router_topk must be 1 or 2 for the routing kernel, got {router_topk}")
     B, H, N, d = q.shape
@@ -91,6 +98,13 @@ def route_queries(q: torch.Tensor, landmarks: torch.Tensor, router_topk: int) ->
             PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4),
     )
     return out
+
+
+# A torch custom op, so torch.compile keeps it as one opaque call.
+@torch.library.custom_op("mita::route_queries", mutates_args=())
+def route_queries(q: torch.Tensor, landmarks: torch.Tensor, router_topk: int) -> torch.Tensor:
+    """``expert_idx [B, H, N, r]`` (int64, best first) for ``q [B, H, N, d]``, ``landmarks [B, H, m, d]``."""
+    return _route(q, landmarks, router_topk)
 
 
 @route_queries.register_fake

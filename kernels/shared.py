@@ -119,7 +119,7 @@ def _bwd_keys_kernel(
     R, K, V, VS, DVS, LSE, DK, DV,
     stride_rb, stride_rh, stride_rm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     H, N, M, scale,
-    D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
+    D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr, ADD: tl.constexpr,
 ):
     DT = K.dtype.element_ty
     g = tl.program_id(0).to(tl.int64)
@@ -144,7 +144,11 @@ def _bwd_keys_kernel(
         dl_t = a_t * (tl.dot(vb, tl.trans(dvs), input_precision=PREC) - vs_dot[None, :])
         dk = tl.dot(dl_t.to(DT), r, dk, input_precision=PREC)
     out = (g * N + cols[:, None]) * D + offs_d[None, :]
-    tl.store(DK + out, (dk * scale).to(DT), mask=ok[:, None])
+    dk = dk * scale
+    if ADD:  # onto the gradients already there (the routed keys'), rounded once
+        dk += tl.load(DK + out, mask=ok[:, None], other=0.0).to(tl.float32)
+        dv += tl.load(DV + out, mask=ok[:, None], other=0.0).to(tl.float32)
+    tl.store(DK + out, dk.to(DT), mask=ok[:, None])
     tl.store(DV + out, dv.to(DT), mask=ok[:, None])
 
 
@@ -229,8 +233,11 @@ def forward(landmarks, k, v, scale, allow_tf32=False, cfg=None, alloc=torch.empt
     return vs, lse
 
 
-def backward(landmarks, k, v, vs, lse, grad_vs, scale, allow_tf32=False, cfg=None, alloc=torch.empty):
-    """``(dR [B, H, m, d], dK, dV [B, H, N, d])`` in the input dtype, from ``dV~`` (``grad_vs``)."""
+def backward(landmarks, k, v, vs, lse, grad_vs, scale, allow_tf32=False, cfg=None, alloc=torch.empty, into=None):
+    """``(dR [B, H, m, d], dK, dV [B, H, N, d])`` in the input dtype, from ``dV~`` (``grad_vs``).
+
+    ``into``: optional ``(dK, dV)``, contiguous ``[B, H, N, d]`` (or ``[B H, N, d]``) gradients in the input
+    dtype that this pass adds its own to, in place and returned (None entries: written fresh)."""
     B, H, m, D = landmarks.shape
     N = k.shape[2]
     G = B * H
@@ -238,14 +245,20 @@ def backward(landmarks, k, v, vs, lse, grad_vs, scale, allow_tf32=False, cfg=Non
     dev = k.device
     prec = _precision(k.dtype, allow_tf32)
     dvs = grad_vs.to(k.dtype).contiguous()
-    dk = alloc((B, H, N, D), dtype=k.dtype, device=dev)
-    dv = alloc((B, H, N, D), dtype=k.dtype, device=dev)
+    add = into is not None and into[0] is not None
+    if add:
+        dk, dv = (t.view(B, H, N, D) for t in into)
+        if not (dk.is_contiguous() and dv.is_contiguous() and dk.dtype == dv.dtype == k.dtype):
+            raise ValueError("into must hold contiguous dK, dV in the dtype of k")
+    else:
+        dk = alloc((B, H, N, D), dtype=k.dtype, device=dev)
+        dv = alloc((B, H, N, D), dtype=k.dtype, device=dev)
     args = (landmarks, k, v, vs, dvs, lse)
     strides = (*_strides(landmarks), *_strides(k), *_strides(v))
     launch(
         _bwd_keys_kernel, (G, cdiv(N, cfg["BN"])),
         (*args, dk, dv, *strides, H, N, m, scale),
-        dict(D=D, BM=cfg["BM"], BN=cfg["BN"], PREC=prec, num_warps=cfg["num_warps"]),
+        dict(D=D, BM=cfg["BM"], BN=cfg["BN"], PREC=prec, ADD=add, num_warps=cfg["num_warps"]),
     )
     chunks = cdiv(N, cfg["CHUNK"])
     pdr = alloc((G, chunks, m, D), dtype=torch.float32, device=dev)

@@ -413,10 +413,10 @@ def mita_attention_small(q, k, v, landmarks, topk, router_topk, shared, scale_sh
         # shared expert only: nothing to select for the attention; the experts only when asked for
         sel, expert = _empty(q, torch.uint8), _empty(q)
         if return_routing:
-            from .routing import route_queries
+            from .routing import route
 
             lm = landmarks if pool_arg is None else torch.matmul(pool.to(q.dtype), q.detach())
-            routing = (q.new_empty(B, H, m, 0, dtype=torch.long), route_queries(q, lm, router_topk))
+            routing = (q.new_empty(B, H, m, 0, dtype=torch.long), route(q, lm, router_topk))
     else:
         sel, expert = routing_tensors(*routing, N, m)
     out = _attention(q, k, v, landmarks, sel, expert, *args, qkv=qkv)[0]

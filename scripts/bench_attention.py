@@ -173,7 +173,7 @@ class Gate:
 
 # (module, function) pairs whose host time --host reports, inclusive of what they call
 HOST_STAGES = (
-    ("mita.functional", "mita_routing"), ("mita.kernels.ops", "mita_attention"), ("mita.kernels.ops", "_forward"),
+    ("mita.functional", "mita_routing"), ("mita.kernels.routing", "_route"), ("mita.kernels.ops", "mita_attention"), ("mita.kernels.ops", "_forward"),
     ("mita.kernels.ops", "_backward"), ("mita.kernels.ops", "_expert_tiles"), ("mita.kernels.ops", "key_pairs"),
     ("mita.kernels.ops", "routed_forward"), ("mita.kernels.ops", "routed_backward"),
     ("mita.kernels.ops", "shared_backward"), ("mita.kernels.shared", "forward"), ("mita.kernels.shared", "backward"),
@@ -602,11 +602,12 @@ def select_cases(spec: str, quick: bool) -> List[Case]:
 
 # General-path options (mita.kernels module switches) for A/B timings: name -> (attribute, value when on, value
 # when off). ``--switches layout=off,stream-topk`` sets each named one (a bare name: on); the rest keep the
-# package's defaults (layout and shared-split on, stream-topk off).
+# package's defaults (layout, shared-split and eager-fn on, stream-topk off).
 SWITCHES = {
     "layout": ("LAYOUT_KERNELS", True, False),  # routing layout from kernels/layout_kernels.py
     "stream-topk": ("STREAM_TOPK_MIN_N", 1, None),  # landmarks' top-k streamed by kernels/topk_stream.py
     "shared-split": ("SHARED_SPLIT_MIN_N", 1, None),  # shared values split over the keys, kernels/shared.py
+    "eager-fn": ("EAGER_FUNCTIONS", True, False),  # eager calls skip the custom ops' dispatch (kernels/ops.py)
 }
 
 
@@ -641,7 +642,7 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--switches", default="",
                         help="general-path options for mita-triton, comma list of NAME, NAME=on or NAME=off; NAME: "
-                             + ", ".join(SWITCHES) + " (default: the package's, layout and shared-split on)")
+                             + ", ".join(SWITCHES) + " (default: the package's, layout, shared-split and eager-fn on)")
     parser.add_argument("--out", default="bench_out", help="folder for attention.csv, kernels.csv, attention.png")
     parser.add_argument("--cpu-smoke", "--dry-run", dest="cpu_smoke", action="store_true",
                         help="tiny cases on the CPU in float32, perf_counter timing: checks the pipeline only")

@@ -212,7 +212,8 @@ def test_routed_dkdv_on_awkward_routings(kind, B, N, m, topk, r, shared, dtype):
 
 @pytest.mark.parametrize("kind,N,m,topk,r,shared", [("duplicates", 50, 5, 7, 2, True), ("one_key", 17, 4, 5, 1, False)])
 def test_layout_from_the_triton_kernels(monkeypatch, kind, N, m, topk, r, shared):
-    """mita.kernels.LAYOUT_KERNELS: the routing layout from kernels/layout_kernels.py, forward and backward."""
+    """mita.kernels.LAYOUT_KERNELS: the routing layout from kernels/layout_kernels.py, built once in the forward
+    and reused by the backward (eager mode)."""
     from mita.kernels import layout_kernels
 
     calls = []
@@ -220,7 +221,38 @@ def test_layout_from_the_triton_kernels(monkeypatch, kind, N, m, topk, r, shared
     monkeypatch.setattr(layout_kernels, "expert_tiles_triton", lambda *a: calls.append(1) or build(*a))
     monkeypatch.setattr(kernels, "LAYOUT_KERNELS", True)
     _check_general_layout(kind, N, m, topk, r, shared)
-    assert len(calls) == 2  # forward and backward
+    assert len(calls) == 1  # the forward's, kept for the backward
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_custom_ops_in_eager_mode(monkeypatch, split):
+    """mita.kernels.EAGER_FUNCTIONS off: eager calls take the custom ops (as torch.compile does), which rebuild
+    the layout in the backward and leave the shared values' gradients to autograd; the same results."""
+    from mita.kernels import ops, routing
+
+    calls = []
+    for name in ("attention_fwd", "attention_bwd"):
+        op = getattr(ops, name)
+        monkeypatch.setattr(ops, name, lambda *a, op=op, name=name: calls.append(name) or op(*a))
+    route_op = routing.route_queries
+    monkeypatch.setattr(routing, "route_queries", lambda *a: calls.append("route_queries") or route_op(*a))
+    monkeypatch.setattr(kernels, "EAGER_FUNCTIONS", False)
+    monkeypatch.setattr(kernels, "SHARED_SPLIT_MIN_N", 1 if split else None)
+    B, H, N, d, m, topk = 2, 2, 33, 32, 5, 7
+    dtype = torch.float16 if split else torch.float32
+    inputs = _inputs(B, H, N, d, m, dtype, seed=11)
+    ref_inputs = [x.detach().double().requires_grad_() for x in inputs]
+    kw = dict(router_topk=2, shared=True, routing=_routing("duplicates", B, H, N, m, topk, 2, seed=3))
+    out = mita_attention(*inputs, topk, impl="triton", **kw)
+    ref = mita_attention(*ref_inputs, topk, impl="reference", **kw)
+    tol = 1e-2 if split else 1e-5
+    assert rel_err(out, ref) <= tol
+    grad_out = torch.randn(B, H, N, d, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    _assert_grads(out, inputs, ref, ref_inputs, grad_out.to(DEVICE), dtype, tol)
+    assert calls == ["attention_fwd", "attention_bwd"]
+    q, _, _, landmarks = inputs
+    kernels.route_queries(q, landmarks, 1)
+    assert calls[-1] == "route_queries"
 
 
 @pytest.mark.parametrize("kind,N,m,topk,r,shared", [("duplicates", 50, 5, 7, 2, True)])
@@ -245,14 +277,18 @@ def _check_general_layout(kind, N, m, topk, r, shared):
     _assert_grads(out, inputs, ref, ref_inputs, grad_out.to(DEVICE), torch.float32, 1e-5)
 
 
-@pytest.mark.parametrize("N,m,topk,r", [(50, 5, 7, 2), (33, 20, 4, 1)])
+@pytest.mark.parametrize("N,m,topk,r", [(50, 5, 7, 2), (33, 20, 4, 1), (17, 3, 0, 1)])
 def test_shared_values_split_over_the_keys(monkeypatch, N, m, topk, r):
-    """mita.kernels.SHARED_SPLIT_MIN_N: the general path's fp16/bf16 shared values from kernels/shared.py."""
+    """mita.kernels.SHARED_SPLIT_MIN_N: the general path's fp16/bf16 shared values from kernels/shared.py,
+    made inside the eager autograd function, whose backward adds their dK, dV into the routed keys' in the
+    kernel (written fresh with topk = 0)."""
     from mita.kernels import shared as shared_kernels
 
     calls = []
-    split = shared_kernels.shared_values
-    monkeypatch.setattr(shared_kernels, "shared_values", lambda *a: calls.append(1) or split(*a))
+    forward, backward = shared_kernels.forward, shared_kernels.backward
+    monkeypatch.setattr(shared_kernels, "forward", lambda *a, **kw: calls.append("fwd") or forward(*a, **kw))
+    monkeypatch.setattr(shared_kernels, "backward", lambda *a, into=None, **kw: calls.append(
+        ("bwd", into is not None and into[0] is not None)) or backward(*a, into=into, **kw))
     monkeypatch.setattr(shared_kernels, "config", lambda *a: {"BM": 16, "BN": 16, "CHUNK": 16, "num_warps": 4})
     monkeypatch.setattr(kernels, "SHARED_SPLIT_MIN_N", 1)
     B, H, d = 2, 2, 32
@@ -264,7 +300,7 @@ def test_shared_values_split_over_the_keys(monkeypatch, N, m, topk, r):
     assert rel_err(out, ref) <= 1e-2
     grad_out = torch.randn(B, H, N, d, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     _assert_grads(out, inputs, ref, ref_inputs, grad_out.to(DEVICE), torch.float16, 1e-2)
-    assert calls == [1]
+    assert calls == ["fwd", ("bwd", topk > 0)]
     # fp32 keeps SDPA's shared values (IEEE backward)
     calls.clear()
     mita_attention(*(x.float() for x in inputs), topk, impl="triton", **kw)
