@@ -79,6 +79,14 @@ def small_fwd(
     pooled from q in the kernel (``landmarks`` is then unused) and ``lmk [G, MP, d]`` holds them; else
     ``lmk`` is empty.
     """
+    return _small_forward(q, k, v, landmarks, sel, expert, topk, router_topk, shared, scale_shared, allow_tf32,
+                          pool, num_landmarks)
+
+
+def _small_forward(q, k, v, landmarks, sel, expert, topk, router_topk, shared, scale_shared, allow_tf32, pool,
+                   num_landmarks):
+    """What :func:`small_fwd` and :func:`small_fwd_qkv` return (one custom op does not call the other: each
+    dispatch costs host time)."""
     q, k, v, landmarks, (out, lse, sel_out, exp_out, vs, lsh, lmk) = _forward_kernels(
         q, k, v, landmarks, sel, expert, topk, router_topk, shared, scale_shared, allow_tf32, pool, num_landmarks)
     if expert is not None:
@@ -193,8 +201,8 @@ def small_fwd_qkv(
     num_landmarks: int,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`small_fwd` with q, k, v given as the ``[B, N, 3, H, d]`` tensor they are views of."""
-    return small_fwd(*_views(qkv), landmarks, sel, expert, topk, router_topk, shared, scale_shared, allow_tf32, pool,
-                     num_landmarks)
+    return _small_forward(*_views(qkv), landmarks, sel, expert, topk, router_topk, shared, scale_shared, allow_tf32,
+                          pool, num_landmarks)
 
 
 @small_fwd_qkv.register_fake
