@@ -117,11 +117,12 @@ def _backward(grad_out, q, k, v, landmarks, shared_v, topk_idx, expert_idx, out,
     dk = dv = pairs = None
     partials = ()
     if topk > 0:
-        # routed dk, dv without atomics: per-(expert, slot) partials [G, m, topk, d], summed per key through
-        # the inverse index (which (expert, slot) pairs hold each key); written in q's dtype, every element
+        # routed dk, dv without atomics: per-(expert, slot) partials [G, chunk, topk, d] (all experts or chunks
+        # of them), summed per key through the inverse index (which (expert, slot) pairs hold each key);
+        # written in q's dtype, every element
         dk, dv = _buffer((G, N, d), q.device, q.dtype), _buffer((G, N, d), q.device, q.dtype)
-        part_dtype, buffers = dkdv_plan(q.dtype, N, m, topk)
-        partials = tuple(_buffer((G, m, topk, d), q.device, part_dtype) for _ in range(buffers))
+        part_dtype, buffers, chunk = dkdv_plan(q.dtype, N, m, topk)
+        partials = tuple(_buffer((G, chunk, topk, d), q.device, part_dtype) for _ in range(buffers))
         pairs = key_pairs(idx, N)
     routed_backward(qf, kf, vf, rf, vsf, do, lse, delta, idx, lay, r, scale, scale_shared,
                     dq_e, dk, dv, pairs, partials, allow_tf32)

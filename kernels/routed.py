@@ -168,17 +168,18 @@ def _routed_bwd_dq_kernel(
 def _routed_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, TOPK_IDX, SLOT_TOKEN, EXPERT_START, EXPERT_COUNT, DKP, DVP,
     H, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn,
-    N, M, TOPK, NUM_SLOTS, NUM_KB, scale,
+    N, M, TOPK, NUM_SLOTS, NUM_KB, E0, MC, scale,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, SPREC: tl.constexpr,
     DO_DK: tl.constexpr, DO_DV: tl.constexpr,
 ):
-    # one program per (batch-head g, expert e, block kb of e's keys), key blocks fastest so that the programs
-    # of one expert run together and share its queries in L2; loops over ALL of the expert's entries and
-    # writes the expert's partial dk, dv of its slots once (an empty expert writes zeros); DO_DK / DO_DV
-    # choose which (both, or one per launch where the two passes share one partial buffer)
+    # one program per (batch-head g, expert e of the chunk E0 .. E0 + MC - 1, block kb of e's keys), key blocks
+    # fastest so that the programs of one expert run together and share its queries in L2; loops over ALL of
+    # the expert's entries and writes the expert's partial dk, dv of its slots once (an empty expert writes
+    # zeros); DO_DK / DO_DV choose which (both, or one per launch where the two passes share one buffer)
     pid = tl.program_id(0)
-    g = (pid // (M * NUM_KB)).to(tl.int64)
-    e = ((pid // NUM_KB) % M).to(tl.int64)
+    g = (pid // (MC * NUM_KB)).to(tl.int64)
+    e_in = ((pid // NUM_KB) % MC).to(tl.int64)
+    e = E0 + e_in
     kblk = pid % NUM_KB
     count = tl.load(EXPERT_COUNT + g * M + e)
     first = tl.load(EXPERT_START + g * M + e)  # the expert's entries fill slots first .. first + count - 1
@@ -215,8 +216,8 @@ def _routed_bwd_dkdv_kernel(
             dst = pt * (dpt - delta[None, :]) * scale
             dk += tl.dot(dst.to(q.dtype), q, input_precision=PRECISION)
 
-    # partials [G, m, topk, D], one row per (expert, slot); stored in the buffer's dtype
-    part = ((g * M + e) * TOPK + offs_k)[:, None] * D + offs_d[None, :]
+    # partials [G, MC, topk, D], one row per (expert, slot) of the chunk; stored in the buffer's dtype
+    part = ((g * MC + e_in) * TOPK + offs_k)[:, None] * D + offs_d[None, :]
     if DO_DK:
         tl.store(DKP + part, dk, mask=k_ok[:, None])
     if DO_DV:
@@ -226,12 +227,13 @@ def _routed_bwd_dkdv_kernel(
 @triton.jit
 def _key_reduce_kernel(
     DKP, DVP, PAIR_ORDER, KEY_PTR, DK, DV,
-    N, MK, NUM_NB,
-    D: tl.constexpr, BLOCK_N: tl.constexpr, TWO: tl.constexpr,
+    N, MK, NUM_NB, P0, PC,
+    D: tl.constexpr, BLOCK_N: tl.constexpr, TWO: tl.constexpr, ADD: tl.constexpr,
 ):
     # one program per (batch-head g, block of BLOCK_N keys): each key sums the partial rows of the
     # (expert, slot) pairs that hold it, in the inverse index's order (fixed: deterministic), in float32,
-    # and writes its dk, dv row once (zero for a key no expert holds); dk alone unless TWO
+    # and writes its dk, dv row once (zero for a key no expert holds); dk alone unless TWO. The partials are
+    # those of the pairs P0 .. P0 + PC - 1 (a chunk of experts); ADD: onto what earlier chunks wrote
     pid = tl.program_id(0)
     g = (pid // NUM_NB).to(tl.int64)
     offs_n = (pid % NUM_NB) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -243,13 +245,17 @@ def _key_reduce_kernel(
     dk = tl.zeros([BLOCK_N, D], tl.float32)
     dv = tl.zeros([BLOCK_N, D], tl.float32)
     for c in range(0, tl.max(cnt, 0)):
-        ok = c < cnt
-        pair = tl.load(PAIR_ORDER + g * MK + lo + c, mask=ok, other=0)
-        row = (g * MK + pair)[:, None] * D + offs_d[None, :]
+        pair = tl.load(PAIR_ORDER + g * MK + lo + c, mask=c < cnt, other=P0 - 1) - P0
+        ok = (pair >= 0) & (pair < PC)
+        row = (g * PC + pair)[:, None] * D + offs_d[None, :]
         dk += tl.load(DKP + row, mask=ok[:, None], other=0.0).to(tl.float32)
         if TWO:
             dv += tl.load(DVP + row, mask=ok[:, None], other=0.0).to(tl.float32)
     out = (g * N + offs_n)[:, None] * D + offs_d[None, :]
+    if ADD:
+        dk += tl.load(DK + out, mask=n_ok[:, None], other=0.0).to(tl.float32)
+        if TWO:
+            dv += tl.load(DV + out, mask=n_ok[:, None], other=0.0).to(tl.float32)
     tl.store(DK + out, dk, mask=n_ok[:, None])
     if TWO:
         tl.store(DV + out, dv, mask=n_ok[:, None])
@@ -376,16 +382,17 @@ def _reduce_block(head_dim: int) -> int:
 
 
 def dkdv_plan(dtype, N: int, m: int, topk: int):
-    """``(dtype, buffers)`` of the per-(expert, slot) partial dk, dv ``[G, m, topk, d]``.
+    """``(dtype, buffers, chunk)`` of the per-(expert, slot) partial dk, dv ``[G, chunk, topk, d]``.
 
-    While ``m topk <= N`` (the paper's budgets, ``m k ~ N / 4``) they are float32, two buffers, one pass: at
-    most what float32 dk, dv took. Beyond, one buffer in the input dtype (each partial rounded once, then
-    summed in float32) shared by two passes, dv then dk (recomputing the probabilities: 5 products instead
-    of 4), so the partials take ``m topk / N`` times ONE dk (at ``m topk = 4 N``, 16-bit: what float32 dk,
-    dv took)."""
+    While ``m topk <= N`` (the paper's budgets, ``m k ~ N / 4``) they are float32, two buffers, one pass over
+    all m experts: at most what float32 dk, dv took. Beyond, the experts go in chunks of ``chunk`` with
+    ``chunk topk <= N`` (one expert at least), each with one buffer in the input dtype (each partial rounded
+    once, then summed in float32) shared by two passes, dv then dk (recomputing the probabilities: 5 products
+    instead of 4), whose key-major sums add onto the previous chunks': the partials never take more than
+    one dk (``max(N, topk) d`` per head), whatever ``m topk``."""
     if m * topk <= N:
-        return torch.float32, 2
-    return dtype, 1
+        return torch.float32, 2, m
+    return dtype, 1, max(1, min(m, N // topk))
 
 
 def _precision(dtype, allow_tf32: bool) -> str:
@@ -445,8 +452,9 @@ def routed_backward(q, k, v, landmarks, shared_v, do, lse, delta, topk_idx, lay,
     ``q, k, v, do`` ``[B, H, N, d]``, any strides with a unit last one. Writes ``dq [G, E, d]`` per entry
     (routed and shared parts) and, with ``topk > 0``, the routed ``dk, dv [G, N, d]`` (contiguous, any float
     dtype, every element written): the expert-major kernel writes each (expert, slot)'s partial sums into
-    ``partials`` (``[G, m, topk, d]`` buffers, two or one: :func:`dkdv_plan`), then the key-major reduction
-    sums them per key through ``pairs = layout.key_pairs(topk_idx, N)``.
+    ``partials`` (``[G, chunk, topk, d]`` buffers, two or one, for all m experts or chunks of them:
+    :func:`dkdv_plan`), then the key-major reduction sums them per key through
+    ``pairs = layout.key_pairs(topk_idx, N)`` (adding onto the earlier chunks').
 
     Launch configuration: dq and dk/dv take ``BLOCK_M``, ``BLOCK_K`` of :func:`_block` (64 at d = 64, 16-bit),
     4 warps, 2 stages; the reduction ``2048 / d`` keys, 4 warps. Compiled for sm_90 (Triton 3.8, ``ptxas -v``,
@@ -480,25 +488,29 @@ def routed_backward(q, k, v, landmarks, shared_v, do, lse, delta, topk_idx, lay,
     pair_order, key_ptr = pairs
     block_n = _reduce_block(D)
     num_nb = cdiv(N, block_n)
-    # one pass into two buffers, or two passes (dv, then dk) through one
-    passes = [(True, True, partials[0], partials[1], dk, dv)] if len(partials) == 2 else [
-        (False, True, partials[0], partials[0], dv, dv), (True, False, partials[0], partials[0], dk, dk)]
-    for do_dk, do_dv, part_a, part_b, out_a, out_b in passes:
-        launch(
-            _routed_bwd_dkdv_kernel, (G * M * num_kb,),
-            (q, k, v, do, lse, delta, topk_idx, lay["slot_token"], lay["expert_start"], lay["expert_count"], part_a,
-                part_b, H, *_bhn(q), *_bhn(k), *_bhn(v), *_bhn(do), N, M, topk, S * T, num_kb, scale),
-            dict(D=D, BLOCK_M=block_m, BLOCK_K=block_k, PRECISION=precision, SPREC=sprec, DO_DK=do_dk, DO_DV=do_dv,
-                num_warps=4, num_stages=2),
-        )
-        two = do_dk and do_dv
-        # the reduction's first tensor is the pass's only one when it computes one
-        first, first_out = (part_a, out_a) if do_dk else (part_b, out_b)
-        launch(
-            _key_reduce_kernel, (G * num_nb,),
-            (first, part_b, pair_order, key_ptr, first_out, out_b, N, M * topk, num_nb),
-            dict(D=D, BLOCK_N=block_n, TWO=two, num_warps=4),
-        )
+    chunk = partials[0].shape[1]  # experts a pass takes (all m, or chunks of them: dkdv_plan)
+    for e0 in range(0, M, chunk):
+        mc = min(chunk, M - e0)
+        # one pass into two buffers, or two passes (dv, then dk) through one
+        passes = [(True, True, partials[0], partials[1], dk, dv)] if len(partials) == 2 else [
+            (False, True, partials[0], partials[0], dv, dv), (True, False, partials[0], partials[0], dk, dk)]
+        for do_dk, do_dv, part_a, part_b, out_a, out_b in passes:
+            launch(
+                _routed_bwd_dkdv_kernel, (G * mc * num_kb,),
+                (q, k, v, do, lse, delta, topk_idx, lay["slot_token"], lay["expert_start"], lay["expert_count"],
+                    part_a, part_b, H, *_bhn(q), *_bhn(k), *_bhn(v), *_bhn(do), N, M, topk, S * T, num_kb, e0, mc,
+                    scale),
+                dict(D=D, BLOCK_M=block_m, BLOCK_K=block_k, PRECISION=precision, SPREC=sprec, DO_DK=do_dk,
+                    DO_DV=do_dv, num_warps=4, num_stages=2),
+            )
+            two = do_dk and do_dv
+            # the reduction's first tensor is the pass's only one when it computes one
+            first, first_out = (part_a, out_a) if do_dk else (part_b, out_b)
+            launch(
+                _key_reduce_kernel, (G * num_nb,),
+                (first, part_b, pair_order, key_ptr, first_out, out_b, N, M * topk, num_nb, e0 * topk, mc * topk),
+                dict(D=D, BLOCK_N=block_n, TWO=two, ADD=e0 > 0, num_warps=4),
+            )
 
 
 def shared_backward(q, landmarks, shared_v, do, lse, delta, scale_shared, allow_tf32=False):

@@ -307,17 +307,33 @@ def test_shared_values_split_over_the_keys(monkeypatch, N, m, topk, r):
     assert calls == []
 
 
-@pytest.mark.parametrize("plan", [("float32", 2), ("float32", 1), ("input", 2), ("input", 1)])
+@pytest.mark.parametrize("plan", [("float32", 2, 5), ("float32", 1, 5), ("input", 2, 5), ("input", 1, 5),
+                                  ("input", 1, 2), ("float32", 2, 1), ("input", 1, 3)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_routed_dkdv_partial_plans(plan, dtype, monkeypatch):
     """Every partial layout on one case whatever its size would pick: float32 or input-dtype partials, in
-    two buffers (dk and dv in one pass) or one (a dv pass, then a dk pass over the same buffer)."""
+    two buffers (dk and dv in one pass) or one (a dv pass, then a dk pass over the same buffer), for all
+    m = 5 experts at once or in chunks of 1, 2 or 3 (the last chunk shorter), each chunk's sums added onto
+    the earlier ones'."""
     from mita.kernels import ops
 
-    part, buffers = plan
+    part, buffers, chunk = plan
     monkeypatch.setattr(ops, "dkdv_plan", lambda dt, N, m, topk: (torch.float32 if part == "float32" else dt,
-                                                                   buffers))
+                                                                   buffers, chunk))
     test_routed_dkdv_on_awkward_routings("duplicates", 2, 17, 5, 7, 2, True, dtype)
+
+
+def test_dkdv_plan_bounds_the_partials():
+    """The partials take at most one dk (``max(N, topk) d`` elements a head, counted in the input dtype) once
+    ``m topk > N``, float32 two buffers below; chunks cover every expert."""
+    from mita.kernels.routed import dkdv_plan
+
+    for N, m, topk in ((16384, 64, 64), (1025, 49, 49), (16384, 256, 256), (65536, 512, 512), (17, 5, 7),
+                       (2, 3, 2), (1, 4, 1), (100, 1000, 1000)):
+        dtype, buffers, chunk = dkdv_plan(torch.bfloat16, N, m, topk)
+        assert 1 <= chunk <= m
+        size = buffers * chunk * topk * dtype.itemsize  # bytes a head, per d
+        assert size <= (8 * N if m * topk <= N else 2 * max(N, topk)), (N, m, topk)
 
 
 def test_key_pairs_inverse_index():
