@@ -247,9 +247,9 @@ def backward(landmarks, k, v, vs, lse, grad_vs, scale, allow_tf32=False, cfg=Non
     dvs = grad_vs.to(k.dtype).contiguous()
     add = into is not None and into[0] is not None
     if add:
+        if not all(t.is_contiguous() and t.dtype == k.dtype and t.numel() == G * N * D for t in into):
+            raise ValueError(f"into must hold contiguous dK, dV of {G * N * D} elements in the dtype of k ({k.dtype})")
         dk, dv = (t.view(B, H, N, D) for t in into)
-        if not (dk.is_contiguous() and dv.is_contiguous() and dk.dtype == dv.dtype == k.dtype):
-            raise ValueError("into must hold contiguous dK, dV in the dtype of k")
     else:
         dk = alloc((B, H, N, D), dtype=k.dtype, device=dev)
         dv = alloc((B, H, N, D), dtype=k.dtype, device=dev)

@@ -255,6 +255,18 @@ def test_custom_ops_in_eager_mode(monkeypatch, split):
     assert calls[-1] == "route_queries"
 
 
+def test_eager_function_refuses_a_second_derivative():
+    """The kernels' backward is not itself differentiable: create_graph=True followed by a second backward
+    fails loudly instead of giving a silent zero."""
+    B, H, N, d, m, topk = 1, 2, 17, 32, 3, 4
+    inputs = _inputs(B, H, N, d, m, torch.float32, seed=2)
+    kw = dict(router_topk=1, shared=True, routing=_routing("duplicates", B, H, N, m, topk, 1, seed=2))
+    out = mita_attention(*inputs, topk, impl="triton", **kw)
+    (dq,) = torch.autograd.grad(out.square().sum(), inputs[0], create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        dq.sum().backward()
+
+
 @pytest.mark.parametrize("kind,N,m,topk,r,shared", [("duplicates", 50, 5, 7, 2, True)])
 def test_layout_from_pytorch_ops(monkeypatch, kind, N, m, topk, r, shared):
     """mita.kernels.LAYOUT_KERNELS off: the layout from layout.expert_tiles's PyTorch ops, forward and backward."""

@@ -71,6 +71,30 @@ def test_config_fills_the_card():
     assert programs >= shared._TARGET_PROGRAMS and cfg["CHUNK"] % cfg["BN"] == 0
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_backward_adds_into_given_gradients(monkeypatch, dtype):
+    """``backward(into=(dK, dV))`` adds the shared values' dK, dV onto the given tensors in place (the general
+    path's routed gradients), rounding once; ``into=(None, None)`` writes fresh ones."""
+    monkeypatch.setattr(shared, "config", lambda *a: SMALL)
+    B, H, N, m, d = 2, 2, 37, 5, 32
+    landmarks, k, v = (x.detach() for x in _inputs(B, H, N, m, d, dtype, seed=7))
+    scale = d ** -0.5
+    vs, lse = shared.forward(landmarks, k, v, scale)
+    grad_vs = torch.randn(vs.shape, generator=torch.Generator().manual_seed(8)).to(DEVICE, dtype)
+    dr, dk, dv = shared.backward(landmarks, k, v, vs, lse, grad_vs, scale)
+    g = torch.Generator().manual_seed(9)
+    base_k, base_v = (torch.randn(B, H, N, d, generator=g).to(DEVICE, dtype) for _ in range(2))
+    into = (base_k.clone(), base_v.clone())
+    dr2, dk2, dv2 = shared.backward(landmarks, k, v, vs, lse, grad_vs, scale, into=into)
+    assert dk2.data_ptr() == into[0].data_ptr() and dv2.data_ptr() == into[1].data_ptr()
+    tol = 1e-6 if dtype == torch.float32 else 2e-3
+    assert rel_err(dk2, base_k.double() + dk.double()) <= tol and rel_err(dv2, base_v.double() + dv.double()) <= tol
+    assert torch.equal(dr2, dr)
+    _, dk3, dv3 = shared.backward(landmarks, k, v, vs, lse, grad_vs, scale, into=(None, None))
+    assert torch.equal(dk3, dk) and torch.equal(dv3, dv)
+    with pytest.raises(ValueError, match="into must hold contiguous dK, dV of"):
+        shared.backward(landmarks, k, v, vs, lse, grad_vs, scale, into=(base_k.transpose(2, 3), base_v))
+
 
 def test_custom_ops_fake_kernels(monkeypatch):
     # the split runs behind torch custom ops (opaque under torch.compile): their fake kernels give the real
