@@ -282,6 +282,7 @@ class _SmallAttention(torch.autograd.Function):
         return _function_forward(ctx, q, k, v, landmarks, sel, expert, args)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out, *_):
         return (*_function_backward(ctx, grad_out, packed=False), *(None,) * 9)
 
@@ -296,6 +297,7 @@ class _SmallAttentionPacked(torch.autograd.Function):
         return _function_forward(ctx, *_views(qkv), landmarks, sel, expert, args)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out, *_):
         return (*_function_backward(ctx, grad_out, packed=True), *(None,) * 9)
 

@@ -737,3 +737,24 @@ def test_layer_runs_in_inference_mode_then_trains(small_blocks, monkeypatch):
     out = layer(x)
     out.sum().backward()
     assert torch.equal(out.detach(), first) and torch.isfinite(x.grad).all()
+
+
+def test_eager_functions_refuse_a_second_derivative(small_blocks):
+    """The fused kernels' backward is not itself differentiable: a second backward through it fails loudly
+    (q, k, v as three tensors and as the views of one qkv projection)."""
+    B, H, N, d, m, topk = 1, 2, 17, 32, 3, 4
+    q, k, v, landmarks = _inputs(B, H, N, d, m, torch.float32, seed=5)
+    qkv = torch.randn(B, N, 3, H, d, dtype=torch.float32, device=DEVICE, requires_grad=True)
+    for case in ("three", "packed"):
+        if case == "packed":
+            views = small_ops._views(qkv)
+            assert small_ops.qkv_source(*views) is not None
+            out = small_ops.mita_attention_small(*views, landmarks, topk, 1, True, d ** -0.5,
+                                                 qkv=small_ops.qkv_source(*views))
+            wrt = qkv
+        else:
+            out = small_ops.mita_attention_small(q, k, v, landmarks, topk, 1, True, d ** -0.5)
+            wrt = q
+        (grad,) = torch.autograd.grad(out.square().sum(), wrt, create_graph=True)
+        with pytest.raises(RuntimeError, match="once_differentiable"):
+            grad.sum().backward()
