@@ -4,7 +4,9 @@
 does on CUDA when :func:`supports` accepts the case. Triton is imported lazily, so ``import mita`` works
 without it. Maths, tiling and limits in kernels/README.md.
 """
+import functools
 import os
+from typing import Tuple
 
 import torch
 
@@ -49,13 +51,20 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def available() -> bool:
-    """Whether the kernels can run here: Triton imports and CUDA is present or ``TRITON_INTERPRET=1``."""
+@functools.lru_cache(maxsize=None)
+def _triton_and_cuda() -> Tuple[bool, bool]:
+    """Whether Triton imports and whether CUDA is present: asked once (every call of the op checks)."""
     try:
         import triton  # noqa: F401
     except ImportError:
-        return False
-    return torch.cuda.is_available() or _interpreting()
+        return False, False
+    return True, torch.cuda.is_available()
+
+
+def available() -> bool:
+    """Whether the kernels can run here: Triton imports and CUDA is present or ``TRITON_INTERPRET=1``."""
+    has_triton, cuda = _triton_and_cuda()
+    return has_triton and (cuda or _interpreting())
 
 
 def _unsupported(q, landmarks, topk, router_topk):
