@@ -384,13 +384,13 @@ def _reduce_block(head_dim: int) -> int:
 def dkdv_plan(dtype, N: int, m: int, topk: int):
     """``(dtype, buffers, chunk)`` of the per-(expert, slot) partial dk, dv ``[G, chunk, topk, d]``.
 
-    While ``m topk <= N`` (the paper's budgets, ``m k ~ N / 4``) they are float32, two buffers, one pass over
-    all m experts: at most what float32 dk, dv took. Beyond, the experts go in chunks of ``chunk`` with
+    While ``4 m topk <= N`` (the paper's budgets, ``m k ~ N / 4``) they are float32, two buffers, one pass over
+    all m experts: at most the bytes of one 16-bit dk. Beyond, the experts go in chunks of ``chunk`` with
     ``chunk topk <= N`` (one expert at least), each with one buffer in the input dtype (each partial rounded
     once, then summed in float32) shared by two passes, dv then dk (recomputing the probabilities: 5 products
     instead of 4), whose key-major sums add onto the previous chunks': the partials never take more than
     one dk (``max(N, topk) d`` per head), whatever ``m topk``."""
-    if m * topk <= N:
+    if 4 * m * topk <= N:
         return torch.float32, 2, m
     return dtype, 1, max(1, min(m, N // topk))
 

@@ -190,7 +190,7 @@ def _routing(kind, B, H, N, m, topk, r, seed):
     ("one_key", 2, 17, 4, 5, 1, False, torch.float32),
     ("shared_keys", 1, 50, 6, 20, 1, False, torch.float32),
     ("shared_keys", 2, 2, 5, 2, 2, True, torch.float32),
-    # m topk > N: the partials are kept in the input dtype (kernels/README.md)
+    # 4 m topk > N: the partials are kept in the input dtype, in chunks of experts where m topk > N (kernels/README.md)
     ("duplicates", 1, 17, 5, 7, 2, True, torch.float16),
     ("shared_keys", 2, 50, 6, 10, 1, False, torch.float16),
 ])
@@ -336,16 +336,17 @@ def test_routed_dkdv_partial_plans(plan, dtype, monkeypatch):
 
 
 def test_dkdv_plan_bounds_the_partials():
-    """The partials take at most one dk (``max(N, topk) d`` elements a head, counted in the input dtype) once
-    ``m topk > N``, float32 two buffers below; chunks cover every expert."""
+    """The partials take at most the bytes of one 16-bit dk (``max(N, topk) d`` elements a head): float32 two
+    buffers while ``4 m topk <= N``, chunks of experts in the input dtype beyond; chunks cover every expert."""
     from mita.kernels.routed import dkdv_plan
 
-    for N, m, topk in ((16384, 64, 64), (1025, 49, 49), (16384, 256, 256), (65536, 512, 512), (17, 5, 7),
-                       (2, 3, 2), (1, 4, 1), (100, 1000, 1000)):
+    for N, m, topk in ((16384, 64, 64), (4096, 64, 64), (1025, 49, 49), (16384, 256, 256), (65536, 512, 512),
+                       (17, 5, 7), (2, 3, 2), (1, 4, 1), (100, 1000, 1000)):
         dtype, buffers, chunk = dkdv_plan(torch.bfloat16, N, m, topk)
         assert 1 <= chunk <= m
         size = buffers * chunk * topk * dtype.itemsize  # bytes a head, per d
-        assert size <= (8 * N if m * topk <= N else 2 * max(N, topk)), (N, m, topk)
+        assert size <= 2 * max(N, topk), (N, m, topk)
+    assert dkdv_plan(torch.bfloat16, 16384, 64, 64) == (torch.float32, 2, 64)  # the paper's budget: one pass
 
 
 def test_key_pairs_inverse_index():
