@@ -85,6 +85,7 @@ class Case:
 _D64 = [
     Case("deit-s", 256, 6, 197, 64, 25, 25, bar=("sdpa-cudnn", 1 / 1.3, "<= 1.3x SDPA-cuDNN time")),
     Case("vit-b-512", 32, 12, 1025, 64, 49, 49, bar=("sdpa-cudnn", 1.4, ">= 1.4x SDPA-cuDNN")),
+    Case("n4k-k64", 8, 8, 4096, 64, 64, 64, bar=("sdpa-cudnn", 3.0, ">= 3x SDPA-cuDNN")),
     Case("n16k-k64", 2, 8, 16384, 64, 64, 64, bar=("sdpa-cudnn", 15.0, ">= 15x SDPA-cuDNN")),
     Case("n64k-k128", 2, 8, 65536, 64, 128, 128, bar=("sdpa-cudnn", 40.0, ">= 40x SDPA-cuDNN")),
     Case("n16k-k256", 2, 8, 16384, 64, 256, 256, "generous", ("sdpa-cudnn", 5.0, ">= 5x SDPA-cuDNN")),

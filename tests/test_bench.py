@@ -159,7 +159,7 @@ def test_bench_attention_gate(monkeypatch, dense_limit, kind):
 def test_bench_attention_cases_and_bars():
     bench = _load_script("bench_attention")
     d64 = bench.select_cases("d64", quick=False)
-    assert [c.N for c in d64] == [197, 1025, 16384, 65536, 16384, 65536] and all(c.bar for c in d64)
+    assert [c.N for c in d64] == [197, 1025, 4096, 16384, 65536, 16384, 65536] and all(c.bar for c in d64)
     d128 = bench.select_cases("d128", quick=False)
     assert all(c.d == 128 and c.H * c.d == c64.H * c64.d for c, c64 in zip(d128, d64))
     with pytest.raises(ValueError, match="unknown case"):
