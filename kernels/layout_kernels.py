@@ -268,3 +268,39 @@ def expert_tiles_triton(expert: torch.Tensor, m: int, N: int, r: int, chunk: Opt
         "expert_start": expert_start,
         "expert_count": counts,
     }
+
+
+@triton.jit
+def _key_ptr_kernel(SORTED, PTR, N, MK, STEPS: tl.constexpr, BLOCK: tl.constexpr):
+    """``PTR[g, i]`` = the first position p of row g of ``SORTED [G, MK]`` (ascending) with ``SORTED[g, p] >= i``,
+    for i in [0, N]: a lower-bound binary search per i (``STEPS >= log2(MK + 1)`` halvings)."""
+    g = tl.program_id(0).to(tl.int64)
+    i = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = i <= N
+    lo = tl.zeros([BLOCK], tl.int64)
+    hi = tl.zeros([BLOCK], tl.int64) + MK
+    for _ in tl.static_range(STEPS):
+        open_ = lo < hi
+        mid = (lo + hi) // 2
+        v = tl.load(SORTED + g * MK + mid, mask=ok & open_, other=0)
+        right = open_ & (v < i)
+        lo = tl.where(right, mid + 1, lo)
+        hi = tl.where(open_ & (right == 0), mid, hi)
+    tl.store(PTR + g * (N + 1) + i, lo, mask=ok)
+
+
+def key_pairs_triton(topk_idx: torch.Tensor, N: int):
+    """:func:`kernels.layout.key_pairs` with the CSR pointers from one launch (a binary search per key)
+    instead of an arange, its copy and ``torch.searchsorted``: the same ``(pair_order, key_ptr)``, int64."""
+    G = topk_idx.shape[0]
+    flat = topk_idx.reshape(G, -1)
+    MK = flat.shape[1]
+    sorted_keys, pair_order = torch.sort(flat, dim=-1, stable=True)
+    key_ptr = _buffer((G, N + 1), flat.device)
+    block = min(1024, next_power_of_2(N + 1))
+    launch(
+        _key_ptr_kernel, (G, cdiv(N + 1, block)),
+        (sorted_keys, key_ptr, N, MK),
+        dict(STEPS=max(1, (MK + 1).bit_length()), BLOCK=block, num_warps=4),
+    )
+    return pair_order, key_ptr

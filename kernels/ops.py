@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .layout import expert_tiles, key_pairs
-from .routed import dkdv_plan, merge_slots, routed_backward, routed_forward, row_delta, shared_backward
+from .routed import dkdv_plan, merge_slots, routed_backward, routed_forward, row_delta, shared_backward, sum_chunks
 from .small_ops import _unit_last_stride  # the kernels take any batch, head and row strides, a unit last one
 
 # Backends for the shared values, in order of preference (flash takes fp16/bf16, the rest any dtype).
@@ -45,6 +45,18 @@ def _expert_tiles(expert: torch.Tensor, m: int, N: int, r: int) -> dict:
 
         return expert_tiles_triton(expert, m, N, r)
     return expert_tiles(expert.long(), m, N, r)
+
+
+def _key_pairs(topk_idx: torch.Tensor, N: int):
+    """The inverse index of the key lists: its CSR pointers from one Triton launch with
+    ``mita.kernels.LAYOUT_KERNELS`` on, else ``layout.key_pairs``'s PyTorch ops; the same tensors either way."""
+    from . import LAYOUT_KERNELS
+
+    if LAYOUT_KERNELS:
+        from .layout_kernels import key_pairs_triton
+
+        return key_pairs_triton(topk_idx, N)
+    return key_pairs(topk_idx, N)
 
 
 def _buffer(shape, device, dtype=torch.float32) -> torch.Tensor:
@@ -92,9 +104,11 @@ def _forward(q, k, v, landmarks, shared_v, topk_idx, expert_idx, scale_shared, a
 
 
 def _backward(grad_out, q, k, v, landmarks, shared_v, topk_idx, expert_idx, out, lse, scale_shared, allow_tf32,
-              lay=None):
+              lay=None, dr_partials=False):
     """Launch the backward kernels: ``dq, dk, dv`` (None for dk, dv when topk = 0) and ``dR, dV~``
-    (None without the shared expert), in the dtype of q. ``lay``: the forward's tile layout, else rebuilt."""
+    (None without the shared expert), in the dtype of q. ``lay``: the forward's tile layout, else rebuilt.
+    ``dr_partials``: dR as the kernel's float32 partial sums ``[G, C, m, d]`` (for the shared values' backward
+    to add its own dR to in one launch)."""
     B, H, N, d = q.shape
     m, topk = landmarks.shape[2], topk_idx.shape[-1]
     shared = shared_v is not None
@@ -123,7 +137,7 @@ def _backward(grad_out, q, k, v, landmarks, shared_v, topk_idx, expert_idx, out,
         dk, dv = _buffer((G, N, d), q.device, q.dtype), _buffer((G, N, d), q.device, q.dtype)
         part_dtype, buffers, chunk = dkdv_plan(q.dtype, N, m, topk)
         partials = tuple(_buffer((G, chunk, topk, d), q.device, part_dtype) for _ in range(buffers))
-        pairs = key_pairs(idx, N)
+        pairs = _key_pairs(idx, N)
     routed_backward(qf, kf, vf, rf, vsf, do, lse, delta, idx, lay, r, scale, scale_shared,
                     dq_e, dk, dv, pairs, partials, allow_tf32)
     dq = dq_e.view(G, N, r, d).sum(2) if r > 1 else dq_e
@@ -131,8 +145,9 @@ def _backward(grad_out, q, k, v, landmarks, shared_v, topk_idx, expert_idx, out,
     if topk > 0:
         dk, dv = dk.view(B, H, N, d), dv.view(B, H, N, d)
     if shared:
-        dr, dvs = shared_backward(qf, rf, vsf, do, lse, delta, scale_shared, allow_tf32)
-        dr, dvs = (t.view(B, H, m, d).to(q.dtype) for t in (dr, dvs))
+        dr_p, dvs_p = shared_backward(qf, rf, vsf, do, lse, delta, scale_shared, allow_tf32)
+        dvs = sum_chunks(dvs_p, q.dtype).view(B, H, m, d)
+        dr = dr_p if dr_partials else sum_chunks(dr_p, q.dtype).view(B, H, m, d)
     return dq.view(B, H, N, d).to(q.dtype), dk, dv, dr, dvs
 
 
@@ -230,14 +245,17 @@ class _Attention(torch.autograd.Function):
         q, k, v, landmarks, shared_v, lse_sh, topk_idx, expert_idx, out, lse, *layout = ctx.saved_tensors
         scale_shared, allow_tf32, split_shared = ctx.meta[2:]
         dq, dk, dv, dr, dvs = _backward(grad_out, q, k, v, landmarks, shared_v, topk_idx, expert_idx, out, lse,
-                                        scale_shared, allow_tf32, lay=_saved_layout(layout, ctx.meta))
+                                        scale_shared, allow_tf32, lay=_saved_layout(layout, ctx.meta),
+                                        dr_partials=split_shared)
         if split_shared:
             from . import shared as shared_mod
 
-            # V~'s backward: dR, and dK, dV added into the routed ones (or written, with no routed keys)
-            dr_sh, dk, dv = shared_mod.backward(*(shared_mod._unit_last(t) for t in (landmarks, k, v)), shared_v,
-                                                lse_sh, dvs, q.shape[-1] ** -0.5, allow_tf32, into=(dk, dv))
-            return dq, dk, dv, dr + dr_sh, None, None, None, None, None, None
+            # V~'s backward: dR (with the shared logits' partials added in the same launch), and dK, dV added
+            # into the routed ones (or written, with no routed keys)
+            dr, dk, dv = shared_mod.backward(*(shared_mod._unit_last(t) for t in (landmarks, k, v)), shared_v,
+                                             lse_sh, dvs, q.shape[-1] ** -0.5, allow_tf32, into=(dk, dv),
+                                             dr_add=dr)
+            return dq, dk, dv, dr, None, None, None, None, None, None
         return dq, dk, dv, dr, dvs, None, None, None, None, None
 
 

@@ -369,6 +369,40 @@ def row_delta(do: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     return delta
 
 
+@triton.jit
+def _sum_chunks_kernel(A, B, OUT, CA, CB, ROWS, scale_a, scale_b, D: tl.constexpr, BR: tl.constexpr,
+                       HAS_B: tl.constexpr):
+    """``OUT[g, r] = scale_a sum_c A[g, c, r] (+ scale_b sum_c B[g, c, r])`` over rows of D columns, summed
+    in float32 in chunk order, written in OUT's dtype."""
+    g = tl.program_id(0).to(tl.int64)
+    rows = tl.program_id(1) * BR + tl.arange(0, BR)
+    ok = rows[:, None] < ROWS
+    offs_d = tl.arange(0, D)[None, :]
+    acc = tl.zeros([BR, D], tl.float32)
+    for c in range(CA):
+        acc += tl.load(A + ((g * CA + c) * ROWS + rows)[:, None] * D + offs_d, mask=ok, other=0.0).to(tl.float32)
+    acc = acc * scale_a
+    if HAS_B:
+        for c in range(CB):
+            acc += tl.load(B + ((g * CB + c) * ROWS + rows)[:, None] * D + offs_d, mask=ok, other=0.0).to(
+                tl.float32) * scale_b
+    tl.store(OUT + (g * ROWS + rows)[:, None] * D + offs_d, acc.to(OUT.dtype.element_ty), mask=ok)
+
+
+def sum_chunks(a: torch.Tensor, dtype: torch.dtype, scale_a: float = 1.0, b=None, scale_b: float = 1.0):
+    """``scale_a a.sum(1) + scale_b b.sum(1)`` in one launch, as ``dtype``: ``a [G, Ca, rows, d]`` and
+    ``b [G, Cb, rows, d]`` (optional) contiguous partial sums -> ``[G, rows, d]``."""
+    G, ca, rows, D = a.shape
+    out = torch.empty(G, rows, D, dtype=dtype, device=a.device)
+    br = max(1, min(64, 2048 // D))  # 2,048 float32 sums a program: 16 registers a thread
+    launch(
+        _sum_chunks_kernel, (G, cdiv(rows, br)),
+        (a, a if b is None else b, out, ca, 0 if b is None else b.shape[1], rows, float(scale_a), float(scale_b)),
+        dict(D=D, BR=br, HAS_B=b is not None, num_warps=4),
+    )
+    return out
+
+
 def _block(n: int, head_dim: int, itemsize: int) -> int:
     """Block of queries or keys: a power of two >= 16 (tl.dot's minimum), one operand tile <= 16 KiB."""
     cap = max(16, min(64, 16384 // (head_dim * itemsize)))
@@ -514,7 +548,8 @@ def routed_backward(q, k, v, landmarks, shared_v, do, lse, delta, topk_idx, lay,
 
 
 def shared_backward(q, landmarks, shared_v, do, lse, delta, scale_shared, allow_tf32=False):
-    """Landmark-side gradients of the shared logits: ``dR [G, m, d]`` (``c dS^T Q``) and ``dVs = P^T dO``;
+    """Landmark-side gradients of the shared logits, as float32 partial sums over chunks of the queries:
+    ``dR [G, C, m, d]`` (``c dS^T Q``) and ``dVs [G, C, m, d]`` (``P^T dO``), summed by :func:`sum_chunks`;
     ``q, do`` ``[B, H, N, d]``, any strides with a unit last one."""
     B, H, N, D = q.shape
     G = B * H
@@ -534,4 +569,4 @@ def shared_backward(q, landmarks, shared_v, do, lse, delta, scale_shared, allow_
         dict(D=D, BLOCK_M=block_m, BLOCK_R=block_r, PRECISION=_precision(q.dtype, allow_tf32),
             SPREC=_score_precision(q.dtype, allow_tf32), num_warps=4, num_stages=2),
     )
-    return dr.sum(1), dvs.sum(1)
+    return dr, dvs

@@ -233,11 +233,14 @@ def forward(landmarks, k, v, scale, allow_tf32=False, cfg=None, alloc=torch.empt
     return vs, lse
 
 
-def backward(landmarks, k, v, vs, lse, grad_vs, scale, allow_tf32=False, cfg=None, alloc=torch.empty, into=None):
+def backward(landmarks, k, v, vs, lse, grad_vs, scale, allow_tf32=False, cfg=None, alloc=torch.empty, into=None,
+             dr_add=None):
     """``(dR [B, H, m, d], dK, dV [B, H, N, d])`` in the input dtype, from ``dV~`` (``grad_vs``).
 
     ``into``: optional ``(dK, dV)``, contiguous ``[B, H, N, d]`` (or ``[B H, N, d]``) gradients in the input
-    dtype that this pass adds its own to, in place and returned (None entries: written fresh)."""
+    dtype that this pass adds its own to, in place and returned (None entries: written fresh). ``dr_add``:
+    optional float32 partial sums ``[B H, C, m, d]`` of another landmark gradient, added into dR in the launch
+    that sums this pass's own partials."""
     B, H, m, D = landmarks.shape
     N = k.shape[2]
     G = B * H
@@ -267,7 +270,9 @@ def backward(landmarks, k, v, vs, lse, grad_vs, scale, allow_tf32=False, cfg=Non
         (*args, pdr, *strides, H, N, m, cfg["CHUNK"], chunks, scale),
         dict(D=D, BM=cfg["BM"], BN=cfg["BN"], PREC=prec, num_warps=cfg["num_warps"]),
     )
-    dr = (pdr.sum(1) * scale).to(k.dtype).view(B, H, m, D)
+    from .routed import sum_chunks
+
+    dr = sum_chunks(pdr, k.dtype, scale, dr_add).view(B, H, m, D)
     return dr, dk, dv
 
 

@@ -359,6 +359,24 @@ def test_key_pairs_inverse_index():
     assert pair_order.tolist() == [[1, 5, 3, 0, 2, 4]]
 
 
+def test_key_pairs_from_the_triton_kernel(monkeypatch):
+    """layout_kernels.key_pairs_triton: the CSR pointers by a binary search per key, equal to key_pairs's, on
+    keys repeated, missing, all one key, N not a multiple of the block, several heads; buffers poisoned."""
+    from mita.kernels import layout_kernels
+    from mita.kernels.layout import key_pairs
+
+    monkeypatch.setattr(layout_kernels, "_POISON", True)
+    g = torch.Generator().manual_seed(0)
+    cases = [(6, torch.tensor([[[5, 0, 5], [2, 5, 0]]])), (1, torch.zeros(2, 3, 1, dtype=torch.long)),
+             (50, torch.full((1, 4, 7), 49, dtype=torch.long)), (1500, torch.randint(0, 1500, (3, 5, 40), generator=g)),
+             (17, torch.randint(0, 17, (2, 6, 17), generator=g))]
+    for N, topk_idx in cases:
+        want = key_pairs(topk_idx, N)
+        got = layout_kernels.key_pairs_triton(topk_idx.to(DEVICE), N)
+        for a, b in zip(got, want):
+            assert a.dtype == torch.long and torch.equal(a.cpu(), b), N
+
+
 def test_expert_tiles_expert_ranges():
     from mita.kernels.layout import expert_tiles
 
