@@ -42,6 +42,10 @@ SHARED_SPLIT_MIN_N = 1024
 # with SHARED_SPLIT_MIN_N the shared values' dK, dV added into the routed ones in the kernel. torch.compile traces
 # the custom ops either way; False: eager calls take the custom ops too.
 EAGER_FUNCTIONS = True
+# Whether torch.compile traces the short path's kernels (kernels/small_traced.py, torch.library.triton_op: inductor
+# launches them from its generated code) instead of calling the opaque custom ops of kernels/small_ops.py, whose
+# every call goes through the dispatcher and the op's Python. Off until timed on a GPU.
+TRITON_OPS = False
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_LANDMARKS = 1024
 MAX_TOPK = 1024

@@ -816,14 +816,15 @@ def _forward_plan(q, k, v, landmarks, topk, router_topk, shared, select, pooled,
 
 
 def forward(q, k, v, landmarks, topk, router_topk, shared, scale_shared, *, sel=None, expert=None,
-            pool=None, num_landmarks=None, allow_tf32=False, alloc=torch.empty):
+            pool=None, num_landmarks=None, allow_tf32=False, alloc=torch.empty, launcher=None):
     """Fused forward. ``q, k, v [B, H, N, d]``, ``landmarks [B, H, m, d]`` with unit last stride.
 
     With ``sel [G, MP, NP]`` (uint8 multiplicity mask) and ``expert [G, N, r]`` (int32, contiguous) the
     routing is taken from them; otherwise it is selected in the kernel. With ``pool`` (``[MP, NP]`` fp32
     pooling weights, zero-padded, see :func:`pool_weights`) and ``num_landmarks`` the landmarks are
     ``pool @ q``, computed in the kernel (``landmarks`` is ignored; only where :func:`pools_in_kernel` holds).
-    ``alloc(shape, dtype=, device=)`` allocates the outputs (tests pass a poisoning one). Returns
+    ``alloc(shape, dtype=, device=)`` allocates the outputs (tests pass a poisoning one); ``launcher`` (as
+    :func:`_launch`, the default) launches the kernels (``small_traced`` passes one for torch.compile). Returns
     ``out [B, H, N, d]`` (token-major memory), ``lse [G, N]`` (base 2), ``sel``, ``expert``, ``vs``, ``lse_sh``
     (see the module docstring) and ``lmk [G, MP, d]``, the pooled landmarks (empty without ``pool``).
     """
@@ -831,6 +832,7 @@ def forward(q, k, v, landmarks, topk, router_topk, shared, scale_shared, *, sel=
     dev = q.device
     select = expert is None
     pooled = pool is not None
+    launch_ = launcher or _launch
     key = ("fwd", q.shape, q.stride(), k.stride(), v.stride(), None if pooled else landmarks.shape,
            None if pooled else landmarks.stride(), q.dtype, dev, topk, router_topk, shared, select, pooled,
            num_landmarks, allow_tf32, fwd_config)
@@ -849,7 +851,7 @@ def forward(q, k, v, landmarks, topk, router_topk, shared, scale_shared, *, sel=
         lmk = alloc((0,), dtype=q.dtype, device=dev)
     if plan["prep"] is not None:
         grid, ints, meta = plan["prep"]
-        _launch("prep", _prep_kernel, grid, (q, k, v, landmarks, sel, vs, lsh, pool if pooled else lsh, lmk, *ints),
+        launch_("prep", _prep_kernel, grid, (q, k, v, landmarks, sel, vs, lsh, pool if pooled else lsh, lmk, *ints),
                 meta, (key, "prep"))
     # token-major memory ([B, N, H, d] viewed as [B, H, N, d]), as SDPA returns its output: the layer's
     # out.transpose(1, 2).reshape(B, N, C) is then a view, and the projection saves this very tensor
@@ -858,7 +860,7 @@ def forward(q, k, v, landmarks, topk, router_topk, shared, scale_shared, *, sel=
     if select:
         expert = alloc(exp_shape, dtype=torch.int32, device=dev)
     grid, ints, meta = plan["fwd"]
-    _launch("fwd", _fwd_kernel, grid, (q, k, v, landmarks, out, lse, sel, expert, vs, lsh, pool if pooled else lsh,
+    launch_("fwd", _fwd_kernel, grid, (q, k, v, landmarks, out, lse, sel, expert, vs, lsh, pool if pooled else lsh,
                                        lmk, *ints, scale_shared), meta, (key, "fwd"))
     return out, lse, sel, expert, vs, lsh, lmk
 
@@ -893,16 +895,18 @@ def _backward_plan(q, k, v, landmarks, out, grad_out, topk, router_topk, shared,
 
 
 def backward(q, k, v, landmarks, out, grad_out, lse, sel, expert, vs, lsh, topk, shared, scale_shared, multi, *,
-             pool=None, num_landmarks=None, lmk=None, allow_tf32=False, alloc=torch.empty, packed=False):
+             pool=None, num_landmarks=None, lmk=None, allow_tf32=False, alloc=torch.empty, packed=False,
+             launcher=None):
     """Fused backward: ``dq, dk, dv [B, H, N, d]`` and ``dR [B, H, m, d]``, every element written once
     (``dR`` is None without the shared expert: the landmarks then only select, which has no gradient).
     ``multi``: the mask may count a key more than once for a query (r = 2, or a routing passed in).
     With ``pool`` (and the forward's ``lmk``) the landmark gradient goes into ``dq`` and ``dR`` is None.
     With ``packed`` dq, dk, dv are views of one ``[B, N, 3, H, d]`` tensor (the gradient of a ViT's qkv
-    projection output, as timm reshapes it), returned as a fifth value."""
+    projection output, as timm reshapes it), returned as a fifth value. ``launcher`` as in :func:`forward`."""
     B, H, N, D = q.shape
     dev = q.device
     pooled = pool is not None
+    launch_ = launcher or _launch
     if pooled:
         landmarks = lmk.view(B, H, lmk.shape[1], D)
     if packed:
@@ -922,12 +926,12 @@ def backward(q, k, v, landmarks, out, grad_out, lse, sel, expert, vs, lsh, topk,
     tensors = (q, k, v, landmarks, out, grad_out, lse, sel, expert, vs, lsh, dq, dk, dv, dr)
     if plan["per_head"]:
         grid, ints, meta = plan["launch"]
-        _launch("bwd", _bwd_head_kernel, grid, (*tensors, pool if pooled else lsh, *ints, scale_shared), meta,
+        launch_("bwd", _bwd_head_kernel, grid, (*tensors, pool if pooled else lsh, *ints, scale_shared), meta,
                 key)
     else:
         # dV~ between the two launches of the split backward (fp32, [G, MP, d])
         dvs = alloc(plan["dvs"], dtype=torch.float32, device=dev) if plan.get("dvs") else lsh
         for i, (grid, ints, meta) in enumerate(plan["launches"]):
-            _launch(f"bwd{i or ''}", _bwd_kernel, grid, (*tensors, dvs, *ints, scale_shared), meta, (key, i))
+            launch_(f"bwd{i or ''}", _bwd_kernel, grid, (*tensors, dvs, *ints, scale_shared), meta, (key, i))
     dr = dr if shared and not pooled else None
     return (dq, dk, dv, dr, dqkv) if packed else (dq, dk, dv, dr)

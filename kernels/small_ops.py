@@ -84,25 +84,26 @@ def small_fwd(
 
 
 def _small_forward(q, k, v, landmarks, sel, expert, topk, router_topk, shared, scale_shared, allow_tf32, pool,
-                   num_landmarks):
+                   num_landmarks, launcher=None):
     """What :func:`small_fwd` and :func:`small_fwd_qkv` return (one custom op does not call the other: each
     dispatch costs host time)."""
     q, k, v, landmarks, (out, lse, sel_out, exp_out, vs, lsh, lmk) = _forward_kernels(
-        q, k, v, landmarks, sel, expert, topk, router_topk, shared, scale_shared, allow_tf32, pool, num_landmarks)
+        q, k, v, landmarks, sel, expert, topk, router_topk, shared, scale_shared, allow_tf32, pool, num_landmarks,
+        launcher=launcher)
     if expert is not None:
         return out, lse, _empty(q, torch.uint8), _empty(q), vs, lsh, lmk
     return out, lse, sel_out, exp_out, vs, lsh, lmk
 
 
 def _forward_kernels(q, k, v, landmarks, sel, expert, topk, router_topk, shared, scale_shared, allow_tf32, pool,
-                     num_landmarks):
+                     num_landmarks, launcher=None):
     """The inputs as the kernels read them (unit last stride) and ``fused_small.forward``'s outputs."""
     q, k, v = (_unit_last_stride(t) for t in (q, k, v))
     if pool is None:
         landmarks = _unit_last_stride(landmarks)
     outputs = fused_small.forward(
         q, k, v, landmarks, topk, router_topk, shared, scale_shared, sel=sel, expert=expert, pool=pool,
-        num_landmarks=num_landmarks, allow_tf32=allow_tf32, alloc=_alloc,
+        num_landmarks=num_landmarks, allow_tf32=allow_tf32, alloc=_alloc, launcher=launcher,
     )
     return q, k, v, landmarks, outputs
 
@@ -147,7 +148,7 @@ def _(grad_out, q, k, v, landmarks, out, lse, sel, expert, vs, lse_sh, topk, sha
 
 
 def _backward_kernels(grad_out, q, k, v, landmarks, out, lse, sel, expert, vs, lsh, topk, shared, scale_shared,
-                      multi, allow_tf32, pool, lmk, num_landmarks, empty_dr, packed=False):
+                      multi, allow_tf32, pool, lmk, num_landmarks, empty_dr, packed=False, launcher=None):
     q, k, v = (_unit_last_stride(t) for t in (q, k, v))
     if pool is None:
         landmarks = _unit_last_stride(landmarks)
@@ -155,6 +156,7 @@ def _backward_kernels(grad_out, q, k, v, landmarks, out, lse, sel, expert, vs, l
     grads = fused_small.backward(
         q, k, v, landmarks, out, grad_out, lse, sel, expert, vs, lsh, topk, shared, scale_shared, multi,
         pool=pool, num_landmarks=num_landmarks, lmk=lmk, allow_tf32=allow_tf32, alloc=_alloc, packed=packed,
+        launcher=launcher,
     )
     if packed:
         return grads[4], grads[3]  # dqkv, dR
@@ -324,12 +326,20 @@ def qkv_source(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Optional[to
 
 
 def _attention(q, k, v, landmarks, sel, expert, *args, qkv=None):
-    """``(out, sel, expert)``: the custom op under ``torch.compile``, the autograd function in eager mode."""
+    """``(out, sel, expert)``: the custom op under ``torch.compile`` (or, with ``mita.kernels.TRITON_OPS``, its
+    traced twin of ``small_traced.py``), the autograd function in eager mode."""
     if torch.compiler.is_compiling():
-        if qkv is not None:
-            out, _, sel_out, exp_out, _, _, _ = small_fwd_qkv(qkv, landmarks, sel, expert, *args)
+        from . import TRITON_OPS
+
+        if TRITON_OPS:
+            from .small_traced import small_fwd_qkv_traced as fwd_qkv
+            from .small_traced import small_fwd_traced as fwd
         else:
-            out, _, sel_out, exp_out, _, _, _ = small_fwd(q, k, v, landmarks, sel, expert, *args)
+            fwd_qkv, fwd = small_fwd_qkv, small_fwd
+        if qkv is not None:
+            out, _, sel_out, exp_out, _, _, _ = fwd_qkv(qkv, landmarks, sel, expert, *args)
+        else:
+            out, _, sel_out, exp_out, _, _, _ = fwd(q, k, v, landmarks, sel, expert, *args)
         return out, sel_out, exp_out
     if qkv is not None:
         return _SmallAttentionPacked.apply(qkv, landmarks, sel, expert, *args)

@@ -3,6 +3,7 @@
     python3 scripts/bench_vit.py                                   # DeiT-S and DeiT-T, eager and torch.compile
     python3 scripts/bench_vit.py --pairs deit_small --no-compile --steps 20
     python3 scripts/bench_vit.py --pairs deit_tiny --rounds 1 --profile 3   # plus a profile of 3 training steps
+    python3 scripts/bench_vit.py --pairs deit_tiny --triton-ops     # also compiled with the short path's kernels traced
     python3 scripts/bench_vit.py --cpu-smoke                        # tiny CPU run of the pipeline (tests)
 
 Each pair is timm's ``deit_{size}_patch16_224`` (softmax attention through ``F.scaled_dot_product_attention``,
@@ -13,7 +14,9 @@ autocast:
 - training: forward + cross-entropy + backward + AdamW step, CUDA events around each step after ``--warmup``
   steps, median of ``--steps``;
 - inference: forward under ``torch.inference_mode()``, median of ``--steps``;
-- eager, then ``torch.compile`` (default mode) unless ``--no-compile``;
+- eager, then ``torch.compile`` (default mode) unless ``--no-compile``; with ``--triton-ops`` also "traced":
+  the MiTA model compiled with ``mita.kernels.TRITON_OPS`` on (inductor launches the short path's kernels
+  itself, kernels/small_traced.py), its ratio taken against the compiled softmax model;
 - ``--rounds`` passes over the models in alternating order, each figure the median over rounds.
 
 Before timing, every model's loss and gradients are checked to be finite. Prints the card, versions and one
@@ -32,6 +35,7 @@ import torch.nn.functional as F
 from torch.autograd import DeviceType
 
 import mita.models  # noqa: F401  (registers the mita_* timm names)
+from mita import kernels
 from mita.utils.bench import event_device_us as _device_us
 
 PAIRS = {
@@ -152,6 +156,8 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=2, help="passes over the models in alternating order")
     parser.add_argument("--no-compile", dest="compile", action="store_false", help="eager only")
+    parser.add_argument("--triton-ops", action="store_true",
+                        help="also time the MiTA models compiled with mita.kernels.TRITON_OPS (mode 'traced')")
     parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
                         help="also profile STEPS training steps of each model and mode (torch.profiler table)")
     parser.add_argument("--cpu-smoke", action="store_true", help="batch 2, 80 px, one step, eager, on the CPU")
@@ -172,14 +178,20 @@ def main(argv=None) -> int:
         device = torch.device("cuda")
     card = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
 
-    modes = ["eager"] + (["compile"] if args.compile else [])
+    modes = ["eager"] + (["compile"] if args.compile else []) + (["traced"] if args.compile and args.triton_ops else [])
     results: Dict[tuple, List[Dict[str, float]]] = {}
     for rnd in range(args.rounds):
         for pair in pairs:
             names = PAIRS[pair] if rnd % 2 == 0 else PAIRS[pair][::-1]
             for mode in modes:
                 for name in names:
-                    r = measure(name, args, device, compiled=mode == "compile")
+                    if mode == "traced" and name == PAIRS[pair][0]:
+                        continue  # no MiTA layer: the same as "compile"
+                    kernels.TRITON_OPS = mode == "traced"
+                    try:
+                        r = measure(name, args, device, compiled=mode != "eager")
+                    finally:
+                        kernels.TRITON_OPS = False
                     results.setdefault((name, mode), []).append(r)
                     print(f"round {rnd} {name} {mode}: train {r['train']:.0f} img/s, infer {r['infer']:.0f} img/s",
                           flush=True)
@@ -193,9 +205,10 @@ def main(argv=None) -> int:
     for pair in pairs:
         base, mita = PAIRS[pair]
         for mode in modes:
-            for name in (base, mita):
+            base_mode = "compile" if mode == "traced" else mode
+            for name in (base, mita) if mode != "traced" else (mita,):
                 t, i = med(name, mode, "train"), med(name, mode, "infer")
-                tx, ix = t / med(base, mode, "train"), i / med(base, mode, "infer")
+                tx, ix = t / med(base, base_mode, "train"), i / med(base, base_mode, "infer")
                 print(f"{name:34s} {mode:8s} {t:12.0f} {i:12.0f} {tx:8.2f} {ix:8.2f}")
     return 0
 

@@ -490,6 +490,45 @@ def test_output_token_major_and_fake_kernels_match(small_blocks, routed):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("routed", [False, True])
+def test_traced_ops_match_the_custom_ops(small_blocks, routed):
+    """kernels/small_traced.py (torch.library.triton_op, behind mita.kernels.TRITON_OPS): the same outputs as
+    the custom ops, value for value, and (on a GPU: Triton's interpreter cannot trace the kernels with fake
+    tensors) fake kernels, traced from the implementation, with the real strides."""
+    from mita.kernels import small_traced
+
+    checks = ("test_schema", "test_faketensor") if DEVICE == "cuda" else ("test_schema",)
+
+    B, H, N, d, m, topk = 2, 2, 20, 32, 4, 5
+    qkv = torch.randn(B, N, 3, H, d, generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4)
+    landmarks = q[:, :, 1:1 + m].contiguous()
+    topk_idx, expert_idx = mita_routing(q, k, landmarks, topk, 2)
+    sel, exp = small_ops.routing_tensors(topk_idx, expert_idx, N, m) if routed else (None, None)
+    fwd_args = (q, k, v, landmarks, sel, exp, topk, 2, True, 1.0 / d, False, None, m)
+    want = small_ops.small_fwd(*fwd_args)
+    got = small_traced.small_fwd_traced(*fwd_args)
+    for a, b in zip(got, want):
+        assert a.shape == b.shape and a.stride() == b.stride() and torch.equal(a, b)
+    torch.library.opcheck(small_traced.small_fwd_traced, fwd_args, test_utils=checks)
+    out, lse, sel_out, exp_out, vs, lsh, lmk = want
+    grad = torch.randn(B, H, N, d, generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    saved = (sel, exp) if routed else (sel_out, exp_out)
+    bwd_args = (grad, q, k, v, landmarks, out, lse, *saved, vs, lsh, topk, True, 1.0 / d, True, False, None, lmk, m)
+    for a, b in zip(small_traced.small_bwd_traced(*bwd_args), small_ops.small_bwd(*bwd_args)):
+        assert torch.equal(a, b)
+    torch.library.opcheck(small_traced.small_bwd_traced, bwd_args, test_utils=checks)
+    fwd_qkv = (qkv, *fwd_args[3:])
+    for a, b in zip(small_traced.small_fwd_qkv_traced(*fwd_qkv), small_ops.small_fwd_qkv(*fwd_qkv)):
+        assert torch.equal(a, b)
+    torch.library.opcheck(small_traced.small_fwd_qkv_traced, fwd_qkv, test_utils=checks)
+    bwd_qkv = (grad, qkv, *bwd_args[4:])
+    for a, b in zip(small_traced.small_bwd_qkv_traced(*bwd_qkv), small_ops.small_bwd_qkv(*bwd_qkv)):
+        assert torch.equal(a, b)
+    torch.library.opcheck(small_traced.small_bwd_qkv_traced, bwd_qkv,
+                          test_utils=checks)
+
+
 def _gpu_cases():
     cases = []
     for i, (N, dtype, d) in enumerate(
@@ -572,8 +611,11 @@ class TestGPU:
                               _grads(ref, ref_in, grad_out.to(ref.device))):
             assert rel_err(a, b) <= 1e-2, f"d{name}"
 
-    @pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
-    def test_compiled_and_cuda_graphs_match_eager(self, mode):
+    @pytest.mark.parametrize("mode,traced", [("default", False), ("reduce-overhead", False), ("default", True),
+                                             ("reduce-overhead", True)])
+    def test_compiled_and_cuda_graphs_match_eager(self, monkeypatch, mode, traced):
+        # traced: inductor traces the kernels (kernels/small_traced.py) instead of calling the custom ops
+        monkeypatch.setattr(kernels, "TRITON_OPS", traced)
         inputs = _inputs(8, 6, 197, 64, 25, torch.bfloat16, seed=5)
 
         def f(q, k, v, landmarks):
@@ -590,11 +632,14 @@ class TestGPU:
         for a, b in zip(grads, eager_grads):
             assert rel_err(a, b) <= 1e-6
 
-    def test_vit_layer_compiled_matches_eager(self):
+    @pytest.mark.parametrize("traced", [False, True])
+    def test_vit_layer_compiled_matches_eager(self, monkeypatch, traced):
         # a DeiT-S attention layer as a model runs it: grid landmarks pooled in the kernels, q, k, v handed
-        # over as the qkv projection (the autograd function eager, the qkv custom ops compiled)
+        # over as the qkv projection (the autograd function eager, the qkv custom ops compiled, or with
+        # TRITON_OPS their traced twins)
         from mita.attention import MiTAAttention
 
+        monkeypatch.setattr(kernels, "TRITON_OPS", traced)
         layer = MiTAAttention(384, num_heads=6, num_landmarks=25, topk=25).cuda()
         x = torch.randn(4, 197, 384, generator=torch.Generator().manual_seed(0)).cuda().requires_grad_()
         with torch.autocast("cuda", dtype=torch.bfloat16):
