@@ -175,7 +175,7 @@ class Gate:
 # (module, function) pairs whose host time --host reports, inclusive of what they call
 HOST_STAGES = (
     ("mita.functional", "mita_routing"), ("mita.kernels.routing", "_route"), ("mita.kernels.ops", "mita_attention"), ("mita.kernels.ops", "_forward"),
-    ("mita.kernels.ops", "_backward"), ("mita.kernels.ops", "_expert_tiles"), ("mita.kernels.ops", "key_pairs"),
+    ("mita.kernels.ops", "_backward"), ("mita.kernels.ops", "_expert_tiles"), ("mita.kernels.ops", "_key_pairs"),
     ("mita.kernels.ops", "routed_forward"), ("mita.kernels.ops", "routed_backward"),
     ("mita.kernels.ops", "shared_backward"), ("mita.kernels.shared", "forward"), ("mita.kernels.shared", "backward"),
     ("mita.kernels.routed", "launch"), ("mita.kernels.shared", "launch"), ("mita.kernels.layout_kernels", "launch"),
