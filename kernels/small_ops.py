@@ -177,18 +177,25 @@ def _setup_context(ctx, inputs, output):
     ctx.meta = (topk, shared, scale_shared, multi, allow_tf32, num_landmarks)
 
 
-def _backward(ctx, grad_out, *_):
-    q, k, v, landmarks, out, lse, sel, expert, vs, lsh, pool, lmk = ctx.saved_tensors
-    topk, shared, scale_shared, multi, allow_tf32, num_landmarks = ctx.meta
-    dq, dk, dv, dr = small_bwd(grad_out, q, k, v, landmarks, out, lse, sel, expert, vs, lsh, topk, shared,
-                               scale_shared, multi, allow_tf32, pool, lmk, num_landmarks)
-    # without the shared expert the landmarks only select, which carries no gradient; pooled in the
-    # kernel, their gradient is inside dq
-    dr = dr if shared and pool is None else None
-    return dq, dk, dv, dr, None, None, None, None, None, None, None, None, None
+def autograd_backward(bwd_op):
+    """The autograd formula of a forward op (``small_fwd`` / ``small_fwd_qkv``, or their traced twins): the
+    backward op ``bwd_op`` on what :func:`_setup_context` / :func:`_setup_context_qkv` saved (the op's
+    tensors up to ``lse_sh``, then ``pool`` and ``lmk``); nine inputs of either forward take no gradient."""
+
+    def backward(ctx, grad_out, *_):
+        saved = ctx.saved_tensors
+        topk, shared, scale_shared, multi, allow_tf32, num_landmarks = ctx.meta
+        *grads, dr = bwd_op(grad_out, *saved[:-2], topk, shared, scale_shared, multi, allow_tf32, *saved[-2:],
+                            num_landmarks)
+        # without the shared expert the landmarks only select, which carries no gradient; pooled in the
+        # kernel (saved[-2] is the pooling weights), their gradient is inside dq
+        dr = dr if shared and saved[-2] is None else None
+        return (*grads, dr, *(None,) * 9)
+
+    return backward
 
 
-torch.library.register_autograd("mita::small_fwd", _backward, setup_context=_setup_context)
+torch.library.register_autograd("mita::small_fwd", autograd_backward(small_bwd), setup_context=_setup_context)
 
 
 def _views(qkv: torch.Tensor):
@@ -245,16 +252,8 @@ def _setup_context_qkv(ctx, inputs, output):
     ctx.meta = (topk, shared, scale_shared, multi, allow_tf32, num_landmarks)
 
 
-def _backward_qkv(ctx, grad_out, *_):
-    qkv, landmarks, out, lse, sel, expert, vs, lsh, pool, lmk = ctx.saved_tensors
-    topk, shared, scale_shared, multi, allow_tf32, num_landmarks = ctx.meta
-    dqkv, dr = small_bwd_qkv(grad_out, qkv, landmarks, out, lse, sel, expert, vs, lsh, topk, shared, scale_shared,
-                             multi, allow_tf32, pool, lmk, num_landmarks)
-    dr = dr if shared and pool is None else None
-    return dqkv, dr, None, None, None, None, None, None, None, None, None
-
-
-torch.library.register_autograd("mita::small_fwd_qkv", _backward_qkv, setup_context=_setup_context_qkv)
+torch.library.register_autograd("mita::small_fwd_qkv", autograd_backward(small_bwd_qkv),
+                                setup_context=_setup_context_qkv)
 
 
 def _function_forward(ctx, q, k, v, landmarks, sel, expert, args):

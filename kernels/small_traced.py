@@ -63,24 +63,8 @@ def small_bwd_qkv_traced(
     return dqkv, (qkv.new_empty(0) if dr is None else dr)
 
 
-def _backward(ctx, grad_out, *_):
-    q, k, v, landmarks, out, lse, sel, expert, vs, lsh, pool, lmk = ctx.saved_tensors
-    topk, shared, scale_shared, multi, allow_tf32, num_landmarks = ctx.meta
-    dq, dk, dv, dr = small_bwd_traced(grad_out, q, k, v, landmarks, out, lse, sel, expert, vs, lsh, topk, shared,
-                                      scale_shared, multi, allow_tf32, pool, lmk, num_landmarks)
-    dr = dr if shared and pool is None else None
-    return dq, dk, dv, dr, None, None, None, None, None, None, None, None, None
-
-
-def _backward_qkv(ctx, grad_out, *_):
-    qkv, landmarks, out, lse, sel, expert, vs, lsh, pool, lmk = ctx.saved_tensors
-    topk, shared, scale_shared, multi, allow_tf32, num_landmarks = ctx.meta
-    dqkv, dr = small_bwd_qkv_traced(grad_out, qkv, landmarks, out, lse, sel, expert, vs, lsh, topk, shared,
-                                    scale_shared, multi, allow_tf32, pool, lmk, num_landmarks)
-    dr = dr if shared and pool is None else None
-    return dqkv, dr, None, None, None, None, None, None, None, None, None
-
-
-# the same saved tensors as the custom ops (small_ops._setup_context / _setup_context_qkv)
-small_fwd_traced.register_autograd(_backward, setup_context=small_ops._setup_context)
-small_fwd_qkv_traced.register_autograd(_backward_qkv, setup_context=small_ops._setup_context_qkv)
+# the same saved tensors and formula as the custom ops (small_ops._setup_context / _setup_context_qkv)
+small_fwd_traced.register_autograd(small_ops.autograd_backward(small_bwd_traced),
+                                   setup_context=small_ops._setup_context)
+small_fwd_qkv_traced.register_autograd(small_ops.autograd_backward(small_bwd_qkv_traced),
+                                       setup_context=small_ops._setup_context_qkv)

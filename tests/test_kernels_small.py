@@ -529,6 +529,44 @@ def test_traced_ops_match_the_custom_ops(small_blocks, routed):
                           test_utils=checks)
 
 
+@pytest.mark.parametrize("pooled", [False, True])
+def test_custom_op_autograd_matches_the_eager_function(small_blocks, monkeypatch, pooled):
+    """The autograd formula registered on the forward ops (custom and traced, as torch.compile differentiates
+    them) gives the eager autograd function's gradients, with q, k, v as three tensors and as one qkv."""
+    from mita.kernels import small_traced
+
+    B, H, d, m, topk = 2, 2, 32, 4, 5
+    N = 37 if pooled else 20
+    g = torch.Generator().manual_seed(6)
+    qkv = torch.randn(B, N, 3, H, d, generator=g).to(DEVICE)
+    landmarks = torch.randn(B, H, m, d, generator=g).to(DEVICE)
+    grad = torch.randn(B, H, N, d, generator=g).to(DEVICE)
+    pool = None
+    if pooled:
+        monkeypatch.setattr(fused_small, "pools_in_kernel", lambda *a: True)
+        monkeypatch.setattr(fused_small, "bwd_config", lambda *a: {"BQ": 16, "BK": 16, "num_warps": 4,
+                                                                   "per_head": True})
+        pool = fused_small.pool_weights(torch.rand(m, N, generator=g).to(DEVICE))
+    args = (topk, 2, True, 1.0 / d, False, pool, m)
+
+    def grads(run, packed):
+        x = qkv.clone().requires_grad_()
+        lm = landmarks.clone().requires_grad_()
+        out = run(x, lm) if packed else run(*small_ops._views(x), lm)
+        wrt = [x] if pooled else [x, lm]
+        return torch.autograd.grad(out, wrt, grad)
+
+    want = grads(lambda x, lm: small_ops._SmallAttentionPacked.apply(x, lm, None, None, *args)[0], True)
+    for fwd, packed in ((small_ops.small_fwd, False), (small_ops.small_fwd_qkv, True),
+                        (small_traced.small_fwd_traced, False), (small_traced.small_fwd_qkv_traced, True)):
+        if packed:
+            got = grads(lambda x, lm: fwd(x, lm, None, None, *args)[0], True)
+        else:
+            got = grads(lambda q, k, v, lm: fwd(q, k, v, lm, None, None, *args)[0], False)
+        for a, b in zip(got, want):
+            assert torch.equal(a, b), fwd
+
+
 def _gpu_cases():
     cases = []
     for i, (N, dtype, d) in enumerate(
