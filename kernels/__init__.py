@@ -27,11 +27,13 @@ POOL_IN_KERNEL = True
 # 4-25% faster at N = 16,384 and 65,536 (m = k = 64 to 512) on an H200, within run-to-run noise at N = 1,025
 # (BENCHMARKS.md, "Long sequences"); False: the PyTorch ops.
 LAYOUT_KERNELS = True
-# From this many keys on, mita.functional.mita_routing selects each landmark's top-k with the streamed kernel
-# of kernels/topk_stream.py (no m x N score matrix; one host sync) instead of R K^T + torch.topk; None: never.
-# Off: timed on an H200 in the whole op, it pays only at large k (N = 65,536: -10% forward+backward at m = k = 512,
-# +6% at m = k = 128; BENCHMARKS.md, "Long sequences"), and it makes one host sync.
-STREAM_TOPK_MIN_N = None
+# From this many landmark-key scores a head (m N) on, mita.functional.mita_routing selects each landmark's top-k
+# with the streamed kernel of kernels/topk_stream.py (no m x N score matrix) instead of R K^T + torch.topk, in
+# eager mode (it makes one host sync, so neither torch.compile nor CUDA-graph capture takes it); None: never.
+# Timed on an H200 in the whole op (BENCHMARKS.md, "Long sequences"): -10% forward+backward at N = 65,536,
+# m = k = 512 (m N = 2^25), +6% at m = k = 128 (2^23); 2^24 sits between, and from there on the score matrix
+# it saves (2 m N bytes a head in bf16: 1 GiB at B H = 16, N = 65,536, m = 512) also sets the peak memory.
+STREAM_TOPK_MIN_SCORES = 1 << 24
 # From this many keys on, the general path computes the shared values V~ = softmax(s R K^T) V (and their
 # backward) with the key-split kernels of kernels/shared.py instead of SDPA, whose m-query launch runs one
 # program per head over all N keys; fp16/bf16 inputs only; None: never. 1,024: the shortest length where it was

@@ -245,8 +245,9 @@ class TestGPU:
         torch.testing.assert_close(row_max.double() + row_sum.double().log(), z.logsumexp(-1), rtol=1e-5, atol=1e-5)
 
 
-def test_mita_routing_streams_the_topk_from_a_length_on(monkeypatch):
-    # mita.kernels.STREAM_TOPK_MIN_N: mita_routing takes the streamed kernel from that many keys on
+def test_mita_routing_streams_the_topk_from_a_score_count_on(monkeypatch):
+    # mita.kernels.STREAM_TOPK_MIN_SCORES: mita_routing takes the streamed kernel from m N scores a head on, in
+    # eager mode only (not while torch.compile traces: the kernel syncs with the host once)
     from mita import kernels
     from mita.functional import mita_routing
 
@@ -256,10 +257,13 @@ def test_mita_routing_streams_the_topk_from_a_length_on(monkeypatch):
     calls = []
     stream = kernels.landmark_topk
     monkeypatch.setattr(kernels, "landmark_topk", lambda *a: calls.append(1) or stream(*a))
-    monkeypatch.setattr(kernels, "STREAM_TOPK_MIN_N", 71)
+    monkeypatch.setattr(kernels, "STREAM_TOPK_MIN_SCORES", 3 * 70 + 1)
     torch_idx, _ = mita_routing(q, k, R, 9)
     assert calls == []
-    monkeypatch.setattr(kernels, "STREAM_TOPK_MIN_N", 70)
+    monkeypatch.setattr(kernels, "STREAM_TOPK_MIN_SCORES", 3 * 70)
     stream_idx, _ = mita_routing(q, k, R, 9)
     assert calls == [1]
     assert torch.equal(stream_idx.sort(-1).values, torch_idx.sort(-1).values)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    mita_routing(q, k, R, 9)
+    assert calls == [1]
