@@ -29,7 +29,7 @@ POOL_IN_KERNEL = True
 LAYOUT_KERNELS = True
 # From this many landmark-key scores a head (m N) on, mita.functional.mita_routing selects each landmark's top-k
 # with the streamed kernel of kernels/topk_stream.py (no m x N score matrix) instead of R K^T + torch.topk, in
-# eager mode (it makes one host sync, so neither torch.compile nor CUDA-graph capture takes it); None: never.
+# eager mode (its launches are not traced: torch.compile keeps R K^T + torch.topk); None: never.
 # Timed on an H200 in the whole op (BENCHMARKS.md, "Long sequences"): -10% forward+backward at N = 65,536,
 # m = k = 512 (m N = 2^25), +6% at m = k = 128 (2^23); 2^24 sits between, and from there on the score matrix
 # it saves (2 m N bytes a head in bf16: 1 GiB at B H = 16, N = 65,536, m = 512) also sets the peak memory.

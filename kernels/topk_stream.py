@@ -23,8 +23,9 @@ times a block of ``BLOCK_N`` keys, fp32 accumulation); neither writes them:
 
 The result is exact with respect to the fp32 scores the kernel computes, ties broken by the lowest index.
 A (row, chunk) whose candidates overflow its slots (adversarial inputs only: massive ties, or the best
-keys concentrated in one residue class) makes the collection run again with room for the largest count,
-which costs one host sync for the check.
+keys concentrated in one residue class) has its row redone on the device by ``_repair_kernel`` (a radix
+select over recomputed scores, four passes of 8-bit digits, then a collection), launched after the ranking
+for every row and returning at once for the rest: nothing syncs with the host.
 
 Layouts (``G = B H``): keys ``[B, H, N, d]`` and landmarks ``[B, H, m, d]`` with any batch, head and row
 strides and a unit last one (read in place); program ids put the landmark block fastest, so the programs
@@ -239,6 +240,81 @@ def _select_kernel(BUF, CNT, OUT, ROWS, CHUNKS, CAP, TOPK, BLOCK_R: tl.constexpr
     tl.store(OUT + rows * TOPK + i, 0x7FFFFFFF - (key & 0x7FFFFFFF), mask=r_ok & (i < TOPK))
 
 
+@triton.jit
+def _row_keys(r, Kg, skn, t, N, offs_d, rows, j, BLOCK_N: tl.constexpr, PREC: tl.constexpr, LAST: tl.constexpr):
+    """Row j's scores in key tile t (the same tile products as the passes, so the same fp32 scores) as uint32
+    keys in the scores' order, and which of the tile's keys exist."""
+    s = _score_tile(r, Kg, skn, t, N, offs_d, BLOCK_N, PREC, LAST)
+    s = tl.sum(tl.where(rows[:, None] == j, s, 0.0), 0)  # row j alone: one term per column
+    keys = t * BLOCK_N + tl.arange(0, BLOCK_N)
+    return (_ordered(s) ^ -2147483648).to(tl.uint32, bitcast=True), keys < N
+
+
+@triton.jit
+def _repair_kernel(
+    K, R, CNT, OUT, H, skb, skh, skn, srb, srh, srm, N, M, N_TILES, CHUNKS, CAP, TOPK,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    """Program (g, landmark j): nothing unless one of the row's chunks had more candidates than its CAP slots
+    (adversarial inputs: massive ties, or the best keys in one residue class). Then the row's top-k from
+    scratch, with no host round trip: the TOPK-th largest score by a radix select (four passes over the key
+    tiles, one 8-bit digit of the order-preserving keys each, from the top, counted by a 256-bin histogram of
+    the keys that match the digits so far; the scores recomputed each pass), then one pass collecting the
+    keys above it and, of those equal to it, the lowest indices, ranked as the main path ranks them (score,
+    then index)."""
+    pid = tl.program_id(0)
+    g = (pid // M).to(tl.int64)
+    j = pid % M
+    row = g * M + j
+    over = 0
+    for c0 in range(0, CHUNKS, BLOCK_C):
+        cs = c0 + tl.arange(0, BLOCK_C)
+        over += tl.sum((tl.load(CNT + row * CHUNKS + cs, mask=cs < CHUNKS, other=0) > CAP).to(tl.int32), 0)
+    if over > 0:
+        offs_d = tl.arange(0, D)
+        r, rows, _ = _landmark_block(R, g, H, srb, srh, srm, M, j // BLOCK_M, offs_d, BLOCK_M)
+        Kg = K + (g // H) * skb + (g % H) * skh
+        bins = tl.arange(0, 256)
+        prefix = tl.zeros([], tl.uint32)  # the digits chosen so far
+        need = TOPK  # keys still to take among those that match the prefix
+        for p in tl.static_range(4):
+            shift = 24 - 8 * p
+            hist = tl.zeros([256], tl.int32)
+            for t in range(N_TILES):
+                key, ok = _row_keys(r, Kg, skn, t, N, offs_d, rows, j, BLOCK_N, PREC, t == N_TILES - 1)
+                match = ok
+                if p > 0:
+                    match = ok & ((key >> (shift + 8)) == prefix)
+                digit = tl.where(match, (key >> shift) & 255, 0).to(tl.int32)
+                hist += tl.histogram(digit, 256)
+                hist -= tl.where(bins == 0, tl.sum((match == 0).to(tl.int32), 0), 0)  # the non-matching
+            # keys with a digit >= b, per b; the chosen digit is the largest b with at least `need` of them
+            at_least = tl.sum(hist, 0) - tl.cumsum(hist, 0) + hist
+            chosen = tl.sum((at_least >= need).to(tl.int32), 0) - 1
+            need -= tl.sum(tl.where(bins == chosen, at_least - hist, 0), 0)
+            prefix = (prefix << 8) | chosen.to(tl.uint32)
+        n_out = 0
+        n_eq = 0
+        out = OUT + row * TOPK
+        for t in range(N_TILES):
+            key, ok = _row_keys(r, Kg, skn, t, N, offs_d, rows, j, BLOCK_N, PREC, t == N_TILES - 1)
+            eq = (ok & (key == prefix)).to(tl.int32)
+            take = (ok & (key > prefix)) | ((eq > 0) & (n_eq + tl.cumsum(eq, 0) - eq < need))
+            pos = n_out + tl.cumsum(take.to(tl.int32), 0) - take.to(tl.int32)
+            idx = t * BLOCK_N + tl.arange(0, BLOCK_N)
+            packed = ((key ^ 0x80000000).to(tl.int32, bitcast=True).to(tl.int64) << 32) | \
+                (0x7FFFFFFF - idx).to(tl.int64)
+            tl.store(out + pos, packed, mask=take)
+            n_out += tl.sum(take.to(tl.int32), 0)
+            n_eq += tl.sum(eq, 0)
+        tl.debug_barrier()  # the row's TOPK packed keys are in place
+        i = tl.arange(0, BLOCK_K)
+        packed = tl.load(out + i, mask=i < TOPK, other=-9223372036854775808)
+        packed = tl.sort(packed, dim=0, descending=True)
+        tl.store(out + i, 0x7FFFFFFF - (packed & 0x7FFFFFFF), mask=i < TOPK)
+
+
 def launch_config(N: int, m: int, d: int, G: int, topk: int, device: torch.device) -> dict:
     """Blocks, warps and chunking of both passes (they must match: the passes recompute the same scores).
 
@@ -323,7 +399,8 @@ def topk_stream(k_keys: torch.Tensor, landmarks: torch.Tensor, topk: int, *, ret
     ties at the k-th place). With ``return_stats``, also returns ``(row_max, row_sum) [B, H, m]`` fp32: the
     softmax statistics of ``scale R K^T`` (``scale`` defaults to ``d^-1/2``), i.e.
     ``logsumexp = row_max + log(row_sum)``. ``config`` overrides :func:`launch_config` (tests use small
-    blocks). No ``m x N`` tensor is allocated; one host sync checks the candidate buffers for overflow.
+    blocks). No ``m x N`` tensor is allocated and nothing syncs with the host (rows whose candidates overflow
+    their slots are redone on the device).
     """
     _check(k_keys, landmarks, topk)
     B, H, N, d = k_keys.shape
@@ -365,19 +442,14 @@ def topk_stream(k_keys: torch.Tensor, landmarks: torch.Tensor, topk: int, *, ret
     )
     del gmax
 
-    cap = cfg["capacity"]
-    while True:
-        cnt = torch.empty(G, m, chunks, dtype=torch.int32, device=dev)
-        buf = torch.empty(G, m, chunks, cap, dtype=torch.int64, device=dev)  # candidate keys per chunk
-        launch(
-            _collect_kernel, grid,
-            (kf, rf, tau, cnt, buf, H, *ks, *rs, N, m, n_tiles, chunks, n_mb, cap),
-            dict(**common),
-        )
-        need = int(cnt.max())
-        if need <= cap:
-            break
-        cap = need  # adversarial inputs only: collect again with room for every chunk's candidates
+    cap = max(cfg["capacity"], cdiv(topk, chunks))  # the slots hold topk candidates at least
+    cnt = torch.empty(G, m, chunks, dtype=torch.int32, device=dev)
+    buf = torch.empty(G, m, chunks, cap, dtype=torch.int64, device=dev)  # candidate keys per chunk
+    launch(
+        _collect_kernel, grid,
+        (kf, rf, tau, cnt, buf, H, *ks, *rs, N, m, n_tiles, chunks, n_mb, cap),
+        dict(**common),
+    )
     idx = torch.empty(B, H, m, topk, dtype=torch.int64, device=dev)
     block = next_power_of_2(chunks * cap)
     if cfg.get("final", "sort" if k_keys.is_cuda else "topk") == "sort" and block <= _SORT_MAX:
@@ -392,6 +464,13 @@ def topk_stream(k_keys: torch.Tensor, landmarks: torch.Tensor, topk: int, *, ret
         keys = buf.masked_fill_(empty, torch.iinfo(torch.int64).min).view(G, m, chunks * cap)
         best = keys.topk(topk, dim=-1, sorted=True).values  # [G, m, topk], unique keys: no ties
         idx.copy_((_LOW31 - (best & _LOW31)).view(B, H, m, topk))
+    # rows whose candidates overflowed a chunk's slots (adversarial inputs only) are redone on the device
+    launch(
+        _repair_kernel, (G * m,),
+        (kf, rf, cnt, idx, H, *ks, *rs, N, m, n_tiles, chunks, cap, topk),
+        dict(D=d, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=max(16, next_power_of_2(topk)),
+             BLOCK_C=min(1024, next_power_of_2(chunks)), PREC=prec, num_warps=cfg["num_warps"], num_stages=1),
+    )
     if not return_stats:
         return idx
     big_m = row_max.amax(-1, keepdim=True)  # [G, m, 1]

@@ -28,9 +28,12 @@ SMALL = dict(block_m=16, block_n=16, num_warps=4, num_stages=1)
 
 
 def _small_config(N, topk, chunks=3):
-    """16 x 16 tiles and a few chunks (at least topk / 16, so that there are >= topk groups)."""
+    """16 x 16 tiles and a few chunks: at least topk / 16 (>= topk groups), and 4 topk / 16 where the tiles
+    allow, as launch_config keeps P >= 4 topk groups (fewer make a chunk's candidates overflow its slots
+    often: the device-side repair, tested on its own below, then recomputes those rows, slowly in the
+    interpreter)."""
     n_tiles = -(-N // 16)
-    return dict(SMALL, chunks=max(-(-topk // 16), min(n_tiles, chunks)))
+    return dict(SMALL, chunks=max(-(-topk // 16), min(n_tiles, max(chunks, -(-4 * topk // 16)))))
 
 
 def _scores64(k_keys, landmarks):
@@ -163,6 +166,21 @@ def test_all_scores_equal_overflow_the_buffer():
     assert torch.equal(idx.cpu(), torch.arange(topk).expand(1, 1, m, topk))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_overflowing_rows_are_repaired_on_the_device(dtype):
+    """Slots too few for some rows' candidates (capacity 6: one of five rows overflows here; capacity 2, raised
+    to the least that holds topk candidates in all: every row): those rows are redone by the device-side radix
+    select (no host sync), the others kept; every row exact and ordered (score, then index), ties included."""
+    N, m, d, topk = 90, 5, 32, 23
+    g = torch.Generator().manual_seed(1)
+    base = torch.randint(-2, 3, (7, d), generator=g).float()
+    k_keys = base[torch.randint(0, 7, (N,), generator=g)].view(1, 1, N, d).to(DEVICE, dtype)
+    landmarks = torch.randint(-2, 3, (1, 1, m, d), generator=g).float().to(DEVICE, dtype)
+    for capacity in (6, 2):
+        idx = topk_stream(k_keys, landmarks, topk, config=dict(_small_config(N, topk), capacity=capacity))
+        assert torch.equal(idx.cpu(), _expected_exact(k_keys, landmarks, topk)), capacity
+
+
 def test_increasing_scores_stay_within_capacity():
     """A monotone trend along N (interleaved groups keep tau at the k-th score): correct either way."""
     N, m, d, topk = 200, 2, 32, 10
@@ -236,6 +254,28 @@ class TestGPU:
         k_int = base[torch.arange(N) % 7].expand(B, H, N, d).to(DEVICE, dtype)
         r_int = torch.randint(-2, 3, (B, H, m, d), generator=g).float().to(DEVICE, dtype)
         assert torch.equal(topk_stream(k_int, r_int, topk).cpu(), _expected_exact(k_int, r_int, topk))
+
+    def test_cuda_graph_capture_with_overflowing_rows(self):
+        # nothing syncs with the host, so a CUDA graph records the whole selection, repairs included (ties:
+        # 7 distinct keys over 3,001 overflow the candidate slots), and its replay gives the eager result
+        B, H, N, d, m, topk = 1, 2, 3001, 64, 49, 49
+        g = torch.Generator().manual_seed(3)
+        base = torch.randint(-2, 3, (7, d), generator=g).float()
+        k_int = base[torch.arange(N) % 7].expand(B, H, N, d).to(DEVICE, torch.bfloat16).contiguous()
+        r_int = torch.randint(-2, 3, (B, H, m, d), generator=g).float().to(DEVICE, torch.bfloat16)
+        eager = topk_stream(k_int, r_int, topk)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            topk_stream(k_int, r_int, topk)  # warm-up: compiles and caches the launchers
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = topk_stream(k_int, r_int, topk)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(captured, eager)
+        assert torch.equal(eager.cpu(), _expected_exact(k_int, r_int, topk))
 
     def test_softmax_statistics(self):
         k_keys, landmarks = _randn(2, 2, 5000, 64, seed=4), _randn(2, 2, 128, 64, seed=5)
