@@ -28,8 +28,8 @@ POOL_IN_KERNEL = True
 # (BENCHMARKS.md, "Long sequences"); False: the PyTorch ops.
 LAYOUT_KERNELS = True
 # From this many landmark-key scores a head (m N) on, mita.functional.mita_routing selects each landmark's top-k
-# with the streamed kernel of kernels/topk_stream.py (no m x N score matrix) instead of R K^T + torch.topk, in
-# eager mode (its launches are not traced: torch.compile keeps R K^T + torch.topk); None: never.
+# with the streamed kernel of kernels/topk_stream.py (no m x N score matrix) instead of R K^T + torch.topk (a
+# custom op under torch.compile; nothing in it syncs with the host, so CUDA graphs capture it); None: never.
 # Timed on an H200 in the whole op (BENCHMARKS.md, "Long sequences"): -10% forward+backward at N = 65,536,
 # m = k = 512 (m N = 2^25), +6% at m = k = 128 (2^23); 2^24 sits between, and from there on the score matrix
 # it saves (2 m N bytes a head in bf16: 1 GiB at B H = 16, N = 65,536, m = 512) also sets the peak memory.
@@ -194,9 +194,9 @@ def pools_in_kernel(q: torch.Tensor, num_landmarks: int, topk: int, router_topk:
 def landmark_topk(k: torch.Tensor, landmarks: torch.Tensor, topk: int) -> torch.Tensor:
     """``topk_idx [B, H, m, topk]`` (int64): the keys with the largest unscaled scores ``R_j . k_i``, streamed
     (kernels/topk_stream.py: no m x N tensor; rows by score, ties to the lower index)."""
-    from .topk_stream import topk_stream
+    from .topk_stream import landmark_topk as select
 
-    return topk_stream(k, landmarks, topk)
+    return select(k, landmarks, topk)
 
 
 def route_queries(q: torch.Tensor, landmarks: torch.Tensor, router_topk: int) -> torch.Tensor:

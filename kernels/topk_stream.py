@@ -476,3 +476,23 @@ def topk_stream(k_keys: torch.Tensor, landmarks: torch.Tensor, topk: int, *, ret
     big_m = row_max.amax(-1, keepdim=True)  # [G, m, 1]
     total = (row_sum * torch.exp(row_max - big_m)).sum(-1)
     return idx, (big_m.squeeze(-1).view(B, H, m), total.view(B, H, m))
+
+
+# A torch custom op, so torch.compile keeps the selection as one opaque call (its launches are not traceable).
+@torch.library.custom_op("mita::landmark_topk", mutates_args=())
+def landmark_topk_op(k_keys: torch.Tensor, landmarks: torch.Tensor, topk: int) -> torch.Tensor:
+    """:func:`topk_stream`'s indices ``[B, H, m, topk]`` (int64)."""
+    return topk_stream(k_keys, landmarks, topk)
+
+
+@landmark_topk_op.register_fake
+def _(k_keys, landmarks, topk):
+    B, H, m, _ = landmarks.shape
+    return landmarks.new_empty(B, H, m, topk, dtype=torch.long)
+
+
+def landmark_topk(k_keys: torch.Tensor, landmarks: torch.Tensor, topk: int) -> torch.Tensor:
+    """:func:`topk_stream`'s indices: the custom op under ``torch.compile``, the launches themselves in eager mode."""
+    if torch.compiler.is_compiling():
+        return landmark_topk_op(k_keys, landmarks, topk)
+    return topk_stream(k_keys, landmarks, topk)

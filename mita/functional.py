@@ -303,9 +303,9 @@ def _mita_torch(q, k, v, landmarks, topk_idx, expert_idx, shared, scale_shared):
 
 def _streams_topk(k, landmarks, topk) -> bool:
     """Whether the landmarks' top-k is streamed by a kernel (``mita.kernels.STREAM_TOPK_MIN_SCORES``): from that
-    many scores a head, in eager mode (torch.compile does not trace its launches, and keeps R K^T + topk)."""
+    many scores a head (m N)."""
     min_scores = kernels.STREAM_TOPK_MIN_SCORES
-    if min_scores is None or landmarks.shape[2] * k.shape[2] < min_scores or torch.compiler.is_compiling():
+    if min_scores is None or landmarks.shape[2] * k.shape[2] < min_scores:
         return False
     return (k.is_cuda or kernels._interpreting()) and kernels.available() and kernels.supports(k, landmarks, topk, 1)
 

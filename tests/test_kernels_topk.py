@@ -286,8 +286,8 @@ class TestGPU:
 
 
 def test_mita_routing_streams_the_topk_from_a_score_count_on(monkeypatch):
-    # mita.kernels.STREAM_TOPK_MIN_SCORES: mita_routing takes the streamed kernel from m N scores a head on, in
-    # eager mode only (not while torch.compile traces: the kernel syncs with the host once)
+    # mita.kernels.STREAM_TOPK_MIN_SCORES: mita_routing takes the streamed kernel from m N scores a head on (the
+    # custom op under torch.compile)
     from mita import kernels
     from mita.functional import mita_routing
 
@@ -304,6 +304,11 @@ def test_mita_routing_streams_the_topk_from_a_score_count_on(monkeypatch):
     stream_idx, _ = mita_routing(q, k, R, 9)
     assert calls == [1]
     assert torch.equal(stream_idx.sort(-1).values, torch_idx.sort(-1).values)
+    from mita.kernels import topk_stream as module
+
+    ops = []
+    op = module.landmark_topk_op
+    monkeypatch.setattr(module, "landmark_topk_op", lambda *a: ops.append(1) or op(*a))
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    mita_routing(q, k, R, 9)
-    assert calls == [1]
+    assert torch.equal(mita_routing(q, k, R, 9)[0], stream_idx) and ops == [1]
+    torch.library.opcheck(op, (k, R, 9), test_utils=("test_schema", "test_faketensor"))
