@@ -14,7 +14,8 @@ is marked FAIL and not timed. Then both methods are timed with CUDA events, medi
 after --warmup, rotating --sets input sets so that L2 does not hold the keys between calls:
 
 * ``topk_stream``: :func:`mita.kernels.topk_stream.topk_stream` (two passes over the keys, no ``m x N``
-  tensor; its one host sync, the overflow check, is inside the timed region);
+  tensor, no host sync; the device-side repair of overflowing rows, a launch that returns at once for
+  the others, is inside the timed region);
 * ``matmul+topk``: ``landmarks @ k.transpose(-1, -2)`` then ``torch.topk(sorted=False)``.
 
 Peak memory: ``torch.cuda.max_memory_allocated`` during one call minus the memory in use before it (the
