@@ -380,6 +380,8 @@ class Runner:
             return
         ours = triton_kernel_names()
         total = sum(t for _, _, t in kernels)
+        # kernels, copies and memsets the device ran for one forward+backward (the launch-count bar)
+        row["device_ops_fb"] = sum(calls for _, calls, _ in kernels)
         row["triton_kernels_ms"] = sum(t for kname, _, t in kernels if kname in ours)
         row["triton_kernel_share"] = row["triton_kernels_ms"] / total if total else float("nan")
         for kname, calls, t in kernels:
@@ -447,8 +449,9 @@ class Runner:
 def _summary(row: dict) -> str:
     if row.get("status") != "ok":
         return row.get("status", "")
+    ops = f"  {row['device_ops_fb']} device ops" if "device_ops_fb" in row else ""
     return (f"fwd {row['fwd_ms']:.3f} ms  bwd {row['bwd_ms']:.3f} ms  f+b {row['fb_ms']:.3f} ms  "
-            f"peak {row['peak_mib']:.0f} MiB")
+            f"peak {row['peak_mib']:.0f} MiB{ops}")
 
 
 def _ms(row: Optional[dict], key: str = "fb_ms") -> str:

@@ -178,6 +178,13 @@ def test_bench_attention_cases_and_bars():
 
 
 
+def test_bench_attention_summary_counts_device_ops():
+    bench = _load_script("bench_attention")
+    row = {"status": "ok", "fwd_ms": 1.0, "bwd_ms": 2.0, "fb_ms": 3.0, "peak_mib": 4.0}
+    assert "device ops" not in bench._summary(row)
+    assert bench._summary({**row, "device_ops_fb": 17}).endswith("peak 4 MiB  17 device ops")
+
+
 def test_bench_attention_switches(tmp_path, monkeypatch):
     bench = _load_script("bench_attention")
     assert bench.parse_switches("layout=off, stream-topk,shared-split=on") == [
