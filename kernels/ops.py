@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from . import shared as shared_split  # the shared values split over the keys
 from .layout import expert_tiles, key_pairs
 from .routed import dkdv_plan, merge_slots, routed_backward, routed_forward, row_delta, shared_backward, sum_chunks
 from .small_ops import _unit_last_stride  # the kernels take any batch, head and row strides, a unit last one
@@ -228,10 +229,8 @@ class _Attention(torch.autograd.Function):
     def forward(ctx, q, k, v, landmarks, shared_v, topk_idx, expert_idx, scale_shared, allow_tf32, split_shared):
         lse_sh = None
         if split_shared:
-            from . import shared as shared_mod
-
-            shared_v, lse_sh = shared_mod.forward(*(shared_mod._unit_last(t) for t in (landmarks, k, v)),
-                                                  q.shape[-1] ** -0.5, allow_tf32)
+            shared_v, lse_sh = shared_split.forward(*(shared_split._unit_last(t) for t in (landmarks, k, v)),
+                                                    q.shape[-1] ** -0.5, allow_tf32)
         out, lse, lay = _forward(q, k, v, landmarks, shared_v, topk_idx, expert_idx, scale_shared, allow_tf32)
         ctx.save_for_backward(q, k, v, landmarks, shared_v, lse_sh, topk_idx, expert_idx, out, lse, *_save_layout(lay))
         ctx.meta = (lay["tile"], lay["num_tiles"], scale_shared, allow_tf32, split_shared)
@@ -248,13 +247,11 @@ class _Attention(torch.autograd.Function):
                                         scale_shared, allow_tf32, lay=_saved_layout(layout, ctx.meta),
                                         dr_partials=split_shared)
         if split_shared:
-            from . import shared as shared_mod
-
             # V~'s backward: dR (with the shared logits' partials added in the same launch), and dK, dV added
             # into the routed ones (or written, with no routed keys)
-            dr, dk, dv = shared_mod.backward(*(shared_mod._unit_last(t) for t in (landmarks, k, v)), shared_v,
-                                             lse_sh, dvs, q.shape[-1] ** -0.5, allow_tf32, into=(dk, dv),
-                                             dr_add=dr)
+            dr, dk, dv = shared_split.backward(*(shared_split._unit_last(t) for t in (landmarks, k, v)), shared_v,
+                                               lse_sh, dvs, q.shape[-1] ** -0.5, allow_tf32, into=(dk, dv),
+                                               dr_add=dr)
             return dq, dk, dv, dr, None, None, None, None, None, None
         return dq, dk, dv, dr, dvs, None, None, None, None, None
 
@@ -279,9 +276,7 @@ def mita_attention(q, k, v, landmarks, topk_idx, expert_idx, shared, scale_share
         # fell back to the math backend, which forms the m x N matrix in fp32
         # (the fused backends need unit stride along d; pooled landmarks often lack it, and they are small)
         if split:
-            from .shared import shared_values
-
-            shared_v = shared_values(landmarks, k, v, q.shape[-1] ** -0.5, allow_tf32)
+            shared_v = shared_split.shared_values(landmarks, k, v, q.shape[-1] ** -0.5, allow_tf32)
         else:
             with sdpa_kernel(_SHARED_BACKENDS, set_priority=True):
                 shared_v = F.scaled_dot_product_attention(landmarks.contiguous(), k, v, scale=q.shape[-1] ** -0.5)

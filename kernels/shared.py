@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from .launch import cdiv, launch, next_power_of_2
+from .routed import sum_chunks
 
 __all__ = ["shared_values"]
 
@@ -270,8 +271,6 @@ def backward(landmarks, k, v, vs, lse, grad_vs, scale, allow_tf32=False, cfg=Non
         (*args, pdr, *strides, H, N, m, cfg["CHUNK"], chunks, scale),
         dict(D=D, BM=cfg["BM"], BN=cfg["BN"], PREC=prec, num_warps=cfg["num_warps"]),
     )
-    from .routed import sum_chunks
-
     dr = sum_chunks(pdr, k.dtype, scale, dr_add).view(B, H, m, D)
     return dr, dk, dv
 
