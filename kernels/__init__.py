@@ -48,6 +48,11 @@ EAGER_FUNCTIONS = True
 # launches them from its generated code) instead of calling the opaque custom ops of kernels/small_ops.py, whose
 # every call goes through the dispatcher and the op's Python. Off until timed on a GPU.
 TRITON_OPS = False
+# Whether the general path's routed forward and dq kernels run one program per tile that keeps the expert's keys and
+# values and the head's landmarks and shared values on chip while it goes through the tile's queries
+# (routed.resident_config: m and topk up to 128 at d <= 64), instead of one program per block of a tile's queries,
+# each loading them again. Off until timed on a GPU.
+ROUTED_RESIDENT = False
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_LANDMARKS = 1024
 MAX_TOPK = 1024

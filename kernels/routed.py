@@ -165,6 +165,142 @@ def _routed_bwd_dq_kernel(
 
 
 @triton.jit
+def _resident_tiles(K, V, R, VS, TOPK_IDX, g, b, h, expert, skb, skh, skn, svb, svh, svn, M, TOPK,
+                    D: tl.constexpr, KP: tl.constexpr, MP: tl.constexpr, SHARED: tl.constexpr,
+                    ROUTED: tl.constexpr):
+    """The expert's keys and values ``[KP, D]`` (rows past TOPK zero) and the head's landmarks and shared
+    values ``[MP, D]`` (rows past M zero), loaded once by a program of the resident kernels (zeros for the
+    part the case lacks)."""
+    offs_d = tl.arange(0, D)
+    offs_k = tl.arange(0, KP)
+    k_ok = offs_k < TOPK
+    offs_r = tl.arange(0, MP)
+    r_ok = offs_r < M
+    if ROUTED:
+        key = tl.load(TOPK_IDX + (g * M + expert) * TOPK + offs_k, mask=k_ok, other=0).to(tl.int64)
+        kb = tl.load(K + b * skb + h * skh + (key * skn)[:, None] + offs_d[None, :], mask=k_ok[:, None], other=0.0)
+        vb = tl.load(V + b * svb + h * svh + (key * svn)[:, None] + offs_d[None, :], mask=k_ok[:, None], other=0.0)
+    else:
+        kb = tl.zeros([KP, D], K.dtype.element_ty)
+        vb = tl.zeros([KP, D], K.dtype.element_ty)
+    if SHARED:
+        lm_row = (g * M + offs_r)[:, None] * D + offs_d[None, :]
+        rr = tl.load(R + lm_row, mask=r_ok[:, None], other=0.0)
+        vs = tl.load(VS + lm_row, mask=r_ok[:, None], other=0.0)
+    else:
+        rr = tl.zeros([MP, D], K.dtype.element_ty)
+        vs = tl.zeros([MP, D], K.dtype.element_ty)
+    return kb, vb, k_ok, rr, vs, r_ok
+
+
+@triton.jit
+def _tile_rows(SLOT_TOKEN, SLOT_SOURCE, g, t, m0, count, S, T, N, E, BLOCK_M: tl.constexpr):
+    """Tokens and entries of the tile's slots ``m0 ..`` (padding: N and E past the tile's count)."""
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    in_tile = offs_m < count
+    slot = g * S * T + t * T + offs_m
+    token = tl.load(SLOT_TOKEN + slot, mask=in_tile, other=N)
+    entry = tl.load(SLOT_SOURCE + slot, mask=in_tile, other=E)
+    return token, entry, entry < E
+
+
+@triton.jit
+def _routed_fwd_resident_kernel(
+    Q, K, V, R, VS, TOPK_IDX, SLOT_TOKEN, SLOT_SOURCE, TILE_EXPERT, TILE_COUNT, O, LSE,
+    H, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, soe,
+    N, E, M, TOPK, T, S, R_SLOTS, scale, scale_shared,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, KP: tl.constexpr, MP: tl.constexpr,
+    SHARED: tl.constexpr, ROUTED: tl.constexpr, PRECISION: tl.constexpr, SPREC: tl.constexpr,
+):
+    # one program per (batch-head g, tile t): the expert's keys and values and the head's landmarks and shared
+    # values are loaded once and stay on chip (shared memory) while the program goes through the tile's entries
+    # in blocks of BLOCK_M; every logit of an entry is in the two tiles [BLOCK_M, MP] and [BLOCK_M, KP]
+    pid = tl.program_id(0)
+    g = (pid // S).to(tl.int64)
+    t = (pid % S).to(tl.int64)
+    count = tl.load(TILE_COUNT + g * S + t)
+    if count == 0:
+        return
+    expert = tl.load(TILE_EXPERT + g * S + t)
+    b, h = g // H, g % H
+    kb, vb, k_ok, rr, vs, r_ok = _resident_tiles(K, V, R, VS, TOPK_IDX, g, b, h, expert, skb, skh, skn, svb, svh,
+                                                 svn, M, TOPK, D, KP, MP, SHARED, ROUTED)
+    offs_d = tl.arange(0, D)
+    Qg, Og = Q + b * sqb + h * sqh, O + b * sob + h * soh
+    for m0 in range(0, count, BLOCK_M):
+        token, entry, row_ok = _tile_rows(SLOT_TOKEN, SLOT_SOURCE, g, t, m0, count, S, T, N, E, BLOCK_M)
+        q = tl.load(Qg + token.to(tl.int64)[:, None] * sqn + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        # shared logits first (slot 0 only), then the routed ones, with one rescale between
+        m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, D], tl.float32)
+        if SHARED:
+            z = tl.dot(q, tl.trans(rr), input_precision=SPREC) * scale_shared  # [BLOCK_M, MP]
+            z = tl.where(((entry % R_SLOTS) == 0)[:, None] & r_ok[None, :], z, float("-inf"))
+            m_i = tl.maximum(m_i, tl.max(z, 1))
+            ps = tl.exp(z - m_i[:, None])
+            l_i = tl.sum(ps, 1)
+            acc = tl.dot(ps.to(vs.dtype), vs, input_precision=PRECISION)
+        if ROUTED:
+            s = tl.dot(q, tl.trans(kb), input_precision=SPREC) * scale  # [BLOCK_M, KP]
+            s = tl.where(k_ok[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp(m_i - m_new)
+            p = tl.exp(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = tl.dot(p.to(vb.dtype), vb, acc * alpha[:, None], input_precision=PRECISION)
+            m_i = m_new
+        l_i = tl.where(l_i == 0.0, 1.0, l_i)  # padding rows
+        tl.store(Og + entry.to(tl.int64)[:, None] * soe + offs_d[None, :], acc / l_i[:, None], mask=row_ok[:, None])
+        tl.store(LSE + g * E + entry, m_i + tl.log(l_i), mask=row_ok)
+
+
+@triton.jit
+def _routed_bwd_dq_resident_kernel(
+    Q, K, V, R, VS, DO, LSE, DELTA, TOPK_IDX, SLOT_TOKEN, SLOT_SOURCE, TILE_EXPERT, TILE_COUNT, DQ,
+    H, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn,
+    N, E, M, TOPK, T, S, R_SLOTS, scale, scale_shared,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, KP: tl.constexpr, MP: tl.constexpr,
+    SHARED: tl.constexpr, ROUTED: tl.constexpr, PRECISION: tl.constexpr, SPREC: tl.constexpr,
+):
+    # the grid and the resident tiles of the forward above; dq of each entry, summed over its r slots by the caller
+    pid = tl.program_id(0)
+    g = (pid // S).to(tl.int64)
+    t = (pid % S).to(tl.int64)
+    count = tl.load(TILE_COUNT + g * S + t)
+    if count == 0:
+        return
+    expert = tl.load(TILE_EXPERT + g * S + t)
+    b, h = g // H, g % H
+    kb, vb, k_ok, rr, vs, r_ok = _resident_tiles(K, V, R, VS, TOPK_IDX, g, b, h, expert, skb, skh, skn, svb, svh,
+                                                 svn, M, TOPK, D, KP, MP, SHARED, ROUTED)
+    offs_d = tl.arange(0, D)
+    Qg, DOg = Q + b * sqb + h * sqh, DO + b * sdb + h * sdh
+    for m0 in range(0, count, BLOCK_M):
+        token, entry, row_ok = _tile_rows(SLOT_TOKEN, SLOT_SOURCE, g, t, m0, count, S, T, N, E, BLOCK_M)
+        tok = token.to(tl.int64)[:, None]
+        q = tl.load(Qg + tok * sqn + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        do = tl.load(DOg + tok * sdn + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        lse = tl.load(LSE + g * N + token, mask=row_ok, other=0.0)
+        delta = tl.load(DELTA + g * N + token, mask=row_ok, other=0.0)
+        dq = tl.zeros([BLOCK_M, D], tl.float32)
+        if ROUTED:
+            s = tl.dot(q, tl.trans(kb), input_precision=SPREC) * scale  # [BLOCK_M, KP]
+            p = tl.where(row_ok[:, None] & k_ok[None, :], tl.exp(s - lse[:, None]), 0.0)
+            dp = tl.dot(do, tl.trans(vb), input_precision=SPREC)
+            ds = p * (dp - delta[:, None]) * scale
+            dq = tl.dot(ds.to(kb.dtype), kb, dq, input_precision=PRECISION)
+        if SHARED:
+            z = tl.dot(q, tl.trans(rr), input_precision=SPREC) * scale_shared  # [BLOCK_M, MP]
+            first = row_ok & ((entry % R_SLOTS) == 0)
+            ps = tl.where(first[:, None] & r_ok[None, :], tl.exp(z - lse[:, None]), 0.0)
+            dps = tl.dot(do, tl.trans(vs), input_precision=SPREC)
+            dss = ps * (dps - delta[:, None]) * scale_shared
+            dq = tl.dot(dss.to(rr.dtype), rr, dq, input_precision=PRECISION)
+        tl.store(DQ + (g * E + entry)[:, None] * D + offs_d[None, :], dq, mask=row_ok[:, None])
+
+
+@triton.jit
 def _routed_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, TOPK_IDX, SLOT_TOKEN, EXPERT_START, EXPERT_COUNT, DKP, DVP,
     H, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn,
@@ -415,6 +551,31 @@ def _reduce_block(head_dim: int) -> int:
     return 2048 // head_dim
 
 
+def resident_config(T: int, m: int, topk: int, head_dim: int, itemsize: int, shared: bool):
+    """Launch config of the resident routed kernels (``_routed_fwd_resident_kernel``, ``_routed_bwd_dq_resident_
+    kernel``: one program per tile, the expert's ``[KP, d]`` keys and values and the head's ``[MP, d]`` landmarks
+    and shared values loaded once), or None where they do not fit: fp16/bf16, ``KP``, ``MP`` (topk and m padded
+    to powers of two >= 16) up to 128 and ``d (KP + MP) <= 16,384`` (the four tiles in at most 64 KiB). Queries
+    in blocks of 64 while ``KP, MP <= 64`` and ``d <= 64``, else 32 (the logit tiles bound the registers); 4 warps,
+    2 stages. Compiled for sm_90 (Triton 3.8, ``ptxas -v``, bf16, no spills), forward / dq registers and shared
+    memory: d = 64, KP = MP = 64, blocks of 64: 199 / 238 registers, 58 / 81 KiB; KP = MP = 128, blocks of 32:
+    168 / 244, 76 / 113 KiB; d = 128, KP = MP = 64, blocks of 32: 168 / 255, 76 / 120 KiB. Not yet timed on a
+    GPU."""
+    kp = max(16, next_power_of_2(topk))
+    mp = max(16, next_power_of_2(m)) if shared else 16
+    if max(kp, mp) > 128 or head_dim * ((kp if topk else 0) + (mp if shared else 0)) > 16384 or itemsize > 2:
+        return None
+    block_m = 64 if max(kp, mp) <= 64 and head_dim <= 64 else 32
+    return dict(BLOCK_M=min(block_m, max(16, next_power_of_2(T))), KP=kp, MP=mp, SHARED=shared, ROUTED=topk > 0,
+                num_warps=4, num_stages=2)
+
+
+def _resident(T, M, topk, D, itemsize, shared):
+    from . import ROUTED_RESIDENT
+
+    return resident_config(T, M, topk, D, itemsize, shared) if ROUTED_RESIDENT else None
+
+
 def dkdv_plan(dtype, N: int, m: int, topk: int):
     """``(dtype, buffers, chunk)`` of the per-(expert, slot) partial dk, dv ``[G, chunk, topk, d]``.
 
@@ -467,6 +628,16 @@ def routed_forward(q, k, v, landmarks, shared_v, topk_idx, lay, r, scale, scale_
     block_m, block_k = _block(T, D, q.element_size()), _block(topk, D, q.element_size())
     block_r = _block(M, D, q.element_size())
     shared = landmarks is not None
+    res = _resident(T, M, topk, D, q.element_size(), shared)
+    if res is not None:
+        launch(
+            _routed_fwd_resident_kernel, (G * S,),
+            (q, k, v, landmarks if shared else q, shared_v if shared else q, topk_idx, lay["slot_token"],
+                lay["slot_source"], lay["tile_expert"], lay["tile_count"], o, lse, H, *_bhn(q), *_bhn(k), *_bhn(v),
+                *_bhn(o), N, E, M, topk, T, S, r, scale, scale_shared),
+            dict(res, D=D, PRECISION=_precision(q.dtype, allow_tf32), SPREC=_score_precision(q.dtype, allow_tf32)),
+        )
+        return
     num_mb = cdiv(T, block_m)
     launch(
         _routed_fwd_kernel, (G * S * num_mb,),
@@ -507,15 +678,25 @@ def routed_backward(q, k, v, landmarks, shared_v, do, lse, delta, topk_idx, lay,
     precision = _precision(q.dtype, allow_tf32)
     sprec = _score_precision(q.dtype, allow_tf32)
     shared = landmarks is not None
-    num_mb = cdiv(T, block_m)
-    launch(
-        _routed_bwd_dq_kernel, (G * S * num_mb,),
-        (q, k, v, landmarks if shared else q, shared_v if shared else q, do, lse, delta, topk_idx, lay["slot_token"],
-            lay["slot_source"], lay["tile_expert"], lay["tile_count"], dq, H, *_bhn(q), *_bhn(k), *_bhn(v), *_bhn(do),
-            N, E, M, topk, T, S, num_mb, r, scale, scale_shared),
-        dict(D=D, BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_r, SHARED=shared, PRECISION=precision, SPREC=sprec,
-            num_warps=4, num_stages=2),
-    )
+    res = _resident(T, M, topk, D, q.element_size(), shared)
+    if res is not None:
+        launch(
+            _routed_bwd_dq_resident_kernel, (G * S,),
+            (q, k, v, landmarks if shared else q, shared_v if shared else q, do, lse, delta, topk_idx,
+                lay["slot_token"], lay["slot_source"], lay["tile_expert"], lay["tile_count"], dq, H, *_bhn(q),
+                *_bhn(k), *_bhn(v), *_bhn(do), N, E, M, topk, T, S, r, scale, scale_shared),
+            dict(res, D=D, PRECISION=precision, SPREC=sprec),
+        )
+    else:
+        num_mb = cdiv(T, block_m)
+        launch(
+            _routed_bwd_dq_kernel, (G * S * num_mb,),
+            (q, k, v, landmarks if shared else q, shared_v if shared else q, do, lse, delta, topk_idx,
+                lay["slot_token"], lay["slot_source"], lay["tile_expert"], lay["tile_count"], dq, H, *_bhn(q),
+                *_bhn(k), *_bhn(v), *_bhn(do), N, E, M, topk, T, S, num_mb, r, scale, scale_shared),
+            dict(D=D, BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_r, SHARED=shared, PRECISION=precision,
+                SPREC=sprec, num_warps=4, num_stages=2),
+        )
     if topk == 0:
         return
     num_kb = cdiv(topk, block_k)

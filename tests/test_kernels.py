@@ -289,6 +289,56 @@ def _check_general_layout(kind, N, m, topk, r, shared):
     _assert_grads(out, inputs, ref, ref_inputs, grad_out.to(DEVICE), torch.float32, 1e-5)
 
 
+@pytest.mark.parametrize("kind,B,N,m,topk,r,shared,block_m", [
+    ("duplicates", 1, 50, 2, 7, 1, True, 16),  # tiles of 25 entries: two blocks
+    ("duplicates", 2, 17, 3, 4, 2, False, 16),
+    ("one_key", 1, 50, 3, 3, 2, True, 16),  # tiles of 34: three blocks
+    ("shared_keys", 2, 2, 5, 2, 2, True, 16),
+    ("duplicates", 2, 1, 2, 1, 1, True, 16),
+    ("duplicates", 1, 33, 20, 0, 1, True, 16),  # topk = 0: the shared expert alone
+    ("duplicates", 1, 50, 5, 7, 2, True, None),  # the config's own block
+])
+def test_resident_routed_kernels(monkeypatch, kind, B, N, m, topk, r, shared, block_m):
+    """mita.kernels.ROUTED_RESIDENT: the forward and dq kernels with one program per tile, the expert's keys,
+    values and the head's landmarks, shared values loaded once; blocks of 16 queries so that a tile takes several
+    (the first expert holds every query: several tiles, beside empty experts), fp16, poisoned buffers."""
+    from mita.kernels import routed
+
+    launched = []
+    config = routed.resident_config
+    monkeypatch.setattr(kernels, "ROUTED_RESIDENT", True)
+    monkeypatch.setattr(routed, "resident_config", lambda *a: launched.append(a) or (
+        None if config(*a) is None else dict(config(*a), **({} if block_m is None else {"BLOCK_M": block_m}))))
+    d, H, dtype = 32, 2, torch.float16
+    inputs = _inputs(B, H, N, d, m, dtype, seed=N + topk)
+    ref_inputs = [x.detach().double().requires_grad_() for x in inputs]
+    kw = dict(router_topk=r, shared=shared, routing=_routing(kind, B, H, N, m, topk, r, seed=N))
+    out = mita_attention(*inputs, topk, impl="triton", **kw)
+    ref = mita_attention(*ref_inputs, topk, impl="reference", **kw)
+    assert rel_err(out, ref) <= 1e-2
+    grad_out = torch.randn(B, H, N, d, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    _assert_grads(out, inputs, ref, ref_inputs, grad_out.to(DEVICE), dtype, 1e-2)
+    assert len(launched) == 2  # the forward's and the backward's dq
+
+
+def test_resident_config_bounds():
+    """The resident kernels take m and topk up to 128 with d (KP + MP) <= 16,384, fp16/bf16 only; blocks of 64
+    queries while both pads are <= 64 and d <= 64, 32 beyond, never more than the tile."""
+    from mita.kernels.routed import resident_config
+
+    c = resident_config(256, 64, 64, 64, 2, True)
+    assert (c["BLOCK_M"], c["KP"], c["MP"]) == (64, 64, 64)
+    c = resident_config(512, 128, 100, 64, 2, True)
+    assert (c["BLOCK_M"], c["KP"], c["MP"]) == (32, 128, 128)
+    assert resident_config(21, 49, 49, 64, 2, True)["BLOCK_M"] == 32
+    assert resident_config(5, 3, 4, 32, 2, False)["BLOCK_M"] == 16
+    assert resident_config(256, 64, 64, 64, 4, True) is None  # fp32
+    assert resident_config(256, 256, 64, 64, 2, True) is None
+    assert resident_config(256, 128, 128, 128, 2, True) is None  # 128 (128 + 128) > 16,384
+    assert resident_config(256, 64, 64, 128, 2, True)["BLOCK_M"] == 32
+    assert resident_config(256, 300, 64, 64, 2, False)["MP"] == 16  # no shared expert: m does not count
+
+
 @pytest.mark.parametrize("N,m,topk,r", [(50, 5, 7, 2), (33, 20, 4, 1), (17, 3, 0, 1)])
 def test_shared_values_split_over_the_keys(monkeypatch, N, m, topk, r):
     """mita.kernels.SHARED_SPLIT_MIN_N: the general path's fp16/bf16 shared values from kernels/shared.py,
@@ -464,6 +514,13 @@ class TestGPU:
     @pytest.mark.parametrize("d", [32, 64, 128])
     def test_fp32_tf32(self, d):
         _compare(2, 3, 1025, d, 49, 49, 1, True, "official", tol=2e-3, allow_tf32=True)
+
+    @pytest.mark.parametrize("N,d,m,topk,r,shared", [(4097, 64, 64, 64, 1, True), (4097, 64, 128, 100, 2, True),
+                                                     (1025, 128, 49, 49, 1, True), (1025, 32, 128, 128, 2, False),
+                                                     (197, 64, 25, 25, 2, True)])
+    def test_resident_routed_kernels(self, monkeypatch, N, d, m, topk, r, shared):
+        monkeypatch.setattr(kernels, "ROUTED_RESIDENT", True)
+        _compare(1, 2, N, d, m, topk, r, shared, "official", dtype=torch.bfloat16, tol=1e-2, seed=N + m)
 
     @pytest.mark.parametrize("N", [1, 2, 63])
     def test_tiny_sequences(self, N):
