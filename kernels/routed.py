@@ -165,32 +165,35 @@ def _routed_bwd_dq_kernel(
 
 
 @triton.jit
-def _resident_tiles(K, V, R, VS, TOPK_IDX, g, b, h, expert, skb, skh, skn, svb, svh, svn, M, TOPK,
-                    D: tl.constexpr, KP: tl.constexpr, MP: tl.constexpr, SHARED: tl.constexpr,
-                    ROUTED: tl.constexpr):
-    """The expert's keys and values ``[KP, D]`` (rows past TOPK zero) and the head's landmarks and shared
-    values ``[MP, D]`` (rows past M zero), loaded once by a program of the resident kernels (zeros for the
-    part the case lacks)."""
-    offs_d = tl.arange(0, D)
-    offs_k = tl.arange(0, KP)
-    k_ok = offs_k < TOPK
+def _shared_tiles(R, VS, g, M, D: tl.constexpr, MP: tl.constexpr, SHARED: tl.constexpr, DT: tl.constexpr):
+    """The head's landmarks and shared values ``[MP, D]`` (rows past M zero; zeros without the shared expert)."""
     offs_r = tl.arange(0, MP)
     r_ok = offs_r < M
-    if ROUTED:
-        key = tl.load(TOPK_IDX + (g * M + expert) * TOPK + offs_k, mask=k_ok, other=0).to(tl.int64)
-        kb = tl.load(K + b * skb + h * skh + (key * skn)[:, None] + offs_d[None, :], mask=k_ok[:, None], other=0.0)
-        vb = tl.load(V + b * svb + h * svh + (key * svn)[:, None] + offs_d[None, :], mask=k_ok[:, None], other=0.0)
-    else:
-        kb = tl.zeros([KP, D], K.dtype.element_ty)
-        vb = tl.zeros([KP, D], K.dtype.element_ty)
     if SHARED:
-        lm_row = (g * M + offs_r)[:, None] * D + offs_d[None, :]
+        lm_row = (g * M + offs_r)[:, None] * D + tl.arange(0, D)[None, :]
         rr = tl.load(R + lm_row, mask=r_ok[:, None], other=0.0)
         vs = tl.load(VS + lm_row, mask=r_ok[:, None], other=0.0)
     else:
-        rr = tl.zeros([MP, D], K.dtype.element_ty)
-        vs = tl.zeros([MP, D], K.dtype.element_ty)
-    return kb, vb, k_ok, rr, vs, r_ok
+        rr = tl.zeros([MP, D], DT)
+        vs = tl.zeros([MP, D], DT)
+    return rr, vs, r_ok
+
+
+@triton.jit
+def _expert_tiles(Kh, Vh, TOPK_IDX, g, expert, skn, svn, M, TOPK, D: tl.constexpr, KP: tl.constexpr,
+                  ROUTED: tl.constexpr, DT: tl.constexpr):
+    """The expert's keys and values ``[KP, D]`` (rows past TOPK zero; zeros with topk = 0)."""
+    offs_d = tl.arange(0, D)
+    offs_k = tl.arange(0, KP)
+    k_ok = offs_k < TOPK
+    if ROUTED:
+        key = tl.load(TOPK_IDX + (g * M + expert) * TOPK + offs_k, mask=k_ok, other=0).to(tl.int64)
+        kb = tl.load(Kh + (key * skn)[:, None] + offs_d[None, :], mask=k_ok[:, None], other=0.0)
+        vb = tl.load(Vh + (key * svn)[:, None] + offs_d[None, :], mask=k_ok[:, None], other=0.0)
+    else:
+        kb = tl.zeros([KP, D], DT)
+        vb = tl.zeros([KP, D], DT)
+    return kb, vb, k_ok
 
 
 @triton.jit
@@ -208,115 +211,117 @@ def _tile_rows(SLOT_TOKEN, SLOT_SOURCE, g, t, m0, count, S, T, N, E, BLOCK_M: tl
 def _routed_fwd_resident_kernel(
     Q, K, V, R, VS, TOPK_IDX, SLOT_TOKEN, SLOT_SOURCE, TILE_EXPERT, TILE_COUNT, O, LSE,
     H, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, soe,
-    N, E, M, TOPK, T, S, R_SLOTS, scale, scale_shared,
-    D: tl.constexpr, BLOCK_M: tl.constexpr, KP: tl.constexpr, MP: tl.constexpr,
+    N, E, M, TOPK, T, S, NUM_TP, R_SLOTS, scale, scale_shared,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, KP: tl.constexpr, MP: tl.constexpr, TPP: tl.constexpr,
     SHARED: tl.constexpr, ROUTED: tl.constexpr, PRECISION: tl.constexpr, SPREC: tl.constexpr,
 ):
-    # one program per (batch-head g, tile t): the expert's keys and values and the head's landmarks and shared
-    # values are loaded once and stay on chip (shared memory) while the program goes through the tile's entries
-    # in blocks of BLOCK_M; every logit of an entry is in the two tiles [BLOCK_M, MP] and [BLOCK_M, KP]
+    # one program per (batch-head g, group of TPP consecutive tiles): the head's landmarks and shared values, then
+    # each tile's expert keys and values, are loaded once and stay on chip (shared memory) while the program goes
+    # through the tile's entries in blocks of BLOCK_M; every logit of an entry is in the two tiles [BLOCK_M, MP]
+    # and [BLOCK_M, KP]. The used tiles come first (layout.expert_tiles), so a group whose first tile is unused
+    # has nothing to do.
     pid = tl.program_id(0)
-    g = (pid // S).to(tl.int64)
-    t = (pid % S).to(tl.int64)
-    count = tl.load(TILE_COUNT + g * S + t)
-    if count == 0:
+    g = (pid // NUM_TP).to(tl.int64)
+    t0 = (pid % NUM_TP) * TPP
+    if tl.load(TILE_COUNT + g * S + t0) == 0:
         return
-    expert = tl.load(TILE_EXPERT + g * S + t)
+    DT = Q.dtype.element_ty
     b, h = g // H, g % H
-    kb, vb, k_ok, rr, vs, r_ok = _resident_tiles(K, V, R, VS, TOPK_IDX, g, b, h, expert, skb, skh, skn, svb, svh,
-                                                 svn, M, TOPK, D, KP, MP, SHARED, ROUTED)
+    rr, vs, r_ok = _shared_tiles(R, VS, g, M, D, MP, SHARED, DT)
     offs_d = tl.arange(0, D)
     Qg, Og = Q + b * sqb + h * sqh, O + b * sob + h * soh
-    for m0 in range(0, count, BLOCK_M):
-        token, entry, row_ok = _tile_rows(SLOT_TOKEN, SLOT_SOURCE, g, t, m0, count, S, T, N, E, BLOCK_M)
-        q = tl.load(Qg + token.to(tl.int64)[:, None] * sqn + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-        # shared logits first (slot 0 only), then the routed ones, with one rescale between
-        m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
-        l_i = tl.zeros([BLOCK_M], tl.float32)
-        acc = tl.zeros([BLOCK_M, D], tl.float32)
-        if SHARED:
-            z = tl.dot(q, tl.trans(rr), input_precision=SPREC) * scale_shared  # [BLOCK_M, MP]
-            z = tl.where(((entry % R_SLOTS) == 0)[:, None] & r_ok[None, :], z, float("-inf"))
-            m_i = tl.maximum(m_i, tl.max(z, 1))
-            ps = tl.exp(z - m_i[:, None])
-            l_i = tl.sum(ps, 1)
-            acc = tl.dot(ps.to(vs.dtype), vs, input_precision=PRECISION)
-        if ROUTED:
-            s = tl.dot(q, tl.trans(kb), input_precision=SPREC) * scale  # [BLOCK_M, KP]
-            s = tl.where(k_ok[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            alpha = tl.exp(m_i - m_new)
-            p = tl.exp(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = tl.dot(p.to(vb.dtype), vb, acc * alpha[:, None], input_precision=PRECISION)
-            m_i = m_new
-        l_i = tl.where(l_i == 0.0, 1.0, l_i)  # padding rows
-        tl.store(Og + entry.to(tl.int64)[:, None] * soe + offs_d[None, :], acc / l_i[:, None], mask=row_ok[:, None])
-        tl.store(LSE + g * E + entry, m_i + tl.log(l_i), mask=row_ok)
+    Kh, Vh = K + b * skb + h * skh, V + b * svb + h * svh
+    for t in range(t0, tl.minimum(t0 + TPP, S)):
+        count = tl.load(TILE_COUNT + g * S + t)
+        kb, vb, k_ok = _expert_tiles(Kh, Vh, TOPK_IDX, g, tl.load(TILE_EXPERT + g * S + t), skn, svn, M, TOPK, D,
+                                     KP, ROUTED, DT)
+        for m0 in range(0, count, BLOCK_M):
+            token, entry, row_ok = _tile_rows(SLOT_TOKEN, SLOT_SOURCE, g, t, m0, count, S, T, N, E, BLOCK_M)
+            q = tl.load(Qg + token.to(tl.int64)[:, None] * sqn + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+            # shared logits first (slot 0 only), then the routed ones, with one rescale between
+            m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
+            l_i = tl.zeros([BLOCK_M], tl.float32)
+            acc = tl.zeros([BLOCK_M, D], tl.float32)
+            if SHARED:
+                z = tl.dot(q, tl.trans(rr), input_precision=SPREC) * scale_shared  # [BLOCK_M, MP]
+                z = tl.where(((entry % R_SLOTS) == 0)[:, None] & r_ok[None, :], z, float("-inf"))
+                m_i = tl.maximum(m_i, tl.max(z, 1))
+                ps = tl.exp(z - m_i[:, None])
+                l_i = tl.sum(ps, 1)
+                acc = tl.dot(ps.to(DT), vs, input_precision=PRECISION)
+            if ROUTED:
+                s = tl.dot(q, tl.trans(kb), input_precision=SPREC) * scale  # [BLOCK_M, KP]
+                s = tl.where(k_ok[None, :], s, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+                alpha = tl.exp(m_i - m_new)
+                p = tl.exp(s - m_new[:, None])
+                l_i = l_i * alpha + tl.sum(p, 1)
+                acc = tl.dot(p.to(DT), vb, acc * alpha[:, None], input_precision=PRECISION)
+                m_i = m_new
+            l_i = tl.where(l_i == 0.0, 1.0, l_i)  # padding rows
+            tl.store(Og + entry.to(tl.int64)[:, None] * soe + offs_d[None, :], acc / l_i[:, None],
+                     mask=row_ok[:, None])
+            tl.store(LSE + g * E + entry, m_i + tl.log(l_i), mask=row_ok)
 
 
 @triton.jit
 def _routed_bwd_dq_resident_kernel(
     Q, K, V, R, VS, DO, LSE, DELTA, TOPK_IDX, SLOT_TOKEN, SLOT_SOURCE, TILE_EXPERT, TILE_COUNT, DQ,
     H, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn,
-    N, E, M, TOPK, T, S, R_SLOTS, scale, scale_shared,
-    D: tl.constexpr, BLOCK_M: tl.constexpr, KP: tl.constexpr, MP: tl.constexpr,
+    N, E, M, TOPK, T, S, NUM_TP, R_SLOTS, scale, scale_shared,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, KP: tl.constexpr, MP: tl.constexpr, TPP: tl.constexpr,
     SHARED: tl.constexpr, ROUTED: tl.constexpr, PRECISION: tl.constexpr, SPREC: tl.constexpr,
 ):
     # the grid and the resident tiles of the forward above; dq of each entry, summed over its r slots by the caller
     pid = tl.program_id(0)
-    g = (pid // S).to(tl.int64)
-    t = (pid % S).to(tl.int64)
-    count = tl.load(TILE_COUNT + g * S + t)
-    if count == 0:
+    g = (pid // NUM_TP).to(tl.int64)
+    t0 = (pid % NUM_TP) * TPP
+    if tl.load(TILE_COUNT + g * S + t0) == 0:
         return
-    expert = tl.load(TILE_EXPERT + g * S + t)
+    DT = Q.dtype.element_ty
     b, h = g // H, g % H
-    kb, vb, k_ok, rr, vs, r_ok = _resident_tiles(K, V, R, VS, TOPK_IDX, g, b, h, expert, skb, skh, skn, svb, svh,
-                                                 svn, M, TOPK, D, KP, MP, SHARED, ROUTED)
+    rr, vs, r_ok = _shared_tiles(R, VS, g, M, D, MP, SHARED, DT)
     offs_d = tl.arange(0, D)
     Qg, DOg = Q + b * sqb + h * sqh, DO + b * sdb + h * sdh
-    for m0 in range(0, count, BLOCK_M):
-        token, entry, row_ok = _tile_rows(SLOT_TOKEN, SLOT_SOURCE, g, t, m0, count, S, T, N, E, BLOCK_M)
-        tok = token.to(tl.int64)[:, None]
-        q = tl.load(Qg + tok * sqn + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-        do = tl.load(DOg + tok * sdn + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-        lse = tl.load(LSE + g * N + token, mask=row_ok, other=0.0)
-        delta = tl.load(DELTA + g * N + token, mask=row_ok, other=0.0)
-        dq = tl.zeros([BLOCK_M, D], tl.float32)
-        if ROUTED:
-            s = tl.dot(q, tl.trans(kb), input_precision=SPREC) * scale  # [BLOCK_M, KP]
-            p = tl.where(row_ok[:, None] & k_ok[None, :], tl.exp(s - lse[:, None]), 0.0)
-            dp = tl.dot(do, tl.trans(vb), input_precision=SPREC)
-            ds = p * (dp - delta[:, None]) * scale
-            dq = tl.dot(ds.to(kb.dtype), kb, dq, input_precision=PRECISION)
-        if SHARED:
-            z = tl.dot(q, tl.trans(rr), input_precision=SPREC) * scale_shared  # [BLOCK_M, MP]
-            first = row_ok & ((entry % R_SLOTS) == 0)
-            ps = tl.where(first[:, None] & r_ok[None, :], tl.exp(z - lse[:, None]), 0.0)
-            dps = tl.dot(do, tl.trans(vs), input_precision=SPREC)
-            dss = ps * (dps - delta[:, None]) * scale_shared
-            dq = tl.dot(dss.to(rr.dtype), rr, dq, input_precision=PRECISION)
-        tl.store(DQ + (g * E + entry)[:, None] * D + offs_d[None, :], dq, mask=row_ok[:, None])
+    Kh, Vh = K + b * skb + h * skh, V + b * svb + h * svh
+    for t in range(t0, tl.minimum(t0 + TPP, S)):
+        count = tl.load(TILE_COUNT + g * S + t)
+        kb, vb, k_ok = _expert_tiles(Kh, Vh, TOPK_IDX, g, tl.load(TILE_EXPERT + g * S + t), skn, svn, M, TOPK, D,
+                                     KP, ROUTED, DT)
+        for m0 in range(0, count, BLOCK_M):
+            token, entry, row_ok = _tile_rows(SLOT_TOKEN, SLOT_SOURCE, g, t, m0, count, S, T, N, E, BLOCK_M)
+            tok = token.to(tl.int64)[:, None]
+            q = tl.load(Qg + tok * sqn + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+            do = tl.load(DOg + tok * sdn + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+            lse = tl.load(LSE + g * N + token, mask=row_ok, other=0.0)
+            delta = tl.load(DELTA + g * N + token, mask=row_ok, other=0.0)
+            dq = tl.zeros([BLOCK_M, D], tl.float32)
+            if ROUTED:
+                s = tl.dot(q, tl.trans(kb), input_precision=SPREC) * scale  # [BLOCK_M, KP]
+                p = tl.where(row_ok[:, None] & k_ok[None, :], tl.exp(s - lse[:, None]), 0.0)
+                dp = tl.dot(do, tl.trans(vb), input_precision=SPREC)
+                ds = p * (dp - delta[:, None]) * scale
+                dq = tl.dot(ds.to(DT), kb, dq, input_precision=PRECISION)
+            if SHARED:
+                z = tl.dot(q, tl.trans(rr), input_precision=SPREC) * scale_shared  # [BLOCK_M, MP]
+                first = row_ok & ((entry % R_SLOTS) == 0)
+                ps = tl.where(first[:, None] & r_ok[None, :], tl.exp(z - lse[:, None]), 0.0)
+                dps = tl.dot(do, tl.trans(vs), input_precision=SPREC)
+                dss = ps * (dps - delta[:, None]) * scale_shared
+                dq = tl.dot(dss.to(DT), rr, dq, input_precision=PRECISION)
+            tl.store(DQ + (g * E + entry)[:, None] * D + offs_d[None, :], dq, mask=row_ok[:, None])
 
 
 @triton.jit
-def _routed_bwd_dkdv_kernel(
+def _dkdv_expert(
     Q, K, V, DO, LSE, DELTA, TOPK_IDX, SLOT_TOKEN, EXPERT_START, EXPERT_COUNT, DKP, DVP,
-    H, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn,
-    N, M, TOPK, NUM_SLOTS, NUM_KB, E0, MC, scale,
+    g, e_in, kblk, H, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn,
+    N, M, TOPK, NUM_SLOTS, E0, MC, scale,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, SPREC: tl.constexpr,
     DO_DK: tl.constexpr, DO_DV: tl.constexpr,
 ):
-    # one program per (batch-head g, expert e of the chunk E0 .. E0 + MC - 1, block kb of e's keys), key blocks
-    # fastest so that the programs of one expert run together and share its queries in L2; loops over ALL of
-    # the expert's entries and writes the expert's partial dk, dv of its slots once (an empty expert writes
-    # zeros); DO_DK / DO_DV choose which (both, or one per launch where the two passes share one buffer)
-    pid = tl.program_id(0)
-    g = (pid // (MC * NUM_KB)).to(tl.int64)
-    e_in = ((pid // NUM_KB) % MC).to(tl.int64)
+    """The partial dk, dv of key block ``kblk`` of expert ``E0 + e_in`` over all of the expert's entries."""
     e = E0 + e_in
-    kblk = pid % NUM_KB
     count = tl.load(EXPERT_COUNT + g * M + e)
     first = tl.load(EXPERT_START + g * M + e)  # the expert's entries fill slots first .. first + count - 1
     offs_k = kblk * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -358,6 +363,35 @@ def _routed_bwd_dkdv_kernel(
         tl.store(DKP + part, dk, mask=k_ok[:, None])
     if DO_DV:
         tl.store(DVP + part, dv, mask=k_ok[:, None])
+
+
+@triton.jit
+def _routed_bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, TOPK_IDX, SLOT_TOKEN, EXPERT_START, EXPERT_COUNT, DKP, DVP,
+    H, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn,
+    N, M, TOPK, NUM_SLOTS, NUM_KB, E0, MC, scale,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, SPREC: tl.constexpr,
+    DO_DK: tl.constexpr, DO_DV: tl.constexpr, EPP: tl.constexpr = 1,
+):
+    # one program per (batch-head g, group of EPP experts of the chunk E0 .. E0 + MC - 1, block kb of their keys),
+    # key blocks fastest so that the programs of one expert run together and share its queries in L2; loops over
+    # ALL of each expert's entries and writes the expert's partial dk, dv of its slots once (an empty expert
+    # writes zeros); DO_DK / DO_DV choose which (both, or one per launch where the two passes share one buffer).
+    # EPP > 1 where experts hold few queries (fewer, longer programs)
+    pid = tl.program_id(0)
+    num_eg = tl.cdiv(MC, EPP)
+    g = (pid // (num_eg * NUM_KB)).to(tl.int64)
+    eg = ((pid // NUM_KB) % num_eg).to(tl.int64)
+    kblk = pid % NUM_KB
+    if EPP == 1:
+        _dkdv_expert(Q, K, V, DO, LSE, DELTA, TOPK_IDX, SLOT_TOKEN, EXPERT_START, EXPERT_COUNT, DKP, DVP,
+                     g, eg, kblk, H, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn, N, M, TOPK, NUM_SLOTS,
+                     E0, MC, scale, D, BLOCK_M, BLOCK_K, PRECISION, SPREC, DO_DK, DO_DV)
+    else:
+        for e_in in range(eg * EPP, tl.minimum(eg * EPP + EPP, MC)):
+            _dkdv_expert(Q, K, V, DO, LSE, DELTA, TOPK_IDX, SLOT_TOKEN, EXPERT_START, EXPERT_COUNT, DKP, DVP,
+                         g, e_in, kblk, H, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn, N, M, TOPK,
+                         NUM_SLOTS, E0, MC, scale, D, BLOCK_M, BLOCK_K, PRECISION, SPREC, DO_DK, DO_DV)
 
 
 @triton.jit
@@ -554,20 +588,28 @@ def _reduce_block(head_dim: int) -> int:
 def resident_config(T: int, m: int, topk: int, head_dim: int, itemsize: int, shared: bool):
     """Launch config of the resident routed kernels (``_routed_fwd_resident_kernel``, ``_routed_bwd_dq_resident_
     kernel``: one program per tile, the expert's ``[KP, d]`` keys and values and the head's ``[MP, d]`` landmarks
-    and shared values loaded once), or None where they do not fit: fp16/bf16, ``KP``, ``MP`` (topk and m padded
-    to powers of two >= 16) up to 128 and ``d (KP + MP) <= 16,384`` (the four tiles in at most 64 KiB). Queries
-    in blocks of 64 while ``KP, MP <= 64`` and ``d <= 64``, else 32 (the logit tiles bound the registers); 4 warps,
-    2 stages. Compiled for sm_90 (Triton 3.8, ``ptxas -v``, bf16, no spills), forward / dq registers and shared
-    memory: d = 64, KP = MP = 64, blocks of 64: 199 / 238 registers, 58 / 81 KiB; KP = MP = 128, blocks of 32:
-    168 / 244, 76 / 113 KiB; d = 128, KP = MP = 64, blocks of 32: 168 / 255, 76 / 120 KiB. Not yet timed on a
-    GPU."""
+    and shared values loaded once; ``TPP`` consecutive tiles a program where tiles are short, the landmarks and
+    shared values then loaded once for all of them), or None where they do not fit: fp16/bf16, ``KP``, ``MP``
+    (topk and m padded to powers of two >= 16) up to 128 and ``d (KP + MP) <= 16,384`` (the four tiles in at
+    most 64 KiB). Queries in blocks of 64 while ``KP, MP <= 64`` and ``d <= 64``, else 32 at d = 64 and 16
+    otherwise; 4 warps, 3 stages. Compiled for sm_90 (Triton 3.8, ``ptxas -v``, bf16), every config this returns
+    (d in {32, 64, 128}, KP, MP in {16, .., 128}, shared expert on or off) spills at most 20 bytes, most none: d = 64,
+    KP = MP = 64: forward 212 registers and 58 KiB of shared memory, dq 255 and 84 KiB; KP = MP = 128: 168 / 78 KiB
+    and 243 / 116 KiB. Not yet timed on a GPU."""
     kp = max(16, next_power_of_2(topk))
     mp = max(16, next_power_of_2(m)) if shared else 16
     if max(kp, mp) > 128 or head_dim * ((kp if topk else 0) + (mp if shared else 0)) > 16384 or itemsize > 2:
         return None
-    block_m = 64 if max(kp, mp) <= 64 and head_dim <= 64 else 32
-    return dict(BLOCK_M=min(block_m, max(16, next_power_of_2(T))), KP=kp, MP=mp, SHARED=shared, ROUTED=topk > 0,
-                num_warps=4, num_stages=2)
+    block_m = 64 if max(kp, mp) <= 64 and head_dim <= 64 else (32 if head_dim == 64 else 16)
+    # short tiles (few queries an expert) go several to a program: about 256 entries a program
+    return dict(BLOCK_M=min(block_m, max(16, next_power_of_2(T))), KP=kp, MP=mp, TPP=max(1, min(8, 256 // max(T, 1))),
+                SHARED=shared, ROUTED=topk > 0, num_warps=4, num_stages=3)
+
+
+def experts_per_program(T: int) -> int:
+    """Experts a dk/dv program takes with ``ROUTED_RESIDENT`` (one without): experts of few queries (``T`` a tile,
+    ``N r / m``) go several to a program, about 256 entries a program."""
+    return max(1, min(8, 256 // max(T, 1)))
 
 
 def _resident(T, M, topk, D, itemsize, shared):
@@ -630,11 +672,12 @@ def routed_forward(q, k, v, landmarks, shared_v, topk_idx, lay, r, scale, scale_
     shared = landmarks is not None
     res = _resident(T, M, topk, D, q.element_size(), shared)
     if res is not None:
+        num_tp = cdiv(S, res["TPP"])
         launch(
-            _routed_fwd_resident_kernel, (G * S,),
+            _routed_fwd_resident_kernel, (G * num_tp,),
             (q, k, v, landmarks if shared else q, shared_v if shared else q, topk_idx, lay["slot_token"],
                 lay["slot_source"], lay["tile_expert"], lay["tile_count"], o, lse, H, *_bhn(q), *_bhn(k), *_bhn(v),
-                *_bhn(o), N, E, M, topk, T, S, r, scale, scale_shared),
+                *_bhn(o), N, E, M, topk, T, S, num_tp, r, scale, scale_shared),
             dict(res, D=D, PRECISION=_precision(q.dtype, allow_tf32), SPREC=_score_precision(q.dtype, allow_tf32)),
         )
         return
@@ -680,11 +723,12 @@ def routed_backward(q, k, v, landmarks, shared_v, do, lse, delta, topk_idx, lay,
     shared = landmarks is not None
     res = _resident(T, M, topk, D, q.element_size(), shared)
     if res is not None:
+        num_tp = cdiv(S, res["TPP"])
         launch(
-            _routed_bwd_dq_resident_kernel, (G * S,),
+            _routed_bwd_dq_resident_kernel, (G * num_tp,),
             (q, k, v, landmarks if shared else q, shared_v if shared else q, do, lse, delta, topk_idx,
                 lay["slot_token"], lay["slot_source"], lay["tile_expert"], lay["tile_count"], dq, H, *_bhn(q),
-                *_bhn(k), *_bhn(v), *_bhn(do), N, E, M, topk, T, S, r, scale, scale_shared),
+                *_bhn(k), *_bhn(v), *_bhn(do), N, E, M, topk, T, S, num_tp, r, scale, scale_shared),
             dict(res, D=D, PRECISION=precision, SPREC=sprec),
         )
     else:
@@ -704,6 +748,7 @@ def routed_backward(q, k, v, landmarks, shared_v, do, lse, delta, topk_idx, lay,
     block_n = _reduce_block(D)
     num_nb = cdiv(N, block_n)
     chunk = partials[0].shape[1]  # experts a pass takes (all m, or chunks of them: dkdv_plan)
+    epp = 1 if res is None else experts_per_program(T)
     for e0 in range(0, M, chunk):
         mc = min(chunk, M - e0)
         # one pass into two buffers, or two passes (dv, then dk) through one
@@ -711,12 +756,12 @@ def routed_backward(q, k, v, landmarks, shared_v, do, lse, delta, topk_idx, lay,
             (False, True, partials[0], partials[0], dv, dv), (True, False, partials[0], partials[0], dk, dk)]
         for do_dk, do_dv, part_a, part_b, out_a, out_b in passes:
             launch(
-                _routed_bwd_dkdv_kernel, (G * mc * num_kb,),
+                _routed_bwd_dkdv_kernel, (G * cdiv(mc, epp) * num_kb,),
                 (q, k, v, do, lse, delta, topk_idx, lay["slot_token"], lay["expert_start"], lay["expert_count"],
                     part_a, part_b, H, *_bhn(q), *_bhn(k), *_bhn(v), *_bhn(do), N, M, topk, S * T, num_kb, e0, mc,
                     scale),
                 dict(D=D, BLOCK_M=block_m, BLOCK_K=block_k, PRECISION=precision, SPREC=sprec, DO_DK=do_dk,
-                    DO_DV=do_dv, num_warps=4, num_stages=2),
+                    DO_DV=do_dv, EPP=epp, num_warps=4, num_stages=2),
             )
             two = do_dk and do_dv
             # the reduction's first tensor is the pass's only one when it computes one

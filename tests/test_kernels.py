@@ -289,26 +289,34 @@ def _check_general_layout(kind, N, m, topk, r, shared):
     _assert_grads(out, inputs, ref, ref_inputs, grad_out.to(DEVICE), torch.float32, 1e-5)
 
 
-@pytest.mark.parametrize("kind,B,N,m,topk,r,shared,block_m", [
-    ("duplicates", 1, 50, 2, 7, 1, True, 16),  # tiles of 25 entries: two blocks
-    ("duplicates", 2, 17, 3, 4, 2, False, 16),
-    ("one_key", 1, 50, 3, 3, 2, True, 16),  # tiles of 34: three blocks
-    ("shared_keys", 2, 2, 5, 2, 2, True, 16),
-    ("duplicates", 2, 1, 2, 1, 1, True, 16),
-    ("duplicates", 1, 33, 20, 0, 1, True, 16),  # topk = 0: the shared expert alone
-    ("duplicates", 1, 50, 5, 7, 2, True, None),  # the config's own block
+@pytest.mark.parametrize("kind,B,N,m,topk,r,shared,over", [
+    ("duplicates", 1, 50, 2, 7, 1, True, {"BLOCK_M": 16, "TPP": 1}),  # tiles of 25 entries: two blocks
+    ("duplicates", 2, 17, 3, 4, 2, False, {"BLOCK_M": 16, "TPP": 2}),
+    ("one_key", 1, 50, 3, 3, 2, True, {"BLOCK_M": 16, "TPP": 3}),  # tiles of 34: three blocks
+    ("shared_keys", 2, 2, 5, 2, 2, True, {"BLOCK_M": 16, "TPP": 1}),
+    ("duplicates", 2, 1, 2, 1, 1, True, {"BLOCK_M": 16, "TPP": 4}),
+    ("duplicates", 1, 33, 20, 0, 1, True, {"BLOCK_M": 16, "TPP": 3}),  # topk = 0: the shared expert alone
+    ("duplicates", 1, 50, 5, 7, 2, True, {}),  # the config's own blocks and tiles a program
+    ("duplicates", 2, 50, 12, 9, 1, True, {"EPP": 2}),  # dk/dv: chunks of 5 experts, in programs of 2
+    ("one_key", 1, 17, 7, 3, 2, False, {"EPP": 3}),
 ])
-def test_resident_routed_kernels(monkeypatch, kind, B, N, m, topk, r, shared, block_m):
-    """mita.kernels.ROUTED_RESIDENT: the forward and dq kernels with one program per tile, the expert's keys,
-    values and the head's landmarks, shared values loaded once; blocks of 16 queries so that a tile takes several
-    (the first expert holds every query: several tiles, beside empty experts), fp16, poisoned buffers."""
+def test_resident_routed_kernels(monkeypatch, kind, B, N, m, topk, r, shared, over):
+    """mita.kernels.ROUTED_RESIDENT: the forward and dq kernels with one program per group of tiles, the head's
+    landmarks and shared values and each tile's expert keys and values loaded once; blocks of 16 queries so that
+    a tile takes several, groups of 1 to 4 tiles (the first expert holds every query: several tiles, beside
+    empty experts; the last group may be short); dk/dv programs of several experts (8 by the config here, or 2
+    and 3 over chunks of experts); fp16, poisoned buffers."""
     from mita.kernels import routed
 
     launched = []
     config = routed.resident_config
+    over = dict(over)
+    epp = over.pop("EPP", None)
     monkeypatch.setattr(kernels, "ROUTED_RESIDENT", True)
     monkeypatch.setattr(routed, "resident_config", lambda *a: launched.append(a) or (
-        None if config(*a) is None else dict(config(*a), **({} if block_m is None else {"BLOCK_M": block_m}))))
+        None if config(*a) is None else dict(config(*a), **over)))
+    if epp is not None:
+        monkeypatch.setattr(routed, "experts_per_program", lambda T: epp)
     d, H, dtype = 32, 2, torch.float16
     inputs = _inputs(B, H, N, d, m, dtype, seed=N + topk)
     ref_inputs = [x.detach().double().requires_grad_() for x in inputs]
@@ -324,18 +332,23 @@ def test_resident_routed_kernels(monkeypatch, kind, B, N, m, topk, r, shared, bl
 def test_resident_config_bounds():
     """The resident kernels take m and topk up to 128 with d (KP + MP) <= 16,384, fp16/bf16 only; blocks of 64
     queries while both pads are <= 64 and d <= 64, 32 beyond, never more than the tile."""
+    from mita.kernels import routed
     from mita.kernels.routed import resident_config
 
     c = resident_config(256, 64, 64, 64, 2, True)
     assert (c["BLOCK_M"], c["KP"], c["MP"]) == (64, 64, 64)
     c = resident_config(512, 128, 100, 64, 2, True)
     assert (c["BLOCK_M"], c["KP"], c["MP"]) == (32, 128, 128)
-    assert resident_config(21, 49, 49, 64, 2, True)["BLOCK_M"] == 32
+    c = resident_config(21, 49, 49, 64, 2, True)
+    assert (c["BLOCK_M"], c["TPP"]) == (32, 8)  # short tiles: several a program
+    assert resident_config(100, 49, 49, 64, 2, True)["TPP"] == 2
+    assert (routed.experts_per_program(21), routed.experts_per_program(100), routed.experts_per_program(512)) == (
+        8, 2, 1)
     assert resident_config(5, 3, 4, 32, 2, False)["BLOCK_M"] == 16
     assert resident_config(256, 64, 64, 64, 4, True) is None  # fp32
     assert resident_config(256, 256, 64, 64, 2, True) is None
     assert resident_config(256, 128, 128, 128, 2, True) is None  # 128 (128 + 128) > 16,384
-    assert resident_config(256, 64, 64, 128, 2, True)["BLOCK_M"] == 32
+    assert resident_config(256, 64, 64, 128, 2, True)["BLOCK_M"] == 16
     assert resident_config(256, 300, 64, 64, 2, False)["MP"] == 16  # no shared expert: m does not count
 
 
