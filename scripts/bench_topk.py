@@ -6,6 +6,7 @@ Needs the package installed (``pip install -e .``: ``mita.kernels`` is the check
     python3 scripts/bench_topk.py --cases 2 --reps 20  # only the third case (0-based), fewer reps
     python3 scripts/bench_topk.py --smoke              # CPU: Triton's interpreter, two tiny cases (tests)
     python3 scripts/bench_topk.py --config block_m=64,num_warps=8   # override the launch configuration
+    python3 scripts/bench_topk.py --config scan=1 --kernel-times    # prefix-sum collection; GPU time a kernel
 
 Per case (B, H, N, m = k), d = 64: a gate first checks the kernel's index sets against ``torch.topk`` of
 fp32 scores of the same inputs (IEEE products, per head), allowing a different choice only where the
@@ -98,6 +99,27 @@ def time_ms(fn, sets, reps, warmup, cuda):
     return statistics.median(times)
 
 
+def kernel_times(fn, sets, topk, calls=6):
+    """Mean GPU microseconds a call of each kernel ``fn`` launches (torch.profiler over ``calls`` calls), the
+    names cut to 40 characters."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn(*sets[0], topk)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for i in range(calls):
+            fn(*sets[i % len(sets)], topk)
+        torch.cuda.synchronize()
+    from mita.utils.bench import event_device_us
+
+    out = {}
+    for e in prof.key_averages():
+        us = event_device_us(e)
+        if us and getattr(e.device_type, "name", "") == "CUDA":  # the kernels themselves, not the ops launching them
+            out[e.key[:40]] = round(out.get(e.key[:40], 0) + us / calls, 1)
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+
 def peak_mib(fn, args, cuda):
     if not cuda:
         return float("nan")
@@ -119,6 +141,8 @@ def main():
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--sets", type=int, default=3, help="input sets rotated between calls")
     p.add_argument("--config", default="", help="launch_config overrides, e.g. block_m=64,num_warps=8")
+    p.add_argument("--kernel-times", action="store_true",
+                   help="GPU microseconds of each of topk_stream's kernels per call (torch.profiler, 6 calls)")
     args = p.parse_args()
     overrides = {kv.split("=")[0]: int(kv.split("=")[1]) for kv in args.config.split(",") if kv}
     cuda = torch.cuda.is_available() and not args.smoke
@@ -156,6 +180,9 @@ def main():
         for name, ms, mib in rows:
             print(f"| {B} | {H} | {N} | {mk} | {'ok' if ok else 'FAIL'} | {name} | {ms:.3f} | {mib:.0f} | "
                   f"{nbytes / ms / 1e6:.0f} | {base_ms / ms:.2f} |")
+        if args.kernel_times and ok and cuda:
+            for name, fn in (("topk_stream", kernel), ("matmul+topk", baseline)):
+                print(f"#   kernel us a call, {name}, N={N} m=k={mk}: {kernel_times(fn, sets, mk)}", flush=True)
         del sets
         if cuda:
             torch.cuda.empty_cache()

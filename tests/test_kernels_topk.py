@@ -102,6 +102,33 @@ def test_final_ranking_by_sort_kernel_and_by_torch(final):
     assert (scores.diff(dim=-1) <= 0).all(), "rows are not ordered by score"
 
 
+@pytest.mark.parametrize("N,m,topk", [(17, 3, 5), (197, 25, 49), (1000, 3, 7), (1000, 1, 1000)])
+def test_collection_by_prefix_sums(N, m, topk):
+    """``scan=1``: the collection places each tile's candidates by a prefix sum of the row's hits (one masked
+    store a tile) instead of one row maximum a round: the same sets."""
+    d = 32
+    k_keys = _randn(1, 2, N, d, seed=N + topk)
+    landmarks = _randn(1, 2, m, d, seed=m)
+    idx = topk_stream(k_keys, landmarks, topk, config=dict(_small_config(N, topk), scan=1))
+    _assert_topk_sets(idx, k_keys, landmarks, topk)
+
+
+@pytest.mark.parametrize("capacity", [None, 6, 2])
+def test_collection_by_prefix_sums_with_ties_and_overflow(capacity):
+    """``scan=1`` on exact ties (7 distinct keys): the same exact order (score, then lowest index), rows that
+    overflow their slots repaired on the device."""
+    N, m, d, topk = 90, 5, 32, 23
+    g = torch.Generator().manual_seed(1)
+    base = torch.randint(-2, 3, (7, d), generator=g).float()
+    k_keys = base[torch.randint(0, 7, (N,), generator=g)].view(1, 1, N, d).to(DEVICE)
+    landmarks = torch.randint(-2, 3, (1, 1, m, d), generator=g).float().to(DEVICE)
+    cfg = dict(_small_config(N, topk), scan=1)
+    if capacity is not None:
+        cfg["capacity"] = capacity
+    idx = topk_stream(k_keys, landmarks, topk, config=cfg)
+    assert torch.equal(idx.cpu(), _expected_exact(k_keys, landmarks, topk))
+
+
 def test_many_groups_threshold_in_blocks():
     """More than 2048 groups per row (132 chunks of 16 keys): the threshold kernel reads them in blocks."""
     N, m, topk = 2100, 1, 3
@@ -241,6 +268,14 @@ class TestGPU:
         landmarks = _randn(B, H, m, d, dtype=dtype, seed=m)
         idx = topk_stream(k_keys, landmarks, topk)
         _assert_topk_sets(idx, k_keys, landmarks, topk)
+
+    @pytest.mark.parametrize("B,H,N,d,m,topk", [(1, 2, 16384, 64, 64, 64), (1, 1, 65536, 64, 512, 512),
+                                                 (2, 3, 1025, 64, 49, 49)])
+    def test_sets_collected_by_prefix_sums(self, B, H, N, d, m, topk):
+        k_keys = _randn(B, H, N, d, dtype=torch.bfloat16, seed=N)
+        landmarks = _randn(B, H, m, d, dtype=torch.bfloat16, seed=m)
+        cfg = dict(launch_config(N, m, d, B * H, topk, torch.device(DEVICE)), scan=1)
+        _assert_topk_sets(topk_stream(k_keys, landmarks, topk, config=cfg), k_keys, landmarks, topk)
 
     @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
     def test_strided_and_ties(self, dtype):
