@@ -606,6 +606,24 @@ def resident_config(T: int, m: int, topk: int, head_dim: int, itemsize: int, sha
                 SHARED=shared, ROUTED=topk > 0, num_warps=4, num_stages=3)
 
 
+def routed_blocks(T: int, topk: int, head_dim: int, itemsize: int, wide: bool):
+    """``(block_m, block_k, warps_q, warps_kv)`` of the block-program routed kernels: queries (forward, dq; warps
+    ``warps_q``) and an expert's keys (dk/dv; warps ``warps_kv``) in blocks of :func:`_block`, 4 warps. ``wide``
+    (``ROUTED_RESIDENT``'s cases beyond the resident kernels, fp16/bf16, d <= 64): blocks of 128 queries where
+    tiles hold 128 entries or more and of 128 keys where experts hold 128 or more, with 8 warps: each block
+    re-reads the expert's keys (forward, dq) or queries (dk/dv) from L2 half as often. Compiled for sm_90
+    (Triton 3.8, ``ptxas -v``, d = 64, bf16), no spills: forward 135 registers, dq 151, dk/dv 228 (172 dk alone,
+    156 dv alone). Not yet timed on a GPU."""
+    block_m, block_k = _block(T, head_dim, itemsize), _block(topk, head_dim, itemsize)
+    warps_q = warps_kv = 4
+    if wide and itemsize == 2 and head_dim <= 64:
+        if T >= 128:
+            block_m, warps_q = 128, 8
+        if topk >= 128:
+            block_k, warps_kv = 128, 8
+    return block_m, block_k, warps_q, warps_kv
+
+
 def experts_per_program(T: int) -> int:
     """Experts a dk/dv program takes with ``ROUTED_RESIDENT`` (one without): experts of few queries (``T`` a tile,
     ``N r / m``) go several to a program, about 256 entries a program."""
@@ -613,9 +631,12 @@ def experts_per_program(T: int) -> int:
 
 
 def _resident(T, M, topk, D, itemsize, shared):
+    """The resident kernels' config (None where they do not take the case or ``ROUTED_RESIDENT`` is off) and the
+    block-program kernels' blocks and warps (:func:`routed_blocks`)."""
     from . import ROUTED_RESIDENT
 
-    return resident_config(T, M, topk, D, itemsize, shared) if ROUTED_RESIDENT else None
+    res = resident_config(T, M, topk, D, itemsize, shared) if ROUTED_RESIDENT else None
+    return res, routed_blocks(T, topk, D, itemsize, ROUTED_RESIDENT)
 
 
 def dkdv_plan(dtype, N: int, m: int, topk: int):
@@ -667,10 +688,9 @@ def routed_forward(q, k, v, landmarks, shared_v, topk_idx, lay, r, scale, scale_
     M, topk = topk_idx.shape[1], topk_idx.shape[2]
     E = o.shape[2]
     S, T = lay["num_tiles"], lay["tile"]
-    block_m, block_k = _block(T, D, q.element_size()), _block(topk, D, q.element_size())
     block_r = _block(M, D, q.element_size())
     shared = landmarks is not None
-    res = _resident(T, M, topk, D, q.element_size(), shared)
+    res, (block_m, block_k, warps_q, _) = _resident(T, M, topk, D, q.element_size(), shared)
     if res is not None:
         num_tp = cdiv(S, res["TPP"])
         launch(
@@ -688,7 +708,7 @@ def routed_forward(q, k, v, landmarks, shared_v, topk_idx, lay, r, scale, scale_
             lay["slot_source"], lay["tile_expert"], lay["tile_count"], o, lse, H, *_bhn(q), *_bhn(k), *_bhn(v),
             *_bhn(o), N, E, M, topk, T, S, num_mb, r, scale, scale_shared),
         dict(D=D, BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_r, SHARED=shared,
-            PRECISION=_precision(q.dtype, allow_tf32), SPREC=_score_precision(q.dtype, allow_tf32), num_warps=4,
+            PRECISION=_precision(q.dtype, allow_tf32), SPREC=_score_precision(q.dtype, allow_tf32), num_warps=warps_q,
             num_stages=2),
     )
 
@@ -716,12 +736,11 @@ def routed_backward(q, k, v, landmarks, shared_v, do, lse, delta, topk_idx, lay,
     M, topk = topk_idx.shape[1], topk_idx.shape[2]
     E = dq.shape[1]
     S, T = lay["num_tiles"], lay["tile"]
-    block_m, block_k = _block(T, D, q.element_size()), _block(topk, D, q.element_size())
     block_r = _block(M, D, q.element_size())
     precision = _precision(q.dtype, allow_tf32)
     sprec = _score_precision(q.dtype, allow_tf32)
     shared = landmarks is not None
-    res = _resident(T, M, topk, D, q.element_size(), shared)
+    res, (block_m, block_k, warps_q, warps_kv) = _resident(T, M, topk, D, q.element_size(), shared)
     if res is not None:
         num_tp = cdiv(S, res["TPP"])
         launch(
@@ -739,10 +758,12 @@ def routed_backward(q, k, v, landmarks, shared_v, do, lse, delta, topk_idx, lay,
                 lay["slot_token"], lay["slot_source"], lay["tile_expert"], lay["tile_count"], dq, H, *_bhn(q),
                 *_bhn(k), *_bhn(v), *_bhn(do), N, E, M, topk, T, S, num_mb, r, scale, scale_shared),
             dict(D=D, BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_r, SHARED=shared, PRECISION=precision,
-                SPREC=sprec, num_warps=4, num_stages=2),
+                SPREC=sprec, num_warps=warps_q, num_stages=2),
         )
     if topk == 0:
         return
+    # the dk/dv programs take the queries in blocks of the tile's size (at most 64) and the keys in blocks of block_k
+    block_m = _block(T, D, q.element_size())
     num_kb = cdiv(topk, block_k)
     pair_order, key_ptr = pairs
     block_n = _reduce_block(D)
@@ -761,7 +782,7 @@ def routed_backward(q, k, v, landmarks, shared_v, do, lse, delta, topk_idx, lay,
                     part_a, part_b, H, *_bhn(q), *_bhn(k), *_bhn(v), *_bhn(do), N, M, topk, S * T, num_kb, e0, mc,
                     scale),
                 dict(D=D, BLOCK_M=block_m, BLOCK_K=block_k, PRECISION=precision, SPREC=sprec, DO_DK=do_dk,
-                    DO_DV=do_dv, EPP=epp, num_warps=4, num_stages=2),
+                    DO_DV=do_dv, EPP=epp, num_warps=warps_kv, num_stages=2),
             )
             two = do_dk and do_dv
             # the reduction's first tensor is the pass's only one when it computes one

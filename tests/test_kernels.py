@@ -299,13 +299,16 @@ def _check_general_layout(kind, N, m, topk, r, shared):
     ("duplicates", 1, 50, 5, 7, 2, True, {}),  # the config's own blocks and tiles a program
     ("duplicates", 2, 50, 12, 9, 1, True, {"EPP": 2}),  # dk/dv: chunks of 5 experts, in programs of 2
     ("one_key", 1, 17, 7, 3, 2, False, {"EPP": 3}),
+    # topk > 128: the block-program kernels, with blocks of 128 queries (tiles of 150) and of 128 keys, 8 warps
+    ("duplicates", 1, 300, 2, 130, 1, True, {}),
 ])
 def test_resident_routed_kernels(monkeypatch, kind, B, N, m, topk, r, shared, over):
     """mita.kernels.ROUTED_RESIDENT: the forward and dq kernels with one program per group of tiles, the head's
     landmarks and shared values and each tile's expert keys and values loaded once; blocks of 16 queries so that
     a tile takes several, groups of 1 to 4 tiles (the first expert holds every query: several tiles, beside
     empty experts; the last group may be short); dk/dv programs of several experts (8 by the config here, or 2
-    and 3 over chunks of experts); fp16, poisoned buffers."""
+    and 3 over chunks of experts); beyond the resident kernels (topk > 128) the block programs with wide blocks;
+    fp16, poisoned buffers."""
     from mita.kernels import routed
 
     launched = []
@@ -344,6 +347,10 @@ def test_resident_config_bounds():
     assert resident_config(100, 49, 49, 64, 2, True)["TPP"] == 2
     assert (routed.experts_per_program(21), routed.experts_per_program(100), routed.experts_per_program(512)) == (
         8, 2, 1)
+    assert routed.routed_blocks(150, 130, 32, 2, True) == (128, 128, 8, 8)
+    assert routed.routed_blocks(150, 130, 32, 2, False) == (64, 64, 4, 4)
+    assert routed.routed_blocks(100, 64, 64, 2, True) == (64, 64, 4, 4)
+    assert routed.routed_blocks(150, 130, 128, 2, True)[2:] == (4, 4)
     assert resident_config(5, 3, 4, 32, 2, False)["BLOCK_M"] == 16
     assert resident_config(256, 64, 64, 64, 4, True) is None  # fp32
     assert resident_config(256, 256, 64, 64, 2, True) is None
@@ -530,8 +537,9 @@ class TestGPU:
 
     @pytest.mark.parametrize("N,d,m,topk,r,shared", [(4097, 64, 64, 64, 1, True), (4097, 64, 128, 100, 2, True),
                                                      (1025, 128, 49, 49, 1, True), (1025, 32, 128, 128, 2, False),
-                                                     (197, 64, 25, 25, 2, True)])
+                                                     (197, 64, 25, 25, 2, True), (4097, 64, 32, 256, 1, True)])
     def test_resident_routed_kernels(self, monkeypatch, N, d, m, topk, r, shared):
+        # the last: topk > 128, the block programs with wide blocks (tiles of 129 queries, keys in blocks of 128)
         monkeypatch.setattr(kernels, "ROUTED_RESIDENT", True)
         _compare(1, 2, N, d, m, topk, r, shared, "official", dtype=torch.bfloat16, tol=1e-2, seed=N + m)
 
