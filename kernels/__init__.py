@@ -48,10 +48,12 @@ EAGER_FUNCTIONS = True
 # launches them from its generated code) instead of calling the opaque custom ops of kernels/small_ops.py, whose
 # every call goes through the dispatcher and the op's Python. Off until timed on a GPU.
 TRITON_OPS = False
-# Whether the general path's routed forward and dq kernels run one program per tile that keeps the expert's keys and
-# values and the head's landmarks and shared values on chip while it goes through the tile's queries
-# (routed.resident_config: m and topk up to 128 at d <= 64), instead of one program per block of a tile's queries,
-# each loading them again. Off until timed on a GPU.
+# Whether the general path's routed kernels size their programs to the work of a tile: the forward and dq run one
+# program per tile (or per few short tiles) that keeps the expert's keys and values and the head's landmarks and
+# shared values on chip while it goes through the tile's queries (routed.resident_config: fp16/bf16, m and topk up
+# to 128), the dk/dv programs take several experts of few queries each, and beyond the resident kernels' cases the
+# block programs take 128 queries or keys with 8 warps (routed.routed_blocks); instead of one program per block of
+# 64 queries, each loading the expert's keys and the landmarks again. Off until timed on a GPU.
 ROUTED_RESIDENT = False
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_LANDMARKS = 1024
