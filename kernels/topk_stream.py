@@ -48,7 +48,8 @@ MAX_LANDMARKS = 1024
 MAX_TOPK = 1024
 _LOW31 = 0x7FFFFFFF
 # the candidates of a row are ranked by one in-register sort (``_select_kernel``) up to this many slots, by
-# torch.topk beyond (and on CPU, where the interpreter sorts slowly)
+# torch.topk beyond (and on CPU, where the interpreter sorts slowly); config key ``sort_max`` overrides it (the
+# sort compiles without spills up to 2,048 slots on sm_90: 128 registers, 4 warps; not yet timed beyond 512)
 _SORT_MAX = 512
 
 
@@ -333,7 +334,8 @@ def launch_config(N: int, m: int, d: int, G: int, topk: int, device: torch.devic
       ``block_m`` 64 and 128 for m <= 128; 4 at m > 128 (blocks of 64: measured faster below).
     * ``block_n = 64`` keys per tile, ``num_stages = 3``.
     * ``chunks`` programs along N (tile t goes to program ``t mod chunks``): enough for ``P = chunks
-      block_n >= 4 topk`` groups and for >= 4 programs per SM, at most one per tile.
+      block_n >= 4 topk`` groups and, up to ``P = 2,048`` (one register block of the threshold kernel), for
+      >= 4 programs per SM; at most one per tile.
     * ``capacity`` candidate slots per (row, chunk): the mean (about ``1.25 topk / chunks`` on random keys)
       plus six standard deviations of a Poisson count, so that a second collection is rare, rounded up to
       fill the power of two that the ranking sorts.
@@ -362,7 +364,9 @@ def launch_config(N: int, m: int, d: int, G: int, topk: int, device: torch.devic
     n_tiles = cdiv(N, block_n)
     n_mb = cdiv(m, block_m)
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
-    chunks = min(n_tiles, max(cdiv(4 * topk, block_n), cdiv(4 * sms, G * n_mb)))
+    # (for occupancy at most 2,048 groups a row, so that the threshold kernel keeps a row's maxima in registers
+    # instead of reading them again in each of its 32 passes)
+    chunks = min(n_tiles, max(cdiv(4 * topk, block_n), min(cdiv(4 * sms, G * n_mb), 2048 // block_n)))
     # candidates of one (row, chunk): about 1.25 topk / chunks on unstructured keys; room for six standard
     # deviations of a Poisson count, rounded up to fill the power of two the ranking sorts
     mean = 1.25 * topk / chunks + 1
@@ -461,7 +465,7 @@ def topk_stream(k_keys: torch.Tensor, landmarks: torch.Tensor, topk: int, *, ret
     )
     idx = torch.empty(B, H, m, topk, dtype=torch.int64, device=dev)
     block = next_power_of_2(chunks * cap)
-    if cfg.get("final", "sort" if k_keys.is_cuda else "topk") == "sort" and block <= _SORT_MAX:
+    if cfg.get("final", "sort" if k_keys.is_cuda else "topk") == "sort" and block <= cfg.get("sort_max", _SORT_MAX):
         rows_per = max(1, 2048 // block)
         launch(
             _select_kernel, (cdiv(G * m, rows_per),),

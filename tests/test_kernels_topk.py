@@ -146,6 +146,27 @@ def test_default_launch_config():
     _assert_topk_sets(topk_stream(k_keys, landmarks, topk), k_keys, landmarks, topk)
 
 
+def test_launch_config_keeps_the_groups_in_one_threshold_block():
+    """Chunks for occupancy stop at 2,048 groups a row (the threshold kernel's register block); more only where
+    4 topk groups need them."""
+    cpu = torch.device("cpu")
+    assert launch_config(65536, 128, 64, 16, 128, cpu)["chunks"] == 32  # 33 for 4 programs an SM before
+    assert launch_config(16384, 64, 64, 16, 64, cpu)["chunks"] == 32
+    assert launch_config(65536, 1024, 64, 1, 1024, cpu)["chunks"] == 64  # P >= 4 topk = 4,096
+
+
+def test_final_ranking_sort_beyond_512_slots():
+    """``sort_max``: the in-register ranking sort over more than 512 candidate slots (1,024 here)."""
+    N, m, topk = 300, 3, 20
+    k_keys, landmarks = _randn(1, 1, N, 32, seed=21), _randn(1, 1, m, 32, seed=22)
+    cfg = dict(_small_config(N, topk), final="sort", capacity=1024 // _small_config(N, topk)["chunks"],
+               sort_max=1024)
+    idx = topk_stream(k_keys, landmarks, topk, config=cfg)
+    _assert_topk_sets(idx, k_keys, landmarks, topk)
+    scores = _scores64(k_keys, landmarks).gather(-1, idx.cpu())
+    assert (scores.diff(dim=-1) <= 0).all(), "rows are not ordered by score"
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("d", [32, 64, 128])
 def test_dtypes_and_head_dims(dtype, d):
@@ -272,9 +293,10 @@ class TestGPU:
     @pytest.mark.parametrize("B,H,N,d,m,topk", [(1, 2, 16384, 64, 64, 64), (1, 1, 65536, 64, 512, 512),
                                                  (2, 3, 1025, 64, 49, 49)])
     def test_sets_collected_by_prefix_sums(self, B, H, N, d, m, topk):
+        # and ranked by the in-register sort up to 2,048 slots
         k_keys = _randn(B, H, N, d, dtype=torch.bfloat16, seed=N)
         landmarks = _randn(B, H, m, d, dtype=torch.bfloat16, seed=m)
-        cfg = dict(launch_config(N, m, d, B * H, topk, torch.device(DEVICE)), scan=1)
+        cfg = dict(launch_config(N, m, d, B * H, topk, torch.device(DEVICE)), scan=1, sort_max=2048)
         _assert_topk_sets(topk_stream(k_keys, landmarks, topk, config=cfg), k_keys, landmarks, topk)
 
     @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
