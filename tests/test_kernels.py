@@ -299,6 +299,7 @@ def _check_general_layout(kind, N, m, topk, r, shared):
     ("duplicates", 1, 50, 5, 7, 2, True, {}),  # the config's own blocks and tiles a program
     ("duplicates", 2, 50, 12, 9, 1, True, {"EPP": 2}),  # dk/dv: chunks of 5 experts, in programs of 2
     ("one_key", 1, 17, 7, 3, 2, False, {"EPP": 3}),
+    ("duplicates", 1, 200, 70, 66, 2, True, {"BLOCK_M": 16}),  # m, topk in (64, 128]: tiles of 128 rows
     # topk > 128: the block-program kernels, with blocks of 128 queries (tiles of 150) and of 128 keys, 8 warps
     ("duplicates", 1, 300, 2, 130, 1, True, {}),
 ])
