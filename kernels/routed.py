@@ -208,6 +208,25 @@ def _tile_rows(SLOT_TOKEN, SLOT_SOURCE, g, t, m0, count, S, T, N, E, BLOCK_M: tl
 
 
 @triton.jit
+def _resident_group(TILE_COUNT, H, S, NUM_TP, TPP: tl.constexpr):
+    """A resident program's batch-head ``g`` (and ``b``, ``h``), its first tile ``t0`` and whether that tile is
+    unused (the used tiles come first, so the program then has nothing to do)."""
+    pid = tl.program_id(0)
+    g = (pid // NUM_TP).to(tl.int64)
+    t0 = (pid % NUM_TP) * TPP
+    return g, g // H, g % H, t0, tl.load(TILE_COUNT + g * S + t0) == 0
+
+
+@triton.jit
+def _resident_tile(TILE_COUNT, TILE_EXPERT, Kh, Vh, TOPK_IDX, g, t, skn, svn, M, S, TOPK, D: tl.constexpr,
+                   KP: tl.constexpr, ROUTED: tl.constexpr, DT: tl.constexpr):
+    """Tile t's entry count and its expert's resident keys and values."""
+    kb, vb, k_ok = _expert_tiles(Kh, Vh, TOPK_IDX, g, tl.load(TILE_EXPERT + g * S + t), skn, svn, M, TOPK, D, KP,
+                                 ROUTED, DT)
+    return tl.load(TILE_COUNT + g * S + t), kb, vb, k_ok
+
+
+@triton.jit
 def _routed_fwd_resident_kernel(
     Q, K, V, R, VS, TOPK_IDX, SLOT_TOKEN, SLOT_SOURCE, TILE_EXPERT, TILE_COUNT, O, LSE,
     H, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, soe,
@@ -218,23 +237,18 @@ def _routed_fwd_resident_kernel(
     # one program per (batch-head g, group of TPP consecutive tiles): the head's landmarks and shared values, then
     # each tile's expert keys and values, are loaded once and stay on chip (shared memory) while the program goes
     # through the tile's entries in blocks of BLOCK_M; every logit of an entry is in the two tiles [BLOCK_M, MP]
-    # and [BLOCK_M, KP]. The used tiles come first (layout.expert_tiles), so a group whose first tile is unused
-    # has nothing to do.
-    pid = tl.program_id(0)
-    g = (pid // NUM_TP).to(tl.int64)
-    t0 = (pid % NUM_TP) * TPP
-    if tl.load(TILE_COUNT + g * S + t0) == 0:
-        return
+    # and [BLOCK_M, KP]
     DT = Q.dtype.element_ty
-    b, h = g // H, g % H
+    g, b, h, t0, unused = _resident_group(TILE_COUNT, H, S, NUM_TP, TPP)
+    if unused:
+        return
     rr, vs, r_ok = _shared_tiles(R, VS, g, M, D, MP, SHARED, DT)
     offs_d = tl.arange(0, D)
     Qg, Og = Q + b * sqb + h * sqh, O + b * sob + h * soh
     Kh, Vh = K + b * skb + h * skh, V + b * svb + h * svh
     for t in range(t0, tl.minimum(t0 + TPP, S)):
-        count = tl.load(TILE_COUNT + g * S + t)
-        kb, vb, k_ok = _expert_tiles(Kh, Vh, TOPK_IDX, g, tl.load(TILE_EXPERT + g * S + t), skn, svn, M, TOPK, D,
-                                     KP, ROUTED, DT)
+        count, kb, vb, k_ok = _resident_tile(TILE_COUNT, TILE_EXPERT, Kh, Vh, TOPK_IDX, g, t, skn, svn, M, S, TOPK,
+                                             D, KP, ROUTED, DT)
         for m0 in range(0, count, BLOCK_M):
             token, entry, row_ok = _tile_rows(SLOT_TOKEN, SLOT_SOURCE, g, t, m0, count, S, T, N, E, BLOCK_M)
             q = tl.load(Qg + token.to(tl.int64)[:, None] * sqn + offs_d[None, :], mask=row_ok[:, None], other=0.0)
@@ -273,21 +287,17 @@ def _routed_bwd_dq_resident_kernel(
     SHARED: tl.constexpr, ROUTED: tl.constexpr, PRECISION: tl.constexpr, SPREC: tl.constexpr,
 ):
     # the grid and the resident tiles of the forward above; dq of each entry, summed over its r slots by the caller
-    pid = tl.program_id(0)
-    g = (pid // NUM_TP).to(tl.int64)
-    t0 = (pid % NUM_TP) * TPP
-    if tl.load(TILE_COUNT + g * S + t0) == 0:
-        return
     DT = Q.dtype.element_ty
-    b, h = g // H, g % H
+    g, b, h, t0, unused = _resident_group(TILE_COUNT, H, S, NUM_TP, TPP)
+    if unused:
+        return
     rr, vs, r_ok = _shared_tiles(R, VS, g, M, D, MP, SHARED, DT)
     offs_d = tl.arange(0, D)
     Qg, DOg = Q + b * sqb + h * sqh, DO + b * sdb + h * sdh
     Kh, Vh = K + b * skb + h * skh, V + b * svb + h * svh
     for t in range(t0, tl.minimum(t0 + TPP, S)):
-        count = tl.load(TILE_COUNT + g * S + t)
-        kb, vb, k_ok = _expert_tiles(Kh, Vh, TOPK_IDX, g, tl.load(TILE_EXPERT + g * S + t), skn, svn, M, TOPK, D,
-                                     KP, ROUTED, DT)
+        count, kb, vb, k_ok = _resident_tile(TILE_COUNT, TILE_EXPERT, Kh, Vh, TOPK_IDX, g, t, skn, svn, M, S, TOPK,
+                                             D, KP, ROUTED, DT)
         for m0 in range(0, count, BLOCK_M):
             token, entry, row_ok = _tile_rows(SLOT_TOKEN, SLOT_SOURCE, g, t, m0, count, S, T, N, E, BLOCK_M)
             tok = token.to(tl.int64)[:, None]

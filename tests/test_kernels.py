@@ -277,16 +277,18 @@ def test_layout_from_pytorch_ops(monkeypatch, kind, N, m, topk, r, shared):
     _check_general_layout(kind, N, m, topk, r, shared)
 
 
-def _check_general_layout(kind, N, m, topk, r, shared):
-    B, H, d = 2, 2, 32
-    inputs = _inputs(B, H, N, d, m, torch.float32, seed=N + 3)
+def _check_general_layout(kind, N, m, topk, r, shared, B=2, dtype=torch.float32):
+    """The general path on a routing passed in (``_routing``), against float64: output and every gradient."""
+    H, d = 2, 32
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    inputs = _inputs(B, H, N, d, m, dtype, seed=N + 3)
     ref_inputs = [x.detach().double().requires_grad_() for x in inputs]
     kw = dict(router_topk=r, shared=shared, routing=_routing(kind, B, H, N, m, topk, r, seed=N))
     out = mita_attention(*inputs, topk, impl="triton", **kw)
     ref = mita_attention(*ref_inputs, topk, impl="reference", **kw)
-    assert rel_err(out, ref) <= 1e-5
+    assert rel_err(out, ref) <= tol
     grad_out = torch.randn(B, H, N, d, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    _assert_grads(out, inputs, ref, ref_inputs, grad_out.to(DEVICE), torch.float32, 1e-5)
+    _assert_grads(out, inputs, ref, ref_inputs, grad_out.to(DEVICE), dtype, tol)
 
 
 @pytest.mark.parametrize("kind,B,N,m,topk,r,shared,over", [
@@ -321,15 +323,7 @@ def test_resident_routed_kernels(monkeypatch, kind, B, N, m, topk, r, shared, ov
         None if config(*a) is None else dict(config(*a), **over)))
     if epp is not None:
         monkeypatch.setattr(routed, "experts_per_program", lambda T: epp)
-    d, H, dtype = 32, 2, torch.float16
-    inputs = _inputs(B, H, N, d, m, dtype, seed=N + topk)
-    ref_inputs = [x.detach().double().requires_grad_() for x in inputs]
-    kw = dict(router_topk=r, shared=shared, routing=_routing(kind, B, H, N, m, topk, r, seed=N))
-    out = mita_attention(*inputs, topk, impl="triton", **kw)
-    ref = mita_attention(*ref_inputs, topk, impl="reference", **kw)
-    assert rel_err(out, ref) <= 1e-2
-    grad_out = torch.randn(B, H, N, d, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    _assert_grads(out, inputs, ref, ref_inputs, grad_out.to(DEVICE), dtype, 1e-2)
+    _check_general_layout(kind, N, m, topk, r, shared, B=B, dtype=torch.float16)
     assert len(launched) == 2  # the forward's and the backward's dq
 
 
