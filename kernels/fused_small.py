@@ -32,6 +32,12 @@ import triton.language as tl
 from .launch import cdiv, launch, next_power_of_2
 
 LOG2E = 1.4426950408889634
+# Whether the expert-mask products (``onehot @ Sel``: exact small integers) accumulate in fp32 instead of fp16. With
+# fp16 accumulators ptxas serializes every wgmma of the attention and per-head backward kernels ("non wgmma
+# instructions reading accumulator registers"; sm_90, Triton 3.8): fp32 ones lift that, at +16 registers in the
+# forward (126 -> 142 at 8 warps, 128 x 64 blocks: one program an SM instead of two; 110 with 32-key blocks) and
+# fewer spills in the per-head backward (60 -> 40 bytes). Off until timed on a GPU.
+COUNT_FP32 = False
 # The last compiled kernel of each pass (registers, spills and shared memory for benchmarks).
 LAUNCHED = {}
 
@@ -225,7 +231,7 @@ def _fwd_kernel(
     D: tl.constexpr, MP: tl.constexpr, NP: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
     QB_PER_PROG: tl.constexpr, R_TOPK: tl.constexpr, SHARED: tl.constexpr, ROUTED: tl.constexpr,
     SELECT: tl.constexpr, MULTI: tl.constexpr, PREC: tl.constexpr, SELECT_HERE: tl.constexpr,
-    POOLED: tl.constexpr, PREP: tl.constexpr, SEARCH: tl.constexpr,
+    POOLED: tl.constexpr, PREP: tl.constexpr, SEARCH: tl.constexpr, CNT32: tl.constexpr = False,
 ):
     # SELECT_HERE: the top-k mask is selected in this kernel (else it was passed in or _prep_kernel wrote it);
     # PREP: _prep_kernel wrote the shared values and lse_sh (and the mask where selecting);
@@ -318,7 +324,7 @@ def _fwd_kernel(
                 vblk = _rows(Vh, kcols, k_ok, stride_vn, offs_d)
                 sel_b = tl.load(SELg + lm[:, None] * NP + kcols[None, :]).to(tl.float16)  # [MP, BK]
                 # multiplicity of each key in the query's experts: exact small integers
-                cnt = tl.dot(onehot, sel_b, out_dtype=tl.float16)  # [BQ, BK]
+                cnt = tl.dot(onehot, sel_b, out_dtype=tl.float32 if CNT32 else tl.float16)  # [BQ, BK]
                 s = tl.dot(q, tl.trans(kblk), input_precision=PREC) * sl2
                 s = tl.where(cnt > 0, s, float("-inf"))
                 m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -368,7 +374,7 @@ def _bwd_keys(
     kb, N, M, NQB, scale, scale_shared,
     D: tl.constexpr, MP: tl.constexpr, NP: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
     R_TOPK: tl.constexpr, SHARED: tl.constexpr, ROUTED: tl.constexpr, MULTI: tl.constexpr, PREC: tl.constexpr,
-    DVS_GIVEN: tl.constexpr,
+    DVS_GIVEN: tl.constexpr, CNT32: tl.constexpr,
 ):
     """dK, dV of keys ``kb*BK ..``: transposed tiles (keys as rows, as FlashAttention's dK/dV loop) over
     every query block; routed pairs, then the path through the shared values ``V~ = A V``, whose gradient
@@ -396,7 +402,8 @@ def _bwd_keys(
         q_ok = rows < N
         q, do, delta, lse = _grad_rows(Qh, DOh, Oh, LSEh, rows, q_ok, stride_qn, stride_don, stride_on, offs_d)
         if ROUTED:
-            cnt_t = tl.dot(sel_t, _onehot_t(EXPh, rows, q_ok, lm, R_TOPK), out_dtype=tl.float16)  # [BK, BQ]
+            cnt_t = tl.dot(sel_t, _onehot_t(EXPh, rows, q_ok, lm, R_TOPK),
+                           out_dtype=tl.float32 if CNT32 else tl.float16)  # [BK, BQ]
             s_t = tl.dot(kblk, tl.trans(q), input_precision=PREC) * sl2
             p_t = tl.where(cnt_t > 0, tl.exp2(s_t - lse[None, :]), 0.0)
             if MULTI:
@@ -435,6 +442,7 @@ def _bwd_queries(
     qb, N, M, NKB, scale, scale_shared,
     D: tl.constexpr, MP: tl.constexpr, NP: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
     R_TOPK: tl.constexpr, SHARED: tl.constexpr, ROUTED: tl.constexpr, MULTI: tl.constexpr, PREC: tl.constexpr,
+    CNT32: tl.constexpr,
 ):
     """dQ of queries ``qb*BQ ..``: routed ``s dS K`` over the key blocks, shared ``c dS_sh R``."""
     DT = Qh.dtype.element_ty
@@ -454,7 +462,7 @@ def _bwd_queries(
             kblk = _rows(Kh, kcols, k_ok, stride_kn, offs_d)  # [BK, D]
             vblk = _rows(Vh, kcols, k_ok, stride_vn, offs_d)
             sel_b = tl.load(SELg + lm[:, None] * NP + kcols[None, :]).to(tl.float16)  # [MP, BK]
-            cnt = tl.dot(onehot, sel_b, out_dtype=tl.float16)  # [BQ, BK]
+            cnt = tl.dot(onehot, sel_b, out_dtype=tl.float32 if CNT32 else tl.float16)  # [BQ, BK]
             s = tl.dot(q, tl.trans(kblk), input_precision=PREC) * sl2
             p = tl.where(cnt > 0, tl.exp2(s - lse[:, None]), 0.0)
             if MULTI:
@@ -532,7 +540,7 @@ def _bwd_head_kernel(
     H, N, M, NKB, scale, scale_shared,
     D: tl.constexpr, MP: tl.constexpr, NP: tl.constexpr, BK: tl.constexpr,
     R_TOPK: tl.constexpr, SHARED: tl.constexpr, ROUTED: tl.constexpr, MULTI: tl.constexpr, PREC: tl.constexpr,
-    POOLED: tl.constexpr,
+    POOLED: tl.constexpr, CNT32: tl.constexpr = False,
 ):
     """One program per head: every query at once (``[NP, .]`` tiles), key blocks of ``BK`` in a loop.
 
@@ -588,7 +596,7 @@ def _bwd_head_kernel(
         dv = tl.zeros([BK, D], tl.float32)
         if ROUTED:
             sel_b = tl.load(SEL + g * MP * NP + lm[:, None] * NP + kcols[None, :]).to(tl.float16)  # [MP, BK]
-            cnt = tl.dot(onehot, sel_b, out_dtype=tl.float16)  # [NP, BK]
+            cnt = tl.dot(onehot, sel_b, out_dtype=tl.float32 if CNT32 else tl.float16)  # [NP, BK]
             s = tl.dot(q, tl.trans(kblk), input_precision=PREC) * sl2
             p = tl.where(cnt > 0, tl.exp2(s - lse[:, None]), 0.0)
             if MULTI:
@@ -628,7 +636,7 @@ def _bwd_kernel(
     H, N, M, NKB, NQB, scale, scale_shared,
     D: tl.constexpr, MP: tl.constexpr, NP: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
     R_TOPK: tl.constexpr, SHARED: tl.constexpr, ROUTED: tl.constexpr, MULTI: tl.constexpr, PREC: tl.constexpr,
-    PHASE: tl.constexpr,
+    PHASE: tl.constexpr, CNT32: tl.constexpr = False,
 ):
     # PHASE 0, one launch: programs (g, j): j < NKB own a key block (dK, dV), the next NQB a query block (dQ),
     # the last dR. Two launches, each compiled for its own programs only (fewer registers than the three
@@ -651,13 +659,14 @@ def _bwd_kernel(
             LSH + g * MP, DK + b * stride_gb + h * stride_gh, DV + b * stride_gb + h * stride_gh, DVS + g * MP * D,
             stride_qn, stride_kn, stride_vn, stride_rm, stride_don, stride_on, stride_gn,
             j, N, M, NQB, scale, scale_shared, D, MP, NP, BQ, BK, R_TOPK, SHARED, ROUTED, MULTI, PREC, PHASE == 2,
+            CNT32,
         )
     elif j < n_keys + NQB:
         _bwd_queries(
             Qh, Kh, Vh, Rh, Oh, DOh, LSE + g * N, SEL + g * MP * NP, EXP + g * N * R_TOPK, VS + g * MP * D,
             DQ + b * stride_gb + h * stride_gh,
             stride_qn, stride_kn, stride_vn, stride_rm, stride_don, stride_on, stride_gn,
-            j - n_keys, N, M, NKB, scale, scale_shared, D, MP, NP, BQ, BK, R_TOPK, SHARED, ROUTED, MULTI, PREC,
+            j - n_keys, N, M, NKB, scale, scale_shared, D, MP, NP, BQ, BK, R_TOPK, SHARED, ROUTED, MULTI, PREC, CNT32,
         )
     elif SHARED:
         _bwd_landmarks(
@@ -810,7 +819,7 @@ def _forward_plan(q, k, v, landmarks, topk, router_topk, shared, select, pooled,
         D=D, MP=m_pad, NP=n_pad, BQ=cfg["BQ"], BK=cfg["BK"], QB_PER_PROG=cfg["QB_PER_PROG"],
         R_TOPK=router_topk, SHARED=shared, ROUTED=routed, SELECT=select and routed,
         MULTI=router_topk == 2 or not select, SELECT_HERE=select and routed and not prep, POOLED=pooled and not prep,
-        PREP=prep, SEARCH=cfg.get("select_search", 0),
+        PREP=prep, SEARCH=cfg.get("select_search", 0), CNT32=COUNT_FP32,
         PREC=prec, num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 1)))
     return plan
 
@@ -835,7 +844,7 @@ def forward(q, k, v, landmarks, topk, router_topk, shared, scale_shared, *, sel=
     launch_ = launcher or _launch
     key = ("fwd", q.shape, q.stride(), k.stride(), v.stride(), None if pooled else landmarks.shape,
            None if pooled else landmarks.stride(), q.dtype, dev, topk, router_topk, shared, select, pooled,
-           num_landmarks, allow_tf32, fwd_config)
+           num_landmarks, allow_tf32, fwd_config, COUNT_FP32)
     plan = _plan(key, lambda: _forward_plan(q, k, v, landmarks, topk, router_topk, shared, select, pooled,
                                                    num_landmarks, allow_tf32))
     sel_shape, exp_shape, vs_shape, lsh_shape = plan["shapes"]
@@ -878,7 +887,7 @@ def _backward_plan(q, k, v, landmarks, out, grad_out, topk, router_topk, shared,
     strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(landmarks), *_strides(grad_out), *_strides(out),
                *grad_strides)
     common = dict(D=D, MP=m_pad, NP=n_pad, BK=cfg["BK"], R_TOPK=router_topk, SHARED=shared, ROUTED=topk > 0,
-                  MULTI=multi, PREC=_precision(q.dtype, allow_tf32), num_warps=cfg["num_warps"],
+                  MULTI=multi, PREC=_precision(q.dtype, allow_tf32), CNT32=COUNT_FP32, num_warps=cfg["num_warps"],
                   num_stages=cfg.get("num_stages", 1))
     if per_head:
         return {"M": M, "per_head": True, "launch": ((G,), (*strides, H, N, M, n_kb, D ** -0.5), dict(
@@ -918,7 +927,7 @@ def backward(q, k, v, landmarks, out, grad_out, lse, sel, expert, vs, lsh, topk,
     router_topk = expert.shape[-1] if topk > 0 else 1
     key = ("bwd", q.shape, q.stride(), k.stride(), v.stride(), landmarks.shape, landmarks.stride(),
            grad_out.stride(), out.stride(), q.dtype, dev, topk, router_topk, shared, multi, pooled, num_landmarks,
-           allow_tf32, packed, bwd_config)
+           allow_tf32, packed, bwd_config, COUNT_FP32)
     plan = _plan(key, lambda: _backward_plan(q, k, v, landmarks, out, grad_out, topk, router_topk, shared,
                                                     multi, pooled, num_landmarks, allow_tf32, _strides(dq)))
     M = plan["M"]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import itertools
 import math
 import pstats
 import statistics
@@ -138,7 +139,13 @@ def main():
                         "--reps calls): the GPU's rate once host latency is hidden, as in a model")
     p.add_argument("--kernel-times", action="store_true",
                    help="GPU time of the fused kernels alone (profiler) for each config of the sweep")
+    p.add_argument("--count-dtype", default="fp16",
+                   help="accumulator of the kernels' expert-mask products (fused_small.COUNT_FP32): fp16, fp32, or "
+                        "fp16,fp32 to run every config of --configs with each")
     args = p.parse_args()
+    counts = args.count_dtype.split(",")
+    if not counts or any(c not in ("fp16", "fp32") for c in counts):
+        p.error(f"--count-dtype {args.count_dtype!r}: expected fp16, fp32 or fp16,fp32")
     try:
         combos = config_combos(args.configs)
     except (ValueError, KeyError) as exc:
@@ -185,10 +192,12 @@ def main():
         f, fb = time_fn(general, sets, args.reps)
         rows.append(("mita impl=triton", f, fb, peak(general, *sets[0])))
 
-    orig_f, orig_b = fused_small.fwd_config, fused_small.bwd_config
-    for fwd_spec, bwd_spec in combos:
+    orig_f, orig_b, orig_count = fused_small.fwd_config, fused_small.bwd_config, fused_small.COUNT_FP32
+    for (fwd_spec, bwd_spec), count in itertools.product(combos, counts):
         fcfg, bcfg, label = config_functions(fwd_spec, bwd_spec)
+        label += "" if len(counts) == 1 and count == "fp16" else f" counts {count}"
         fused_small.fwd_config, fused_small.bwd_config = fcfg, bcfg
+        fused_small.COUNT_FP32 = count == "fp32"
         fused_small.LAUNCHED.clear()
         try:
             errs = check(2, 3, N, d, m, topk, args.r, True, dtype)
@@ -206,9 +215,12 @@ def main():
         except Exception as e:  # noqa: BLE001 - a config that fails to compile is reported, not fatal
             rows.append((f"{label} FAILED {type(e).__name__}", float("nan"), float("nan"), float("nan")))
     fused_small.fwd_config, fused_small.bwd_config = orig_f, orig_b
-    if not combos:
+    for count in counts if not combos else ():
+        fused_small.COUNT_FP32 = count == "fp32"
         f, fb = time_fn(fused, sets, args.reps)
-        rows.append(("mita fused (default configs)", f, fb, peak(fused, *sets[0])))
+        rows.append(("mita fused (default configs)" + ("" if counts == ["fp16"] else f" counts {count}"), f, fb,
+                     peak(fused, *sets[0])))
+    fused_small.COUNT_FP32 = orig_count
     if args.pool:
         rows.extend(pooling_rows(sets, N, m, topk, args.r, d, args.reps, args.kernel_times))
     if args.kernel_times:

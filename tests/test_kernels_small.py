@@ -146,6 +146,31 @@ def test_backward_in_two_launches(small_blocks, monkeypatch, N, m, topk, r, shar
     _compare(B, 2, N, 32, m, topk, r, shared, scale, seed=N + m + topk + 3)
 
 
+@pytest.mark.parametrize("bwd", ["blocks", "per_head", "split"])
+@pytest.mark.parametrize("N,m,topk,r,shared,scale,B", _small_cases()[2::5])
+def test_expert_counts_in_fp32(small_blocks, monkeypatch, bwd, N, m, topk, r, shared, scale, B):
+    """fused_small.COUNT_FP32: the expert-mask products accumulate in fp32 (forward and every backward layout):
+    the same results."""
+    from mita.kernels import fused_small
+
+    monkeypatch.setattr(fused_small, "COUNT_FP32", True)
+    if bwd != "blocks":
+        monkeypatch.setattr(fused_small, "bwd_config", lambda *a: {
+            "BQ": 16, "BK": 16, "num_warps": 4, "per_head": bwd == "per_head", "split": bwd == "split"})
+    _compare(B, 2, N, 32, m, topk, r, shared, scale, seed=N + m + topk + 4)
+
+
+def test_deit_shape_with_expert_counts_in_fp32(monkeypatch):
+    """The DeiT-S head's default configs (prep launch, 128-query attention programs, one backward program a head)
+    with fp32 expert counts and 32-key attention blocks, the combination to be timed against the defaults."""
+    from mita.kernels import fused_small
+
+    config = fused_small.fwd_config
+    monkeypatch.setattr(fused_small, "COUNT_FP32", True)
+    monkeypatch.setattr(fused_small, "fwd_config", lambda *a: {**config(*a), "BK": 32})
+    _check_selection(1, 1, 197, 64, 25, 25, 2, True, "official", dtype=torch.float16, tol=1e-2, seed=198)
+
+
 @pytest.mark.parametrize("search", [0, 16])
 def test_deit_shape_with_the_default_configs(monkeypatch, search):
     # the configs a DeiT-S head gets on a GPU (prep launch, 128-query attention programs, one backward program
