@@ -336,3 +336,26 @@ def test_bench_vit_gpu_busy_counts_device_events_once():
         SimpleNamespace(device_type=DeviceType.CPU, device_time_total=300.0),  # the op that launched the kernel
     ]
     assert sum(bench._device_us(e) for e in events if bench._on_device(e)) == 320.0
+
+
+def test_compile_report_lists_every_kernel_of_both_paths():
+    """scripts/compile_report.py (no GPU): the short path's and the general path's kernels, each compiled for sm_90
+    with its launch arguments, one table row each, none failing (in a process of its own: the kernels must be
+    Triton's compiled functions, not the interpreter's)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = ""
+    for extra in (["--shape", "1,2,40,32,4,5"], ["--shape", "1,2,300,32,4,5", "--switches", "resident"]):
+        run = subprocess.run([sys.executable, str(root / "scripts" / "compile_report.py"), "--dtype", "fp16", *extra],
+                             capture_output=True, text=True, env=env, cwd=root, timeout=600)
+        assert run.returncode == 0, run.stderr[-2000:]
+        out += run.stdout
+    for kernel in ("_fwd_kernel", "_bwd_kernel", "_routed_fwd_resident_kernel", "_routed_bwd_dq_resident_kernel",
+                   "_routed_bwd_dkdv_kernel", "_key_reduce_kernel", "_route_kernel", "_collect_kernel"):
+        assert f"| {kernel} |" in out, kernel
+    assert "failed" not in out
