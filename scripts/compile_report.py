@@ -9,7 +9,7 @@ are serialized ..."). Use it to choose tile shapes and catch spills before timin
 
     python3 scripts/compile_report.py                          # every case of bench_attention's d64 set
     python3 scripts/compile_report.py --cases deit-s,n64k-k128 --switches resident
-    python3 scripts/compile_report.py --cases deit-s --count-fp32
+    python3 scripts/compile_report.py --cases deit-s --count-fp32 --pool
     python3 scripts/compile_report.py --shape 8,8,4096,64,64,64 # B,H,N,d,m,k
 
 Cases and switches are ``scripts/bench_attention.py``'s (``--switches``: its general-path options). The general
@@ -106,7 +106,7 @@ def _routing(B, H, N, m, topk, r, gen):
     return topk_idx, expert_idx
 
 
-def record_case(case, dtype, recorder):
+def record_case(case, dtype, recorder, pool=False):
     """Runs the case's forward and backward (and the routing kernels) with the launches recorded."""
     from mita import kernels
     from mita.kernels import small_ops
@@ -117,7 +117,14 @@ def record_case(case, dtype, recorder):
     landmarks = torch.randn(B, H, m, d, generator=gen).to(dtype).requires_grad_()
     scale = 1.0 / d
     if small_ops.supports(q, landmarks, topk, r) and kernels.FUSED_SMALL:
-        out = kernels.mita_attention_fused(q, k, v, landmarks, topk, r, True, scale)
+        from mita.kernels import fused_small
+
+        if pool and fused_small.pools_in_kernel(N, d, q.element_size()):
+            # as MiTAAttention calls it: [m, N] pooling weights, the landmarks pooled from q in the kernels
+            weights = torch.full((m, N), 1.0 / N)
+            out = kernels.mita_attention_fused(q, k, v, None, topk, r, True, scale, pool=weights)
+        else:
+            out = kernels.mita_attention_fused(q, k, v, landmarks, topk, r, True, scale)
     else:
         kernels.route_queries(q.detach(), landmarks.detach(), r)
         from mita.kernels.topk_stream import topk_stream
@@ -133,6 +140,8 @@ def main(argv=None):
     p.add_argument("--shape", default="", help="B,H,N,d,m,k: this shape instead of --cases")
     p.add_argument("--switches", default="", help="bench_attention's --switches (general-path options)")
     p.add_argument("--count-fp32", action="store_true", help="short path: fused_small.COUNT_FP32 on")
+    p.add_argument("--pool", action="store_true",
+                   help="short path: the landmarks pooled from q inside the kernels (as MiTAAttention calls them)")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     p.add_argument("--arch", type=int, default=90, help="compute capability to compile for (default 90: sm_90a)")
     args = p.parse_args(argv)
@@ -163,7 +172,7 @@ def main(argv=None):
     try:
         for case in cases:
             recorder.calls.clear()
-            record_case(case, dtype, recorder)
+            record_case(case, dtype, recorder, args.pool)
             seen = set()
             for kernel, kargs, kwargs in recorder.calls:
                 opts = {k: v for k, v in kwargs.items() if k in ("num_warps", "num_stages", "maxnreg")}
