@@ -149,7 +149,6 @@ def main(argv=None):
         p.error("TRITON_INTERPRET=1 is set: the kernels are then the interpreter's, which do not compile; unset it")
     import triton
 
-    from mita import kernels
     from mita.kernels import fused_small
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
@@ -158,10 +157,9 @@ def main(argv=None):
         cases = [bench.Case(f"B={B} H={H} N={N} d={d} m={m} k={k}", B, H, N, d, m, k)]
     else:
         cases = bench.select_cases(args.cases, False)
-    for name, on in bench.parse_switches(args.switches):
-        attribute, on_value, off_value = bench.SWITCHES[name]
-        setattr(kernels, attribute, on_value if on else off_value)
     fused_small.COUNT_FP32 = args.count_fp32
+    for name, on in bench.parse_switches(args.switches):
+        bench.set_switch(name, on)
     print(f"# compiled for sm_{args.arch}a by Triton {triton.__version__} (ptxas of its package), {args.dtype}; "
           f"switches: {args.switches or 'defaults'}" + ("; short path: fp32 expert counts" if args.count_fp32 else ""))
     print("| case | kernel | launch options | registers | spills (store/load B) | shared KiB | wgmma |")
