@@ -173,17 +173,20 @@ def _threshold_kernel(GMAX, TAU, ROWS, P, TOPK, BLOCK_R: tl.constexpr, BLOCK_P: 
 
 
 @triton.jit
-def _collect_tile(s, t, tau, out, n, CAP, BLOCK_N: tl.constexpr, SCAN: tl.constexpr = False):
-    """Appends the scores ``>= tau`` of tile t to the rows' slots ``out + n`` as int64 keys; returns n. ``SCAN``:
-    each candidate's slot from a prefix sum of the row's hits, all of the tile's candidates in one masked store
-    (in key order), instead of one row maximum a round."""
-    if SCAN:
-        hit = (s >= tau[:, None]).to(tl.int32)
-        pos = n[:, None] + tl.cumsum(hit, 1) - hit  # [BLOCK_M, BLOCK_N] slot of each candidate
-        cols = t * BLOCK_N + tl.arange(0, BLOCK_N)
-        key = (_ordered(s).to(tl.int64) << 32) | (0x7FFFFFFF - cols).to(tl.int64)[None, :]
-        tl.store(out[:, None] + pos, key, mask=(hit > 0) & (pos < CAP))
-        return n + tl.sum(hit, 1)
+def _collect_scan(s, t, tau, out, n, CAP, BLOCK_N: tl.constexpr):
+    """:func:`_collect_tile` with each candidate's slot from a prefix sum of the row's hits: all of the tile's
+    candidates in one masked store (in key order) instead of one row maximum a round."""
+    hit = (s >= tau[:, None]).to(tl.int32)
+    pos = n[:, None] + tl.cumsum(hit, 1) - hit  # [BLOCK_M, BLOCK_N] slot of each candidate
+    cols = t * BLOCK_N + tl.arange(0, BLOCK_N)
+    key = (_ordered(s).to(tl.int64) << 32) | (0x7FFFFFFF - cols).to(tl.int64)[None, :]
+    tl.store(out[:, None] + pos, key, mask=(hit > 0) & (pos < CAP))
+    return n + tl.sum(hit, 1)
+
+
+@triton.jit
+def _collect_tile(s, t, tau, out, n, CAP, BLOCK_N: tl.constexpr):
+    """Appends the scores ``>= tau`` of tile t to the rows' slots ``out + n`` as int64 keys; returns n."""
     # one candidate per row and round, best first (lowest index among equals), as [BLOCK_M] vectors: with
     # tau near the k-th score most rows have no candidate in a tile and few more than one
     best, col = tl.max(s, 1, return_indices=True, return_indices_tie_break_left=True)
@@ -227,10 +230,16 @@ def _collect_kernel(
 
     for t in range(c, N_TILES - 1, CHUNKS):
         s = _score_tile(r, Kg, skn, t, N, offs_d, BLOCK_N, PREC, False)
-        n = _collect_tile(s, t, tau, out, n, CAP, BLOCK_N, SCAN)
+        if SCAN:
+            n = _collect_scan(s, t, tau, out, n, CAP, BLOCK_N)
+        else:
+            n = _collect_tile(s, t, tau, out, n, CAP, BLOCK_N)
     if (N_TILES - 1) % CHUNKS == c:
         s = _score_tile(r, Kg, skn, N_TILES - 1, N, offs_d, BLOCK_N, PREC, True)
-        n = _collect_tile(s, N_TILES - 1, tau, out, n, CAP, BLOCK_N, SCAN)
+        if SCAN:
+            n = _collect_scan(s, N_TILES - 1, tau, out, n, CAP, BLOCK_N)
+        else:
+            n = _collect_tile(s, N_TILES - 1, tau, out, n, CAP, BLOCK_N)
     tl.store(CNT + row_off * CHUNKS + c, n, mask=r_ok)
 
 
