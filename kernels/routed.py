@@ -621,9 +621,9 @@ def routed_blocks(T: int, topk: int, head_dim: int, itemsize: int, wide: bool):
     ``warps_q``) and an expert's keys (dk/dv; warps ``warps_kv``) in blocks of :func:`_block`, 4 warps. ``wide``
     (``ROUTED_RESIDENT``'s cases beyond the resident kernels, fp16/bf16, d <= 64): blocks of 128 queries where
     tiles hold 128 entries or more and of 128 keys where experts hold 128 or more, with 8 warps: each block
-    re-reads the expert's keys (forward, dq) or queries (dk/dv) from L2 half as often. Compiled for sm_90
-    (Triton 3.8, ``ptxas -v``, d = 64, bf16), no spills: forward 135 registers, dq 151, dk/dv 228 (172 dk alone,
-    156 dv alone). Not yet timed on a GPU."""
+    re-reads the expert's keys (forward, dq) or queries (dk/dv) from L2 half as often; at d = 128 the dk/dv
+    programs take 8 warps. Compiled for sm_90 (Triton 3.8, ``ptxas -v``, bf16), no spills: d = 64 forward 135
+    registers, dq 151, dk/dv 228 (172 dk alone, 156 dv alone); d = 128 dk/dv 254. Not yet timed on a GPU."""
     block_m, block_k = _block(T, head_dim, itemsize), _block(topk, head_dim, itemsize)
     warps_q = warps_kv = 4
     if wide and itemsize == 2 and head_dim <= 64:
@@ -631,6 +631,8 @@ def routed_blocks(T: int, topk: int, head_dim: int, itemsize: int, wide: bool):
             block_m, warps_q = 128, 8
         if topk >= 128:
             block_k, warps_kv = 128, 8
+    elif wide and itemsize == 2 and head_dim == 128 and block_k == 64:
+        warps_kv = 8  # two [64, 128] fp32 sums: 72 B of spills a thread with 4 warps, none with 8
     return block_m, block_k, warps_q, warps_kv
 
 

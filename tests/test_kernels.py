@@ -345,7 +345,8 @@ def test_resident_config_bounds():
     assert routed.routed_blocks(150, 130, 32, 2, True) == (128, 128, 8, 8)
     assert routed.routed_blocks(150, 130, 32, 2, False) == (64, 64, 4, 4)
     assert routed.routed_blocks(100, 64, 64, 2, True) == (64, 64, 4, 4)
-    assert routed.routed_blocks(150, 130, 128, 2, True)[2:] == (4, 4)
+    assert routed.routed_blocks(150, 130, 128, 2, True)[2:] == (4, 8)
+    assert routed.routed_blocks(150, 130, 128, 2, False)[2:] == (4, 4)
     assert resident_config(5, 3, 4, 32, 2, False)["BLOCK_M"] == 16
     assert resident_config(256, 64, 64, 64, 4, True) is None  # fp32
     assert resident_config(256, 256, 64, 64, 2, True) is None
