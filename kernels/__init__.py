@@ -55,6 +55,11 @@ TRITON_OPS = False
 # block programs take 128 queries or keys with 8 warps (routed.routed_blocks); instead of one program per block of
 # 64 queries, each loading the expert's keys and the landmarks again. Off until timed on a GPU.
 ROUTED_RESIDENT = False
+# Whether the key-split shared values' dK, dV (kernels/shared.py) run programs that load every landmark once and go
+# through several key blocks (shared.resident_keys_config: fp16/bf16, m up to 128 at d <= 64), instead of one
+# program per key block that reads all the landmarks again (at N = 65,536, m = 128: 1,024 reads of them a head).
+# Off until timed on a GPU.
+SHARED_RESIDENT = False
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_LANDMARKS = 1024
 MAX_TOPK = 1024

@@ -154,6 +154,63 @@ def _bwd_keys_kernel(
 
 
 @triton.jit
+def _bwd_keys_resident_kernel(
+    R, K, V, VS, DVS, LSE, DK, DV,
+    stride_rb, stride_rh, stride_rm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+    H, N, M, NKB, scale,
+    D: tl.constexpr, MP: tl.constexpr, BN: tl.constexpr, KPP: tl.constexpr, PREC: tl.constexpr,
+    ADD: tl.constexpr,
+):
+    """:func:`_bwd_keys_kernel` with every landmark (``M <= MP``) loaded once a program: programs (head, group of
+    ``KPP`` key blocks) keep ``R``, ``dV~``, ``lse_sh`` and ``rowsum(dV~ V~)`` on chip and go through their key
+    blocks, instead of each key block reading the landmarks again."""
+    DT = K.dtype.element_ty
+    g = tl.program_id(0).to(tl.int64)
+    b = g // H
+    h = g % H
+    kb0 = tl.program_id(1) * KPP
+    offs_d = tl.arange(0, D)
+    lm = tl.arange(0, MP)
+    lm_ok = lm < M
+    r, dvs, lse, vs_dot = _landmark_rows(R, VS, DVS, LSE, g, b, h, lm, lm_ok, stride_rb, stride_rh, stride_rm, M,
+                                         offs_d)
+    Kh = K + b * stride_kb + h * stride_kh
+    Vh = V + b * stride_vb + h * stride_vh
+    sl2 = scale * 1.4426950408889634
+    for kb in range(kb0, tl.minimum(kb0 + KPP, NKB)):
+        cols = kb * BN + tl.arange(0, BN)
+        ok = cols < N
+        kblk = _rows(Kh, cols, ok, stride_kn, offs_d)  # [BN, D]
+        vblk = _rows(Vh, cols, ok, stride_vn, offs_d)
+        a_t = tl.dot(kblk, tl.trans(r), input_precision=PREC) * sl2  # [BN, MP]
+        a_t = tl.where(ok[:, None] & lm_ok[None, :], tl.exp2(a_t - lse[None, :]), 0.0)
+        dv = tl.dot(a_t.to(DT), dvs, input_precision=PREC)
+        dl_t = a_t * (tl.dot(vblk, tl.trans(dvs), input_precision=PREC) - vs_dot[None, :])
+        dk = tl.dot(dl_t.to(DT), r, input_precision=PREC) * scale
+        out = (g * N + cols[:, None]) * D + offs_d[None, :]
+        if ADD:  # onto the gradients already there (the routed keys'), rounded once
+            dk += tl.load(DK + out, mask=ok[:, None], other=0.0).to(tl.float32)
+            dv += tl.load(DV + out, mask=ok[:, None], other=0.0).to(tl.float32)
+        tl.store(DK + out, dk.to(DT), mask=ok[:, None])
+        tl.store(DV + out, dv.to(DT), mask=ok[:, None])
+
+
+def resident_keys_config(num_heads: int, n: int, m: int, head_dim: int, itemsize: int):
+    """Launch config of :func:`_bwd_keys_resident_kernel` (``MP``, ``BN``, ``KPP``, warps), or None where it does
+    not take the case: fp16/bf16, m up to 128 at d <= 64 (64 at d = 128). Key blocks of 64 (32 with 128 landmark
+    rows or d = 128), as many a program as keeps about ``_TARGET_PROGRAMS`` programs; 4 warps. Compiled for sm_90
+    (Triton 3.8, ``ptxas -v``, bf16), no spills: d = 64, m <= 64: 217 registers, 72 KiB of shared memory;
+    m = 128: 168, 96 KiB; d = 128, m = 64: 190, 104 KiB. Not yet timed on a GPU."""
+    mp = max(16, next_power_of_2(m))
+    if itemsize > 2 or mp * head_dim > 8192:
+        return None
+    bn = 64 if mp <= 64 and head_dim <= 64 else 32
+    nkb = cdiv(n, bn)
+    kpp = max(1, min(16, nkb * num_heads // _TARGET_PROGRAMS))
+    return {"MP": mp, "BN": bn, "KPP": kpp, "num_warps": 4}
+
+
+@triton.jit
 def _bwd_landmarks_kernel(
     R, K, V, VS, DVS, LSE, PDR,
     stride_rb, stride_rh, stride_rm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
@@ -192,6 +249,12 @@ def config(num_heads: int, n: int, m: int, head_dim: int, itemsize: int = 2) -> 
     blocks = cdiv(n, bn)
     chunks = max(1, min(blocks, cdiv(_TARGET_PROGRAMS, num_heads * cdiv(m, bm))))
     return {"BM": bm, "BN": bn, "CHUNK": cdiv(blocks, chunks) * bn, "num_warps": 4 if head_dim <= 64 else 8}
+
+
+def _resident_keys(G, N, m, D, itemsize):
+    from . import SHARED_RESIDENT
+
+    return resident_keys_config(G, N, m, D, itemsize) if SHARED_RESIDENT else None
 
 
 def _precision(dtype: torch.dtype, allow_tf32: bool) -> str:
@@ -259,11 +322,20 @@ def backward(landmarks, k, v, vs, lse, grad_vs, scale, allow_tf32=False, cfg=Non
         dv = alloc((B, H, N, D), dtype=k.dtype, device=dev)
     args = (landmarks, k, v, vs, dvs, lse)
     strides = (*_strides(landmarks), *_strides(k), *_strides(v))
-    launch(
-        _bwd_keys_kernel, (G, cdiv(N, cfg["BN"])),
-        (*args, dk, dv, *strides, H, N, m, scale),
-        dict(D=D, BM=cfg["BM"], BN=cfg["BN"], PREC=prec, ADD=add, num_warps=cfg["num_warps"]),
-    )
+    res = _resident_keys(G, N, m, D, k.element_size())
+    if res is not None:
+        nkb = cdiv(N, res["BN"])
+        launch(
+            _bwd_keys_resident_kernel, (G, cdiv(nkb, res["KPP"])),
+            (*args, dk, dv, *strides, H, N, m, nkb, scale),
+            dict(D=D, PREC=prec, ADD=add, **res),
+        )
+    else:
+        launch(
+            _bwd_keys_kernel, (G, cdiv(N, cfg["BN"])),
+            (*args, dk, dv, *strides, H, N, m, scale),
+            dict(D=D, BM=cfg["BM"], BN=cfg["BN"], PREC=prec, ADD=add, num_warps=cfg["num_warps"]),
+        )
     chunks = cdiv(N, cfg["CHUNK"])
     pdr = alloc((G, chunks, m, D), dtype=torch.float32, device=dev)
     launch(

@@ -71,6 +71,47 @@ def test_config_fills_the_card():
     assert programs >= shared._TARGET_PROGRAMS and cfg["CHUNK"] % cfg["BN"] == 0
 
 
+@pytest.mark.parametrize("B,H,N,m,over", [(1, 1, 1, 1, {}), (2, 1, 17, 5, {"BN": 16, "KPP": 2}),
+                                           (1, 2, 100, 33, {"BN": 16, "KPP": 3}), (2, 2, 70, 100, {"BN": 16, "KPP": 2}),
+                                           (1, 2, 100, 7, {})])
+@pytest.mark.parametrize("add", [False, True])
+def test_resident_keys_backward(monkeypatch, B, H, N, m, over, add):
+    """mita.kernels.SHARED_RESIDENT: dK, dV from programs that load every landmark once and go through several
+    key blocks (groups of 2-3 blocks of 16 keys, a short last group; m up to 100), fresh or added into given
+    gradients: the same as the key-block programs, fp16."""
+    from mita import kernels
+
+    monkeypatch.setattr(shared, "config", lambda *a: SMALL)
+    B_, d, dtype = B, 32, torch.float16
+    landmarks, k, v = (x.detach() for x in _inputs(B_, H, N, m, d, dtype, seed=N + m))
+    scale = d ** -0.5
+    vs, lse = shared.forward(landmarks, k, v, scale)
+    grad_vs = torch.randn(vs.shape, generator=torch.Generator().manual_seed(3)).to(DEVICE, dtype)
+    g = torch.Generator().manual_seed(4)
+    base = [torch.randn(B_, H, N, d, generator=g).to(DEVICE, dtype) for _ in range(2)]
+    into = tuple(t.clone() for t in base) if add else None
+    want = shared.backward(landmarks, k, v, vs, lse, grad_vs, scale, into=into)
+    launched = []
+    config = shared.resident_keys_config
+    monkeypatch.setattr(kernels, "SHARED_RESIDENT", True)
+    monkeypatch.setattr(shared, "resident_keys_config", lambda *a: launched.append(a) or dict(config(*a), **over))
+    into = tuple(t.clone() for t in base) if add else None
+    got = shared.backward(landmarks, k, v, vs, lse, grad_vs, scale, into=into)
+    assert launched
+    for name, a, b in zip(("dR", "dK", "dV"), got, want):
+        assert rel_err(a, b) <= 2e-3, f"{name}: {rel_err(a, b):.1e}"
+
+
+def test_resident_keys_config():
+    c = shared.resident_keys_config(16, 65536, 128, 64, 2)
+    assert (c["MP"], c["BN"]) == (128, 32) and c["KPP"] == 16
+    assert shared.resident_keys_config(16, 16384, 64, 64, 2)["BN"] == 64
+    assert shared.resident_keys_config(384, 1025, 49, 64, 2)["KPP"] == 12
+    assert shared.resident_keys_config(16, 65536, 256, 64, 2) is None
+    assert shared.resident_keys_config(16, 65536, 128, 128, 2) is None
+    assert shared.resident_keys_config(16, 65536, 64, 64, 4) is None
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_backward_adds_into_given_gradients(monkeypatch, dtype):
     """``backward(into=(dK, dV))`` adds the shared values' dK, dV onto the given tensors in place (the general
@@ -114,6 +155,7 @@ def test_fp32_config_fits_shared_memory():
     assert (f32["BM"], f32["BN"]) == (16, 32) and (bf16["BM"], bf16["BN"]) == (64, 32)
     assert shared.config(16, 3000, 49, 64, 4)["BM"] == 16 and f32["CHUNK"] % f32["BN"] == 0
 
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 class TestGPU:
@@ -121,6 +163,14 @@ class TestGPU:
     @pytest.mark.parametrize("N,m,d", [(4097, 64, 64), (16384, 128, 64), (3000, 49, 128), (1025, 7, 32)])
     def test_matches_reference(self, N, m, d, dtype, tol):
         _check(2, 2, N, m, d, dtype=dtype, tol=tol, seed=N)
+
+    @pytest.mark.parametrize("N,m,d", [(4097, 64, 64), (16384, 128, 64), (3000, 49, 128), (1025, 100, 32)])
+    def test_resident_keys_backward(self, monkeypatch, N, m, d):
+        from mita import kernels
+
+        monkeypatch.setattr(kernels, "SHARED_RESIDENT", True)
+        assert shared.resident_keys_config(4, N, m, d, 2) is not None
+        _check(2, 2, N, m, d, dtype=torch.bfloat16, tol=1e-2, seed=N + 1)
 
 
 def test_every_buffer_element_written(monkeypatch):
