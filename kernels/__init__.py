@@ -51,9 +51,10 @@ TRITON_OPS = False
 # Whether the general path's routed kernels size their programs to the work of a tile: the forward and dq run one
 # program per tile (or per few short tiles) that keeps the expert's keys and values and the head's landmarks and
 # shared values on chip while it goes through the tile's queries (routed.resident_config: fp16/bf16, m and topk up
-# to 128), the dk/dv programs take several experts of few queries each, and beyond the resident kernels' cases the
-# block programs take 128 queries or keys with 8 warps (routed.routed_blocks); instead of one program per block of
-# 64 queries, each loading the expert's keys and the landmarks again. Off until timed on a GPU.
+# to 128), the dk/dv programs take several experts of few queries each, beyond the resident kernels' cases the
+# block programs take 128 queries or keys with 8 warps (routed.routed_blocks), and the expert choice takes 256
+# queries a program (routing.route_blocks); instead of one program per block of 64 queries, each loading the
+# expert's keys and the landmarks again. Off until timed on a GPU.
 ROUTED_RESIDENT = False
 # Whether the key-split shared values' dK, dV (kernels/shared.py) run programs that load every landmark once and go
 # through several key blocks (shared.resident_keys_config: fp16/bf16, m up to 128 at d <= 64), instead of one

@@ -676,6 +676,22 @@ def test_routing_kernel_matches_torch_topk(r, N, m, d):
     assert not strided.is_contiguous() and torch.equal(kernels.route_queries(strided, landmarks, r), got)
 
 
+@pytest.mark.parametrize("r", [1, 2])
+def test_routing_kernel_with_wide_blocks(monkeypatch, r):
+    """ROUTED_RESIDENT: 256 queries a routing program (N >= 1,024, fp16), a short last block; the same experts
+    as torch.topk over the fp32 gate, lowest index first among ties."""
+    from mita.kernels import routing
+
+    monkeypatch.setattr(kernels, "ROUTED_RESIDENT", True)
+    assert routing.route_blocks(1100, 32, 2) == (256, 8) and routing.route_blocks(1000, 32, 2) == (64, 4)
+    g = torch.Generator().manual_seed(r)
+    q = torch.randn(1, 2, 1100, 32, generator=g).to(DEVICE, torch.float16)
+    landmarks = torch.randn(1, 2, 20, 32, generator=g).to(DEVICE, torch.float16)
+    got = kernels.route_queries(q, landmarks, r)
+    gate = q.double() @ landmarks.double().transpose(-1, -2)
+    assert torch.equal(got.cpu(), gate.topk(r, dim=-1).indices.cpu())
+
+
 @pytest.mark.parametrize("r,pool", [(1, "grid"), (2, "grid"), (1, "official")])
 def test_mita_layer_keeps_no_activation_that_standard_attention_does_not(r, pool):
     """What a MiTA layer keeps for its backward beyond softmax attention's (torch SDPA) is landmark-sized:
