@@ -58,8 +58,9 @@ TRITON_OPS = False
 ROUTED_RESIDENT = False
 # Whether the key-split shared values' dK, dV (kernels/shared.py) run programs that load every landmark once and go
 # through several key blocks (shared.resident_keys_config: fp16/bf16, m up to 128 at d <= 64), instead of one
-# program per key block that reads all the landmarks again (at N = 65,536, m = 128: 1,024 reads of them a head).
-# Off until timed on a GPU.
+# program per key block that reads all the landmarks again (at N = 65,536, m = 128: 1,024 reads of them a head);
+# and the shared logits' landmark gradients (routed.shared_backward) take 128 landmarks a program from m = 128 on
+# (each query block read by half as many programs). Off until timed on a GPU.
 SHARED_RESIDENT = False
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_LANDMARKS = 1024

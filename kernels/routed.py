@@ -814,6 +814,13 @@ def shared_backward(q, landmarks, shared_v, do, lse, delta, scale_shared, allow_
     G = B * H
     M = landmarks.shape[1]
     block_m, block_r = _block(N, D, q.element_size()), _block(M, D, q.element_size())
+    warps = 4
+    from . import SHARED_RESIDENT
+
+    if SHARED_RESIDENT and M >= 128 and D <= 64 and q.element_size() == 2:
+        # 128 landmarks a program, 8 warps: each query block is read by half as many programs (216 registers,
+        # 65 KiB of shared memory, no spills on sm_90; 4 warps would spill 632 B). Not yet timed.
+        block_r, warps = 128, 8
     num_rb = cdiv(M, block_r)
     # enough programs to fill the GPU: split the queries into chunks, each writing a partial sum
     num_ch = max(1, min(cdiv(N, 4 * block_m), cdiv(512, G * num_rb)))
@@ -826,6 +833,6 @@ def shared_backward(q, landmarks, shared_v, do, lse, delta, scale_shared, allow_
         (q, landmarks, shared_v, do, lse, delta, dr, dvs, H, *_bhn(q), *_bhn(do), N, M, num_rb, num_ch, chunk,
             scale_shared),
         dict(D=D, BLOCK_M=block_m, BLOCK_R=block_r, PRECISION=_precision(q.dtype, allow_tf32),
-            SPREC=_score_precision(q.dtype, allow_tf32), num_warps=4, num_stages=2),
+            SPREC=_score_precision(q.dtype, allow_tf32), num_warps=warps, num_stages=2),
     )
     return dr, dvs

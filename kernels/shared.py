@@ -202,7 +202,7 @@ def resident_keys_config(num_heads: int, n: int, m: int, head_dim: int, itemsize
     (Triton 3.8, ``ptxas -v``, bf16), no spills: d = 64, m <= 64: 217 registers, 72 KiB of shared memory;
     m = 128: 168, 96 KiB; d = 128, m = 64: 190, 104 KiB. Not yet timed on a GPU."""
     mp = max(16, next_power_of_2(m))
-    if itemsize > 2 or mp * head_dim > 8192:
+    if itemsize > 2 or mp > 128 or mp * head_dim > 8192:
         return None
     bn = 64 if mp <= 64 and head_dim <= 64 else 32
     nkb = cdiv(n, bn)

@@ -355,6 +355,23 @@ def test_resident_config_bounds():
     assert resident_config(256, 300, 64, 64, 2, False)["MP"] == 16  # no shared expert: m does not count
 
 
+@pytest.mark.parametrize("kind,N,m,topk,r", [("duplicates", 50, 5, 7, 2), ("one_key", 200, 130, 3, 1)])
+def test_shared_resident_kernels(monkeypatch, kind, N, m, topk, r):
+    """mita.kernels.SHARED_RESIDENT through the general path (key-split shared values, fp16): the shared values'
+    dK, dV with every landmark loaded once a program, and with m >= 128 the shared logits' landmark gradients
+    in programs of 128 landmarks."""
+    from mita.kernels import routed, shared
+
+    monkeypatch.setattr(kernels, "SHARED_RESIDENT", True)
+    monkeypatch.setattr(kernels, "SHARED_SPLIT_MIN_N", 1)
+    monkeypatch.setattr(shared, "config", lambda *a: {"BM": 16, "BN": 16, "CHUNK": 32, "num_warps": 4})
+    launched = []
+    monkeypatch.setattr(routed, "launch", lambda kernel, grid, args, meta, key=None: launched.append(
+        (kernel.fn.__name__, meta.get("BLOCK_R"))) or kernel[grid](*args, **meta))
+    _check_general_layout(kind, N, m, topk, r, True, B=1, dtype=torch.float16)
+    assert (("_shared_bwd_kernel", 128) in launched) == (m >= 128)
+
+
 @pytest.mark.parametrize("N,m,topk,r", [(50, 5, 7, 2), (33, 20, 4, 1), (17, 3, 0, 1)])
 def test_shared_values_split_over_the_keys(monkeypatch, N, m, topk, r):
     """mita.kernels.SHARED_SPLIT_MIN_N: the general path's fp16/bf16 shared values from kernels/shared.py,

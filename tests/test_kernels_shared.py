@@ -110,6 +110,7 @@ def test_resident_keys_config():
     assert shared.resident_keys_config(16, 65536, 256, 64, 2) is None
     assert shared.resident_keys_config(16, 65536, 128, 128, 2) is None
     assert shared.resident_keys_config(16, 65536, 64, 64, 4) is None
+    assert shared.resident_keys_config(16, 65536, 200, 32, 2) is None
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
