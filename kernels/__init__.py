@@ -59,8 +59,9 @@ ROUTED_RESIDENT = False
 # Whether the key-split shared values' dK, dV (kernels/shared.py) run programs that load every landmark once and go
 # through several key blocks (shared.resident_keys_config: fp16/bf16, m up to 128 at d <= 64), instead of one
 # program per key block that reads all the landmarks again (at N = 65,536, m = 128: 1,024 reads of them a head);
-# and the shared logits' landmark gradients (routed.shared_backward) take 128 landmarks a program from m = 128 on
-# (each query block read by half as many programs). Off until timed on a GPU.
+# and from m = 128 on the programs that loop over the keys (shared values and their dR, shared.config's LM_BM) or
+# over the queries (the shared logits' landmark gradients, routed.shared_backward) take 128 landmarks with 8 warps,
+# so that each key or query tile is read by half as many programs. Off until timed on a GPU.
 SHARED_RESIDENT = False
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_LANDMARKS = 1024

@@ -246,9 +246,24 @@ def config(num_heads: int, n: int, m: int, head_dim: int, itemsize: int = 2) -> 
     shared memory than an H200 has (238 KB with Triton 3.6)."""
     bm = min(64, max(16, next_power_of_2(m))) if itemsize <= 2 else 16
     bn = 64 if head_dim <= 64 and itemsize <= 2 else 32
+    from . import SHARED_RESIDENT
+
+    # landmark blocks of the programs that loop over the keys (forward partials, combine, dR): with
+    # SHARED_RESIDENT and m >= 128, 128 landmarks and 8 warps, so that each key tile is read by half as many
+    # programs (117 and 125 registers, no spills on sm_90; not yet timed)
+    lm_bm, lm_warps = (128, 8) if SHARED_RESIDENT and itemsize == 2 and head_dim <= 64 and m >= 128 else (bm, None)
     blocks = cdiv(n, bn)
-    chunks = max(1, min(blocks, cdiv(_TARGET_PROGRAMS, num_heads * cdiv(m, bm))))
-    return {"BM": bm, "BN": bn, "CHUNK": cdiv(blocks, chunks) * bn, "num_warps": 4 if head_dim <= 64 else 8}
+    chunks = max(1, min(blocks, cdiv(_TARGET_PROGRAMS, num_heads * cdiv(m, lm_bm))))
+    out = {"BM": bm, "BN": bn, "CHUNK": cdiv(blocks, chunks) * bn, "num_warps": 4 if head_dim <= 64 else 8}
+    if lm_warps:
+        out.update(LM_BM=lm_bm, LM_WARPS=lm_warps)
+    return out
+
+
+def _landmark_blocks(cfg: dict):
+    """Landmarks a program and warps of the launches that loop over the keys (``LM_BM``, ``LM_WARPS`` of the
+    config, else its ``BM`` and ``num_warps``)."""
+    return cfg.get("LM_BM", cfg["BM"]), cfg.get("LM_WARPS", cfg["num_warps"])
 
 
 def _resident_keys(G, N, m, D, itemsize):
@@ -276,23 +291,24 @@ def forward(landmarks, k, v, scale, allow_tf32=False, cfg=None, alloc=torch.empt
     G = B * H
     cfg = cfg or config(G, N, m, D, k.element_size())
     chunks = cdiv(N, cfg["CHUNK"])
+    lm_bm, lm_warps = _landmark_blocks(cfg)
     dev = k.device
     pacc = alloc((G, chunks, m, D), dtype=torch.float32, device=dev)
     pm = alloc((G, chunks, m), dtype=torch.float32, device=dev)
     pl = alloc((G, chunks, m), dtype=torch.float32, device=dev)
     prec = _precision(k.dtype, allow_tf32)
     launch(
-        _fwd_partial_kernel, (G, chunks, cdiv(m, cfg["BM"])),
+        _fwd_partial_kernel, (G, chunks, cdiv(m, lm_bm)),
         (landmarks, k, v, pacc, pm, pl, *_strides(landmarks), *_strides(k), *_strides(v), H, N, m, cfg["CHUNK"],
             chunks, scale),
-        dict(D=D, BM=cfg["BM"], BN=cfg["BN"], PREC=prec, num_warps=cfg["num_warps"]),
+        dict(D=D, BM=lm_bm, BN=cfg["BN"], PREC=prec, num_warps=lm_warps),
     )
     vs = alloc((B, H, m, D), dtype=k.dtype, device=dev)
     lse = alloc((G, m), dtype=torch.float32, device=dev)
     launch(
-        _fwd_combine_kernel, (G, cdiv(m, cfg["BM"])),
+        _fwd_combine_kernel, (G, cdiv(m, lm_bm)),
         (pacc, pm, pl, vs, lse, m, chunks),
-        dict(D=D, BM=cfg["BM"], num_warps=cfg["num_warps"]),
+        dict(D=D, BM=lm_bm, num_warps=lm_warps),
     )
     return vs, lse
 
@@ -337,11 +353,12 @@ def backward(landmarks, k, v, vs, lse, grad_vs, scale, allow_tf32=False, cfg=Non
             dict(D=D, BM=cfg["BM"], BN=cfg["BN"], PREC=prec, ADD=add, num_warps=cfg["num_warps"]),
         )
     chunks = cdiv(N, cfg["CHUNK"])
+    lm_bm, lm_warps = _landmark_blocks(cfg)
     pdr = alloc((G, chunks, m, D), dtype=torch.float32, device=dev)
     launch(
-        _bwd_landmarks_kernel, (G, chunks, cdiv(m, cfg["BM"])),
+        _bwd_landmarks_kernel, (G, chunks, cdiv(m, lm_bm)),
         (*args, pdr, *strides, H, N, m, cfg["CHUNK"], chunks, scale),
-        dict(D=D, BM=cfg["BM"], BN=cfg["BN"], PREC=prec, num_warps=cfg["num_warps"]),
+        dict(D=D, BM=lm_bm, BN=cfg["BN"], PREC=prec, num_warps=lm_warps),
     )
     dr = sum_chunks(pdr, k.dtype, scale, dr_add).view(B, H, m, D)
     return dr, dk, dv

@@ -102,6 +102,23 @@ def test_resident_keys_backward(monkeypatch, B, H, N, m, over, add):
         assert rel_err(a, b) <= 2e-3, f"{name}: {rel_err(a, b):.1e}"
 
 
+@pytest.mark.parametrize("B,H,N,m", [(1, 2, 100, 33), (2, 1, 70, 40)])
+def test_landmark_blocks_of_their_own(monkeypatch, B, H, N, m):
+    """``LM_BM``: the launches that loop over the keys (forward partials and combine, dR) take landmark blocks of
+    their own size (32 here), the dK, dV launch its ``BM`` (16): the same results."""
+    _check(B, H, N, m, 32, seed=N + m + 1, cfg={**SMALL, "LM_BM": 32, "LM_WARPS": 4}, monkeypatch=monkeypatch)
+
+
+def test_config_with_shared_resident(monkeypatch):
+    from mita import kernels
+
+    monkeypatch.setattr(kernels, "SHARED_RESIDENT", True)
+    c = shared.config(16, 65536, 128, 64, 2)
+    assert (c["BM"], c["LM_BM"], c["LM_WARPS"]) == (64, 128, 8) and c["CHUNK"] % c["BN"] == 0
+    assert 16 * (-(-65536 // c["CHUNK"])) >= shared._TARGET_PROGRAMS  # one landmark block: chunks fill the card
+    assert "LM_BM" not in shared.config(16, 65536, 64, 64, 2) and "LM_BM" not in shared.config(16, 65536, 128, 64, 4)
+
+
 def test_resident_keys_config():
     c = shared.resident_keys_config(16, 65536, 128, 64, 2)
     assert (c["MP"], c["BN"]) == (128, 32) and c["KPP"] == 16
