@@ -52,9 +52,11 @@ TRITON_OPS = False
 # program per tile (or per few short tiles) that keeps the expert's keys and values and the head's landmarks and
 # shared values on chip while it goes through the tile's queries (routed.resident_config: fp16/bf16, m and topk up
 # to 128), the dk/dv programs take several experts of few queries each, beyond the resident kernels' cases the
-# block programs take 128 queries or keys with 8 warps (routed.routed_blocks), and the expert choice takes 256
-# queries a program (routing.route_blocks); instead of one program per block of 64 queries, each loading the
-# expert's keys and the landmarks again. Off until timed on a GPU.
+# block programs take 128 queries or keys with 8 warps (routed.routed_blocks), the expert choice takes 256
+# queries a program (routing.route_blocks), and where 4 m topk > N the dk/dv partials fill two input-dtype buffers
+# in one pass over half-length chunks of experts (routed.dkdv_plan: 4 products instead of 5, same memory); instead
+# of one program per block of 64 queries, each loading the expert's keys and the landmarks again. Off until timed
+# on a GPU.
 ROUTED_RESIDENT = False
 # Whether the key-split shared values' dK, dV (kernels/shared.py) run programs that load every landmark once and go
 # through several key blocks (shared.resident_keys_config: fp16/bf16, m up to 128 at d <= 64), instead of one

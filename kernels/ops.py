@@ -136,7 +136,9 @@ def _backward(grad_out, q, k, v, landmarks, shared_v, topk_idx, expert_idx, out,
         # of them), summed per key through the inverse index (which (expert, slot) pairs hold each key);
         # written in q's dtype, every element
         dk, dv = _buffer((G, N, d), q.device, q.dtype), _buffer((G, N, d), q.device, q.dtype)
-        part_dtype, buffers, chunk = dkdv_plan(q.dtype, N, m, topk)
+        from . import ROUTED_RESIDENT
+
+        part_dtype, buffers, chunk = dkdv_plan(q.dtype, N, m, topk, one_pass=ROUTED_RESIDENT)
         partials = tuple(_buffer((G, chunk, topk, d), q.device, part_dtype) for _ in range(buffers))
         pairs = _key_pairs(idx, N)
     routed_backward(qf, kf, vf, rf, vsf, do, lse, delta, idx, lay, r, scale, scale_shared,

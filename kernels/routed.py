@@ -651,7 +651,7 @@ def _resident(T, M, topk, D, itemsize, shared):
     return res, routed_blocks(T, topk, D, itemsize, ROUTED_RESIDENT)
 
 
-def dkdv_plan(dtype, N: int, m: int, topk: int):
+def dkdv_plan(dtype, N: int, m: int, topk: int, one_pass: bool = False):
     """``(dtype, buffers, chunk)`` of the per-(expert, slot) partial dk, dv ``[G, chunk, topk, d]``.
 
     While ``4 m topk <= N`` (the paper's budgets, ``m k ~ N / 4``) they are float32, two buffers, one pass over
@@ -659,9 +659,14 @@ def dkdv_plan(dtype, N: int, m: int, topk: int):
     ``chunk topk <= N`` (one expert at least), each with one buffer in the input dtype (each partial rounded
     once, then summed in float32) shared by two passes, dv then dk (recomputing the probabilities: 5 products
     instead of 4), whose key-major sums add onto the previous chunks': the partials never take more than
-    one dk (``max(N, topk) d`` per head), whatever ``m topk``."""
+    one dk (``max(N, topk) d`` per head), whatever ``m topk``. ``one_pass`` (``ROUTED_RESIDENT``; where
+    ``2 topk <= N``): instead, chunks of ``N / (2 topk)`` experts with two input-dtype buffers filled in one pass
+    (4 products, each query block read once): twice the chunks for the same launches and the same partial
+    memory (not yet timed)."""
     if 4 * m * topk <= N:
         return torch.float32, 2, m
+    if one_pass and 2 * topk <= N:
+        return dtype, 2, max(1, min(m, N // (2 * topk)))
     return dtype, 1, max(1, min(m, N // topk))
 
 

@@ -413,7 +413,7 @@ def test_routed_dkdv_partial_plans(plan, dtype, monkeypatch):
     from mita.kernels import ops
 
     part, buffers, chunk = plan
-    monkeypatch.setattr(ops, "dkdv_plan", lambda dt, N, m, topk: (torch.float32 if part == "float32" else dt,
+    monkeypatch.setattr(ops, "dkdv_plan", lambda dt, N, m, topk, **kw: (torch.float32 if part == "float32" else dt,
                                                                    buffers, chunk))
     test_routed_dkdv_on_awkward_routings("duplicates", 2, 17, 5, 7, 2, True, dtype)
 
@@ -425,11 +425,16 @@ def test_dkdv_plan_bounds_the_partials():
 
     for N, m, topk in ((16384, 64, 64), (4096, 64, 64), (1025, 49, 49), (16384, 256, 256), (65536, 512, 512),
                        (17, 5, 7), (2, 3, 2), (1, 4, 1), (100, 1000, 1000)):
-        dtype, buffers, chunk = dkdv_plan(torch.bfloat16, N, m, topk)
-        assert 1 <= chunk <= m
-        size = buffers * chunk * topk * dtype.itemsize  # bytes a head, per d
-        assert size <= 2 * max(N, topk), (N, m, topk)
+        for one_pass in (False, True):
+            dtype, buffers, chunk = dkdv_plan(torch.bfloat16, N, m, topk, one_pass=one_pass)
+            assert 1 <= chunk <= m
+            size = buffers * chunk * topk * dtype.itemsize  # bytes a head, per d
+            assert size <= 2 * max(N, topk), (N, m, topk, one_pass)
     assert dkdv_plan(torch.bfloat16, 16384, 64, 64) == (torch.float32, 2, 64)  # the paper's budget: one pass
+    # ROUTED_RESIDENT: two input-dtype buffers, one pass, chunks half as long: the same partial memory
+    assert dkdv_plan(torch.bfloat16, 65536, 512, 512, one_pass=True) == (torch.bfloat16, 2, 64)
+    assert dkdv_plan(torch.bfloat16, 65536, 512, 512) == (torch.bfloat16, 1, 128)
+    assert dkdv_plan(torch.bfloat16, 100, 5, 60, one_pass=True) == (torch.bfloat16, 1, 1)  # 2 topk > N
 
 
 def test_key_pairs_inverse_index():
