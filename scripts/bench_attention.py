@@ -5,6 +5,7 @@
     python3 scripts/bench_attention.py --cases deit-s,n16k-k64 --reps 50
     python3 scripts/bench_attention.py --cases n1m-k512 --methods mita-triton --reps 3 --no-profile
     python3 scripts/bench_attention.py --cases n16k-k64 --methods mita-triton --host    # where the host time goes
+    python3 scripts/bench_attention.py --methods sdpa-cudnn,mita-triton,mita-triton+resident  # A/B in one process
     python3 scripts/bench_attention.py --cases smoke --out results/bench     # seconds: every method on two tiny shapes
     python3 scripts/bench_attention.py --cpu-smoke --out /tmp/bench   # tiny CPU run of the whole pipeline (tests)
 
@@ -36,6 +37,7 @@ and bandwidth tables, then the card, versions and the main table last.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 import statistics
@@ -330,7 +332,7 @@ class Runner:
             counts = torch.zeros(G, case.m, device=self.device)
             counts.scatter_add_(1, expert.reshape(G, case.N), torch.ones(G, case.N, device=self.device))
             imbalance = (counts.max() / (case.N / case.m)).item()  # largest expert group over the mean
-        gate = None
+        gate_box = [None]  # the case's correctness gate, made by the first MiTA method
         base = {"case": case.name, "B": case.B, "H": case.H, "N": case.N, "d": case.d, "m": case.m, "k": case.k,
                 "dtype": args.dtype, "input_sets": n_sets, "route_max_over_mean": imbalance}
         for name in args.methods:
@@ -339,24 +341,11 @@ class Runner:
             if time.perf_counter() > self.deadline:
                 row["status"] = "skipped (--max-total-s reached)"
                 continue
-            fn = method_fn(name, case)
+            base_name, variant = split_method(name)
+            fn = method_fn(base_name, case)
             try:
-                if name in MITA_METHODS:
-                    if gate is None:
-                        gate = Gate(case, self.dtype, self.device, args.seed + 100)
-                    errs = gate.check(fn)
-                    row.update({f"err_{key}": val for key, val in errs.items()})
-                    row["gate_ref"] = gate.kind
-                    row["gate_err"] = max(errs.values())
-                    if not row["gate_err"] <= args.tol:
-                        row["status"] = f"FAIL (rel err {row['gate_err']:.2e} > {args.tol:g})"
-                        log.warning("  %-12s %s %s", name, row["status"], errs)
-                        continue
-                row.update(self.time_method(fn, sets))
-                if row["status"] == "ok" and name == "mita-triton" and self.device.type == "cuda" and args.profile:
-                    self.profile(case, name, fn, first, row)
-                if row["status"] == "ok" and name in MITA_METHODS and args.host:
-                    self.host_profile(case, name, fn, first, row)
+                with switched(variant):
+                    self.run_method(case, name, base_name, fn, sets, first, row, gate_box)
             except torch.cuda.OutOfMemoryError:
                 row["status"] = "skipped (out of memory)"
             except Exception as exc:  # noqa: BLE001 - one broken method must not lose the others' numbers
@@ -371,6 +360,28 @@ class Runner:
                 torch.cuda.empty_cache()
             log.info("  %-12s %s", name, _summary(row))
         self.add_derived(case)
+
+    def run_method(self, case, name, base_name, fn, sets, first, row, gate_box) -> None:
+        """Correctness gate (MiTA methods: the case's gate, made once in ``gate_box``), timings, profile and host
+        time of one method on one case."""
+        args = self.args
+        if base_name in MITA_METHODS:
+            if gate_box[0] is None:
+                gate_box[0] = Gate(case, self.dtype, self.device, args.seed + 100)
+            gate = gate_box[0]
+            errs = gate.check(fn)
+            row.update({f"err_{key}": val for key, val in errs.items()})
+            row["gate_ref"] = gate.kind
+            row["gate_err"] = max(errs.values())
+            if not row["gate_err"] <= args.tol:
+                row["status"] = f"FAIL (rel err {row['gate_err']:.2e} > {args.tol:g})"
+                log.warning("  %-12s %s %s", name, row["status"], errs)
+                return
+        row.update(self.time_method(fn, sets))
+        if row["status"] == "ok" and base_name == "mita-triton" and self.device.type == "cuda" and args.profile:
+            self.profile(case, name, fn, first, row)
+        if row["status"] == "ok" and base_name in MITA_METHODS and args.host:
+            self.host_profile(case, name, fn, first, row)
 
     def profile(self, case: Case, name: str, fn: Callable, x: Dict[str, torch.Tensor], row: dict) -> None:
         try:
@@ -632,6 +643,26 @@ def set_switch(name: str, on: bool) -> None:
     setattr(*switch_target(attribute), on_value if on else off_value)
 
 
+def split_method(name: str) -> Tuple[str, List[Tuple[str, bool]]]:
+    """A method and the switches of its variant: ``mita-triton+resident+count-fp32=off`` is mita-triton timed
+    with those switches set (and restored after), beside the other methods in the same process."""
+    base, *words = name.split("+")
+    return base, parse_switches(",".join(words))
+
+
+@contextlib.contextmanager
+def switched(switches: List[Tuple[str, bool]]):
+    """Sets ``switches`` for the duration of the block, then restores the values they had."""
+    saved = [(switch_target(SWITCHES[n][0]), getattr(*switch_target(SWITCHES[n][0]))) for n, _ in switches]
+    try:
+        for n, on in switches:
+            set_switch(n, on)
+        yield
+    finally:
+        for (obj, attr), value in reversed(saved):
+            setattr(obj, attr, value)
+
+
 def parse_switches(spec: str):
     """``[(name, on)]`` from ``--switches`` (``name``, ``name=on`` or ``name=off``, comma-separated)."""
     out = []
@@ -647,7 +678,10 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", default="all",
                         help="all (default), d64, d128, smoke (two tiny shapes), or a comma list of case names")
-    parser.add_argument("--methods", default=",".join(METHODS), help="comma list from " + ", ".join(METHODS))
+    parser.add_argument("--methods", default=",".join(METHODS),
+                        help="comma list from " + ", ".join(METHODS) + "; a method with +SWITCH (or +SWITCH=off) "
+                             "suffixes is timed with those --switches set, beside the others in the same process "
+                             "(e.g. mita-triton,mita-triton+resident+count-fp32)")
     parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
     parser.add_argument("--reps", type=int, default=None, help="timed repetitions (default 20; --quick 5)")
     parser.add_argument("--warmup", type=int, default=None, help="warm-up calls (default 5; --quick 3)")
@@ -674,9 +708,16 @@ def parse_args(argv=None):
     except ValueError as exc:
         parser.error(f"--switches: {exc}")
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    bad = [m for m in args.methods if m not in METHODS]
+    bad = []
+    for m in args.methods:
+        try:
+            if split_method(m)[0] not in METHODS:
+                bad.append(m)
+        except ValueError:
+            bad.append(m)
     if bad:
-        parser.error(f"--methods: unknown {bad}; valid: {', '.join(METHODS)}")
+        parser.error(f"--methods: unknown {bad}; valid: {', '.join(METHODS)}, each optionally with +SWITCH or "
+                     f"+SWITCH=off suffixes (a variant timed with those switches: {', '.join(SWITCHES)})")
     if args.reps is None:
         args.reps = 2 if args.cpu_smoke else 5 if args.quick else 20
     if args.warmup is None:

@@ -127,6 +127,34 @@ def test_bench_attention_cpu_smoke(tmp_path, capsys):
     assert last[-1].startswith("| smoke-b") and any(line.startswith("card: CPU") for line in last[-6:])
 
 
+def test_bench_attention_method_variants(tmp_path, monkeypatch):
+    """``--methods mita-torch+resident+count-fp32``: the method timed with those switches set, beside the plain
+    one in the same process, each switch back to its value after; a bad suffix is refused in one line."""
+    from mita import kernels
+    from mita.kernels import fused_small
+
+    bench = _load_script("bench_attention")
+    seen = []
+    method_fn = bench.method_fn
+
+    def spy(name, case):
+        fn = method_fn(name, case)
+        return lambda *a, **kw: seen.append((kernels.ROUTED_RESIDENT, fused_small.COUNT_FP32)) or fn(*a, **kw)
+
+    monkeypatch.setattr(bench, "method_fn", spy)
+    before = (kernels.ROUTED_RESIDENT, fused_small.COUNT_FP32)
+    rc = bench.main(["--cpu-smoke", "--cases", "smoke-a", "--out", str(tmp_path), "--methods",
+                     "mita-torch,mita-torch+resident+count-fp32"])
+    assert rc == 0 and (kernels.ROUTED_RESIDENT, fused_small.COUNT_FP32) == before
+    rows = {r["method"]: r for r in _rows(tmp_path / "attention.csv")}
+    assert rows["mita-torch+resident+count-fp32"]["status"] == "ok" and rows["mita-torch"]["status"] == "ok"
+    assert (True, True) in seen and before in seen
+    assert bench.split_method("mita-triton+resident+count-fp32=off") == (
+        "mita-triton", [("resident", True), ("count-fp32", False)])
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--methods", "mita-triton+nope"])
+
+
 def test_bench_attention_host_stages(tmp_path):
     # --host: the host time of a call, the time inside the op's stages and a cProfile, one file a case
     import mita.functional
