@@ -426,7 +426,8 @@ class Runner:
         stats = pstats.Stats(prof, stream=text).strip_dirs()
         stats.sort_stats("tottime").print_stats(30)
         stats.sort_stats("cumulative").print_stats(40)
-        path = Path(self.args.out) / f"host_{case.name}_{name}.txt"
+        # a variant's name (mita-triton+resident=off) in letters, digits, '.', '_' and '-' only
+        path = Path(self.args.out) / f"host_{case.name}_{name.replace('+', '_').replace('=', '-')}.txt"
         table = "".join(f"  {stage:34s} {us:8.1f} us, {calls:4.1f} calls\n" for stage, us, calls in stages)
         path.write_text(f"host ms a forward+backward call (median of 10): {row['host_fb_ms']:.3f}\n"
                         f"host time inside the op's stages a forward+backward call (inclusive, mean of 10 calls):\n{table}\n" + text.getvalue())
