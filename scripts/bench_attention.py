@@ -654,13 +654,15 @@ def split_method(name: str) -> Tuple[str, List[Tuple[str, bool]]]:
 @contextlib.contextmanager
 def switched(switches: List[Tuple[str, bool]]):
     """Sets ``switches`` for the duration of the block, then restores the values they had."""
-    saved = [(switch_target(SWITCHES[n][0]), getattr(*switch_target(SWITCHES[n][0]))) for n, _ in switches]
+    saved = []
     try:
         for n, on in switches:
+            obj, attr = switch_target(SWITCHES[n][0])
+            saved.append((obj, attr, getattr(obj, attr)))
             set_switch(n, on)
         yield
     finally:
-        for (obj, attr), value in reversed(saved):
+        for obj, attr, value in reversed(saved):
             setattr(obj, attr, value)
 
 
