@@ -827,8 +827,9 @@ def shared_backward(q, landmarks, shared_v, do, lse, delta, scale_shared, allow_
         # 65 KiB of shared memory, no spills on sm_90; 4 warps would spill 632 B). Not yet timed.
         block_r, warps = 128, 8
     num_rb = cdiv(M, block_r)
-    # enough programs to fill the GPU: split the queries into chunks, each writing a partial sum
-    num_ch = max(1, min(cdiv(N, 4 * block_m), cdiv(512, G * num_rb)))
+    # enough programs to fill the GPU: split the queries into chunks, each writing a partial sum; the two float32
+    # partials [G, chunks, m, d] stay within half of one 16-bit [G, N, d] input (chunks <= N / 8m)
+    num_ch = max(1, min(cdiv(N, 4 * block_m), cdiv(512, G * num_rb), N // (8 * M)))
     chunk = cdiv(cdiv(N, num_ch), block_m) * block_m
     num_ch = cdiv(N, chunk)
     dr = q.new_empty((G, num_ch, M, D), dtype=torch.float32)

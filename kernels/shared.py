@@ -253,7 +253,9 @@ def config(num_heads: int, n: int, m: int, head_dim: int, itemsize: int = 2) -> 
     # programs (117 and 125 registers, no spills on sm_90; not yet timed)
     lm_bm, lm_warps = (128, 8) if SHARED_RESIDENT and itemsize == 2 and head_dim <= 64 and m >= 128 else (bm, None)
     blocks = cdiv(n, bn)
-    chunks = max(1, min(blocks, cdiv(_TARGET_PROGRAMS, num_heads * cdiv(m, lm_bm))))
+    # chunks fill the GPU at few heads, but the backward's float32 dR partials [G, chunks, m, d] stay within a
+    # quarter of one 16-bit [G, N, d] input (chunks <= N / 8m; none of the benchmark cases is capped by it)
+    chunks = max(1, min(blocks, cdiv(_TARGET_PROGRAMS, num_heads * cdiv(m, lm_bm)), n // (8 * m)))
     out = {"BM": bm, "BN": bn, "CHUNK": cdiv(blocks, chunks) * bn, "num_warps": 4 if head_dim <= 64 else 8}
     if lm_warps:
         out.update(LM_BM=lm_bm, LM_WARPS=lm_warps)

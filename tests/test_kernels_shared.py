@@ -71,6 +71,15 @@ def test_config_fills_the_card():
     assert programs >= shared._TARGET_PROGRAMS and cfg["CHUNK"] % cfg["BN"] == 0
 
 
+@pytest.mark.parametrize("G,N,m", [(2, 4096, 64), (8, 4096, 128), (1, 1024, 64), (16, 16384, 256), (1, 300, 100)])
+def test_config_chunks_bound_the_partial_memory(G, N, m):
+    # few heads take more chunks, but the backward's float32 dR partials [G, chunks, m, d] stay within a quarter
+    # of one 16-bit [G, N, d] input (or one chunk)
+    cfg = shared.config(G, N, m, 64)
+    chunks = -(-N // cfg["CHUNK"])
+    assert chunks == 1 or chunks * m * 4 <= N * 2 / 4
+
+
 @pytest.mark.parametrize("B,H,N,m,over", [(1, 1, 1, 1, {}), (2, 1, 17, 5, {"BN": 16, "KPP": 2}),
                                            (1, 2, 100, 33, {"BN": 16, "KPP": 3}), (2, 2, 70, 100, {"BN": 16, "KPP": 2}),
                                            (1, 2, 100, 7, {})])
