@@ -5,7 +5,9 @@ live on the CPU and the outputs stay unwritten), then compiles each distinct ker
 options it was given, specialized as Triton specializes them at run time (integer values, 16-byte alignment),
 for sm_90 with Triton's own ``ptxas``, and prints a table: registers a thread, spilled bytes, shared memory, and
 whether ptxas serialized the kernel's wgmma instructions (a large loss on Hopper: "wgmma.mma_async instructions
-are serialized ..."). Use it to choose tile shapes and catch spills before timing on the GPU.
+are serialized ..."), and from the TTGIR how its dots and loads were lowered: ``tl.dot`` calls that became
+Hopper's asynchronous warp-group MMA (wgmma) against those left as older MMA instructions, and the loads made
+asynchronous copies (pipelined) or TMA. Use it to choose tile shapes and catch spills before timing on the GPU.
 
     python3 scripts/compile_report.py                          # every case of bench_attention's d64 set
     python3 scripts/compile_report.py --cases deit-s,n64k-k128 --switches resident
@@ -72,8 +74,8 @@ class Recorder:
 
 
 def compile_report(kernel, args, kwargs, arch: int = 90):
-    """``(registers, spill bytes (stores, loads), shared bytes, serialized)`` of ``kernel`` compiled for sm_<arch>
-    with these arguments, specialized as at run time."""
+    """``(registers, spill bytes (stores, loads), shared bytes, serialized, lowering)`` of ``kernel`` compiled for
+    sm_<arch> with these arguments, specialized as at run time; ``lowering`` (:func:`lowering`) from its TTGIR."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, make_backend
     from triton.compiler import compile as triton_compile
@@ -96,7 +98,15 @@ def compile_report(kernel, args, kwargs, arch: int = 90):
     regs = re.search(r"Used (\d+) registers", text)
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
     return (int(regs.group(1)) if regs else -1, tuple(int(x) for x in spills.groups()) if spills else (-1, -1),
-            compiled.metadata.shared, "serialized" in text)
+            compiled.metadata.shared, "serialized" in text, lowering(compiled.asm["ttgir"]))
+
+
+def lowering(ttgir: str) -> dict:
+    """Counts in a kernel's TTGIR: ``wgmma`` (dots lowered to warp-group MMA), ``mma`` (dots left as ``tt.dot``,
+    lowered later to pre-Hopper MMA or FMA), ``async`` (loads made asynchronous copies into shared memory: the
+    pipeliner's) and ``tma`` (tensor-memory-accelerator copies)."""
+    return {"wgmma": ttgir.count("ttng.warp_group_dot "), "mma": len(re.findall(r"= tt\.dot ", ttgir)),
+            "async": ttgir.count("ttg.async_copy_global_to_local"), "tma": ttgir.count("async_tma_copy")}
 
 
 def _routing(B, H, N, m, topk, r, gen):
@@ -162,8 +172,9 @@ def main(argv=None):
         bench.set_switch(name, on)
     print(f"# compiled for sm_{args.arch}a by Triton {triton.__version__} (ptxas of its package), {args.dtype}; "
           f"switches: {args.switches or 'defaults'}" + ("; short path: fp32 expert counts" if args.count_fp32 else ""))
-    print("| case | kernel | launch options | registers | spills (store/load B) | shared KiB | wgmma |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("| case | kernel | launch options | registers | spills (store/load B) | shared KiB | wgmma | dots: wgmma / other "
+          "| loads: async / TMA |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     monkey = []
     recorder = Recorder()
     recorder.install(monkey)
@@ -180,10 +191,11 @@ def main(argv=None):
                     continue
                 seen.add(key)
                 try:
-                    regs, spills, smem, serial = compile_report(kernel, kargs, kwargs, args.arch)
-                    row = f"{regs} | {spills[0]}/{spills[1]} | {smem / 1024:.1f} | {'SERIALIZED' if serial else 'ok'}"
+                    regs, spills, smem, serial, low = compile_report(kernel, kargs, kwargs, args.arch)
+                    row = (f"{regs} | {spills[0]}/{spills[1]} | {smem / 1024:.1f} | {'SERIALIZED' if serial else 'ok'} | "
+                           f"{low['wgmma']} / {low['mma']} | {low['async']} / {low['tma']}")
                 except Exception as exc:  # noqa: BLE001 - a kernel that does not compile is reported
-                    row = f"- | - | - | failed: {type(exc).__name__}: {str(exc).splitlines()[0][:60]}"
+                    row = f"- | - | - | failed: {type(exc).__name__}: {str(exc).splitlines()[0][:60]} | - | -"
                 short = ",".join(f"{k}={v}" for k, v in kwargs.items() if k in ("BLOCK_M", "BLOCK_K", "BQ", "BK", "BM",
                                                                                    "BN", "KP", "MP", "TPP", "EPP"))
                 print(f"| {case.name} | {kernel.fn.__name__} | {short} w{opts.get('num_warps', 4)}"

@@ -386,6 +386,21 @@ def test_compile_report_lists_every_kernel_of_both_paths():
                    "_routed_bwd_dkdv_kernel", "_key_reduce_kernel", "_route_kernel", "_collect_kernel"):
         assert f"| {kernel} |" in out, kernel
     assert "failed" not in out
+    assert "| dots: wgmma / other | loads: async / TMA |" in out
+
+
+def test_compile_report_counts_the_lowering_of_dots_and_loads():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import compile_report
+
+    ttgir = ("%1 = ttng.warp_group_dot %a, %b, %c {inputPrecision = 0 : i32} : ...\n"
+             "%2 = ttng.warp_group_dot_wait %1 {pendings = 0 : i32} : ...\n"
+             "%3 = tt.dot %x, %y, %z : ...\n%4 = ttg.async_copy_global_to_local %p, %q : ...\n"
+             "%5 = ttg.async_copy_global_to_local %p, %q : ...\n")
+    assert compile_report.lowering(ttgir) == {"wgmma": 1, "mma": 1, "async": 2, "tma": 0}
 
 
 def test_dry_run_reports_launches_device_ops_and_peak_memory():
