@@ -58,6 +58,11 @@ TRITON_OPS = False
 # of one program per block of 64 queries, each loading the expert's keys and the landmarks again. Off until timed
 # on a GPU.
 ROUTED_RESIDENT = False
+# Whether the general path's forward and dq programs of fewer than 64 entries (short tiles, N r / m < 64: ViT
+# lengths such as N = 1,025, m = 49) run with their tiles transposed (keys and landmarks as rows), so that their
+# products have 64 rows and become Hopper warp-group MMAs (routed.transposed); the untransposed 32-entry programs
+# use the older MMA instructions. Off until timed on a GPU.
+ROUTED_TRANSPOSED = False
 # Whether the key-split shared values' dK, dV (kernels/shared.py) run programs that load every landmark once and go
 # through several key blocks (shared.resident_keys_config: fp16/bf16, m up to 128 at d <= 64), instead of one
 # program per key block that reads all the landmarks again (at N = 65,536, m = 128: 1,024 reads of them a head);

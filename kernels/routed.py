@@ -165,6 +165,141 @@ def _routed_bwd_dq_kernel(
 
 
 @triton.jit
+def _routed_fwd_t_kernel(
+    Q, K, V, R, VS, TOPK_IDX, SLOT_TOKEN, SLOT_SOURCE, TILE_EXPERT, TILE_COUNT, O, LSE,
+    H, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, soe,
+    N, E, M, TOPK, T, S, NUM_MB, R_SLOTS, scale, scale_shared,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    SHARED: tl.constexpr, PRECISION: tl.constexpr, SPREC: tl.constexpr,
+):
+    """:func:`_routed_fwd_kernel` with every tile transposed: keys (or landmarks) as rows, the block's entries as
+    columns (``S^T = K Q^T``, ``O^T += V^T P^T``, the softmax statistics reduced over axis 0). With blocks of fewer
+    than 64 entries (short tiles: ``N r / m < 64``) the products then have ``BLOCK_K``, ``BLOCK_R`` or ``D`` >= 64
+    rows, as Hopper's warp-group MMA needs, where ``[BLOCK_M, .]`` products fall back to the older MMA."""
+    pid = tl.program_id(0)
+    g = (pid // (S * NUM_MB)).to(tl.int64)
+    t = ((pid // NUM_MB) % S).to(tl.int64)
+    mb = pid % NUM_MB
+    if mb * BLOCK_M >= tl.load(TILE_COUNT + g * S + t):
+        return
+    offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D)
+    in_tile = offs_m < T
+    slot = g * S * T + t * T + offs_m
+    token = tl.load(SLOT_TOKEN + slot, mask=in_tile, other=N)
+    entry = tl.load(SLOT_SOURCE + slot, mask=in_tile, other=E)
+    row_ok = entry < E
+    expert = tl.load(TILE_EXPERT + g * S + t)
+    b, h = g // H, g % H
+    Kg, Vg = K + b * skb + h * skh, V + b * svb + h * svh
+    qt = tl.load(Q + b * sqb + h * sqh + token.to(tl.int64)[None, :] * sqn + offs_d[:, None],
+                 mask=row_ok[None, :], other=0.0)  # [D, BLOCK_M]
+
+    m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([D, BLOCK_M], tl.float32)
+    if SHARED:
+        first_slot = (entry % R_SLOTS) == 0
+        for r0 in range(0, M, BLOCK_R):
+            offs_r = r0 + tl.arange(0, BLOCK_R)
+            r_ok = offs_r < M
+            lm_row = (g * M + offs_r) * D
+            rr = tl.load(R + lm_row[:, None] + offs_d[None, :], mask=r_ok[:, None], other=0.0)  # [BLOCK_R, D]
+            vst = tl.load(VS + lm_row[None, :] + offs_d[:, None], mask=r_ok[None, :], other=0.0)  # [D, BLOCK_R]
+            s = tl.dot(rr, qt, input_precision=SPREC) * scale_shared  # [BLOCK_R, BLOCK_M]
+            s = tl.where(r_ok[:, None] & first_slot[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 0))
+            alpha = tl.exp(m_i - m_new)
+            p = tl.exp(s - m_new[None, :])
+            l_i = l_i * alpha + tl.sum(p, 0)
+            acc = acc * alpha[None, :] + tl.dot(vst, p.to(vst.dtype), input_precision=PRECISION)
+            m_i = m_new
+    idx_base = TOPK_IDX + (g * M + expert) * TOPK
+    for k0 in range(0, TOPK, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < TOPK
+        key = tl.load(idx_base + offs_k, mask=k_ok, other=0).to(tl.int64)
+        kb = tl.load(Kg + (key * skn)[:, None] + offs_d[None, :], mask=k_ok[:, None], other=0.0)  # [BLOCK_K, D]
+        vt = tl.load(Vg + (key * svn)[None, :] + offs_d[:, None], mask=k_ok[None, :], other=0.0)  # [D, BLOCK_K]
+        s = tl.dot(kb, qt, input_precision=SPREC) * scale  # [BLOCK_K, BLOCK_M]
+        s = tl.where(k_ok[:, None], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 0))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(s - m_new[None, :])
+        l_i = l_i * alpha + tl.sum(p, 0)
+        acc = acc * alpha[None, :] + tl.dot(vt, p.to(vt.dtype), input_precision=PRECISION)
+        m_i = m_new
+
+    o = acc / l_i[None, :]
+    lse = m_i + tl.log(l_i)
+    tl.store(O + b * sob + h * soh + entry.to(tl.int64)[None, :] * soe + offs_d[:, None], o, mask=row_ok[None, :])
+    tl.store(LSE + g * E + entry, lse, mask=row_ok)
+
+
+@triton.jit
+def _routed_bwd_dq_t_kernel(
+    Q, K, V, R, VS, DO, LSE, DELTA, TOPK_IDX, SLOT_TOKEN, SLOT_SOURCE, TILE_EXPERT, TILE_COUNT, DQ,
+    H, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn,
+    N, E, M, TOPK, T, S, NUM_MB, R_SLOTS, scale, scale_shared,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    SHARED: tl.constexpr, PRECISION: tl.constexpr, SPREC: tl.constexpr,
+):
+    """:func:`_routed_bwd_dq_kernel` transposed as :func:`_routed_fwd_t_kernel` (``dQ^T += K^T dS^T``)."""
+    pid = tl.program_id(0)
+    g = (pid // (S * NUM_MB)).to(tl.int64)
+    t = ((pid // NUM_MB) % S).to(tl.int64)
+    mb = pid % NUM_MB
+    if mb * BLOCK_M >= tl.load(TILE_COUNT + g * S + t):
+        return
+    offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D)
+    in_tile = offs_m < T
+    slot = g * S * T + t * T + offs_m
+    token = tl.load(SLOT_TOKEN + slot, mask=in_tile, other=N)
+    entry = tl.load(SLOT_SOURCE + slot, mask=in_tile, other=E)
+    row_ok = entry < E
+    expert = tl.load(TILE_EXPERT + g * S + t)
+    b, h = g // H, g % H
+    Kg, Vg = K + b * skb + h * skh, V + b * svb + h * svh
+    tok = token.to(tl.int64)[None, :]
+    qt = tl.load(Q + b * sqb + h * sqh + tok * sqn + offs_d[:, None], mask=row_ok[None, :], other=0.0)  # [D, BM]
+    dot_ = tl.load(DO + b * sdb + h * sdh + tok * sdn + offs_d[:, None], mask=row_ok[None, :], other=0.0)
+    lse = tl.load(LSE + g * N + token, mask=row_ok, other=0.0)
+    delta = tl.load(DELTA + g * N + token, mask=row_ok, other=0.0)
+
+    dq = tl.zeros([D, BLOCK_M], tl.float32)
+    if SHARED:
+        first_slot = row_ok & ((entry % R_SLOTS) == 0)
+        for r0 in range(0, M, BLOCK_R):
+            offs_r = r0 + tl.arange(0, BLOCK_R)
+            r_ok = offs_r < M
+            lm_row = (g * M + offs_r) * D
+            rr = tl.load(R + lm_row[:, None] + offs_d[None, :], mask=r_ok[:, None], other=0.0)  # [BLOCK_R, D]
+            vs = tl.load(VS + lm_row[:, None] + offs_d[None, :], mask=r_ok[:, None], other=0.0)  # [BLOCK_R, D]
+            s = tl.dot(rr, qt, input_precision=SPREC) * scale_shared  # [BLOCK_R, BLOCK_M]
+            p = tl.exp(s - lse[None, :])
+            p = tl.where(r_ok[:, None] & first_slot[None, :], p, 0.0)
+            dp = tl.dot(vs, dot_, input_precision=SPREC)
+            ds = p * (dp - delta[None, :]) * scale_shared
+            dq += tl.dot(tl.trans(rr), ds.to(rr.dtype), input_precision=PRECISION)
+    idx_base = TOPK_IDX + (g * M + expert) * TOPK
+    for k0 in range(0, TOPK, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < TOPK
+        key = tl.load(idx_base + offs_k, mask=k_ok, other=0).to(tl.int64)
+        kb = tl.load(Kg + (key * skn)[:, None] + offs_d[None, :], mask=k_ok[:, None], other=0.0)  # [BLOCK_K, D]
+        vb = tl.load(Vg + (key * svn)[:, None] + offs_d[None, :], mask=k_ok[:, None], other=0.0)  # [BLOCK_K, D]
+        s = tl.dot(kb, qt, input_precision=SPREC) * scale  # [BLOCK_K, BLOCK_M]
+        p = tl.exp(s - lse[None, :])
+        p = tl.where(k_ok[:, None] & row_ok[None, :], p, 0.0)
+        dp = tl.dot(vb, dot_, input_precision=SPREC)
+        ds = p * (dp - delta[None, :]) * scale
+        dq += tl.dot(tl.trans(kb), ds.to(kb.dtype), input_precision=PRECISION)
+
+    tl.store(DQ + (g * E + entry)[None, :] * D + offs_d[:, None], dq, mask=row_ok[None, :])
+
+
+@triton.jit
 def _shared_tiles(R, VS, g, M, D: tl.constexpr, MP: tl.constexpr, SHARED: tl.constexpr, DT: tl.constexpr):
     """The head's landmarks and shared values ``[MP, D]`` (rows past M zero; zeros without the shared expert)."""
     offs_r = tl.arange(0, MP)
@@ -636,6 +771,18 @@ def routed_blocks(T: int, topk: int, head_dim: int, itemsize: int, wide: bool):
     return block_m, block_k, warps_q, warps_kv
 
 
+def transposed(block_m: int, block_k: int, block_r: int, head_dim: int, itemsize: int, shared: bool,
+               topk: int) -> bool:
+    """Whether the block-program forward and dq run transposed (``ROUTED_TRANSPOSED``; :func:`_routed_fwd_t_kernel`):
+    blocks of fewer than 64 entries (short tiles, ``N r / m < 64``: ViT lengths) whose key, landmark and head-dim
+    sides have 64 rows or more, fp16/bf16. Compiled for sm_90, every product of the two kernels is then a
+    warp-group MMA, where the untransposed ones at 32-entry blocks fall back to the older MMA instructions."""
+    from . import ROUTED_TRANSPOSED
+
+    return (ROUTED_TRANSPOSED and block_m < 64 and head_dim >= 64 and itemsize == 2
+            and (topk == 0 or block_k >= 64) and (not shared or block_r >= 64))
+
+
 def experts_per_program(T: int) -> int:
     """Experts a dk/dv program takes with ``ROUTED_RESIDENT`` (one without): experts of few queries (``T`` a tile,
     ``N r / m``) go several to a program, about 256 entries a program."""
@@ -720,7 +867,8 @@ def routed_forward(q, k, v, landmarks, shared_v, topk_idx, lay, r, scale, scale_
         return
     num_mb = cdiv(T, block_m)
     launch(
-        _routed_fwd_kernel, (G * S * num_mb,),
+        _routed_fwd_t_kernel if transposed(block_m, block_k, block_r, D, q.element_size(), shared, topk)
+        else _routed_fwd_kernel, (G * S * num_mb,),
         (q, k, v, landmarks if shared else q, shared_v if shared else q, topk_idx, lay["slot_token"],
             lay["slot_source"], lay["tile_expert"], lay["tile_count"], o, lse, H, *_bhn(q), *_bhn(k), *_bhn(v),
             *_bhn(o), N, E, M, topk, T, S, num_mb, r, scale, scale_shared),
@@ -770,7 +918,8 @@ def routed_backward(q, k, v, landmarks, shared_v, do, lse, delta, topk_idx, lay,
     else:
         num_mb = cdiv(T, block_m)
         launch(
-            _routed_bwd_dq_kernel, (G * S * num_mb,),
+            _routed_bwd_dq_t_kernel if transposed(block_m, block_k, block_r, D, q.element_size(), shared, topk)
+            else _routed_bwd_dq_kernel, (G * S * num_mb,),
             (q, k, v, landmarks if shared else q, shared_v if shared else q, do, lse, delta, topk_idx,
                 lay["slot_token"], lay["slot_source"], lay["tile_expert"], lay["tile_count"], dq, H, *_bhn(q),
                 *_bhn(k), *_bhn(v), *_bhn(do), N, E, M, topk, T, S, num_mb, r, scale, scale_shared),

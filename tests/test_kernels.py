@@ -277,9 +277,9 @@ def test_layout_from_pytorch_ops(monkeypatch, kind, N, m, topk, r, shared):
     _check_general_layout(kind, N, m, topk, r, shared)
 
 
-def _check_general_layout(kind, N, m, topk, r, shared, B=2, dtype=torch.float32):
+def _check_general_layout(kind, N, m, topk, r, shared, B=2, dtype=torch.float32, d=32):
     """The general path on a routing passed in (``_routing``), against float64: output and every gradient."""
-    H, d = 2, 32
+    H = 2
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     inputs = _inputs(B, H, N, d, m, dtype, seed=N + 3)
     ref_inputs = [x.detach().double().requires_grad_() for x in inputs]
@@ -325,6 +325,41 @@ def test_resident_routed_kernels(monkeypatch, kind, B, N, m, topk, r, shared, ov
         monkeypatch.setattr(routed, "experts_per_program", lambda T: epp)
     _check_general_layout(kind, N, m, topk, r, shared, B=B, dtype=torch.float16)
     assert len(launched) == 2  # the forward's and the backward's dq
+
+
+@pytest.mark.parametrize("kind,B,N,m,topk,r,shared", [
+    ("duplicates", 1, 100, 40, 40, 1, True),  # tiles of 3 entries (blocks of 16), the first expert spans 23 of them
+    ("duplicates", 2, 90, 33, 50, 2, True),  # r = 2, tiles of 6
+    ("one_key", 1, 70, 40, 33, 2, False),  # without the shared expert
+    ("shared_keys", 1, 80, 36, 66, 1, True),  # topk past one 64-key block
+    ("duplicates", 1, 60, 40, 0, 1, True),  # topk = 0: the shared expert alone
+])
+def test_transposed_routed_kernels(monkeypatch, kind, B, N, m, topk, r, shared):
+    """mita.kernels.ROUTED_TRANSPOSED: the forward and dq programs of short tiles (blocks of fewer than 64
+    entries) with keys and landmarks as rows; d = 64, fp16, poisoned buffers, against float64."""
+    from mita.kernels import routed
+
+    chosen = []
+    pick = routed.transposed
+    monkeypatch.setattr(kernels, "ROUTED_TRANSPOSED", True)
+    monkeypatch.setattr(routed, "transposed", lambda *a: chosen.append(pick(*a)) or chosen[-1])
+    _check_general_layout(kind, N, m, topk, r, shared, B=B, dtype=torch.float16, d=64)
+    assert chosen == [True, True]  # the forward's and the backward's dq
+
+
+def test_transposed_only_for_short_tiles_with_wide_sides(monkeypatch):
+    from mita.kernels import routed
+
+    monkeypatch.setattr(kernels, "ROUTED_TRANSPOSED", True)
+    assert routed.transposed(32, 64, 64, 64, 2, True, 49)
+    assert not routed.transposed(64, 64, 64, 64, 2, True, 64)  # 64-entry blocks are warp-group MMAs already
+    assert not routed.transposed(32, 32, 64, 64, 2, True, 25)  # 32 keys a block: no 64-row product
+    assert not routed.transposed(32, 64, 32, 64, 2, True, 49)  # 32 landmarks a block
+    assert routed.transposed(32, 64, 32, 64, 2, False, 49)  # ... unless there is no shared expert
+    assert not routed.transposed(32, 64, 64, 32, 2, True, 49)  # d = 32
+    assert not routed.transposed(32, 64, 64, 64, 4, True, 49)  # fp32
+    monkeypatch.setattr(kernels, "ROUTED_TRANSPOSED", False)
+    assert not routed.transposed(32, 64, 64, 64, 2, True, 49)
 
 
 def test_resident_config_bounds():
@@ -560,6 +595,13 @@ class TestGPU:
         # the last: topk > 128, the block programs with wide blocks (tiles of 129 queries, keys in blocks of 128)
         monkeypatch.setattr(kernels, "ROUTED_RESIDENT", True)
         _compare(1, 2, N, d, m, topk, r, shared, "official", dtype=torch.bfloat16, tol=1e-2, seed=N + m)
+
+    @pytest.mark.parametrize("N,d,m,topk,r,shared", [(1025, 64, 49, 49, 1, True), (1025, 128, 49, 49, 2, True),
+                                                     (197, 64, 40, 40, 1, False), (1025, 64, 49, 0, 1, True)])
+    def test_transposed_routed_kernels(self, monkeypatch, N, d, m, topk, r, shared):
+        # ViT-B at 512 px and shorter: tiles of 21 entries (blocks of 32) or fewer, run transposed
+        monkeypatch.setattr(kernels, "ROUTED_TRANSPOSED", True)
+        _compare(1, 2, N, d, m, topk, r, shared, "official", dtype=torch.bfloat16, tol=1e-2, seed=N + m + d)
 
     @pytest.mark.parametrize("N", [1, 2, 63])
     def test_tiny_sequences(self, N):
