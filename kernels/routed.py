@@ -362,17 +362,79 @@ def _resident_tile(TILE_COUNT, TILE_EXPERT, Kh, Vh, TOPK_IDX, g, t, skn, svn, M,
 
 
 @triton.jit
+def _resident_fwd_block_t(Qg, Og, LSE, rr, vs, r_ok, kb, vb, k_ok, token, entry, row_ok, g, E, sqn, soe, R_SLOTS,
+                          scale, scale_shared, D: tl.constexpr, BLOCK_M: tl.constexpr, SHARED: tl.constexpr,
+                          ROUTED: tl.constexpr, PRECISION: tl.constexpr, SPREC: tl.constexpr, DT: tl.constexpr):
+    """One block of a resident forward program, transposed: logits ``[MP, BLOCK_M]`` and ``[KP, BLOCK_M]``,
+    ``O^T [D, BLOCK_M]``."""
+    offs_d = tl.arange(0, D)
+    qt = tl.load(Qg + token.to(tl.int64)[None, :] * sqn + offs_d[:, None], mask=row_ok[None, :], other=0.0)
+    m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([D, BLOCK_M], tl.float32)
+    if SHARED:
+        z = tl.dot(rr, qt, input_precision=SPREC) * scale_shared  # [MP, BLOCK_M]
+        z = tl.where(r_ok[:, None] & ((entry % R_SLOTS) == 0)[None, :], z, float("-inf"))
+        m_i = tl.maximum(m_i, tl.max(z, 0))
+        ps = tl.exp(z - m_i[None, :])
+        l_i = tl.sum(ps, 0)
+        acc = tl.dot(tl.trans(vs), ps.to(DT), input_precision=PRECISION)
+    if ROUTED:
+        s = tl.dot(kb, qt, input_precision=SPREC) * scale  # [KP, BLOCK_M]
+        s = tl.where(k_ok[:, None], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 0))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(s - m_new[None, :])
+        l_i = l_i * alpha + tl.sum(p, 0)
+        acc = tl.dot(tl.trans(vb), p.to(DT), acc * alpha[None, :], input_precision=PRECISION)
+        m_i = m_new
+    l_i = tl.where(l_i == 0.0, 1.0, l_i)  # padding rows
+    tl.store(Og + entry.to(tl.int64)[None, :] * soe + offs_d[:, None], acc / l_i[None, :], mask=row_ok[None, :])
+    tl.store(LSE + g * E + entry, m_i + tl.log(l_i), mask=row_ok)
+
+
+@triton.jit
+def _resident_dq_block_t(Qg, DOg, LSE, DELTA, DQ, rr, vs, r_ok, kb, vb, k_ok, token, entry, row_ok, g, N, E, sqn, sdn,
+                         R_SLOTS, scale, scale_shared, D: tl.constexpr, BLOCK_M: tl.constexpr, SHARED: tl.constexpr,
+                         ROUTED: tl.constexpr, PRECISION: tl.constexpr, SPREC: tl.constexpr, DT: tl.constexpr):
+    """One block of a resident dq program, transposed: ``dQ^T [D, BLOCK_M]``."""
+    offs_d = tl.arange(0, D)
+    tok = token.to(tl.int64)[None, :]
+    qt = tl.load(Qg + tok * sqn + offs_d[:, None], mask=row_ok[None, :], other=0.0)  # [D, BLOCK_M]
+    dot_ = tl.load(DOg + tok * sdn + offs_d[:, None], mask=row_ok[None, :], other=0.0)
+    lse = tl.load(LSE + g * N + token, mask=row_ok, other=0.0)
+    delta = tl.load(DELTA + g * N + token, mask=row_ok, other=0.0)
+    dq = tl.zeros([D, BLOCK_M], tl.float32)
+    if ROUTED:
+        s = tl.dot(kb, qt, input_precision=SPREC) * scale  # [KP, BLOCK_M]
+        p = tl.where(k_ok[:, None] & row_ok[None, :], tl.exp(s - lse[None, :]), 0.0)
+        dp = tl.dot(vb, dot_, input_precision=SPREC)
+        ds = p * (dp - delta[None, :]) * scale
+        dq = tl.dot(tl.trans(kb), ds.to(DT), dq, input_precision=PRECISION)
+    if SHARED:
+        z = tl.dot(rr, qt, input_precision=SPREC) * scale_shared  # [MP, BLOCK_M]
+        first = row_ok & ((entry % R_SLOTS) == 0)
+        ps = tl.where(r_ok[:, None] & first[None, :], tl.exp(z - lse[None, :]), 0.0)
+        dps = tl.dot(vs, dot_, input_precision=SPREC)
+        dss = ps * (dps - delta[None, :]) * scale_shared
+        dq = tl.dot(tl.trans(rr), dss.to(DT), dq, input_precision=PRECISION)
+    tl.store(DQ + (g * E + entry)[None, :] * D + offs_d[:, None], dq, mask=row_ok[None, :])
+
+
+@triton.jit
 def _routed_fwd_resident_kernel(
     Q, K, V, R, VS, TOPK_IDX, SLOT_TOKEN, SLOT_SOURCE, TILE_EXPERT, TILE_COUNT, O, LSE,
     H, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, soe,
     N, E, M, TOPK, T, S, NUM_TP, R_SLOTS, scale, scale_shared,
     D: tl.constexpr, BLOCK_M: tl.constexpr, KP: tl.constexpr, MP: tl.constexpr, TPP: tl.constexpr,
     SHARED: tl.constexpr, ROUTED: tl.constexpr, PRECISION: tl.constexpr, SPREC: tl.constexpr,
+    TR: tl.constexpr = False,
 ):
     # one program per (batch-head g, group of TPP consecutive tiles): the head's landmarks and shared values, then
     # each tile's expert keys and values, are loaded once and stay on chip (shared memory) while the program goes
     # through the tile's entries in blocks of BLOCK_M; every logit of an entry is in the two tiles [BLOCK_M, MP]
-    # and [BLOCK_M, KP]
+    # and [BLOCK_M, KP]. TR (ROUTED_TRANSPOSED, blocks of fewer than 64 entries): the tiles transposed, [MP, BLOCK_M]
+    # and [KP, BLOCK_M], so that every product has 64 rows or more (warp-group MMA), as _routed_fwd_t_kernel
     DT = Q.dtype.element_ty
     g, b, h, t0, unused = _resident_group(TILE_COUNT, H, S, NUM_TP, TPP)
     if unused:
@@ -386,31 +448,35 @@ def _routed_fwd_resident_kernel(
                                              D, KP, ROUTED, DT)
         for m0 in range(0, count, BLOCK_M):
             token, entry, row_ok = _tile_rows(SLOT_TOKEN, SLOT_SOURCE, g, t, m0, count, S, T, N, E, BLOCK_M)
-            q = tl.load(Qg + token.to(tl.int64)[:, None] * sqn + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-            # shared logits first (slot 0 only), then the routed ones, with one rescale between
-            m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
-            l_i = tl.zeros([BLOCK_M], tl.float32)
-            acc = tl.zeros([BLOCK_M, D], tl.float32)
-            if SHARED:
-                z = tl.dot(q, tl.trans(rr), input_precision=SPREC) * scale_shared  # [BLOCK_M, MP]
-                z = tl.where(((entry % R_SLOTS) == 0)[:, None] & r_ok[None, :], z, float("-inf"))
-                m_i = tl.maximum(m_i, tl.max(z, 1))
-                ps = tl.exp(z - m_i[:, None])
-                l_i = tl.sum(ps, 1)
-                acc = tl.dot(ps.to(DT), vs, input_precision=PRECISION)
-            if ROUTED:
-                s = tl.dot(q, tl.trans(kb), input_precision=SPREC) * scale  # [BLOCK_M, KP]
-                s = tl.where(k_ok[None, :], s, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(s, 1))
-                alpha = tl.exp(m_i - m_new)
-                p = tl.exp(s - m_new[:, None])
-                l_i = l_i * alpha + tl.sum(p, 1)
-                acc = tl.dot(p.to(DT), vb, acc * alpha[:, None], input_precision=PRECISION)
-                m_i = m_new
-            l_i = tl.where(l_i == 0.0, 1.0, l_i)  # padding rows
-            tl.store(Og + entry.to(tl.int64)[:, None] * soe + offs_d[None, :], acc / l_i[:, None],
-                     mask=row_ok[:, None])
-            tl.store(LSE + g * E + entry, m_i + tl.log(l_i), mask=row_ok)
+            if TR:
+                _resident_fwd_block_t(Qg, Og, LSE, rr, vs, r_ok, kb, vb, k_ok, token, entry, row_ok, g, E, sqn, soe,
+                                      R_SLOTS, scale, scale_shared, D, BLOCK_M, SHARED, ROUTED, PRECISION, SPREC, DT)
+            else:
+                q = tl.load(Qg + token.to(tl.int64)[:, None] * sqn + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+                # shared logits first (slot 0 only), then the routed ones, with one rescale between
+                m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
+                l_i = tl.zeros([BLOCK_M], tl.float32)
+                acc = tl.zeros([BLOCK_M, D], tl.float32)
+                if SHARED:
+                    z = tl.dot(q, tl.trans(rr), input_precision=SPREC) * scale_shared  # [BLOCK_M, MP]
+                    z = tl.where(((entry % R_SLOTS) == 0)[:, None] & r_ok[None, :], z, float("-inf"))
+                    m_i = tl.maximum(m_i, tl.max(z, 1))
+                    ps = tl.exp(z - m_i[:, None])
+                    l_i = tl.sum(ps, 1)
+                    acc = tl.dot(ps.to(DT), vs, input_precision=PRECISION)
+                if ROUTED:
+                    s = tl.dot(q, tl.trans(kb), input_precision=SPREC) * scale  # [BLOCK_M, KP]
+                    s = tl.where(k_ok[None, :], s, float("-inf"))
+                    m_new = tl.maximum(m_i, tl.max(s, 1))
+                    alpha = tl.exp(m_i - m_new)
+                    p = tl.exp(s - m_new[:, None])
+                    l_i = l_i * alpha + tl.sum(p, 1)
+                    acc = tl.dot(p.to(DT), vb, acc * alpha[:, None], input_precision=PRECISION)
+                    m_i = m_new
+                l_i = tl.where(l_i == 0.0, 1.0, l_i)  # padding rows
+                tl.store(Og + entry.to(tl.int64)[:, None] * soe + offs_d[None, :], acc / l_i[:, None],
+                         mask=row_ok[:, None])
+                tl.store(LSE + g * E + entry, m_i + tl.log(l_i), mask=row_ok)
 
 
 @triton.jit
@@ -420,8 +486,10 @@ def _routed_bwd_dq_resident_kernel(
     N, E, M, TOPK, T, S, NUM_TP, R_SLOTS, scale, scale_shared,
     D: tl.constexpr, BLOCK_M: tl.constexpr, KP: tl.constexpr, MP: tl.constexpr, TPP: tl.constexpr,
     SHARED: tl.constexpr, ROUTED: tl.constexpr, PRECISION: tl.constexpr, SPREC: tl.constexpr,
+    TR: tl.constexpr = False,
 ):
     # the grid and the resident tiles of the forward above; dq of each entry, summed over its r slots by the caller
+    # (TR: transposed, as the forward)
     DT = Q.dtype.element_ty
     g, b, h, t0, unused = _resident_group(TILE_COUNT, H, S, NUM_TP, TPP)
     if unused:
@@ -435,26 +503,31 @@ def _routed_bwd_dq_resident_kernel(
                                              D, KP, ROUTED, DT)
         for m0 in range(0, count, BLOCK_M):
             token, entry, row_ok = _tile_rows(SLOT_TOKEN, SLOT_SOURCE, g, t, m0, count, S, T, N, E, BLOCK_M)
-            tok = token.to(tl.int64)[:, None]
-            q = tl.load(Qg + tok * sqn + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-            do = tl.load(DOg + tok * sdn + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-            lse = tl.load(LSE + g * N + token, mask=row_ok, other=0.0)
-            delta = tl.load(DELTA + g * N + token, mask=row_ok, other=0.0)
-            dq = tl.zeros([BLOCK_M, D], tl.float32)
-            if ROUTED:
-                s = tl.dot(q, tl.trans(kb), input_precision=SPREC) * scale  # [BLOCK_M, KP]
-                p = tl.where(row_ok[:, None] & k_ok[None, :], tl.exp(s - lse[:, None]), 0.0)
-                dp = tl.dot(do, tl.trans(vb), input_precision=SPREC)
-                ds = p * (dp - delta[:, None]) * scale
-                dq = tl.dot(ds.to(DT), kb, dq, input_precision=PRECISION)
-            if SHARED:
-                z = tl.dot(q, tl.trans(rr), input_precision=SPREC) * scale_shared  # [BLOCK_M, MP]
-                first = row_ok & ((entry % R_SLOTS) == 0)
-                ps = tl.where(first[:, None] & r_ok[None, :], tl.exp(z - lse[:, None]), 0.0)
-                dps = tl.dot(do, tl.trans(vs), input_precision=SPREC)
-                dss = ps * (dps - delta[:, None]) * scale_shared
-                dq = tl.dot(dss.to(DT), rr, dq, input_precision=PRECISION)
-            tl.store(DQ + (g * E + entry)[:, None] * D + offs_d[None, :], dq, mask=row_ok[:, None])
+            if TR:
+                _resident_dq_block_t(Qg, DOg, LSE, DELTA, DQ, rr, vs, r_ok, kb, vb, k_ok, token, entry, row_ok, g, N,
+                                     E, sqn, sdn, R_SLOTS, scale, scale_shared, D, BLOCK_M, SHARED, ROUTED, PRECISION,
+                                     SPREC, DT)
+            else:
+                tok = token.to(tl.int64)[:, None]
+                q = tl.load(Qg + tok * sqn + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+                do = tl.load(DOg + tok * sdn + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+                lse = tl.load(LSE + g * N + token, mask=row_ok, other=0.0)
+                delta = tl.load(DELTA + g * N + token, mask=row_ok, other=0.0)
+                dq = tl.zeros([BLOCK_M, D], tl.float32)
+                if ROUTED:
+                    s = tl.dot(q, tl.trans(kb), input_precision=SPREC) * scale  # [BLOCK_M, KP]
+                    p = tl.where(row_ok[:, None] & k_ok[None, :], tl.exp(s - lse[:, None]), 0.0)
+                    dp = tl.dot(do, tl.trans(vb), input_precision=SPREC)
+                    ds = p * (dp - delta[:, None]) * scale
+                    dq = tl.dot(ds.to(DT), kb, dq, input_precision=PRECISION)
+                if SHARED:
+                    z = tl.dot(q, tl.trans(rr), input_precision=SPREC) * scale_shared  # [BLOCK_M, MP]
+                    first = row_ok & ((entry % R_SLOTS) == 0)
+                    ps = tl.where(first[:, None] & r_ok[None, :], tl.exp(z - lse[:, None]), 0.0)
+                    dps = tl.dot(do, tl.trans(vs), input_precision=SPREC)
+                    dss = ps * (dps - delta[:, None]) * scale_shared
+                    dq = tl.dot(dss.to(DT), rr, dq, input_precision=PRECISION)
+                tl.store(DQ + (g * E + entry)[:, None] * D + offs_d[None, :], dq, mask=row_ok[:, None])
 
 
 @triton.jit
@@ -773,10 +846,11 @@ def routed_blocks(T: int, topk: int, head_dim: int, itemsize: int, wide: bool):
 
 def transposed(block_m: int, block_k: int, block_r: int, head_dim: int, itemsize: int, shared: bool,
                topk: int) -> bool:
-    """Whether the block-program forward and dq run transposed (``ROUTED_TRANSPOSED``; :func:`_routed_fwd_t_kernel`):
-    blocks of fewer than 64 entries (short tiles, ``N r / m < 64``: ViT lengths) whose key, landmark and head-dim
-    sides have 64 rows or more, fp16/bf16. Compiled for sm_90, every product of the two kernels is then a
-    warp-group MMA, where the untransposed ones at 32-entry blocks fall back to the older MMA instructions."""
+    """Whether the forward and dq run transposed (``ROUTED_TRANSPOSED``; :func:`_routed_fwd_t_kernel`, and the
+    resident kernels' ``TR``): blocks of fewer than 64 entries (short tiles, ``N r / m < 64``: ViT lengths) whose
+    key, landmark and head-dim sides have 64 rows or more, fp16/bf16. Compiled for sm_90, every product of those
+    kernels is then a warp-group MMA, where the untransposed ones at 32-entry blocks fall back to the older MMA
+    instructions."""
     from . import ROUTED_TRANSPOSED
 
     return (ROUTED_TRANSPOSED and block_m < 64 and head_dim >= 64 and itemsize == 2
@@ -862,7 +936,8 @@ def routed_forward(q, k, v, landmarks, shared_v, topk_idx, lay, r, scale, scale_
             (q, k, v, landmarks if shared else q, shared_v if shared else q, topk_idx, lay["slot_token"],
                 lay["slot_source"], lay["tile_expert"], lay["tile_count"], o, lse, H, *_bhn(q), *_bhn(k), *_bhn(v),
                 *_bhn(o), N, E, M, topk, T, S, num_tp, r, scale, scale_shared),
-            dict(res, D=D, PRECISION=_precision(q.dtype, allow_tf32), SPREC=_score_precision(q.dtype, allow_tf32)),
+            dict(res, D=D, PRECISION=_precision(q.dtype, allow_tf32), SPREC=_score_precision(q.dtype, allow_tf32),
+                 TR=transposed(res["BLOCK_M"], res["KP"], res["MP"], D, q.element_size(), shared, topk)),
         )
         return
     num_mb = cdiv(T, block_m)
@@ -913,7 +988,8 @@ def routed_backward(q, k, v, landmarks, shared_v, do, lse, delta, topk_idx, lay,
             (q, k, v, landmarks if shared else q, shared_v if shared else q, do, lse, delta, topk_idx,
                 lay["slot_token"], lay["slot_source"], lay["tile_expert"], lay["tile_count"], dq, H, *_bhn(q),
                 *_bhn(k), *_bhn(v), *_bhn(do), N, E, M, topk, T, S, num_tp, r, scale, scale_shared),
-            dict(res, D=D, PRECISION=precision, SPREC=sprec),
+            dict(res, D=D, PRECISION=precision, SPREC=sprec,
+                 TR=transposed(res["BLOCK_M"], res["KP"], res["MP"], D, q.element_size(), shared, topk)),
         )
     else:
         num_mb = cdiv(T, block_m)

@@ -327,21 +327,27 @@ def test_resident_routed_kernels(monkeypatch, kind, B, N, m, topk, r, shared, ov
     assert len(launched) == 2  # the forward's and the backward's dq
 
 
-@pytest.mark.parametrize("kind,B,N,m,topk,r,shared", [
-    ("duplicates", 1, 100, 40, 40, 1, True),  # tiles of 3 entries (blocks of 16), the first expert spans 23 of them
-    ("duplicates", 2, 90, 33, 50, 2, True),  # r = 2, tiles of 6
-    ("one_key", 1, 70, 40, 33, 2, False),  # without the shared expert
-    ("shared_keys", 1, 80, 36, 66, 1, True),  # topk past one 64-key block
-    ("duplicates", 1, 60, 40, 0, 1, True),  # topk = 0: the shared expert alone
+@pytest.mark.parametrize("kind,B,N,m,topk,r,shared,resident", [
+    ("duplicates", 1, 100, 40, 40, 1, True, False),  # tiles of 3 entries (blocks of 16), the first expert spans 23
+    ("duplicates", 2, 90, 33, 50, 2, True, False),  # r = 2, tiles of 6
+    ("one_key", 1, 70, 40, 33, 2, False, False),  # without the shared expert
+    ("shared_keys", 1, 80, 36, 66, 1, True, False),  # topk past one 64-key block
+    ("duplicates", 1, 60, 40, 0, 1, True, False),  # topk = 0: the shared expert alone
+    # the resident kernels (ROUTED_RESIDENT) transposed: groups of short tiles, the first expert's spanning several
+    ("duplicates", 2, 90, 33, 50, 2, True, True),
+    ("one_key", 1, 70, 40, 33, 2, False, True),
+    ("duplicates", 1, 60, 40, 0, 1, True, True),
 ])
-def test_transposed_routed_kernels(monkeypatch, kind, B, N, m, topk, r, shared):
+def test_transposed_routed_kernels(monkeypatch, kind, B, N, m, topk, r, shared, resident):
     """mita.kernels.ROUTED_TRANSPOSED: the forward and dq programs of short tiles (blocks of fewer than 64
-    entries) with keys and landmarks as rows; d = 64, fp16, poisoned buffers, against float64."""
+    entries) with keys and landmarks as rows, block or resident programs; d = 64, fp16, poisoned buffers, against
+    float64."""
     from mita.kernels import routed
 
     chosen = []
     pick = routed.transposed
     monkeypatch.setattr(kernels, "ROUTED_TRANSPOSED", True)
+    monkeypatch.setattr(kernels, "ROUTED_RESIDENT", resident)
     monkeypatch.setattr(routed, "transposed", lambda *a: chosen.append(pick(*a)) or chosen[-1])
     _check_general_layout(kind, N, m, topk, r, shared, B=B, dtype=torch.float16, d=64)
     assert chosen == [True, True]  # the forward's and the backward's dq
@@ -596,11 +602,13 @@ class TestGPU:
         monkeypatch.setattr(kernels, "ROUTED_RESIDENT", True)
         _compare(1, 2, N, d, m, topk, r, shared, "official", dtype=torch.bfloat16, tol=1e-2, seed=N + m)
 
-    @pytest.mark.parametrize("N,d,m,topk,r,shared", [(1025, 64, 49, 49, 1, True), (1025, 128, 49, 49, 2, True),
-                                                     (197, 64, 40, 40, 1, False), (1025, 64, 49, 0, 1, True)])
-    def test_transposed_routed_kernels(self, monkeypatch, N, d, m, topk, r, shared):
+    @pytest.mark.parametrize("N,d,m,topk,r,shared,resident", [
+        (1025, 64, 49, 49, 1, True, False), (1025, 128, 49, 49, 2, True, False), (197, 64, 40, 40, 1, False, False),
+        (1025, 64, 49, 0, 1, True, False), (1025, 64, 49, 49, 1, True, True), (1025, 128, 49, 49, 2, True, True)])
+    def test_transposed_routed_kernels(self, monkeypatch, N, d, m, topk, r, shared, resident):
         # ViT-B at 512 px and shorter: tiles of 21 entries (blocks of 32) or fewer, run transposed
         monkeypatch.setattr(kernels, "ROUTED_TRANSPOSED", True)
+        monkeypatch.setattr(kernels, "ROUTED_RESIDENT", resident)
         _compare(1, 2, N, d, m, topk, r, shared, "official", dtype=torch.bfloat16, tol=1e-2, seed=N + m + d)
 
     @pytest.mark.parametrize("N", [1, 2, 63])
