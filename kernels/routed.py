@@ -621,7 +621,8 @@ def _key_reduce_kernel(
     # one program per (batch-head g, block of BLOCK_N keys): each key sums the partial rows of the
     # (expert, slot) pairs that hold it, in the inverse index's order (fixed: deterministic), in float32,
     # and writes its dk, dv row once (zero for a key no expert holds); dk alone unless TWO. The partials are
-    # those of the pairs P0 .. P0 + PC - 1 (a chunk of experts); ADD: onto what earlier chunks wrote
+    # those of the pairs P0 .. P0 + PC - 1 (a chunk of experts); ADD: onto what earlier chunks wrote, and only the
+    # rows of keys that some pair of this chunk holds (the others keep their value: no read, no write)
     pid = tl.program_id(0)
     g = (pid // NUM_NB).to(tl.int64)
     offs_n = (pid % NUM_NB) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -632,21 +633,25 @@ def _key_reduce_kernel(
     cnt = tl.load(ptr + 1, mask=n_ok, other=0) - lo
     dk = tl.zeros([BLOCK_N, D], tl.float32)
     dv = tl.zeros([BLOCK_N, D], tl.float32)
+    held = n_ok & (n_ok == 0)  # [BLOCK_N] False
     for c in range(0, tl.max(cnt, 0)):
         pair = tl.load(PAIR_ORDER + g * MK + lo + c, mask=c < cnt, other=P0 - 1) - P0
         ok = (pair >= 0) & (pair < PC)
+        held = held | ok
         row = (g * PC + pair)[:, None] * D + offs_d[None, :]
         dk += tl.load(DKP + row, mask=ok[:, None], other=0.0).to(tl.float32)
         if TWO:
             dv += tl.load(DVP + row, mask=ok[:, None], other=0.0).to(tl.float32)
     out = (g * N + offs_n)[:, None] * D + offs_d[None, :]
+    write = n_ok
     if ADD:
-        dk += tl.load(DK + out, mask=n_ok[:, None], other=0.0).to(tl.float32)
+        write = n_ok & held
+        dk += tl.load(DK + out, mask=write[:, None], other=0.0).to(tl.float32)
         if TWO:
-            dv += tl.load(DV + out, mask=n_ok[:, None], other=0.0).to(tl.float32)
-    tl.store(DK + out, dk, mask=n_ok[:, None])
+            dv += tl.load(DV + out, mask=write[:, None], other=0.0).to(tl.float32)
+    tl.store(DK + out, dk, mask=write[:, None])
     if TWO:
-        tl.store(DV + out, dv, mask=n_ok[:, None])
+        tl.store(DV + out, dv, mask=write[:, None])
 
 
 @triton.jit
