@@ -27,6 +27,16 @@ from .launch import cdiv, launch, next_power_of_2
 
 
 @triton.jit
+def _block_of_tile(TILE_COUNT, NUM_MB, S, BLOCK_M: tl.constexpr):
+    """A block program's batch-head ``g``, tile ``t``, first position ``m0`` in the tile and the tile's entry
+    count (grid: (batch-head, tile, block of ``BLOCK_M`` entries of the tile))."""
+    pid = tl.program_id(0)
+    g = (pid // (S * NUM_MB)).to(tl.int64)
+    t = ((pid // NUM_MB) % S).to(tl.int64)
+    return g, t, (pid % NUM_MB) * BLOCK_M, tl.load(TILE_COUNT + g * S + t)
+
+
+@triton.jit
 def _routed_fwd_kernel(
     Q, K, V, R, VS, TOPK_IDX, SLOT_TOKEN, SLOT_SOURCE, TILE_EXPERT, TILE_COUNT, O, LSE,
     H, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, soe,
@@ -35,21 +45,13 @@ def _routed_fwd_kernel(
     SHARED: tl.constexpr, PRECISION: tl.constexpr, SPREC: tl.constexpr,
 ):
     # one program per (batch-head g, tile t, block mb of BLOCK_M entries of that tile)
-    pid = tl.program_id(0)
-    g = (pid // (S * NUM_MB)).to(tl.int64)
-    t = ((pid // NUM_MB) % S).to(tl.int64)
-    mb = pid % NUM_MB
+    g, t, m0, count = _block_of_tile(TILE_COUNT, NUM_MB, S, BLOCK_M)
     # the tile count is static (worst case): unused tiles and blocks past a tile's entries do nothing
-    if mb * BLOCK_M >= tl.load(TILE_COUNT + g * S + t):
+    if m0 >= count:
         return
-    offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)  # position inside the tile
-    offs_d = tl.arange(0, D)
-    in_tile = offs_m < T
-    slot = g * S * T + t * T + offs_m
-    token = tl.load(SLOT_TOKEN + slot, mask=in_tile, other=N)
-    entry = tl.load(SLOT_SOURCE + slot, mask=in_tile, other=E)
-    row_ok = entry < E
+    token, entry, row_ok = _tile_rows(SLOT_TOKEN, SLOT_SOURCE, g, t, m0, count, S, T, N, E, BLOCK_M)
     expert = tl.load(TILE_EXPERT + g * S + t)
+    offs_d = tl.arange(0, D)
     b, h = g // H, g % H
     Kg, Vg = K + b * skb + h * skh, V + b * svb + h * svh
     q = tl.load(Q + b * sqb + h * sqh + token.to(tl.int64)[:, None] * sqn + offs_d[None, :],
@@ -108,21 +110,13 @@ def _routed_bwd_dq_kernel(
     SHARED: tl.constexpr, PRECISION: tl.constexpr, SPREC: tl.constexpr,
 ):
     # same grid as the forward; dq of each entry, summed over its r slots by the caller
-    pid = tl.program_id(0)
-    g = (pid // (S * NUM_MB)).to(tl.int64)
-    t = ((pid // NUM_MB) % S).to(tl.int64)
-    mb = pid % NUM_MB
+    g, t, m0, count = _block_of_tile(TILE_COUNT, NUM_MB, S, BLOCK_M)
     # the tile count is static (worst case): unused tiles and blocks past a tile's entries do nothing
-    if mb * BLOCK_M >= tl.load(TILE_COUNT + g * S + t):
+    if m0 >= count:
         return
-    offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, D)
-    in_tile = offs_m < T
-    slot = g * S * T + t * T + offs_m
-    token = tl.load(SLOT_TOKEN + slot, mask=in_tile, other=N)
-    entry = tl.load(SLOT_SOURCE + slot, mask=in_tile, other=E)
-    row_ok = entry < E
+    token, entry, row_ok = _tile_rows(SLOT_TOKEN, SLOT_SOURCE, g, t, m0, count, S, T, N, E, BLOCK_M)
     expert = tl.load(TILE_EXPERT + g * S + t)
+    offs_d = tl.arange(0, D)
     b, h = g // H, g % H
     Kg, Vg = K + b * skb + h * skh, V + b * svb + h * svh
     tok = token.to(tl.int64)[:, None]
@@ -176,20 +170,13 @@ def _routed_fwd_t_kernel(
     columns (``S^T = K Q^T``, ``O^T += V^T P^T``, the softmax statistics reduced over axis 0). With blocks of fewer
     than 64 entries (short tiles: ``N r / m < 64``) the products then have ``BLOCK_K``, ``BLOCK_R`` or ``D`` >= 64
     rows, as Hopper's warp-group MMA needs, where ``[BLOCK_M, .]`` products fall back to the older MMA."""
-    pid = tl.program_id(0)
-    g = (pid // (S * NUM_MB)).to(tl.int64)
-    t = ((pid // NUM_MB) % S).to(tl.int64)
-    mb = pid % NUM_MB
-    if mb * BLOCK_M >= tl.load(TILE_COUNT + g * S + t):
+    g, t, m0, count = _block_of_tile(TILE_COUNT, NUM_MB, S, BLOCK_M)
+    # the tile count is static (worst case): unused tiles and blocks past a tile's entries do nothing
+    if m0 >= count:
         return
-    offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, D)
-    in_tile = offs_m < T
-    slot = g * S * T + t * T + offs_m
-    token = tl.load(SLOT_TOKEN + slot, mask=in_tile, other=N)
-    entry = tl.load(SLOT_SOURCE + slot, mask=in_tile, other=E)
-    row_ok = entry < E
+    token, entry, row_ok = _tile_rows(SLOT_TOKEN, SLOT_SOURCE, g, t, m0, count, S, T, N, E, BLOCK_M)
     expert = tl.load(TILE_EXPERT + g * S + t)
+    offs_d = tl.arange(0, D)
     b, h = g // H, g % H
     Kg, Vg = K + b * skb + h * skh, V + b * svb + h * svh
     qt = tl.load(Q + b * sqb + h * sqh + token.to(tl.int64)[None, :] * sqn + offs_d[:, None],
@@ -245,20 +232,13 @@ def _routed_bwd_dq_t_kernel(
     SHARED: tl.constexpr, PRECISION: tl.constexpr, SPREC: tl.constexpr,
 ):
     """:func:`_routed_bwd_dq_kernel` transposed as :func:`_routed_fwd_t_kernel` (``dQ^T += K^T dS^T``)."""
-    pid = tl.program_id(0)
-    g = (pid // (S * NUM_MB)).to(tl.int64)
-    t = ((pid // NUM_MB) % S).to(tl.int64)
-    mb = pid % NUM_MB
-    if mb * BLOCK_M >= tl.load(TILE_COUNT + g * S + t):
+    g, t, m0, count = _block_of_tile(TILE_COUNT, NUM_MB, S, BLOCK_M)
+    # the tile count is static (worst case): unused tiles and blocks past a tile's entries do nothing
+    if m0 >= count:
         return
-    offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, D)
-    in_tile = offs_m < T
-    slot = g * S * T + t * T + offs_m
-    token = tl.load(SLOT_TOKEN + slot, mask=in_tile, other=N)
-    entry = tl.load(SLOT_SOURCE + slot, mask=in_tile, other=E)
-    row_ok = entry < E
+    token, entry, row_ok = _tile_rows(SLOT_TOKEN, SLOT_SOURCE, g, t, m0, count, S, T, N, E, BLOCK_M)
     expert = tl.load(TILE_EXPERT + g * S + t)
+    offs_d = tl.arange(0, D)
     b, h = g // H, g % H
     Kg, Vg = K + b * skb + h * skh, V + b * svb + h * svh
     tok = token.to(tl.int64)[None, :]
