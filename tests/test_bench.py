@@ -407,7 +407,7 @@ def test_dry_run_reports_launches_device_ops_and_peak_memory():
     """scripts/dry_run.py (no GPU): the op's host side on meta tensors with the launches stood in for. The short
     path launches its three kernels; the general path's modelled peak memory stays within SDPA's ~10 units of
     one [B, H, N, d] input plus 10%, with the routed dk/dv partials chunked (4 m k > N) or float32 (4 m k <= N)
-    and with few heads (whose landmark-side partials take more chunks);
+    and with few heads (whose landmark-side partials take more chunks), with the untimed switches off and on;
     the launch cache and Tensor.is_cuda are left as they were (in a process of its own: the stand-ins patch
     Triton's compiled kernels, not the interpreter's)."""
     import json
@@ -423,19 +423,26 @@ import json, sys, torch
 sys.path.insert(0, "scripts")
 import dry_run, bench_attention as bench
 from mita.kernels import launch
-for shape in ((4, 2, 197, 64, 25, 25), (1, 2, 1025, 64, 49, 49), (1, 2, 4096, 64, 16, 16),
-              (1, 2, 4096, 64, 64, 64), (1, 8, 4096, 64, 128, 128)):
-    r = dry_run.dry_run(bench.Case("x", *shape), torch.bfloat16, reps=2)
-    print(json.dumps({k: r[k] for k in ("launches", "device_ops", "peak_units")}))
+shapes = ((4, 2, 197, 64, 25, 25), (1, 2, 1025, 64, 49, 49), (1, 2, 4096, 64, 16, 16), (1, 2, 4096, 64, 64, 64),
+          (1, 8, 4096, 64, 128, 128))
+for switches in ([], [("resident", True), ("shared-resident", True), ("transposed", True)]):
+    with bench.switched(switches):
+        for shape in shapes:
+            r = dry_run.dry_run(bench.Case("x", *shape), torch.bfloat16, reps=2)
+            print(json.dumps({k: r[k] for k in ("launches", "device_ops", "peak_units")}))
 print(json.dumps({"runners": len(launch._RUNNERS), "patched": "is_cuda" in vars(torch.Tensor),
                   "is_cuda": torch.empty(1).is_cuda}))
 """
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=root, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
-    short, *general, after = [json.loads(line) for line in run.stdout.strip().splitlines()]
-    assert after == {"runners": 0, "patched": False, "is_cuda": False}
-    assert short["launches"] == [2, 1]  # the short path: prep + attention, one backward launch
-    for row in general:
+    rows = [json.loads(line) for line in run.stdout.strip().splitlines()]
+    assert rows[-1] == {"runners": 0, "patched": False, "is_cuda": False}
+    # defaults, then the untimed general-path switches on (resident, shared-resident, transposed)
+    short, *general = rows[:5]
+    switched_short, *switched_general = rows[5:-1]
+    assert short["launches"] == switched_short["launches"] == [2, 1]  # prep + attention, one backward launch
+    assert len(general) == len(switched_general) == 4
+    for row in general + switched_general:
         assert min(row["launches"]) >= 5
         assert row["peak_units"] <= 11.0, row
     cli = subprocess.run([sys.executable, str(root / "scripts" / "dry_run.py"), "--shape", "1,2,300,32,4,5", "--reps", "2",
