@@ -330,12 +330,12 @@ def test_resident_routed_kernels(monkeypatch, kind, B, N, m, topk, r, shared, ov
 @pytest.mark.parametrize("kind,B,N,m,topk,r,shared,resident", [
     ("duplicates", 1, 100, 40, 40, 1, True, False),  # tiles of 3 entries (blocks of 16), the first expert spans 23
     ("duplicates", 2, 90, 33, 50, 2, True, False),  # r = 2, tiles of 6
-    ("one_key", 1, 70, 40, 33, 2, False, False),  # without the shared expert
+    ("duplicates", 1, 70, 40, 33, 2, False, False),  # without the shared expert
     ("shared_keys", 1, 80, 36, 66, 1, True, False),  # topk past one 64-key block
     ("duplicates", 1, 60, 40, 0, 1, True, False),  # topk = 0: the shared expert alone
     # the resident kernels (ROUTED_RESIDENT) transposed: groups of short tiles, the first expert's spanning several
     ("duplicates", 2, 90, 33, 50, 2, True, True),
-    ("one_key", 1, 70, 40, 33, 2, False, True),
+    ("duplicates", 1, 70, 40, 33, 2, False, True),
     ("duplicates", 1, 60, 40, 0, 1, True, True),
 ])
 def test_transposed_routed_kernels(monkeypatch, kind, B, N, m, topk, r, shared, resident):
