@@ -15,7 +15,9 @@ launch call and the kernels themselves do not. It prints, a case a row:
   ``scripts/bench_attention.py`` (every storage the call allocates, rounded to 512 bytes, plus one input set:
   q, k, v, dO and the landmarks), in MiB and in units of one ``[B, H, N, d]`` input. SDPA's (cuDNN or flash:
   q, k, v, dO, o, dq, dk, dv and a float32 dq accumulator) is about 10 of those units on the H200
-  (BENCHMARKS.md); a buffer made inside a torch op (a sort's scratch) is not counted.
+  (BENCHMARKS.md); a buffer made inside a torch op (a sort's scratch) is not counted, and an SDPA call (the
+  shared values of fp32 inputs) takes PyTorch's math backend on meta tensors, whose m x N probabilities a GPU's
+  fused backends do not keep: fp32 peaks are overstated here.
 
 A call that syncs with the host (``.item()``, ``.tolist()``) fails here: meta tensors hold no values.
 
