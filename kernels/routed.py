@@ -914,27 +914,26 @@ def routed_forward(q, k, v, landmarks, shared_v, topk_idx, lay, r, scale, scale_
     block_r = _block(M, D, q.element_size())
     shared = landmarks is not None
     res, (block_m, block_k, warps_q, _) = _resident(T, M, topk, D, q.element_size(), shared)
+    # the block and resident kernels take the same arguments but for their program count (blocks or tile groups)
+    head = (q, k, v, landmarks if shared else q, shared_v if shared else q, topk_idx, lay["slot_token"],
+            lay["slot_source"], lay["tile_expert"], lay["tile_count"], o, lse, H, *_bhn(q), *_bhn(k), *_bhn(v),
+            *_bhn(o), N, E, M, topk, T, S)
+    tail = (r, scale, scale_shared)
+    precisions = dict(PRECISION=_precision(q.dtype, allow_tf32), SPREC=_score_precision(q.dtype, allow_tf32))
     if res is not None:
         num_tp = cdiv(S, res["TPP"])
         launch(
-            _routed_fwd_resident_kernel, (G * num_tp,),
-            (q, k, v, landmarks if shared else q, shared_v if shared else q, topk_idx, lay["slot_token"],
-                lay["slot_source"], lay["tile_expert"], lay["tile_count"], o, lse, H, *_bhn(q), *_bhn(k), *_bhn(v),
-                *_bhn(o), N, E, M, topk, T, S, num_tp, r, scale, scale_shared),
-            dict(res, D=D, PRECISION=_precision(q.dtype, allow_tf32), SPREC=_score_precision(q.dtype, allow_tf32),
-                 TR=transposed(res["BLOCK_M"], res["KP"], res["MP"], D, q.element_size(), shared, topk)),
+            _routed_fwd_resident_kernel, (G * num_tp,), (*head, num_tp, *tail),
+            dict(res, D=D, TR=transposed(res["BLOCK_M"], res["KP"], res["MP"], D, q.element_size(), shared, topk),
+                 **precisions),
         )
         return
     num_mb = cdiv(T, block_m)
     launch(
         _routed_fwd_t_kernel if transposed(block_m, block_k, block_r, D, q.element_size(), shared, topk)
-        else _routed_fwd_kernel, (G * S * num_mb,),
-        (q, k, v, landmarks if shared else q, shared_v if shared else q, topk_idx, lay["slot_token"],
-            lay["slot_source"], lay["tile_expert"], lay["tile_count"], o, lse, H, *_bhn(q), *_bhn(k), *_bhn(v),
-            *_bhn(o), N, E, M, topk, T, S, num_mb, r, scale, scale_shared),
-        dict(D=D, BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_r, SHARED=shared,
-            PRECISION=_precision(q.dtype, allow_tf32), SPREC=_score_precision(q.dtype, allow_tf32), num_warps=warps_q,
-            num_stages=2),
+        else _routed_fwd_kernel, (G * S * num_mb,), (*head, num_mb, *tail),
+        dict(D=D, BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_r, SHARED=shared, num_warps=warps_q, num_stages=2,
+             **precisions),
     )
 
 
@@ -966,13 +965,15 @@ def routed_backward(q, k, v, landmarks, shared_v, do, lse, delta, topk_idx, lay,
     sprec = _score_precision(q.dtype, allow_tf32)
     shared = landmarks is not None
     res, (block_m, block_k, warps_q, warps_kv) = _resident(T, M, topk, D, q.element_size(), shared)
+    # dq: the block and resident kernels take the same arguments but for their program count
+    head = (q, k, v, landmarks if shared else q, shared_v if shared else q, do, lse, delta, topk_idx,
+            lay["slot_token"], lay["slot_source"], lay["tile_expert"], lay["tile_count"], dq, H, *_bhn(q), *_bhn(k),
+            *_bhn(v), *_bhn(do), N, E, M, topk, T, S)
+    tail = (r, scale, scale_shared)
     if res is not None:
         num_tp = cdiv(S, res["TPP"])
         launch(
-            _routed_bwd_dq_resident_kernel, (G * num_tp,),
-            (q, k, v, landmarks if shared else q, shared_v if shared else q, do, lse, delta, topk_idx,
-                lay["slot_token"], lay["slot_source"], lay["tile_expert"], lay["tile_count"], dq, H, *_bhn(q),
-                *_bhn(k), *_bhn(v), *_bhn(do), N, E, M, topk, T, S, num_tp, r, scale, scale_shared),
+            _routed_bwd_dq_resident_kernel, (G * num_tp,), (*head, num_tp, *tail),
             dict(res, D=D, PRECISION=precision, SPREC=sprec,
                  TR=transposed(res["BLOCK_M"], res["KP"], res["MP"], D, q.element_size(), shared, topk)),
         )
@@ -980,10 +981,7 @@ def routed_backward(q, k, v, landmarks, shared_v, do, lse, delta, topk_idx, lay,
         num_mb = cdiv(T, block_m)
         launch(
             _routed_bwd_dq_t_kernel if transposed(block_m, block_k, block_r, D, q.element_size(), shared, topk)
-            else _routed_bwd_dq_kernel, (G * S * num_mb,),
-            (q, k, v, landmarks if shared else q, shared_v if shared else q, do, lse, delta, topk_idx,
-                lay["slot_token"], lay["slot_source"], lay["tile_expert"], lay["tile_count"], dq, H, *_bhn(q),
-                *_bhn(k), *_bhn(v), *_bhn(do), N, E, M, topk, T, S, num_mb, r, scale, scale_shared),
+            else _routed_bwd_dq_kernel, (G * S * num_mb,), (*head, num_mb, *tail),
             dict(D=D, BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_r, SHARED=shared, PRECISION=precision,
                 SPREC=sprec, num_warps=warps_q, num_stages=2),
         )

@@ -209,6 +209,16 @@ def _collect_tile(s, t, tau, out, n, CAP, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
+def _collect(s, t, tau, out, n, CAP, BLOCK_N: tl.constexpr, SCAN: tl.constexpr):
+    """:func:`_collect_scan` with ``SCAN``, else :func:`_collect_tile`."""
+    if SCAN:
+        n = _collect_scan(s, t, tau, out, n, CAP, BLOCK_N)
+    else:
+        n = _collect_tile(s, t, tau, out, n, CAP, BLOCK_N)
+    return n
+
+
+@triton.jit
 def _collect_kernel(
     K, R, TAU, CNT, BUF, H, skb, skh, skn, srb, srh, srm, N, M, N_TILES, CHUNKS, N_MB, CAP,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr, SCAN: tl.constexpr = False,
@@ -230,16 +240,10 @@ def _collect_kernel(
 
     for t in range(c, N_TILES - 1, CHUNKS):
         s = _score_tile(r, Kg, skn, t, N, offs_d, BLOCK_N, PREC, False)
-        if SCAN:
-            n = _collect_scan(s, t, tau, out, n, CAP, BLOCK_N)
-        else:
-            n = _collect_tile(s, t, tau, out, n, CAP, BLOCK_N)
+        n = _collect(s, t, tau, out, n, CAP, BLOCK_N, SCAN)
     if (N_TILES - 1) % CHUNKS == c:
         s = _score_tile(r, Kg, skn, N_TILES - 1, N, offs_d, BLOCK_N, PREC, True)
-        if SCAN:
-            n = _collect_scan(s, N_TILES - 1, tau, out, n, CAP, BLOCK_N)
-        else:
-            n = _collect_tile(s, N_TILES - 1, tau, out, n, CAP, BLOCK_N)
+        n = _collect(s, N_TILES - 1, tau, out, n, CAP, BLOCK_N, SCAN)
     tl.store(CNT + row_off * CHUNKS + c, n, mask=r_ok)
 
 
