@@ -171,6 +171,7 @@ def _prep_kernel(
     * ``SHARED``: the shared values ``V~ = softmax(s R K^T) V`` and their base-2 log-normaliser, in key
       chunks of ``BKC`` (the scores recomputed chunk by chunk).
     The attention kernel then reads the mask, ``V~`` and ``lse_sh`` (``PREP``)."""
+    scale = tl.cast(scale, tl.float32)  # inductor passes Python floats as fp64
     DT = K.dtype.element_ty
     g = tl.program_id(0).to(tl.int64)
     b = g // H
@@ -233,6 +234,8 @@ def _fwd_kernel(
     SELECT: tl.constexpr, MULTI: tl.constexpr, PREC: tl.constexpr, SELECT_HERE: tl.constexpr,
     POOLED: tl.constexpr, PREP: tl.constexpr, SEARCH: tl.constexpr, CNT32: tl.constexpr = False,
 ):
+    # inductor (torch.library.triton_op) passes Python floats as fp64; the accumulators stay fp32
+    scale, scale_shared = tl.cast(scale, tl.float32), tl.cast(scale_shared, tl.float32)
     # SELECT_HERE: the top-k mask is selected in this kernel (else it was passed in or _prep_kernel wrote it);
     # PREP: _prep_kernel wrote the shared values and lse_sh (and the mask where selecting);
     # POOLED: the landmarks are W Q with W = POOL [MP, NP] (fp32), computed here and stored to LMK [G, MP, D]
@@ -547,6 +550,8 @@ def _bwd_head_kernel(
     dQ stays on chip for the whole head, so each (query, key) tile is computed once and every output
     element still has one writer: dK, dV of a key block are final after its step, dQ and dR after the loop.
     """
+    # inductor (torch.library.triton_op) passes Python floats as fp64; the accumulators stay fp32
+    scale, scale_shared = tl.cast(scale, tl.float32), tl.cast(scale_shared, tl.float32)
     DT = Q.dtype.element_ty
     g = tl.program_id(0).to(tl.int64)
     b = g // H
@@ -638,6 +643,8 @@ def _bwd_kernel(
     R_TOPK: tl.constexpr, SHARED: tl.constexpr, ROUTED: tl.constexpr, MULTI: tl.constexpr, PREC: tl.constexpr,
     PHASE: tl.constexpr, CNT32: tl.constexpr = False,
 ):
+    # inductor (torch.library.triton_op) passes Python floats as fp64; the accumulators stay fp32
+    scale, scale_shared = tl.cast(scale, tl.float32), tl.cast(scale_shared, tl.float32)
     # PHASE 0, one launch: programs (g, j): j < NKB own a key block (dK, dV), the next NQB a query block (dQ),
     # the last dR. Two launches, each compiled for its own programs only (fewer registers than the three
     # kinds together): PHASE 1: j < NQB a query block, the last dR and dV~ into DVS [G, MP, D] (fp32);

@@ -73,9 +73,11 @@ class Recorder:
         kernels._interpreting = lambda: True
 
 
-def compile_report(kernel, args, kwargs, arch: int = 90):
+def compile_report(kernel, args, kwargs, arch: int = 90, float64_scalars: bool = False):
     """``(registers, spill bytes (stores, loads), shared bytes, serialized, lowering)`` of ``kernel`` compiled for
-    sm_<arch> with these arguments, specialized as at run time; ``lowering`` (:func:`lowering`) from its TTGIR."""
+    sm_<arch> with these arguments, specialized as at run time; ``lowering`` (:func:`lowering`) from its TTGIR.
+    ``float64_scalars``: Python float arguments typed fp64, as inductor types them when it traces a
+    ``torch.library.triton_op`` (``mita.kernels.TRITON_OPS``), where Triton's own launcher types them fp32."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, make_backend
     from triton.compiler import compile as triton_compile
@@ -87,6 +89,9 @@ def compile_report(kernel, args, kwargs, arch: int = 90):
     kwargs = {k: v for k, v in kwargs.items() if k not in ("debug", "instrumentation_mode")}
     bound, specialization, options = binder(*args, **kwargs)
     options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, specialization, options)
+    if float64_scalars:
+        floats = {name for name, value in zip(kernel.arg_names, args) if isinstance(value, float)}
+        signature = {name: "fp64" if name in floats and ty == "fp32" else ty for name, ty in signature.items()}
     compiled = triton_compile(ASTSource(kernel, signature, constexprs, attrs), target=target,
                               options=options.__dict__)
     with tempfile.TemporaryDirectory() as tmp:
@@ -153,6 +158,9 @@ def main(argv=None):
     p.add_argument("--pool", action="store_true",
                    help="short path: the landmarks pooled from q inside the kernels (as MiTAAttention calls them)")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    p.add_argument("--float64-scalars", action="store_true",
+                   help="Python float arguments typed fp64, as inductor passes them to the short path's traced "
+                        "kernels (mita.kernels.TRITON_OPS under torch.compile)")
     p.add_argument("--arch", type=int, default=90, help="compute capability to compile for (default 90: sm_90a)")
     args = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
@@ -171,7 +179,8 @@ def main(argv=None):
     for name, on in bench.parse_switches(args.switches):
         bench.set_switch(name, on)
     print(f"# compiled for sm_{args.arch}a by Triton {triton.__version__} (ptxas of its package), {args.dtype}; "
-          f"switches: {args.switches or 'defaults'}" + ("; short path: fp32 expert counts" if args.count_fp32 else ""))
+          f"switches: {args.switches or 'defaults'}" + ("; short path: fp32 expert counts" if args.count_fp32 else "")
+          + ("; Python floats typed fp64" if args.float64_scalars else ""))
     print("| case | kernel | launch options | registers | spills (store/load B) | shared KiB | wgmma | dots: wgmma / other "
           "| loads: async / TMA |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
@@ -191,7 +200,8 @@ def main(argv=None):
                     continue
                 seen.add(key)
                 try:
-                    regs, spills, smem, serial, low = compile_report(kernel, kargs, kwargs, args.arch)
+                    regs, spills, smem, serial, low = compile_report(kernel, kargs, kwargs, args.arch,
+                                                                      args.float64_scalars)
                     row = (f"{regs} | {spills[0]}/{spills[1]} | {smem / 1024:.1f} | {'SERIALIZED' if serial else 'ok'} | "
                            f"{low['wgmma']} / {low['mma']} | {low['async']} / {low['tma']}")
                 except Exception as exc:  # noqa: BLE001 - a kernel that does not compile is reported

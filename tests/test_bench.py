@@ -367,8 +367,9 @@ def test_bench_vit_gpu_busy_counts_device_events_once():
 
 def test_compile_report_lists_every_kernel_of_both_paths():
     """scripts/compile_report.py (no GPU): the short path's and the general path's kernels, each compiled for sm_90
-    with its launch arguments, one table row each, none failing (in a process of its own: the kernels must be
-    Triton's compiled functions, not the interpreter's)."""
+    with its launch arguments, one table row each, none failing, the short path's also with Python floats typed
+    fp64 as inductor types them for its traced kernels (in a process of its own: the kernels must be Triton's
+    compiled functions, not the interpreter's)."""
     import os
     import subprocess
     import sys
@@ -377,7 +378,8 @@ def test_compile_report_lists_every_kernel_of_both_paths():
     root = Path(__file__).resolve().parents[1]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = ""
-    for extra in (["--shape", "1,2,40,32,4,5"], ["--shape", "1,2,300,32,4,5", "--switches", "resident"]):
+    for extra in (["--shape", "1,2,40,32,4,5"], ["--shape", "1,2,300,32,4,5", "--switches", "resident"],
+                  ["--shape", "1,2,40,32,4,5", "--float64-scalars"]):
         run = subprocess.run([sys.executable, str(root / "scripts" / "compile_report.py"), "--dtype", "fp16", *extra],
                              capture_output=True, text=True, env=env, cwd=root, timeout=600)
         assert run.returncode == 0, run.stderr[-2000:]
