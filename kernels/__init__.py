@@ -30,10 +30,12 @@ LAYOUT_KERNELS = True
 # From this many landmark-key scores a head (m N) on, mita.functional.mita_routing selects each landmark's top-k
 # with the streamed kernel of kernels/topk_stream.py (no m x N score matrix) instead of R K^T + torch.topk (a
 # custom op under torch.compile; nothing in it syncs with the host, so CUDA graphs capture it); None: never.
-# Timed on an H200 in the whole op (BENCHMARKS.md, "Long sequences"): -10% forward+backward at N = 65,536,
-# m = k = 512 (m N = 2^25), +6% at m = k = 128 (2^23); 2^24 sits between, and from there on the score matrix
-# it saves (2 m N bytes a head in bf16: 1 GiB at B H = 16, N = 65,536, m = 512) also sets the peak memory.
-STREAM_TOPK_MIN_SCORES = 1 << 24
+# Timed in the whole op (BENCHMARKS.md, "Kernel options timed on an H100"): on an H100 (2026-12-05, same
+# process) forward 2.09 -> 1.38 ms at N = 65,536, m = k = 128 (m N = 2^23; forward+backward -16%), +12% forward
+# at N = 16,384, m = k = 256 (2^22) and +11% at m = k = 64 (2^20); on an H200 on 2026-12-04 (when it still made
+# one host sync), -10% forward+backward at m N = 2^25 and +6% at 2^23. From 2^23 on; the score matrix it saves
+# (2 m N bytes a head in bf16: 1 GiB at B H = 16, N = 65,536, m = 512) also sets the peak memory there.
+STREAM_TOPK_MIN_SCORES = 1 << 23
 # From this many keys on, the general path computes the shared values V~ = softmax(s R K^T) V (and their
 # backward) with the key-split kernels of kernels/shared.py instead of SDPA, whose m-query launch runs one
 # program per head over all N keys; fp16/bf16 inputs only; None: never. 1,024: the shortest length where it was
@@ -55,20 +57,24 @@ TRITON_OPS = False
 # block programs take 128 queries or keys with 8 warps (routed.routed_blocks), the expert choice takes 256
 # queries a program (routing.route_blocks), and where 4 m topk > N the dk/dv partials fill two input-dtype buffers
 # in one pass over half-length chunks of experts (routed.dkdv_plan: 4 products instead of 5, same memory); instead
-# of one program per block of 64 queries, each loading the expert's keys and the landmarks again. Off until timed
-# on a GPU.
+# of one program per block of 64 queries, each loading the expert's keys and the landmarks again. Off: slower on an
+# H100 (BENCHMARKS.md, "Kernel options timed on an H100": forward+backward +14% at N = 65,536, m = k = 128, +6% at
+# m = k = 512; its forward and dq kernels 1.2-1.8x the block kernels', its dk/dv kernel 0.6-0.7x with a slower key
+# reduction).
 ROUTED_RESIDENT = False
 # Whether the general path's forward and dq programs of fewer than 64 entries (short tiles, N r / m < 64: ViT
 # lengths such as N = 1,025, m = 49) run with their tiles transposed (keys and landmarks as rows), so that their
 # products have 64 rows and become Hopper warp-group MMAs (routed.transposed); the untransposed 32-entry programs
-# use the older MMA instructions. Off until timed on a GPU.
+# use the older MMA instructions. Off: within the run-to-run spread on an H100 (BENCHMARKS.md, "Kernel options
+# timed on an H100"), and 8-9% slower with ROUTED_RESIDENT at N = 65,536.
 ROUTED_TRANSPOSED = False
 # Whether the key-split shared values' dK, dV (kernels/shared.py) run programs that load every landmark once and go
 # through several key blocks (shared.resident_keys_config: fp16/bf16, m up to 128 at d <= 64), instead of one
 # program per key block that reads all the landmarks again (at N = 65,536, m = 128: 1,024 reads of them a head);
 # and from m = 128 on the programs that loop over the keys (shared values and their dR, shared.config's LM_BM) or
 # over the queries (the shared logits' landmark gradients, routed.shared_backward) take 128 landmarks with 8 warps,
-# so that each key or query tile is read by half as many programs. Off until timed on a GPU.
+# so that each key or query tile is read by half as many programs. Off: no faster on an H100 (BENCHMARKS.md,
+# "Kernel options timed on an H100": within 1% at N = 65,536, within the host-bound spread below).
 SHARED_RESIDENT = False
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_LANDMARKS = 1024

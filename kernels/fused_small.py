@@ -36,7 +36,8 @@ LOG2E = 1.4426950408889634
 # fp16 accumulators ptxas serializes every wgmma of the attention and per-head backward kernels ("non wgmma
 # instructions reading accumulator registers"; sm_90, Triton 3.8): fp32 ones lift that, at +16 registers in the
 # forward (126 -> 142 at 8 warps, 128 x 64 blocks: one program an SM instead of two; 110 with 32-key blocks) and
-# fewer spills in the per-head backward (60 -> 40 bytes). Off until timed on a GPU.
+# fewer spills in the per-head backward (60 -> 40 bytes). Off: on an H100 (BENCHMARKS.md, "Kernel options timed on
+# an H100") +7% forward+backward at the DeiT-S core shape (d = 64), 6-11% faster at d = 128 with two of three tilings.
 COUNT_FP32 = False
 # The last compiled kernel of each pass (registers, spills and shared memory for benchmarks).
 LAUNCHED = {}

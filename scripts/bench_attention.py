@@ -618,7 +618,7 @@ def select_cases(spec: str, quick: bool) -> List[Case]:
 
 # General-path options (mita.kernels module switches) for A/B timings: name -> (attribute, value when on, value
 # when off). ``--switches layout=off,stream-topk`` sets each named one (a bare name: on); the rest keep the
-# package's defaults (layout, shared-split and eager-fn on, stream-topk from 2^24 scores a head, resident,
+# package's defaults (layout, shared-split and eager-fn on, stream-topk from 2^23 scores a head, resident,
 # transposed, shared-resident and count-fp32 off).
 SWITCHES = {
     "layout": ("LAYOUT_KERNELS", True, False),  # routing layout from kernels/layout_kernels.py
@@ -701,7 +701,7 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--switches", default="",
                         help="general-path options for mita-triton, comma list of NAME, NAME=on or NAME=off; NAME: "
-                             + ", ".join(SWITCHES) + " (default: the package's: layout, shared-split and eager-fn on, stream-topk from 2^24 scores a head, "
+                             + ", ".join(SWITCHES) + " (default: the package's: layout, shared-split and eager-fn on, stream-topk from 2^23 scores a head, "
                              "resident, transposed, shared-resident and count-fp32 off)")
     parser.add_argument("--out", default="bench_out", help="folder for attention.csv, kernels.csv, attention.png")
     parser.add_argument("--cpu-smoke", "--dry-run", dest="cpu_smoke", action="store_true",
