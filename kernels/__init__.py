@@ -62,6 +62,13 @@ TRITON_OPS = False
 # m = k = 512; its forward and dq kernels 1.2-1.8x the block kernels', its dk/dv kernel 0.6-0.7x with a slower key
 # reduction).
 ROUTED_RESIDENT = False
+# Whether the routed dk/dv programs take ROUTED_RESIDENT's shapes without the rest of it: several experts of few
+# queries to a program (routed.experts_per_program) and, where experts hold 128 keys or more (fp16/bf16, d <= 64),
+# blocks of 128 keys with 8 warps (routed.routed_blocks); the forward, dq and the dk/dv partials' passes unchanged.
+# ROUTED_RESIDENT's dk/dv kernel took 0.6-0.7x the default's time on an H100 (BENCHMARKS.md, "Kernel options timed
+# on an H100") while its one-pass partials slowed the key reduction; this keeps the first without the second.
+# Off until timed on a GPU.
+DKDV_WIDE = False
 # Whether the general path's forward and dq programs of fewer than 64 entries (short tiles, N r / m < 64: ViT
 # lengths such as N = 1,025, m = 49) run with their tiles transposed (keys and landmarks as rows), so that their
 # products have 64 rows and become Hopper warp-group MMAs (routed.transposed); the untransposed 32-entry programs

@@ -989,12 +989,16 @@ def routed_backward(q, k, v, landmarks, shared_v, do, lse, delta, topk_idx, lay,
         return
     # the dk/dv programs take the queries in blocks of the tile's size (at most 64) and the keys in blocks of block_k
     block_m = _block(T, D, q.element_size())
-    num_kb = cdiv(topk, block_k)
     pair_order, key_ptr = pairs
     block_n = _reduce_block(D)
     num_nb = cdiv(N, block_n)
     chunk = partials[0].shape[1]  # experts a pass takes (all m, or chunks of them: dkdv_plan)
-    epp = 1 if res is None else experts_per_program(T)
+    from . import DKDV_WIDE
+
+    if DKDV_WIDE and res is None:  # the dk/dv programs' shapes of ROUTED_RESIDENT alone
+        _, block_k, _, warps_kv = routed_blocks(T, topk, D, q.element_size(), True)
+    epp = experts_per_program(T) if res is not None or DKDV_WIDE else 1
+    num_kb = cdiv(topk, block_k)
     for e0 in range(0, M, chunk):
         mc = min(chunk, M - e0)
         # one pass into two buffers, or two passes (dv, then dk) through one

@@ -619,13 +619,14 @@ def select_cases(spec: str, quick: bool) -> List[Case]:
 # General-path options (mita.kernels module switches) for A/B timings: name -> (attribute, value when on, value
 # when off). ``--switches layout=off,stream-topk`` sets each named one (a bare name: on); the rest keep the
 # package's defaults (layout, shared-split and eager-fn on, stream-topk from 2^23 scores a head, resident,
-# transposed, shared-resident and count-fp32 off).
+# dkdv-wide, transposed, shared-resident and count-fp32 off).
 SWITCHES = {
     "layout": ("LAYOUT_KERNELS", True, False),  # routing layout from kernels/layout_kernels.py
     "stream-topk": ("STREAM_TOPK_MIN_SCORES", 1, None),  # landmarks' top-k streamed (kernels/topk_stream.py)
     "shared-split": ("SHARED_SPLIT_MIN_N", 1, None),  # shared values split over the keys, kernels/shared.py
     "eager-fn": ("EAGER_FUNCTIONS", True, False),  # eager calls skip the custom ops' dispatch (kernels/ops.py)
     "resident": ("ROUTED_RESIDENT", True, False),  # routed forward and dq one program a tile (kernels/routed.py)
+    "dkdv-wide": ("DKDV_WIDE", True, False),  # routed dk/dv: resident's program shapes alone (kernels/routed.py)
     "transposed": ("ROUTED_TRANSPOSED", True, False),  # forward and dq of short tiles transposed (warp-group MMA)
     "shared-resident": ("SHARED_RESIDENT", True, False),  # shared values' dK, dV: landmarks loaded once a program
     "count-fp32": ("fused_small.COUNT_FP32", True, False),  # short path: expert-mask products in fp32
@@ -702,7 +703,7 @@ def parse_args(argv=None):
     parser.add_argument("--switches", default="",
                         help="general-path options for mita-triton, comma list of NAME, NAME=on or NAME=off; NAME: "
                              + ", ".join(SWITCHES) + " (default: the package's: layout, shared-split and eager-fn on, stream-topk from 2^23 scores a head, "
-                             "resident, transposed, shared-resident and count-fp32 off)")
+                             "resident, dkdv-wide, transposed, shared-resident and count-fp32 off)")
     parser.add_argument("--out", default="bench_out", help="folder for attention.csv, kernels.csv, attention.png")
     parser.add_argument("--cpu-smoke", "--dry-run", dest="cpu_smoke", action="store_true",
                         help="tiny cases on the CPU in float32, perf_counter timing: checks the pipeline only")

@@ -19,6 +19,7 @@ pytest.importorskip("triton")
 
 from mita import kernels  # noqa: E402
 from mita.functional import mita_attention  # noqa: E402
+from mita.kernels import launch as launch_mod  # noqa: E402
 from tests.helpers import attention_inputs, rel_err, saved_storages  # noqa: E402
 from tests.helpers import input_grads as _grads  # noqa: E402
 
@@ -325,6 +326,29 @@ def test_resident_routed_kernels(monkeypatch, kind, B, N, m, topk, r, shared, ov
         monkeypatch.setattr(routed, "experts_per_program", lambda T: epp)
     _check_general_layout(kind, N, m, topk, r, shared, B=B, dtype=torch.float16)
     assert len(launched) == 2  # the forward's and the backward's dq
+
+
+@pytest.mark.parametrize("kind,B,N,m,topk,r,shared,epp", [
+    ("duplicates", 2, 50, 12, 9, 1, True, 2),  # several experts a dk/dv program, over chunks of experts
+    ("one_key", 1, 17, 7, 3, 2, False, 3),
+    ("duplicates", 1, 300, 2, 130, 1, True, None),  # experts of 130 keys: blocks of 128 keys, 8 warps
+])
+def test_dkdv_wide(monkeypatch, kind, B, N, m, topk, r, shared, epp):
+    """mita.kernels.DKDV_WIDE: the routed dk/dv programs with ROUTED_RESIDENT's shapes (several experts a
+    program, 128-key blocks with 8 warps) and the rest of the path as by default; fp16, poisoned buffers."""
+    from mita.kernels import routed
+
+    monkeypatch.setattr(kernels, "DKDV_WIDE", True)
+    if epp is not None:
+        monkeypatch.setattr(routed, "experts_per_program", lambda T: epp)
+    launched = []
+    dkdv = routed._routed_bwd_dkdv_kernel
+    monkeypatch.setattr(routed, "launch", lambda kernel, grid, args, meta, key=None: (
+        kernel is dkdv and launched.append(meta)) or launch_mod.launch(kernel, grid, args, meta, key))
+    _check_general_layout(kind, N, m, topk, r, shared, B=B, dtype=torch.float16)
+    assert launched and (epp is None or all(meta["EPP"] == epp for meta in launched))
+    if topk >= 128:
+        assert all(meta["BLOCK_K"] == 128 and meta["num_warps"] == 8 for meta in launched)
 
 
 @pytest.mark.parametrize("kind,B,N,m,topk,r,shared,resident", [
