@@ -23,7 +23,9 @@ SDPA returns it); dq, dk, dv, dR contiguous in the input dtype; ``lse [G, N]`` f
 uint8; ``expert [G, N, r]`` int32; ``vs [G, MP, d]`` in the input dtype; ``lse_sh [G, MP]`` fp32. ``MP`` and
 ``NP`` are m and N padded to powers of two >= 16 (``tl.dot``'s minimum). Every dot accumulates in fp32; fp32
 inputs use ``input_precision="ieee"`` unless TF32 is allowed. Exponentials are ``exp2`` of logits scaled by
-``log2(e)``.
+``log2(e)``. Each launched kernel casts its scale arguments to fp32 first: inductor, tracing them as
+``torch.library.triton_op`` (``mita.kernels.TRITON_OPS``), types Python floats fp64, which would make the
+accumulators fp64 (``scripts/compile_report.py --float64-scalars`` compiles them so).
 """
 import torch
 import triton
@@ -172,7 +174,7 @@ def _prep_kernel(
     * ``SHARED``: the shared values ``V~ = softmax(s R K^T) V`` and their base-2 log-normaliser, in key
       chunks of ``BKC`` (the scores recomputed chunk by chunk).
     The attention kernel then reads the mask, ``V~`` and ``lse_sh`` (``PREP``)."""
-    scale = tl.cast(scale, tl.float32)  # inductor passes Python floats as fp64
+    scale = tl.cast(scale, tl.float32)  # see the module docstring
     DT = K.dtype.element_ty
     g = tl.program_id(0).to(tl.int64)
     b = g // H
@@ -235,8 +237,7 @@ def _fwd_kernel(
     SELECT: tl.constexpr, MULTI: tl.constexpr, PREC: tl.constexpr, SELECT_HERE: tl.constexpr,
     POOLED: tl.constexpr, PREP: tl.constexpr, SEARCH: tl.constexpr, CNT32: tl.constexpr = False,
 ):
-    # inductor (torch.library.triton_op) passes Python floats as fp64; the accumulators stay fp32
-    scale, scale_shared = tl.cast(scale, tl.float32), tl.cast(scale_shared, tl.float32)
+    scale, scale_shared = tl.cast(scale, tl.float32), tl.cast(scale_shared, tl.float32)  # see the module docstring
     # SELECT_HERE: the top-k mask is selected in this kernel (else it was passed in or _prep_kernel wrote it);
     # PREP: _prep_kernel wrote the shared values and lse_sh (and the mask where selecting);
     # POOLED: the landmarks are W Q with W = POOL [MP, NP] (fp32), computed here and stored to LMK [G, MP, D]
@@ -551,8 +552,7 @@ def _bwd_head_kernel(
     dQ stays on chip for the whole head, so each (query, key) tile is computed once and every output
     element still has one writer: dK, dV of a key block are final after its step, dQ and dR after the loop.
     """
-    # inductor (torch.library.triton_op) passes Python floats as fp64; the accumulators stay fp32
-    scale, scale_shared = tl.cast(scale, tl.float32), tl.cast(scale_shared, tl.float32)
+    scale, scale_shared = tl.cast(scale, tl.float32), tl.cast(scale_shared, tl.float32)  # see the module docstring
     DT = Q.dtype.element_ty
     g = tl.program_id(0).to(tl.int64)
     b = g // H
@@ -644,8 +644,7 @@ def _bwd_kernel(
     R_TOPK: tl.constexpr, SHARED: tl.constexpr, ROUTED: tl.constexpr, MULTI: tl.constexpr, PREC: tl.constexpr,
     PHASE: tl.constexpr, CNT32: tl.constexpr = False,
 ):
-    # inductor (torch.library.triton_op) passes Python floats as fp64; the accumulators stay fp32
-    scale, scale_shared = tl.cast(scale, tl.float32), tl.cast(scale_shared, tl.float32)
+    scale, scale_shared = tl.cast(scale, tl.float32), tl.cast(scale_shared, tl.float32)  # see the module docstring
     # PHASE 0, one launch: programs (g, j): j < NKB own a key block (dK, dV), the next NQB a query block (dQ),
     # the last dR. Two launches, each compiled for its own programs only (fewer registers than the three
     # kinds together): PHASE 1: j < NQB a query block, the last dR and dV~ into DVS [G, MP, D] (fp32);
