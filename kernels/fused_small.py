@@ -41,6 +41,9 @@ LOG2E = 1.4426950408889634
 # fewer spills in the per-head backward (60 -> 40 bytes). Off: on an H100 (BENCHMARKS.md, "Kernel options timed on
 # an H100") +7% forward+backward at the DeiT-S core shape (d = 64), 6-11% faster at d = 128 with two of three tilings.
 COUNT_FP32 = False
+# The keys-as-rows backward (_bwd_head_keys_kernel): the expert mask as a logit bias of this size (0: a count
+# product and a select instead), where no key counts twice and the inputs are 16-bit.
+MASK_BIAS = 8192.0
 # The last compiled kernel of each pass (registers, spills and shared memory for benchmarks).
 LAUNCHED = {}
 
@@ -634,6 +637,202 @@ def _bwd_head_kernel(
 
 
 @triton.jit
+def _keys_pass(q, do, LSEh, DELTAg, rows, ok, kb, oh_t, kblk, vblk, sel_t, dk, dv, dq_t, sl2,
+               ROUTED: tl.constexpr, MULTI: tl.constexpr, PREC: tl.constexpr, CNT32: tl.constexpr,
+               MASK_BIAS: tl.constexpr):
+    """One (key block, query chunk) tile of the routed backward with keys as rows: ``dK, dV [BK, D]`` and
+    ``dQ^T [D, BQ]`` updated (every dot has ``BK`` or ``D`` rows, so none is narrower than a wgmma). The
+    chunk's lse and delta are read here (cache hits) rather than kept in registers across the key loop."""
+    DT = q.dtype
+    if ROUTED:
+        # offsets that vary with the key block (program_id(1) is 0): a loop-invariant [BQ] pointer tensor would be
+        # hoisted out of the key loop and held in registers, 64-bit, for every chunk
+        rows = rows + tl.program_id(1) * kb
+        lse = tl.load(LSEh + rows, mask=ok, other=0.0)
+        delta = tl.load(DELTAg + rows)
+        if MASK_BIAS > 0:
+            # sel_t holds MASK_BIAS where selected: s + MASK_BIAS * (held by the query's expert), in the same
+            # accumulator, and exp2 of the rest underflows to exactly 0
+            s_t = tl.dot(kblk, tl.trans(q), input_precision=PREC)
+            s_t = tl.dot(sel_t, oh_t, s_t)
+            p_t = tl.exp2(s_t * sl2 - (lse + MASK_BIAS * sl2)[None, :])
+        else:
+            cnt_t = tl.dot(sel_t, oh_t, out_dtype=tl.float32 if CNT32 else tl.float16)  # [BK, BQ]
+            s_t = tl.dot(kblk, tl.trans(q), input_precision=PREC) * sl2
+            p_t = tl.where(cnt_t > 0, tl.exp2(s_t - lse[None, :]), 0.0)
+            if MULTI:
+                p_t = p_t * cnt_t.to(tl.float32)
+        dp_t = tl.dot(vblk, tl.trans(do), input_precision=PREC)
+        ds_t = (p_t * (dp_t - delta[None, :])).to(DT)
+        dv = tl.dot(p_t.to(DT), do, dv, input_precision=PREC)
+        dk = tl.dot(ds_t, q, dk, input_precision=PREC)
+        dq_t = tl.dot(tl.trans(kblk), ds_t, dq_t, input_precision=PREC)
+    return dk, dv, dq_t
+
+
+@triton.jit
+def _shared_queries_t(q, do, delta, lse, r, vs, q_ok, lm_ok, cl2, ratio, dr, dvs, PREC: tl.constexpr):
+    """Shared-logit gradients of one query chunk with landmarks as rows: ``dQ^T [D, BQ]`` (its ``c dS_sh R``
+    part, divided by s), and ``dR`` (``c dS_sh^T Q``, divided by s) and ``dV~ = P_sh^T dO`` updated."""
+    DT = q.dtype
+    ps_t = tl.dot(r, tl.trans(q), input_precision=PREC) * cl2  # [MP, BQ]
+    ps_t = tl.where(lm_ok[:, None] & q_ok[None, :], tl.exp2(ps_t - lse[None, :]), 0.0)
+    dss_t = (ps_t * (tl.dot(vs, tl.trans(do), input_precision=PREC) - delta[None, :])).to(DT)  # [MP, BQ]
+    dq_t = tl.dot(tl.trans(r), dss_t, input_precision=PREC) * ratio  # [D, BQ]
+    dr += tl.dot(dss_t, q, input_precision=PREC) * ratio
+    dvs = tl.dot(ps_t.to(DT), do, dvs, input_precision=PREC)
+    return dq_t, dr, dvs
+
+
+@triton.jit
+def _bwd_head_keys_kernel(
+    Q, K, V, R, O, DO, LSE, SEL, EXP, VS, LSH, DQ, DK, DV, DR, POOL, DELTA,
+    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn, stride_rb, stride_rh, stride_rm,
+    stride_dob, stride_doh, stride_don, stride_ob, stride_oh, stride_on, stride_gb, stride_gh, stride_gn,
+    H, N, M, NKB, scale, scale_shared,
+    D: tl.constexpr, MP: tl.constexpr, NP: tl.constexpr, BK: tl.constexpr, BQ: tl.constexpr,
+    R_TOPK: tl.constexpr, SHARED: tl.constexpr, ROUTED: tl.constexpr, MULTI: tl.constexpr, PREC: tl.constexpr,
+    POOLED: tl.constexpr, CNT32: tl.constexpr = False, MASK_BIAS: tl.constexpr = 0.0,
+):
+    """One program per head as :func:`_bwd_head_kernel`, with keys as the rows of every tile: the queries in
+    ``NP / BQ`` (at most 4) chunks, each with its own ``dQ^T [D, BQ]`` accumulator, key blocks of ``BK`` in a
+    loop. ``s^T = K Q^T``, ``dP^T = V dO^T``, ``dV += P^T dO``, ``dK += dS^T Q``, ``dQ^T += K^T dS^T``: every
+    product has ``BK`` or ``D`` rows, so with ``BK`` = 128 and 8 warps each warpgroup owns 64 rows of every
+    tile (the query-major kernel's dK, dV products have ``BK`` = 32 rows). ``DELTA [G, NP]`` (fp32, scratch):
+    ``rowsum(dO * O)``, written before the key loop and read back in it. ``MASK_BIAS`` (a power of two, or 0:
+    off; only where no key counts twice and the inputs are 16-bit): the expert mask enters the routed logits
+    as ``+ MASK_BIAS`` from a second product into the same accumulator, ``MASK_BIAS * s log2(e)`` is taken
+    off with the lse, and the logits of keys outside it (``MASK_BIAS * s log2 e`` >= 1,000 lower) underflow
+    to an exact 0: no ``[BK, BQ]`` count tile and no select."""
+    scale, scale_shared = tl.cast(scale, tl.float32), tl.cast(scale_shared, tl.float32)  # see the module docstring
+    DT = Q.dtype.element_ty
+    NQC: tl.constexpr = NP // BQ
+    ODT = DT if MASK_BIAS > 0 else tl.float16  # the expert-mask products' operands
+    tl.static_assert(NQC <= 4, "at most 4 query chunks")
+    g = tl.program_id(0).to(tl.int64)
+    b = g // H
+    h = g % H
+    Qh = Q + b * stride_qb + h * stride_qh
+    Kh = K + b * stride_kb + h * stride_kh
+    Vh = V + b * stride_vb + h * stride_vh
+    DOh = DO + b * stride_dob + h * stride_doh
+    Oh = O + b * stride_ob + h * stride_oh
+    LSEh = LSE + g * N
+    EXPh = EXP + g * N * R_TOPK
+    DELTAg = DELTA + g * NP
+    offs_d = tl.arange(0, D)
+    lm = tl.arange(0, MP)
+    lm_ok = lm < M
+    sl2 = scale * 1.4426950408889634
+    cl2 = scale_shared * 1.4426950408889634
+    ratio = scale_shared / scale
+    dr = tl.zeros([MP, D], tl.float32)
+    dr_t = tl.zeros([D, MP], tl.float32)
+    dvs = tl.zeros([MP, D], tl.float32)
+    if SHARED:
+        r = _rows(R + b * stride_rb + h * stride_rh, lm, lm_ok, stride_rm, offs_d)  # [MP, D]
+        vs = tl.load(VS + (g * MP + lm[:, None]) * D + offs_d[None, :])  # [MP, D]
+        lsh = tl.load(LSH + g * MP + lm)
+    # chunk c: rows c*BQ.., its q, dO, delta, lse, expert one-hot [MP, BQ] and dQ^T [D, BQ]; dQ^T accumulates
+    # s dS^T K, the shared part c dS_sh R enters pre-divided by s
+    rows0 = tl.arange(0, BQ)
+    ok0 = rows0 < N
+    q0, do0, delta0, lse0 = _grad_rows(Qh, DOh, Oh, LSEh, rows0, ok0, stride_qn, stride_don, stride_on, offs_d)
+    tl.store(DELTAg + rows0, delta0)
+    oh0 = _onehot_t(EXPh, rows0, ok0, lm, R_TOPK).to(ODT) if ROUTED else tl.zeros([MP, BQ], ODT)
+    dq0 = tl.zeros([D, BQ], tl.float32)
+    if SHARED:
+        dq0, dr, dvs = _shared_queries_t(q0, do0, delta0, lse0, r, vs, ok0, lm_ok, cl2, ratio, dr, dvs, PREC)
+    if NQC > 1:
+        rows1 = BQ + tl.arange(0, BQ)
+        ok1 = rows1 < N
+        q1, do1, delta1, lse1 = _grad_rows(Qh, DOh, Oh, LSEh, rows1, ok1, stride_qn, stride_don, stride_on, offs_d)
+        tl.store(DELTAg + rows1, delta1)
+        oh1 = _onehot_t(EXPh, rows1, ok1, lm, R_TOPK).to(ODT) if ROUTED else tl.zeros([MP, BQ], ODT)
+        dq1 = tl.zeros([D, BQ], tl.float32)
+        if SHARED:
+            dq1, dr, dvs = _shared_queries_t(q1, do1, delta1, lse1, r, vs, ok1, lm_ok, cl2, ratio, dr, dvs, PREC)
+    if NQC > 2:
+        rows2 = 2 * BQ + tl.arange(0, BQ)
+        ok2 = rows2 < N
+        q2, do2, delta2, lse2 = _grad_rows(Qh, DOh, Oh, LSEh, rows2, ok2, stride_qn, stride_don, stride_on, offs_d)
+        tl.store(DELTAg + rows2, delta2)
+        oh2 = _onehot_t(EXPh, rows2, ok2, lm, R_TOPK).to(ODT) if ROUTED else tl.zeros([MP, BQ], ODT)
+        dq2 = tl.zeros([D, BQ], tl.float32)
+        if SHARED:
+            dq2, dr, dvs = _shared_queries_t(q2, do2, delta2, lse2, r, vs, ok2, lm_ok, cl2, ratio, dr, dvs, PREC)
+    if NQC > 3:
+        rows3 = 3 * BQ + tl.arange(0, BQ)
+        ok3 = rows3 < N
+        q3, do3, delta3, lse3 = _grad_rows(Qh, DOh, Oh, LSEh, rows3, ok3, stride_qn, stride_don, stride_on, offs_d)
+        tl.store(DELTAg + rows3, delta3)
+        oh3 = _onehot_t(EXPh, rows3, ok3, lm, R_TOPK).to(ODT) if ROUTED else tl.zeros([MP, BQ], ODT)
+        dq3 = tl.zeros([D, BQ], tl.float32)
+        if SHARED:
+            dq3, dr, dvs = _shared_queries_t(q3, do3, delta3, lse3, r, vs, ok3, lm_ok, cl2, ratio, dr, dvs, PREC)
+    dvs_dt = dvs.to(DT)
+    vs_dot = tl.sum(dvs * vs.to(tl.float32), 1) if SHARED else tl.zeros([MP], tl.float32)  # [MP]
+    tl.debug_barrier()  # DELTA written by every thread before any reads it back
+    for kb in range(NKB):
+        kcols = kb * BK + tl.arange(0, BK)
+        k_ok = kcols < N
+        kblk = _rows(Kh, kcols, k_ok, stride_kn, offs_d)  # [BK, D]
+        vblk = _rows(Vh, kcols, k_ok, stride_vn, offs_d)
+        dk = tl.zeros([BK, D], tl.float32)
+        dv = tl.zeros([BK, D], tl.float32)
+        sel_t = tl.zeros([BK, MP], ODT)
+        if ROUTED:
+            sel_t = tl.load(SEL + g * MP * NP + lm[None, :] * NP + kcols[:, None]).to(ODT)  # [BK, MP]
+            if MASK_BIAS > 0:
+                sel_t = sel_t * MASK_BIAS
+        dk, dv, dq0 = _keys_pass(q0, do0, LSEh, DELTAg, rows0, ok0, kb, oh0, kblk, vblk, sel_t, dk, dv, dq0, sl2,
+                                 ROUTED, MULTI, PREC, CNT32, MASK_BIAS)
+        if NQC > 1:
+            dk, dv, dq1 = _keys_pass(q1, do1, LSEh, DELTAg, rows1, ok1, kb, oh1, kblk, vblk, sel_t, dk, dv, dq1, sl2,
+                                     ROUTED, MULTI, PREC, CNT32, MASK_BIAS)
+        if NQC > 2:
+            dk, dv, dq2 = _keys_pass(q2, do2, LSEh, DELTAg, rows2, ok2, kb, oh2, kblk, vblk, sel_t, dk, dv, dq2, sl2,
+                                     ROUTED, MULTI, PREC, CNT32, MASK_BIAS)
+        if NQC > 3:
+            dk, dv, dq3 = _keys_pass(q3, do3, LSEh, DELTAg, rows3, ok3, kb, oh3, kblk, vblk, sel_t, dk, dv, dq3, sl2,
+                                     ROUTED, MULTI, PREC, CNT32, MASK_BIAS)
+        if SHARED:
+            # V~ = A V, A = softmax(s R K^T): dV += A^T dV~, dL = A (dV~ V^T - rowsum(dV~ V~)), dK += s dL^T R
+            a_t = tl.dot(kblk, tl.trans(r), input_precision=PREC) * sl2  # [BK, MP]
+            a_t = tl.where(k_ok[:, None] & lm_ok[None, :], tl.exp2(a_t - lsh[None, :]), 0.0)
+            dv = tl.dot(a_t.to(DT), dvs_dt, dv, input_precision=PREC)
+            dl_t = (a_t * (tl.dot(vblk, tl.trans(dvs_dt), input_precision=PREC) - vs_dot[None, :])).to(DT)
+            dk = tl.dot(dl_t, r, dk, input_precision=PREC)
+            dr_t = tl.dot(tl.trans(kblk), dl_t, dr_t, input_precision=PREC)  # [D, MP]
+        out = b * stride_gb + h * stride_gh + kcols[:, None] * stride_gn + offs_d[None, :]
+        tl.store(DK + out, (dk * scale).to(DT), mask=k_ok[:, None])
+        tl.store(DV + out, dv.to(DT), mask=k_ok[:, None])
+    drt = dr_t + tl.trans(dr)  # [D, MP], divided by s
+    DQh = DQ + b * stride_gb + h * stride_gh + offs_d[:, None]
+    # landmarks W Q (POOLED): their gradient goes back into dq as W^T dR, here dQ^T += dR^T W
+    _store_dq_t(DQh, dq0, drt, POOL, lm, rows0, ok0, stride_gn, scale, NP, POOLED and SHARED, PREC)
+    if NQC > 1:
+        _store_dq_t(DQh, dq1, drt, POOL, lm, rows1, ok1, stride_gn, scale, NP, POOLED and SHARED, PREC)
+    if NQC > 2:
+        _store_dq_t(DQh, dq2, drt, POOL, lm, rows2, ok2, stride_gn, scale, NP, POOLED and SHARED, PREC)
+    if NQC > 3:
+        _store_dq_t(DQh, dq3, drt, POOL, lm, rows3, ok3, stride_gn, scale, NP, POOLED and SHARED, PREC)
+    if SHARED and not POOLED:
+        tl.store(DR + (g * M + lm[None, :]) * D + offs_d[:, None], (drt * scale).to(DT), mask=lm_ok[None, :])
+
+
+@triton.jit
+def _store_dq_t(DQh, dq_t, drt, POOL, lm, rows, ok, stride_gn, scale, NP: tl.constexpr, POOLED: tl.constexpr,
+                PREC: tl.constexpr):
+    """Stores ``dQ^T [D, BQ]`` of rows ``rows`` (scaled by s), with ``dR^T W`` added first where ``POOLED``."""
+    if POOLED:
+        w = tl.load(POOL + lm[:, None] * NP + rows[None, :])  # [MP, BQ]
+        dq_t = tl.dot(drt, w, dq_t, input_precision=PREC)
+    tl.store(DQh + rows[None, :] * stride_gn, (dq_t * scale).to(DQh.dtype.element_ty), mask=ok[None, :])
+
+
+@triton.jit
 def _bwd_kernel(
     Q, K, V, R, O, DO, LSE, SEL, EXP, VS, LSH, DQ, DK, DV, DR, DVS,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
@@ -897,8 +1096,14 @@ def _backward_plan(q, k, v, landmarks, out, grad_out, topk, router_topk, shared,
                   MULTI=multi, PREC=_precision(q.dtype, allow_tf32), CNT32=COUNT_FP32, num_warps=cfg["num_warps"],
                   num_stages=cfg.get("num_stages", 1))
     if per_head:
-        return {"M": M, "per_head": True, "launch": ((G,), (*strides, H, N, M, n_kb, D ** -0.5), dict(
-            common, POOLED=pooled))}
+        meta = dict(common, POOLED=pooled)
+        kernel = _bwd_head_kernel
+        if cfg.get("key_rows", False):
+            # query chunks of BQ rows, at most 4 of them
+            kernel, meta["BQ"] = _bwd_head_keys_kernel, max(min(cfg["BQ"], n_pad), n_pad // 4)
+            meta["MASK_BIAS"] = MASK_BIAS if MASK_BIAS and not multi and q.dtype != torch.float32 else 0.0
+        return {"M": M, "per_head": True, "kernel": kernel, "launch": ((G,), (*strides, H, N, M, n_kb, D ** -0.5),
+                                                                         meta)}
     ints = (*strides, H, N, M, n_kb, n_qb, D ** -0.5)
     if not cfg.get("split", False):
         return {"M": M, "per_head": False, "launches": [((G, n_kb + n_qb + int(shared)), ints,
@@ -942,8 +1147,9 @@ def backward(q, k, v, landmarks, out, grad_out, lse, sel, expert, vs, lsh, topk,
     tensors = (q, k, v, landmarks, out, grad_out, lse, sel, expert, vs, lsh, dq, dk, dv, dr)
     if plan["per_head"]:
         grid, ints, meta = plan["launch"]
-        launch_("bwd", _bwd_head_kernel, grid, (*tensors, pool if pooled else lsh, *ints, scale_shared), meta,
-                key)
+        extra = (alloc((B * H, padded(N)), dtype=torch.float32, device=dev),) if "BQ" in meta else ()  # DELTA
+        launch_("bwd", plan["kernel"], grid, (*tensors, pool if pooled else lsh, *extra, *ints, scale_shared),
+                meta, key)
     else:
         # dV~ between the two launches of the split backward (fp32, [G, MP, d])
         dvs = alloc(plan["dvs"], dtype=torch.float32, device=dev) if plan.get("dvs") else lsh

@@ -123,7 +123,8 @@ def main():
     p.add_argument("--configs", default="default",
                    help="'default', 'sweep' or fwd=W/BQ/BK/P/S/M/MW[/V],bwd=W/BQ/BK/H/S[/T][;...] (warps, blocks, query "
                         "blocks a program, stages, landmarks and warps a prep program, V: passes of the value-space "
-                        "top-k search, one backward program a head, T=1: the block backward in two launches)")
+                        "top-k search, one backward program a head (2: keys as the rows of its tiles), T=1: the block "
+                        "backward in two launches)")
     p.add_argument("--no-general", action="store_true", help="skip impl='triton' (general kernels)")
     p.add_argument("--profile", action="store_true", help="torch.profiler table of the fused path's kernels")
     p.add_argument("--pool", action="store_true",
@@ -250,7 +251,8 @@ def main():
 
 # forward: warps/BQ/BK/query blocks a program (0: all)/stages/landmarks a prep program (0: selection and shared
 # values inside the attention kernel)/warps a prep program[/passes of the value-space top-k search];
-# backward: warps/BQ/BK/one program a head (0/1)/stages[/1: the block backward in two launches]
+# backward: warps/BQ/BK/one program a head (0/1; 2: with keys as the rows of its tiles, BQ-query chunks)/stages
+# [/1: the block backward in two launches]
 # (the first round's 16-warp, value-search and split-backward configs are in results/short_path_h200/)
 SWEEP_FWD = [(8, 128, 64, 1, 1, 32, 4), (8, 128, 128, 1, 1, 32, 4), (8, 128, 256, 1, 1, 32, 4),
              (4, 128, 64, 1, 1, 32, 4)]
@@ -288,7 +290,7 @@ def config_functions(fwd_spec, bwd_spec):
 
     def bcfg(n_pad, *a):
         return {"BQ": min(bq, n_pad), "BK": min(bk, n_pad), "num_warps": bw, "num_stages": bs, "per_head": bool(bh),
-                "split": split}
+                "key_rows": bh == 2, "split": split}
 
     label = (f"fused f{fw}/{fq}/{fk}/{fp}/{fs}/{fm}/{fmw}" + (f"/s{search}" if search else "")
              + f" b{bw}/{bq}/{bk}/{bh}/{bs}" + ("/split" if split else ""))

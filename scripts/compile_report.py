@@ -73,11 +73,12 @@ class Recorder:
         kernels._interpreting = lambda: True
 
 
-def compile_report(kernel, args, kwargs, arch: int = 90, float64_scalars: bool = False):
+def compile_report(kernel, args, kwargs, arch: int = 90, float64_scalars: bool = False, dump: str = ""):
     """``(registers, spill bytes (stores, loads), shared bytes, serialized, lowering)`` of ``kernel`` compiled for
     sm_<arch> with these arguments, specialized as at run time; ``lowering`` (:func:`lowering`) from its TTGIR.
     ``float64_scalars``: Python float arguments typed fp64, as inductor types them when it traces a
-    ``torch.library.triton_op`` (``mita.kernels.TRITON_OPS``), where Triton's own launcher types them fp32."""
+    ``torch.library.triton_op`` (``mita.kernels.TRITON_OPS``), where Triton's own launcher types them fp32.
+    ``dump``: a folder to write the kernel's TTGIR and PTX to (``<kernel>.ttgir``, ``<kernel>.ptx``)."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, make_backend
     from triton.compiler import compile as triton_compile
@@ -94,6 +95,10 @@ def compile_report(kernel, args, kwargs, arch: int = 90, float64_scalars: bool =
         signature = {name: "fp64" if name in floats and ty == "fp32" else ty for name, ty in signature.items()}
     compiled = triton_compile(ASTSource(kernel, signature, constexprs, attrs), target=target,
                               options=options.__dict__)
+    if dump:
+        os.makedirs(dump, exist_ok=True)
+        for ext in ("ttgir", "ptx"):
+            Path(dump, f"{kernel.fn.__name__}.{ext}").write_text(compiled.asm[ext])
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "k.ptx")
         Path(path).write_text(compiled.asm["ptx"])
@@ -161,6 +166,7 @@ def main(argv=None):
     p.add_argument("--float64-scalars", action="store_true",
                    help="Python float arguments typed fp64, as inductor passes them to the short path's traced "
                         "kernels (mita.kernels.TRITON_OPS under torch.compile)")
+    p.add_argument("--dump", default="", help="folder to write each compiled kernel's TTGIR and PTX to")
     p.add_argument("--arch", type=int, default=90, help="compute capability to compile for (default 90: sm_90a)")
     args = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
@@ -201,7 +207,7 @@ def main(argv=None):
                 seen.add(key)
                 try:
                     regs, spills, smem, serial, low = compile_report(kernel, kargs, kwargs, args.arch,
-                                                                      args.float64_scalars)
+                                                                      args.float64_scalars, args.dump)
                     row = (f"{regs} | {spills[0]}/{spills[1]} | {smem / 1024:.1f} | {'SERIALIZED' if serial else 'ok'} | "
                            f"{low['wgmma']} / {low['mma']} | {low['async']} / {low['tma']}")
                 except Exception as exc:  # noqa: BLE001 - a kernel that does not compile is reported

@@ -127,6 +127,18 @@ def test_one_backward_program_per_head(small_blocks, monkeypatch, N, m, topk, r,
     _compare(B, 2, N, 32, m, topk, r, shared, scale, seed=N + m + topk + 1)
 
 
+KEY_ROWS = {"BQ": 16, "BK": 16, "num_warps": 4, "per_head": True, "key_rows": True}
+
+
+@pytest.mark.parametrize("N,m,topk,r,shared,scale,B", _small_cases())
+def test_backward_with_keys_as_rows(small_blocks, monkeypatch, N, m, topk, r, shared, scale, B):
+    # one program a head with keys as the rows of every tile (up to 4 query chunks, dQ^T per chunk)
+    from mita.kernels import fused_small
+
+    monkeypatch.setattr(fused_small, "bwd_config", lambda *a: dict(KEY_ROWS))
+    _compare(B, 2, N, 32, m, topk, r, shared, scale, seed=N + m + topk + 5)
+
+
 @pytest.mark.parametrize("N,m,topk,r,shared,scale,B", _small_cases()[1::2])
 def test_prep_launch_with_given_routing(small_blocks, monkeypatch, N, m, topk, r, shared, scale, B):
     # shared values (and nothing else: the routing is passed in) from _prep_kernel, read by the attention
@@ -181,6 +193,17 @@ def test_deit_shape_with_the_default_configs(monkeypatch, search):
     config = fused_small.fwd_config
     monkeypatch.setattr(fused_small, "fwd_config", lambda *a: {**config(*a), "select_search": search})
     _check_selection(1, 1, 197, 64, 25, 25, 1, True, "official", dtype=torch.float16, tol=1e-2, seed=197)
+
+
+@pytest.mark.parametrize("r", [1, 2])
+def test_deit_shape_backward_with_keys_as_rows(monkeypatch, r):
+    # the keys-as-rows backward at its DeiT-S configs (4 query chunks of 64, 128-key blocks, 8 warps): fp16, so
+    # with r = 1 the expert mask enters as a logit bias (MASK_BIAS), with r = 2 as counts
+    from mita.kernels import fused_small
+
+    monkeypatch.setattr(fused_small, "bwd_config", lambda *a: {
+        "BQ": 64, "BK": 128, "num_warps": 8, "num_stages": 1, "per_head": True, "key_rows": True})
+    _check_selection(1, 1, 197, 64, 25, 25, r, True, "official", dtype=torch.float16, tol=1e-2, seed=199)
 
 
 def test_deit_layer_with_the_default_configs(monkeypatch):
@@ -335,11 +358,12 @@ def _grid_pool_weights(N, h, w, ph, pw, device=DEVICE):
     return pool_patch_queries(eye, N - h * w, h, w, (ph, pw))[0, 0].float().to(device)  # [m, N]
 
 
-@pytest.mark.parametrize("N,h,ph,topk,r,shared,prep", [
-    (17, 4, 2, 3, 1, True, False), (50, 7, 3, 5, 2, True, False), (50, 7, 3, 0, 1, True, False),
-    (37, 6, 2, 6, 1, False, False), (17, 4, 2, 3, 1, True, True), (50, 7, 3, 5, 2, True, True),
-    (50, 7, 3, 0, 1, True, True), (37, 6, 2, 6, 1, False, True)])
-def test_landmarks_pooled_in_the_kernels(small_blocks, monkeypatch, N, h, ph, topk, r, shared, prep):
+@pytest.mark.parametrize("N,h,ph,topk,r,shared,prep,key_rows", [
+    (17, 4, 2, 3, 1, True, False, False), (50, 7, 3, 5, 2, True, False, False), (50, 7, 3, 0, 1, True, False, False),
+    (37, 6, 2, 6, 1, False, False, False), (17, 4, 2, 3, 1, True, True, False), (50, 7, 3, 5, 2, True, True, False),
+    (50, 7, 3, 0, 1, True, True, False), (37, 6, 2, 6, 1, False, True, False), (50, 7, 3, 5, 2, True, True, True),
+    (37, 6, 2, 6, 1, False, True, True)])
+def test_landmarks_pooled_in_the_kernels(small_blocks, monkeypatch, N, h, ph, topk, r, shared, prep, key_rows):
     # landmarks W q from pooling weights inside the kernels (the attention programs, or the prep launch);
     # their gradient reaches dq there
     from mita.kernels import fused_small
@@ -349,7 +373,7 @@ def test_landmarks_pooled_in_the_kernels(small_blocks, monkeypatch, N, h, ph, to
         monkeypatch.setattr(fused_small, "fwd_config", lambda *a: {**config(*a), "prep_bm": 16, "prep_warps": 1})
     monkeypatch.setattr(kernels, "POOL_IN_KERNEL", True)
     monkeypatch.setattr(fused_small, "pools_in_kernel", lambda *a: True)
-    monkeypatch.setattr(fused_small, "bwd_config", lambda *a: {"BQ": 16, "BK": 16, "num_warps": 4, "per_head": True})
+    monkeypatch.setattr(fused_small, "bwd_config", lambda *a: dict(KEY_ROWS, key_rows=key_rows))
     B, H, d = 2, 2, 32
     q, k, v, _ = _inputs(B, H, N, d, ph * ph, torch.float32, seed=N + topk)
     W = _grid_pool_weights(N, h, h, ph, ph)
