@@ -41,9 +41,14 @@ LOG2E = 1.4426950408889634
 # fewer spills in the per-head backward (60 -> 40 bytes). Off: on an H100 (BENCHMARKS.md, "Kernel options timed on
 # an H100") +7% forward+backward at the DeiT-S core shape (d = 64), 6-11% faster at d = 128 with two of three tilings.
 COUNT_FP32 = False
-# The keys-as-rows backward (_bwd_head_keys_kernel): the expert mask as a logit bias of this size (0: a count
-# product and a select instead), where no key counts twice and the inputs are 16-bit.
-MASK_BIAS = 8192.0
+# The expert mask as a logit bias (attention forward and the per-head backwards), where no key counts twice (r = 1,
+# own routing) and the inputs are 16-bit: ``s + MASK_BIAS * (key held by the query's expert)`` comes out of one
+# accumulator (``onehot @ (MASK_BIAS Sel)`` added to ``Q K^T``), ``MASK_BIAS * s log2(e)`` is taken off again
+# (>= 500 for d <= 128), and the logits of keys outside the mask sit that far below and underflow to an exact 0 in
+# exp2: no count tile, no select, and no fp16-accumulator product (which serializes wgmma, see COUNT_FP32). The
+# price: the logits are rounded at MASK_BIAS's magnitude (2^-11 absolute at 4096, ~1e-4 relative in p), against
+# bf16 inputs' 4e-3. 0.0: a count product and a select instead.
+MASK_BIAS = 4096.0
 # The last compiled kernel of each pass (registers, spills and shared memory for benchmarks).
 LAUNCHED = {}
 
@@ -239,8 +244,11 @@ def _fwd_kernel(
     QB_PER_PROG: tl.constexpr, R_TOPK: tl.constexpr, SHARED: tl.constexpr, ROUTED: tl.constexpr,
     SELECT: tl.constexpr, MULTI: tl.constexpr, PREC: tl.constexpr, SELECT_HERE: tl.constexpr,
     POOLED: tl.constexpr, PREP: tl.constexpr, SEARCH: tl.constexpr, CNT32: tl.constexpr = False,
+    MASK_BIAS: tl.constexpr = 0.0,
 ):
     scale, scale_shared = tl.cast(scale, tl.float32), tl.cast(scale_shared, tl.float32)  # see the module docstring
+    # MASK_BIAS > 0: the expert mask as a logit bias (see the constant of that name)
+    ODT = Q.dtype.element_ty if MASK_BIAS > 0 else tl.float16  # operands of the expert-mask products
     # SELECT_HERE: the top-k mask is selected in this kernel (else it was passed in or _prep_kernel wrote it);
     # PREP: _prep_kernel wrote the shared values and lse_sh (and the mask where selecting);
     # POOLED: the landmarks are W Q with W = POOL [MP, NP] (fp32), computed here and stored to LMK [G, MP, D]
@@ -314,27 +322,32 @@ def _fwd_kernel(
                 gm = tl.where(lm_ok[None, :], gate, float("-inf"))
                 e1 = _argmax_first(gm, lm, MP)
                 tl.store(EXPh + rows * R_TOPK, e1, mask=q_ok)
-                onehot = (lm[None, :] == e1[:, None]).to(tl.float16)
+                onehot = (lm[None, :] == e1[:, None]).to(ODT)
                 if R_TOPK == 2:
                     e2 = _argmax_first(tl.where(lm[None, :] == e1[:, None], float("-inf"), gm), lm, MP)
                     tl.store(EXPh + rows * R_TOPK + 1, e2, mask=q_ok)
-                    onehot += (lm[None, :] == e2[:, None]).to(tl.float16)
+                    onehot += (lm[None, :] == e2[:, None]).to(ODT)
             else:
                 e1 = tl.load(EXPh + rows * R_TOPK, mask=q_ok, other=0)
-                onehot = (lm[None, :] == e1[:, None]).to(tl.float16)
+                onehot = (lm[None, :] == e1[:, None]).to(ODT)
                 if R_TOPK == 2:
                     e2 = tl.load(EXPh + rows * R_TOPK + 1, mask=q_ok, other=0)
-                    onehot += (lm[None, :] == e2[:, None]).to(tl.float16)
+                    onehot += (lm[None, :] == e2[:, None]).to(ODT)
             for kb in range(NKB):
                 kcols = kb * BK + tl.arange(0, BK)
                 k_ok = kcols < N
                 kblk = _rows(Kh, kcols, k_ok, stride_kn, offs_d)  # [BK, D]
                 vblk = _rows(Vh, kcols, k_ok, stride_vn, offs_d)
-                sel_b = tl.load(SELg + lm[:, None] * NP + kcols[None, :]).to(tl.float16)  # [MP, BK]
-                # multiplicity of each key in the query's experts: exact small integers
-                cnt = tl.dot(onehot, sel_b, out_dtype=tl.float32 if CNT32 else tl.float16)  # [BQ, BK]
-                s = tl.dot(q, tl.trans(kblk), input_precision=PREC) * sl2
-                s = tl.where(cnt > 0, s, float("-inf"))
+                sel_b = tl.load(SELg + lm[:, None] * NP + kcols[None, :]).to(ODT)  # [MP, BK]
+                if MASK_BIAS > 0:
+                    # + MASK_BIAS where the query's expert holds the key, in the logits' own accumulator
+                    s = tl.dot(onehot, sel_b * MASK_BIAS, tl.dot(q, tl.trans(kblk), input_precision=PREC))
+                    s = s * sl2 - MASK_BIAS * sl2
+                else:
+                    # multiplicity of each key in the query's experts: exact small integers
+                    cnt = tl.dot(onehot, sel_b, out_dtype=tl.float32 if CNT32 else tl.float16)  # [BQ, BK]
+                    s = tl.dot(q, tl.trans(kblk), input_precision=PREC) * sl2
+                    s = tl.where(cnt > 0, s, float("-inf"))
                 m_new = tl.maximum(m_i, tl.max(s, 1))
                 # a row may have no logit yet (no shared expert, no selected key in the blocks so far)
                 m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -548,7 +561,7 @@ def _bwd_head_kernel(
     H, N, M, NKB, scale, scale_shared,
     D: tl.constexpr, MP: tl.constexpr, NP: tl.constexpr, BK: tl.constexpr,
     R_TOPK: tl.constexpr, SHARED: tl.constexpr, ROUTED: tl.constexpr, MULTI: tl.constexpr, PREC: tl.constexpr,
-    POOLED: tl.constexpr, CNT32: tl.constexpr = False,
+    POOLED: tl.constexpr, CNT32: tl.constexpr = False, MASK_BIAS: tl.constexpr = 0.0,
 ):
     """One program per head: every query at once (``[NP, .]`` tiles), key blocks of ``BK`` in a loop.
 
@@ -592,10 +605,11 @@ def _bwd_head_kernel(
     if ROUTED:
         EXPh = EXP + g * N * R_TOPK
         e1 = tl.load(EXPh + rows * R_TOPK, mask=q_ok, other=-1)
-        onehot = (e1[:, None] == lm[None, :]).to(tl.float16)  # [NP, MP]
+        ODT = DT if MASK_BIAS > 0 else tl.float16  # operands of the expert-mask products
+        onehot = (e1[:, None] == lm[None, :]).to(ODT)  # [NP, MP]
         if R_TOPK == 2:
             e2 = tl.load(EXPh + rows * R_TOPK + 1, mask=q_ok, other=-1)
-            onehot += (e2[:, None] == lm[None, :]).to(tl.float16)
+            onehot += (e2[:, None] == lm[None, :]).to(ODT)
     for kb in range(NKB):
         kcols = kb * BK + tl.arange(0, BK)
         k_ok = kcols < N
@@ -604,12 +618,16 @@ def _bwd_head_kernel(
         dk = tl.zeros([BK, D], tl.float32)
         dv = tl.zeros([BK, D], tl.float32)
         if ROUTED:
-            sel_b = tl.load(SEL + g * MP * NP + lm[:, None] * NP + kcols[None, :]).to(tl.float16)  # [MP, BK]
-            cnt = tl.dot(onehot, sel_b, out_dtype=tl.float32 if CNT32 else tl.float16)  # [NP, BK]
-            s = tl.dot(q, tl.trans(kblk), input_precision=PREC) * sl2
-            p = tl.where(cnt > 0, tl.exp2(s - lse[:, None]), 0.0)
-            if MULTI:
-                p = p * cnt.to(tl.float32)
+            sel_b = tl.load(SEL + g * MP * NP + lm[:, None] * NP + kcols[None, :]).to(ODT)  # [MP, BK]
+            if MASK_BIAS > 0:
+                s = tl.dot(onehot, sel_b * MASK_BIAS, tl.dot(q, tl.trans(kblk), input_precision=PREC))
+                p = tl.exp2(s * sl2 - (lse + MASK_BIAS * sl2)[:, None])
+            else:
+                cnt = tl.dot(onehot, sel_b, out_dtype=tl.float32 if CNT32 else tl.float16)  # [NP, BK]
+                s = tl.dot(q, tl.trans(kblk), input_precision=PREC) * sl2
+                p = tl.where(cnt > 0, tl.exp2(s - lse[:, None]), 0.0)
+                if MULTI:
+                    p = p * cnt.to(tl.float32)
             dp = tl.dot(do, tl.trans(vblk), input_precision=PREC)
             ds = (p * (dp - delta[:, None])).to(DT)  # [NP, BK]
             dv = tl.dot(tl.trans(p.to(DT)), do, dv, input_precision=PREC)
@@ -703,7 +721,7 @@ def _bwd_head_keys_kernel(
     ``rowsum(dO * O)``, written before the key loop and read back in it. ``MASK_BIAS`` (a power of two, or 0:
     off; only where no key counts twice and the inputs are 16-bit): the expert mask enters the routed logits
     as ``+ MASK_BIAS`` from a second product into the same accumulator, ``MASK_BIAS * s log2(e)`` is taken
-    off with the lse, and the logits of keys outside it (``MASK_BIAS * s log2 e`` >= 1,000 lower) underflow
+    off with the lse, and the logits of keys outside it (``MASK_BIAS * s log2 e`` >= 500 lower) underflow
     to an exact 0: no ``[BK, BQ]`` count tile and no select."""
     scale, scale_shared = tl.cast(scale, tl.float32), tl.cast(scale_shared, tl.float32)  # see the module docstring
     DT = Q.dtype.element_ty
@@ -955,6 +973,11 @@ def bwd_config(n_pad: int, m_pad: int, head_dim: int, itemsize: int) -> dict:
     return {"BQ": block, "BK": block, "num_warps": 4, "num_stages": 1}
 
 
+def _mask_bias(dtype: torch.dtype, multi: bool) -> float:
+    """``MASK_BIAS`` for a launch (0.0: counts instead): only with 16-bit inputs and no key counted twice."""
+    return MASK_BIAS if MASK_BIAS > 0 and not multi and dtype != torch.float32 else 0.0
+
+
 def _precision(dtype: torch.dtype, allow_tf32: bool) -> str:
     """``tl.dot`` precision: IEEE fp32 unless TF32 is allowed; fp16/bf16 operands ignore it."""
     return "ieee" if dtype == torch.float32 and not allow_tf32 else "tf32"
@@ -1026,6 +1049,7 @@ def _forward_plan(q, k, v, landmarks, topk, router_topk, shared, select, pooled,
         R_TOPK=router_topk, SHARED=shared, ROUTED=routed, SELECT=select and routed,
         MULTI=router_topk == 2 or not select, SELECT_HERE=select and routed and not prep, POOLED=pooled and not prep,
         PREP=prep, SEARCH=cfg.get("select_search", 0), CNT32=COUNT_FP32,
+        MASK_BIAS=_mask_bias(q.dtype, router_topk == 2 or not select),
         PREC=prec, num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 1)))
     return plan
 
@@ -1096,12 +1120,11 @@ def _backward_plan(q, k, v, landmarks, out, grad_out, topk, router_topk, shared,
                   MULTI=multi, PREC=_precision(q.dtype, allow_tf32), CNT32=COUNT_FP32, num_warps=cfg["num_warps"],
                   num_stages=cfg.get("num_stages", 1))
     if per_head:
-        meta = dict(common, POOLED=pooled)
+        meta = dict(common, POOLED=pooled, MASK_BIAS=_mask_bias(q.dtype, multi))
         kernel = _bwd_head_kernel
         if cfg.get("key_rows", False):
             # query chunks of BQ rows, at most 4 of them
             kernel, meta["BQ"] = _bwd_head_keys_kernel, max(min(cfg["BQ"], n_pad), n_pad // 4)
-            meta["MASK_BIAS"] = MASK_BIAS if MASK_BIAS and not multi and q.dtype != torch.float32 else 0.0
         return {"M": M, "per_head": True, "kernel": kernel, "launch": ((G,), (*strides, H, N, M, n_kb, D ** -0.5),
                                                                          meta)}
     ints = (*strides, H, N, M, n_kb, n_qb, D ** -0.5)
