@@ -1074,7 +1074,7 @@ def forward(q, k, v, landmarks, topk, router_topk, shared, scale_shared, *, sel=
     launch_ = launcher or _launch
     key = ("fwd", q.shape, q.stride(), k.stride(), v.stride(), None if pooled else landmarks.shape,
            None if pooled else landmarks.stride(), q.dtype, dev, topk, router_topk, shared, select, pooled,
-           num_landmarks, allow_tf32, fwd_config, COUNT_FP32)
+           num_landmarks, allow_tf32, fwd_config, COUNT_FP32, MASK_BIAS)
     plan = _plan(key, lambda: _forward_plan(q, k, v, landmarks, topk, router_topk, shared, select, pooled,
                                                    num_landmarks, allow_tf32))
     sel_shape, exp_shape, vs_shape, lsh_shape = plan["shapes"]
@@ -1162,7 +1162,7 @@ def backward(q, k, v, landmarks, out, grad_out, lse, sel, expert, vs, lsh, topk,
     router_topk = expert.shape[-1] if topk > 0 else 1
     key = ("bwd", q.shape, q.stride(), k.stride(), v.stride(), landmarks.shape, landmarks.stride(),
            grad_out.stride(), out.stride(), q.dtype, dev, topk, router_topk, shared, multi, pooled, num_landmarks,
-           allow_tf32, packed, bwd_config, COUNT_FP32)
+           allow_tf32, packed, bwd_config, COUNT_FP32, MASK_BIAS)
     plan = _plan(key, lambda: _backward_plan(q, k, v, landmarks, out, grad_out, topk, router_topk, shared,
                                                     multi, pooled, num_landmarks, allow_tf32, _strides(dq)))
     M = plan["M"]

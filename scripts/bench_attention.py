@@ -618,8 +618,8 @@ def select_cases(spec: str, quick: bool) -> List[Case]:
 
 # General-path options (mita.kernels module switches) for A/B timings: name -> (attribute, value when on, value
 # when off). ``--switches layout=off,stream-topk`` sets each named one (a bare name: on); the rest keep the
-# package's defaults (layout, shared-split and eager-fn on, stream-topk from 2^23 scores a head, resident,
-# dkdv-wide, transposed, shared-resident and count-fp32 off).
+# package's defaults (layout, shared-split, eager-fn and mask-bias on, stream-topk from 2^23 scores a head,
+# resident, dkdv-wide, transposed, shared-resident and count-fp32 off).
 SWITCHES = {
     "layout": ("LAYOUT_KERNELS", True, False),  # routing layout from kernels/layout_kernels.py
     "stream-topk": ("STREAM_TOPK_MIN_SCORES", 1, None),  # landmarks' top-k streamed (kernels/topk_stream.py)
@@ -630,6 +630,7 @@ SWITCHES = {
     "transposed": ("ROUTED_TRANSPOSED", True, False),  # forward and dq of short tiles transposed (warp-group MMA)
     "shared-resident": ("SHARED_RESIDENT", True, False),  # shared values' dK, dV: landmarks loaded once a program
     "count-fp32": ("fused_small.COUNT_FP32", True, False),  # short path: expert-mask products in fp32
+    "mask-bias": ("fused_small.MASK_BIAS", 4096.0, 0.0),  # short path: the expert mask as a logit bias
 }
 
 

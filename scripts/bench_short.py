@@ -140,13 +140,16 @@ def main():
                         "--reps calls): the GPU's rate once host latency is hidden, as in a model")
     p.add_argument("--kernel-times", action="store_true",
                    help="GPU time of the fused kernels alone (profiler) for each config of the sweep")
-    p.add_argument("--count-dtype", default="fp16",
-                   help="accumulator of the kernels' expert-mask products (fused_small.COUNT_FP32): fp16, fp32, or "
-                        "fp16,fp32 to run every config of --configs with each")
+    p.add_argument("--count-dtype", default="default",
+                   help="how the kernels apply the expert mask: 'bias' (a logit bias, fused_small.MASK_BIAS), 'fp16' or "
+                        "'fp32' (count products accumulated so, fused_small.COUNT_FP32), several comma-separated to run "
+                        "every config of --configs with each; default: the package's")
     args = p.parse_args()
+    if args.count_dtype == "default":
+        args.count_dtype = "bias" if fused_small.MASK_BIAS else ("fp32" if fused_small.COUNT_FP32 else "fp16")
     counts = args.count_dtype.split(",")
-    if not counts or any(c not in ("fp16", "fp32") for c in counts):
-        p.error(f"--count-dtype {args.count_dtype!r}: expected fp16, fp32 or fp16,fp32")
+    if not counts or any(c not in ("fp16", "fp32", "bias") for c in counts):
+        p.error(f"--count-dtype {args.count_dtype!r}: expected bias, fp16, fp32 or several of them")
     try:
         combos = config_combos(args.configs)
     except (ValueError, KeyError) as exc:
@@ -193,12 +196,18 @@ def main():
         f, fb = time_fn(general, sets, args.reps)
         rows.append(("mita impl=triton", f, fb, peak(general, *sets[0])))
 
-    orig_f, orig_b, orig_count = fused_small.fwd_config, fused_small.bwd_config, fused_small.COUNT_FP32
+    orig_f, orig_b = fused_small.fwd_config, fused_small.bwd_config
+    orig_count, orig_bias = fused_small.COUNT_FP32, fused_small.MASK_BIAS
+
+    def mask_form(count):
+        fused_small.COUNT_FP32 = count == "fp32"
+        fused_small.MASK_BIAS = (orig_bias or 4096.0) if count == "bias" else 0.0
+
     for (fwd_spec, bwd_spec), count in itertools.product(combos, counts):
         fcfg, bcfg, label = config_functions(fwd_spec, bwd_spec)
-        label += "" if len(counts) == 1 and count == "fp16" else f" counts {count}"
+        label += "" if len(counts) == 1 else f" mask {count}"
         fused_small.fwd_config, fused_small.bwd_config = fcfg, bcfg
-        fused_small.COUNT_FP32 = count == "fp32"
+        mask_form(count)
         fused_small.LAUNCHED.clear()
         try:
             errs = check(2, 3, N, d, m, topk, args.r, True, dtype)
@@ -217,11 +226,11 @@ def main():
             rows.append((f"{label} FAILED {type(e).__name__}", float("nan"), float("nan"), float("nan")))
     fused_small.fwd_config, fused_small.bwd_config = orig_f, orig_b
     for count in counts if not combos else ():
-        fused_small.COUNT_FP32 = count == "fp32"
+        mask_form(count)
         f, fb = time_fn(fused, sets, args.reps)
-        rows.append(("mita fused (default configs)" + ("" if counts == ["fp16"] else f" counts {count}"), f, fb,
+        rows.append(("mita fused (default configs)" + ("" if len(counts) == 1 else f" mask {count}"), f, fb,
                      peak(fused, *sets[0])))
-    fused_small.COUNT_FP32 = orig_count
+    fused_small.COUNT_FP32, fused_small.MASK_BIAS = orig_count, orig_bias
     if args.pool:
         rows.extend(pooling_rows(sets, N, m, topk, args.r, d, args.reps, args.kernel_times))
     if args.kernel_times:
