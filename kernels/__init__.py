@@ -48,7 +48,9 @@ SHARED_SPLIT_MIN_N = 1024
 EAGER_FUNCTIONS = True
 # Whether torch.compile traces the short path's kernels (kernels/small_traced.py, torch.library.triton_op: inductor
 # launches them from its generated code) instead of calling the opaque custom ops of kernels/small_ops.py, whose
-# every call goes through the dispatcher and the op's Python. Off until timed on a GPU.
+# every call goes through the dispatcher and the op's Python. Off: slower on an H100 (BENCHMARKS.md, "The expert
+# mask as a logit bias"): a compiled DeiT-S trains at 0.72x softmax's images/s traced against 0.86x with the custom
+# ops, and infers at 0.73x against 0.74x.
 TRITON_OPS = False
 # Whether the general path's routed kernels size their programs to the work of a tile: the forward and dq run one
 # program per tile (or per few short tiles) that keeps the expert's keys and values and the head's landmarks and
@@ -67,7 +69,8 @@ ROUTED_RESIDENT = False
 # blocks of 128 keys with 8 warps (routed.routed_blocks); the forward, dq and the dk/dv partials' passes unchanged.
 # ROUTED_RESIDENT's dk/dv kernel took 0.6-0.7x the default's time on an H100 (BENCHMARKS.md, "Kernel options timed
 # on an H100") while its one-pass partials slowed the key reduction; this keeps the first without the second.
-# Off until timed on a GPU.
+# Off: slower on an H100 (BENCHMARKS.md, "The expert mask as a logit bias"): forward+backward +3-7% at N = 1,025,
+# 16,384 and 65,536 (m = k = 49-512).
 DKDV_WIDE = False
 # Whether the general path's forward and dq programs of fewer than 64 entries (short tiles, N r / m < 64: ViT
 # lengths such as N = 1,025, m = 49) run with their tiles transposed (keys and landmarks as rows), so that their

@@ -40,6 +40,7 @@ LOG2E = 1.4426950408889634
 # forward (126 -> 142 at 8 warps, 128 x 64 blocks: one program an SM instead of two; 110 with 32-key blocks) and
 # fewer spills in the per-head backward (60 -> 40 bytes). Off: on an H100 (BENCHMARKS.md, "Kernel options timed on
 # an H100") +7% forward+backward at the DeiT-S core shape (d = 64), 6-11% faster at d = 128 with two of three tilings.
+# Where MASK_BIAS applies (16-bit inputs, no key counted twice) there is no count product.
 COUNT_FP32 = False
 # The expert mask as a logit bias (attention forward and the per-head backwards), where no key counts twice (r = 1,
 # own routing) and the inputs are 16-bit: ``s + MASK_BIAS * (key held by the query's expert)`` comes out of one
@@ -47,7 +48,8 @@ COUNT_FP32 = False
 # (>= 500 for d <= 128), and the logits of keys outside the mask sit that far below and underflow to an exact 0 in
 # exp2: no count tile, no select, and no fp16-accumulator product (which serializes wgmma, see COUNT_FP32). The
 # price: the logits are rounded at MASK_BIAS's magnitude (2^-11 absolute at 4096, ~1e-4 relative in p), against
-# bf16 inputs' 4e-3. 0.0: a count product and a select instead.
+# bf16 inputs' 4e-3. 0.0: a count product and a select instead. On an H100 (BENCHMARKS.md, "The expert mask as a
+# logit bias") the forward 3-4% faster at the DeiT-S core shape, d = 64 and d = 128, the backward unchanged.
 MASK_BIAS = 4096.0
 # The last compiled kernel of each pass (registers, spills and shared memory for benchmarks).
 LAUNCHED = {}
