@@ -56,7 +56,7 @@ LAUNCHED = {}
 
 
 @triton.jit
-def _store_topk(sk, key_ok, lm_ok, TOPK, PTRS, SEARCH: tl.constexpr = 16):
+def _store_topk(sk, key_ok, lm_ok, TOPK, PTRS, SEARCH: tl.constexpr = 16, CHECK: tl.constexpr = 1):
     """Stores to ``PTRS`` (uint8 pointers shaped as ``sk``) the 0/1 mask of the TOPK largest entries of each
     valid row of ``sk`` (ties: smallest index first; rows outside ``lm_ok`` select nothing; at most 1023
     columns).
@@ -67,10 +67,11 @@ def _store_topk(sk, key_ok, lm_ok, TOPK, PTRS, SEARCH: tl.constexpr = 16):
     count(x >= t) == TOPK exactly (that set is the top-k: ties cannot cross it). The bracket shrinks four
     times a pass: ~7 passes for rows of scores, against ~20 for the bitwise search. Rows it leaves open
     (ties at the boundary, brackets down to adjacent floats, more than ``SEARCH`` passes) go to
-    :func:`_select_topk_radix`. ``SEARCH = 0``: the bitwise search alone.
+    :func:`_select_topk_radix`. ``SEARCH = 0``: the bitwise search alone (asking whether every row is done
+    every ``CHECK`` passes).
     """
     if SEARCH == 0:
-        tl.store(PTRS, _select_topk_radix(sk, key_ok, lm_ok, TOPK).to(tl.uint8))
+        tl.store(PTRS, _select_topk_radix(sk, key_ok, lm_ok, TOPK, CHECK).to(tl.uint8))
         return
     R: tl.constexpr = sk.shape[0]
     x = tl.where(key_ok[None, :], sk, float("-inf"))
@@ -110,18 +111,20 @@ def _store_topk(sk, key_ok, lm_ok, TOPK, PTRS, SEARCH: tl.constexpr = 16):
     # rows found by their threshold, then (disjoint addresses) the rows left open, by the bitwise search
     tl.store(PTRS, ((x >= t[:, None]) & key_ok[None, :] & lm_ok[:, None]).to(tl.uint8), mask=done[:, None])
     if tl.min(done.to(tl.int32), 0) == 0:
-        tl.store(PTRS, _select_topk_radix(x, key_ok, lm_ok, TOPK).to(tl.uint8), mask=(done == 0)[:, None])
+        tl.store(PTRS, _select_topk_radix(x, key_ok, lm_ok, TOPK, CHECK).to(tl.uint8), mask=(done == 0)[:, None])
 
 
 @triton.jit
-def _select_topk_radix(sk, key_ok, lm_ok, TOPK):
+def _select_topk_radix(sk, key_ok, lm_ok, TOPK, CHECK: tl.constexpr = 1):
     """0/1 int32 mask of the TOPK largest entries of each valid row of ``sk`` (ties: smallest index first;
     rows outside ``lm_ok`` select nothing).
 
     Floats map to order-preserving uint32 keys and the TOPK-th largest key of each row is built from the
     top bit down, one bit a pass: ``thr`` = the largest t with count(key >= t) >= TOPK. The passes stop
     once every row counts exactly TOPK keys at or above its ``thr`` (that set is then the top-k, whatever
-    the lower bits): ~10-20 passes for scores without ties at the boundary, 32 with them.
+    the lower bits): ~10-20 passes for scores without ties at the boundary, 32 with them. Whether every row
+    is done (a reduction over the whole program) is asked every ``CHECK`` passes: passes after a row is done
+    keep its set (they only take bits that leave its count at TOPK).
     """
     # -0.0 as +0.0 (they compare equal, so their tie goes to the lower index as any other)
     bits = tl.where(sk == 0.0, 0, sk.to(tl.int32, bitcast=True))
@@ -134,12 +137,13 @@ def _select_topk_radix(sk, key_ok, lm_ok, TOPK):
     bit = tl.full([], 1 << 31, tl.uint32)
     todo = tl.max((lm_ok & (n_at > TOPK)).to(tl.int32), 0)
     while todo > 0:
-        cand = thr | bit
-        n_ge = tl.sum((key >= cand[:, None]).to(tl.int32), 1)
-        take = n_ge >= TOPK
-        thr = tl.where(take, cand, thr)
-        n_at = tl.where(take, n_ge, n_at)
-        bit = bit >> 1
+        for _ in tl.static_range(CHECK):
+            cand = thr | bit
+            n_ge = tl.sum((key >= cand[:, None]).to(tl.int32), 1)
+            take = n_ge >= TOPK
+            thr = tl.where(take, cand, thr)
+            n_at = tl.where(take, n_ge, n_at)
+            bit = bit >> 1
         todo = tl.max((lm_ok & (n_at > TOPK)).to(tl.int32), 0) * (bit > 0).to(tl.int32)
     sel = (key >= thr[:, None]) & key_ok[None, :] & lm_ok[:, None]
     # more keys than TOPK only where several tie at the threshold: then the lowest indices among them
@@ -172,6 +176,7 @@ def _prep_kernel(
     H, N, M, TOPK, scale,
     D: tl.constexpr, MP: tl.constexpr, NP: tl.constexpr, BM: tl.constexpr, DC: tl.constexpr, BKC: tl.constexpr,
     SELECT: tl.constexpr, SHARED: tl.constexpr, POOLED: tl.constexpr, PREC: tl.constexpr, SEARCH: tl.constexpr,
+    CHECK: tl.constexpr = 1,
 ):
     """Per-landmark work of the forward, programs (batch-head, block of ``BM`` landmarks) of one to eight
     warps (with one warp per 16 rows a row's reductions stay inside its warp), many small programs hiding
@@ -219,7 +224,7 @@ def _prep_kernel(
     if SHARED:
         zmax = tl.max(tl.where(key_ok[None, :], sk * sl2, float("-inf")), 1)  # [BM]
     if SELECT:
-        _store_topk(sk, key_ok, lm_ok, TOPK, SEL + g * MP * NP + lm[:, None] * NP + keys[None, :], SEARCH)
+        _store_topk(sk, key_ok, lm_ok, TOPK, SEL + g * MP * NP + lm[:, None] * NP + keys[None, :], SEARCH, CHECK)
     if SHARED:
         r = _rows(Rh, lm, lm_ok, stride_rm, offs_d)  # [BM, D]
         Vh = V + b * stride_vb + h * stride_vh
@@ -246,9 +251,10 @@ def _fwd_kernel(
     QB_PER_PROG: tl.constexpr, R_TOPK: tl.constexpr, SHARED: tl.constexpr, ROUTED: tl.constexpr,
     SELECT: tl.constexpr, MULTI: tl.constexpr, PREC: tl.constexpr, SELECT_HERE: tl.constexpr,
     POOLED: tl.constexpr, PREP: tl.constexpr, SEARCH: tl.constexpr, CNT32: tl.constexpr = False,
-    MASK_BIAS: tl.constexpr = 0.0,
+    MASK_BIAS: tl.constexpr = 0.0, CHECK: tl.constexpr = 1,
 ):
     scale, scale_shared = tl.cast(scale, tl.float32), tl.cast(scale_shared, tl.float32)  # see the module docstring
+    # CHECK: passes of the bitwise top-k search between asking whether every row is done
     # MASK_BIAS > 0: the expert mask as a logit bias (see the constant of that name)
     ODT = Q.dtype.element_ty if MASK_BIAS > 0 else tl.float16  # operands of the expert-mask products
     # SELECT_HERE: the top-k mask is selected in this kernel (else it was passed in or _prep_kernel wrote it);
@@ -288,7 +294,7 @@ def _fwd_kernel(
         if SELECT_HERE:
             # every program of the head selects (the same mask); group 0 keeps it for the backward, and
             # the key-block loop below reads it back in [MP, BK] slices, which registers cannot be cut into
-            _store_topk(sk, key_ok, lm_ok, TOPK, SELg + lm[:, None] * NP + keys[None, :], SEARCH)  # [MP, NP]
+            _store_topk(sk, key_ok, lm_ok, TOPK, SELg + lm[:, None] * NP + keys[None, :], SEARCH, CHECK)  # [MP, NP]
             tl.debug_barrier()
         if SHARED:
             # shared values V~ = softmax(s R K^T) V and their log-normaliser (base 2), kept for the backward
@@ -934,7 +940,8 @@ def fwd_config(num_heads: int, n_pad: int, m_pad: int, head_dim: int, itemsize: 
     pipeline stages; ``prep_bm`` / ``prep_warps`` (optional): the top-k mask and the shared values in a
     launch of its own (``_prep_kernel``, ``prep_bm`` landmarks a program) instead of inside the attention
     programs; ``select_search`` (optional, default 0: the value-space search was no faster on an H200):
-    passes of the value-space top-k search before the bitwise one (:func:`_store_topk`).
+    passes of the value-space top-k search before the bitwise one (:func:`_store_topk`); ``select_check``
+    (optional, default 1): passes of the bitwise search between asking whether every row is done.
 
     Where :func:`_wide` holds: the prep launch (32 landmarks, 4 warps) and 8-warp attention programs of 128
     queries (H200, DeiT-S shape, bf16, GPU time: prep 133 + attention 157 us against 363 us for one 8-warp
@@ -1041,7 +1048,7 @@ def _forward_plan(q, k, v, landmarks, topk, router_topk, shared, select, pooled,
         plan["prep"] = ((G, m_pad // bm), (*_strides(q), *_strides(k), *_strides(v), *lm_strides,
                                            H, N, M, topk, D ** -0.5), dict(
             D=D, MP=m_pad, NP=n_pad, BM=bm, DC=16, BKC=min(n_pad, 64), SELECT=select and routed, SHARED=shared,
-            POOLED=pooled, PREC=prec, SEARCH=cfg.get("select_search", 0),
+            POOLED=pooled, PREC=prec, SEARCH=cfg.get("select_search", 0), CHECK=cfg.get("select_check", 1),
             num_warps=cfg.get("prep_warps") or max(1, bm // 16), num_stages=1))
     out_strides = (N * H * D, D, H * D)  # token-major, see forward
     plan["fwd"] = ((G, cdiv(cdiv(N, cfg["BQ"]), cfg["QB_PER_PROG"])), (
@@ -1050,7 +1057,7 @@ def _forward_plan(q, k, v, landmarks, topk, router_topk, shared, select, pooled,
         D=D, MP=m_pad, NP=n_pad, BQ=cfg["BQ"], BK=cfg["BK"], QB_PER_PROG=cfg["QB_PER_PROG"],
         R_TOPK=router_topk, SHARED=shared, ROUTED=routed, SELECT=select and routed,
         MULTI=router_topk == 2 or not select, SELECT_HERE=select and routed and not prep, POOLED=pooled and not prep,
-        PREP=prep, SEARCH=cfg.get("select_search", 0), CNT32=COUNT_FP32,
+        PREP=prep, SEARCH=cfg.get("select_search", 0), CHECK=cfg.get("select_check", 1), CNT32=COUNT_FP32,
         MASK_BIAS=_mask_bias(q.dtype, router_topk == 2 or not select),
         PREC=prec, num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 1)))
     return plan

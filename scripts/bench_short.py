@@ -121,10 +121,11 @@ def main():
     p.add_argument("--r", type=int, default=1)
     p.add_argument("--reps", type=int, default=30)
     p.add_argument("--configs", default="default",
-                   help="'default', 'sweep' or fwd=W/BQ/BK/P/S/M/MW[/V],bwd=W/BQ/BK/H/S[/T][;...] (warps, blocks, query "
+                   help="'default', 'sweep' or fwd=W/BQ/BK/P/S/M/MW[/V[/C]],bwd=W/BQ/BK/H/S[/T][;...] (warps, blocks, query "
                         "blocks a program, stages, landmarks and warps a prep program, V: passes of the value-space "
-                        "top-k search, one backward program a head (2: keys as the rows of its tiles), T=1: the block "
-                        "backward in two launches)")
+                        "top-k search, C: passes of the bitwise search between checks whether every row is done, "
+                        "one backward program a head (2: keys as the rows of its tiles), T=1: the block backward in "
+                        "two launches)")
     p.add_argument("--no-general", action="store_true", help="skip impl='triton' (general kernels)")
     p.add_argument("--profile", action="store_true", help="torch.profiler table of the fused path's kernels")
     p.add_argument("--pool", action="store_true",
@@ -153,7 +154,7 @@ def main():
     try:
         combos = config_combos(args.configs)
     except (ValueError, KeyError) as exc:
-        p.error(f"--configs {args.configs!r}: expected 'default', 'sweep' or fwd=W/BQ/BK/P/S/M/MW[/V],"
+        p.error(f"--configs {args.configs!r}: expected 'default', 'sweep' or fwd=W/BQ/BK/P/S/M/MW[/V[/C]],"
                 f"bwd=W/BQ/BK/H/S[/T][;...] ({exc})")
     B, H, N, d, m, topk = (int(x) for x in args.shape.split(","))
     dtype = torch.bfloat16
@@ -259,7 +260,8 @@ def main():
 
 
 # forward: warps/BQ/BK/query blocks a program (0: all)/stages/landmarks a prep program (0: selection and shared
-# values inside the attention kernel)/warps a prep program[/passes of the value-space top-k search];
+# values inside the attention kernel)/warps a prep program[/passes of the value-space top-k search[/passes of the
+# bitwise search between checks whether every row is done]];
 # backward: warps/BQ/BK/one program a head (0/1; 2: with keys as the rows of its tiles, BQ-query chunks)/stages
 # [/1: the block backward in two launches]
 # (the first round's 16-warp, value-search and split-backward configs are in results/short_path_h200/)
@@ -279,8 +281,8 @@ def config_combos(spec: str):
     for combo in spec.split(";"):
         parts = dict(x.split("=") for x in combo.split(","))
         fwd, bwd = (tuple(int(v) for v in parts[key].split("/")) for key in ("fwd", "bwd"))
-        if len(fwd) not in (7, 8) or len(bwd) not in (5, 6):
-            raise ValueError(f"{combo!r}: fwd takes 7 or 8 numbers, bwd 5 or 6")
+        if len(fwd) not in (7, 8, 9) or len(bwd) not in (5, 6):
+            raise ValueError(f"{combo!r}: fwd takes 7 to 9 numbers, bwd 5 or 6")
         combos.append((fwd, bwd))
     return combos
 
@@ -289,19 +291,22 @@ def config_functions(fwd_spec, bwd_spec):
     """Replacements for ``fused_small.fwd_config`` / ``bwd_config`` from one combo, and its label."""
     fw, fq, fk, fp, fs, fm, fmw, *more = fwd_spec
     search = more[0] if more else 0
+    check = more[1] if len(more) > 1 else 1
     bw, bq, bk, bh, bs, *more = bwd_spec
     split = bool(more and more[0])
 
     def fcfg(G, n_pad, *a):
         bqq, bkk = min(fq, n_pad), min(fk, n_pad)
         return {"BQ": bqq, "BK": bkk, "QB_PER_PROG": fp or triton_cdiv(n_pad, bqq), "num_warps": fw,
-                "num_stages": fs, "prep_bm": fm, "prep_warps": fmw, "select_search": search}
+                "num_stages": fs, "prep_bm": fm, "prep_warps": fmw, "select_search": search,
+                "select_check": check}
 
     def bcfg(n_pad, *a):
         return {"BQ": min(bq, n_pad), "BK": min(bk, n_pad), "num_warps": bw, "num_stages": bs, "per_head": bool(bh),
                 "key_rows": bh == 2, "split": split}
 
     label = (f"fused f{fw}/{fq}/{fk}/{fp}/{fs}/{fm}/{fmw}" + (f"/s{search}" if search else "")
+             + (f"/c{check}" if check != 1 else "")
              + f" b{bw}/{bq}/{bk}/{bh}/{bs}" + ("/split" if split else ""))
     return fcfg, bcfg, label
 

@@ -446,8 +446,27 @@ def test_qkv_source_needs_the_three_views_of_one_projection():
     assert small_ops.qkv_source(q, k, other[3]) is None  # another projection
 
 
-def test_selection_ties_go_to_lower_index(small_blocks):
+@pytest.mark.parametrize("prep", [False, True])
+@pytest.mark.parametrize("N,m,topk,r,shared", [(50, 5, 4, 2, True), (33, 17, 9, 1, True), (2, 3, 1, 1, False)])
+def test_selection_checked_every_few_passes(small_blocks, monkeypatch, prep, N, m, topk, r, shared):
+    # the bitwise top-k search asks whether every row is done every 4 passes (select_check): the same sets
+    from mita.kernels import fused_small
+
+    config = fused_small.fwd_config
+    extra = {"prep_bm": 16, "prep_warps": 1} if prep else {}
+    monkeypatch.setattr(fused_small, "fwd_config", lambda *a: {**config(*a), **extra, "select_search": 0,
+                                                               "select_check": 4})
+    _check_selection(1, 2, N, 32, m, topk, r, shared, "paper", seed=N + 11)
+
+
+@pytest.mark.parametrize("check", [1, 4])
+def test_selection_ties_go_to_lower_index(small_blocks, monkeypatch, check):
     # keys 3 and 9 are equal, and so are landmarks 0 and 2: exact ties in both selections
+    from mita.kernels import fused_small
+
+    config = fused_small.fwd_config
+    monkeypatch.setattr(fused_small, "fwd_config", lambda *a: {**config(*a), "select_search": 0,
+                                                               "select_check": check})
     B, H, N, d, m = 1, 1, 20, 32, 3
     q, k, v, landmarks = (x.detach() for x in _inputs(B, H, N, d, m, torch.float32, seed=2))
     k[:, :, 9] = k[:, :, 3]
