@@ -42,7 +42,8 @@ LOG2E = 1.4426950408889634
 # an H100") +7% forward+backward at the DeiT-S core shape (d = 64), 6-11% faster at d = 128 with two of three tilings.
 # Where MASK_BIAS applies (16-bit inputs, no key counted twice) there is no count product.
 COUNT_FP32 = False
-# The expert mask as a logit bias (attention forward and the per-head backwards), where no key counts twice (r = 1,
+# The expert mask as a logit bias (attention forward and the per-head backwards; the block backward with
+# MASK_BIAS_BLOCKS), where no key counts twice (r = 1,
 # own routing) and the inputs are 16-bit: ``s + MASK_BIAS * (key held by the query's expert)`` comes out of one
 # accumulator (``onehot @ (MASK_BIAS Sel)`` added to ``Q K^T``), ``MASK_BIAS * s log2(e)`` is taken off again
 # (>= 500 for d <= 128), and the logits of keys outside the mask sit that far below and underflow to an exact 0 in
@@ -51,6 +52,10 @@ COUNT_FP32 = False
 # bf16 inputs' 4e-3. 0.0: a count product and a select instead. On an H100 (BENCHMARKS.md, "The expert mask as a
 # logit bias") the forward 3-4% faster at the DeiT-S core shape, d = 64 and d = 128, the backward unchanged.
 MASK_BIAS = 4096.0
+# Whether the block backward (programs per key block, query block and landmark block: d = 128, N < 129) takes the
+# mask as a logit bias too (fewer spills at d = 128: 764 against 956 bytes a thread, wgmma no longer serialized;
+# compile_report). Off until timed on a GPU.
+MASK_BIAS_BLOCKS = False
 # The last compiled kernel of each pass (registers, spills and shared memory for benchmarks).
 LAUNCHED = {}
 
@@ -403,7 +408,7 @@ def _bwd_keys(
     kb, N, M, NQB, scale, scale_shared,
     D: tl.constexpr, MP: tl.constexpr, NP: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
     R_TOPK: tl.constexpr, SHARED: tl.constexpr, ROUTED: tl.constexpr, MULTI: tl.constexpr, PREC: tl.constexpr,
-    DVS_GIVEN: tl.constexpr, CNT32: tl.constexpr,
+    DVS_GIVEN: tl.constexpr, CNT32: tl.constexpr, MASK_BIAS: tl.constexpr,
 ):
     """dK, dV of keys ``kb*BK ..``: transposed tiles (keys as rows, as FlashAttention's dK/dV loop) over
     every query block; routed pairs, then the path through the shared values ``V~ = A V``, whose gradient
@@ -422,8 +427,11 @@ def _bwd_keys(
     dk = tl.zeros([BK, D], tl.float32)
     dv = tl.zeros([BK, D], tl.float32)
     dvs = tl.zeros([MP, D], tl.float32)
+    ODT = DT if MASK_BIAS > 0 else tl.float16  # operands of the expert-mask products
     if ROUTED:
-        sel_t = tl.load(SELg + lm[None, :] * NP + kcols[:, None]).to(tl.float16)  # [BK, MP]
+        sel_t = tl.load(SELg + lm[None, :] * NP + kcols[:, None]).to(ODT)  # [BK, MP]
+        if MASK_BIAS > 0:
+            sel_t = sel_t * MASK_BIAS
     if SHARED:
         r = _rows(Rh, lm, lm_ok, stride_rm, offs_d)  # [MP, D]
     for qb in range(NQB if (ROUTED or (SHARED and not DVS_GIVEN)) else 0):
@@ -431,12 +439,17 @@ def _bwd_keys(
         q_ok = rows < N
         q, do, delta, lse = _grad_rows(Qh, DOh, Oh, LSEh, rows, q_ok, stride_qn, stride_don, stride_on, offs_d)
         if ROUTED:
-            cnt_t = tl.dot(sel_t, _onehot_t(EXPh, rows, q_ok, lm, R_TOPK),
-                           out_dtype=tl.float32 if CNT32 else tl.float16)  # [BK, BQ]
-            s_t = tl.dot(kblk, tl.trans(q), input_precision=PREC) * sl2
-            p_t = tl.where(cnt_t > 0, tl.exp2(s_t - lse[None, :]), 0.0)
-            if MULTI:
-                p_t = p_t * cnt_t.to(tl.float32)
+            if MASK_BIAS > 0:
+                s_t = tl.dot(sel_t, _onehot_t(EXPh, rows, q_ok, lm, R_TOPK).to(ODT),
+                             tl.dot(kblk, tl.trans(q), input_precision=PREC))
+                p_t = tl.exp2(s_t * sl2 - (lse + MASK_BIAS * sl2)[None, :])
+            else:
+                cnt_t = tl.dot(sel_t, _onehot_t(EXPh, rows, q_ok, lm, R_TOPK),
+                               out_dtype=tl.float32 if CNT32 else tl.float16)  # [BK, BQ]
+                s_t = tl.dot(kblk, tl.trans(q), input_precision=PREC) * sl2
+                p_t = tl.where(cnt_t > 0, tl.exp2(s_t - lse[None, :]), 0.0)
+                if MULTI:
+                    p_t = p_t * cnt_t.to(tl.float32)
             dp_t = tl.dot(vblk, tl.trans(do), input_precision=PREC)
             ds_t = p_t * (dp_t - delta[None, :])
             dv = tl.dot(p_t.to(DT), do, dv, input_precision=PREC)
@@ -471,7 +484,7 @@ def _bwd_queries(
     qb, N, M, NKB, scale, scale_shared,
     D: tl.constexpr, MP: tl.constexpr, NP: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
     R_TOPK: tl.constexpr, SHARED: tl.constexpr, ROUTED: tl.constexpr, MULTI: tl.constexpr, PREC: tl.constexpr,
-    CNT32: tl.constexpr,
+    CNT32: tl.constexpr, MASK_BIAS: tl.constexpr,
 ):
     """dQ of queries ``qb*BQ ..``: routed ``s dS K`` over the key blocks, shared ``c dS_sh R``."""
     DT = Qh.dtype.element_ty
@@ -484,18 +497,23 @@ def _bwd_queries(
     q, do, delta, lse = _grad_rows(Qh, DOh, Oh, LSEh, rows, q_ok, stride_qn, stride_don, stride_on, offs_d)
     dq = tl.zeros([BQ, D], tl.float32)
     if ROUTED:
-        onehot = tl.trans(_onehot_t(EXPh, rows, q_ok, lm, R_TOPK))  # [BQ, MP]
+        ODT = DT if MASK_BIAS > 0 else tl.float16  # operands of the expert-mask products
+        onehot = tl.trans(_onehot_t(EXPh, rows, q_ok, lm, R_TOPK)).to(ODT)  # [BQ, MP]
         for kb in range(NKB):
             kcols = kb * BK + tl.arange(0, BK)
             k_ok = kcols < N
             kblk = _rows(Kh, kcols, k_ok, stride_kn, offs_d)  # [BK, D]
             vblk = _rows(Vh, kcols, k_ok, stride_vn, offs_d)
-            sel_b = tl.load(SELg + lm[:, None] * NP + kcols[None, :]).to(tl.float16)  # [MP, BK]
-            cnt = tl.dot(onehot, sel_b, out_dtype=tl.float32 if CNT32 else tl.float16)  # [BQ, BK]
-            s = tl.dot(q, tl.trans(kblk), input_precision=PREC) * sl2
-            p = tl.where(cnt > 0, tl.exp2(s - lse[:, None]), 0.0)
-            if MULTI:
-                p = p * cnt.to(tl.float32)
+            sel_b = tl.load(SELg + lm[:, None] * NP + kcols[None, :]).to(ODT)  # [MP, BK]
+            if MASK_BIAS > 0:
+                s = tl.dot(onehot, sel_b * MASK_BIAS, tl.dot(q, tl.trans(kblk), input_precision=PREC))
+                p = tl.exp2(s * sl2 - (lse + MASK_BIAS * sl2)[:, None])
+            else:
+                cnt = tl.dot(onehot, sel_b, out_dtype=tl.float32 if CNT32 else tl.float16)  # [BQ, BK]
+                s = tl.dot(q, tl.trans(kblk), input_precision=PREC) * sl2
+                p = tl.where(cnt > 0, tl.exp2(s - lse[:, None]), 0.0)
+                if MULTI:
+                    p = p * cnt.to(tl.float32)
             dp = tl.dot(do, tl.trans(vblk), input_precision=PREC)
             ds = p * (dp - delta[:, None])
             dq = tl.dot(ds.to(DT), kblk, dq, input_precision=PREC)
@@ -867,7 +885,7 @@ def _bwd_kernel(
     H, N, M, NKB, NQB, scale, scale_shared,
     D: tl.constexpr, MP: tl.constexpr, NP: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
     R_TOPK: tl.constexpr, SHARED: tl.constexpr, ROUTED: tl.constexpr, MULTI: tl.constexpr, PREC: tl.constexpr,
-    PHASE: tl.constexpr, CNT32: tl.constexpr = False,
+    PHASE: tl.constexpr, CNT32: tl.constexpr = False, MASK_BIAS: tl.constexpr = 0.0,
 ):
     scale, scale_shared = tl.cast(scale, tl.float32), tl.cast(scale_shared, tl.float32)  # see the module docstring
     # PHASE 0, one launch: programs (g, j): j < NKB own a key block (dK, dV), the next NQB a query block (dQ),
@@ -891,7 +909,7 @@ def _bwd_kernel(
             LSH + g * MP, DK + b * stride_gb + h * stride_gh, DV + b * stride_gb + h * stride_gh, DVS + g * MP * D,
             stride_qn, stride_kn, stride_vn, stride_rm, stride_don, stride_on, stride_gn,
             j, N, M, NQB, scale, scale_shared, D, MP, NP, BQ, BK, R_TOPK, SHARED, ROUTED, MULTI, PREC, PHASE == 2,
-            CNT32,
+            CNT32, MASK_BIAS,
         )
     elif j < n_keys + NQB:
         _bwd_queries(
@@ -899,6 +917,7 @@ def _bwd_kernel(
             DQ + b * stride_gb + h * stride_gh,
             stride_qn, stride_kn, stride_vn, stride_rm, stride_don, stride_on, stride_gn,
             j - n_keys, N, M, NKB, scale, scale_shared, D, MP, NP, BQ, BK, R_TOPK, SHARED, ROUTED, MULTI, PREC, CNT32,
+            MASK_BIAS,
         )
     elif SHARED:
         _bwd_landmarks(
@@ -984,9 +1003,11 @@ def bwd_config(n_pad: int, m_pad: int, head_dim: int, itemsize: int) -> dict:
     return {"BQ": block, "BK": block, "num_warps": 4, "num_stages": 1}
 
 
-def _mask_bias(dtype: torch.dtype, multi: bool) -> float:
-    """``MASK_BIAS`` for a launch (0.0: counts instead): only with 16-bit inputs and no key counted twice."""
-    return MASK_BIAS if MASK_BIAS > 0 and not multi and dtype != torch.float32 else 0.0
+def _mask_bias(dtype: torch.dtype, multi: bool, blocks: bool = False) -> float:
+    """``MASK_BIAS`` for a launch (0.0: counts instead): only with 16-bit inputs and no key counted twice, and for
+    the block backward (``blocks``) only with ``MASK_BIAS_BLOCKS``."""
+    on = MASK_BIAS > 0 and not multi and dtype != torch.float32 and (MASK_BIAS_BLOCKS or not blocks)
+    return MASK_BIAS if on else 0.0
 
 
 def _precision(dtype: torch.dtype, allow_tf32: bool) -> str:
@@ -1128,10 +1149,11 @@ def _backward_plan(q, k, v, landmarks, out, grad_out, topk, router_topk, shared,
     strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(landmarks), *_strides(grad_out), *_strides(out),
                *grad_strides)
     common = dict(D=D, MP=m_pad, NP=n_pad, BK=cfg["BK"], R_TOPK=router_topk, SHARED=shared, ROUTED=topk > 0,
-                  MULTI=multi, PREC=_precision(q.dtype, allow_tf32), CNT32=COUNT_FP32, num_warps=cfg["num_warps"],
+                  MULTI=multi, PREC=_precision(q.dtype, allow_tf32), CNT32=COUNT_FP32,
+                  MASK_BIAS=_mask_bias(q.dtype, multi, not per_head), num_warps=cfg["num_warps"],
                   num_stages=cfg.get("num_stages", 1))
     if per_head:
-        meta = dict(common, POOLED=pooled, MASK_BIAS=_mask_bias(q.dtype, multi))
+        meta = dict(common, POOLED=pooled)
         kernel = _bwd_head_kernel
         if cfg.get("key_rows", False):
             # query chunks of BQ rows, at most 4 of them
@@ -1173,7 +1195,7 @@ def backward(q, k, v, landmarks, out, grad_out, lse, sel, expert, vs, lsh, topk,
     router_topk = expert.shape[-1] if topk > 0 else 1
     key = ("bwd", q.shape, q.stride(), k.stride(), v.stride(), landmarks.shape, landmarks.stride(),
            grad_out.stride(), out.stride(), q.dtype, dev, topk, router_topk, shared, multi, pooled, num_landmarks,
-           allow_tf32, packed, bwd_config, COUNT_FP32, MASK_BIAS)
+           allow_tf32, packed, bwd_config, COUNT_FP32, MASK_BIAS, MASK_BIAS_BLOCKS)
     plan = _plan(key, lambda: _backward_plan(q, k, v, landmarks, out, grad_out, topk, router_topk, shared,
                                                     multi, pooled, num_landmarks, allow_tf32, _strides(dq)))
     M = plan["M"]

@@ -195,15 +195,19 @@ def test_deit_shape_with_the_default_configs(monkeypatch, search):
     _check_selection(1, 1, 197, 64, 25, 25, 1, True, "official", dtype=torch.float16, tol=1e-2, seed=197)
 
 
-@pytest.mark.parametrize("bwd", ["blocks", "per_head", "key_rows"])
+@pytest.mark.parametrize("bwd", ["blocks", "split", "per_head", "key_rows"])
 @pytest.mark.parametrize("N,m,topk,shared", [(1, 3, 1, True), (2, 3, 2, False), (17, 5, 4, True), (50, 5, 7, False),
                                              (50, 9, 3, True)])
 def test_expert_mask_as_logit_bias(small_blocks, monkeypatch, bwd, N, m, topk, shared):
-    """fp16, own routing, r = 1: the forward and the per-head backwards take the expert mask as a logit bias
-    (fused_small.MASK_BIAS); against the float64 reference, and against the count products (MASK_BIAS = 0)."""
+    """fp16, own routing, r = 1: the forward and every backward layout take the expert mask as a logit bias
+    (fused_small.MASK_BIAS; the block backward with MASK_BIAS_BLOCKS); against the float64 reference."""
     from mita.kernels import fused_small
 
-    if bwd != "blocks":
+    monkeypatch.setattr(fused_small, "MASK_BIAS_BLOCKS", True)
+
+    if bwd == "split":
+        monkeypatch.setattr(fused_small, "bwd_config", lambda *a: {"BQ": 16, "BK": 16, "num_warps": 4, "split": True})
+    elif bwd != "blocks":
         monkeypatch.setattr(fused_small, "bwd_config", lambda *a: dict(KEY_ROWS, key_rows=bwd == "key_rows"))
     assert fused_small._mask_bias(torch.float16, False) > 0
     _check_selection(2, 2, N, 32, m, topk, 1, shared, "official", dtype=torch.float16, tol=1e-2, seed=N + m)
