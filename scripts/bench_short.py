@@ -8,7 +8,9 @@ For one shape (default B=256, H=6, N=197, d=64, m=k=25, bf16): checks the fused 
 given routing) against ``impl="reference"`` in float64 on the same routing at B=2, then times, with CUDA
 events (median over --reps, input sets rotated), the forward and forward+backward of SDPA (cuDNN and
 flash backends), ``impl="triton"`` (general kernels) and the fused path under each launch config of the
-sweep, and prints one table with the card's name. Peak memory is one forward+backward after a reset.
+sweep (with the default configs also as ``MiTAAttention`` calls it: ``qkv=``, the three gradients written as one
+qkv-shaped tensor, checked equal to the three first), and prints one table with the card's name. Peak memory is
+one forward+backward after a reset.
 """
 from __future__ import annotations
 
@@ -185,6 +187,11 @@ def main():
         q, k, v = qkv.permute(2, 0, 3, 1, 4)
         return small_ops.mita_attention_small(q, k, v, lm, topk, args.r, True, 1 / d)
 
+    def fused_packed(qkv, lm):
+        # as MiTAAttention calls it: the backward writes dq, dk, dv into one qkv-shaped gradient (no stack copy)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)
+        return small_ops.mita_attention_small(q, k, v, lm, topk, args.r, True, 1 / d, qkv=qkv)
+
     def general(qkv, lm):
         q, k, v = qkv.permute(2, 0, 3, 1, 4)
         return mita_attention(q, k, v, lm, topk, router_topk=args.r, impl="triton")
@@ -232,6 +239,15 @@ def main():
         rows.append(("mita fused (default configs)" + ("" if len(counts) == 1 else f" mask {count}"), f, fb,
                      peak(fused, *sets[0])))
     fused_small.COUNT_FP32, fused_small.MASK_BIAS = orig_count, orig_bias
+    if not combos:
+        # the packed gradient gives the same values as the three separate ones
+        (x, do) = sets[0]
+        want, got = _grad(fused(*x), x, do), _grad(fused_packed(*x), x, do)
+        if all((a is None and b is None) or torch.equal(a, b) for a, b in zip(want, got)):
+            f, fb = time_fn(fused_packed, sets, args.reps)
+            rows.append(("mita fused, qkv= (as MiTAAttention)", f, fb, peak(fused_packed, *sets[0])))
+        else:
+            rows.append(("mita fused, qkv= WRONG", float("nan"), float("nan"), float("nan")))
     if args.pool:
         rows.extend(pooling_rows(sets, N, m, topk, args.r, d, args.reps, args.kernel_times))
     if args.kernel_times:
