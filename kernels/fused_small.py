@@ -380,6 +380,38 @@ def _fwd_kernel(
 
 
 @triton.jit
+def _routed_probs(a, b, mask_a, mask_b, lse, sl2, MASK_BIAS: tl.constexpr, MULTI: tl.constexpr,
+                  CNT32: tl.constexpr, PREC: tl.constexpr):
+    """Routed attention probabilities ``exp2(s (a b) log2 e - lse)`` where the expert mask ``mask_a mask_b`` holds
+    the key (times its count with ``MULTI``), 0 elsewhere; ``lse`` broadcast to the tile's shape (``[:, None]`` with
+    queries as rows, ``[None, :]`` with keys as rows). With ``MASK_BIAS`` the mask's Sel factor comes scaled by it
+    and the product lands in the logits' accumulator (see the constant)."""
+    if MASK_BIAS > 0:
+        s = tl.dot(mask_a, mask_b, tl.dot(a, b, input_precision=PREC))
+        p = tl.exp2(s * sl2 - (lse + MASK_BIAS * sl2))
+    else:
+        cnt = tl.dot(mask_a, mask_b, out_dtype=tl.float32 if CNT32 else tl.float16)
+        s = tl.dot(a, b, input_precision=PREC) * sl2
+        p = tl.where(cnt > 0, tl.exp2(s - lse), 0.0)
+        if MULTI:
+            p = p * cnt.to(tl.float32)
+    return p
+
+
+@triton.jit
+def _sel_rows(SELg, lm, kcols, NP: tl.constexpr, ODT: tl.constexpr, MASK_BIAS: tl.constexpr, KEYS: tl.constexpr):
+    """The head's top-k mask at keys ``kcols`` as a product operand of dtype ``ODT``: ``[MP, BK]``, or ``[BK, MP]``
+    with ``KEYS`` (keys as rows); scaled by ``MASK_BIAS`` where that is on."""
+    if KEYS:
+        sel = tl.load(SELg + lm[None, :] * NP + kcols[:, None]).to(ODT)
+    else:
+        sel = tl.load(SELg + lm[:, None] * NP + kcols[None, :]).to(ODT)
+    if MASK_BIAS > 0:
+        sel = sel * MASK_BIAS
+    return sel
+
+
+@triton.jit
 def _grad_rows(Qh, DOh, Oh, LSEh, rows, ok, stride_qn, stride_don, stride_on, offs_d):
     """Queries, output gradients, ``delta = rowsum(dO * O)`` and base-2 lse of a set of rows."""
     q = _rows(Qh, rows, ok, stride_qn, offs_d)
@@ -429,9 +461,7 @@ def _bwd_keys(
     dvs = tl.zeros([MP, D], tl.float32)
     ODT = DT if MASK_BIAS > 0 else tl.float16  # operands of the expert-mask products
     if ROUTED:
-        sel_t = tl.load(SELg + lm[None, :] * NP + kcols[:, None]).to(ODT)  # [BK, MP]
-        if MASK_BIAS > 0:
-            sel_t = sel_t * MASK_BIAS
+        sel_t = _sel_rows(SELg, lm, kcols, NP, ODT, MASK_BIAS, True)  # [BK, MP]
     if SHARED:
         r = _rows(Rh, lm, lm_ok, stride_rm, offs_d)  # [MP, D]
     for qb in range(NQB if (ROUTED or (SHARED and not DVS_GIVEN)) else 0):
@@ -439,17 +469,8 @@ def _bwd_keys(
         q_ok = rows < N
         q, do, delta, lse = _grad_rows(Qh, DOh, Oh, LSEh, rows, q_ok, stride_qn, stride_don, stride_on, offs_d)
         if ROUTED:
-            if MASK_BIAS > 0:
-                s_t = tl.dot(sel_t, _onehot_t(EXPh, rows, q_ok, lm, R_TOPK).to(ODT),
-                             tl.dot(kblk, tl.trans(q), input_precision=PREC))
-                p_t = tl.exp2(s_t * sl2 - (lse + MASK_BIAS * sl2)[None, :])
-            else:
-                cnt_t = tl.dot(sel_t, _onehot_t(EXPh, rows, q_ok, lm, R_TOPK),
-                               out_dtype=tl.float32 if CNT32 else tl.float16)  # [BK, BQ]
-                s_t = tl.dot(kblk, tl.trans(q), input_precision=PREC) * sl2
-                p_t = tl.where(cnt_t > 0, tl.exp2(s_t - lse[None, :]), 0.0)
-                if MULTI:
-                    p_t = p_t * cnt_t.to(tl.float32)
+            p_t = _routed_probs(kblk, tl.trans(q), sel_t, _onehot_t(EXPh, rows, q_ok, lm, R_TOPK).to(ODT),
+                                lse[None, :], sl2, MASK_BIAS, MULTI, CNT32, PREC)  # [BK, BQ]
             dp_t = tl.dot(vblk, tl.trans(do), input_precision=PREC)
             ds_t = p_t * (dp_t - delta[None, :])
             dv = tl.dot(p_t.to(DT), do, dv, input_precision=PREC)
@@ -504,16 +525,9 @@ def _bwd_queries(
             k_ok = kcols < N
             kblk = _rows(Kh, kcols, k_ok, stride_kn, offs_d)  # [BK, D]
             vblk = _rows(Vh, kcols, k_ok, stride_vn, offs_d)
-            sel_b = tl.load(SELg + lm[:, None] * NP + kcols[None, :]).to(ODT)  # [MP, BK]
-            if MASK_BIAS > 0:
-                s = tl.dot(onehot, sel_b * MASK_BIAS, tl.dot(q, tl.trans(kblk), input_precision=PREC))
-                p = tl.exp2(s * sl2 - (lse + MASK_BIAS * sl2)[:, None])
-            else:
-                cnt = tl.dot(onehot, sel_b, out_dtype=tl.float32 if CNT32 else tl.float16)  # [BQ, BK]
-                s = tl.dot(q, tl.trans(kblk), input_precision=PREC) * sl2
-                p = tl.where(cnt > 0, tl.exp2(s - lse[:, None]), 0.0)
-                if MULTI:
-                    p = p * cnt.to(tl.float32)
+            sel_b = _sel_rows(SELg, lm, kcols, NP, ODT, MASK_BIAS, False)  # [MP, BK]
+            p = _routed_probs(q, tl.trans(kblk), onehot, sel_b, lse[:, None], sl2, MASK_BIAS, MULTI, CNT32,
+                              PREC)  # [BQ, BK]
             dp = tl.dot(do, tl.trans(vblk), input_precision=PREC)
             ds = p * (dp - delta[:, None])
             dq = tl.dot(ds.to(DT), kblk, dq, input_precision=PREC)
@@ -644,16 +658,9 @@ def _bwd_head_kernel(
         dk = tl.zeros([BK, D], tl.float32)
         dv = tl.zeros([BK, D], tl.float32)
         if ROUTED:
-            sel_b = tl.load(SEL + g * MP * NP + lm[:, None] * NP + kcols[None, :]).to(ODT)  # [MP, BK]
-            if MASK_BIAS > 0:
-                s = tl.dot(onehot, sel_b * MASK_BIAS, tl.dot(q, tl.trans(kblk), input_precision=PREC))
-                p = tl.exp2(s * sl2 - (lse + MASK_BIAS * sl2)[:, None])
-            else:
-                cnt = tl.dot(onehot, sel_b, out_dtype=tl.float32 if CNT32 else tl.float16)  # [NP, BK]
-                s = tl.dot(q, tl.trans(kblk), input_precision=PREC) * sl2
-                p = tl.where(cnt > 0, tl.exp2(s - lse[:, None]), 0.0)
-                if MULTI:
-                    p = p * cnt.to(tl.float32)
+            sel_b = _sel_rows(SEL + g * MP * NP, lm, kcols, NP, ODT, MASK_BIAS, False)  # [MP, BK]
+            p = _routed_probs(q, tl.trans(kblk), onehot, sel_b, lse[:, None], sl2, MASK_BIAS, MULTI, CNT32,
+                              PREC)  # [NP, BK]
             dp = tl.dot(do, tl.trans(vblk), input_precision=PREC)
             ds = (p * (dp - delta[:, None])).to(DT)  # [NP, BK]
             dv = tl.dot(tl.trans(p.to(DT)), do, dv, input_precision=PREC)
@@ -694,18 +701,8 @@ def _keys_pass(q, do, LSEh, DELTAg, rows, ok, kb, oh_t, kblk, vblk, sel_t, dk, d
         rows = rows + tl.program_id(1) * kb
         lse = tl.load(LSEh + rows, mask=ok, other=0.0)
         delta = tl.load(DELTAg + rows)
-        if MASK_BIAS > 0:
-            # sel_t holds MASK_BIAS where selected: s + MASK_BIAS * (held by the query's expert), in the same
-            # accumulator, and exp2 of the rest underflows to exactly 0
-            s_t = tl.dot(kblk, tl.trans(q), input_precision=PREC)
-            s_t = tl.dot(sel_t, oh_t, s_t)
-            p_t = tl.exp2(s_t * sl2 - (lse + MASK_BIAS * sl2)[None, :])
-        else:
-            cnt_t = tl.dot(sel_t, oh_t, out_dtype=tl.float32 if CNT32 else tl.float16)  # [BK, BQ]
-            s_t = tl.dot(kblk, tl.trans(q), input_precision=PREC) * sl2
-            p_t = tl.where(cnt_t > 0, tl.exp2(s_t - lse[None, :]), 0.0)
-            if MULTI:
-                p_t = p_t * cnt_t.to(tl.float32)
+        p_t = _routed_probs(kblk, tl.trans(q), sel_t, oh_t, lse[None, :], sl2, MASK_BIAS, MULTI, CNT32,
+                            PREC)  # [BK, BQ]
         dp_t = tl.dot(vblk, tl.trans(do), input_precision=PREC)
         ds_t = (p_t * (dp_t - delta[None, :])).to(DT)
         dv = tl.dot(p_t.to(DT), do, dv, input_precision=PREC)
@@ -726,6 +723,24 @@ def _shared_queries_t(q, do, delta, lse, r, vs, q_ok, lm_ok, cl2, ratio, dr, dvs
     dr += tl.dot(dss_t, q, input_precision=PREC) * ratio
     dvs = tl.dot(ps_t.to(DT), do, dvs, input_precision=PREC)
     return dq_t, dr, dvs
+
+
+@triton.jit
+def _open_chunk(c, Qh, DOh, Oh, LSEh, EXPh, DELTAg, r, vs, lm, lm_ok, N, stride_qn, stride_don, stride_on, offs_d, cl2,
+                ratio, dr, dvs, BQ: tl.constexpr, D: tl.constexpr, MP: tl.constexpr, R_TOPK: tl.constexpr,
+                ROUTED: tl.constexpr, SHARED: tl.constexpr, ODT: tl.constexpr, PREC: tl.constexpr):
+    """Query chunk ``c`` of :func:`_bwd_head_keys_kernel` before its key loop: rows, q, dO, the expert one-hot
+    ``[MP, BQ]`` (dtype ``ODT``), delta stored to ``DELTAg``, and ``dQ^T [D, BQ]`` opened with the shared logits'
+    part (pre-divided by s) while ``dR`` and ``dV~`` take theirs."""
+    rows = c * BQ + tl.arange(0, BQ)
+    ok = rows < N
+    q, do, delta, lse = _grad_rows(Qh, DOh, Oh, LSEh, rows, ok, stride_qn, stride_don, stride_on, offs_d)
+    tl.store(DELTAg + rows, delta)
+    oh = _onehot_t(EXPh, rows, ok, lm, R_TOPK).to(ODT) if ROUTED else tl.zeros([MP, BQ], ODT)
+    dq = tl.zeros([D, BQ], tl.float32)
+    if SHARED:
+        dq, dr, dvs = _shared_queries_t(q, do, delta, lse, r, vs, ok, lm_ok, cl2, ratio, dr, dvs, PREC)
+    return rows, ok, q, do, oh, dq, dr, dvs
 
 
 @triton.jit
@@ -774,47 +789,29 @@ def _bwd_head_keys_kernel(
     dr = tl.zeros([MP, D], tl.float32)
     dr_t = tl.zeros([D, MP], tl.float32)
     dvs = tl.zeros([MP, D], tl.float32)
+    r = tl.zeros([MP, D], DT)  # (zeros without the shared expert: passed, not used)
+    vs = tl.zeros([MP, D], DT)
     if SHARED:
         r = _rows(R + b * stride_rb + h * stride_rh, lm, lm_ok, stride_rm, offs_d)  # [MP, D]
         vs = tl.load(VS + (g * MP + lm[:, None]) * D + offs_d[None, :])  # [MP, D]
         lsh = tl.load(LSH + g * MP + lm)
-    # chunk c: rows c*BQ.., its q, dO, delta, lse, expert one-hot [MP, BQ] and dQ^T [D, BQ]; dQ^T accumulates
-    # s dS^T K, the shared part c dS_sh R enters pre-divided by s
-    rows0 = tl.arange(0, BQ)
-    ok0 = rows0 < N
-    q0, do0, delta0, lse0 = _grad_rows(Qh, DOh, Oh, LSEh, rows0, ok0, stride_qn, stride_don, stride_on, offs_d)
-    tl.store(DELTAg + rows0, delta0)
-    oh0 = _onehot_t(EXPh, rows0, ok0, lm, R_TOPK).to(ODT) if ROUTED else tl.zeros([MP, BQ], ODT)
-    dq0 = tl.zeros([D, BQ], tl.float32)
-    if SHARED:
-        dq0, dr, dvs = _shared_queries_t(q0, do0, delta0, lse0, r, vs, ok0, lm_ok, cl2, ratio, dr, dvs, PREC)
+    # chunk c: rows c*BQ.., its q, dO, expert one-hot [MP, BQ] and dQ^T [D, BQ] (delta into DELTA); dQ^T
+    # accumulates s dS^T K, the shared part c dS_sh R enters pre-divided by s
+    rows0, ok0, q0, do0, oh0, dq0, dr, dvs = _open_chunk(
+        0, Qh, DOh, Oh, LSEh, EXPh, DELTAg, r, vs, lm, lm_ok, N, stride_qn, stride_don, stride_on, offs_d, cl2, ratio,
+        dr, dvs, BQ, D, MP, R_TOPK, ROUTED, SHARED, ODT, PREC)
     if NQC > 1:
-        rows1 = BQ + tl.arange(0, BQ)
-        ok1 = rows1 < N
-        q1, do1, delta1, lse1 = _grad_rows(Qh, DOh, Oh, LSEh, rows1, ok1, stride_qn, stride_don, stride_on, offs_d)
-        tl.store(DELTAg + rows1, delta1)
-        oh1 = _onehot_t(EXPh, rows1, ok1, lm, R_TOPK).to(ODT) if ROUTED else tl.zeros([MP, BQ], ODT)
-        dq1 = tl.zeros([D, BQ], tl.float32)
-        if SHARED:
-            dq1, dr, dvs = _shared_queries_t(q1, do1, delta1, lse1, r, vs, ok1, lm_ok, cl2, ratio, dr, dvs, PREC)
+        rows1, ok1, q1, do1, oh1, dq1, dr, dvs = _open_chunk(
+            1, Qh, DOh, Oh, LSEh, EXPh, DELTAg, r, vs, lm, lm_ok, N, stride_qn, stride_don, stride_on, offs_d, cl2,
+            ratio, dr, dvs, BQ, D, MP, R_TOPK, ROUTED, SHARED, ODT, PREC)
     if NQC > 2:
-        rows2 = 2 * BQ + tl.arange(0, BQ)
-        ok2 = rows2 < N
-        q2, do2, delta2, lse2 = _grad_rows(Qh, DOh, Oh, LSEh, rows2, ok2, stride_qn, stride_don, stride_on, offs_d)
-        tl.store(DELTAg + rows2, delta2)
-        oh2 = _onehot_t(EXPh, rows2, ok2, lm, R_TOPK).to(ODT) if ROUTED else tl.zeros([MP, BQ], ODT)
-        dq2 = tl.zeros([D, BQ], tl.float32)
-        if SHARED:
-            dq2, dr, dvs = _shared_queries_t(q2, do2, delta2, lse2, r, vs, ok2, lm_ok, cl2, ratio, dr, dvs, PREC)
+        rows2, ok2, q2, do2, oh2, dq2, dr, dvs = _open_chunk(
+            2, Qh, DOh, Oh, LSEh, EXPh, DELTAg, r, vs, lm, lm_ok, N, stride_qn, stride_don, stride_on, offs_d, cl2,
+            ratio, dr, dvs, BQ, D, MP, R_TOPK, ROUTED, SHARED, ODT, PREC)
     if NQC > 3:
-        rows3 = 3 * BQ + tl.arange(0, BQ)
-        ok3 = rows3 < N
-        q3, do3, delta3, lse3 = _grad_rows(Qh, DOh, Oh, LSEh, rows3, ok3, stride_qn, stride_don, stride_on, offs_d)
-        tl.store(DELTAg + rows3, delta3)
-        oh3 = _onehot_t(EXPh, rows3, ok3, lm, R_TOPK).to(ODT) if ROUTED else tl.zeros([MP, BQ], ODT)
-        dq3 = tl.zeros([D, BQ], tl.float32)
-        if SHARED:
-            dq3, dr, dvs = _shared_queries_t(q3, do3, delta3, lse3, r, vs, ok3, lm_ok, cl2, ratio, dr, dvs, PREC)
+        rows3, ok3, q3, do3, oh3, dq3, dr, dvs = _open_chunk(
+            3, Qh, DOh, Oh, LSEh, EXPh, DELTAg, r, vs, lm, lm_ok, N, stride_qn, stride_don, stride_on, offs_d, cl2,
+            ratio, dr, dvs, BQ, D, MP, R_TOPK, ROUTED, SHARED, ODT, PREC)
     dvs_dt = dvs.to(DT)
     vs_dot = tl.sum(dvs * vs.to(tl.float32), 1) if SHARED else tl.zeros([MP], tl.float32)  # [MP]
     tl.debug_barrier()  # DELTA written by every thread before any reads it back
@@ -827,9 +824,7 @@ def _bwd_head_keys_kernel(
         dv = tl.zeros([BK, D], tl.float32)
         sel_t = tl.zeros([BK, MP], ODT)
         if ROUTED:
-            sel_t = tl.load(SEL + g * MP * NP + lm[None, :] * NP + kcols[:, None]).to(ODT)  # [BK, MP]
-            if MASK_BIAS > 0:
-                sel_t = sel_t * MASK_BIAS
+            sel_t = _sel_rows(SEL + g * MP * NP, lm, kcols, NP, ODT, MASK_BIAS, True)  # [BK, MP]
         dk, dv, dq0 = _keys_pass(q0, do0, LSEh, DELTAg, rows0, ok0, kb, oh0, kblk, vblk, sel_t, dk, dv, dq0, sl2,
                                  ROUTED, MULTI, PREC, CNT32, MASK_BIAS)
         if NQC > 1:
