@@ -618,8 +618,9 @@ def select_cases(spec: str, quick: bool) -> List[Case]:
 
 # General-path options (mita.kernels module switches) for A/B timings: name -> (attribute, value when on, value
 # when off). ``--switches layout=off,stream-topk`` sets each named one (a bare name: on); the rest keep the
-# package's defaults (layout, shared-split, eager-fn and mask-bias on, stream-topk from 2^23 scores a head,
-# resident, dkdv-wide, transposed, shared-resident, count-fp32 and mask-bias-blocks off, sort-max 512).
+# package's defaults, SWITCH_DEFAULTS (also --switches' help).
+SWITCH_DEFAULTS = ("layout, shared-split, eager-fn and mask-bias on, stream-topk from 2^23 scores a head, resident, "
+                   "dkdv-wide, transposed, shared-resident, count-fp32 and mask-bias-blocks off, sort-max 512")
 SWITCHES = {
     "layout": ("LAYOUT_KERNELS", True, False),  # routing layout from kernels/layout_kernels.py
     "stream-topk": ("STREAM_TOPK_MIN_SCORES", 1, None),  # landmarks' top-k streamed (kernels/topk_stream.py)
@@ -706,8 +707,7 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--switches", default="",
                         help="general-path options for mita-triton, comma list of NAME, NAME=on or NAME=off; NAME: "
-                             + ", ".join(SWITCHES) + " (default: the package's: layout, shared-split and eager-fn on, stream-topk from 2^23 scores a head, "
-                             "resident, dkdv-wide, transposed, shared-resident and count-fp32 off)")
+                             + ", ".join(SWITCHES) + f" (default: the package's: {SWITCH_DEFAULTS})")
     parser.add_argument("--out", default="bench_out", help="folder for attention.csv, kernels.csv, attention.png")
     parser.add_argument("--cpu-smoke", "--dry-run", dest="cpu_smoke", action="store_true",
                         help="tiny cases on the CPU in float32, perf_counter timing: checks the pipeline only")
