@@ -545,6 +545,24 @@ def test_expert_tiles_expert_ranges():
             assert (expert[gi, sources] == e).all()
 
 
+@pytest.mark.parametrize("ca, cb, rows, d", [(1, 0, 3, 32), (8, 0, 5, 64), (9, 3, 2, 64), (20, 17, 7, 128)])
+def test_sum_chunks(ca, cb, rows, d):
+    """The chunk sums of the landmark-side partials: ``scale_a a.sum(1) + scale_b b.sum(1)`` in the output dtype,
+    chunk counts below, at and past the 8 loaded a step, heads whose ``rows d`` is not a multiple of a block;
+    deterministic (two calls bitwise equal)."""
+    from mita.kernels import routed
+
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(3, ca, rows, d, generator=gen).to(DEVICE)
+    b = torch.randn(3, cb, rows, d, generator=gen).to(DEVICE) if cb else None
+    for dtype in (torch.float32, torch.bfloat16):
+        out = routed.sum_chunks(a, dtype, 0.5, b, 2.0)
+        ref = 0.5 * a.double().sum(1) + (2.0 * b.double().sum(1) if cb else 0)
+        assert out.shape == (3, rows, d) and out.dtype == dtype
+        assert rel_err(out, ref) <= (1e-6 if dtype == torch.float32 else 1e-2)
+        assert torch.equal(out, routed.sum_chunks(a, dtype, 0.5, b, 2.0))
+
+
 @pytest.mark.parametrize("r", [1, 2])
 def test_routed_dkdv_is_deterministic(r):
     """No atomics: two backward passes give bitwise the same dk and dv (no shared expert, so every part of
