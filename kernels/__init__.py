@@ -86,6 +86,14 @@ ROUTED_TRANSPOSED = False
 # so that each key or query tile is read by half as many programs. Off: no faster on an H100 (BENCHMARKS.md,
 # "Kernel options timed on an H100": within 1% at N = 65,536, within the host-bound spread below).
 SHARED_RESIDENT = False
+# Whether the eager general path with the key-split shared values sums the routed dk/dv partials per key in the
+# shared values' key pass (kernels/shared.py's _bwd_keys_kernel, PAIRS) where they take one pass (4 m topk <= N:
+# the paper's budgets, e.g. N = 16,384, m = k = 64 and N = 65,536, m = k = 128), instead of a key reduction of their
+# own (routed.py's _key_reduce_kernel) whose dK, dV that pass then reads back, adds to and writes again: dK, dV
+# written once, 4 [B, H, N, d] tensors of memory traffic and one launch fewer. On by that count (compiled for sm_90:
+# 235 registers against 231, no spills); its A/B timing is `bench_attention.py --methods mita-triton,
+# mita-triton+fuse-keys=off`.
+FUSE_KEYS = True
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_LANDMARKS = 1024
 MAX_TOPK = 1024

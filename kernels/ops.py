@@ -105,11 +105,14 @@ def _forward(q, k, v, landmarks, shared_v, topk_idx, expert_idx, scale_shared, a
 
 
 def _backward(grad_out, q, k, v, landmarks, shared_v, topk_idx, expert_idx, out, lse, scale_shared, allow_tf32,
-              lay=None, dr_partials=False):
-    """Launch the backward kernels: ``dq, dk, dv`` (None for dk, dv when topk = 0) and ``dR, dV~``
-    (None without the shared expert), in the dtype of q. ``lay``: the forward's tile layout, else rebuilt.
-    ``dr_partials``: dR as the kernel's float32 partial sums ``[G, C, m, d]`` (for the shared values' backward
-    to add its own dR to in one launch)."""
+              lay=None, dr_partials=False, fuse_keys=False):
+    """Launch the backward kernels: ``dq, dk, dv`` (None for dk, dv when topk = 0), ``dR, dV~``
+    (None without the shared expert), in the dtype of q, and ``key_pairs``. ``lay``: the forward's tile layout,
+    else rebuilt. ``dr_partials``: dR as the kernel's float32 partial sums ``[G, C, m, d]`` (for the shared
+    values' backward to add its own dR to in one launch). ``fuse_keys``: where the routed dk/dv partials take one
+    pass (:func:`routed.dkdv_plan`), leave them unsummed and dk, dv unwritten, and return ``key_pairs = (dKp, dVp,
+    pair_order, key_ptr)`` for the shared values' key pass to sum (``shared.backward``); else ``key_pairs`` is
+    None and dk, dv are written."""
     B, H, N, d = q.shape
     m, topk = landmarks.shape[2], topk_idx.shape[-1]
     shared = shared_v is not None
@@ -129,8 +132,9 @@ def _backward(grad_out, q, k, v, landmarks, shared_v, topk_idx, expert_idx, out,
 
     # one entry per token (r = 1): the kernel writes dq in q's dtype, no cast after
     dq_e = _buffer((G, N * r, d), q.device, q.dtype if r == 1 else torch.float32)  # [G, N r, d]
-    dk = dv = pairs = None
+    dk = dv = pairs = key_pairs = None
     partials = ()
+    reduce_keys = True
     if topk > 0:
         # routed dk, dv without atomics: per-(expert, slot) partials [G, chunk, topk, d] (all experts or chunks
         # of them), summed per key through the inverse index (which (expert, slot) pairs hold each key);
@@ -141,8 +145,11 @@ def _backward(grad_out, q, k, v, landmarks, shared_v, topk_idx, expert_idx, out,
         part_dtype, buffers, chunk = dkdv_plan(q.dtype, N, m, topk, one_pass=ROUTED_RESIDENT)
         partials = tuple(_buffer((G, chunk, topk, d), q.device, part_dtype) for _ in range(buffers))
         pairs = _key_pairs(idx, N)
+        if fuse_keys and buffers == 2 and chunk == m:
+            reduce_keys = False
+            key_pairs = (*partials, *pairs)
     routed_backward(qf, kf, vf, rf, vsf, do, lse, delta, idx, lay, r, scale, scale_shared,
-                    dq_e, dk, dv, pairs, partials, allow_tf32)
+                    dq_e, dk, dv, pairs, partials, allow_tf32, reduce_keys)
     dq = dq_e.view(G, N, r, d).sum(2) if r > 1 else dq_e
     dr = dvs = None
     if topk > 0:
@@ -151,7 +158,7 @@ def _backward(grad_out, q, k, v, landmarks, shared_v, topk_idx, expert_idx, out,
         dr_p, dvs_p = shared_backward(qf, rf, vsf, do, lse, delta, scale_shared, allow_tf32)
         dvs = sum_chunks(dvs_p, q.dtype).view(B, H, m, d)
         dr = dr_p if dr_partials else sum_chunks(dr_p, q.dtype).view(B, H, m, d)
-    return dq.view(B, H, N, d).to(q.dtype), dk, dv, dr, dvs
+    return dq.view(B, H, N, d).to(q.dtype), dk, dv, dr, dvs, key_pairs
 
 
 # The kernels run behind torch custom ops, so torch.compile treats them as single opaque ops (no graph
@@ -177,7 +184,7 @@ def attention_bwd(
     lse: torch.Tensor, scale_shared: float, allow_tf32: bool,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     grads = _backward(grad_out, q, k, v, landmarks, shared_v, topk_idx, expert_idx, out, lse, scale_shared,
-                      allow_tf32)
+                      allow_tf32)[:5]
     # a custom op returns tensors only: an empty tensor stands for "no gradient"
     return tuple(q.new_empty(0) if g is None else g for g in grads)
 
@@ -245,15 +252,19 @@ class _Attention(torch.autograd.Function):
     def backward(ctx, grad_out, grad_lse):
         q, k, v, landmarks, shared_v, lse_sh, topk_idx, expert_idx, out, lse, *layout = ctx.saved_tensors
         scale_shared, allow_tf32, split_shared = ctx.meta[2:]
-        dq, dk, dv, dr, dvs = _backward(grad_out, q, k, v, landmarks, shared_v, topk_idx, expert_idx, out, lse,
-                                        scale_shared, allow_tf32, lay=_saved_layout(layout, ctx.meta),
-                                        dr_partials=split_shared)
+        from . import FUSE_KEYS
+
+        lm, kk, vv = (shared_split._unit_last(t) for t in (landmarks, k, v))
+        fuse = split_shared and FUSE_KEYS and shared_split.fuses_key_pairs(lm, kk)
+        dq, dk, dv, dr, dvs, key_pairs = _backward(
+            grad_out, q, k, v, landmarks, shared_v, topk_idx, expert_idx, out, lse, scale_shared, allow_tf32,
+            lay=_saved_layout(layout, ctx.meta), dr_partials=split_shared, fuse_keys=fuse)
         if split_shared:
             # V~'s backward: dR (with the shared logits' partials added in the same launch), and dK, dV added
-            # into the routed ones (or written, with no routed keys)
-            dr, dk, dv = shared_split.backward(*(shared_split._unit_last(t) for t in (landmarks, k, v)), shared_v,
-                                               lse_sh, dvs, q.shape[-1] ** -0.5, allow_tf32, into=(dk, dv),
-                                               dr_add=dr)
+            # into the routed ones (or written, with no routed keys; or with the routed partials summed per key
+            # in the same launch: key_pairs)
+            dr, dk, dv = shared_split.backward(lm, kk, vv, shared_v, lse_sh, dvs, q.shape[-1] ** -0.5, allow_tf32,
+                                               into=(dk, dv), dr_add=dr, key_pairs=key_pairs)
             return dq, dk, dv, dr, None, None, None, None, None, None
         return dq, dk, dv, dr, dvs, None, None, None, None, None
 

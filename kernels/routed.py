@@ -948,7 +948,7 @@ def routed_forward(q, k, v, landmarks, shared_v, topk_idx, lay, r, scale, scale_
 
 
 def routed_backward(q, k, v, landmarks, shared_v, do, lse, delta, topk_idx, lay, r, scale, scale_shared,
-                    dq, dk=None, dv=None, pairs=None, partials=(), allow_tf32=False):
+                    dq, dk=None, dv=None, pairs=None, partials=(), allow_tf32=False, reduce_keys=True):
     """Gradients given the final ``lse`` and ``delta = rowsum(dO * O)`` per token ``[G, N]``.
 
     ``q, k, v, do`` ``[B, H, N, d]``, any strides with a unit last one. Writes ``dq [G, E, d]`` per entry
@@ -956,7 +956,9 @@ def routed_backward(q, k, v, landmarks, shared_v, do, lse, delta, topk_idx, lay,
     dtype, every element written): the expert-major kernel writes each (expert, slot)'s partial sums into
     ``partials`` (``[G, chunk, topk, d]`` buffers, two or one, for all m experts or chunks of them:
     :func:`dkdv_plan`), then the key-major reduction sums them per key through
-    ``pairs = layout.key_pairs(topk_idx, N)`` (adding onto the earlier chunks').
+    ``pairs = layout.key_pairs(topk_idx, N)`` (adding onto the earlier chunks'). ``reduce_keys=False`` (the
+    one-pass plan only) leaves the partials unsummed and dk, dv unwritten, for the shared values' key pass to sum
+    with its own (``shared.backward(..., key_pairs=...)``: dk, dv written once, one launch fewer).
 
     Launch configuration: dq and dk/dv take ``BLOCK_M``, ``BLOCK_K`` of :func:`_block` (64 at d = 64, 16-bit),
     4 warps, 2 stages; the reduction ``2048 / d`` keys, 4 warps. Compiled for sm_90 (Triton 3.8, ``ptxas -v``,
@@ -1023,6 +1025,10 @@ def routed_backward(q, k, v, landmarks, shared_v, do, lse, delta, topk_idx, lay,
                 dict(D=D, BLOCK_M=block_m, BLOCK_K=block_k, PRECISION=precision, SPREC=sprec, DO_DK=do_dk,
                     DO_DV=do_dv, EPP=epp, num_warps=warps_kv, num_stages=2),
             )
+            if not reduce_keys:  # the caller sums the partials per key (shared.backward's key_pairs)
+                if len(partials) != 2 or chunk != M:
+                    raise ValueError("reduce_keys=False needs the one-pass plan: two partial buffers of every expert")
+                continue
             two = do_dk and do_dv
             # the reduction's first tensor is the pass's only one when it computes one
             first, first_out = (part_a, out_a) if do_dk else (part_b, out_b)

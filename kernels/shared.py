@@ -117,11 +117,16 @@ def _landmark_rows(R, VS, DVS, LSE, g, b, h, lm, lm_ok, stride_rb, stride_rh, st
 
 @triton.jit
 def _bwd_keys_kernel(
-    R, K, V, VS, DVS, LSE, DK, DV,
+    R, K, V, VS, DVS, LSE, DK, DV, DKP, DVP, PAIR_ORDER, KEY_PTR,
     stride_rb, stride_rh, stride_rm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-    H, N, M, scale,
+    H, N, M, MK, scale,
     D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr, ADD: tl.constexpr,
+    PAIRS: tl.constexpr,
 ):
+    """Programs (head, block of ``BN`` keys): the shared values' ``dK``, ``dV`` of the block's keys over every
+    landmark block, then (``PAIRS``) the routed keys' float32 partial rows of the (expert, slot) pairs that hold
+    each key, read through the inverse index ``PAIR_ORDER [G, MK]``, ``KEY_PTR [G, N + 1]`` (routed.py's key
+    reduction, fused: dK, dV written once), or (``ADD``) what is already in ``DK``, ``DV``."""
     DT = K.dtype.element_ty
     g = tl.program_id(0).to(tl.int64)
     b = g // H
@@ -146,6 +151,16 @@ def _bwd_keys_kernel(
         dk = tl.dot(dl_t.to(DT), r, dk, input_precision=PREC)
     out = (g * N + cols[:, None]) * D + offs_d[None, :]
     dk = dk * scale
+    if PAIRS:  # the routed partials of each key's (expert, slot) pairs, in the inverse index's order
+        ptr = KEY_PTR + g * (N + 1) + cols
+        lo = tl.load(ptr, mask=ok, other=0)
+        cnt = tl.load(ptr + 1, mask=ok, other=0) - lo
+        for c in range(0, tl.max(cnt, 0)):
+            held = c < cnt
+            pair = tl.load(PAIR_ORDER + g * MK + lo + c, mask=held, other=0)
+            row = (g * MK + pair)[:, None] * D + offs_d[None, :]
+            dk += tl.load(DKP + row, mask=held[:, None], other=0.0).to(tl.float32)
+            dv += tl.load(DVP + row, mask=held[:, None], other=0.0).to(tl.float32)
     if ADD:  # onto the gradients already there (the routed keys'), rounded once
         dk += tl.load(DK + out, mask=ok[:, None], other=0.0).to(tl.float32)
         dv += tl.load(DV + out, mask=ok[:, None], other=0.0).to(tl.float32)
@@ -316,13 +331,16 @@ def forward(landmarks, k, v, scale, allow_tf32=False, cfg=None, alloc=torch.empt
 
 
 def backward(landmarks, k, v, vs, lse, grad_vs, scale, allow_tf32=False, cfg=None, alloc=torch.empty, into=None,
-             dr_add=None):
+             dr_add=None, key_pairs=None):
     """``(dR [B, H, m, d], dK, dV [B, H, N, d])`` in the input dtype, from ``dV~`` (``grad_vs``).
 
     ``into``: optional ``(dK, dV)``, contiguous ``[B, H, N, d]`` (or ``[B H, N, d]``) gradients in the input
     dtype that this pass adds its own to, in place and returned (None entries: written fresh). ``dr_add``:
     optional float32 partial sums ``[B H, C, m, d]`` of another landmark gradient, added into dR in the launch
-    that sums this pass's own partials."""
+    that sums this pass's own partials. ``key_pairs``: optional ``(dKp, dVp, pair_order, key_ptr)``, the routed
+    keys' float32 partials ``[B H, m, topk, d]`` per (expert, slot) and their inverse index
+    (``routed.routed_backward(..., reduce_keys=False)``): each key's are summed into its dK, dV in the same
+    launch, and ``into``'s buffers are written, not added to."""
     B, H, m, D = landmarks.shape
     N = k.shape[2]
     G = B * H
@@ -331,6 +349,8 @@ def backward(landmarks, k, v, vs, lse, grad_vs, scale, allow_tf32=False, cfg=Non
     prec = _precision(k.dtype, allow_tf32)
     dvs = grad_vs.to(k.dtype).contiguous()
     add = into is not None and into[0] is not None
+    if key_pairs is not None and not (add and _resident_keys(G, N, m, D, k.element_size()) is None):
+        raise ValueError("key_pairs needs into's dK, dV buffers and the key-block kernel (not SHARED_RESIDENT's)")
     if add:
         if not all(t.is_contiguous() and t.dtype == k.dtype and t.numel() == G * N * D for t in into):
             raise ValueError(f"into must hold contiguous dK, dV of {G * N * D} elements in the dtype of k ({k.dtype})")
@@ -349,10 +369,13 @@ def backward(landmarks, k, v, vs, lse, grad_vs, scale, allow_tf32=False, cfg=Non
             dict(D=D, PREC=prec, ADD=add, **res),
         )
     else:
+        pairs = key_pairs if key_pairs is not None else (dk, dv, dk, dk)  # the latter never read
+        mk = key_pairs[2].shape[-1] if key_pairs is not None else 0
         launch(
             _bwd_keys_kernel, (G, cdiv(N, cfg["BN"])),
-            (*args, dk, dv, *strides, H, N, m, scale),
-            dict(D=D, BM=cfg["BM"], BN=cfg["BN"], PREC=prec, ADD=add, num_warps=cfg["num_warps"]),
+            (*args, dk, dv, *pairs, *strides, H, N, m, mk, scale),
+            dict(D=D, BM=cfg["BM"], BN=cfg["BN"], PREC=prec, ADD=add and key_pairs is None,
+                 PAIRS=key_pairs is not None, num_warps=cfg["num_warps"]),
         )
     chunks = cdiv(N, cfg["CHUNK"])
     lm_bm, lm_warps = _landmark_blocks(cfg)
@@ -364,6 +387,12 @@ def backward(landmarks, k, v, vs, lse, grad_vs, scale, allow_tf32=False, cfg=Non
     )
     dr = sum_chunks(pdr, k.dtype, scale, dr_add).view(B, H, m, D)
     return dr, dk, dv
+
+
+def fuses_key_pairs(landmarks: torch.Tensor, k: torch.Tensor) -> bool:
+    """Whether :func:`backward` takes ``key_pairs`` for these inputs (its key-block kernel, not the resident one)."""
+    B, H, m, D = landmarks.shape
+    return _resident_keys(B * H, k.shape[2], m, D, k.element_size()) is None
 
 
 # Behind torch custom ops, as the other kernels (ops.py): torch.compile sees one opaque op (inductor would

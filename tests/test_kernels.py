@@ -437,18 +437,22 @@ def test_shared_resident_kernels(monkeypatch, kind, N, m, topk, r):
     assert (("_shared_bwd_kernel", 128) in launched) == (m >= 128)
 
 
-@pytest.mark.parametrize("N,m,topk,r", [(50, 5, 7, 2), (33, 20, 4, 1), (17, 3, 0, 1)])
-def test_shared_values_split_over_the_keys(monkeypatch, N, m, topk, r):
+@pytest.mark.parametrize("N,m,topk,r,fuse", [(50, 5, 7, 2, True), (33, 20, 4, 1, True), (17, 3, 0, 1, True),
+                                              (130, 4, 8, 1, True), (150, 3, 9, 2, True), (130, 4, 8, 1, False)])
+def test_shared_values_split_over_the_keys(monkeypatch, N, m, topk, r, fuse):
     """mita.kernels.SHARED_SPLIT_MIN_N: the general path's fp16/bf16 shared values from kernels/shared.py,
     made inside the eager autograd function, whose backward adds their dK, dV into the routed keys' in the
-    kernel (written fresh with topk = 0)."""
+    kernel (written fresh with topk = 0); where the routed partials take one pass (``4 m topk <= N``) and
+    ``ops.FUSE_KEYS`` is on, the same launch sums them per key (keys repeated in an expert's list)."""
     from mita.kernels import shared as shared_kernels
 
+    monkeypatch.setattr(kernels, "FUSE_KEYS", fuse)
     calls = []
     forward, backward = shared_kernels.forward, shared_kernels.backward
     monkeypatch.setattr(shared_kernels, "forward", lambda *a, **kw: calls.append("fwd") or forward(*a, **kw))
-    monkeypatch.setattr(shared_kernels, "backward", lambda *a, into=None, **kw: calls.append(
-        ("bwd", into is not None and into[0] is not None)) or backward(*a, into=into, **kw))
+    monkeypatch.setattr(shared_kernels, "backward", lambda *a, into=None, key_pairs=None, **kw: calls.append(
+        ("bwd", into is not None and into[0] is not None, key_pairs is not None))
+        or backward(*a, into=into, key_pairs=key_pairs, **kw))
     monkeypatch.setattr(shared_kernels, "config", lambda *a: {"BM": 16, "BN": 16, "CHUNK": 16, "num_warps": 4})
     monkeypatch.setattr(kernels, "SHARED_SPLIT_MIN_N", 1)
     B, H, d = 2, 2, 32
@@ -460,7 +464,7 @@ def test_shared_values_split_over_the_keys(monkeypatch, N, m, topk, r):
     assert rel_err(out, ref) <= 1e-2
     grad_out = torch.randn(B, H, N, d, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     _assert_grads(out, inputs, ref, ref_inputs, grad_out.to(DEVICE), torch.float16, 1e-2)
-    assert calls == ["fwd", ("bwd", topk > 0)]
+    assert calls == ["fwd", ("bwd", topk > 0, fuse and topk > 0 and 4 * m * topk <= N)]
     # fp32 keeps SDPA's shared values (IEEE backward)
     calls.clear()
     mita_attention(*(x.float() for x in inputs), topk, impl="triton", **kw)
