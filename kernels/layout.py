@@ -55,6 +55,13 @@ def expert_tiles(expert: torch.Tensor, m: int, N: int, r: int) -> dict:
     }
 
 
+def _sort_keys(flat: torch.Tensor, N: int) -> torch.Tensor:
+    """The key lists as the narrowest integers that hold them (int16 below 2^15 keys, int32 below 2^31) for the
+    inverse index's stable sort: a radix sort's passes go by the key's bits (8 for int64 on a GPU, 4 for int32)."""
+    dtype = torch.int16 if N < 1 << 15 else torch.int32 if N < 1 << 31 else flat.dtype  # N itself too (bounds)
+    return flat.to(dtype)
+
+
 def key_pairs(topk_idx: torch.Tensor, N: int):
     """Inverse index of the experts' key lists: for each key, the (expert, slot) pairs that hold it.
 
@@ -64,7 +71,7 @@ def key_pairs(topk_idx: torch.Tensor, N: int):
     held by no expert has none, one listed twice by an expert has two). Static shapes, no host sync.
     """
     G = topk_idx.shape[0]
-    flat = topk_idx.reshape(G, -1)
+    flat = _sort_keys(topk_idx.reshape(G, -1), N)
     sorted_keys, pair_order = torch.sort(flat, dim=-1, stable=True)
     bounds = torch.arange(N + 1, device=flat.device, dtype=flat.dtype).expand(G, N + 1).contiguous()
     key_ptr = torch.searchsorted(sorted_keys.contiguous(), bounds)  # first sorted position >= each key

@@ -60,6 +60,7 @@ import triton
 import triton.language as tl
 
 from .launch import cdiv, launch, next_power_of_2
+from .layout import _sort_keys
 
 MAX_EXPERTS = 1024
 _COUNT_BLOCK = 1024  # entries per histogram in the count pass
@@ -293,7 +294,7 @@ def key_pairs_triton(topk_idx: torch.Tensor, N: int):
     """:func:`kernels.layout.key_pairs` with the CSR pointers from one launch (a binary search per key)
     instead of an arange, its copy and ``torch.searchsorted``: the same ``(pair_order, key_ptr)``, int64."""
     G = topk_idx.shape[0]
-    flat = topk_idx.reshape(G, -1)
+    flat = _sort_keys(topk_idx.reshape(G, -1), N)
     MK = flat.shape[1]
     sorted_keys, pair_order = torch.sort(flat, dim=-1, stable=True)
     key_ptr = _buffer((G, N + 1), flat.device)

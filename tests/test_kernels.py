@@ -516,6 +516,23 @@ def test_key_pairs_inverse_index():
     assert pair_order.tolist() == [[1, 5, 3, 0, 2, 4]]
 
 
+@pytest.mark.parametrize("N", [32767, 32768, 40000])
+def test_key_pairs_sort_narrow_keys(N):
+    """The inverse index sorts the key lists as int16 below 2^15 keys and int32 beyond: the same index as a
+    sort of the int64 lists, with keys at the top of the range (N - 1) and repeated."""
+    from mita.kernels.layout import _sort_keys, key_pairs
+
+    assert _sort_keys(torch.zeros(1, 1, dtype=torch.long), N).dtype == (torch.int16 if N < 1 << 15 else torch.int32)
+    g = torch.Generator().manual_seed(N)
+    topk_idx = torch.randint(N - 40, N, (2, 5, 9), generator=g)
+    topk_idx[:, 0, 0] = N - 1
+    pair_order, key_ptr = key_pairs(topk_idx, N)
+    flat = topk_idx.reshape(2, -1)
+    want_keys, want_order = torch.sort(flat, dim=-1, stable=True)
+    assert torch.equal(pair_order, want_order)
+    assert torch.equal(key_ptr, torch.searchsorted(want_keys, torch.arange(N + 1).expand(2, N + 1).contiguous()))
+
+
 def test_key_pairs_from_the_triton_kernel(monkeypatch):
     """layout_kernels.key_pairs_triton: the CSR pointers by a binary search per key, equal to key_pairs's, on
     keys repeated, missing, all one key, N not a multiple of the block, several heads; buffers poisoned."""
