@@ -25,7 +25,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from . import shared as shared_split  # the shared values split over the keys
 from .layout import expert_tiles, key_pairs
-from .routed import dkdv_plan, merge_slots, routed_backward, routed_forward, row_delta, shared_backward, sum_chunks
+from .routed import dkdv_plan, merge_slots, routed_backward, routed_forward, shared_backward, sum_chunks
 from .small_ops import _unit_last_stride  # the kernels take any batch, head and row strides, a unit last one
 
 # Backends for the shared values, in order of preference (flash takes fp16/bf16, the rest any dtype).
@@ -128,7 +128,8 @@ def _backward(grad_out, q, k, v, landmarks, shared_v, topk_idx, expert_idx, out,
     if lay is None:  # the custom op keeps no layout between passes: three small launches rebuild it
         lay = _expert_tiles(expert_idx.reshape(G, N * r), m, N, r)
     do = _unit_last_stride(grad_out.to(q.dtype))  # [B, H, N, d], any strides
-    delta = row_delta(do, _unit_last_stride(out))  # [G, N] fp32, one launch
+    # delta = rowsum(dO * O) [G, N] fp32: filled by routed_backward, in its dq kernel where each token is one entry
+    delta = _buffer((G, N), q.device)
 
     # one entry per token (r = 1): the kernel writes dq in q's dtype, no cast after
     dq_e = _buffer((G, N * r, d), q.device, q.dtype if r == 1 else torch.float32)  # [G, N r, d]
@@ -149,7 +150,7 @@ def _backward(grad_out, q, k, v, landmarks, shared_v, topk_idx, expert_idx, out,
             reduce_keys = False
             key_pairs = (*partials, *pairs)
     routed_backward(qf, kf, vf, rf, vsf, do, lse, delta, idx, lay, r, scale, scale_shared,
-                    dq_e, dk, dv, pairs, partials, allow_tf32, reduce_keys)
+                    dq_e, dk, dv, pairs, partials, allow_tf32, reduce_keys, out=_unit_last_stride(out))
     dq = dq_e.view(G, N, r, d).sum(2) if r > 1 else dq_e
     dr = dvs = None
     if topk > 0:

@@ -105,11 +105,13 @@ def _routed_fwd_kernel(
 def _routed_bwd_dq_kernel(
     Q, K, V, R, VS, DO, LSE, DELTA, TOPK_IDX, SLOT_TOKEN, SLOT_SOURCE, TILE_EXPERT, TILE_COUNT, DQ,
     H, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn,
-    N, E, M, TOPK, T, S, NUM_MB, R_SLOTS, scale, scale_shared,
+    N, E, M, TOPK, T, S, NUM_MB, R_SLOTS, scale, scale_shared, O, sob, soh, son,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    SHARED: tl.constexpr, PRECISION: tl.constexpr, SPREC: tl.constexpr,
+    SHARED: tl.constexpr, PRECISION: tl.constexpr, SPREC: tl.constexpr, DELTA_HERE: tl.constexpr = False,
 ):
-    # same grid as the forward; dq of each entry, summed over its r slots by the caller
+    # same grid as the forward; dq of each entry, summed over its r slots by the caller. DELTA_HERE (r = 1: each
+    # token is one entry, so one program holds it): delta = rowsum(dO * O) from O read here and stored to DELTA
+    # for the later kernels, instead of a launch of its own
     g, t, m0, count = _block_of_tile(TILE_COUNT, NUM_MB, S, BLOCK_M)
     # the tile count is static (worst case): unused tiles and blocks past a tile's entries do nothing
     if m0 >= count:
@@ -123,7 +125,12 @@ def _routed_bwd_dq_kernel(
     q = tl.load(Q + b * sqb + h * sqh + tok * sqn + offs_d[None, :], mask=row_ok[:, None], other=0.0)
     do = tl.load(DO + b * sdb + h * sdh + tok * sdn + offs_d[None, :], mask=row_ok[:, None], other=0.0)
     lse = tl.load(LSE + g * N + token, mask=row_ok, other=0.0)
-    delta = tl.load(DELTA + g * N + token, mask=row_ok, other=0.0)
+    if DELTA_HERE:
+        o = tl.load(O + b * sob + h * soh + tok * son + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+        tl.store(DELTA + g * N + token, delta, mask=row_ok)
+    else:
+        delta = tl.load(DELTA + g * N + token, mask=row_ok, other=0.0)
 
     dq = tl.zeros([BLOCK_M, D], tl.float32)
     if SHARED:
@@ -732,11 +739,12 @@ def merge_slots(o_r: torch.Tensor, lse_r: torch.Tensor, out: torch.Tensor, r: in
     return lse
 
 
-def row_delta(do: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+def row_delta(do: torch.Tensor, out: torch.Tensor, delta=None) -> torch.Tensor:
     """``rowsum(dO * O)`` per token, ``[B H, N]`` fp32, in one launch (``[B, H, N, d]`` inputs, any strides
-    with a unit last one)."""
+    with a unit last one), into ``delta`` if given."""
     B, H, N, D = do.shape
-    delta = torch.empty(B * H, N, dtype=torch.float32, device=do.device)
+    if delta is None:
+        delta = torch.empty(B * H, N, dtype=torch.float32, device=do.device)
     bn = 64 if D <= 64 else 32
     launch(_delta_kernel, (B * H, cdiv(N, bn)), (do, out, delta, H, N, *_bhn(do), *_bhn(out)), dict(D=D, BN=bn))
     return delta
@@ -948,8 +956,10 @@ def routed_forward(q, k, v, landmarks, shared_v, topk_idx, lay, r, scale, scale_
 
 
 def routed_backward(q, k, v, landmarks, shared_v, do, lse, delta, topk_idx, lay, r, scale, scale_shared,
-                    dq, dk=None, dv=None, pairs=None, partials=(), allow_tf32=False, reduce_keys=True):
-    """Gradients given the final ``lse`` and ``delta = rowsum(dO * O)`` per token ``[G, N]``.
+                    dq, dk=None, dv=None, pairs=None, partials=(), allow_tf32=False, reduce_keys=True, out=None):
+    """Gradients given the final ``lse`` and ``delta = rowsum(dO * O)`` per token ``[G, N]``; with ``out``
+    (``[B, H, N, d]``, any strides with a unit last one) ``delta`` is a buffer this fills first: in the dq
+    kernel where each token is one entry (r = 1, block programs), else by :func:`row_delta`.
 
     ``q, k, v, do`` ``[B, H, N, d]``, any strides with a unit last one. Writes ``dq [G, E, d]`` per entry
     (routed and shared parts) and, with ``topk > 0``, the routed ``dk, dv [G, N, d]`` (contiguous, any float
@@ -982,6 +992,10 @@ def routed_backward(q, k, v, landmarks, shared_v, do, lse, delta, topk_idx, lay,
             lay["slot_token"], lay["slot_source"], lay["tile_expert"], lay["tile_count"], dq, H, *_bhn(q), *_bhn(k),
             *_bhn(v), *_bhn(do), N, E, M, topk, T, S)
     tail = (r, scale, scale_shared)
+    trans = res is None and transposed(block_m, block_k, block_r, D, q.element_size(), shared, topk)
+    delta_here = out is not None and r == 1 and res is None and not trans
+    if out is not None and not delta_here:
+        row_delta(do, out, delta)
     if res is not None:
         num_tp = cdiv(S, res["TPP"])
         launch(
@@ -991,12 +1005,19 @@ def routed_backward(q, k, v, landmarks, shared_v, do, lse, delta, topk_idx, lay,
         )
     else:
         num_mb = cdiv(T, block_m)
-        launch(
-            _routed_bwd_dq_t_kernel if transposed(block_m, block_k, block_r, D, q.element_size(), shared, topk)
-            else _routed_bwd_dq_kernel, (G * S * num_mb,), (*head, num_mb, *tail),
-            dict(D=D, BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_r, SHARED=shared, PRECISION=precision,
-                SPREC=sprec, num_warps=warps_q, num_stages=2),
-        )
+        if trans:
+            launch(
+                _routed_bwd_dq_t_kernel, (G * S * num_mb,), (*head, num_mb, *tail),
+                dict(D=D, BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_r, SHARED=shared, PRECISION=precision,
+                     SPREC=sprec, num_warps=warps_q, num_stages=2),
+            )
+        else:
+            o_args = (out, *_bhn(out)) if delta_here else (do, 0, 0, 0)  # O: read only with DELTA_HERE
+            launch(
+                _routed_bwd_dq_kernel, (G * S * num_mb,), (*head, num_mb, *tail, *o_args),
+                dict(D=D, BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_r, SHARED=shared, PRECISION=precision,
+                     SPREC=sprec, DELTA_HERE=delta_here, num_warps=warps_q, num_stages=2),
+            )
     if topk == 0:
         return
     # the dk/dv programs take the queries in blocks of the tile's size (at most 64) and the keys in blocks of block_k
