@@ -72,6 +72,13 @@ ROUTED_RESIDENT = False
 # Off: slower on an H100 (BENCHMARKS.md, "The expert mask as a logit bias"): forward+backward +3-7% at N = 1,025,
 # 16,384 and 65,536 (m = k = 49-512).
 DKDV_WIDE = False
+# Whether the general path's forward and dq block programs take 128 entries with 8 warps where tiles hold 128 or
+# more (N r / m >= 128: e.g. N = 65,536, m = 128, T = 512; fp16/bf16, d <= 64), instead of 64 entries with 4 warps:
+# each block re-reads the expert's keys and values and the head's landmarks and shared values from L2 half as often
+# (at N = 65,536, m = k = 128 the 64-entry forward moves ~1.3 GB from L2 for ~0.3 GB of DRAM traffic). Keys stay in
+# blocks of 64 (ROUTED_RESIDENT's 128 x 128 blocks, slower at m = k = 512, take 190 registers and one program an
+# SM; 128 x 64: 123 and two, sm_90). Off until timed on a GPU.
+ROUTED_WIDE = False
 # Whether the general path's forward and dq programs of fewer than 64 entries (short tiles, N r / m < 64: ViT
 # lengths such as N = 1,025, m = 49) run with their tiles transposed (keys and landmarks as rows), so that their
 # products have 64 rows and become Hopper warp-group MMAs (routed.transposed); the untransposed 32-entry programs

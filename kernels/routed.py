@@ -869,10 +869,15 @@ def experts_per_program(T: int) -> int:
 def _resident(T, M, topk, D, itemsize, shared):
     """The resident kernels' config (None where they do not take the case or ``ROUTED_RESIDENT`` is off) and the
     block-program kernels' blocks and warps (:func:`routed_blocks`)."""
-    from . import ROUTED_RESIDENT
+    from . import ROUTED_RESIDENT, ROUTED_WIDE
 
     res = resident_config(T, M, topk, D, itemsize, shared) if ROUTED_RESIDENT else None
-    return res, routed_blocks(T, topk, D, itemsize, ROUTED_RESIDENT)
+    block_m, block_k, warps_q, warps_kv = routed_blocks(T, topk, D, itemsize, ROUTED_RESIDENT)
+    if ROUTED_WIDE and not ROUTED_RESIDENT and itemsize == 2 and D <= 64 and T >= 128:
+        # 128 entries, 8 warps; keys stay in blocks of 64 (128 x 64 forward: 123 registers, two programs an SM;
+        # 128 x 128: 190, one; sm_90, Triton 3.8)
+        block_m, warps_q = 128, 8
+    return res, (block_m, block_k, warps_q, warps_kv)
 
 
 def dkdv_plan(dtype, N: int, m: int, topk: int, one_pass: bool = False):
@@ -1026,10 +1031,11 @@ def routed_backward(q, k, v, landmarks, shared_v, do, lse, delta, topk_idx, lay,
     block_n = _reduce_block(D)
     num_nb = cdiv(N, block_n)
     chunk = partials[0].shape[1]  # experts a pass takes (all m, or chunks of them: dkdv_plan)
-    from . import DKDV_WIDE
+    from . import DKDV_WIDE, ROUTED_RESIDENT
 
-    if DKDV_WIDE and res is None:  # the dk/dv programs' shapes of ROUTED_RESIDENT alone
-        _, block_k, _, warps_kv = routed_blocks(T, topk, D, q.element_size(), True)
+    # the dk/dv programs' shapes: ROUTED_RESIDENT's, or those alone with DKDV_WIDE (ROUTED_WIDE is the forward's
+    # and dq's)
+    _, block_k, _, warps_kv = routed_blocks(T, topk, D, q.element_size(), ROUTED_RESIDENT or DKDV_WIDE)
     epp = experts_per_program(T) if res is not None or DKDV_WIDE else 1
     num_kb = cdiv(topk, block_k)
     for e0 in range(0, M, chunk):

@@ -351,6 +351,25 @@ def test_dkdv_wide(monkeypatch, kind, B, N, m, topk, r, shared, epp):
         assert all(meta["BLOCK_K"] == 128 and meta["num_warps"] == 8 for meta in launched)
 
 
+@pytest.mark.parametrize("kind,B,N,m,topk,r,shared", [
+    ("duplicates", 1, 300, 2, 20, 1, True),  # tiles of 150 entries: two 128-entry blocks, the second part-filled
+    ("one_key", 2, 140, 2, 9, 2, True),  # r = 2: tiles of 140
+    ("shared_keys", 1, 260, 2, 70, 1, False),  # keys past one 64-key block, no shared expert
+])
+def test_routed_wide_blocks(monkeypatch, kind, B, N, m, topk, r, shared):
+    """mita.kernels.ROUTED_WIDE: the routed forward and dq in 128-entry, 8-warp blocks where tiles hold 128
+    entries or more; fp16, poisoned buffers."""
+    from mita.kernels import routed
+
+    monkeypatch.setattr(kernels, "ROUTED_WIDE", True)
+    launched = []
+    wide = (routed._routed_fwd_kernel, routed._routed_bwd_dq_kernel)
+    monkeypatch.setattr(routed, "launch", lambda kernel, grid, args, meta, key=None: (
+        kernel in wide and launched.append(meta)) or launch_mod.launch(kernel, grid, args, meta, key))
+    _check_general_layout(kind, N, m, topk, r, shared, B=B, dtype=torch.float16)
+    assert len(launched) == 2 and all(meta["BLOCK_M"] == 128 and meta["num_warps"] == 8 for meta in launched)
+
+
 @pytest.mark.parametrize("kind,B,N,m,topk,r,shared,resident", [
     ("duplicates", 1, 100, 40, 40, 1, True, False),  # tiles of 3 entries (blocks of 16), the first expert spans 23
     ("duplicates", 2, 90, 33, 50, 2, True, False),  # r = 2, tiles of 6
