@@ -36,6 +36,11 @@ LAYOUT_KERNELS = True
 # one host sync), -10% forward+backward at m N = 2^25 and +6% at 2^23. From 2^23 on; the score matrix it saves
 # (2 m N bytes a head in bf16: 1 GiB at B H = 16, N = 65,536, m = 512) also sets the peak memory there.
 STREAM_TOPK_MIN_SCORES = 1 << 23
+# Up to this many keys, the general path's landmark top-k runs in one launch (kernels/topk_stream.py's search_topk:
+# per landmark block, the scores recomputed tile by tile in ~8 value-space counting passes, no score matrix) instead
+# of R K^T and torch.topk (at N = 1,025, m = 49, B H = 384 on an H100: a 89 us GEMM and ~330 us of top-k kernels in
+# 9 launches); None: never. Off until timed on a GPU.
+SEARCH_TOPK_MAX_N = None
 # From this many keys on, the general path computes the shared values V~ = softmax(s R K^T) V (and their
 # backward) with the key-split kernels of kernels/shared.py instead of SDPA, whose m-query launch runs one
 # program per head over all N keys; fp16/bf16 inputs only; None: never. 1,024: the shortest length where it was
@@ -248,6 +253,14 @@ def landmark_topk(k: torch.Tensor, landmarks: torch.Tensor, topk: int) -> torch.
     """``topk_idx [B, H, m, topk]`` (int64): the keys with the largest unscaled scores ``R_j . k_i``, streamed
     (kernels/topk_stream.py: no m x N tensor; rows by score, ties to the lower index)."""
     from .topk_stream import landmark_topk as select
+
+    return select(k, landmarks, topk)
+
+
+def landmark_topk_search(k: torch.Tensor, landmarks: torch.Tensor, topk: int) -> torch.Tensor:
+    """``topk_idx [B, H, m, topk]`` (int64) as :func:`landmark_topk`, in one launch (kernels/topk_stream.py's
+    ``search_topk``: rows of up to a few thousand keys)."""
+    from .topk_stream import landmark_topk_search as select
 
     return select(k, landmarks, topk)
 

@@ -274,6 +274,55 @@ def _row_keys(r, Kg, skn, t, N, offs_d, rows, j, BLOCK_N: tl.constexpr, PREC: tl
 
 
 @triton.jit
+def _radix_row(r, Kg, skn, N, N_TILES, offs_d, rows, j, out, TOPK, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+               PREC: tl.constexpr):
+    """Row j of the landmark block ``r`` (rows ``rows``): its TOPK indices, largest score first, written to
+    ``out[0 : TOPK]`` (int64; the slots hold packed keys in between), with no host round trip: the TOPK-th
+    largest score by a radix select (four passes over the key tiles, one 8-bit digit of the order-preserving keys
+    each, from the top, counted by a 256-bin histogram of the keys that match the digits so far; the scores
+    recomputed each pass), then one pass collecting the keys above it and, of those equal to it, the lowest
+    indices, ranked by score, then index."""
+    bins = tl.arange(0, 256)
+    prefix = tl.zeros([], tl.uint32)  # the digits chosen so far
+    need = TOPK  # keys still to take among those that match the prefix
+    for p in tl.static_range(4):
+        shift = 24 - 8 * p
+        hist = tl.zeros([256], tl.int32)
+        for t in range(N_TILES):
+            key, ok = _row_keys(r, Kg, skn, t, N, offs_d, rows, j, BLOCK_N, PREC, t == N_TILES - 1)
+            match = ok
+            if p > 0:
+                match = ok & ((key >> (shift + 8)) == prefix)
+            digit = tl.where(match, (key >> shift) & 255, 0).to(tl.int32)
+            hist += tl.histogram(digit, 256)
+            hist -= tl.where(bins == 0, tl.sum((match == 0).to(tl.int32), 0), 0)  # the non-matching
+        # keys with a digit >= b, per b; the chosen digit is the largest b with at least `need` of them
+        at_least = tl.sum(hist, 0) - tl.cumsum(hist, 0) + hist
+        chosen = tl.sum((at_least >= need).to(tl.int32), 0) - 1
+        need -= tl.sum(tl.where(bins == chosen, at_least - hist, 0), 0)
+        prefix = (prefix << 8) | chosen.to(tl.uint32)
+    n_out = 0
+    n_eq = 0
+    for t in range(N_TILES):
+        key, ok = _row_keys(r, Kg, skn, t, N, offs_d, rows, j, BLOCK_N, PREC, t == N_TILES - 1)
+        eq = (ok & (key == prefix)).to(tl.int32)
+        take = (ok & (key > prefix)) | ((eq > 0) & (n_eq + tl.cumsum(eq, 0) - eq < need))
+        pos = n_out + tl.cumsum(take.to(tl.int32), 0) - take.to(tl.int32)
+        idx = t * BLOCK_N + tl.arange(0, BLOCK_N)
+        packed = ((key ^ 0x80000000).to(tl.int32, bitcast=True).to(tl.int64) << 32) | \
+            (0x7FFFFFFF - idx).to(tl.int64)
+        tl.store(out + pos, packed, mask=take)
+        n_out += tl.sum(take.to(tl.int32), 0)
+        n_eq += tl.sum(eq, 0)
+    tl.debug_barrier()  # the row's TOPK packed keys are in place
+    i = tl.arange(0, BLOCK_K)
+    packed = tl.load(out + i, mask=i < TOPK, other=-9223372036854775808)
+    packed = tl.sort(packed, dim=0, descending=True)
+    tl.debug_barrier()  # every slot read before any is overwritten
+    tl.store(out + i, 0x7FFFFFFF - (packed & 0x7FFFFFFF), mask=i < TOPK)
+
+
+@triton.jit
 def _repair_kernel(
     K, R, CNT, OUT, H, skb, skh, skn, srb, srh, srm, N, M, N_TILES, CHUNKS, CAP, TOPK,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -281,11 +330,7 @@ def _repair_kernel(
 ):
     """Program (g, landmark j): nothing unless one of the row's chunks had more candidates than its CAP slots
     (adversarial inputs: massive ties, or the best keys in one residue class). Then the row's top-k from
-    scratch, with no host round trip: the TOPK-th largest score by a radix select (four passes over the key
-    tiles, one 8-bit digit of the order-preserving keys each, from the top, counted by a 256-bin histogram of
-    the keys that match the digits so far; the scores recomputed each pass), then one pass collecting the
-    keys above it and, of those equal to it, the lowest indices, ranked as the main path ranks them (score,
-    then index)."""
+    scratch by :func:`_radix_row`."""
     pid = tl.program_id(0)
     g = (pid // M).to(tl.int64)
     j = pid % M
@@ -298,44 +343,159 @@ def _repair_kernel(
         offs_d = tl.arange(0, D)
         r, rows, _ = _landmark_block(R, g, H, srb, srh, srm, M, j // BLOCK_M, offs_d, BLOCK_M)
         Kg = K + (g // H) * skb + (g % H) * skh
-        bins = tl.arange(0, 256)
-        prefix = tl.zeros([], tl.uint32)  # the digits chosen so far
-        need = TOPK  # keys still to take among those that match the prefix
-        for p in tl.static_range(4):
-            shift = 24 - 8 * p
-            hist = tl.zeros([256], tl.int32)
-            for t in range(N_TILES):
-                key, ok = _row_keys(r, Kg, skn, t, N, offs_d, rows, j, BLOCK_N, PREC, t == N_TILES - 1)
-                match = ok
-                if p > 0:
-                    match = ok & ((key >> (shift + 8)) == prefix)
-                digit = tl.where(match, (key >> shift) & 255, 0).to(tl.int32)
-                hist += tl.histogram(digit, 256)
-                hist -= tl.where(bins == 0, tl.sum((match == 0).to(tl.int32), 0), 0)  # the non-matching
-            # keys with a digit >= b, per b; the chosen digit is the largest b with at least `need` of them
-            at_least = tl.sum(hist, 0) - tl.cumsum(hist, 0) + hist
-            chosen = tl.sum((at_least >= need).to(tl.int32), 0) - 1
-            need -= tl.sum(tl.where(bins == chosen, at_least - hist, 0), 0)
-            prefix = (prefix << 8) | chosen.to(tl.uint32)
-        n_out = 0
-        n_eq = 0
-        out = OUT + row * TOPK
-        for t in range(N_TILES):
-            key, ok = _row_keys(r, Kg, skn, t, N, offs_d, rows, j, BLOCK_N, PREC, t == N_TILES - 1)
-            eq = (ok & (key == prefix)).to(tl.int32)
-            take = (ok & (key > prefix)) | ((eq > 0) & (n_eq + tl.cumsum(eq, 0) - eq < need))
-            pos = n_out + tl.cumsum(take.to(tl.int32), 0) - take.to(tl.int32)
-            idx = t * BLOCK_N + tl.arange(0, BLOCK_N)
-            packed = ((key ^ 0x80000000).to(tl.int32, bitcast=True).to(tl.int64) << 32) | \
-                (0x7FFFFFFF - idx).to(tl.int64)
-            tl.store(out + pos, packed, mask=take)
-            n_out += tl.sum(take.to(tl.int32), 0)
-            n_eq += tl.sum(eq, 0)
-        tl.debug_barrier()  # the row's TOPK packed keys are in place
-        i = tl.arange(0, BLOCK_K)
-        packed = tl.load(out + i, mask=i < TOPK, other=-9223372036854775808)
-        packed = tl.sort(packed, dim=0, descending=True)
-        tl.store(out + i, 0x7FFFFFFF - (packed & 0x7FFFFFFF), mask=i < TOPK)
+        _radix_row(r, Kg, skn, N, N_TILES, offs_d, rows, j, OUT + row * TOPK, TOPK, BLOCK_N, BLOCK_K, PREC)
+
+
+@triton.jit
+def _count4(s, t1, t2, t3, t4, c1, c2, c3, c4):
+    """Adds to c1 .. c4 how many entries of each row of ``s`` reach each of the four thresholds (one row sum of four
+    8-bit fields: a tile has at most 128 columns; the top field's carry into the sign bit is undone by the mask)."""
+    pk = tl.sum((s >= t1[:, None]).to(tl.int32) | ((s >= t2[:, None]).to(tl.int32) << 8) |
+                ((s >= t3[:, None]).to(tl.int32) << 16) | ((s >= t4[:, None]).to(tl.int32) << 24), 1)
+    return c1 + (pk & 255), c2 + ((pk >> 8) & 255), c3 + ((pk >> 16) & 255), c4 + ((pk >> 24) & 255)
+
+
+@triton.jit
+def _take_tile(sc, t, thr, take_row, out, n, N, BLOCK_N: tl.constexpr):
+    """Writes the indices of tile t's scores ``>= thr`` of the rows ``take_row`` to ``out + n``, in index order."""
+    keys = t * BLOCK_N + tl.arange(0, BLOCK_N)
+    hit = ((sc >= thr[:, None]) & take_row[:, None] & (keys < N)[None, :]).to(tl.int32)
+    pos = n[:, None] + tl.cumsum(hit, 1) - hit
+    tl.store(out[:, None] + pos, keys.to(tl.int64)[None, :], mask=hit > 0)
+    return n + tl.sum(hit, 1)
+
+
+@triton.jit
+def _search_kernel(
+    K, R, OUT, H, skb, skh, skn, srb, srh, srm, N, M, N_TILES, N_MB, TOPK,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREC: tl.constexpr,
+    SEARCH: tl.constexpr,
+):
+    """Program (g, landmark block): the TOPK largest scores of each of its rows in one launch, the scores
+    recomputed tile by tile in every pass (never stored). A pass for each row's min and max, then a search in
+    value space: a bracket ``lo < hi`` with count(s >= lo) > TOPK > count(s >= hi) and, a pass, the counts at four
+    points inside it (at quarters and at hi itself in the first pass, at fifths after), until some point t has
+    count(s >= t) == TOPK (that set is the top-k: ties cannot cross it); then one pass writing each row's
+    ``s >= t`` indices in increasing order. Rows still open after ``SEARCH`` passes (ties across the k-th place,
+    brackets down to adjacent floats) are done one at a time by :func:`_radix_row` (largest first, ties to the
+    lowest index)."""
+    pid = tl.program_id(0)
+    mb = pid % N_MB
+    g = (pid // N_MB).to(tl.int64)
+    offs_d = tl.arange(0, D)
+    r, rows, r_ok = _landmark_block(R, g, H, srb, srh, srm, M, mb, offs_d, BLOCK_M)
+    Kg = K + (g // H) * skb + (g % H) * skh
+    cols = tl.arange(0, BLOCK_N)
+
+    lo = tl.full([BLOCK_M], float("inf"), tl.float32)
+    hi = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    for t in range(N_TILES - 1):
+        sc = _score_tile(r, Kg, skn, t, N, offs_d, BLOCK_N, PREC, False)
+        lo = tl.minimum(lo, tl.min(sc, 1))
+        hi = tl.maximum(hi, tl.max(sc, 1))
+    sc = _score_tile(r, Kg, skn, N_TILES - 1, N, offs_d, BLOCK_N, PREC, True)
+    valid = ((N_TILES - 1) * BLOCK_N + cols < N)[None, :]
+    lo = tl.minimum(lo, tl.min(tl.where(valid, sc, float("inf")), 1))
+    hi = tl.maximum(hi, tl.max(sc, 1))
+
+    # count(s >= lo) = N: with N == TOPK every key is taken
+    thr = lo
+    done = (r_ok == 0) | (N == TOPK)
+    n_open = tl.sum((done == 0).to(tl.int32), 0)
+    p = 0
+    while (p < SEARCH) & (n_open > 0):
+        # the first pass counts at the quarters and at hi (the row max, whose count is not known yet), later ones
+        # at the fifths
+        first = p == 0
+        w = hi - lo
+        t1 = lo + w * tl.where(first, 0.25, 0.2)
+        t2 = lo + w * tl.where(first, 0.5, 0.4)
+        t3 = lo + w * tl.where(first, 0.75, 0.6)
+        t4 = tl.where(first, hi, lo + w * 0.8)
+        c1 = tl.zeros([BLOCK_M], tl.int32)
+        c2 = tl.zeros([BLOCK_M], tl.int32)
+        c3 = tl.zeros([BLOCK_M], tl.int32)
+        c4 = tl.zeros([BLOCK_M], tl.int32)
+        for t in range(N_TILES - 1):
+            c1, c2, c3, c4 = _count4(_score_tile(r, Kg, skn, t, N, offs_d, BLOCK_N, PREC, False), t1, t2, t3, t4,
+                                     c1, c2, c3, c4)
+        c1, c2, c3, c4 = _count4(_score_tile(r, Kg, skn, N_TILES - 1, N, offs_d, BLOCK_N, PREC, True), t1, t2, t3,
+                                 t4, c1, c2, c3, c4)
+        open_ = done == 0
+        # an exact point closes the row (any of them: each gives the same set)
+        exact = open_ & ((c1 == TOPK) | (c2 == TOPK) | (c3 == TOPK) | (c4 == TOPK))
+        t_ex = tl.where(c1 == TOPK, t1, tl.where(c2 == TOPK, t2, tl.where(c3 == TOPK, t3, t4)))
+        thr = tl.where(exact, t_ex, thr)
+        # the bracket: lo the largest point counting more than TOPK, hi the smallest counting fewer (counts fall as
+        # the points rise). A first pass with count(s >= max) > TOPK (ties at the top) leaves lo = hi = max: stuck,
+        # for the radix select
+        lo_n = tl.where(c1 > TOPK, t1, lo)
+        lo_n = tl.where(c2 > TOPK, t2, lo_n)
+        lo_n = tl.where(c3 > TOPK, t3, lo_n)
+        lo_n = tl.where(c4 > TOPK, t4, lo_n)
+        hi_n = tl.where(c4 < TOPK, t4, hi)
+        hi_n = tl.where(c3 < TOPK, t3, hi_n)
+        hi_n = tl.where(c2 < TOPK, t2, hi_n)
+        hi_n = tl.where(c1 < TOPK, t1, hi_n)
+        lo = tl.where(open_, lo_n, lo)
+        hi = tl.where(open_, hi_n, hi)
+        done = done | exact
+        n_open = tl.sum((done == 0).to(tl.int32), 0)
+        p += 1
+
+    # the rows closed by the search: their keys >= thr, in increasing index order
+    out = OUT + (g * M + rows).to(tl.int64) * TOPK  # [BLOCK_M] pointers to the rows' outputs
+    n = tl.zeros([BLOCK_M], tl.int32)
+    take_row = done & r_ok
+    for t in range(N_TILES - 1):
+        n = _take_tile(_score_tile(r, Kg, skn, t, N, offs_d, BLOCK_N, PREC, False), t, thr, take_row, out, n, N,
+                       BLOCK_N)
+    n = _take_tile(_score_tile(r, Kg, skn, N_TILES - 1, N, offs_d, BLOCK_N, PREC, True), N_TILES - 1, thr, take_row,
+                   out, n, N, BLOCK_N)
+    if n_open > 0:
+        lanes = tl.arange(0, BLOCK_M)
+        for jj in range(BLOCK_M):
+            still = tl.sum(tl.where((lanes == jj) & (done == 0), 1, 0), 0)
+            if still > 0:
+                j = mb * BLOCK_M + jj
+                _radix_row(r, Kg, skn, N, N_TILES, offs_d, rows, j, OUT + (g * M + j) * TOPK, TOPK, BLOCK_N,
+                           BLOCK_K, PREC)
+
+
+def search_config(N: int, m: int, topk: int) -> dict:
+    """Blocks of :func:`search_topk`: 16 landmarks (the most programs: the passes go through every key), 64-key tiles,
+    at most ``search`` value-space passes, 4 warps."""
+    return dict(block_m=16, block_n=64, search=12, num_warps=4, num_stages=3)
+
+
+def search_topk(k_keys: torch.Tensor, landmarks: torch.Tensor, topk: int, config: Optional[dict] = None):
+    """:func:`topk_stream`'s indices ``[B, H, m, topk]`` (int64) in one launch (:func:`_search_kernel`), for rows
+    of a few thousand keys at most: every pass recomputes the row's scores. Exact with respect to the kernel's
+    fp32 scores: a row is ordered by increasing index where the search closes it, largest score first where the
+    radix select does (ties across the k-th place: the lowest indices win). ``config`` overrides
+    :func:`search_config` (tests)."""
+    _check(k_keys, landmarks, topk)
+    B, H, N, d = k_keys.shape
+    m = landmarks.shape[2]
+    G = B * H
+    cfg = search_config(N, m, topk)
+    cfg.update(config or {})
+    bm, bn = cfg["block_m"], cfg["block_n"]
+    if bn > 128:
+        raise ValueError(f"block_n must be at most 128 (8-bit counts a tile), got {bn}")
+    kf, ks = _bhn(k_keys)
+    rf, rs = _bhn(landmarks)
+    n_tiles = cdiv(N, bn)
+    n_mb = cdiv(m, bm)
+    idx = torch.empty(B, H, m, topk, dtype=torch.int64, device=k_keys.device)
+    launch(
+        _search_kernel, (G * n_mb,),
+        (kf, rf, idx, H, *ks, *rs, N, m, n_tiles, n_mb, topk),
+        dict(D=d, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=max(16, next_power_of_2(topk)),
+             PREC="ieee" if k_keys.dtype == torch.float32 else "tf32", SEARCH=cfg["search"],
+             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]),
+    )
+    return idx
 
 
 def launch_config(N: int, m: int, d: int, G: int, topk: int, device: torch.device) -> dict:
@@ -522,3 +682,22 @@ def landmark_topk(k_keys: torch.Tensor, landmarks: torch.Tensor, topk: int) -> t
     if torch.compiler.is_compiling():
         return landmark_topk_op(k_keys, landmarks, topk)
     return topk_stream(k_keys, landmarks, topk)
+
+
+@torch.library.custom_op("mita::landmark_topk_search", mutates_args=())
+def landmark_topk_search_op(k_keys: torch.Tensor, landmarks: torch.Tensor, topk: int) -> torch.Tensor:
+    """:func:`search_topk`'s indices ``[B, H, m, topk]`` (int64)."""
+    return search_topk(k_keys, landmarks, topk)
+
+
+@landmark_topk_search_op.register_fake
+def _(k_keys, landmarks, topk):
+    B, H, m, _ = landmarks.shape
+    return landmarks.new_empty(B, H, m, topk, dtype=torch.long)
+
+
+def landmark_topk_search(k_keys: torch.Tensor, landmarks: torch.Tensor, topk: int) -> torch.Tensor:
+    """:func:`search_topk`'s indices: the custom op under ``torch.compile``, the launch itself in eager mode."""
+    if torch.compiler.is_compiling():
+        return landmark_topk_search_op(k_keys, landmarks, topk)
+    return search_topk(k_keys, landmarks, topk)

@@ -124,7 +124,9 @@ def mita_routing(
     """
     B, H, N, d = q.shape
     m = landmarks.shape[2]
-    if topk > 0 and _streams_topk(k, landmarks, topk):
+    if topk > 0 and _searches_topk(k, landmarks, topk):
+        topk_idx = kernels.landmark_topk_search(k, landmarks, topk)  # one launch, no [B, H, m, N] score matrix
+    elif topk > 0 and _streams_topk(k, landmarks, topk):
         topk_idx = kernels.landmark_topk(k, landmarks, topk)  # no [B, H, m, N] score matrix
     elif topk > 0:
         key_scores = landmarks @ k.transpose(-1, -2)  # [B, H, m, N]
@@ -306,6 +308,15 @@ def _streams_topk(k, landmarks, topk) -> bool:
     many scores a head (m N)."""
     min_scores = kernels.STREAM_TOPK_MIN_SCORES
     if min_scores is None or landmarks.shape[2] * k.shape[2] < min_scores:
+        return False
+    return (k.is_cuda or kernels._interpreting()) and kernels.available() and kernels.supports(k, landmarks, topk, 1)
+
+
+def _searches_topk(k, landmarks, topk) -> bool:
+    """Whether the landmarks' top-k is one search launch (``mita.kernels.SEARCH_TOPK_MAX_N``): up to that many
+    keys."""
+    max_n = kernels.SEARCH_TOPK_MAX_N
+    if max_n is None or k.shape[2] > max_n:
         return False
     return (k.is_cuda or kernels._interpreting()) and kernels.available() and kernels.supports(k, landmarks, topk, 1)
 

@@ -620,10 +620,11 @@ def select_cases(spec: str, quick: bool) -> List[Case]:
 # when off). ``--switches layout=off,stream-topk`` sets each named one (a bare name: on); the rest keep the
 # package's defaults, SWITCH_DEFAULTS (also --switches' help).
 SWITCH_DEFAULTS = ("layout, shared-split, eager-fn, mask-bias and fuse-keys on, stream-topk from 2^23 scores a head, "
-                   "resident, dkdv-wide, wide, transposed, shared-resident, count-fp32 and mask-bias-blocks off, sort-max 512")
+                   "search-topk, resident, dkdv-wide, wide, transposed, shared-resident, count-fp32 and mask-bias-blocks off, sort-max 512")
 SWITCHES = {
     "layout": ("LAYOUT_KERNELS", True, False),  # routing layout from kernels/layout_kernels.py
     "stream-topk": ("STREAM_TOPK_MIN_SCORES", 1, None),  # landmarks' top-k streamed (kernels/topk_stream.py)
+    "search-topk": ("SEARCH_TOPK_MAX_N", 4096, None),  # ... in one search launch up to 4,096 keys
     "shared-split": ("SHARED_SPLIT_MIN_N", 1, None),  # shared values split over the keys, kernels/shared.py
     "eager-fn": ("EAGER_FUNCTIONS", True, False),  # eager calls skip the custom ops' dispatch (kernels/ops.py)
     "resident": ("ROUTED_RESIDENT", True, False),  # routed forward and dq one program a tile (kernels/routed.py)

@@ -17,7 +17,9 @@ after --warmup, rotating --sets input sets so that L2 does not hold the keys bet
 * ``topk_stream``: :func:`mita.kernels.topk_stream.topk_stream` (two passes over the keys, no ``m x N``
   tensor, no host sync; the device-side repair of overflowing rows, a launch that returns at once for
   the others, is inside the timed region);
-* ``matmul+topk``: ``landmarks @ k.transpose(-1, -2)`` then ``torch.topk(sorted=False)``.
+* ``matmul+topk``: ``landmarks @ k.transpose(-1, -2)`` then ``torch.topk(sorted=False)``;
+* ``search_topk`` (up to ``--search-max-n`` keys): :func:`mita.kernels.topk_stream.search_topk`, one launch of
+  value-space counting passes over recomputed scores (gated as the stream).
 
 Peak memory: ``torch.cuda.max_memory_allocated`` during one call minus the memory in use before it (the
 inputs), i.e. what the method allocates. Effective bandwidth: ``B H ceil(m / block_m) N d`` bytes (the
@@ -38,7 +40,7 @@ if "--smoke" in sys.argv:
 
 import torch  # noqa: E402
 
-from mita.kernels.topk_stream import launch_config, topk_stream  # noqa: E402
+from mita.kernels.topk_stream import launch_config, search_topk, topk_stream  # noqa: E402
 
 CASES = [  # (B, H, N, m = k)
     (32, 12, 1025, 49),
@@ -57,10 +59,11 @@ def baseline(k_keys, landmarks, topk):
     return (landmarks @ k_keys.transpose(-1, -2)).topk(topk, dim=-1, sorted=False).indices
 
 
-def gate(k_keys, landmarks, topk, config, rtol=1e-5):
+def gate(k_keys, landmarks, topk, config, rtol=1e-5, select=None):
     """Whether the kernel's index sets match torch.topk on fp32 scores (up to rounding ties); checked per head
-    so that the fp32 score matrix stays one head large."""
-    idx = topk_stream(k_keys, landmarks, topk, config=config)
+    so that the fp32 score matrix stays one head large. ``select``: the kernel (default: topk_stream with
+    ``config``)."""
+    idx = select(k_keys, landmarks, topk) if select else topk_stream(k_keys, landmarks, topk, config=config)
     B, H = k_keys.shape[:2]
     for b in range(B):
         for h in range(H):
@@ -141,6 +144,8 @@ def main():
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--sets", type=int, default=3, help="input sets rotated between calls")
     p.add_argument("--config", default="", help="launch_config overrides, e.g. block_m=64,num_warps=8")
+    p.add_argument("--search-max-n", type=int, default=4096,
+                   help="also time the one-launch search_topk up to this many keys (0: never)")
     p.add_argument("--kernel-times", action="store_true",
                    help="GPU microseconds of each of topk_stream's kernels per call (torch.profiler, 6 calls)")
     args = p.parse_args()
@@ -170,15 +175,20 @@ def main():
         kernel = lambda k_, r_, t_: topk_stream(k_, r_, t_, config=cfg)  # noqa: E731
         nbytes = B * H * math.ceil(mk / cfg["block_m"]) * N * d * sets[0][0].element_size()
         rows = []
-        if ok:
-            for name, fn in (("topk_stream", kernel), ("matmul+topk", baseline)):
+        methods = [("topk_stream", kernel, ok)]
+        if N <= args.search_max_n:
+            methods.append(("search_topk", search_topk, gate(*sets[0], mk, None, select=search_topk)))
+        for name, fn, passed in methods:
+            if passed:
                 ms = time_ms(lambda k_, r_: fn(k_, r_, mk), sets, reps, warmup, cuda)
-                rows.append((name, ms, peak_mib(lambda k_, r_: fn(k_, r_, mk), sets[0], cuda)))
-        else:
-            rows.append(("topk_stream", float("nan"), float("nan")))
+                rows.append((name, ms, peak_mib(lambda k_, r_: fn(k_, r_, mk), sets[0], cuda), "ok"))
+            else:
+                rows.append((name, float("nan"), float("nan"), "FAIL"))
+        ms = time_ms(lambda k_, r_: baseline(k_, r_, mk), sets, reps, warmup, cuda)
+        rows.append(("matmul+topk", ms, peak_mib(lambda k_, r_: baseline(k_, r_, mk), sets[0], cuda), "-"))
         base_ms = rows[-1][1]
-        for name, ms, mib in rows:
-            print(f"| {B} | {H} | {N} | {mk} | {'ok' if ok else 'FAIL'} | {name} | {ms:.3f} | {mib:.0f} | "
+        for name, ms, mib, status in rows:
+            print(f"| {B} | {H} | {N} | {mk} | {status} | {name} | {ms:.3f} | {mib:.0f} | "
                   f"{nbytes / ms / 1e6:.0f} | {base_ms / ms:.2f} |")
         if args.kernel_times and ok and cuda:
             for name, fn in (("topk_stream", kernel), ("matmul+topk", baseline)):

@@ -16,7 +16,7 @@ asynchronous copies (pipelined) or TMA. Use it to choose tile shapes and catch s
 
 Cases and switches are ``scripts/bench_attention.py``'s (``--switches``: its general-path options). The general
 path gets a random routing (its routing kernels are compiled on their own: the expert choice, the streamed
-top-k); the short path (N <= 256) runs as ``MiTAAttention`` calls it (selection in the kernels). Registers and
+top-k or, with ``--switches search-topk`` where it applies, the one-launch search); the short path (N <= 256) runs as ``MiTAAttention`` calls it (selection in the kernels). Registers and
 spills may differ by a few from the GPU's Triton version's; the table says which Triton compiled it.
 """
 from __future__ import annotations
@@ -147,9 +147,13 @@ def record_case(case, dtype, recorder, pool=False):
             out = kernels.mita_attention_fused(q, k, v, landmarks, topk, r, True, scale)
     else:
         kernels.route_queries(q.detach(), landmarks.detach(), r)
-        from mita.kernels.topk_stream import topk_stream
+        from mita.functional import _searches_topk
+        from mita.kernels.topk_stream import search_topk, topk_stream
 
-        topk_stream(k.detach(), landmarks.detach(), topk)
+        if _searches_topk(k, landmarks, topk):
+            search_topk(k.detach(), landmarks.detach(), topk)
+        else:
+            topk_stream(k.detach(), landmarks.detach(), topk)
         out = kernels.mita_attention(q, k, v, landmarks, *_routing(B, H, N, m, topk, r, gen), True, scale)
     out.backward(torch.randn_like(out))
 

@@ -20,7 +20,7 @@ import pytest  # noqa: E402
 pytest.importorskip("triton")
 
 from mita import kernels  # noqa: E402
-from mita.kernels.topk_stream import launch_config, topk_stream  # noqa: E402
+from mita.kernels.topk_stream import launch_config, search_topk, topk_stream  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="Triton kernels unavailable here")
@@ -334,6 +334,21 @@ class TestGPU:
         assert torch.equal(captured, eager)
         assert torch.equal(eager.cpu(), _expected_exact(k_int, r_int, topk))
 
+    @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+    @pytest.mark.parametrize("B,H,N,d,m,topk", [(2, 3, 197, 64, 25, 25), (1, 2, 1025, 64, 49, 49),
+                                                 (1, 2, 4097, 128, 64, 64), (1, 1, 777, 32, 3, 777)])
+    def test_search_sets(self, dtype, B, H, N, d, m, topk):
+        # the one-launch search at its default configuration, and on ties (the radix select of open rows)
+        k_keys = _randn(B, H, N, d, dtype=dtype, seed=N)
+        landmarks = _randn(B, H, m, d, dtype=dtype, seed=m)
+        _assert_topk_sets(search_topk(k_keys, landmarks, topk), k_keys, landmarks, topk)
+        g = torch.Generator().manual_seed(3)
+        base = torch.randint(-2, 3, (7, d), generator=g).float()
+        k_int = base[torch.arange(N) % 7].expand(B, H, N, d).to(DEVICE, dtype)
+        r_int = torch.randint(-2, 3, (B, H, m, d), generator=g).float().to(DEVICE, dtype)
+        got = search_topk(k_int, r_int, topk).cpu()
+        assert torch.equal(got.sort(-1).values, _expected_exact(k_int, r_int, topk).sort(-1).values)
+
     def test_softmax_statistics(self):
         k_keys, landmarks = _randn(2, 2, 5000, 64, seed=4), _randn(2, 2, 128, 64, seed=5)
         _, (row_max, row_sum) = topk_stream(k_keys, landmarks, 128, return_stats=True)
@@ -368,4 +383,84 @@ def test_mita_routing_streams_the_topk_from_a_score_count_on(monkeypatch):
     monkeypatch.setattr(module, "landmark_topk_op", lambda *a: ops.append(1) or op(*a))
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     assert torch.equal(mita_routing(q, k, R, 9)[0], stream_idx) and ops == [1]
+    torch.library.opcheck(op, (k, R, 9), test_utils=("test_schema", "test_faketensor"))
+
+
+# The one-launch search (search_topk): 16-key tiles in the interpreter, so small N spans several tiles and the last
+# one is part-filled.
+SEARCH_SMALL = dict(block_m=16, block_n=16, num_warps=4, num_stages=1)
+
+
+@pytest.mark.parametrize("N,m,topk,d", [(1, 1, 1, 32), (2, 3, 1, 32), (17, 3, 5, 32), (197, 25, 49, 64),
+                                        (300, 20, 7, 32), (64, 2, 64, 32), (130, 33, 17, 128)])
+def test_search_sets_match_float64_topk(N, m, topk, d):
+    """Random keys: the selected sets against float64 torch.topk, N = 1, 2, 17, 197 (several landmark blocks, part-
+    filled tiles), topk = N, d = 32, 64, 128."""
+    k_keys, landmarks = _randn(2, 1, N, d, seed=N), _randn(2, 1, m, d, seed=N + 1)
+    idx = search_topk(k_keys, landmarks, topk, config=SEARCH_SMALL)
+    _assert_topk_sets(idx, k_keys, landmarks, topk)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("search", [12, 1, 0])
+def test_search_ties_and_open_rows_go_to_the_radix_select(dtype, search):
+    """Small-integer keys (many equal scores): rows whose k-th place is tied cannot close by a count and go to the
+    radix select, the lowest indices winning; with 1 or 0 search passes every row does (and each row is then
+    ordered by score, then index)."""
+    N, m, d, topk = 90, 5, 32, 23
+    g = torch.Generator().manual_seed(1)
+    base = torch.randint(-2, 3, (7, d), generator=g).float()
+    k_keys = base[torch.randint(0, 7, (N,), generator=g)].view(1, 1, N, d).to(DEVICE, dtype)
+    landmarks = torch.randint(-2, 3, (1, 1, m, d), generator=g).float().to(DEVICE, dtype)
+    idx = search_topk(k_keys, landmarks, topk, config=dict(SEARCH_SMALL, search=search)).cpu()
+    want = _expected_exact(k_keys, landmarks, topk)
+    assert torch.equal(idx.sort(-1).values, want.sort(-1).values)
+    if search == 0:
+        assert torch.equal(idx, want)
+
+
+def test_search_identical_keys_and_strided_views():
+    """Every score equal (the first pass finds count(s >= max) = N > topk: the radix select, lowest indices), and
+    keys read as strided views of a qkv tensor."""
+    N, m, d, topk = 40, 3, 32, 4
+    k_keys = torch.ones(1, 1, N, d, device=DEVICE)
+    idx = search_topk(k_keys, _randn(1, 1, m, d, seed=1), topk, config=SEARCH_SMALL)
+    assert torch.equal(idx.cpu(), torch.arange(topk).expand(1, 1, m, topk))
+    qkv = _randn(2, 50, 3, 2, 32, seed=3)  # [B, N, 3, H, d]
+    k_view = qkv[:, :, 1].transpose(1, 2)  # [B, H, N, d], non-contiguous
+    landmarks = _randn(2, 2, 6, 32, seed=4)
+    idx = search_topk(k_view, landmarks, 9, config=SEARCH_SMALL)
+    _assert_topk_sets(idx, k_view, landmarks, 9)
+
+
+def test_search_rejects_wide_tiles():
+    with pytest.raises(ValueError, match="block_n"):
+        search_topk(_randn(1, 1, 300, 32), _randn(1, 1, 2, 32), 3, config=dict(block_n=256))
+
+
+def test_mita_routing_searches_the_topk_up_to_a_length(monkeypatch):
+    # mita.kernels.SEARCH_TOPK_MAX_N: mita_routing takes the one-launch search up to that many keys (the custom op
+    # under torch.compile), before the streamed kernel's threshold
+    from mita.functional import mita_routing
+    from mita.kernels import topk_stream as module
+
+    g = torch.Generator().manual_seed(5)
+    q, k = (torch.randn(2, 2, 70, 32, generator=g).to(DEVICE) for _ in range(2))
+    R = torch.randn(2, 2, 3, 32, generator=g).to(DEVICE)
+    calls = []
+    search = module.search_topk
+    monkeypatch.setattr(module, "search_topk", lambda *a, **kw: calls.append(1) or search(*a, **kw))
+    monkeypatch.setattr(kernels, "STREAM_TOPK_MIN_SCORES", 1)
+    monkeypatch.setattr(kernels, "SEARCH_TOPK_MAX_N", 69)
+    torch_idx, _ = mita_routing(q, k, R, 9)
+    assert calls == []
+    monkeypatch.setattr(kernels, "SEARCH_TOPK_MAX_N", 70)
+    search_idx, _ = mita_routing(q, k, R, 9)
+    assert calls == [1]
+    assert torch.equal(search_idx.sort(-1).values, torch_idx.sort(-1).values)
+    ops = []
+    op = module.landmark_topk_search_op
+    monkeypatch.setattr(module, "landmark_topk_search_op", lambda *a: ops.append(1) or op(*a))
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert torch.equal(mita_routing(q, k, R, 9)[0], search_idx) and ops == [1]
     torch.library.opcheck(op, (k, R, 9), test_utils=("test_schema", "test_faketensor"))
