@@ -56,6 +56,12 @@ MASK_BIAS = 4096.0
 # mask as a logit bias too (fewer spills at d = 128: 764 against 956 bytes a thread, wgmma no longer serialized;
 # compile_report). Off until timed on a GPU.
 MASK_BIAS_BLOCKS = False
+# Whether the attention forward's loop over the routed keys ends with a block narrower than the others for the keys
+# left over (key_blocks: N = 197 with 64-key blocks, 3 blocks and one of 16 keys, 208 key columns instead of 256: 19%
+# less of the loop's products and exponentials; sm_90, Triton 3.8: 126 registers, no spills, as without). The
+# per-head backward's 32-key blocks leave less over (224 -> 208 columns), and a tail there spilled 448 bytes a
+# thread against 24 (its body compiled twice). Off until timed on a GPU.
+KEY_TAIL = False
 # The last compiled kernel of each pass (registers, spills and shared memory for benchmarks).
 LAUNCHED = {}
 
@@ -247,6 +253,39 @@ def _prep_kernel(
 
 
 @triton.jit
+def _fwd_key_block(q, onehot, kcols, Kh, Vh, SELg, lm, N, stride_kn, stride_vn, offs_d, sl2, m_i, l_i, acc,
+                   NP: tl.constexpr, ODT: tl.constexpr, MASK_BIAS: tl.constexpr, CNT32: tl.constexpr,
+                   MULTI: tl.constexpr, PREC: tl.constexpr):
+    """One block of keys ``kcols`` of the attention's online softmax over the routed keys: the running max
+    ``m_i``, sum ``l_i`` and output ``acc`` of the block's queries ``q`` (experts ``onehot``) updated."""
+    DT = q.dtype
+    k_ok = kcols < N
+    kblk = _rows(Kh, kcols, k_ok, stride_kn, offs_d)  # [BK, D]
+    vblk = _rows(Vh, kcols, k_ok, stride_vn, offs_d)
+    sel_b = tl.load(SELg + lm[:, None] * NP + kcols[None, :]).to(ODT)  # [MP, BK]
+    if MASK_BIAS > 0:
+        # + MASK_BIAS where the query's expert holds the key, in the logits' own accumulator
+        s = tl.dot(onehot, sel_b * MASK_BIAS, tl.dot(q, tl.trans(kblk), input_precision=PREC))
+        s = s * sl2 - MASK_BIAS * sl2
+    else:
+        # multiplicity of each key in the query's experts: exact small integers
+        cnt = tl.dot(onehot, sel_b, out_dtype=tl.float32 if CNT32 else tl.float16)  # [BQ, BK]
+        s = tl.dot(q, tl.trans(kblk), input_precision=PREC) * sl2
+        s = tl.where(cnt > 0, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # a row may have no logit yet (no shared expert, no selected key in the blocks so far)
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    if MULTI:
+        # a key counted C times enters the softmax as C equal logits
+        p = p * cnt.to(tl.float32)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(DT), vblk, input_precision=PREC)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _fwd_kernel(
     Q, K, V, R, O, LSE, SEL, EXP, VS, LSH, POOL, LMK,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
@@ -256,9 +295,10 @@ def _fwd_kernel(
     QB_PER_PROG: tl.constexpr, R_TOPK: tl.constexpr, SHARED: tl.constexpr, ROUTED: tl.constexpr,
     SELECT: tl.constexpr, MULTI: tl.constexpr, PREC: tl.constexpr, SELECT_HERE: tl.constexpr,
     POOLED: tl.constexpr, PREP: tl.constexpr, SEARCH: tl.constexpr, CNT32: tl.constexpr = False,
-    MASK_BIAS: tl.constexpr = 0.0, CHECK: tl.constexpr = 1,
+    MASK_BIAS: tl.constexpr = 0.0, CHECK: tl.constexpr = 1, BKT: tl.constexpr = 0,
 ):
     scale, scale_shared = tl.cast(scale, tl.float32), tl.cast(scale_shared, tl.float32)  # see the module docstring
+    # NKB blocks of BK keys, then (BKT > 0) one of BKT keys: the last keys without a whole block's padding
     # CHECK: passes of the bitwise top-k search between asking whether every row is done
     # MASK_BIAS > 0: the expert mask as a logit bias (see the constant of that name)
     ODT = Q.dtype.element_ty if MASK_BIAS > 0 else tl.float16  # operands of the expert-mask products
@@ -347,31 +387,13 @@ def _fwd_kernel(
                     e2 = tl.load(EXPh + rows * R_TOPK + 1, mask=q_ok, other=0)
                     onehot += (lm[None, :] == e2[:, None]).to(ODT)
             for kb in range(NKB):
-                kcols = kb * BK + tl.arange(0, BK)
-                k_ok = kcols < N
-                kblk = _rows(Kh, kcols, k_ok, stride_kn, offs_d)  # [BK, D]
-                vblk = _rows(Vh, kcols, k_ok, stride_vn, offs_d)
-                sel_b = tl.load(SELg + lm[:, None] * NP + kcols[None, :]).to(ODT)  # [MP, BK]
-                if MASK_BIAS > 0:
-                    # + MASK_BIAS where the query's expert holds the key, in the logits' own accumulator
-                    s = tl.dot(onehot, sel_b * MASK_BIAS, tl.dot(q, tl.trans(kblk), input_precision=PREC))
-                    s = s * sl2 - MASK_BIAS * sl2
-                else:
-                    # multiplicity of each key in the query's experts: exact small integers
-                    cnt = tl.dot(onehot, sel_b, out_dtype=tl.float32 if CNT32 else tl.float16)  # [BQ, BK]
-                    s = tl.dot(q, tl.trans(kblk), input_precision=PREC) * sl2
-                    s = tl.where(cnt > 0, s, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(s, 1))
-                # a row may have no logit yet (no shared expert, no selected key in the blocks so far)
-                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                alpha = tl.exp2(m_i - m_safe)
-                p = tl.exp2(s - m_safe[:, None])
-                if MULTI:
-                    # a key counted C times enters the softmax as C equal logits
-                    p = p * cnt.to(tl.float32)
-                l_i = l_i * alpha + tl.sum(p, 1)
-                acc = acc * alpha[:, None] + tl.dot(p.to(DT), vblk, input_precision=PREC)
-                m_i = m_new
+                m_i, l_i, acc = _fwd_key_block(q, onehot, kb * BK + tl.arange(0, BK), Kh, Vh, SELg, lm, N,
+                                               stride_kn, stride_vn, offs_d, sl2, m_i, l_i, acc, NP, ODT, MASK_BIAS,
+                                               CNT32, MULTI, PREC)
+            if BKT > 0:  # the last keys in a narrower block (KEY_TAIL)
+                m_i, l_i, acc = _fwd_key_block(q, onehot, NKB * BK + tl.arange(0, BKT), Kh, Vh, SELg, lm, N,
+                                               stride_kn, stride_vn, offs_d, sl2, m_i, l_i, acc, NP, ODT, MASK_BIAS,
+                                               CNT32, MULTI, PREC)
         m_i = tl.where(m_i == float("-inf"), 0.0, m_i)
         l_i = tl.where(l_i == 0.0, 1.0, l_i)  # padding rows
         tl.store(Oh + rows[:, None] * stride_on + offs_d[None, :], (acc / l_i[:, None]).to(DT), mask=q_ok[:, None])
@@ -593,6 +615,41 @@ def _bwd_landmarks(
 
 
 @triton.jit
+def _bwd_head_key_block(kcols, q, do, delta, lse, onehot, r, lsh, dvs_dt, vs_dot, dq, dr, Kh, Vh, SELg, DKh, DVh,
+                        lm, lm_ok, N, stride_kn, stride_vn, stride_gn, offs_d, sl2, scale, NP: tl.constexpr,
+                        ODT: tl.constexpr, SHARED: tl.constexpr, ROUTED: tl.constexpr, MULTI: tl.constexpr,
+                        CNT32: tl.constexpr, MASK_BIAS: tl.constexpr, PREC: tl.constexpr):
+    """One key block ``kcols`` of :func:`_bwd_head_kernel`: its dK, dV stored, the head's dQ and dR updated."""
+    DT = q.dtype
+    k_ok = kcols < N
+    kblk = _rows(Kh, kcols, k_ok, stride_kn, offs_d)  # [BK, D]
+    vblk = _rows(Vh, kcols, k_ok, stride_vn, offs_d)
+    dk = tl.zeros([kcols.shape[0], q.shape[1]], tl.float32)
+    dv = tl.zeros([kcols.shape[0], q.shape[1]], tl.float32)
+    if ROUTED:
+        sel_b = _sel_rows(SELg, lm, kcols, NP, ODT, MASK_BIAS, False)  # [MP, BK]
+        p = _routed_probs(q, tl.trans(kblk), onehot, sel_b, lse[:, None], sl2, MASK_BIAS, MULTI, CNT32,
+                          PREC)  # [NP, BK]
+        dp = tl.dot(do, tl.trans(vblk), input_precision=PREC)
+        ds = (p * (dp - delta[:, None])).to(DT)  # [NP, BK]
+        dv = tl.dot(tl.trans(p.to(DT)), do, dv, input_precision=PREC)
+        dk = tl.dot(tl.trans(ds), q, dk, input_precision=PREC)
+        dq = tl.dot(ds, kblk, dq, input_precision=PREC)
+    if SHARED:
+        # V~ = A V, A = softmax(s R K^T): dV += A^T dV~, dL = A (dV~ V^T - rowsum(dV~ V~)), dK += s dL^T R
+        a_t = tl.dot(kblk, tl.trans(r), input_precision=PREC) * sl2  # [BK, MP]
+        a_t = tl.where(k_ok[:, None] & lm_ok[None, :], tl.exp2(a_t - lsh[None, :]), 0.0)
+        dv = tl.dot(a_t.to(DT), dvs_dt, dv, input_precision=PREC)
+        dl_t = (a_t * (tl.dot(vblk, tl.trans(dvs_dt), input_precision=PREC) - vs_dot[None, :])).to(DT)
+        dk = tl.dot(dl_t, r, dk, input_precision=PREC)
+        dr = tl.dot(tl.trans(dl_t), kblk, dr, input_precision=PREC)
+    out = kcols[:, None] * stride_gn + offs_d[None, :]
+    tl.store(DKh + out, (dk * scale).to(DT), mask=k_ok[:, None])
+    tl.store(DVh + out, dv.to(DT), mask=k_ok[:, None])
+    return dq, dr
+
+
+@triton.jit
 def _bwd_head_kernel(
     Q, K, V, R, O, DO, LSE, SEL, EXP, VS, LSH, DQ, DK, DV, DR, POOL,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
@@ -642,41 +699,28 @@ def _bwd_head_kernel(
         dvs = tl.dot(tl.trans(ps.to(DT)), do, input_precision=PREC)  # [MP, D] = P_sh^T dO
         dvs_dt = dvs.to(DT)
         vs_dot = tl.sum(dvs * vs.to(tl.float32), 1)  # [MP]
+    else:  # placeholders of the key blocks' arguments (never used without the shared expert)
+        r = tl.zeros([MP, D], DT)
+        lsh = tl.zeros([MP], tl.float32)
+        dvs_dt = r
+        vs_dot = lsh
+    ODT = DT if MASK_BIAS > 0 else tl.float16  # operands of the expert-mask products
     if ROUTED:
         EXPh = EXP + g * N * R_TOPK
         e1 = tl.load(EXPh + rows * R_TOPK, mask=q_ok, other=-1)
-        ODT = DT if MASK_BIAS > 0 else tl.float16  # operands of the expert-mask products
         onehot = (e1[:, None] == lm[None, :]).to(ODT)  # [NP, MP]
         if R_TOPK == 2:
             e2 = tl.load(EXPh + rows * R_TOPK + 1, mask=q_ok, other=-1)
             onehot += (e2[:, None] == lm[None, :]).to(ODT)
+    else:
+        onehot = tl.zeros([NP, MP], ODT)
+    DKh = DK + b * stride_gb + h * stride_gh
+    DVh = DV + b * stride_gb + h * stride_gh
     for kb in range(NKB):
-        kcols = kb * BK + tl.arange(0, BK)
-        k_ok = kcols < N
-        kblk = _rows(Kh, kcols, k_ok, stride_kn, offs_d)  # [BK, D]
-        vblk = _rows(Vh, kcols, k_ok, stride_vn, offs_d)
-        dk = tl.zeros([BK, D], tl.float32)
-        dv = tl.zeros([BK, D], tl.float32)
-        if ROUTED:
-            sel_b = _sel_rows(SEL + g * MP * NP, lm, kcols, NP, ODT, MASK_BIAS, False)  # [MP, BK]
-            p = _routed_probs(q, tl.trans(kblk), onehot, sel_b, lse[:, None], sl2, MASK_BIAS, MULTI, CNT32,
-                              PREC)  # [NP, BK]
-            dp = tl.dot(do, tl.trans(vblk), input_precision=PREC)
-            ds = (p * (dp - delta[:, None])).to(DT)  # [NP, BK]
-            dv = tl.dot(tl.trans(p.to(DT)), do, dv, input_precision=PREC)
-            dk = tl.dot(tl.trans(ds), q, dk, input_precision=PREC)
-            dq = tl.dot(ds, kblk, dq, input_precision=PREC)
-        if SHARED:
-            # V~ = A V, A = softmax(s R K^T): dV += A^T dV~, dL = A (dV~ V^T - rowsum(dV~ V~)), dK += s dL^T R
-            a_t = tl.dot(kblk, tl.trans(r), input_precision=PREC) * sl2  # [BK, MP]
-            a_t = tl.where(k_ok[:, None] & lm_ok[None, :], tl.exp2(a_t - lsh[None, :]), 0.0)
-            dv = tl.dot(a_t.to(DT), dvs_dt, dv, input_precision=PREC)
-            dl_t = (a_t * (tl.dot(vblk, tl.trans(dvs_dt), input_precision=PREC) - vs_dot[None, :])).to(DT)
-            dk = tl.dot(dl_t, r, dk, input_precision=PREC)
-            dr = tl.dot(tl.trans(dl_t), kblk, dr, input_precision=PREC)
-        out = b * stride_gb + h * stride_gh + kcols[:, None] * stride_gn + offs_d[None, :]
-        tl.store(DK + out, (dk * scale).to(DT), mask=k_ok[:, None])
-        tl.store(DV + out, dv.to(DT), mask=k_ok[:, None])
+        dq, dr = _bwd_head_key_block(
+            kb * BK + tl.arange(0, BK), q, do, delta, lse, onehot, r, lsh, dvs_dt, vs_dot, dq, dr, Kh, Vh,
+            SEL + g * MP * NP, DKh, DVh, lm, lm_ok, N, stride_kn, stride_vn, stride_gn, offs_d, sl2, scale, NP, ODT,
+            SHARED, ROUTED, MULTI, CNT32, MASK_BIAS, PREC)
     if POOLED and SHARED:
         # landmarks W Q: their gradient goes back into dq as W^T dR (dr is still divided by s)
         w = tl.load(POOL + lm[:, None] * NP + rows[None, :])  # [MP, NP]
@@ -998,6 +1042,17 @@ def bwd_config(n_pad: int, m_pad: int, head_dim: int, itemsize: int) -> dict:
     return {"BQ": block, "BK": block, "num_warps": 4, "num_stages": 1}
 
 
+def key_blocks(n: int, block: int):
+    """``(full, tail)``: the routed key loops' blocks of ``block`` keys and, with ``KEY_TAIL``, a last block of
+    ``tail`` keys (a power of two >= 16, below ``block``) for the ``n mod block`` keys left, where that is
+    narrower than a block (``tail = 0``: none). N = 197 with 64-key blocks: 3 blocks and one of 16 keys, 208
+    columns instead of 256."""
+    rest = n % block
+    if KEY_TAIL and rest and padded(rest) < block:
+        return n // block, padded(rest)
+    return cdiv(n, block), 0
+
+
 def _mask_bias(dtype: torch.dtype, multi: bool, blocks: bool = False) -> float:
     """``MASK_BIAS`` for a launch (0.0: counts instead): only with 16-bit inputs and no key counted twice, and for
     the block backward (``blocks``) only with ``MASK_BIAS_BLOCKS``."""
@@ -1069,9 +1124,10 @@ def _forward_plan(q, k, v, landmarks, topk, router_topk, shared, select, pooled,
             POOLED=pooled, PREC=prec, SEARCH=cfg.get("select_search", 0), CHECK=cfg.get("select_check", 1),
             num_warps=cfg.get("prep_warps") or max(1, bm // 16), num_stages=1))
     out_strides = (N * H * D, D, H * D)  # token-major, see forward
+    nkb, bkt = key_blocks(N, cfg["BK"])
     plan["fwd"] = ((G, cdiv(cdiv(N, cfg["BQ"]), cfg["QB_PER_PROG"])), (
         *_strides(q), *_strides(k), *_strides(v), *lm_strides, *out_strides,
-        H, N, M, topk, cdiv(N, cfg["BK"]), D ** -0.5), dict(
+        H, N, M, topk, nkb, D ** -0.5), dict(BKT=bkt,
         D=D, MP=m_pad, NP=n_pad, BQ=cfg["BQ"], BK=cfg["BK"], QB_PER_PROG=cfg["QB_PER_PROG"],
         R_TOPK=router_topk, SHARED=shared, ROUTED=routed, SELECT=select and routed,
         MULTI=router_topk == 2 or not select, SELECT_HERE=select and routed and not prep, POOLED=pooled and not prep,
@@ -1101,7 +1157,7 @@ def forward(q, k, v, landmarks, topk, router_topk, shared, scale_shared, *, sel=
     launch_ = launcher or _launch
     key = ("fwd", q.shape, q.stride(), k.stride(), v.stride(), None if pooled else landmarks.shape,
            None if pooled else landmarks.stride(), q.dtype, dev, topk, router_topk, shared, select, pooled,
-           num_landmarks, allow_tf32, fwd_config, COUNT_FP32, MASK_BIAS)
+           num_landmarks, allow_tf32, fwd_config, COUNT_FP32, MASK_BIAS, KEY_TAIL)
     plan = _plan(key, lambda: _forward_plan(q, k, v, landmarks, topk, router_topk, shared, select, pooled,
                                                    num_landmarks, allow_tf32))
     sel_shape, exp_shape, vs_shape, lsh_shape = plan["shapes"]
@@ -1190,7 +1246,7 @@ def backward(q, k, v, landmarks, out, grad_out, lse, sel, expert, vs, lsh, topk,
     router_topk = expert.shape[-1] if topk > 0 else 1
     key = ("bwd", q.shape, q.stride(), k.stride(), v.stride(), landmarks.shape, landmarks.stride(),
            grad_out.stride(), out.stride(), q.dtype, dev, topk, router_topk, shared, multi, pooled, num_landmarks,
-           allow_tf32, packed, bwd_config, COUNT_FP32, MASK_BIAS, MASK_BIAS_BLOCKS)
+           allow_tf32, packed, bwd_config, COUNT_FP32, MASK_BIAS, MASK_BIAS_BLOCKS, KEY_TAIL)
     plan = _plan(key, lambda: _backward_plan(q, k, v, landmarks, out, grad_out, topk, router_topk, shared,
                                                     multi, pooled, num_landmarks, allow_tf32, _strides(dq)))
     M = plan["M"]

@@ -620,7 +620,8 @@ def select_cases(spec: str, quick: bool) -> List[Case]:
 # when off). ``--switches layout=off,stream-topk`` sets each named one (a bare name: on); the rest keep the
 # package's defaults, SWITCH_DEFAULTS (also --switches' help).
 SWITCH_DEFAULTS = ("layout, shared-split, eager-fn, mask-bias and fuse-keys on, stream-topk from 2^23 scores a head, "
-                   "search-topk, resident, dkdv-wide, wide, transposed, shared-resident, count-fp32 and mask-bias-blocks off, sort-max 512")
+                   "search-topk, resident, dkdv-wide, wide, transposed, shared-resident, count-fp32, mask-bias-blocks and key-tail off, "
+                   "sort-max 512")
 SWITCHES = {
     "layout": ("LAYOUT_KERNELS", True, False),  # routing layout from kernels/layout_kernels.py
     "stream-topk": ("STREAM_TOPK_MIN_SCORES", 1, None),  # landmarks' top-k streamed (kernels/topk_stream.py)
@@ -635,6 +636,7 @@ SWITCHES = {
     "count-fp32": ("fused_small.COUNT_FP32", True, False),  # short path: expert-mask products in fp32
     "mask-bias": ("fused_small.MASK_BIAS", 4096.0, 0.0),  # short path: the expert mask as a logit bias
     "mask-bias-blocks": ("fused_small.MASK_BIAS_BLOCKS", True, False),  # ... in the block backward (d = 128) too
+    "key-tail": ("fused_small.KEY_TAIL", True, False),  # short path: the keys left over in a narrower last block
     # streamed top-k: rows of up to 2,048 candidates ranked by the in-register sort instead of torch.topk
     "sort-max": ("topk_stream._SORT_MAX", 2048, 512),
     # routed dk/dv partials summed per key in the shared values' key pass (one-pass partials, key-split shared)

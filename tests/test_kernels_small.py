@@ -213,6 +213,39 @@ def test_expert_mask_as_logit_bias(small_blocks, monkeypatch, bwd, N, m, topk, s
     _check_selection(2, 2, N, 32, m, topk, 1, shared, "official", dtype=torch.float16, tol=1e-2, seed=N + m)
 
 
+@pytest.mark.parametrize("N,r,shared,dtype", [(37, 1, True, torch.float16), (70, 2, True, torch.float32),
+                                               (70, 1, False, torch.float16), (37, 2, False, torch.float16),
+                                               (197, 1, True, torch.float16)])
+def test_key_tail(monkeypatch, N, r, shared, dtype):
+    """fused_small.KEY_TAIL: the attention forward's loop over the routed keys ends with a 16-key block for the keys
+    left over (N = 37, 70: one or two 32-key blocks, then 16; N = 197 with 64-key blocks: 3 and 16); the mask as a
+    bias (fp16, r = 1) and as counts; with the per-head backward; against float64."""
+    from mita.kernels import fused_small
+
+    monkeypatch.setattr(fused_small, "KEY_TAIL", True)
+    bk = 64 if N == 197 else 32
+    monkeypatch.setattr(fused_small, "fwd_config", lambda *a: {"BQ": 16, "BK": bk, "QB_PER_PROG": 1, "num_warps": 4})
+    monkeypatch.setattr(fused_small, "bwd_config", lambda *a: {"BQ": 16, "BK": 32, "num_warps": 4, "per_head": True})
+    assert fused_small.key_blocks(N, bk)[1] == 16
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    _check_selection(1, 2, N, 32, 5, 7, r, shared, "official", dtype=dtype, tol=tol, seed=N + r)
+
+
+def test_key_blocks():
+    from mita.kernels import fused_small
+
+    assert fused_small.key_blocks(197, 64) == (4, 0)  # KEY_TAIL off
+    fused_small.KEY_TAIL = True
+    try:
+        assert fused_small.key_blocks(197, 64) == (3, 16)
+        assert fused_small.key_blocks(197, 32) == (6, 16)
+        assert fused_small.key_blocks(256, 64) == (4, 0)  # no keys left over
+        assert fused_small.key_blocks(50, 32) == (2, 0)  # 18 left: a 32-key block anyway
+        assert fused_small.key_blocks(5, 64) == (0, 16)
+    finally:
+        fused_small.KEY_TAIL = False
+
+
 @pytest.mark.parametrize("r", [1, 2])
 def test_deit_shape_backward_with_keys_as_rows(monkeypatch, r):
     # the keys-as-rows backward at its DeiT-S configs (4 query chunks of 64, 128-key blocks, 8 warps): fp16, so
