@@ -617,15 +617,17 @@ def _bwd_landmarks(
 @triton.jit
 def _bwd_head_key_block(kcols, q, do, delta, lse, onehot, r, lsh, dvs_dt, vs_dot, dq, dr, Kh, Vh, SELg, DKh, DVh,
                         lm, lm_ok, N, stride_kn, stride_vn, stride_gn, offs_d, sl2, scale, NP: tl.constexpr,
-                        ODT: tl.constexpr, SHARED: tl.constexpr, ROUTED: tl.constexpr, MULTI: tl.constexpr,
-                        CNT32: tl.constexpr, MASK_BIAS: tl.constexpr, PREC: tl.constexpr):
-    """One key block ``kcols`` of :func:`_bwd_head_kernel`: its dK, dV stored, the head's dQ and dR updated."""
+                        BK: tl.constexpr, D: tl.constexpr, ODT: tl.constexpr, SHARED: tl.constexpr,
+                        ROUTED: tl.constexpr, MULTI: tl.constexpr, CNT32: tl.constexpr, MASK_BIAS: tl.constexpr,
+                        PREC: tl.constexpr):
+    """One key block ``kcols`` (``BK`` keys) of :func:`_bwd_head_kernel`: its dK, dV stored, the head's dQ and dR
+    updated."""
     DT = q.dtype
     k_ok = kcols < N
     kblk = _rows(Kh, kcols, k_ok, stride_kn, offs_d)  # [BK, D]
     vblk = _rows(Vh, kcols, k_ok, stride_vn, offs_d)
-    dk = tl.zeros([kcols.shape[0], q.shape[1]], tl.float32)
-    dv = tl.zeros([kcols.shape[0], q.shape[1]], tl.float32)
+    dk = tl.zeros([BK, D], tl.float32)
+    dv = tl.zeros([BK, D], tl.float32)
     if ROUTED:
         sel_b = _sel_rows(SELg, lm, kcols, NP, ODT, MASK_BIAS, False)  # [MP, BK]
         p = _routed_probs(q, tl.trans(kblk), onehot, sel_b, lse[:, None], sl2, MASK_BIAS, MULTI, CNT32,
@@ -719,8 +721,8 @@ def _bwd_head_kernel(
     for kb in range(NKB):
         dq, dr = _bwd_head_key_block(
             kb * BK + tl.arange(0, BK), q, do, delta, lse, onehot, r, lsh, dvs_dt, vs_dot, dq, dr, Kh, Vh,
-            SEL + g * MP * NP, DKh, DVh, lm, lm_ok, N, stride_kn, stride_vn, stride_gn, offs_d, sl2, scale, NP, ODT,
-            SHARED, ROUTED, MULTI, CNT32, MASK_BIAS, PREC)
+            SEL + g * MP * NP, DKh, DVh, lm, lm_ok, N, stride_kn, stride_vn, stride_gn, offs_d, sl2, scale, NP, BK, D,
+            ODT, SHARED, ROUTED, MULTI, CNT32, MASK_BIAS, PREC)
     if POOLED and SHARED:
         # landmarks W Q: their gradient goes back into dq as W^T dR (dr is still divided by s)
         w = tl.load(POOL + lm[:, None] * NP + rows[None, :])  # [MP, NP]
