@@ -620,8 +620,8 @@ def select_cases(spec: str, quick: bool) -> List[Case]:
 # when off). ``--switches layout=off,stream-topk`` sets each named one (a bare name: on); the rest keep the
 # package's defaults, SWITCH_DEFAULTS (also --switches' help).
 SWITCH_DEFAULTS = ("layout, shared-split, eager-fn, mask-bias and fuse-keys on, stream-topk from 2^23 scores a head, "
-                   "search-topk, resident, dkdv-wide, wide, transposed, shared-resident, count-fp32, mask-bias-blocks and key-tail off, "
-                   "sort-max 512")
+                   "search-topk, resident, dkdv-wide, wide, transposed, shared-resident, count-fp32, "
+                   "mask-bias-blocks, key-tail and topk-scan off, sort-max 512")
 SWITCHES = {
     "layout": ("LAYOUT_KERNELS", True, False),  # routing layout from kernels/layout_kernels.py
     "stream-topk": ("STREAM_TOPK_MIN_SCORES", 1, None),  # landmarks' top-k streamed (kernels/topk_stream.py)
@@ -629,8 +629,8 @@ SWITCHES = {
     "shared-split": ("SHARED_SPLIT_MIN_N", 1, None),  # shared values split over the keys, kernels/shared.py
     "eager-fn": ("EAGER_FUNCTIONS", True, False),  # eager calls skip the custom ops' dispatch (kernels/ops.py)
     "resident": ("ROUTED_RESIDENT", True, False),  # routed forward and dq one program a tile (kernels/routed.py)
-    "dkdv-wide": ("DKDV_WIDE", True, False),
-    "wide": ("ROUTED_WIDE", True, False),  # routed forward and dq: 128-entry, 8-warp blocks where tiles are long  # routed dk/dv: resident's program shapes alone (kernels/routed.py)
+    "dkdv-wide": ("DKDV_WIDE", True, False),  # routed dk/dv: resident's program shapes alone (kernels/routed.py)
+    "wide": ("ROUTED_WIDE", True, False),  # routed forward and dq: 128-entry, 8-warp blocks where tiles are long
     "transposed": ("ROUTED_TRANSPOSED", True, False),  # forward and dq of short tiles transposed (warp-group MMA)
     "shared-resident": ("SHARED_RESIDENT", True, False),  # shared values' dK, dV: landmarks loaded once a program
     "count-fp32": ("fused_small.COUNT_FP32", True, False),  # short path: expert-mask products in fp32
@@ -639,6 +639,8 @@ SWITCHES = {
     "key-tail": ("fused_small.KEY_TAIL", True, False),  # short path: the keys left over in a narrower last block
     # streamed top-k: rows of up to 2,048 candidates ranked by the in-register sort instead of torch.topk
     "sort-max": ("topk_stream._SORT_MAX", 2048, 512),
+    # streamed top-k: each tile's candidates collected at once by a prefix sum
+    "topk-scan": ("topk_stream._SCAN", True, False),
     # routed dk/dv partials summed per key in the shared values' key pass (one-pass partials, key-split shared)
     "fuse-keys": ("FUSE_KEYS", True, False),
 }
