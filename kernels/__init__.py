@@ -84,6 +84,12 @@ DKDV_WIDE = False
 # blocks of 64 (ROUTED_RESIDENT's 128 x 128 blocks, slower at m = k = 512, take 190 registers and one program an
 # SM; 128 x 64: 123 and two, sm_90). Off until timed on a GPU.
 ROUTED_WIDE = False
+# Whether the routed dk/dv partials, where they go in chunks of experts (4 m topk > N: N = 1,025-16,384 at the
+# benchmark's budgets, m = k = 49-256), fill two input-dtype buffers in one pass over each chunk (routed.dkdv_plan:
+# 2 launches a chunk instead of 4, 4 products instead of 5) instead of one buffer in two passes, for one more
+# [B, H, N, d] of memory at the backward's peak (scripts/dry_run.py: 9.6-10.0 input units without it, 10.6-11.0
+# with it, against SDPA's ~10.1). Off until timed on a GPU.
+DKDV_TWO_BUFFERS = False
 # Whether the general path's forward and dq programs of fewer than 64 entries (short tiles, N r / m < 64: ViT
 # lengths such as N = 1,025, m = 49) run with their tiles transposed (keys and landmarks as rows), so that their
 # products have 64 rows and become Hopper warp-group MMAs (routed.transposed); the untransposed 32-entry programs

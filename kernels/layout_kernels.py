@@ -294,10 +294,10 @@ def key_pairs_triton(topk_idx: torch.Tensor, N: int):
     """:func:`kernels.layout.key_pairs` with the CSR pointers from one launch (a binary search per key)
     instead of an arange, its copy and ``torch.searchsorted``: the same ``(pair_order, key_ptr)``, int64."""
     G = topk_idx.shape[0]
-    flat = _sort_keys(topk_idx.reshape(G, -1), N)
-    MK = flat.shape[1]
-    sorted_keys, pair_order = torch.sort(flat, dim=-1, stable=True)
-    key_ptr = _buffer((G, N + 1), flat.device)
+    MK = topk_idx.numel() // max(G, 1)
+    # (the narrowed copy of the key lists is freed once sorted)
+    sorted_keys, pair_order = torch.sort(_sort_keys(topk_idx.reshape(G, -1), N), dim=-1, stable=True)
+    key_ptr = _buffer((G, N + 1), topk_idx.device)
     block = min(1024, next_power_of_2(N + 1))
     launch(
         _key_ptr_kernel, (G, cdiv(N + 1, block)),

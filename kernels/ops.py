@@ -141,16 +141,20 @@ def _backward(grad_out, q, k, v, landmarks, shared_v, topk_idx, expert_idx, out,
         # of them), summed per key through the inverse index (which (expert, slot) pairs hold each key);
         # written in q's dtype, every element
         dk, dv = _buffer((G, N, d), q.device, q.dtype), _buffer((G, N, d), q.device, q.dtype)
-        from . import ROUTED_RESIDENT
+        from . import DKDV_TWO_BUFFERS, ROUTED_RESIDENT
 
-        part_dtype, buffers, chunk = dkdv_plan(q.dtype, N, m, topk, one_pass=ROUTED_RESIDENT)
-        partials = tuple(_buffer((G, chunk, topk, d), q.device, part_dtype) for _ in range(buffers))
+        # the inverse index first: its sort's scratch is freed before the partials are made
         pairs = _key_pairs(idx, N)
+        part_dtype, buffers, chunk = dkdv_plan(q.dtype, N, m, topk, one_pass=ROUTED_RESIDENT,
+                                               two_buffers=DKDV_TWO_BUFFERS)
+        partials = tuple(_buffer((G, chunk, topk, d), q.device, part_dtype) for _ in range(buffers))
         if fuse_keys and buffers == 2 and chunk == m:
             reduce_keys = False
             key_pairs = (*partials, *pairs)
     routed_backward(qf, kf, vf, rf, vsf, do, lse, delta, idx, lay, r, scale, scale_shared,
                     dq_e, dk, dv, pairs, partials, allow_tf32, reduce_keys, out=_unit_last_stride(out))
+    # summed into dk, dv (unless key_pairs hands them on): freed before the landmark side's partials are made
+    del partials, pairs
     dq = dq_e.view(G, N, r, d).sum(2) if r > 1 else dq_e
     dr = dvs = None
     if topk > 0:

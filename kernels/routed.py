@@ -880,7 +880,7 @@ def _resident(T, M, topk, D, itemsize, shared):
     return res, (block_m, block_k, warps_q, warps_kv)
 
 
-def dkdv_plan(dtype, N: int, m: int, topk: int, one_pass: bool = False):
+def dkdv_plan(dtype, N: int, m: int, topk: int, one_pass: bool = False, two_buffers: bool = False):
     """``(dtype, buffers, chunk)`` of the per-(expert, slot) partial dk, dv ``[G, chunk, topk, d]``.
 
     While ``4 m topk <= N`` (the paper's budgets, ``m k ~ N / 4``) they are float32, two buffers, one pass over
@@ -891,9 +891,13 @@ def dkdv_plan(dtype, N: int, m: int, topk: int, one_pass: bool = False):
     one dk (``max(N, topk) d`` per head), whatever ``m topk``. ``one_pass`` (``ROUTED_RESIDENT``; where
     ``2 topk <= N``): instead, chunks of ``N / (2 topk)`` experts with two input-dtype buffers filled in one pass
     (4 products, each query block read once): twice the chunks for the same launches and the same partial
-    memory (not yet timed)."""
+    memory (not yet timed). ``two_buffers`` (``DKDV_TWO_BUFFERS``): chunks of ``N / topk`` experts as by default,
+    each with two input-dtype buffers filled in one pass: half the launches and 4 products instead of 5, for
+    twice the partial memory (up to two 16-bit dk's)."""
     if 4 * m * topk <= N:
         return torch.float32, 2, m
+    if two_buffers:
+        return dtype, 2, max(1, min(m, N // topk))
     if one_pass and 2 * topk <= N:
         return dtype, 2, max(1, min(m, N // (2 * topk)))
     return dtype, 1, max(1, min(m, N // topk))

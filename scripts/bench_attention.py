@@ -620,7 +620,7 @@ def select_cases(spec: str, quick: bool) -> List[Case]:
 # when off). ``--switches layout=off,stream-topk`` sets each named one (a bare name: on); the rest keep the
 # package's defaults, SWITCH_DEFAULTS (also --switches' help).
 SWITCH_DEFAULTS = ("layout, shared-split, eager-fn, mask-bias and fuse-keys on, stream-topk from 2^23 scores a head, "
-                   "search-topk, resident, dkdv-wide, wide, transposed, shared-resident, count-fp32, "
+                   "search-topk, resident, dkdv-wide, dkdv-two, wide, transposed, shared-resident, count-fp32, "
                    "mask-bias-blocks, key-tail and topk-scan off, sort-max 512")
 SWITCHES = {
     "layout": ("LAYOUT_KERNELS", True, False),  # routing layout from kernels/layout_kernels.py
@@ -630,6 +630,7 @@ SWITCHES = {
     "eager-fn": ("EAGER_FUNCTIONS", True, False),  # eager calls skip the custom ops' dispatch (kernels/ops.py)
     "resident": ("ROUTED_RESIDENT", True, False),  # routed forward and dq one program a tile (kernels/routed.py)
     "dkdv-wide": ("DKDV_WIDE", True, False),  # routed dk/dv: resident's program shapes alone (kernels/routed.py)
+    "dkdv-two": ("DKDV_TWO_BUFFERS", True, False),  # chunked dk/dv partials: two buffers, one pass a chunk
     "wide": ("ROUTED_WIDE", True, False),  # routed forward and dq: 128-entry, 8-warp blocks where tiles are long
     "transposed": ("ROUTED_TRANSPOSED", True, False),  # forward and dq of short tiles transposed (warp-group MMA)
     "shared-resident": ("SHARED_RESIDENT", True, False),  # shared values' dK, dV: landmarks loaded once a program

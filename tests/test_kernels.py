@@ -523,6 +523,20 @@ def test_dkdv_plan_bounds_the_partials():
     assert dkdv_plan(torch.bfloat16, 65536, 512, 512, one_pass=True) == (torch.bfloat16, 2, 64)
     assert dkdv_plan(torch.bfloat16, 65536, 512, 512) == (torch.bfloat16, 1, 128)
     assert dkdv_plan(torch.bfloat16, 100, 5, 60, one_pass=True) == (torch.bfloat16, 1, 1)  # 2 topk > N
+    # DKDV_TWO_BUFFERS: the default chunks, two buffers, one pass: at most two 16-bit dk's
+    for N, m, topk in ((4096, 64, 64), (1025, 49, 49), (16384, 256, 256), (65536, 512, 512), (17, 5, 7), (1, 4, 1)):
+        dtype, buffers, chunk = dkdv_plan(torch.bfloat16, N, m, topk, two_buffers=True)
+        assert 1 <= chunk <= m and buffers * chunk * topk * dtype.itemsize <= 4 * max(N, topk)
+    assert dkdv_plan(torch.bfloat16, 1025, 49, 49, two_buffers=True) == (torch.bfloat16, 2, 20)
+    assert dkdv_plan(torch.bfloat16, 16384, 64, 64, two_buffers=True) == (torch.float32, 2, 64)  # unchanged
+
+
+def test_dkdv_two_buffers_on_awkward_routings(monkeypatch):
+    """mita.kernels.DKDV_TWO_BUFFERS through the op: chunks of experts with two input-dtype buffers each, filled
+    in one pass, the later chunks' sums added onto the earlier ones'; keys repeated, fp16."""
+    monkeypatch.setattr(kernels, "DKDV_TWO_BUFFERS", True)
+    test_routed_dkdv_on_awkward_routings("duplicates", 1, 17, 5, 7, 2, True, torch.float16)
+    test_routed_dkdv_on_awkward_routings("shared_keys", 2, 50, 6, 10, 1, False, torch.float16)
 
 
 def test_key_pairs_inverse_index():
