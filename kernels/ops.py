@@ -259,8 +259,10 @@ class _Attention(torch.autograd.Function):
         scale_shared, allow_tf32, split_shared = ctx.meta[2:]
         from . import FUSE_KEYS
 
-        lm, kk, vv = (shared_split._unit_last(t) for t in (landmarks, k, v))
-        fuse = split_shared and FUSE_KEYS and shared_split.fuses_key_pairs(lm, kk)
+        fuse = False
+        if split_shared:
+            lm, kk, vv = (shared_split._unit_last(t) for t in (landmarks, k, v))
+            fuse = FUSE_KEYS and shared_split.fuses_key_pairs(lm, kk)
         dq, dk, dv, dr, dvs, key_pairs = _backward(
             grad_out, q, k, v, landmarks, shared_v, topk_idx, expert_idx, out, lse, scale_shared, allow_tf32,
             lay=_saved_layout(layout, ctx.meta), dr_partials=split_shared, fuse_keys=fuse)
