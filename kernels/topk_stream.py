@@ -56,6 +56,8 @@ _SORT_MAX = 512
 # it. Off until timed in the op (at N = 65,536, m = k = 512 the collection took 889 us of the selection's 2.7 ms on
 # an H100)
 _SCAN = False
+# Tests switch this on so that an index :func:`search_topk` fails to write shows up (as -1).
+_POISON = False
 
 
 @triton.jit
@@ -492,7 +494,9 @@ def search_topk(k_keys: torch.Tensor, landmarks: torch.Tensor, topk: int, config
     rf, rs = _bhn(landmarks)
     n_tiles = cdiv(N, bn)
     n_mb = cdiv(m, bm)
-    idx = torch.empty(B, H, m, topk, dtype=torch.int64, device=k_keys.device)
+    shape = (B, H, m, topk)
+    idx = (torch.full(shape, -1, dtype=torch.int64, device=k_keys.device) if _POISON
+           else torch.empty(shape, dtype=torch.int64, device=k_keys.device))
     launch(
         _search_kernel, (G * n_mb,),
         (kf, rf, idx, H, *ks, *rs, N, m, n_tiles, n_mb, topk),

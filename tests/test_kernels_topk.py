@@ -391,6 +391,15 @@ def test_mita_routing_streams_the_topk_from_a_score_count_on(monkeypatch):
 SEARCH_SMALL = dict(block_m=16, block_n=16, num_warps=4, num_stages=1)
 
 
+@pytest.fixture(autouse=True)
+def _poison_search_output(monkeypatch):
+    """search_topk's output starts as -1, so an index it fails to write shows up (``_assert_topk_sets`` wants every
+    index in [0, N) and none twice)."""
+    from mita.kernels import topk_stream as module
+
+    monkeypatch.setattr(module, "_POISON", True)
+
+
 @pytest.mark.parametrize("N,m,topk,d", [(1, 1, 1, 32), (2, 3, 1, 32), (17, 3, 5, 32), (197, 25, 49, 64),
                                         (300, 20, 7, 32), (64, 2, 64, 32), (130, 33, 17, 128)])
 def test_search_sets_match_float64_topk(N, m, topk, d):
