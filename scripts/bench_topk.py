@@ -7,6 +7,7 @@ Needs the package installed (``pip install -e .``: ``mita.kernels`` is the check
     python3 scripts/bench_topk.py --smoke              # CPU: Triton's interpreter, two tiny cases (tests)
     python3 scripts/bench_topk.py --config block_m=64,num_warps=8   # override the launch configuration
     python3 scripts/bench_topk.py --config scan=1 --kernel-times    # prefix-sum collection; GPU time a kernel
+    python3 scripts/bench_topk.py --cases 0,1 --search-config "block_m=16;block_m=64,num_warps=4"  # search configs
 
 Per case (B, H, N, m = k), d = 64: a gate first checks the kernel's index sets against ``torch.topk`` of
 fp32 scores of the same inputs (IEEE products, per head), allowing a different choice only where the
@@ -146,6 +147,8 @@ def main():
     p.add_argument("--config", default="", help="launch_config overrides, e.g. block_m=64,num_warps=8")
     p.add_argument("--search-max-n", type=int, default=4096,
                    help="also time the one-launch search_topk up to this many keys (0: never)")
+    p.add_argument("--search-config", default="",
+                   help="search_config overrides, e.g. block_m=64,num_warps=4 (several: separated by ';', each timed)")
     p.add_argument("--kernel-times", action="store_true",
                    help="GPU microseconds of each of topk_stream's kernels per call (torch.profiler, 6 calls)")
     args = p.parse_args()
@@ -177,7 +180,11 @@ def main():
         rows = []
         methods = [("topk_stream", kernel, ok)]
         if N <= args.search_max_n:
-            methods.append(("search_topk", search_topk, gate(*sets[0], mk, None, select=search_topk)))
+            for spec in args.search_config.split(";"):
+                scfg = {kv.split("=")[0]: int(kv.split("=")[1]) for kv in spec.split(",") if kv}
+                search = lambda k_, r_, t_, c=scfg: search_topk(k_, r_, t_, config=c)  # noqa: E731
+                name = "search_topk" + (f" {spec}" if spec else "")
+                methods.append((name, search, gate(*sets[0], mk, None, select=search)))
         for name, fn, passed in methods:
             if passed:
                 ms = time_ms(lambda k_, r_: fn(k_, r_, mk), sets, reps, warmup, cuda)
