@@ -456,6 +456,20 @@ def _onehot_t(EXPh, rows, ok, lm, R_TOPK: tl.constexpr):
 
 
 @triton.jit
+def _shared_key_grads(kblk, vblk, r, lsh, dvs_dt, vs_dot, k_ok, lm_ok, sl2, dk, dv, PREC: tl.constexpr):
+    """A key block's share of the path through the shared values ``V~ = A V``, ``A = softmax(s R K^T)``:
+    ``dV += A^T dV~``, ``dL = A (dV~ V^T - rowsum(dV~ V~))``, ``dK += dL^T R`` (unscaled); returns dk, dv and
+    ``dL^T [BK, MP]`` (in the keys' dtype) for dR."""
+    DT = kblk.dtype
+    a_t = tl.dot(kblk, tl.trans(r), input_precision=PREC) * sl2  # [BK, MP]
+    a_t = tl.where(k_ok[:, None] & lm_ok[None, :], tl.exp2(a_t - lsh[None, :]), 0.0)
+    dv = tl.dot(a_t.to(DT), dvs_dt, dv, input_precision=PREC)
+    dl_t = (a_t * (tl.dot(vblk, tl.trans(dvs_dt), input_precision=PREC) - vs_dot[None, :])).to(DT)
+    dk = tl.dot(dl_t, r, dk, input_precision=PREC)
+    return dk, dv, dl_t
+
+
+@triton.jit
 def _bwd_keys(
     Qh, Kh, Vh, Rh, Oh, DOh, LSEh, SELg, EXPh, VSg, LSHg, DKg, DVg, DVSg,
     stride_qn, stride_kn, stride_vn, stride_rm, stride_don, stride_on, stride_gn,
@@ -507,14 +521,8 @@ def _bwd_keys(
         lsh = tl.load(LSHg + lm)
         if DVS_GIVEN:
             dvs = tl.load(DVSg + lm[:, None] * D + offs_d[None, :])
-        dvs_dt = dvs.to(DT)
-        # V~ = A V, A = softmax(s R K^T): dV += A^T dV~, dL = A (dV~ V^T - rowsum(dV~ V~)), dK += s dL^T R
-        a_t = tl.dot(kblk, tl.trans(r), input_precision=PREC) * sl2  # [BK, MP]
-        a_t = tl.where(k_ok[:, None] & lm_ok[None, :], tl.exp2(a_t - lsh[None, :]), 0.0)
-        dv = tl.dot(a_t.to(DT), dvs_dt, dv, input_precision=PREC)
         vs_dot = tl.sum(dvs * vs.to(tl.float32), 1)  # [MP]
-        dl_t = a_t * (tl.dot(vblk, tl.trans(dvs_dt), input_precision=PREC) - vs_dot[None, :])  # [BK, MP]
-        dk = tl.dot(dl_t.to(DT), r, dk, input_precision=PREC)
+        dk, dv, _ = _shared_key_grads(kblk, vblk, r, lsh, dvs.to(DT), vs_dot, k_ok, lm_ok, sl2, dk, dv, PREC)
     out = kcols[:, None] * stride_gn + offs_d[None, :]
     tl.store(DKg + out, (dk * scale).to(DT), mask=k_ok[:, None])
     tl.store(DVg + out, dv.to(DT), mask=k_ok[:, None])
@@ -638,12 +646,7 @@ def _bwd_head_key_block(kcols, q, do, delta, lse, onehot, r, lsh, dvs_dt, vs_dot
         dk = tl.dot(tl.trans(ds), q, dk, input_precision=PREC)
         dq = tl.dot(ds, kblk, dq, input_precision=PREC)
     if SHARED:
-        # V~ = A V, A = softmax(s R K^T): dV += A^T dV~, dL = A (dV~ V^T - rowsum(dV~ V~)), dK += s dL^T R
-        a_t = tl.dot(kblk, tl.trans(r), input_precision=PREC) * sl2  # [BK, MP]
-        a_t = tl.where(k_ok[:, None] & lm_ok[None, :], tl.exp2(a_t - lsh[None, :]), 0.0)
-        dv = tl.dot(a_t.to(DT), dvs_dt, dv, input_precision=PREC)
-        dl_t = (a_t * (tl.dot(vblk, tl.trans(dvs_dt), input_precision=PREC) - vs_dot[None, :])).to(DT)
-        dk = tl.dot(dl_t, r, dk, input_precision=PREC)
+        dk, dv, dl_t = _shared_key_grads(kblk, vblk, r, lsh, dvs_dt, vs_dot, k_ok, lm_ok, sl2, dk, dv, PREC)
         dr = tl.dot(tl.trans(dl_t), kblk, dr, input_precision=PREC)
     out = kcols[:, None] * stride_gn + offs_d[None, :]
     tl.store(DKh + out, (dk * scale).to(DT), mask=k_ok[:, None])
@@ -883,12 +886,7 @@ def _bwd_head_keys_kernel(
             dk, dv, dq3 = _keys_pass(q3, do3, LSEh, DELTAg, rows3, ok3, kb, oh3, kblk, vblk, sel_t, dk, dv, dq3, sl2,
                                      ROUTED, MULTI, PREC, CNT32, MASK_BIAS)
         if SHARED:
-            # V~ = A V, A = softmax(s R K^T): dV += A^T dV~, dL = A (dV~ V^T - rowsum(dV~ V~)), dK += s dL^T R
-            a_t = tl.dot(kblk, tl.trans(r), input_precision=PREC) * sl2  # [BK, MP]
-            a_t = tl.where(k_ok[:, None] & lm_ok[None, :], tl.exp2(a_t - lsh[None, :]), 0.0)
-            dv = tl.dot(a_t.to(DT), dvs_dt, dv, input_precision=PREC)
-            dl_t = (a_t * (tl.dot(vblk, tl.trans(dvs_dt), input_precision=PREC) - vs_dot[None, :])).to(DT)
-            dk = tl.dot(dl_t, r, dk, input_precision=PREC)
+            dk, dv, dl_t = _shared_key_grads(kblk, vblk, r, lsh, dvs_dt, vs_dot, k_ok, lm_ok, sl2, dk, dv, PREC)
             dr_t = tl.dot(tl.trans(kblk), dl_t, dr_t, input_precision=PREC)  # [D, MP]
         out = b * stride_gb + h * stride_gh + kcols[:, None] * stride_gn + offs_d[None, :]
         tl.store(DK + out, (dk * scale).to(DT), mask=k_ok[:, None])
