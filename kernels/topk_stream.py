@@ -469,10 +469,9 @@ def _search_kernel(
                            BLOCK_K, PREC)
 
 
-def search_config(N: int, m: int, topk: int) -> dict:
-    """Blocks of :func:`search_topk`: 16 landmarks (the most programs: the passes go through every key), 64-key tiles,
-    at most ``search`` value-space passes, 4 warps."""
-    return dict(block_m=16, block_n=64, search=12, num_warps=4, num_stages=3)
+# search_topk's launch: 16 landmarks a program (the most programs: every pass goes through every key), 64-key tiles,
+# at most ``search`` value-space passes, 4 warps
+SEARCH_CONFIG = dict(block_m=16, block_n=64, search=12, num_warps=4, num_stages=3)
 
 
 def search_topk(k_keys: torch.Tensor, landmarks: torch.Tensor, topk: int, config: Optional[dict] = None):
@@ -480,13 +479,12 @@ def search_topk(k_keys: torch.Tensor, landmarks: torch.Tensor, topk: int, config
     of a few thousand keys at most: every pass recomputes the row's scores. Exact with respect to the kernel's
     fp32 scores: a row is ordered by increasing index where the search closes it, largest score first where the
     radix select does (ties across the k-th place: the lowest indices win). ``config`` overrides
-    :func:`search_config` (tests)."""
+    :data:`SEARCH_CONFIG` (tests, benchmarks)."""
     _check(k_keys, landmarks, topk)
     B, H, N, d = k_keys.shape
     m = landmarks.shape[2]
     G = B * H
-    cfg = search_config(N, m, topk)
-    cfg.update(config or {})
+    cfg = {**SEARCH_CONFIG, **(config or {})}
     bm, bn = cfg["block_m"], cfg["block_n"]
     if bn > 128:
         raise ValueError(f"block_n must be at most 128 (8-bit counts a tile), got {bn}")

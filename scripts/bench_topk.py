@@ -148,7 +148,7 @@ def main():
     p.add_argument("--search-max-n", type=int, default=4096,
                    help="also time the one-launch search_topk up to this many keys (0: never)")
     p.add_argument("--search-config", default="",
-                   help="search_config overrides, e.g. block_m=64,num_warps=4 (several: separated by ';', each timed)")
+                   help="SEARCH_CONFIG overrides, e.g. block_m=64,num_warps=4 (several: separated by ';', each timed)")
     p.add_argument("--kernel-times", action="store_true",
                    help="GPU microseconds of each of topk_stream's kernels per call (torch.profiler, 6 calls)")
     args = p.parse_args()
