@@ -1030,10 +1030,12 @@ def bwd_config(n_pad: int, m_pad: int, head_dim: int, itemsize: int) -> dict:
     H200, DeiT-S shape, bf16: backward 0.82 ms with one program per head against 1.18 ms with programs
     per block. The per-head program loads its key blocks three stages ahead (cp.async): on an H100 its kernel
     takes 482-486 us against 572 with one stage, 526 with two, 479 with four, whose 224 KB of shared memory
-    leave no room for the pooled variant (BENCHMARKS.md, "The expert mask as a logit bias").
+    leave no room for the pooled variant (BENCHMARKS.md, "The expert mask as a logit bias"). With 64 landmark
+    slots (33-64 landmarks) three stages take 236 KB, past the 227 KB a Hopper program may have (sm_90, Triton 3.6
+    and 3.8): two stages there.
     """
     if _wide(n_pad, head_dim, itemsize):
-        return {"BQ": 64, "BK": 32, "num_warps": 8, "num_stages": 3, "per_head": True}
+        return {"BQ": 64, "BK": 32, "num_warps": 8, "num_stages": 3 if m_pad <= 32 else 2, "per_head": True}
     block = min(n_pad, 64)
     if head_dim == 32 and m_pad >= 64:
         # Triton 3.6 on sm_90 gave wrong dK, dV here with 64-row blocks (relative error 0.2 at N <= 64,

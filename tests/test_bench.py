@@ -391,6 +391,28 @@ def test_compile_report_lists_every_kernel_of_both_paths():
     assert "| dots: wgmma / other | loads: async / TMA |" in out
 
 
+def test_short_backward_fits_a_hoppers_shared_memory():
+    """The short path's per-head backward, compiled for sm_90 (scripts/compile_report.py, no GPU), asks for no more
+    shared memory than a Hopper program may have (227 KB), with 32 and 64 landmark slots, pooled or not: its
+    stages follow the landmark slots (three stages at 64 slots took 236 KB and failed to launch)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    rows = []
+    for extra in (["--shape", "1,2,256,64,64,13"], ["--shape", "1,2,197,64,25,25", "--pool"]):
+        run = subprocess.run([sys.executable, str(root / "scripts" / "compile_report.py"), "--dtype", "bf16", *extra],
+                             capture_output=True, text=True, env=env, cwd=root, timeout=600)
+        assert run.returncode == 0, run.stderr[-2000:]
+        rows += [line.split("|") for line in run.stdout.splitlines() if "| _bwd_head_kernel |" in line]
+    assert len(rows) == 2
+    for cells in rows:
+        assert float(cells[6]) <= 227.0, cells
+
+
 def test_compile_report_counts_the_lowering_of_dots_and_loads():
     import sys
     from pathlib import Path
