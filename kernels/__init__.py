@@ -38,9 +38,11 @@ LAYOUT_KERNELS = True
 STREAM_TOPK_MIN_SCORES = 1 << 23
 # Up to this many keys, the general path's landmark top-k runs in one launch (kernels/topk_stream.py's search_topk:
 # per landmark block, the scores recomputed tile by tile in ~8 value-space counting passes, no score matrix) instead
-# of R K^T and torch.topk (at N = 1,025, m = 49, B H = 384 on an H100: a 89 us GEMM and ~330 us of top-k kernels in
-# 9 launches); None: never. Off until timed on a GPU.
-SEARCH_TOPK_MAX_N = None
+# of R K^T and torch.topk (at N = 1,025, m = 49, B H = 384: a 89 us GEMM and ~330 us of top-k kernels in 9
+# launches); None: never. On an H100 (2026-12-05, same process, BENCHMARKS.md "Defaults timed on an H100"): forward
+# 1.25 -> 0.76 ms at N = 4,096, m = k = 64 (B H = 64; 16 device ops fewer, GPU busy 1.10 -> 1.32 ms: the call is
+# host-bound there) and 0.95 -> 0.91 ms at N = 1,025, m = k = 49.
+SEARCH_TOPK_MAX_N = 2048
 # From this many keys on, the general path computes the shared values V~ = softmax(s R K^T) V (and their
 # backward) with the key-split kernels of kernels/shared.py instead of SDPA, whose m-query launch runs one
 # program per head over all N keys; fp16/bf16 inputs only; None: never. 1,024: the shortest length where it was
@@ -77,19 +79,20 @@ ROUTED_RESIDENT = False
 # Off: slower on an H100 (BENCHMARKS.md, "The expert mask as a logit bias"): forward+backward +3-7% at N = 1,025,
 # 16,384 and 65,536 (m = k = 49-512).
 DKDV_WIDE = False
-# Whether the general path's forward and dq block programs take 128 entries with 8 warps where tiles hold 128 or
-# more (N r / m >= 128: e.g. N = 65,536, m = 128, T = 512; fp16/bf16, d <= 64), instead of 64 entries with 4 warps:
-# each block re-reads the expert's keys and values and the head's landmarks and shared values from L2 half as often
-# (at N = 65,536, m = k = 128 the 64-entry forward moves ~1.3 GB from L2 for ~0.3 GB of DRAM traffic). Keys stay in
-# blocks of 64 (ROUTED_RESIDENT's 128 x 128 blocks, slower at m = k = 512, take 190 registers and one program an
-# SM; 128 x 64: 123 and two, sm_90). Off until timed on a GPU.
-ROUTED_WIDE = False
+# Whether the general path's forward block programs take 128 entries with 8 warps where tiles hold 128 or more
+# (N r / m >= 128: e.g. N = 65,536, m = 128, T = 512; fp16/bf16, d <= 64), instead of 64 entries with 4 warps: each
+# block re-reads the expert's keys and values and the head's landmarks and shared values from L2 half as often.
+# Keys stay in blocks of 64. On an H100 (2026-12-05, kernel times from the profiler, same process): forward kernel
+# 0.559 -> 0.429 ms at N = 65,536, m = k = 128, 1.907 -> 1.614 ms at m = k = 512, 0.104 -> 0.083 ms at N = 16,384,
+# m = k = 64. dq keeps 64-entry blocks: 128 made it slower (0.583 -> 0.841 ms, 1.899 -> 3.057 ms).
+ROUTED_WIDE = True
 # Whether the routed dk/dv partials, where they go in chunks of experts (4 m topk > N: N = 1,025-16,384 at the
 # benchmark's budgets, m = k = 49-256), fill two input-dtype buffers in one pass over each chunk (routed.dkdv_plan:
 # 2 launches a chunk instead of 4, 4 products instead of 5) instead of one buffer in two passes, for one more
-# [B, H, N, d] of memory at the backward's peak (scripts/dry_run.py: 9.6-10.0 input units without it, 10.6-11.0
-# with it, against SDPA's ~10.1). Off until timed on a GPU.
-DKDV_TWO_BUFFERS = False
+# [B, H, N, d] of memory at the backward's peak. On an H100 (2026-12-05, same process): time in mita's kernels
+# 2.60 -> 2.12 ms at N = 16,384, m = k = 256 and 15.08 -> 12.47 ms at N = 65,536, m = k = 512 (backward 11.5 ->
+# 8.9 ms), 2.13 -> 2.07 at N = 1,025, 0.86 -> 0.79 at N = 4,096; peak memory 1.06-1.10x SDPA's (0.95-1.01x without).
+DKDV_TWO_BUFFERS = True
 # Whether the general path's forward and dq programs of fewer than 64 entries (short tiles, N r / m < 64: ViT
 # lengths such as N = 1,025, m = 49) run with their tiles transposed (keys and landmarks as rows), so that their
 # products have 64 rows and become Hopper warp-group MMAs (routed.transposed); the untransposed 32-entry programs
@@ -107,11 +110,10 @@ SHARED_RESIDENT = False
 # Whether the eager general path with the key-split shared values sums the routed dk/dv partials per key in the
 # shared values' key pass (kernels/shared.py's _bwd_keys_kernel, PAIRS) where they take one pass (4 m topk <= N:
 # the paper's budgets, e.g. N = 16,384, m = k = 64 and N = 65,536, m = k = 128), instead of a key reduction of their
-# own (routed.py's _key_reduce_kernel) whose dK, dV that pass then reads back, adds to and writes again: dK, dV
-# written once, 4 [B, H, N, d] tensors of memory traffic and one launch fewer. On by that count (compiled for sm_90:
-# 235 registers against 231, no spills); its A/B timing is `bench_attention.py --methods mita-triton,
-# mita-triton+fuse-keys=off`.
-FUSE_KEYS = True
+# own (routed.py's _key_reduce_kernel) whose dK, dV that pass then reads back, adds to and writes again. Off: no
+# faster on an H100 (2026-12-05, profiler, same process): the key pass grew more than the reduction it saves
+# (0.432 -> 0.652 ms against 0.178 at N = 65,536, m = k = 128; 0.095 -> 0.145 against 0.047 at N = 16,384, m = 64).
+FUSE_KEYS = False
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_LANDMARKS = 1024
 MAX_TOPK = 1024

@@ -866,14 +866,15 @@ def experts_per_program(T: int) -> int:
     return max(1, min(8, 256 // max(T, 1)))
 
 
-def _resident(T, M, topk, D, itemsize, shared):
+def _resident(T, M, topk, D, itemsize, shared, forward=False):
     """The resident kernels' config (None where they do not take the case or ``ROUTED_RESIDENT`` is off) and the
-    block-program kernels' blocks and warps (:func:`routed_blocks`)."""
+    block-program kernels' blocks and warps (:func:`routed_blocks`); ``forward``: the forward's (``ROUTED_WIDE``
+    widens its blocks, not dq's)."""
     from . import ROUTED_RESIDENT, ROUTED_WIDE
 
     res = resident_config(T, M, topk, D, itemsize, shared) if ROUTED_RESIDENT else None
     block_m, block_k, warps_q, warps_kv = routed_blocks(T, topk, D, itemsize, ROUTED_RESIDENT)
-    if ROUTED_WIDE and not ROUTED_RESIDENT and itemsize == 2 and D <= 64 and T >= 128:
+    if forward and ROUTED_WIDE and not ROUTED_RESIDENT and itemsize == 2 and D <= 64 and T >= 128:
         # 128 entries, 8 warps; keys stay in blocks of 64 (128 x 64 forward: 123 registers, two programs an SM;
         # 128 x 128: 190, one; sm_90, Triton 3.8)
         block_m, warps_q = 128, 8
@@ -940,7 +941,7 @@ def routed_forward(q, k, v, landmarks, shared_v, topk_idx, lay, r, scale, scale_
     S, T = lay["num_tiles"], lay["tile"]
     block_r = _block(M, D, q.element_size())
     shared = landmarks is not None
-    res, (block_m, block_k, warps_q, _) = _resident(T, M, topk, D, q.element_size(), shared)
+    res, (block_m, block_k, warps_q, _) = _resident(T, M, topk, D, q.element_size(), shared, forward=True)
     # the block and resident kernels take the same arguments but for their program count (blocks or tile groups)
     head = (q, k, v, landmarks if shared else q, shared_v if shared else q, topk_idx, lay["slot_token"],
             lay["slot_source"], lay["tile_expert"], lay["tile_count"], o, lse, H, *_bhn(q), *_bhn(k), *_bhn(v),

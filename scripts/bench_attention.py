@@ -619,19 +619,19 @@ def select_cases(spec: str, quick: bool) -> List[Case]:
 # General-path options (mita.kernels module switches) for A/B timings: name -> (attribute, value when on, value
 # when off). ``--switches layout=off,stream-topk`` sets each named one (a bare name: on); the rest keep the
 # package's defaults, SWITCH_DEFAULTS (also --switches' help).
-SWITCH_DEFAULTS = ("layout, shared-split, eager-fn, mask-bias and fuse-keys on, stream-topk from 2^23 scores a head, "
-                   "search-topk, resident, dkdv-wide, dkdv-two, wide, transposed, shared-resident, count-fp32, "
-                   "mask-bias-blocks, key-tail and topk-scan off, sort-max 512")
+SWITCH_DEFAULTS = ("layout, shared-split, eager-fn, mask-bias, dkdv-two and wide on, stream-topk from 2^23 scores a "
+                   "head, search-topk up to 4,096 keys, resident, dkdv-wide, transposed, shared-resident, count-fp32, "
+                   "mask-bias-blocks, key-tail, topk-scan and fuse-keys off, sort-max 512")
 SWITCHES = {
     "layout": ("LAYOUT_KERNELS", True, False),  # routing layout from kernels/layout_kernels.py
     "stream-topk": ("STREAM_TOPK_MIN_SCORES", 1, None),  # landmarks' top-k streamed (kernels/topk_stream.py)
-    "search-topk": ("SEARCH_TOPK_MAX_N", 4096, None),  # ... in one search launch up to 4,096 keys
+    "search-topk": ("SEARCH_TOPK_MAX_N", 4096, None),  # ... in one search launch up to 4,096 keys (default 2,048)
     "shared-split": ("SHARED_SPLIT_MIN_N", 1, None),  # shared values split over the keys, kernels/shared.py
     "eager-fn": ("EAGER_FUNCTIONS", True, False),  # eager calls skip the custom ops' dispatch (kernels/ops.py)
     "resident": ("ROUTED_RESIDENT", True, False),  # routed forward and dq one program a tile (kernels/routed.py)
     "dkdv-wide": ("DKDV_WIDE", True, False),  # routed dk/dv: resident's program shapes alone (kernels/routed.py)
     "dkdv-two": ("DKDV_TWO_BUFFERS", True, False),  # chunked dk/dv partials: two buffers, one pass a chunk
-    "wide": ("ROUTED_WIDE", True, False),  # routed forward and dq: 128-entry, 8-warp blocks where tiles are long
+    "wide": ("ROUTED_WIDE", True, False),  # routed forward: 128-entry, 8-warp blocks where tiles are long
     "transposed": ("ROUTED_TRANSPOSED", True, False),  # forward and dq of short tiles transposed (warp-group MMA)
     "shared-resident": ("SHARED_RESIDENT", True, False),  # shared values' dK, dV: landmarks loaded once a program
     "count-fp32": ("fused_small.COUNT_FP32", True, False),  # short path: expert-mask products in fp32
