@@ -98,7 +98,7 @@ def mita_attention(
                                             _shared_scale(q.shape[-1], shared_scale), return_routing=return_routing,
                                             qkv=qkv)
     if routing is None:
-        routing = mita_routing(q, k, landmarks, topk, router_topk)
+        routing = mita_routing(q, k, landmarks, topk, router_topk, impl=impl)
     else:
         routing = _check_routing(routing, q, landmarks, topk, router_topk)
     topk_idx, expert_idx = routing
@@ -115,18 +115,23 @@ def mita_attention(
 
 @torch.no_grad()
 def mita_routing(
-    q: torch.Tensor, k: torch.Tensor, landmarks: torch.Tensor, topk: int, router_topk: int = 1
+    q: torch.Tensor, k: torch.Tensor, landmarks: torch.Tensor, topk: int, router_topk: int = 1, *,
+    impl: str = "auto",
 ) -> Routing:
     """Hard selections of MiTA: ``(topk_idx [B, H, m, topk], expert_idx [B, H, N, router_topk])``.
 
     ``topk_idx[b, h, j]`` are the keys with the largest unscaled scores ``R_j . K_i`` (any order);
     ``expert_idx[b, h, n]`` the landmarks with the largest ``R_j . q_n`` (best first). No gradient.
+    The landmarks' top-k takes the Triton kernels on CUDA tensors where ``mita.kernels``' thresholds say; on CPU
+    tensors it does so in Triton's interpreter only with ``impl="triton"`` (as ``mita_attention``).
     """
+    if impl not in ("auto", "torch", "reference", "triton"):
+        raise ValueError(f"impl must be 'auto', 'torch', 'reference' or 'triton', got {impl!r}")
     B, H, N, d = q.shape
     m = landmarks.shape[2]
-    if topk > 0 and _searches_topk(k, landmarks, topk):
+    if topk > 0 and _searches_topk(k, landmarks, topk, impl):
         topk_idx = kernels.landmark_topk_search(k, landmarks, topk)  # one launch, no [B, H, m, N] score matrix
-    elif topk > 0 and _streams_topk(k, landmarks, topk):
+    elif topk > 0 and _streams_topk(k, landmarks, topk, impl):
         topk_idx = kernels.landmark_topk(k, landmarks, topk)  # no [B, H, m, N] score matrix
     elif topk > 0:
         key_scores = landmarks @ k.transpose(-1, -2)  # [B, H, m, N]
@@ -303,22 +308,29 @@ def _mita_torch(q, k, v, landmarks, topk_idx, expert_idx, shared, scale_shared):
     return out.view(B, H, N, d)
 
 
-def _streams_topk(k, landmarks, topk) -> bool:
+def _topk_kernel_here(k, landmarks, topk, impl) -> bool:
+    """Whether a top-k kernel may take these tensors: CUDA ones, or with ``impl="triton"`` CPU ones in Triton's
+    interpreter (which runs the one-launch search ~200x slower than torch.topk at ViT sizes)."""
+    on_device = k.is_cuda or (impl == "triton" and kernels._interpreting())
+    return on_device and kernels.available() and kernels.supports(k, landmarks, topk, 1)
+
+
+def _streams_topk(k, landmarks, topk, impl="auto") -> bool:
     """Whether the landmarks' top-k is streamed by a kernel (``mita.kernels.STREAM_TOPK_MIN_SCORES``): from that
     many scores a head (m N)."""
     min_scores = kernels.STREAM_TOPK_MIN_SCORES
     if min_scores is None or landmarks.shape[2] * k.shape[2] < min_scores:
         return False
-    return (k.is_cuda or kernels._interpreting()) and kernels.available() and kernels.supports(k, landmarks, topk, 1)
+    return _topk_kernel_here(k, landmarks, topk, impl)
 
 
-def _searches_topk(k, landmarks, topk) -> bool:
+def _searches_topk(k, landmarks, topk, impl="auto") -> bool:
     """Whether the landmarks' top-k is one search launch (``mita.kernels.SEARCH_TOPK_MAX_N``): up to that many
     keys."""
     max_n = kernels.SEARCH_TOPK_MAX_N
     if max_n is None or k.shape[2] > max_n:
         return False
-    return (k.is_cuda or kernels._interpreting()) and kernels.available() and kernels.supports(k, landmarks, topk, 1)
+    return _topk_kernel_here(k, landmarks, topk, impl)
 
 
 def _short_kernel(q, landmarks, topk, router_topk, impl) -> bool:

@@ -429,7 +429,7 @@ def test_compile_report_counts_the_lowering_of_dots_and_loads():
 
 def test_dry_run_reports_launches_device_ops_and_peak_memory():
     """scripts/dry_run.py (no GPU): the op's host side on meta tensors with the launches stood in for. The short
-    path launches its three kernels; the general path's modelled peak memory stays within SDPA's ~10 units of
+    path launches its three kernels; the general path's modelled peak memory stays within SDPA's measured 10.07 units of
     one [B, H, N, d] input plus 10%, with the routed dk/dv partials chunked (4 m k > N) or float32 (4 m k <= N)
     and with few heads (whose landmark-side partials take more chunks), with the untimed switches off and on;
     the launch cache and Tensor.is_cuda are left as they were (in a process of its own: the stand-ins patch
@@ -466,9 +466,11 @@ print(json.dumps({"runners": len(launch._RUNNERS), "patched": "is_cuda" in vars(
     switched_short, *switched_general = rows[5:-1]
     assert short["launches"] == switched_short["launches"] == [2, 1]  # prep + attention, one backward launch
     assert len(general) == len(switched_general) == 4
+    # SDPA's peak, measured: 322.1-322.5 MiB at B=8 H=8 N=4,096 and B=2 H=8 N=16,384 (32 MiB units; cuDNN, H100,
+    # BENCHMARKS.md "Defaults timed on an H100"): 10.07 units; the bar is 1.1x that
     for row in general + switched_general:
         assert min(row["launches"]) >= 5
-        assert row["peak_units"] <= 11.0, row
+        assert row["peak_units"] <= 1.1 * 10.07, row
     cli = subprocess.run([sys.executable, str(root / "scripts" / "dry_run.py"), "--shape", "1,2,300,32,4,5", "--reps", "2",
                           "--detail"], capture_output=True, text=True, env=env, cwd=root, timeout=600)
     assert cli.returncode == 0, cli.stderr[-2000:]

@@ -465,6 +465,7 @@ def test_shared_values_split_over_the_keys(monkeypatch, N, m, topk, r, fuse):
     made inside the eager autograd function, whose backward adds their dK, dV into the routed keys' in the
     kernel (written fresh with topk = 0); where the routed partials take one pass (``4 m topk <= N``) and
     ``ops.FUSE_KEYS`` is on, the same launch sums them per key (keys repeated in an expert's list)."""
+    from mita.kernels import routed
     from mita.kernels import shared as shared_kernels
 
     monkeypatch.setattr(kernels, "FUSE_KEYS", fuse)
@@ -485,7 +486,9 @@ def test_shared_values_split_over_the_keys(monkeypatch, N, m, topk, r, fuse):
     assert rel_err(out, ref) <= 1e-2
     grad_out = torch.randn(B, H, N, d, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     _assert_grads(out, inputs, ref, ref_inputs, grad_out.to(DEVICE), torch.float16, 1e-2)
-    assert calls == ["fwd", ("bwd", topk > 0, fuse and topk > 0 and 4 * m * topk <= N)]
+    # one pass of partials: float32 where 4 m topk <= N, else with DKDV_TWO_BUFFERS all experts in one chunk
+    _, buffers, chunk = routed.dkdv_plan(torch.float16, N, m, topk, two_buffers=kernels.DKDV_TWO_BUFFERS)
+    assert calls == ["fwd", ("bwd", topk > 0, fuse and topk > 0 and buffers == 2 and chunk == m)]
     # fp32 keeps SDPA's shared values (IEEE backward)
     calls.clear()
     mita_attention(*(x.float() for x in inputs), topk, impl="triton", **kw)

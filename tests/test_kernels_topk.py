@@ -369,11 +369,12 @@ def test_mita_routing_streams_the_topk_from_a_score_count_on(monkeypatch):
     calls = []
     stream = kernels.landmark_topk
     monkeypatch.setattr(kernels, "landmark_topk", lambda *a: calls.append(1) or stream(*a))
+    monkeypatch.setattr(kernels, "SEARCH_TOPK_MAX_N", None)  # the one-launch search comes first where it applies
     monkeypatch.setattr(kernels, "STREAM_TOPK_MIN_SCORES", 3 * 70 + 1)
-    torch_idx, _ = mita_routing(q, k, R, 9)
+    torch_idx, _ = mita_routing(q, k, R, 9, impl="triton")
     assert calls == []
     monkeypatch.setattr(kernels, "STREAM_TOPK_MIN_SCORES", 3 * 70)
-    stream_idx, _ = mita_routing(q, k, R, 9)
+    stream_idx, _ = mita_routing(q, k, R, 9, impl="triton")
     assert calls == [1]
     assert torch.equal(stream_idx.sort(-1).values, torch_idx.sort(-1).values)
     from mita.kernels import topk_stream as module
@@ -382,7 +383,7 @@ def test_mita_routing_streams_the_topk_from_a_score_count_on(monkeypatch):
     op = module.landmark_topk_op
     monkeypatch.setattr(module, "landmark_topk_op", lambda *a: ops.append(1) or op(*a))
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    assert torch.equal(mita_routing(q, k, R, 9)[0], stream_idx) and ops == [1]
+    assert torch.equal(mita_routing(q, k, R, 9, impl="triton")[0], stream_idx) and ops == [1]
     torch.library.opcheck(op, (k, R, 9), test_utils=("test_schema", "test_faketensor"))
 
 
@@ -461,15 +462,15 @@ def test_mita_routing_searches_the_topk_up_to_a_length(monkeypatch):
     monkeypatch.setattr(module, "search_topk", lambda *a, **kw: calls.append(1) or search(*a, **kw))
     monkeypatch.setattr(kernels, "STREAM_TOPK_MIN_SCORES", 1)
     monkeypatch.setattr(kernels, "SEARCH_TOPK_MAX_N", 69)
-    torch_idx, _ = mita_routing(q, k, R, 9)
+    torch_idx, _ = mita_routing(q, k, R, 9, impl="triton")
     assert calls == []
     monkeypatch.setattr(kernels, "SEARCH_TOPK_MAX_N", 70)
-    search_idx, _ = mita_routing(q, k, R, 9)
+    search_idx, _ = mita_routing(q, k, R, 9, impl="triton")
     assert calls == [1]
     assert torch.equal(search_idx.sort(-1).values, torch_idx.sort(-1).values)
     ops = []
     op = module.landmark_topk_search_op
     monkeypatch.setattr(module, "landmark_topk_search_op", lambda *a: ops.append(1) or op(*a))
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    assert torch.equal(mita_routing(q, k, R, 9)[0], search_idx) and ops == [1]
+    assert torch.equal(mita_routing(q, k, R, 9, impl="triton")[0], search_idx) and ops == [1]
     torch.library.opcheck(op, (k, R, 9), test_utils=("test_schema", "test_faketensor"))
