@@ -116,6 +116,29 @@ def test_routing_selection_matches_torch_topk():
     assert torch.equal(expert_idx, (q @ R.transpose(-1, -2)).detach().topk(2, -1).indices)
 
 
+def test_routing_on_cpu_takes_torch_topk_unless_triton_is_asked(monkeypatch):
+    # under Triton's interpreter (the CPU tests) the one-launch top-k search runs only for impl="triton"; a bad
+    # impl is named
+    from mita import kernels
+    from mita.functional import mita_routing
+    from mita.kernels import topk_stream
+
+    g = torch.Generator().manual_seed(5)
+    q, k = (torch.randn(2, 2, 70, 32, generator=g) for _ in range(2))
+    R = torch.randn(2, 2, 3, 32, generator=g)
+    calls = []
+    search = topk_stream.search_topk
+    monkeypatch.setattr(topk_stream, "search_topk", lambda *a, **kw: calls.append(1) or search(*a, **kw))
+    monkeypatch.setattr(kernels, "SEARCH_TOPK_MAX_N", 2048)
+    mita_routing(q, k, R, 9)
+    assert calls == []
+    if kernels._interpreting() and kernels.available():
+        mita_routing(q, k, R, 9, impl="triton")
+        assert calls == [1]
+    with pytest.raises(ValueError, match="impl must be"):
+        mita_routing(q, k, R, 9, impl="cuda")
+
+
 def test_bf16_torch_path_close_to_float64_reference():
     q, k, v, R = _inputs(2, 3, 197, 64, 25)
     ref, routing = mita_attention(q, k, v, R, 25, impl="reference", return_routing=True)
