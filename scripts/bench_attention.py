@@ -6,6 +6,7 @@
     python3 scripts/bench_attention.py --cases n1m-k512 --methods mita-triton --reps 3 --no-profile
     python3 scripts/bench_attention.py --cases n16k-k64 --methods mita-triton --host    # where the host time goes
     python3 scripts/bench_attention.py --methods sdpa-cudnn,mita-triton,mita-triton+resident  # A/B in one process
+    python3 scripts/bench_attention.py --methods sdpa-cudnn,mita-triton,sdpa-cudnn@graphed,mita-triton@graphed
     python3 scripts/bench_attention.py --cases smoke --out results/bench     # seconds: every method on two tiny shapes
     python3 scripts/bench_attention.py --cpu-smoke --out /tmp/bench   # tiny CPU run of the whole pipeline (tests)
 
@@ -19,6 +20,13 @@ sides: output and the gradients of q, k, v and the landmarks against ``impl="ref
 on the same (rounded) inputs, or against the exact chunked float64 formulation
 (:func:`mita.baselines.chunked_reference_attention`) where the dense N x N reference does not fit.
 A relative error ||a - b|| / ||b|| above --tol marks the method FAIL for that case, and it is not timed.
+
+A method named with the suffix ``@graphed`` is the same method with its forward and backward captured in CUDA
+graphs (``torch.cuda.make_graphed_callables``, one pair per input set, whose tensors are the graphs' static
+inputs: no copies) and replayed: the GPU's time without the host's launches, as a model under
+``torch.compile(mode="reduce-overhead")`` or CUDA graphs runs it; its ratios are taken against the baselines
+graphed the same way (``sdpa-cudnn@graphed``), and its peak memory is not measured (the graphs' pools are
+allocated at capture).
 
 Timing: CUDA events around the forward and the backward of each repetition (median over --reps after
 --warmup calls), input sets rotated when one set fits in L2, torch.cuda.synchronize before reading the
@@ -282,7 +290,7 @@ class Runner:
         end = self.clock.mark()
         return start, mid, end
 
-    def time_method(self, fn: Callable, sets: List[Dict[str, torch.Tensor]]) -> dict:
+    def time_method(self, fn: Callable, sets: List[Dict[str, torch.Tensor]], measure_peak: bool = True) -> dict:
         args, clock = self.args, self.clock
         self.step(fn, sets[0])  # compiles and warms caches: not judged against --max-call-s
         clock.sync()
@@ -297,7 +305,7 @@ class Runner:
         clock.sync()
 
         peak = float("nan")
-        if self.device.type == "cuda":
+        if self.device.type == "cuda" and measure_peak:
             for x in sets:
                 for key in ("q", "k", "v", "lm"):
                     x[key].grad = None
@@ -377,7 +385,15 @@ class Runner:
                 row["status"] = f"FAIL (rel err {row['gate_err']:.2e} > {args.tol:g})"
                 log.warning("  %-12s %s %s", name, row["status"], errs)
                 return
-        row.update(self.time_method(fn, sets))
+        graphed = is_graphed(name)
+        if graphed:
+            if self.device.type != "cuda":
+                row["status"] = "skipped (@graphed needs a CUDA device)"
+                return
+            fn = graphed_fn(fn, sets)
+        row.update(self.time_method(fn, sets, measure_peak=not graphed))
+        if graphed:
+            return  # the profiler and the host stages would see graph replays only
         if row["status"] == "ok" and base_name == "mita-triton" and self.device.type == "cuda" and args.profile:
             self.profile(case, name, fn, first, row)
         if row["status"] == "ok" and base_name in MITA_METHODS and args.host:
@@ -445,10 +461,11 @@ class Runner:
         for r in rows:
             if r.get("status") != "ok":
                 continue
+            suffix = GRAPHED if is_graphed(r["method"]) else ""  # graphed methods against graphed baselines
             for phase in ("fwd", "bwd", "fb"):
                 for base, short in (("sdpa-cudnn", "cudnn"), ("sdpa-flash", "flash"), ("plain-mita", "plain")):
-                    if base in by_method:
-                        r[f"x_{short}_{phase}"] = by_method[base][f"{phase}_ms"] / r[f"{phase}_ms"]
+                    if base + suffix in by_method:
+                        r[f"x_{short}_{phase}"] = by_method[base + suffix][f"{phase}_ms"] / r[f"{phase}_ms"]
                 r[f"bw_{phase}_gbs"] = phase_bytes[phase] / (r[f"{phase}_ms"] * 1e-3) / 1e9
             if self.copy_gbs:
                 r["bw_fb_of_copy"] = r["bw_fb_gbs"] / self.copy_gbs
@@ -558,6 +575,18 @@ def tables(cases: List[Case], rows: List[dict], env: Dict[str, str], copy_gbs: f
         main_body.append([c.name, c.shape] + [_ms(g.get(mth)) for mth in METHODS]
                          + [_x(tri.get("x_cudnn_fb")) if ok else "-", _x(tri.get("x_flash_fb")) if ok else "-",
                             _x(tri.get("x_plain_fb")) if ok else "-", mem, torch_vs_plain, bar, met])
+    graphed = [mth for mth in methods if is_graphed(mth)]
+    if graphed:
+        body = []
+        for c in cases:
+            for mth in graphed:
+                r = grouped[c.name].get(mth, {})
+                if r.get("status") == "ok" and not mth.startswith("sdpa"):
+                    body.append([c.name, mth, _ms(r, "fwd_ms"), _ms(r, "bwd_ms"), _ms(r), _x(r.get("x_cudnn_fwd")),
+                                 _x(r.get("x_cudnn_fb")), _x(r.get("x_flash_fb"))])
+        out += ["Replayed from CUDA graphs (no host launches), ms (median), against the SDPA methods graphed alike:",
+                markdown(["case", "method", "fwd", "bwd", "f+b", "fwd vs cuDNN", "f+b vs cuDNN", "f+b vs flash"],
+                         body), ""]
     out += [f"card: {env['card']}; torch {env['torch']}; triton {env['triton']}; cuda {env.get('cuda', '-')}; "
             f"cudnn {env.get('cudnn', '-')}; {env['date']}",
             "Forward+backward, ms (median); speedups of mita-triton (and of mita-torch over plain MiTA); "
@@ -660,11 +689,38 @@ def set_switch(name: str, on: bool) -> None:
     setattr(*switch_target(attribute), on_value if on else off_value)
 
 
+GRAPHED = "@graphed"
+
+
 def split_method(name: str) -> Tuple[str, List[Tuple[str, bool]]]:
     """A method and the switches of its variant: ``mita-triton+resident+count-fp32=off`` is mita-triton timed
-    with those switches set (and restored after), beside the other methods in the same process."""
-    base, *words = name.split("+")
+    with those switches set (and restored after), beside the other methods in the same process; a ``@graphed``
+    suffix (:func:`is_graphed`) is not part of either."""
+    base, *words = name.removesuffix(GRAPHED).split("+")
     return base, parse_switches(",".join(words))
+
+
+def is_graphed(name: str) -> bool:
+    """Whether a method name asks for its forward and backward replayed from CUDA graphs (``NAME@graphed``)."""
+    return name.endswith(GRAPHED)
+
+
+def graphed_fn(fn: Callable, sets: List[Dict[str, torch.Tensor]]) -> Callable:
+    """``fn`` with its forward and its backward captured in CUDA graphs (``torch.cuda.make_graphed_callables``):
+    one pair per input set, captured with that set's q, k, v and landmarks as their static inputs (so a replay
+    copies nothing in), chosen by the inputs' addresses; ``routing`` is not taken (the gate checks ``fn``)."""
+    graphs = {}
+    for x in sets:
+        args = tuple(x[key] for key in ("q", "k", "v", "lm"))
+        graphs[tuple(a.data_ptr() for a in args)] = torch.cuda.make_graphed_callables(
+            lambda q, k, v, lm: fn(q, k, v, lm), args, allow_unused_input=True)
+
+    def call(q, k, v, lm, routing=None):
+        if routing is not None:
+            raise ValueError("a graphed method takes no routing")
+        return graphs[(q.data_ptr(), k.data_ptr(), v.data_ptr(), lm.data_ptr())](q, k, v, lm)
+
+    return call
 
 
 @contextlib.contextmanager
@@ -700,7 +756,8 @@ def parse_args(argv=None):
     parser.add_argument("--methods", default=",".join(METHODS),
                         help="comma list from " + ", ".join(METHODS) + "; a method with +SWITCH (or +SWITCH=off) "
                              "suffixes is timed with those --switches set, beside the others in the same process "
-                             "(e.g. mita-triton,mita-triton+resident+count-fp32)")
+                             "(e.g. mita-triton,mita-triton+resident+count-fp32); a method with the suffix @graphed is replayed "
+                             "from CUDA graphs (e.g. sdpa-cudnn@graphed,mita-triton@graphed)")
     parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
     parser.add_argument("--reps", type=int, default=None, help="timed repetitions (default 20; --quick 5)")
     parser.add_argument("--warmup", type=int, default=None, help="warm-up calls (default 5; --quick 3)")

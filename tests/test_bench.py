@@ -155,6 +155,32 @@ def test_bench_attention_method_variants(tmp_path, monkeypatch):
         bench.parse_args(["--methods", "mita-triton+nope"])
 
 
+def test_bench_attention_graphed_methods(tmp_path):
+    """``NAME@graphed``: the method replayed from CUDA graphs, skipped in one line without a GPU; its ratios are
+    taken against the graphed baselines, the eager ones against the eager baselines."""
+    bench = _load_script("bench_attention")
+    assert bench.split_method("mita-triton+wide=off@graphed") == ("mita-triton", [("wide", False)])
+    assert bench.is_graphed("sdpa-cudnn@graphed") and not bench.is_graphed("sdpa-cudnn")
+    args = bench.parse_args(["--methods", "sdpa-cudnn@graphed,mita-triton+wide@graphed"])
+    assert args.methods == ["sdpa-cudnn@graphed", "mita-triton+wide@graphed"]
+    rc = bench.main(["--cpu-smoke", "--cases", "smoke-a", "--out", str(tmp_path), "--methods",
+                     "mita-torch,mita-torch@graphed"])
+    assert rc == 0
+    rows = {r["method"]: r for r in _rows(tmp_path / "attention.csv")}
+    assert rows["mita-torch"]["status"] == "ok"
+    assert rows["mita-torch@graphed"]["status"] == "skipped (@graphed needs a CUDA device)"
+    runner = bench.Runner(bench.parse_args(["--cpu-smoke"]), torch.device("cpu"))
+    case = bench.SMOKE_CASES[0]
+    timed = dict(status="ok", fwd_ms=1.0, bwd_ms=2.0, fb_ms=3.0, peak_mib=float("nan"))
+    for method, scale in (("sdpa-cudnn", 1.0), ("sdpa-cudnn@graphed", 0.5), ("mita-triton", 2.0),
+                          ("mita-triton@graphed", 0.25)):
+        runner.rows.append(dict(timed, case=case.name, method=method,
+                                **{key: timed[key] * scale for key in ("fwd_ms", "bwd_ms", "fb_ms")}))
+    runner.add_derived(case)
+    by = {r["method"]: r for r in runner.rows}
+    assert by["mita-triton"]["x_cudnn_fb"] == 0.5 and by["mita-triton@graphed"]["x_cudnn_fb"] == 2.0
+
+
 def test_bench_attention_host_stages(tmp_path):
     # --host: the host time of a call, the time inside the op's stages and a cProfile, one file a case
     import mita.functional
