@@ -144,15 +144,18 @@ def main():
     p.add_argument("--kernel-times", action="store_true",
                    help="GPU time of the fused kernels alone (profiler) for each config of the sweep")
     p.add_argument("--count-dtype", default="default",
-                   help="how the kernels apply the expert mask: 'bias' (a logit bias, fused_small.MASK_BIAS), 'fp16' or "
-                        "'fp32' (count products accumulated so, fused_small.COUNT_FP32), several comma-separated to run "
-                        "every config of --configs with each; default: the package's")
+                   help="how the kernels apply the expert mask: 'bias' (a logit bias, fused_small.MASK_BIAS), "
+                        "'bias-blocks' (the same in the block backward that d = 128 takes too, "
+                        "fused_small.MASK_BIAS_BLOCKS), 'fp16' or 'fp32' (count products accumulated so, "
+                        "fused_small.COUNT_FP32), several comma-separated to run every config of --configs with each; "
+                        "default: the package's")
     args = p.parse_args()
     if args.count_dtype == "default":
-        args.count_dtype = "bias" if fused_small.MASK_BIAS else ("fp32" if fused_small.COUNT_FP32 else "fp16")
+        args.count_dtype = ("fp32" if fused_small.COUNT_FP32 else "fp16") if not fused_small.MASK_BIAS else (
+            "bias-blocks" if fused_small.MASK_BIAS_BLOCKS else "bias")
     counts = args.count_dtype.split(",")
-    if not counts or any(c not in ("fp16", "fp32", "bias") for c in counts):
-        p.error(f"--count-dtype {args.count_dtype!r}: expected bias, fp16, fp32 or several of them")
+    if not counts or any(c not in ("fp16", "fp32", "bias", "bias-blocks") for c in counts):
+        p.error(f"--count-dtype {args.count_dtype!r}: expected bias, bias-blocks, fp16, fp32 or several of them")
     try:
         combos = config_combos(args.configs)
     except (ValueError, KeyError) as exc:
@@ -205,11 +208,12 @@ def main():
         rows.append(("mita impl=triton", f, fb, peak(general, *sets[0])))
 
     orig_f, orig_b = fused_small.fwd_config, fused_small.bwd_config
-    orig_count, orig_bias = fused_small.COUNT_FP32, fused_small.MASK_BIAS
+    orig_count, orig_bias, orig_blocks = fused_small.COUNT_FP32, fused_small.MASK_BIAS, fused_small.MASK_BIAS_BLOCKS
 
     def mask_form(count):
         fused_small.COUNT_FP32 = count == "fp32"
-        fused_small.MASK_BIAS = (orig_bias or 4096.0) if count == "bias" else 0.0
+        fused_small.MASK_BIAS = (orig_bias or 4096.0) if count.startswith("bias") else 0.0
+        fused_small.MASK_BIAS_BLOCKS = count == "bias-blocks"
 
     for (fwd_spec, bwd_spec), count in itertools.product(combos, counts):
         fcfg, bcfg, label = config_functions(fwd_spec, bwd_spec)
@@ -238,7 +242,7 @@ def main():
         f, fb = time_fn(fused, sets, args.reps)
         rows.append(("mita fused (default configs)" + ("" if len(counts) == 1 else f" mask {count}"), f, fb,
                      peak(fused, *sets[0])))
-    fused_small.COUNT_FP32, fused_small.MASK_BIAS = orig_count, orig_bias
+    fused_small.COUNT_FP32, fused_small.MASK_BIAS, fused_small.MASK_BIAS_BLOCKS = orig_count, orig_bias, orig_blocks
     if not combos:
         # the packed gradient gives the same values as the three separate ones
         (x, do) = sets[0]
