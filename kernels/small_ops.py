@@ -263,6 +263,9 @@ def _function_forward(ctx, q, k, v, landmarks, sel, expert, args):
     if expert is None:  # selected here: the mask and expert ids are outputs
         sel, expert = outputs[2:4]
     ctx.mark_non_differentiable(sel, expert)
+    # no zero-filled gradients made for the routing outputs before each backward (two fill launches and the
+    # mask's bytes again)
+    ctx.set_materialize_grads(False)
     return outputs[0], sel, expert
 
 
@@ -270,6 +273,8 @@ def _function_backward(ctx, grad_out, packed):
     """``(dq, dk, dv, dR)``, or ``(dqkv, dR)`` with ``packed``, from what :func:`_function_forward` saved."""
     q, k, v, landmarks, out, lse, sel, expert, vs, lsh, pool, lmk = ctx.saved_tensors
     topk, shared, scale_shared, multi, allow_tf32, num_landmarks = ctx.meta
+    if grad_out is None:  # the output took no gradient
+        return (None,) * (2 if packed else 4)
     return _backward_kernels(grad_out, q, k, v, landmarks, out, lse, sel, expert, vs, lsh, topk, shared, scale_shared,
                              multi, allow_tf32, pool, lmk, num_landmarks, empty_dr=False, packed=packed)
 

@@ -491,6 +491,7 @@ print(json.dumps({"runners": len(launch._RUNNERS), "patched": "is_cuda" in vars(
     short, *general = rows[:5]
     switched_short, *switched_general = rows[5:-1]
     assert short["launches"] == switched_short["launches"] == [2, 1]  # prep + attention, one backward launch
+    assert short["device_ops"] == [0, 0]  # nothing else: no zero gradients made for the routing outputs
     assert len(general) == len(switched_general) == 4
     # SDPA's peak, measured: 322.1-322.5 MiB at B=8 H=8 N=4,096 and B=2 H=8 N=16,384 (32 MiB units; cuDNN, H100,
     # BENCHMARKS.md "Defaults timed on an H100"): 10.07 units; the bar is 1.1x that
