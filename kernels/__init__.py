@@ -39,9 +39,10 @@ STREAM_TOPK_MIN_SCORES = 1 << 23
 # Up to this many keys, the general path's landmark top-k runs in one launch (kernels/topk_stream.py's search_topk:
 # per landmark block, the scores recomputed tile by tile in ~8 value-space counting passes, no score matrix) instead
 # of R K^T and torch.topk (at N = 1,025, m = 49, B H = 384: a 89 us GEMM and ~330 us of top-k kernels in 9
-# launches); None: never. On an H100 (2026-12-05, same process, BENCHMARKS.md "Defaults timed on an H100"): forward
-# 1.25 -> 0.76 ms at N = 4,096, m = k = 64 (B H = 64; 16 device ops fewer, GPU busy 1.10 -> 1.32 ms: the call is
-# host-bound there) and 0.95 -> 0.91 ms at N = 1,025, m = k = 49.
+# launches); None: never. On an H100 (2026-12-05, same process, BENCHMARKS.md "Defaults timed on an H100"): at
+# N = 1,025, m = k = 49 the GPU's busy time 2.64 -> 2.55 ms with 21 device ops fewer (forward 0.95 -> 0.91 ms); at
+# N = 4,096, m = k = 64 the search kernel took more GPU time than the GEMM and torch.topk (busy 1.10 -> 1.32 ms)
+# while the host-bound forward moved 1.25 -> 0.76 ms in one call and 0.98 -> 1.07 ms in the next. Hence 2,048.
 SEARCH_TOPK_MAX_N = 2048
 # From this many keys on, the general path computes the shared values V~ = softmax(s R K^T) V (and their
 # backward) with the key-split kernels of kernels/shared.py instead of SDPA, whose m-query launch runs one

@@ -51,10 +51,13 @@ def launch(kernel, grid, args, meta: dict, key=None):
     must then fix the grid, ``meta``, the device and the value of every int argument, and only the tensors'
     dtypes and alignment are added to it (less host time than the full signature)."""
     grid = tuple(grid)
-    sig = (kernel, key, _tensors(args)) if key is not None else (kernel, grid, tuple(meta.items()), _signature(args))
+    # the kernel by identity (hashing a JITFunction goes through its cache_key: ~1 us a launch); the entry keeps
+    # the kernel, so that an id reused by another object cannot match
+    kid = id(kernel)
+    sig = (kid, key, _tensors(args)) if key is not None else (kid, grid, tuple(meta.items()), _signature(args))
     entry = _RUNNERS.get(sig)
-    if entry is not None:
-        compiled, runner, tail = entry
+    if entry is not None and entry[3] is kernel:
+        compiled, runner, tail, _ = entry
         runner(*args, *tail)
         return compiled
     compiled = kernel[grid](*args, **meta)
@@ -62,7 +65,7 @@ def launch(kernel, grid, args, meta: dict, key=None):
         tail = [meta[n] if n in meta else _default(kernel, n) for n in kernel.arg_names[len(args):]]
         if len(_RUNNERS) >= CACHE_LIMIT:
             _RUNNERS.clear()
-        _RUNNERS[sig] = (compiled, compiled[grid + (1,) * (3 - len(grid))], tail)
+        _RUNNERS[sig] = (compiled, compiled[grid + (1,) * (3 - len(grid))], tail, kernel)
     return compiled
 
 
