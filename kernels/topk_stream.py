@@ -56,6 +56,12 @@ _SORT_MAX = 512
 # it. Off until timed in the op (at N = 65,536, m = k = 512 the collection took 889 us of the selection's 2.7 ms on
 # an H100)
 _SCAN = False
+# whether the ranking first gathers each row's candidates from its chunks' slots into one dense list (a prefix sum
+# of the chunks' counts) and sorts that, in a block sized to the expected count (about 1.25 topk plus six standard
+# deviations: 256 at topk = 128) instead of to every slot (chunks x capacity: 1,024 at N = 65,536, m = k = 128,
+# which took torch.topk's ~37 device ops and the glue around it); rows with more candidates than the block are
+# redone by the repair kernel. Config key ``compact`` overrides it. Off until timed in the op.
+_COMPACT = False
 # Tests switch this on so that an index :func:`search_topk` fails to write shows up (as -1).
 _POISON = False
 
@@ -271,6 +277,35 @@ def _select_kernel(BUF, CNT, OUT, ROWS, CHUNKS, CAP, TOPK, BLOCK_R: tl.constexpr
 
 
 @triton.jit
+def _select_compact_kernel(BUF, CNT, OUT, ROWS, CHUNKS, CAP, TOPK, BLOCK_R: tl.constexpr, BLOCK: tl.constexpr,
+                           BLOCK_C: tl.constexpr):
+    """BLOCK_R rows: the TOPK largest candidate keys of ``BUF [rows, CHUNKS, CAP]`` (the first ``CNT`` slots of
+    each chunk, at most CAP), largest first, decoded to indices ``OUT [rows, TOPK]``, with the row's candidates
+    first gathered into BLOCK dense positions (position p holds slot ``p - start[c]`` of the chunk c whose
+    range of positions, from the exclusive prefix sum of the counts, holds p). A row with more than BLOCK
+    candidates is left to :func:`_repair_kernel`."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    r_ok = rows < ROWS
+    rows = rows.to(tl.int64)
+    c = tl.arange(0, BLOCK_C)
+    n = tl.load(CNT + rows[:, None] * CHUNKS + c[None, :], mask=r_ok[:, None] & (c < CHUNKS)[None, :], other=0)
+    n = tl.minimum(n, CAP)  # an overflowing chunk's row is repaired: its first CAP slots stand in
+    end = tl.cumsum(n, 1)  # [R, C] inclusive
+    total = tl.sum(n, 1)  # [R]
+    p = tl.arange(0, BLOCK)
+    # the chunk of position p: how many chunks end at or before it; its start: that chunk's exclusive prefix
+    before = end[:, None, :] <= p[None, :, None]  # [R, B, C]
+    chunk = tl.sum(before.to(tl.int32), 2)  # [R, B]
+    start = tl.sum(tl.where(c[None, None, :] == chunk[:, :, None], (end - n)[:, None, :], 0), 2)  # [R, B]
+    ok = r_ok[:, None] & (p[None, :] < total[:, None])
+    key = tl.load(BUF + rows[:, None] * CHUNKS * CAP + chunk.to(tl.int64) * CAP + (p[None, :] - start), mask=ok,
+                  other=-9223372036854775808)
+    key = tl.sort(key, dim=1, descending=True)
+    tl.store(OUT + rows[:, None] * TOPK + p[None, :], 0x7FFFFFFF - (key & 0x7FFFFFFF),
+             mask=r_ok[:, None] & (p < TOPK)[None, :])
+
+
+@triton.jit
 def _row_keys(r, Kg, skn, t, N, offs_d, rows, j, BLOCK_N: tl.constexpr, PREC: tl.constexpr, LAST: tl.constexpr):
     """Row j's scores in key tile t (the same tile products as the passes, so the same fp32 scores) as uint32
     keys in the scores' order, and which of the tile's keys exist."""
@@ -331,22 +366,25 @@ def _radix_row(r, Kg, skn, N, N_TILES, offs_d, rows, j, out, TOPK, BLOCK_N: tl.c
 
 @triton.jit
 def _repair_kernel(
-    K, R, CNT, OUT, H, skb, skh, skn, srb, srh, srm, N, M, N_TILES, CHUNKS, CAP, TOPK,
+    K, R, CNT, OUT, H, skb, skh, skn, srb, srh, srm, N, M, N_TILES, CHUNKS, CAP, TOPK, MAX_TOTAL,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
     PREC: tl.constexpr,
 ):
     """Program (g, landmark j): nothing unless one of the row's chunks had more candidates than its CAP slots
-    (adversarial inputs: massive ties, or the best keys in one residue class). Then the row's top-k from
-    scratch by :func:`_radix_row`."""
+    (adversarial inputs: massive ties, or the best keys in one residue class) or the row more than the
+    MAX_TOTAL its ranking took. Then the row's top-k from scratch by :func:`_radix_row`."""
     pid = tl.program_id(0)
     g = (pid // M).to(tl.int64)
     j = pid % M
     row = g * M + j
     over = 0
+    total = 0
     for c0 in range(0, CHUNKS, BLOCK_C):
         cs = c0 + tl.arange(0, BLOCK_C)
-        over += tl.sum((tl.load(CNT + row * CHUNKS + cs, mask=cs < CHUNKS, other=0) > CAP).to(tl.int32), 0)
-    if over > 0:
+        n = tl.load(CNT + row * CHUNKS + cs, mask=cs < CHUNKS, other=0)
+        over += tl.sum((n > CAP).to(tl.int32), 0)
+        total += tl.sum(n, 0)
+    if over + (total > MAX_TOTAL).to(tl.int32) > 0:
         offs_d = tl.arange(0, D)
         r, rows, _ = _landmark_block(R, g, H, srb, srh, srm, M, j // BLOCK_M, offs_d, BLOCK_M)
         Kg = K + (g // H) * skb + (g % H) * skh
@@ -555,6 +593,13 @@ def launch_config(N: int, m: int, d: int, G: int, topk: int, device: torch.devic
     return dict(block_m=block_m, block_n=block_n, chunks=chunks, capacity=cap, num_warps=num_warps, num_stages=3)
 
 
+def compact_block(topk: int) -> int:
+    """Positions of the compacted ranking (``_COMPACT``): a row's candidates, about 1.25 topk on unstructured keys
+    (:func:`launch_config`), plus six standard deviations of a Poisson count, as a power of two >= topk."""
+    mean = 1.25 * topk + 1
+    return max(16, next_power_of_2(topk), next_power_of_2(math.ceil(mean + 6 * math.sqrt(mean) + 8)))
+
+
 def _bhn(t: torch.Tensor):
     """The tensor (copied only for a non-unit last stride) and its batch, head and row strides."""
     if t.stride(3) != 1:
@@ -645,7 +690,20 @@ def topk_stream(k_keys: torch.Tensor, landmarks: torch.Tensor, topk: int, *, ret
     )
     idx = torch.empty(B, H, m, topk, dtype=torch.int64, device=dev)
     block = next_power_of_2(chunks * cap)
-    if cfg.get("final", "sort" if k_keys.is_cuda else "topk") == "sort" and block <= cfg.get("sort_max", _SORT_MAX):
+    max_total = chunks * cap  # candidates a row's ranking takes (beyond: repaired)
+    final = cfg.get("final", "sort" if k_keys.is_cuda else "topk")
+    compact = cfg.get("rank_block", compact_block(topk))
+    if final == "sort" and cfg.get("compact", _COMPACT) and compact < block and compact <= cfg.get("sort_max",
+                                                                                                   _SORT_MAX):
+        # the row's candidates gathered into one dense list first: a block for the count expected, not the slots
+        rows_per = max(1, 2048 // (compact * next_power_of_2(chunks)))
+        launch(
+            _select_compact_kernel, (cdiv(G * m, rows_per),),
+            (buf, cnt, idx, G * m, chunks, cap, topk),
+            dict(BLOCK_R=rows_per, BLOCK=compact, BLOCK_C=next_power_of_2(chunks), num_warps=4),
+        )
+        max_total = compact
+    elif final == "sort" and block <= cfg.get("sort_max", _SORT_MAX):
         rows_per = max(1, 2048 // block)
         launch(
             _select_kernel, (cdiv(G * m, rows_per),),
@@ -660,7 +718,7 @@ def topk_stream(k_keys: torch.Tensor, landmarks: torch.Tensor, topk: int, *, ret
     # rows whose candidates overflowed a chunk's slots (adversarial inputs only) are redone on the device
     launch(
         _repair_kernel, (G * m,),
-        (kf, rf, cnt, idx, H, *ks, *rs, N, m, n_tiles, chunks, cap, topk),
+        (kf, rf, cnt, idx, H, *ks, *rs, N, m, n_tiles, chunks, cap, topk, max_total),
         dict(D=d, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=max(16, next_power_of_2(topk)),
              BLOCK_C=min(1024, next_power_of_2(chunks)), PREC=prec, num_warps=cfg["num_warps"], num_stages=1),
     )

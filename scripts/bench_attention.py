@@ -661,7 +661,7 @@ def select_cases(spec: str, quick: bool) -> List[Case]:
 # package's defaults, SWITCH_DEFAULTS (also --switches' help).
 SWITCH_DEFAULTS = ("layout, shared-split, eager-fn, mask-bias, dkdv-two and wide on, stream-topk from 2^23 scores a "
                    "head, search-topk up to 4,096 keys, resident, dkdv-wide, transposed, shared-resident, count-fp32, "
-                   "mask-bias-blocks, key-tail, topk-scan and fuse-keys off, sort-max 512")
+                   "mask-bias-blocks, key-tail, topk-scan, compact-rank and fuse-keys off, sort-max 512")
 SWITCHES = {
     "layout": ("LAYOUT_KERNELS", True, False),  # routing layout from kernels/layout_kernels.py
     "stream-topk": ("STREAM_TOPK_MIN_SCORES", 1, None),  # landmarks' top-k streamed (kernels/topk_stream.py)
@@ -682,6 +682,8 @@ SWITCHES = {
     "sort-max": ("topk_stream._SORT_MAX", 2048, 512),
     # streamed top-k: each tile's candidates collected at once by a prefix sum
     "topk-scan": ("topk_stream._SCAN", True, False),
+    # streamed top-k: each row's candidates gathered into one dense list and sorted in a block for their count
+    "compact-rank": ("topk_stream._COMPACT", True, False),
     # routed dk/dv partials summed per key in the shared values' key pass (one-pass partials, key-split shared)
     "fuse-keys": ("FUSE_KEYS", True, False),
 }

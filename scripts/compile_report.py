@@ -150,10 +150,10 @@ def record_case(case, dtype, recorder, pool=False):
         from mita.functional import _searches_topk
         from mita.kernels.topk_stream import search_topk, topk_stream
 
-        if _searches_topk(k, landmarks, topk):
+        if _searches_topk(k, landmarks, topk, "triton"):  # as on a GPU (these are CPU tensors)
             search_topk(k.detach(), landmarks.detach(), topk)
         else:
-            topk_stream(k.detach(), landmarks.detach(), topk)
+            topk_stream(k.detach(), landmarks.detach(), topk, config={"final": "sort"})  # the GPU's ranking
         out = kernels.mita_attention(q, k, v, landmarks, *_routing(B, H, N, m, topk, r, gen), True, scale)
     out.backward(torch.randn_like(out))
 

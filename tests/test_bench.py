@@ -405,13 +405,15 @@ def test_compile_report_lists_every_kernel_of_both_paths():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = ""
     for extra in (["--shape", "1,2,40,32,4,5"], ["--shape", "1,2,300,32,4,5", "--switches", "resident"],
+                  ["--shape", "1,2,300,32,4,5", "--switches", "search-topk=off,compact-rank"],
                   ["--shape", "1,2,40,32,4,5", "--float64-scalars"]):
         run = subprocess.run([sys.executable, str(root / "scripts" / "compile_report.py"), "--dtype", "fp16", *extra],
                              capture_output=True, text=True, env=env, cwd=root, timeout=600)
         assert run.returncode == 0, run.stderr[-2000:]
         out += run.stdout
     for kernel in ("_fwd_kernel", "_bwd_kernel", "_routed_fwd_resident_kernel", "_routed_bwd_dq_resident_kernel",
-                   "_routed_bwd_dkdv_kernel", "_key_reduce_kernel", "_route_kernel", "_collect_kernel"):
+                   "_routed_bwd_dkdv_kernel", "_key_reduce_kernel", "_route_kernel", "_search_kernel",
+                   "_collect_kernel"):
         assert f"| {kernel} |" in out, kernel
     assert "failed" not in out
     assert "| dots: wgmma / other | loads: async / TMA |" in out

@@ -167,6 +167,45 @@ def test_final_ranking_sort_beyond_512_slots():
     assert (scores.diff(dim=-1) <= 0).all(), "rows are not ordered by score"
 
 
+@pytest.mark.parametrize("rank_block", [None, 32, 16])
+def test_compacted_ranking(monkeypatch, rank_block):
+    """``compact``: each row's candidates gathered from its chunks' slots into one dense list (prefix sums of the
+    chunks' counts) and sorted in a block for the count expected (``compact_block``, 128 here, against 512
+    slots); rows with more candidates than the block (a block of 32 or 16 for ~25-40 candidates) are redone by
+    the repair kernel: the same indices in the same order as the plain ranking."""
+    from mita.kernels.topk_stream import compact_block
+
+    N, m, topk = 300, 6, 20
+    k_keys, landmarks = _randn(2, 1, N, 32, seed=31), _randn(2, 1, m, 32, seed=32)
+    base = dict(_small_config(N, topk), final="sort")
+    base["capacity"] = 512 // base["chunks"]
+    assert compact_block(topk) == 128 < base["chunks"] * base["capacity"]
+    want = topk_stream(k_keys, landmarks, topk, config=dict(base, sort_max=512))
+    cfg = dict(base, compact=True) if rank_block is None else dict(base, compact=True, rank_block=rank_block)
+    from mita.kernels import topk_stream as module
+
+    launched, launch = [], module.launch
+    monkeypatch.setattr(module, "launch", lambda kernel, *a, **kw: launched.append(kernel.fn.__name__)
+                        or launch(kernel, *a, **kw))
+    got = topk_stream(k_keys, landmarks, topk, config=cfg)
+    assert "_select_compact_kernel" in launched and "_select_kernel" not in launched
+    assert torch.equal(got.cpu(), want.cpu())
+    _assert_topk_sets(got, k_keys, landmarks, topk)
+
+
+def test_compacted_ranking_with_ties_and_overflow():
+    """The compacted ranking on exact ties with chunks that overflow their slots: the exact order (score, then
+    lowest index), overflowing rows repaired."""
+    N, m, d, topk = 90, 5, 32, 23
+    g = torch.Generator().manual_seed(1)
+    base = torch.randint(-2, 3, (7, d), generator=g).float()
+    k_keys = base[torch.randint(0, 7, (N,), generator=g)].view(1, 1, N, d).to(DEVICE)
+    landmarks = torch.randint(-2, 3, (1, 1, m, d), generator=g).float().to(DEVICE)
+    cfg = dict(_small_config(N, topk), final="sort", compact=True, capacity=6, rank_block=32)
+    idx = topk_stream(k_keys, landmarks, topk, config=cfg)
+    assert torch.equal(idx.cpu(), _expected_exact(k_keys, landmarks, topk))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("d", [32, 64, 128])
 def test_dtypes_and_head_dims(dtype, d):
