@@ -19,7 +19,9 @@ times a block of ``BLOCK_N`` keys, fp32 accumulation); neither writes them:
    ``(order-preserving int32 of the score) << 32 | (2^31 - 1 - i)``: larger keys mean larger scores and,
    among equal scores, lower indices, so no two keys tie.
 4. ranking: the k largest candidate keys of each row (a few more than k candidates), largest first, by
-   one in-register sort per row (``_select_kernel``, rows of at most 512 slots) or ``torch.topk``.
+   one in-register sort per row (``_select_kernel``, rows of at most 512 slots) or ``torch.topk``; with
+   ``_COMPACT``, by an in-register sort of the row's candidates gathered into one dense list first
+   (``_select_compact_kernel``: a block for the count expected, rows beyond it repaired as below).
 
 The result is exact with respect to the fp32 scores the kernel computes, ties broken by the lowest index.
 A (row, chunk) whose candidates overflow its slots (adversarial inputs only: massive ties, or the best
