@@ -4,6 +4,7 @@
     python3 scripts/bench_vit.py --pairs deit_small --no-compile --steps 20
     python3 scripts/bench_vit.py --pairs deit_tiny --rounds 1 --profile 3   # plus a profile of 3 training steps
     python3 scripts/bench_vit.py --pairs deit_tiny --triton-ops     # also compiled with the short path's kernels traced
+    python3 scripts/bench_vit.py --pairs deit_small --cuda-graphs   # also torch.compile(mode="reduce-overhead")
     python3 scripts/bench_vit.py --cpu-smoke                        # tiny CPU run of the pipeline (tests)
 
 Each pair is timm's ``deit_{size}_patch16_224`` (softmax attention through ``F.scaled_dot_product_attention``,
@@ -16,7 +17,9 @@ autocast:
 - inference: forward under ``torch.inference_mode()``, median of ``--steps``;
 - eager, then ``torch.compile`` (default mode) unless ``--no-compile``; with ``--triton-ops`` also "traced":
   the MiTA model compiled with ``mita.kernels.TRITON_OPS`` on (inductor launches the short path's kernels
-  itself, kernels/small_traced.py), its ratio taken against the compiled softmax model;
+  itself, kernels/small_traced.py), its ratio taken against the compiled softmax model; with ``--cuda-graphs``
+  also "graphs": both models under ``torch.compile(mode="reduce-overhead")`` (CUDA graphs: no host launches a
+  step), ratio against the softmax model in the same mode;
 - ``--rounds`` passes over the models in alternating order, each figure the median over rounds.
 
 Before timing, every model's loss and gradients are checked to be finite. Prints the card, versions and one
@@ -116,16 +119,22 @@ def _on_device(event) -> bool:
     return event.device_type == DeviceType.CUDA and not getattr(event, "is_user_annotation", False)
 
 
-def measure(name: str, args, device, compiled: bool) -> Dict[str, float]:
+def measure(name: str, args, device, mode: str) -> Dict[str, float]:
+    """Training and inference images/s of one model in one mode: eager, compile, traced (compiled) or graphs
+    (compiled with CUDA graphs)."""
     torch.manual_seed(0)
     model = build(name, device, args.img_size)
     x = torch.randn(args.batch, 3, args.img_size, args.img_size, device=device)
     y = torch.randint(0, 1000, (args.batch,), device=device)
     check_finite(model, x, y)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    fwd = torch.compile(model) if compiled else model
+    compiled = mode != "eager"
+    graphs = mode == "graphs"
+    fwd = torch.compile(model, mode="reduce-overhead") if graphs else torch.compile(model) if compiled else model
 
     def train_step():
+        if graphs:
+            torch.compiler.cudagraph_mark_step_begin()  # the last step's graph outputs are no longer read
         with torch.autocast(device.type, dtype=torch.bfloat16):
             loss = F.cross_entropy(fwd(x), y)
         loss.backward()
@@ -133,13 +142,15 @@ def measure(name: str, args, device, compiled: bool) -> Dict[str, float]:
         opt.zero_grad(set_to_none=True)
 
     def infer_step():
+        if graphs:
+            torch.compiler.cudagraph_mark_step_begin()
         with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16):
             fwd(x)
 
     model.train()
     train_ms = time_steps(train_step, args.steps, args.warmup, device)
     if args.profile:
-        profile_steps(f"{name} {'compile' if compiled else 'eager'} training", train_step, args.profile, device)
+        profile_steps(f"{name} {mode} training", train_step, args.profile, device)
     model.eval()
     infer_ms = time_steps(infer_step, args.steps, args.warmup, device)
     if device.type == "cuda":
@@ -158,6 +169,8 @@ def main(argv=None) -> int:
     parser.add_argument("--no-compile", dest="compile", action="store_false", help="eager only")
     parser.add_argument("--triton-ops", action="store_true",
                         help="also time the MiTA models compiled with mita.kernels.TRITON_OPS (mode 'traced')")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="also time both models under torch.compile(mode='reduce-overhead') (mode 'graphs')")
     parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
                         help="also profile STEPS training steps of each model and mode (torch.profiler table)")
     parser.add_argument("--cpu-smoke", action="store_true", help="batch 2, 80 px, one step, eager, on the CPU")
@@ -178,7 +191,8 @@ def main(argv=None) -> int:
         device = torch.device("cuda")
     card = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
 
-    modes = ["eager"] + (["compile"] if args.compile else []) + (["traced"] if args.compile and args.triton_ops else [])
+    modes = (["eager"] + (["compile"] if args.compile else []) + (["traced"] if args.compile and args.triton_ops else [])
+             + (["graphs"] if args.compile and args.cuda_graphs else []))
     results: Dict[tuple, List[Dict[str, float]]] = {}
     for rnd in range(args.rounds):
         for pair in pairs:
@@ -189,7 +203,7 @@ def main(argv=None) -> int:
                         continue  # no MiTA layer: the same as "compile"
                     kernels.TRITON_OPS = mode == "traced"
                     try:
-                        r = measure(name, args, device, compiled=mode != "eager")
+                        r = measure(name, args, device, mode)
                     finally:
                         kernels.TRITON_OPS = False
                     results.setdefault((name, mode), []).append(r)
