@@ -422,6 +422,9 @@ class Runner:
         total = sum(t for _, _, t in kernels)
         # kernels, copies and memsets the device ran for one forward+backward (the launch-count bar)
         row["device_ops_fb"] = sum(calls for _, calls, _ in kernels)
+        # the device's own time for the call (every kernel, copy and memset): steadier between methods and calls
+        # than CUDA events where the host sets the pace
+        row["gpu_busy_ms"] = total
         row["triton_kernels_ms"] = sum(t for kname, _, t in kernels if kname in ours)
         row["triton_kernel_share"] = row["triton_kernels_ms"] / total if total else float("nan")
         for kname, calls, t in kernels:
@@ -586,6 +589,12 @@ def tables(cases: List[Case], rows: List[dict], env: Dict[str, str], copy_gbs: f
         main_body.append([c.name, c.shape] + [_ms(g.get(mth)) for mth in METHODS]
                          + [_x(tri.get("x_cudnn_fb")) if ok else "-", _x(tri.get("x_flash_fb")) if ok else "-",
                             _x(tri.get("x_plain_fb")) if ok else "-", mem, torch_vs_plain, bar, met])
+    busy = [mth for mth in methods if any("gpu_busy_ms" in g.get(mth, {}) for g in grouped.values())]
+    if busy:
+        body = [[c.name, *(f"{grouped[c.name][mth]['gpu_busy_ms']:.3g}" if "gpu_busy_ms" in grouped[c.name].get(mth, {})
+                           else "-" for mth in busy)] for c in cases]
+        out += ["GPU busy in one profiled forward+backward, ms (every kernel, copy and memset of the call):",
+                markdown(["case", *busy], body), ""]
     graphed = [mth for mth in methods if is_graphed(mth)]
     if graphed:
         body = []

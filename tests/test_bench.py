@@ -179,6 +179,11 @@ def test_bench_attention_graphed_methods(tmp_path):
     runner.add_derived(case)
     by = {r["method"]: r for r in runner.rows}
     assert by["mita-triton"]["x_cudnn_fb"] == 0.5 and by["mita-triton@graphed"]["x_cudnn_fb"] == 2.0
+    by["mita-triton"]["gpu_busy_ms"] = 4.5  # from the profiled call
+    env = {"card": "test card", "torch": "-", "triton": "-", "date": "-"}
+    text = bench.tables([case], runner.rows, env, 0.0)
+    assert "GPU busy in one profiled forward+backward" in text and "| 4.5 |" in text
+    assert "Replayed from CUDA graphs" in text and "| mita-triton@graphed |" in text
 
 
 def test_bench_attention_host_stages(tmp_path):
