@@ -669,7 +669,7 @@ def select_cases(spec: str, quick: bool) -> List[Case]:
 # when off). ``--switches layout=off,stream-topk`` sets each named one (a bare name: on); the rest keep the
 # package's defaults, SWITCH_DEFAULTS (also --switches' help).
 SWITCH_DEFAULTS = ("layout, shared-split, eager-fn, mask-bias, dkdv-two and wide on, stream-topk from 2^23 scores a "
-                   "head, search-topk up to 4,096 keys, resident, dkdv-wide, transposed, shared-resident, count-fp32, "
+                   "head, search-topk up to 2,048 keys, resident, dkdv-wide, transposed, shared-resident, count-fp32, "
                    "mask-bias-blocks, key-tail, topk-scan, compact-rank and fuse-keys off, sort-max 512")
 SWITCHES = {
     "layout": ("LAYOUT_KERNELS", True, False),  # routing layout from kernels/layout_kernels.py
