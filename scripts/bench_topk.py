@@ -135,6 +135,24 @@ def peak_mib(fn, args, cuda):
     return (torch.cuda.max_memory_allocated() - before) / 2 ** 20
 
 
+def _overrides(spec: str) -> dict:
+    """``{key: value}`` from ``key=value,...``: integers, but for ``final`` (``sort`` or ``topk``)."""
+    out = {}
+    for kv in (w.strip() for w in spec.split(",") if w.strip()):
+        key, eq, value = kv.partition("=")
+        if not eq or not key or not value:
+            raise ValueError(f"expected key=value pairs separated by commas, got {kv!r}")
+        if key == "final":
+            if value not in ("sort", "topk"):
+                raise ValueError(f"final must be sort or topk, got {value!r}")
+            out[key] = value
+        elif value.lstrip("-").isdigit():
+            out[key] = int(value)
+        else:
+            raise ValueError(f"{key} must be an integer, got {value!r}")
+    return out
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--smoke", action="store_true", help="two tiny cases on CPU in Triton's interpreter")
@@ -152,7 +170,14 @@ def main():
     p.add_argument("--kernel-times", action="store_true",
                    help="GPU microseconds of each of topk_stream's kernels per call (torch.profiler, 6 calls)")
     args = p.parse_args()
-    overrides = {kv.split("=")[0]: int(kv.split("=")[1]) for kv in args.config.split(",") if kv}
+    try:
+        overrides = _overrides(args.config)
+    except ValueError as exc:
+        p.error(f"--config {args.config!r}: {exc}")
+    try:
+        search_specs = [(spec, _overrides(spec)) for spec in args.search_config.split(";")]
+    except ValueError as exc:
+        p.error(f"--search-config {args.search_config!r}: {exc}")
     cuda = torch.cuda.is_available() and not args.smoke
     dev = torch.device("cuda" if cuda else "cpu")
     cases = SMOKE_CASES if args.smoke else CASES
@@ -180,8 +205,7 @@ def main():
         rows = []
         methods = [("topk_stream", kernel, ok)]
         if N <= args.search_max_n:
-            for spec in args.search_config.split(";"):
-                scfg = {kv.split("=")[0]: int(kv.split("=")[1]) for kv in spec.split(",") if kv}
+            for spec, scfg in search_specs:
                 search = lambda k_, r_, t_, c=scfg: search_topk(k_, r_, t_, config=c)  # noqa: E731
                 name = "search_topk" + (f" {spec}" if spec else "")
                 methods.append((name, search, gate(*sets[0], mk, None, select=search)))

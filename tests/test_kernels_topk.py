@@ -310,6 +310,11 @@ def test_bench_script_smoke():
     out = subprocess.run([sys.executable, str(script), "--smoke"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "topk_stream" in out.stdout and "ok" in out.stdout
+    for flag, spec, says in (("--config", "compact", "key=value"), ("--search-config", "block_m=x", "an integer"),
+                             ("--config", "final=fast", "sort or topk")):
+        bad = subprocess.run([sys.executable, str(script), "--smoke", flag, spec], capture_output=True, text=True,
+                             timeout=120)
+        assert bad.returncode == 2 and flag in bad.stderr and says in bad.stderr, bad.stderr[-500:]
 
 
 @pytest.mark.gpu
