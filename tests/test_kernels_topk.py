@@ -343,6 +343,23 @@ class TestGPU:
         cfg = dict(launch_config(N, m, d, B * H, topk, torch.device(DEVICE)), scan=1, sort_max=2048)
         _assert_topk_sets(topk_stream(k_keys, landmarks, topk, config=cfg), k_keys, landmarks, topk)
 
+    @pytest.mark.parametrize("B,H,N,d,m,topk", [(2, 8, 65536, 64, 128, 128), (2, 8, 16384, 64, 64, 64),
+                                                 (1, 2, 16384, 64, 256, 256), (2, 3, 1025, 64, 49, 49)])
+    def test_sets_by_compacted_ranking(self, B, H, N, d, m, topk):
+        # each row's candidates gathered into one dense list and sorted (topk_stream._COMPACT): the same indices in
+        # the same order as the default ranking; on ties (7 distinct keys), overflowing rows repaired
+        k_keys = _randn(B, H, N, d, dtype=torch.bfloat16, seed=N)
+        landmarks = _randn(B, H, m, d, dtype=torch.bfloat16, seed=m)
+        got = topk_stream(k_keys, landmarks, topk, config=dict(compact=1))
+        assert torch.equal(got, topk_stream(k_keys, landmarks, topk))
+        _assert_topk_sets(got, k_keys, landmarks, topk)
+        g = torch.Generator().manual_seed(3)
+        base = torch.randint(-2, 3, (7, d), generator=g).float()
+        k_int = base[torch.arange(N) % 7].expand(1, 1, N, d).to(DEVICE, torch.bfloat16)
+        r_int = torch.randint(-2, 3, (1, 1, m, d), generator=g).float().to(DEVICE, torch.bfloat16)
+        assert torch.equal(topk_stream(k_int, r_int, topk, config=dict(compact=1)).cpu(),
+                           _expected_exact(k_int, r_int, topk))
+
     @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
     def test_strided_and_ties(self, dtype):
         B, H, N, d, m, topk = 2, 4, 3001, 64, 49, 49
