@@ -296,6 +296,12 @@ def test_bench_scripts_on_gpu(tmp_path, capsys):
     assert attention.main(["--cases", "smoke", "--reps", "3", "--out", str(tmp_path)]) == 0
     rows = _rows(tmp_path / "attention.csv")
     assert all(r["status"] == "ok" for r in rows), [(r["case"], r["method"], r["status"]) for r in rows]
+    # replayed from CUDA graphs: the op captures and replays, its ratios taken against graphed SDPA
+    assert attention.main(["--cases", "smoke", "--reps", "3", "--out", str(tmp_path), "--methods",
+                           "sdpa-flash@graphed,mita-triton@graphed"]) == 0
+    rows = _rows(tmp_path / "attention.csv")
+    assert all(r["status"] == "ok" for r in rows), [(r["case"], r["method"], r["status"]) for r in rows]
+    assert all(float(r["x_flash_fb"]) > 0 for r in rows if r["method"] == "mita-triton@graphed")
     throughput = _load_script("bench_throughput")
     assert throughput.main(["--log2n", "10,11", "--out", str(tmp_path)]) == 0
     assert all(r["status"] == "ok" for r in _rows(tmp_path / "throughput.csv"))
