@@ -738,10 +738,13 @@ def landmark_topk_op(k_keys: torch.Tensor, landmarks: torch.Tensor, topk: int) -
     return topk_stream(k_keys, landmarks, topk)
 
 
-@landmark_topk_op.register_fake
-def _(k_keys, landmarks, topk):
+def _fake_indices(k_keys, landmarks, topk):
+    """Both selection ops' output under fake tensors: ``[B, H, m, topk]`` int64."""
     B, H, m, _ = landmarks.shape
     return landmarks.new_empty(B, H, m, topk, dtype=torch.long)
+
+
+landmark_topk_op.register_fake(_fake_indices)
 
 
 def landmark_topk(k_keys: torch.Tensor, landmarks: torch.Tensor, topk: int) -> torch.Tensor:
@@ -757,10 +760,7 @@ def landmark_topk_search_op(k_keys: torch.Tensor, landmarks: torch.Tensor, topk:
     return search_topk(k_keys, landmarks, topk)
 
 
-@landmark_topk_search_op.register_fake
-def _(k_keys, landmarks, topk):
-    B, H, m, _ = landmarks.shape
-    return landmarks.new_empty(B, H, m, topk, dtype=torch.long)
+landmark_topk_search_op.register_fake(_fake_indices)
 
 
 def landmark_topk_search(k_keys: torch.Tensor, landmarks: torch.Tensor, topk: int) -> torch.Tensor:
