@@ -27,6 +27,17 @@ pytestmark = pytest.mark.skipif(not kernels.available(), reason="Triton kernels 
 SMALL = dict(block_m=16, block_n=16, num_warps=4, num_stages=1)
 
 
+def _tied(N, m, d, dtype=torch.float32, batch=(1, 1), cyclic=False):
+    """Keys and landmarks with exact ties: every key one of 7 integer vectors (drawn at random, or in turn with
+    ``cyclic``), integer landmarks; ``[B, H, N, d]`` and ``[B, H, m, d]`` on DEVICE (the keys broadcast over B, H)."""
+    g = torch.Generator().manual_seed(3 if cyclic else 1)
+    base = torch.randint(-2, 3, (7, d), generator=g).float()
+    pick = torch.arange(N) % 7 if cyclic else torch.randint(0, 7, (N,), generator=g)
+    k_keys = base[pick].expand(*batch, N, d).to(DEVICE, dtype)
+    landmarks = torch.randint(-2, 3, (*batch, m, d), generator=g).float().to(DEVICE, dtype)
+    return k_keys, landmarks
+
+
 def _small_config(N, topk, chunks=3):
     """16 x 16 tiles and a few chunks: at least topk / 16 (>= topk groups), and 4 topk / 16 where the tiles
     allow, as launch_config keeps P >= 4 topk groups (fewer make a chunk's candidates overflow its slots
@@ -118,10 +129,7 @@ def test_collection_by_prefix_sums_with_ties_and_overflow(capacity):
     """``scan=1`` on exact ties (7 distinct keys): the same exact order (score, then lowest index), rows that
     overflow their slots repaired on the device."""
     N, m, d, topk = 90, 5, 32, 23
-    g = torch.Generator().manual_seed(1)
-    base = torch.randint(-2, 3, (7, d), generator=g).float()
-    k_keys = base[torch.randint(0, 7, (N,), generator=g)].view(1, 1, N, d).to(DEVICE)
-    landmarks = torch.randint(-2, 3, (1, 1, m, d), generator=g).float().to(DEVICE)
+    k_keys, landmarks = _tied(N, m, d)
     cfg = dict(_small_config(N, topk), scan=1)
     if capacity is not None:
         cfg["capacity"] = capacity
@@ -197,10 +205,7 @@ def test_compacted_ranking_with_ties_and_overflow():
     """The compacted ranking on exact ties with chunks that overflow their slots: the exact order (score, then
     lowest index), overflowing rows repaired."""
     N, m, d, topk = 90, 5, 32, 23
-    g = torch.Generator().manual_seed(1)
-    base = torch.randint(-2, 3, (7, d), generator=g).float()
-    k_keys = base[torch.randint(0, 7, (N,), generator=g)].view(1, 1, N, d).to(DEVICE)
-    landmarks = torch.randint(-2, 3, (1, 1, m, d), generator=g).float().to(DEVICE)
+    k_keys, landmarks = _tied(N, m, d)
     cfg = dict(_small_config(N, topk), final="sort", compact=True, capacity=6, rank_block=32)
     idx = topk_stream(k_keys, landmarks, topk, config=cfg)
     assert torch.equal(idx.cpu(), _expected_exact(k_keys, landmarks, topk))
@@ -259,10 +264,7 @@ def test_overflowing_rows_are_repaired_on_the_device(dtype):
     to the least that holds topk candidates in all: every row): those rows are redone by the device-side radix
     select (no host sync), the others kept; every row exact and ordered (score, then index), ties included."""
     N, m, d, topk = 90, 5, 32, 23
-    g = torch.Generator().manual_seed(1)
-    base = torch.randint(-2, 3, (7, d), generator=g).float()
-    k_keys = base[torch.randint(0, 7, (N,), generator=g)].view(1, 1, N, d).to(DEVICE, dtype)
-    landmarks = torch.randint(-2, 3, (1, 1, m, d), generator=g).float().to(DEVICE, dtype)
+    k_keys, landmarks = _tied(N, m, d, dtype=dtype)
     for capacity in (6, 2):
         idx = topk_stream(k_keys, landmarks, topk, config=dict(_small_config(N, topk), capacity=capacity))
         assert torch.equal(idx.cpu(), _expected_exact(k_keys, landmarks, topk)), capacity
@@ -353,10 +355,7 @@ class TestGPU:
         got = topk_stream(k_keys, landmarks, topk, config=dict(compact=1))
         assert torch.equal(got, topk_stream(k_keys, landmarks, topk))
         _assert_topk_sets(got, k_keys, landmarks, topk)
-        g = torch.Generator().manual_seed(3)
-        base = torch.randint(-2, 3, (7, d), generator=g).float()
-        k_int = base[torch.arange(N) % 7].expand(1, 1, N, d).to(DEVICE, torch.bfloat16)
-        r_int = torch.randint(-2, 3, (1, 1, m, d), generator=g).float().to(DEVICE, torch.bfloat16)
+        k_int, r_int = _tied(N, m, d, dtype=torch.bfloat16, cyclic=True)
         assert torch.equal(topk_stream(k_int, r_int, topk, config=dict(compact=1)).cpu(),
                            _expected_exact(k_int, r_int, topk))
 
@@ -367,20 +366,15 @@ class TestGPU:
         k_keys = qkv[:, :, 1].transpose(1, 2)
         landmarks = _randn(B, H, m, d, dtype=dtype, seed=2)
         _assert_topk_sets(topk_stream(k_keys, landmarks, topk), k_keys, landmarks, topk)
-        g = torch.Generator().manual_seed(3)
-        base = torch.randint(-2, 3, (7, d), generator=g).float()
-        k_int = base[torch.arange(N) % 7].expand(B, H, N, d).to(DEVICE, dtype)
-        r_int = torch.randint(-2, 3, (B, H, m, d), generator=g).float().to(DEVICE, dtype)
+        k_int, r_int = _tied(N, m, d, dtype=dtype, batch=(B, H), cyclic=True)
         assert torch.equal(topk_stream(k_int, r_int, topk).cpu(), _expected_exact(k_int, r_int, topk))
 
     def test_cuda_graph_capture_with_overflowing_rows(self):
         # nothing syncs with the host, so a CUDA graph records the whole selection, repairs included (ties:
         # 7 distinct keys over 3,001 overflow the candidate slots), and its replay gives the eager result
         B, H, N, d, m, topk = 1, 2, 3001, 64, 49, 49
-        g = torch.Generator().manual_seed(3)
-        base = torch.randint(-2, 3, (7, d), generator=g).float()
-        k_int = base[torch.arange(N) % 7].expand(B, H, N, d).to(DEVICE, torch.bfloat16).contiguous()
-        r_int = torch.randint(-2, 3, (B, H, m, d), generator=g).float().to(DEVICE, torch.bfloat16)
+        k_int, r_int = _tied(N, m, d, dtype=torch.bfloat16, batch=(B, H), cyclic=True)
+        k_int = k_int.contiguous()
         eager = topk_stream(k_int, r_int, topk)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
@@ -403,10 +397,7 @@ class TestGPU:
         k_keys = _randn(B, H, N, d, dtype=dtype, seed=N)
         landmarks = _randn(B, H, m, d, dtype=dtype, seed=m)
         _assert_topk_sets(search_topk(k_keys, landmarks, topk), k_keys, landmarks, topk)
-        g = torch.Generator().manual_seed(3)
-        base = torch.randint(-2, 3, (7, d), generator=g).float()
-        k_int = base[torch.arange(N) % 7].expand(B, H, N, d).to(DEVICE, dtype)
-        r_int = torch.randint(-2, 3, (B, H, m, d), generator=g).float().to(DEVICE, dtype)
+        k_int, r_int = _tied(N, m, d, dtype=dtype, batch=(B, H), cyclic=True)
         got = search_topk(k_int, r_int, topk).cpu()
         assert torch.equal(got.sort(-1).values, _expected_exact(k_int, r_int, topk).sort(-1).values)
 
@@ -418,15 +409,20 @@ class TestGPU:
         torch.testing.assert_close(row_max.double() + row_sum.double().log(), z.logsumexp(-1), rtol=1e-5, atol=1e-5)
 
 
+def _routing_inputs():
+    """q, k ``[2, 2, 70, 32]`` and landmarks ``[2, 2, 3, 32]`` for the routing tests."""
+    g = torch.Generator().manual_seed(5)
+    q, k = (torch.randn(2, 2, 70, 32, generator=g).to(DEVICE) for _ in range(2))
+    return q, k, torch.randn(2, 2, 3, 32, generator=g).to(DEVICE)
+
+
 def test_mita_routing_streams_the_topk_from_a_score_count_on(monkeypatch):
     # mita.kernels.STREAM_TOPK_MIN_SCORES: mita_routing takes the streamed kernel from m N scores a head on (the
     # custom op under torch.compile)
     from mita import kernels
     from mita.functional import mita_routing
 
-    g = torch.Generator().manual_seed(5)
-    q, k = (torch.randn(2, 2, 70, 32, generator=g).to(DEVICE) for _ in range(2))
-    R = torch.randn(2, 2, 3, 32, generator=g).to(DEVICE)
+    q, k, R = _routing_inputs()
     calls = []
     stream = kernels.landmark_topk
     monkeypatch.setattr(kernels, "landmark_topk", lambda *a: calls.append(1) or stream(*a))
@@ -479,10 +475,7 @@ def test_search_ties_and_open_rows_go_to_the_radix_select(dtype, search):
     radix select, the lowest indices winning; with 1 or 0 search passes every row does (and each row is then
     ordered by score, then index)."""
     N, m, d, topk = 90, 5, 32, 23
-    g = torch.Generator().manual_seed(1)
-    base = torch.randint(-2, 3, (7, d), generator=g).float()
-    k_keys = base[torch.randint(0, 7, (N,), generator=g)].view(1, 1, N, d).to(DEVICE, dtype)
-    landmarks = torch.randint(-2, 3, (1, 1, m, d), generator=g).float().to(DEVICE, dtype)
+    k_keys, landmarks = _tied(N, m, d, dtype=dtype)
     idx = search_topk(k_keys, landmarks, topk, config=dict(SEARCH_SMALL, search=search)).cpu()
     want = _expected_exact(k_keys, landmarks, topk)
     assert torch.equal(idx.sort(-1).values, want.sort(-1).values)
@@ -515,9 +508,7 @@ def test_mita_routing_searches_the_topk_up_to_a_length(monkeypatch):
     from mita.functional import mita_routing
     from mita.kernels import topk_stream as module
 
-    g = torch.Generator().manual_seed(5)
-    q, k = (torch.randn(2, 2, 70, 32, generator=g).to(DEVICE) for _ in range(2))
-    R = torch.randn(2, 2, 3, 32, generator=g).to(DEVICE)
+    q, k, R = _routing_inputs()
     calls = []
     search = module.search_topk
     monkeypatch.setattr(module, "search_topk", lambda *a, **kw: calls.append(1) or search(*a, **kw))
