@@ -416,6 +416,19 @@ def _routing_inputs():
     return q, k, torch.randn(2, 2, 3, 32, generator=g).to(DEVICE)
 
 
+def _takes_the_custom_op_when_compiling(monkeypatch, module, name, qkr, want):
+    """Under torch.compile mita_routing calls the custom op ``module.name`` (same indices as eager), whose schema
+    and fake implementation pass torch.library.opcheck."""
+    from mita.functional import mita_routing
+
+    q, k, R = qkr
+    ops, op = [], getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a: ops.append(1) or op(*a))
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert torch.equal(mita_routing(q, k, R, 9, impl="triton")[0], want) and ops == [1]
+    torch.library.opcheck(op, (k, R, 9), test_utils=("test_schema", "test_faketensor"))
+
+
 def test_mita_routing_streams_the_topk_from_a_score_count_on(monkeypatch):
     # mita.kernels.STREAM_TOPK_MIN_SCORES: mita_routing takes the streamed kernel from m N scores a head on (the
     # custom op under torch.compile)
@@ -436,12 +449,7 @@ def test_mita_routing_streams_the_topk_from_a_score_count_on(monkeypatch):
     assert torch.equal(stream_idx.sort(-1).values, torch_idx.sort(-1).values)
     from mita.kernels import topk_stream as module
 
-    ops = []
-    op = module.landmark_topk_op
-    monkeypatch.setattr(module, "landmark_topk_op", lambda *a: ops.append(1) or op(*a))
-    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    assert torch.equal(mita_routing(q, k, R, 9, impl="triton")[0], stream_idx) and ops == [1]
-    torch.library.opcheck(op, (k, R, 9), test_utils=("test_schema", "test_faketensor"))
+    _takes_the_custom_op_when_compiling(monkeypatch, module, "landmark_topk_op", (q, k, R), stream_idx)
 
 
 # The one-launch search (search_topk): 16-key tiles in the interpreter, so small N spans several tiles and the last
@@ -520,9 +528,4 @@ def test_mita_routing_searches_the_topk_up_to_a_length(monkeypatch):
     search_idx, _ = mita_routing(q, k, R, 9, impl="triton")
     assert calls == [1]
     assert torch.equal(search_idx.sort(-1).values, torch_idx.sort(-1).values)
-    ops = []
-    op = module.landmark_topk_search_op
-    monkeypatch.setattr(module, "landmark_topk_search_op", lambda *a: ops.append(1) or op(*a))
-    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    assert torch.equal(mita_routing(q, k, R, 9, impl="triton")[0], search_idx) and ops == [1]
-    torch.library.opcheck(op, (k, R, 9), test_utils=("test_schema", "test_faketensor"))
+    _takes_the_custom_op_when_compiling(monkeypatch, module, "landmark_topk_search_op", (q, k, R), search_idx)
